@@ -1,0 +1,35 @@
+"""Build a corpus directory: blocks of word pieces with salient spans.
+
+    python launch/prepare_corpus.py --input ../shared/data/wikipedia/vital_level4_summaries_en.jsonl \
+        --output runs/corpus/leads [--config configs/corpus.yaml] [key=value ...]
+
+The last stdout line is a JSON summary (articles, blocks, spans, skipped records, seconds).
+"""
+
+import sys
+
+from realm.cli import config_parser, emit_summary, parse
+from realm.data.build import OutputExistsError, build_corpus
+from realm.data.readers import CorpusFormatError
+
+
+def main(argv=None) -> int:
+    parser = config_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--input", help="corpus file/directory (sets data.input)")
+    parser.add_argument("--output", required=True, help="corpus directory to write")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing corpus built from other inputs or parameters")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args, config = parse(parser, argv, lambda a: [f"data.input={a.input}"] if a.input else [])
+    try:
+        summary = build_corpus(config.data, config.spans, args.output, overwrite=args.overwrite,
+                               config_yaml=config.to_yaml(), progress=not args.no_progress)
+    except (CorpusFormatError, OutputExistsError, ValueError) as err:
+        print(f"prepare_corpus: error: {err}", file=sys.stderr)
+        return 1
+    emit_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
