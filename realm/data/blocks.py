@@ -58,6 +58,20 @@ def _append_stripped(spans: list[tuple[int, int]], line: str, offset: int, s: in
         spans.append((offset + s + lead, offset + s + lead + len(stripped)))
 
 
+def word_piece_encoder(tokenizer):  # -> tokenizers.Tokenizer
+    """A copy of a fast tokenizer's Rust backend with truncation and padding off.
+
+    Checkpoint tokenizers often truncate at 128 or 512 word pieces; blocking needs every piece of
+    an article, with character offsets, and no special tokens (``add_special_tokens=False``).
+    """
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
 @dataclass
 class BlockedArticle:
     """An article cut into blocks.

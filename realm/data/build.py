@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from realm import __version__
 from realm.config import DataConfig, SpansConfig
-from realm.data.blocks import BlockedArticle, block_article
+from realm.data.blocks import BlockedArticle, block_article, word_piece_encoder
 from realm.data.readers import Article, CorpusReader
 from realm.data.spans import SpanFinder, align_spans
 from realm.data.store import FORMAT_VERSION, MANIFEST, BlockStoreWriter, _sha256_file
@@ -207,9 +207,7 @@ def build_corpus(
     reader = CorpusReader(data.input, data.format, data.on_bad_record, data.min_text_chars,
                           data.max_articles)
     tokenizer = load_tokenizer(data.tokenizer)
-    backend = tokenizer.backend_tokenizer
-    backend.no_truncation()
-    backend.no_padding()
+    backend = word_piece_encoder(tokenizer)
     tokenizer_sha = hashlib.sha256(backend.to_str().encode()).hexdigest()
     fingerprint = build_fingerprint(data, spans, input_fingerprint(reader.path), tokenizer_sha)
 
