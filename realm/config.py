@@ -134,13 +134,8 @@ class SpansConfig:
 
 @dataclass
 class LoggingConfig:
-    """Metrics: a JSONL file always, wandb when enabled (main process only)."""
+    """Logging of the entry scripts."""
 
-    wandb: bool = _doc("Also log to Weights & Biases.", default=False)
-    wandb_project: str = _doc("wandb project name.", default="realm")
-    wandb_mode: Literal["online", "offline", "disabled"] = _doc(
-        "wandb mode; `offline` writes the run under the run directory.", default="offline"
-    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _doc(
         "Python logging level of the entry scripts.", default="INFO"
     )
@@ -348,3 +343,15 @@ def config_reference(cls: type = Config, prefix: str = "") -> list[tuple[str, st
             default = f.default_factory()  # type: ignore[misc]
         rows.append((key, _type_name(tp), json.dumps(default), f.metadata.get("help", "")))
     return rows
+
+
+def reference_markdown() -> str:
+    """The key table of docs/configuration.md (a test keeps that file in step with this code)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, text in config_reference():
+        lines.append(f"| `{key}` | {tp} | `{default}` | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m realm.config > regenerates the table
+    print(reference_markdown(), end="")
