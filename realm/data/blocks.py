@@ -84,6 +84,7 @@ class BlockedArticle:
         block_tokens: ``[n_blocks, 2]`` token ranges ``[start, end)`` of each block.
         block_chars: ``[n_blocks, 2]`` character ranges tiling the text.
         sentences: ``[n_sentences, 2]`` character spans of the sentences.
+        sentence_tokens: ``[n_sentences, 2]`` token ranges of the sentences.
     """
 
     title_ids: np.ndarray
@@ -93,6 +94,7 @@ class BlockedArticle:
     block_tokens: np.ndarray
     block_chars: np.ndarray
     sentences: np.ndarray
+    sentence_tokens: np.ndarray
 
 
 def block_article(
@@ -122,7 +124,8 @@ def block_article(
     n_tokens = len(token_ids)
     if n_tokens == 0:
         empty = np.zeros((0, 2), dtype=np.int64)
-        return BlockedArticle(title_ids, np.asarray(token_ids, np.int64), starts, ends, empty, empty, sentences)
+        return BlockedArticle(title_ids, np.asarray(token_ids, np.int64), starts, ends, empty, empty,
+                              sentences, empty)
 
     # First token of each sentence: [n_sentences]
     first_tok = np.searchsorted(starts, sentences[:, 0], side="left")
@@ -154,4 +157,5 @@ def block_article(
         block_tokens=block_tokens,
         block_chars=block_chars,
         sentences=sentences,
+        sentence_tokens=np.stack([first_tok, np.append(first_tok[1:], n_tokens)], axis=1),
     )

@@ -253,6 +253,7 @@ def build_corpus(
                 "spans": writer.n_spans,
                 "spans_by_label": dict(sorted(writer.label_counts.items(), key=lambda kv: -kv[1])),
                 "sentences": counts["sentences"],
+                "block_sentences": writer.n_sentences,
                 "spans_dropped_misaligned": counts["misaligned"],
                 "skipped_bad": reader.stats.skipped_bad,
                 "skipped_short": reader.stats.skipped_short,
@@ -341,7 +342,8 @@ def _run_pipeline(reader, backend, data: DataConfig, spans_cfg: SpansConfig,
                                        blocked.block_tokens)
         counts["misaligned"] += dropped
         writer.add_article(article.id, article.title, blocked.title_ids, article.text,
-                           blocked.token_ids, blocked.block_tokens, blocked.block_chars, aligned)
+                           blocked.token_ids, blocked.block_tokens, blocked.block_chars, aligned,
+                           blocked.sentence_tokens)
         timings["write_s"] += time.perf_counter() - t0
         bar.update(1)
 

@@ -11,6 +11,7 @@ A corpus directory holds::
     articles.jsonl     {"id", "title"} per article
     block_text.bin     UTF-8 text of each block body, concatenated
     spans.bin          one SPAN_DTYPE row per salient span, grouped by block
+    sentences.bin      one SENTENCE_DTYPE row per sentence (piece) of each block, grouped by block
 
 Block ids are row numbers in ``blocks.bin``: the order of the input articles, so stable across
 runs with the same inputs and parameters.
@@ -26,7 +27,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 BLOCK_DTYPE = np.dtype(
@@ -40,6 +41,8 @@ BLOCK_DTYPE = np.dtype(
         ("text_len", "<i8"),
         ("span_offset", "<i8"),  # first row in spans.bin
         ("n_spans", "<i4"),
+        ("sent_offset", "<i8"),  # first row in sentences.bin
+        ("n_sents", "<i4"),
     ]
 )
 ARTICLE_DTYPE = np.dtype(
@@ -47,6 +50,9 @@ ARTICLE_DTYPE = np.dtype(
 )
 #: Token offsets are relative to the block body, end exclusive; ``label`` indexes label_names.
 SPAN_DTYPE = np.dtype([("start", "<i4"), ("end", "<i4"), ("label", "<i2")])
+#: Word-piece range of a sentence inside a block body (a sentence cut by a block edge gives a
+#: piece in each block); ICT takes its queries from these.
+SENTENCE_DTYPE = np.dtype([("start", "<i4"), ("end", "<i4")])
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -83,7 +89,7 @@ class BlockStoreWriter:
         vocab_size: Tokenizer vocabulary size (decides the token dtype).
     """
 
-    _ARRAYS = ("body_tokens", "title_tokens", "blocks", "articles", "spans", "block_text")
+    _ARRAYS = ("body_tokens", "title_tokens", "blocks", "articles", "spans", "sentences", "block_text")
 
     def __init__(self, path: str, vocab_size: int) -> None:
         os.makedirs(path, exist_ok=True)
@@ -92,6 +98,7 @@ class BlockStoreWriter:
         self.files = {name: _HashingFile(os.path.join(path, f"{name}.bin")) for name in self._ARRAYS}
         self.meta = open(os.path.join(path, "articles.jsonl"), "w", encoding="utf-8")
         self.n_blocks = self.n_articles = self.n_tokens = self.n_title_tokens = self.n_spans = 0
+        self.n_sentences = 0
         self.text_bytes = 0
         self.labels: dict[str, int] = {}
         self.label_counts: dict[str, int] = {}
@@ -111,6 +118,7 @@ class BlockStoreWriter:
         block_tokens: np.ndarray,
         block_chars: np.ndarray,
         spans: list[tuple[int, int, int, str]],
+        sentence_tokens: np.ndarray,
     ) -> None:
         """Append one article's blocks.
 
@@ -119,6 +127,7 @@ class BlockStoreWriter:
             block_tokens: ``[n_blocks, 2]`` token ranges.
             block_chars: ``[n_blocks, 2]`` character ranges.
             spans: ``(block_index, start, end, label)`` sorted by block, offsets relative to the block.
+            sentence_tokens: ``[n_sentences, 2]`` token ranges of the sentences (whole text).
         """
         n_blocks = len(block_tokens)
         art = np.zeros(1, ARTICLE_DTYPE)
@@ -149,6 +158,19 @@ class BlockStoreWriter:
         rows["text_len"] = text_lens
         rows["span_offset"] = self.n_spans + np.concatenate([[0], np.cumsum(per_block)[:-1]])
         rows["n_spans"] = per_block
+        # sentence pieces per block: [n_blocks, n_sentences] overlaps of token ranges
+        sent = np.asarray(sentence_tokens, np.int64).reshape(-1, 2)
+        lo = np.maximum(sent[None, :, 0], block_tokens[:, None, 0])
+        hi = np.minimum(sent[None, :, 1], block_tokens[:, None, 1])
+        b_idx, s_idx = np.nonzero(hi > lo)  # row-major: grouped by block, in order
+        sent_rows = np.zeros(len(b_idx), SENTENCE_DTYPE)
+        sent_rows["start"] = lo[b_idx, s_idx] - block_tokens[b_idx, 0]
+        sent_rows["end"] = hi[b_idx, s_idx] - block_tokens[b_idx, 0]
+        sents_per_block = np.bincount(b_idx, minlength=n_blocks)
+        rows["sent_offset"] = self.n_sentences + np.concatenate([[0], np.cumsum(sents_per_block)[:-1]])
+        rows["n_sents"] = sents_per_block
+        self.files["sentences"].write(sent_rows.tobytes())
+        self.n_sentences += len(sent_rows)
         self.files["blocks"].write(rows.tobytes())
         self.files["spans"].write(span_rows.tobytes())
         self.files["block_text"].write(b"".join(texts))
@@ -201,6 +223,7 @@ class Block:
     title_ids: np.ndarray
     body_ids: np.ndarray
     spans: np.ndarray  # SPAN_DTYPE rows, offsets into body_ids
+    sentences: np.ndarray  # SENTENCE_DTYPE rows, offsets into body_ids
 
     def span_labels(self, names: list[str]) -> list[str]:
         return [names[int(label)] for label in self.spans["label"]]
@@ -235,6 +258,7 @@ class BlockStore:
         self.blocks = self._map("blocks.bin", BLOCK_DTYPE)
         self.articles = self._map("articles.bin", ARTICLE_DTYPE)
         self._spans = self._map("spans.bin", SPAN_DTYPE)
+        self._sentences = self._map("sentences.bin", SENTENCE_DTYPE)
         self._text = self._map("block_text.bin", np.dtype("u1"))
         self._meta: list[dict[str, str]] | None = None
         self.label_names: list[str] = list(self.manifest["label_names"])
@@ -307,6 +331,11 @@ class BlockStore:
         row = self.blocks[i]
         return self._spans[row["span_offset"]: row["span_offset"] + row["n_spans"]]
 
+    def sentences(self, i: int) -> np.ndarray:
+        """Sentence pieces of block ``i``: SENTENCE_DTYPE rows with offsets into ``body_ids(i)``."""
+        row = self.blocks[i]
+        return self._sentences[row["sent_offset"]: row["sent_offset"] + row["n_sents"]]
+
     def lengths(self) -> np.ndarray:
         """Title plus body word pieces of every block, ``[n_blocks]`` (for length bucketing)."""
         title_len = self.articles["title_len"][self.blocks["article"]]
@@ -323,4 +352,5 @@ class BlockStore:
             title_ids=np.array(self.title_ids(i), np.int64),
             body_ids=np.array(self.body_ids(i), np.int64),
             spans=np.array(self.spans(i)),
+            sentences=np.array(self.sentences(i)),
         )

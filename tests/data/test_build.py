@@ -57,6 +57,20 @@ def test_store_matches_manifest_and_limits(built, wp):
         assert wp.encode(store.title(i), add_special_tokens=False).ids == store.title_ids(i).tolist()
 
 
+def test_sentence_pieces_tile_each_block(built, wp):
+    _, store, _ = built
+    n_multi = 0
+    for i in range(len(store)):
+        sents = store.sentences(i)
+        assert sents["start"][0] == 0 and sents["end"][-1] == len(store.body_ids(i))
+        assert np.all(sents["start"][1:] == sents["end"][:-1]) and np.all(sents["end"] > sents["start"])
+        n_multi += len(sents) > 1
+        text, offsets = store.text(i), wp.encode(store.text(i), add_special_tokens=False).offsets
+        first = text[offsets[sents["start"][0]][0]: offsets[sents["end"][0] - 1][1]]
+        assert first[-1] in ".!?\"')" or len(sents) == 1 or sents["end"][0] - sents["start"][0] > 40
+    assert n_multi > len(store) // 2
+
+
 def test_blocks_of_an_article_reproduce_its_text(built, shared_data):
     _, store, _ = built
     with open(shared_data / "wikipedia" / "vital_level4_summaries_en.jsonl", encoding="utf-8") as f:
