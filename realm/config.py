@@ -134,11 +134,21 @@ class SpansConfig:
 
 @dataclass
 class LoggingConfig:
-    """Logging of the entry scripts."""
+    """Metrics (a JSONL file always, wandb when enabled, main process only) and log level."""
+
+    wandb: bool = _doc("Also log metrics to Weights & Biases.", default=False)
+    wandb_project: str = _doc("wandb project name.", default="realm")
+    wandb_mode: Literal["online", "offline", "disabled"] = _doc(
+        "wandb mode; `offline` writes the run under the run directory.", default="offline"
+    )
+    log_every: int = _doc("Log training metrics every this many optimizer steps.", default=10)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _doc(
         "Python logging level of the entry scripts.", default="INFO"
     )
+
+    def __post_init__(self) -> None:
+        _check(self.log_every > 0, "logging.log_every", f"must be > 0, got {self.log_every}")
 
 
 @dataclass

@@ -1,0 +1,98 @@
+"""Metrics go through one small interface: a JSONL file always, wandb when enabled.
+
+Only the main process logs (pass ``enabled=False`` elsewhere). wandb is imported lazily, the first
+time a wandb tracker is built, so the library never needs it to import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+
+def _clean(value: Any) -> Any:
+    """Plain JSON values: tensors and numpy scalars become floats, NaN/inf become None."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):
+            return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Tracker:
+    """Log scalar metrics to ``metrics.jsonl`` (and wandb) in a run directory.
+
+    Args:
+        run_dir: Directory of the run; ``metrics.jsonl`` is appended to.
+        config: The resolved config (a dict) given to wandb.
+        wandb: Also log to wandb.
+        wandb_project: wandb project name.
+        wandb_mode: ``online``, ``offline`` or ``disabled``.
+        run_name: Name of the wandb run.
+        enabled: False on non-main processes: every call is then a no-op.
+    """
+
+    def __init__(self, run_dir: str, config: Optional[dict] = None, wandb: bool = False,
+                 wandb_project: str = "realm", wandb_mode: str = "offline",
+                 run_name: Optional[str] = None, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self._wandb = None
+        self._file = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._file = open(self.path, "a", encoding="utf-8")
+        if wandb:
+            import wandb as wandb_lib  # lazy: only runs that ask for wandb pay for it
+
+            os.environ.setdefault("WANDB_DIR", run_dir)
+            self._wandb = wandb_lib.init(project=wandb_project, mode=wandb_mode, dir=run_dir,
+                                         name=run_name, config=config or {}, reinit="finish_previous")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Append one record ``{"step", "time", **metrics}``."""
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3)}
+        record.update({k: _clean(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A small table of examples: a wandb Table, and a JSONL record with the rows."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"step": step, "table": name, "columns": columns,
+                                     "rows": [[_clean(v) for v in r] for r in rows]}) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            import wandb as wandb_lib
+
+            self._wandb.log({name: wandb_lib.Table(columns=columns, data=rows)}, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """The scalar records of a run's ``metrics.jsonl`` (tables left out)."""
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if "table" not in r]
