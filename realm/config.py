@@ -133,6 +133,82 @@ class SpansConfig:
 
 
 @dataclass
+class RetrieverConfig:
+    """The retriever: query and document encoders with separate weights, projected to ``dim``."""
+
+    encoder: str = _doc(
+        "Checkpoint both encoders start from: a hub name or local directory of any transformers "
+        "BERT-style model, or a saved retriever directory (then dim/pooling come from it).",
+        default=DEFAULT_ENCODER,
+    )
+    dim: int = _doc("Size of the retrieval embeddings (REALM: 128).", default=128)
+    pooling: Literal["cls", "mean"] = _doc("How token states become one vector.", default="cls")
+    max_query_tokens: int = _doc("Query word pieces kept (special tokens excluded).", default=64)
+    max_block_tokens: int = _doc(
+        "Block word pieces (title + body) kept when encoding; special tokens excluded.", default=288
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.dim > 0, "retriever.dim", f"must be > 0, got {self.dim}")
+        _check(self.max_query_tokens > 0, "retriever.max_query_tokens",
+               f"must be > 0, got {self.max_query_tokens}")
+        _check(self.max_block_tokens > 0, "retriever.max_block_tokens",
+               f"must be > 0, got {self.max_block_tokens}")
+
+
+@dataclass
+class ICTConfig:
+    """Inverse Cloze Task warm start of the retriever (``launch/ict.py``)."""
+
+    corpus: Optional[str] = _doc("Corpus directory (from prepare_corpus.py) to draw from.",
+                                 default=None)
+    remove_prob: float = _doc("Probability the query sentence is removed from its block.",
+                              default=0.9)
+    min_query_tokens: int = _doc("Shortest sentence (word pieces) used as a query.", default=5)
+    holdout_blocks: int = _doc("Blocks held out for the ICT recall@k evaluation.", default=500)
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.remove_prob <= 1.0, "ict.remove_prob",
+               f"must be in [0, 1], got {self.remove_prob}")
+        _check(self.min_query_tokens > 0, "ict.min_query_tokens",
+               f"must be > 0, got {self.min_query_tokens}")
+        _check(self.holdout_blocks >= 0, "ict.holdout_blocks",
+               f"must be >= 0, got {self.holdout_blocks}")
+
+
+@dataclass
+class TrainConfig:
+    """The shared training core (ICT, pretraining, fine-tuning)."""
+
+    run_dir: str = _doc("Run directory: config, metrics, checkpoints, outputs.", default="runs/ict")
+    steps: int = _doc("Optimizer steps.", default=1000)
+    batch_size: int = _doc("Examples per micro-batch per process.", default=32)
+    grad_accum: int = _doc("Micro-batches per optimizer step.", default=1)
+    lr: float = _doc("Peak learning rate (AdamW).", default=2e-5)
+    weight_decay: float = _doc("AdamW weight decay (not on biases and LayerNorm).", default=0.01)
+    warmup_steps: int = _doc("Linear warmup steps, then linear decay to 0.", default=100)
+    max_grad_norm: float = _doc("Gradient clipping norm; 0 disables.", default=1.0)
+    precision: Literal["auto", "fp32", "bf16"] = _doc(
+        "`auto`: bf16 autocast where the device runs it fast, else fp32.", default="auto"
+    )
+    eval_every: int = _doc("Evaluate every this many steps (0: only at the end).", default=200)
+    save_every: int = _doc("Checkpoint every this many steps (0: only at the end).", default=500)
+    keep_checkpoints: int = _doc("Newest checkpoints kept.", default=2)
+    num_workers: int = _doc("DataLoader worker processes.", default=0)
+    resume: bool = _doc("Resume from the newest checkpoint in run_dir if there is one.",
+                        default=True)
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "keep_checkpoints"):
+            _check(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
+        for key in ("warmup_steps", "eval_every", "save_every", "num_workers"):
+            _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm",
+               f"must be >= 0, got {self.max_grad_norm}")
+
+
+@dataclass
 class LoggingConfig:
     """Metrics (a JSONL file always, wandb when enabled, main process only) and log level."""
 
@@ -158,6 +234,10 @@ class Config:
     seed: int = _doc("Random seed.", default=0)
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Corpus building."})
     spans: SpansConfig = field(default_factory=SpansConfig, metadata={"help": "Salient spans."})
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig,
+                                       metadata={"help": "Retriever encoders."})
+    ict: ICTConfig = field(default_factory=ICTConfig, metadata={"help": "ICT warm start."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Training core."})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Metrics."})
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,320 @@
+"""One accelerate training core, shared by ICT, REALM pretraining and Open-QA fine-tuning.
+
+A stage supplies a :class:`Task` (its dataset, collate, loss and evaluation); the core owns the
+rest: AdamW with linear warmup/decay, gradient accumulation, bf16 autocast where the device has
+it, clipping, periodic logging/evaluation/checkpoints, and exact resume (model, optimizer,
+scheduler, RNG and data position) through ``accelerator.save_state``/``load_state``.
+
+Checkpoints are directories ``run_dir/checkpoints/step-000100/``, written to a temporary name and
+renamed into place with a ``manifest.json``, so a crash never leaves one that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from realm import __version__
+from realm.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+_CKPT = re.compile(r"^step-(\d{6,})$")
+
+
+class Task(Protocol):
+    """What a training stage provides to :func:`train`."""
+
+    def train_dataset(self) -> torch.utils.data.Dataset: ...
+
+    def collate(self, examples: list) -> Any: ...
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch (scalar tensor) and metrics to log."""
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Evaluation metrics; called on every process (gather inside if needed)."""
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    """The core's knobs (built from the config's ``train`` section by the entry script)."""
+
+    run_dir: str
+    steps: int
+    batch_size: int
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    resume: bool = True
+    seed: int = 0
+    progress: bool = True
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch: the same (seed, epoch) always gives the same order."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng((self.seed, self.epoch)).permutation(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Where training is; saved with each checkpoint (accelerate's custom-object protocol)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (on each rank)
+
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints of a run, oldest first: ``(step, path)``."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _CKPT.match(name)
+        if m and os.path.isfile(os.path.join(root, name, "manifest.json")):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[str]:
+    """``"bf16"`` when asked for or (``auto``) when the device runs bf16 fast, else ``None``."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return "bf16"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else None
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith("bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def train(
+    model: torch.nn.Module,
+    task: Task,
+    settings: TrainSettings,
+    accelerator,  # accelerate.Accelerator
+    tracker: Tracker,
+    hooks: Sequence[Any] = (),
+    config_dict: Optional[dict] = None,
+) -> dict[str, Any]:
+    """Train ``model`` on ``task`` for ``settings.steps`` optimizer steps (resuming if possible).
+
+    Hooks are objects with any of ``before_step(step)``, ``after_step(step, model)``,
+    ``state_dict()/load_state_dict()`` (saved in checkpoints), called on every process.
+
+    Returns:
+        ``{"steps", "final_loss", "resumed_from", "seconds", "examples_per_s", "last_eval",
+        "checkpoint"}``.
+    """
+    s = settings
+    t_start = time.perf_counter()
+    optimizer = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(s.warmup_steps, s.steps))
+    dataset = task.train_dataset()
+    sampler = EpochSampler(len(dataset), s.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=s.batch_size, sampler=sampler, collate_fn=task.collate,
+        drop_last=True, num_workers=s.num_workers,
+    )
+    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
+    # once per process), and checkpointed as a registered object.
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
+    if len(loader) == 0:
+        raise ValueError(f"train.batch_size={s.batch_size} x {accelerator.num_processes} processes "
+                         f"is larger than the training set ({len(dataset)} examples)")
+    progress = _Progress()
+    accelerator.register_for_checkpointing(progress)
+    for hook in hooks:
+        if hasattr(hook, "state_dict"):
+            accelerator.register_for_checkpointing(hook)
+
+    resumed_from = None
+    found = checkpoints(s.run_dir) if s.resume else []
+    if found:
+        resumed_from = found[-1][1]
+        accelerator.load_state(resumed_from)
+        logger.info("resumed from %s (step %d)", resumed_from, progress.step)
+
+    micro_per_epoch = len(loader)
+    total_micro = s.steps * s.grad_accum
+    losses: list[float] = []
+    window: dict[str, list[float]] = {}
+    examples_seen = 0
+    last_eval: dict[str, float] = {}
+    last_ckpt = resumed_from
+    bar = tqdm(total=s.steps, initial=progress.step, desc="train", unit="step",
+               disable=not (s.progress and accelerator.is_main_process), mininterval=1.0)
+    t_loop = time.perf_counter()
+    model.train()
+    micro_in_step = 0
+    while progress.step < s.steps:
+        epoch_loader = loader
+        if progress.batch_in_epoch:  # resuming inside an epoch: the same order, minus what was seen
+            epoch_loader = accelerator.skip_first_batches(loader, progress.batch_in_epoch)
+        epoch_loader.set_epoch(progress.epoch)  # seeds EpochSampler; accelerate would use its own count
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(progress.epoch)
+        for batch in epoch_loader:
+            progress.batch_in_epoch += 1
+            if micro_in_step == 0:
+                for hook in hooks:
+                    if hasattr(hook, "before_step"):
+                        hook.before_step(progress.step)
+            micro_in_step += 1
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss, metrics = task.loss(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and s.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            for k, v in metrics.items():
+                window.setdefault(k, []).append(float(v))
+            examples_seen += s.batch_size * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            micro_in_step = 0
+            progress.step += 1
+            bar.update(1)
+            for hook in hooks:
+                if hasattr(hook, "after_step"):
+                    hook.after_step(progress.step, model)
+            if progress.step % s.log_every == 0 or progress.step == s.steps:
+                elapsed = time.perf_counter() - t_loop
+                record = {"loss": float(np.mean(losses[-s.log_every * s.grad_accum:])),
+                          "lr": scheduler.get_last_lr()[0],
+                          "examples_per_s": examples_seen / max(elapsed, 1e-9)}
+                record.update({k: float(np.mean(v)) for k, v in window.items()})
+                window.clear()
+                tracker.log(record, step=progress.step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if s.eval_every and progress.step % s.eval_every == 0:
+                last_eval = _evaluate(task, model, tracker, progress.step)
+            if s.save_every and progress.step % s.save_every == 0 and progress.step < s.steps:
+                last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict)
+            if progress.step >= s.steps:
+                break
+        else:
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+            continue
+        break
+    bar.close()
+    if s.eval_every:
+        if not last_eval or s.steps % s.eval_every:
+            last_eval = _evaluate(task, model, tracker, progress.step)
+    last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict)
+    elapsed = time.perf_counter() - t_loop
+    return {
+        "steps": progress.step,
+        "final_loss": float(np.mean(losses[-s.grad_accum * max(1, min(s.log_every, 10)):]))
+        if losses else math.nan,
+        "resumed_from": resumed_from,
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "examples_per_s": round(examples_seen / max(elapsed, 1e-9), 2),
+        "last_eval": last_eval,
+        "checkpoint": last_ckpt,
+        "micro_batches_per_epoch": micro_per_epoch,
+        "total_micro_batches": total_micro,
+    }
+
+
+def _evaluate(task: Task, model: torch.nn.Module, tracker: Tracker, step: int) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad():
+        metrics = task.evaluate(model)
+    model.train()
+    tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    return metrics
+
+
+def save_checkpoint(accelerator, s: TrainSettings, step: int, config_dict: Optional[dict]) -> str:
+    """``accelerator.save_state`` into ``checkpoints/step-S`` atomically; keep the newest K."""
+    root = os.path.join(s.run_dir, "checkpoints")
+    final = os.path.join(root, f"step-{step:06d}")
+    tmp = os.path.join(root, f".tmp-step-{step:06d}")
+    if accelerator.is_main_process:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        manifest = {
+            "kind": "checkpoint", "step": step, "realm_version": __version__,
+            "num_processes": accelerator.num_processes,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": config_dict,
+        }
+        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for _, old in checkpoints(s.run_dir)[:-max(1, s.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
