@@ -7,11 +7,15 @@ from realm.evaluation.answers import (
     has_answer,
     normalize_answer,
 )
+from realm.evaluation.retrieval import answer_hits, gold_hits, recall_at_k
 
 __all__ = [
+    "answer_hits",
     "compile_answer_pattern",
     "exact_match",
     "f1_score",
+    "gold_hits",
     "has_answer",
     "normalize_answer",
+    "recall_at_k",
 ]
