@@ -7,9 +7,11 @@ from realm.evaluation.answers import (
     has_answer,
     normalize_answer,
 )
+from realm.evaluation.bm25 import BM25Retriever
 from realm.evaluation.retrieval import answer_hits, gold_hits, recall_at_k
 
 __all__ = [
+    "BM25Retriever",
     "answer_hits",
     "compile_answer_pattern",
     "exact_match",
