@@ -1,0 +1,119 @@
+"""Retrieval metrics: hit matrices (answer or gold-passage hits) and recall@k.
+
+A *hit matrix* is a boolean array ``[n_queries, max_k]`` whose entry ``[q, r]`` says whether the
+passage retrieved at rank ``r`` (0-based) for query ``q`` is relevant. :func:`answer_hits` builds
+it from passage texts (DPR's "top-k accuracy": the passage contains an answer),
+:func:`gold_hits` from passage ids, and :func:`recall_at_k` reduces it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Iterable, Sequence
+
+import numpy as np
+
+from realm.evaluation.answers import has_answer
+
+
+def recall_at_k(hits: np.ndarray, ks: Iterable[int]) -> dict[str, float]:
+    """Fraction of queries with at least one hit among their first ``k`` results, for each k.
+
+    Args:
+        hits: Boolean hit matrix ``[n_queries, max_k]`` (rank order along axis 1).
+        ks: Cut-offs, each in ``1..max_k``.
+
+    Returns:
+        ``{str(k): recall}`` in the order of ``ks``, e.g. ``{"1": 0.4, "5": 0.8}``.
+
+    Raises:
+        ValueError: ``hits`` is not 2-D or has no rows, or a k is < 1 or > ``max_k``.
+    """
+    hits = np.asarray(hits, dtype=bool)
+    if hits.ndim != 2 or hits.shape[0] == 0:
+        raise ValueError(f"hits must be a non-empty [n_queries, max_k] matrix, got {hits.shape}")
+    # cumulative[q, r]: query q has a hit at some rank <= r (a running OR along the ranks).
+    cumulative = np.logical_or.accumulate(hits, axis=1)  # [n_queries, max_k]
+    result = {}
+    for k in ks:
+        if not 1 <= k <= hits.shape[1]:
+            raise ValueError(f"k={k} is outside 1..{hits.shape[1]} (the columns of hits)")
+        result[str(k)] = float(cumulative[:, k - 1].mean())
+    return result
+
+
+def answer_hits(
+    retrieved_texts: Sequence[Sequence[str]],
+    answers: Sequence[Sequence[str]],
+    regex: bool = False,
+) -> np.ndarray:
+    """Hit matrix from passage texts: does the passage at each rank contain an answer?
+
+    Args:
+        retrieved_texts: Per query, the retrieved passage texts in rank order.
+        answers: Per query, its gold answers (strings, or patterns when ``regex``).
+        regex: Answers are regular expressions (see :func:`realm.evaluation.answers.has_answer`).
+
+    Returns:
+        Boolean array ``[n_queries, max_k]``, ``max_k`` the longest result list; shorter lists
+        are padded with False (a missing result is not a hit).
+
+    Raises:
+        ValueError: The two lists differ in length, or an answer list is empty / a regex invalid.
+    """
+    _check_same_length(retrieved_texts, answers, "retrieved_texts", "answers")
+    rows = [
+        [has_answer(text, ans, regex=regex) for text in texts]
+        for texts, ans in zip(retrieved_texts, answers)
+    ]
+    return _pad_rows(rows)
+
+
+def gold_hits(
+    retrieved_ids: Sequence[Sequence[Hashable]] | np.ndarray,
+    gold_ids: Sequence[Hashable | Collection[Hashable]],
+) -> np.ndarray:
+    """Hit matrix from passage ids: is the passage at each rank a gold passage?
+
+    Args:
+        retrieved_ids: Per query, the retrieved passage ids in rank order (a list of lists or an
+            ``[n_queries, k]`` array).
+        gold_ids: Per query, one gold id, or a collection (list/set/tuple) of gold ids.
+            A string counts as one id.
+
+    Returns:
+        Boolean array ``[n_queries, max_k]``, padded with False like :func:`answer_hits`.
+
+    Raises:
+        ValueError: The two lists differ in length.
+    """
+    _check_same_length(retrieved_ids, gold_ids, "retrieved_ids", "gold_ids")
+    rows = []
+    for ids, gold in zip(retrieved_ids, gold_ids):
+        gold_set = _as_id_set(gold)
+        rows.append([_to_key(i) in gold_set for i in ids])
+    return _pad_rows(rows)
+
+
+def _as_id_set(gold: Hashable | Collection[Hashable]) -> set[Hashable]:
+    if isinstance(gold, (str, bytes)) or not isinstance(gold, (Collection, np.ndarray)):
+        return {_to_key(gold)}
+    return {_to_key(g) for g in gold}
+
+
+def _to_key(x: Hashable) -> Hashable:
+    # numpy scalars (np.int64 from a search result) compare equal to Python ints but keep
+    # the code explicit about it.
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def _pad_rows(rows: list[list[bool]]) -> np.ndarray:
+    max_k = max((len(r) for r in rows), default=0)
+    out = np.zeros((len(rows), max_k), dtype=bool)  # [n_queries, max_k]
+    for q, row in enumerate(rows):
+        out[q, : len(row)] = row
+    return out
+
+
+def _check_same_length(a: Sequence, b: Sequence, name_a: str, name_b: str) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{name_a} has {len(a)} queries but {name_b} has {len(b)}")
