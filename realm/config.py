@@ -443,5 +443,14 @@ def reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # python -m realm.config > regenerates the table
-    print(reference_markdown(), end="")
+def write_reference(path: str = "docs/configuration.md") -> None:
+    """Replace the key table at the end of ``path`` with the current one."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head = text[: text.index("| key | type |")]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + reference_markdown())
+
+
+if __name__ == "__main__":  # python -m realm.config regenerates docs/configuration.md's table
+    write_reference()
