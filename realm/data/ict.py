@@ -9,7 +9,7 @@ per-block sentence ranges, so nothing is re-tokenized.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -101,14 +101,3 @@ def held_out_queries(store: BlockStore, block_ids: Sequence[int], seed: int = 0,
     return [ds[i] for i in range(len(ds))]
 
 
-def pad_batch(sequences: Sequence[np.ndarray], pad_id: int,
-              max_length: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id sequences: ``(input_ids [B, L], attention_mask [B, L])``."""
-    lengths = [len(s) if max_length is None else min(len(s), max_length) for s in sequences]
-    width = max(lengths) if lengths else 0
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, (seq, n) in enumerate(zip(sequences, lengths)):
-        ids[row, :n] = torch.as_tensor(np.asarray(seq[:n], dtype=np.int64))
-        mask[row, :n] = 1
-    return ids, mask

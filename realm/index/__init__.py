@@ -1,0 +1,1 @@
+"""Block embedding and the MIPS index."""

@@ -1,0 +1,102 @@
+"""Embed blocks and queries with a retriever: length-bucketed batches, no re-tokenization."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from realm.data.store import BlockStore
+from realm.modeling.retriever import (Retriever, build_block_inputs, build_query_inputs,
+                                      length_bucketed_batches)
+
+logger = logging.getLogger(__name__)
+
+
+def special_ids(tokenizer) -> tuple[int, int, int]:
+    """``(cls_id, sep_id, pad_id)`` of a BERT-style tokenizer."""
+    ids = (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+    if any(i is None for i in ids):
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} lacks [CLS], [SEP] or [PAD]")
+    return ids  # type: ignore[return-value]
+
+
+def _autocast(bf16: bool, device: torch.device):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def embed_blocks(
+    retriever: Retriever,
+    store: BlockStore,
+    special: tuple[int, int, int],
+    block_ids: Optional[Sequence[int]] = None,
+    max_block_tokens: int = 288,
+    max_tokens_per_batch: int = 16384,
+    bf16: bool = False,
+    progress: bool = True,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Document-encoder embeddings of blocks, in the order of ``block_ids``.
+
+    Batches hold blocks of similar length (sorted by length, capped at ``max_tokens_per_batch``
+    padded tokens), so little compute is spent on padding.
+
+    Returns:
+        ``(embeddings [n, dim] float32, stats)`` with ``blocks_per_s`` and ``seconds``.
+    """
+    ids = np.arange(len(store)) if block_ids is None else np.asarray(block_ids, np.int64)
+    lengths = np.minimum(store.lengths()[ids], max_block_tokens) + 3  # [CLS] [SEP] [SEP]
+    device = next(retriever.parameters()).device
+    out = np.zeros((len(ids), retriever.dim), dtype=np.float32)
+    was_training = retriever.training
+    retriever.eval()
+    cls_id, sep_id, pad_id = special
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(ids), desc="embed blocks", unit=" blocks", disable=not progress,
+               mininterval=1.0)
+    for batch in length_bucketed_batches(lengths, max_tokens=max_tokens_per_batch):
+        rows = ids[batch]
+        inputs = build_block_inputs([store.title_ids(int(i)) for i in rows],
+                                    [store.body_ids(int(i)) for i in rows],
+                                    cls_id, sep_id, pad_id, max_length=max_block_tokens + 3)
+        with _autocast(bf16, device):
+            reps = retriever.encode_blocks(*(t.to(device) for t in inputs)).p_reps  # [b, dim]
+        out[batch] = reps.float().cpu().numpy()
+        bar.update(len(batch))
+    bar.close()
+    retriever.train(was_training)
+    seconds = time.perf_counter() - t0
+    return out, {"blocks_per_s": len(ids) / max(seconds, 1e-9), "seconds": seconds}
+
+
+@torch.no_grad()
+def embed_queries(
+    retriever: Retriever,
+    queries: Sequence[Sequence[int]],
+    special: tuple[int, int, int],
+    max_query_tokens: int = 64,
+    batch_size: int = 128,
+    bf16: bool = False,
+) -> np.ndarray:
+    """Query-encoder embeddings of pre-tokenized queries, ``[n, dim]`` float32."""
+    device = next(retriever.parameters()).device
+    was_training = retriever.training
+    retriever.eval()
+    cls_id, sep_id, pad_id = special
+    lengths = np.array([min(len(q), max_query_tokens) + 2 for q in queries])
+    out = np.zeros((len(queries), retriever.dim), dtype=np.float32)
+    for batch in length_bucketed_batches(lengths, batch_size):
+        inputs = build_query_inputs([queries[i] for i in batch], cls_id, sep_id, pad_id,
+                                    max_length=max_query_tokens + 2)
+        with _autocast(bf16, device):
+            reps = retriever.encode_queries(*(t.to(device) for t in inputs)).q_reps  # [b, dim]
+        out[batch] = reps.float().cpu().numpy()
+    retriever.train(was_training)
+    return out

@@ -1,0 +1,191 @@
+"""The ICT warm start as a :class:`realm.training.core.Task`, and the stage that runs it."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from realm.config import Config, save_config
+from realm.data.ict import ICTDataset, ICTExample, held_out_queries, ict_blocks, split_holdout
+from realm.data.store import BlockStore
+from realm.evaluation.retrieval import recall_at_k
+from realm.index.embed import embed_blocks, embed_queries, special_ids
+from realm.index.mips import build_index, search
+from realm.losses import gather_with_grad, in_batch_nce
+from realm.modeling.retriever import Retriever, build_block_inputs, build_query_inputs
+from realm.tracking import Tracker
+from realm.training.core import TrainSettings, autocast_dtype, train
+
+logger = logging.getLogger(__name__)
+
+EVAL_KS = (1, 5, 20)
+
+
+def load_retriever(encoder: str, dim: int, pooling: str) -> Retriever:
+    """A saved retriever directory as is, else fresh encoders from a transformers checkpoint."""
+    if os.path.isfile(os.path.join(encoder, "manifest.json")):
+        return Retriever.from_pretrained(encoder)
+    return Retriever.from_checkpoint(encoder, dim=dim, pooling=pooling)
+
+
+def check_tokenizer(tokenizer, store: BlockStore) -> None:
+    """The retriever must read the word pieces the corpus was cut into."""
+    from realm.data.blocks import word_piece_encoder
+    import hashlib
+
+    sha = hashlib.sha256(word_piece_encoder(tokenizer).to_str().encode()).hexdigest()
+    want = store.manifest["tokenizer"]["sha256"]
+    if sha != want:
+        raise ValueError(
+            f"{store.path}: the corpus was tokenized with {store.tokenizer_name!r}, which differs "
+            f"from the retriever's tokenizer {tokenizer.name_or_path!r}; rebuild the corpus with "
+            "data.tokenizer set to the retriever's checkpoint"
+        )
+
+
+class ICTTask:
+    """ICT on a block store: query sentence vs. its block, in-batch negatives from all ranks.
+
+    Args:
+        store: The block store.
+        train_blocks: Block ids to train on.
+        holdout_blocks: Block ids whose sentences evaluate recall@k (never trained on).
+        special: ``(cls_id, sep_id, pad_id)``.
+        accelerator: The run's accelerator (for cross-rank gathering).
+        remove_prob: Probability the query sentence is removed from its block.
+        max_query_tokens, max_block_tokens: Word pieces kept when encoding.
+        min_query_tokens: Shortest sentence used as a query.
+        seed: Seed of example sampling.
+    """
+
+    def __init__(self, store: BlockStore, train_blocks: np.ndarray, holdout_blocks: np.ndarray,
+                 special: tuple[int, int, int], accelerator, remove_prob: float = 0.9,
+                 max_query_tokens: int = 64, max_block_tokens: int = 288,
+                 min_query_tokens: int = 5, seed: int = 0) -> None:
+        self.store = store
+        self.special = special
+        self.accelerator = accelerator
+        self.max_query_tokens = max_query_tokens
+        self.max_block_tokens = max_block_tokens
+        self.dataset = ICTDataset(store, train_blocks, remove_prob, max_query_tokens,
+                                  min_query_tokens, seed)
+        self.holdout = np.asarray(holdout_blocks, np.int64)
+        self.eval_queries = held_out_queries(store, self.holdout, seed, max_query_tokens,
+                                             min_query_tokens)
+
+    def train_dataset(self) -> ICTDataset:
+        return self.dataset
+
+    def collate(self, examples: list[ICTExample]) -> dict[str, Any]:
+        cls_id, sep_id, pad_id = self.special
+        query = build_query_inputs([e.query_ids for e in examples], cls_id, sep_id, pad_id,
+                                   max_length=self.max_query_tokens + 2)
+        block = build_block_inputs([e.title_ids for e in examples], [e.body_ids for e in examples],
+                                   cls_id, sep_id, pad_id, max_length=self.max_block_tokens + 3)
+        return {"query": query, "block": block}
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        q, p = batch["query"], batch["block"]
+        out = model(q.input_ids, q.attention_mask, p.input_ids, p.attention_mask, p.token_type_ids)
+        q_all = gather_with_grad(out.q_reps, self.accelerator)  # [world * B, dim]
+        p_all = gather_with_grad(out.p_reps, self.accelerator)  # [world * B, dim]
+        loss, scores = in_batch_nce(q_all, p_all)
+        accuracy = (scores.argmax(dim=1) == torch.arange(len(scores), device=scores.device))
+        metrics = {"loss": float(loss.detach()), "in_batch_accuracy": float(accuracy.float().mean()),
+                   "negatives": float(len(p_all) - 1)}
+        return loss * self.accelerator.num_processes, metrics
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out sentences -> their source block among the held-out blocks: recall@k."""
+        if len(self.holdout) == 0:
+            return {}
+        retriever = self.accelerator.unwrap_model(model)
+        return ict_recall(retriever, self.store, self.eval_queries, self.holdout, self.special,
+                          self.max_query_tokens, self.max_block_tokens)
+
+
+def ict_recall(retriever: Retriever, store: BlockStore, queries: list[ICTExample],
+               candidates: np.ndarray, special: tuple[int, int, int], max_query_tokens: int = 64,
+               max_block_tokens: int = 288, ks=EVAL_KS) -> dict[str, float]:
+    """recall@k of each query's source block among ``candidates`` (blocks left whole)."""
+    p = embed_blocks(retriever, store, special, candidates, max_block_tokens, progress=False)[0]
+    q = embed_queries(retriever, [e.query_ids for e in queries], special, max_query_tokens)
+    _, idx = search(build_index(p), q, max(ks))
+    hits = candidates[idx] == np.array([e.block_id for e in queries])[:, None]  # [n, k]
+    return {f"ict_recall@{k}": v for k, v in recall_at_k(hits, [k for k in ks if k <= hits.shape[1]]).items()}
+
+
+def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
+    """The ICT stage: train the retriever on ``config.ict.corpus`` and save it to run_dir/retriever."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if not config.ict.corpus:
+        raise ValueError("ict.corpus: no corpus directory given (build one with prepare_corpus.py)")
+    t = config.train
+    use_cpu = not torch.cuda.is_available()
+    precision = autocast_dtype(t.precision, torch.device("cpu" if use_cpu else "cuda"))
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision or "no",
+                              gradient_accumulation_steps=t.grad_accum)
+    set_seed(config.seed)
+    store = BlockStore(config.ict.corpus)
+    r = config.retriever
+    retriever = load_retriever(r.encoder, r.dim, r.pooling)
+    if retriever.tokenizer is None:
+        raise ValueError(f"retriever.encoder={r.encoder!r} has no tokenizer saved with it")
+    check_tokenizer(retriever.tokenizer, store)
+    special = special_ids(retriever.tokenizer)
+    blocks = ict_blocks(store, min_query_tokens=config.ict.min_query_tokens)
+    holdout = min(config.ict.holdout_blocks, max(0, len(blocks) - 1))
+    train_blocks, holdout_blocks = split_holdout(blocks, holdout, config.seed)
+    logger.info("ICT on %d blocks (%d held out) of %s", len(train_blocks), len(holdout_blocks),
+                store.path)
+    if accelerator.is_main_process:
+        save_config(config, t.run_dir)
+    accelerator.wait_for_everyone()
+    task = ICTTask(store, train_blocks, holdout_blocks, special, accelerator,
+                   config.ict.remove_prob, r.max_query_tokens, r.max_block_tokens,
+                   config.ict.min_query_tokens, config.seed)
+    lg = config.logging
+    tracker = Tracker(t.run_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
+                      wandb_mode=lg.wandb_mode, run_name="ict", enabled=accelerator.is_main_process)
+    settings = TrainSettings(
+        run_dir=t.run_dir, steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum,
+        lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+        max_grad_norm=t.max_grad_norm, log_every=lg.log_every, eval_every=t.eval_every,
+        save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, num_workers=t.num_workers,
+        resume=t.resume, seed=config.seed, progress=progress,
+    )
+    try:
+        result = train(retriever, task, settings, accelerator, tracker, config_dict=config.to_dict())
+        out_dir = os.path.join(t.run_dir, "retriever")
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(retriever).save_pretrained(
+                out_dir, metadata={"stage": "ict", "steps": result["steps"],
+                                   "corpus_fingerprint": store.fingerprint}, overwrite=True)
+        accelerator.wait_for_everyone()
+    finally:
+        tracker.close()
+        _shutdown(accelerator)
+    return {
+        "stage": "ict", "retriever": out_dir, "steps": result["steps"],
+        "final_loss": round(result["final_loss"], 5), "world_size": accelerator.num_processes,
+        "negatives_per_query": t.batch_size * accelerator.num_processes - 1,
+        "precision": precision or "fp32", "resumed_from": result["resumed_from"],
+        **{k: round(v, 4) for k, v in result["last_eval"].items()},
+        "examples_per_s": result["examples_per_s"], "seconds": result["seconds"],
+    }
+
+
+def _shutdown(accelerator) -> None:
+    """Leave no live references or process group behind (avoids aborts at interpreter exit)."""
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
