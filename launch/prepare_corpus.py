@@ -8,7 +8,7 @@ The last stdout line is a JSON summary (articles, blocks, spans, skipped records
 
 import sys
 
-from realm.cli import config_parser, emit_summary, parse
+from realm.cli import config_parser, emit_summary, override, parse
 from realm.data.build import OutputExistsError, build_corpus
 from realm.data.readers import CorpusFormatError
 
@@ -20,7 +20,8 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing corpus built from other inputs or parameters")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args, config = parse(parser, argv, lambda a: [f"data.input={a.input}"] if a.input else [])
+    args, config = parse(parser, argv,
+                         lambda a: [override("data.input", a.input)] if a.input else [])
     try:
         summary = build_corpus(config.data, config.spans, args.output, overwrite=args.overwrite,
                                config_yaml=config.to_yaml(), progress=not args.no_progress)

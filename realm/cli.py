@@ -32,9 +32,10 @@ def parse(
 ) -> tuple[argparse.Namespace, Config]:
     """Parse the command line into (args, validated Config); a bad config exits with code 2.
 
-    ``shortcuts`` turns script-specific flags (``--input PATH``) into overrides applied last.
+    ``shortcuts`` turns script-specific flags (``--input PATH``) into overrides applied last;
+    build them with :func:`override` so that a path is taken literally, not parsed as YAML.
     """
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after flags
     overrides = list(args.overrides) + (shortcuts(args) if shortcuts else [])
     try:
         config = load_config(args.config, overrides)
@@ -42,6 +43,11 @@ def parse(
         parser.exit(2, f"{parser.prog}: config error: {err}\n")
     setup_logging(config.logging.log_level)
     return args, config
+
+
+def override(key: str, value: Any) -> str:
+    """A ``key=value`` override whose value is taken as is (``#``, ``:`` or ``null`` in a path)."""
+    return f"{key}={json.dumps(value)}"  # a JSON string is a YAML double-quoted scalar
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -268,6 +268,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if value is None:  # a section whose keys are all commented out: its defaults
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {_fields_list(tp)}, got {value!r}")
         return _build(tp, value, key)
@@ -359,7 +361,13 @@ def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, value: Any) -> Non
         sub_cls = typing.get_type_hints(node_cls)[part]
         if not dataclasses.is_dataclass(sub_cls):
             raise ConfigError(f"{prefix}: is a value, not a section; cannot set {dotted!r}")
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section in the YAML file
+            node[part] = {}
+        elif not isinstance(node[part], dict):
+            raise ConfigError(
+                f"{prefix}: expected a mapping of {_fields_list(sub_cls)}, got {node[part]!r}"
+            )
+        node = node[part]
         node_cls = sub_cls
 
 
@@ -391,22 +399,23 @@ def load_config(
                 loaded = yaml.safe_load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except (OSError, UnicodeDecodeError) as err:  # a directory, unreadable, not UTF-8
+            raise ConfigError(f"{path}: cannot read config file: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of {_fields_list(cls)}")
+        try:  # the file on its own first, so that its errors (and only those) name it
+            _build(cls, loaded)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
         tree = loaded
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, cls, key, value)
-    try:
-        return _build(cls, tree)
-    except ConfigError as err:
-        if path is not None:
-            raise ConfigError(f"{path}: {err}") from None
-        raise
+    return _build(cls, tree)
 
 
 def save_config(config: Any, run_dir: str | os.PathLike, name: str = "config.yaml") -> str:

@@ -206,8 +206,8 @@ class CorpusReader:
         try:
             with self._open_binary() as f:
                 for lineno, raw in enumerate(f, start=1):
-                    try:
-                        yield lineno, raw.decode("utf-8")
+                    try:  # a byte-order mark (spreadsheet exports) is not part of the data
+                        yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                     except UnicodeDecodeError as err:
                         yield lineno, CorpusFormatError(
                             f"{self.path}:{lineno}: invalid UTF-8 at byte {err.start}"
@@ -223,12 +223,16 @@ class CorpusReader:
                 continue
             if not line.strip():
                 continue
-            try:
-                yield where, str(lineno), json.loads(line)
+            try:  # without its newline, so that a cut-short line is not reported as column 1
+                yield where, str(lineno), json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
-                yield where, str(lineno), CorpusFormatError(f"{where}: malformed JSON: {err.msg} (column {err.colno})")
+                yield where, str(lineno), CorpusFormatError(
+                    f"{where}: malformed JSON: {err.msg} (column {err.colno})"
+                )
 
     def _tsv(self) -> Iterator[tuple[str, str, object]]:
+        # Whole articles can be longer than the csv module's default field limit (128 KiB).
+        csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
         header: Optional[list[str]] = None
         for lineno, line in self._decoded_lines():
             where = f"{self.path}:{lineno}"
@@ -249,7 +253,11 @@ class CorpusReader:
                 continue
             if not line.strip():
                 continue
-            fields = next(csv.reader([line], delimiter="\t"))
+            try:
+                fields = next(csv.reader([line], delimiter="\t"))
+            except csv.Error as err:  # e.g. a bare carriage return inside an unquoted field
+                yield where, str(lineno), CorpusFormatError(f"{where}: malformed tsv line: {err}")
+                continue
             if len(fields) != len(header):
                 yield where, str(lineno), CorpusFormatError(
                     f"{where}: expected {len(header)} tab-separated fields ({', '.join(header)}), "
@@ -265,7 +273,7 @@ class CorpusReader:
         except OSError as err:
             raise CorpusFormatError(f"{self.path}: cannot read: {err}") from None
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8-sig")
         except UnicodeDecodeError as err:
             line = data[: err.start].count(b"\n") + 1
             raise CorpusFormatError(f"{self.path}:{line}: invalid UTF-8 at byte {err.start}") from None
@@ -296,7 +304,12 @@ class CorpusReader:
             except Exception as err:  # network or name errors from the hub client
                 raise CorpusFormatError(f"{self.path}: cannot load hub dataset: {err}") from err
         else:
-            ds = datasets.load_from_disk(self.path)
+            try:
+                ds = datasets.load_from_disk(self.path)
+            except FileNotFoundError as err:  # a plain directory, not save_to_disk output
+                raise CorpusFormatError(
+                    f"{self.path}: not a `datasets` directory saved with save_to_disk ({err})"
+                ) from None
             if isinstance(ds, datasets.DatasetDict):
                 if "train" not in ds:
                     raise CorpusFormatError(
