@@ -33,7 +33,7 @@ def peak_rss_mb() -> float:
 
 
 def bench(name: str, source: str, max_articles, args) -> dict:
-    data = DataConfig(input=source, max_articles=max_articles)
+    data = DataConfig(input=source, max_articles=max_articles, on_bad_record="skip")
     spans = SpansConfig(n_process=args.n_process, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -43,7 +43,7 @@ def bench(name: str, source: str, max_articles, args) -> dict:
             manifest = json.load(f)
     rss_build = peak_rss_mb()
     sentences = []
-    for article in CorpusReader(source, max_articles=max_articles):
+    for article in CorpusReader(source, on_bad_record="skip", max_articles=max_articles):
         sentences.extend(article.text[s:e] for s, e in split_sentences(article.text))
     nlp = load_ner(spans.spacy_model)
     t0 = time.perf_counter()

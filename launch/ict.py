@@ -9,7 +9,7 @@ line is a JSON summary (steps, final loss, held-out ICT recall@k, seconds).
 
 import sys
 
-from realm.cli import config_parser, emit_summary, parse
+from realm.cli import config_parser, emit_summary, override, parse
 from realm.training.ict import run_ict
 
 
@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     parser = config_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", help="corpus directory (sets ict.corpus)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args, config = parse(parser, argv, lambda a: [f"ict.corpus={a.corpus}"] if a.corpus else [])
+    args, config = parse(parser, argv, lambda a: [override("ict.corpus", a.corpus)] if a.corpus else [])
     summary = run_ict(config, progress=not args.no_progress)
     import accelerate
 

@@ -142,7 +142,10 @@ class RetrieverConfig:
         default=DEFAULT_ENCODER,
     )
     dim: int = _doc("Size of the retrieval embeddings (REALM: 128).", default=128)
-    pooling: Literal["cls", "mean"] = _doc("How token states become one vector.", default="cls")
+    pooling: Literal["cls", "mean"] = _doc(
+        "How token states become one vector (`mean`: what all-MiniLM-L6-v2 was trained with).",
+        default="mean",
+    )
     max_query_tokens: int = _doc("Query word pieces kept (special tokens excluded).", default=64)
     max_block_tokens: int = _doc(
         "Block word pieces (title + body) kept when encoding; special tokens excluded.", default=288

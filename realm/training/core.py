@@ -171,6 +171,9 @@ def train(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=s.batch_size, sampler=sampler, collate_fn=task.collate,
         drop_last=True, num_workers=s.num_workers,
+        # its own generator: creating an iterator must not draw from the global RNG (dropout),
+        # or a resumed run would diverge from an uninterrupted one
+        generator=torch.Generator().manual_seed(s.seed),
     )
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
     # once per process), and checkpointed as a registered object.
@@ -208,7 +211,8 @@ def train(
         epoch_loader = loader
         if progress.batch_in_epoch:  # resuming inside an epoch: the same order, minus what was seen
             epoch_loader = accelerator.skip_first_batches(loader, progress.batch_in_epoch)
-        epoch_loader.set_epoch(progress.epoch)  # seeds EpochSampler; accelerate would use its own count
+        epoch_loader.set_epoch(progress.epoch)  # accelerate would otherwise use its own count
+        sampler.set_epoch(progress.epoch)  # (a skipping loader may not pass it down)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(progress.epoch)
         for batch in epoch_loader:

@@ -163,6 +163,7 @@ def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
     )
     try:
         result = train(retriever, task, settings, accelerator, tracker, config_dict=config.to_dict())
+        in_sync = weights_in_sync(retriever, accelerator)
         out_dir = os.path.join(t.run_dir, "retriever")
         if accelerator.is_main_process:
             accelerator.unwrap_model(retriever).save_pretrained(
@@ -177,9 +178,23 @@ def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
         "final_loss": round(result["final_loss"], 5), "world_size": accelerator.num_processes,
         "negatives_per_query": t.batch_size * accelerator.num_processes - 1,
         "precision": precision or "fp32", "resumed_from": result["resumed_from"],
+        "weights_in_sync": in_sync,
         **{k: round(v, 4) for k, v in result["last_eval"].items()},
         "examples_per_s": result["examples_per_s"], "seconds": result["seconds"],
     }
+
+
+def weights_in_sync(model: torch.nn.Module, accelerator) -> bool:
+    """Whether every process holds bit-identical parameters (a DDP sanity check)."""
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    sha = hashlib.sha256()
+    for p in accelerator.unwrap_model(model).parameters():
+        sha.update(p.detach().float().cpu().numpy().tobytes())
+    digests = gather_object([sha.hexdigest()])
+    return len(set(digests)) == 1
 
 
 def _shutdown(accelerator) -> None:
