@@ -292,8 +292,10 @@ class Embedder(nn.Module):
         self.backbone = backbone
         self.pooling = pooling
         self.projection = nn.Linear(backbone.config.hidden_size, dim)
-        std = getattr(backbone.config, "initializer_range", 0.02)
-        nn.init.normal_(self.projection.weight, mean=0.0, std=std)
+        # Orthonormal rows: a pretrained encoder's inner products survive the projection (exactly
+        # when dim == hidden size, a rotation), so a fresh retriever starts from the checkpoint's
+        # geometry instead of a random distortion of it.
+        nn.init.orthogonal_(self.projection.weight)
         nn.init.zeros_(self.projection.bias)
         self.projection.to(device=backbone.device, dtype=backbone.dtype)
 

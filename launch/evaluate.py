@@ -1,0 +1,76 @@
+"""Evaluate retrieval over a corpus directory.
+
+    python launch/evaluate.py retrieval --retriever DIR --corpus DIR --qa FILE --k 1,5,20,100
+    python launch/evaluate.py retrieval --bm25 --corpus DIR --qa FILE
+    python launch/evaluate.py ict --retriever DIR --corpus DIR [--holdout 500 --seed 0]
+
+`--retriever` takes a saved retriever directory or any transformers checkpoint (fresh projection).
+The last stdout line is one JSON object (recall@k, counts, seconds).
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from realm.cli import emit_summary, setup_logging
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["retrieval", "ict"])
+    parser.add_argument("--corpus", required=True, help="corpus directory")
+    parser.add_argument("--retriever", help="retriever directory or transformers checkpoint")
+    parser.add_argument("--bm25", action="store_true", help="BM25 (bm25s) instead of a retriever")
+    parser.add_argument("--qa", help="QA jsonl ({question, answers[, gold_passage]})")
+    parser.add_argument("--regex", action="store_true", help="answers are regular expressions")
+    parser.add_argument("--k", default="1,5,20,100", help="comma-separated cut-offs")
+    parser.add_argument("--limit", type=int, help="evaluate the first N questions only")
+    parser.add_argument("--holdout", type=int, default=500, help="ict: ict.holdout_blocks of the run")
+    parser.add_argument("--seed", type=int, default=0, help="ict: seed of the run")
+    parser.add_argument("--dim", type=int, default=128, help="projection size for a bare checkpoint")
+    parser.add_argument("--pooling", default="mean", choices=["cls", "mean"])
+    parser.add_argument("--max-block-tokens", type=int, default=288)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging("INFO")
+    if args.bm25 == bool(args.retriever):
+        parser.error("give exactly one of --retriever DIR or --bm25")
+    if args.mode == "retrieval" and not args.qa:
+        parser.error("retrieval needs --qa FILE")
+    try:
+        ks = sorted({int(k) for k in args.k.split(",")})
+    except ValueError:
+        parser.error(f"--k: expected comma-separated integers, got {args.k!r}")
+
+    from realm.data.qa import QAFormatError, read_qa
+    from realm.data.store import BlockStore, CorpusError
+    from realm.evaluation.run import BM25Searcher, DenseSearcher, ict_retrieval, qa_retrieval
+
+    t0 = time.perf_counter()
+    try:
+        store = BlockStore(args.corpus)
+        qa = read_qa(args.qa, args.limit) if args.mode == "retrieval" else None
+        if args.bm25:
+            searcher, name = BM25Searcher(store), "bm25"
+        else:
+            from realm.training.ict import load_retriever
+
+            model = load_retriever(args.retriever, args.dim, args.pooling)
+            searcher = DenseSearcher(model, store, args.max_block_tokens, progress=not args.no_progress)
+            name = args.retriever
+        if args.mode == "retrieval":
+            report = qa_retrieval(searcher, store, qa, ks, regex=args.regex)
+        else:
+            report = ict_retrieval(searcher, store, args.holdout, args.seed, ks, args.limit)
+    except (QAFormatError, CorpusError, ValueError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 1
+    emit_summary({"mode": args.mode, "retriever": name, "corpus": args.corpus, **report,
+                  "seconds": round(time.perf_counter() - t0, 2)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
