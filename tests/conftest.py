@@ -31,3 +31,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    """A random 2-layer BERT (hidden 32) checkpoint with MiniLM's tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from realm.hub import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

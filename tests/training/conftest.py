@@ -1,28 +1,9 @@
-"""Shared fixtures: a tiny BERT checkpoint (MiniLM's tokenizer, 2 layers, hidden 32) and a small
-real corpus of Wikipedia lead sections."""
-
-import json
+"""A small real corpus of Wikipedia lead sections for the training tests."""
 
 import pytest
-import torch
 
 from realm.config import DataConfig, SpansConfig
 from realm.data.build import build_corpus
-from realm.hub import load_tokenizer
-
-
-@pytest.fixture(scope="session")
-def tiny_encoder(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tok = load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
-    BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="session")

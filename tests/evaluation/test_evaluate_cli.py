@@ -1,0 +1,73 @@
+"""launch/evaluate.py end to end on a small real slice of SQuAD-open, and QA file errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from realm.config import DataConfig, SpansConfig
+from realm.data.build import build_corpus
+from realm.data.qa import QAFormatError, read_qa
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def squad_slice(shared_data, tmp_path_factory):
+    """The first 120 SQuAD passages and the dev-style questions whose gold passage is among them."""
+    tmp = tmp_path_factory.mktemp("squad")
+    passages = [json.loads(line) for line in open(shared_data / "squad_open" / "passages.jsonl")][:120]
+    (tmp / "passages.jsonl").write_text("".join(json.dumps(p) + "\n" for p in passages))
+    ids = {p["id"] for p in passages}
+    qa = [json.loads(line) for line in open(shared_data / "squad_open" / "qa_train.jsonl")]
+    qa = [q for q in qa if q["gold_passage"] in ids][:60]
+    (tmp / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qa))
+    build_corpus(DataConfig(input=str(tmp / "passages.jsonl")), SpansConfig(enabled=False),
+                 str(tmp / "corpus"), progress=False)
+    return tmp
+
+
+def _run(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), *args, "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_bm25_and_dense_reports(squad_slice, tiny_encoder):
+    bm25 = _run("retrieval", "--bm25", "--corpus", str(squad_slice / "corpus"),
+                "--qa", str(squad_slice / "qa.jsonl"), "--k", "1,5,20")
+    assert bm25.returncode == 0, bm25.stderr[-2000:]
+    b = json.loads(bm25.stdout.strip().splitlines()[-1])
+    assert b["questions"] == 60 and b["blocks"] >= 120
+    assert b["gold_recall@20"] > 0.8  # these questions were written against these passages
+    assert b["answer_recall@1"] <= b["answer_recall@5"] <= b["answer_recall@20"]
+    dense = _run("retrieval", "--retriever", tiny_encoder, "--corpus", str(squad_slice / "corpus"),
+                 "--qa", str(squad_slice / "qa.jsonl"), "--k", "1,5,20")
+    assert dense.returncode == 0, dense.stderr[-2000:]
+    d = json.loads(dense.stdout.strip().splitlines()[-1])
+    assert d["questions"] == 60 and "gold_recall@20" in d and "seconds" in d
+    assert d["gold_recall@20"] < b["gold_recall@20"]  # an untrained 2-layer model vs BM25
+
+
+def test_ict_mode_bm25_finds_whole_sentences(squad_slice):
+    out = _run("ict", "--bm25", "--corpus", str(squad_slice / "corpus"), "--holdout", "30", "--k", "1,5")
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["queries"] == 30 and r["ict_recall@5"] > 0.8  # the sentence is in its block
+
+
+def test_bad_qa_file_names_the_line(squad_slice, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q1", "answers": ["a"]}\n{"question": "q2", "answers": []}\n')
+    with pytest.raises(QAFormatError, match=r"bad.jsonl:2: field 'answers'"):
+        read_qa(str(bad))
+    out = _run("retrieval", "--bm25", "--corpus", str(squad_slice / "corpus"), "--qa", str(bad))
+    assert out.returncode == 1 and "bad.jsonl:2" in out.stderr
+
+
+def test_nq_open_answer_field_is_read(shared_data):
+    qa = read_qa(str(shared_data / "openqa" / "nq_open_dev_dpr.jsonl"), limit=5)
+    assert len(qa) == 5 and all(q.answers for q in qa)
