@@ -72,6 +72,14 @@ def word_piece_encoder(tokenizer):  # -> tokenizers.Tokenizer
     return backend
 
 
+def tokenizer_sha256(tokenizer) -> str:
+    """Content hash of a fast tokenizer (vocabulary, normalizer, pre-tokenizer): what a corpus
+    built with it depends on, and what a model reading the corpus must match."""
+    import hashlib
+
+    return hashlib.sha256(word_piece_encoder(tokenizer).to_str().encode()).hexdigest()
+
+
 @dataclass
 class BlockedArticle:
     """An article cut into blocks.

@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 
 from realm import __version__
 from realm.config import DataConfig, SpansConfig
-from realm.data.blocks import BlockedArticle, block_article, word_piece_encoder
+from realm.data.blocks import BlockedArticle, block_article, tokenizer_sha256, word_piece_encoder
 from realm.data.readers import Article, CorpusReader
 from realm.data.spans import SpanFinder, align_spans
-from realm.data.store import FORMAT_VERSION, MANIFEST, BlockStoreWriter, _sha256_file
+from realm.data.store import FORMAT_VERSION, MANIFEST, BlockStoreWriter
+from realm.fsutil import fsync_dir, sha256_file
 from realm.hub import load_tokenizer, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -50,14 +51,14 @@ def input_fingerprint(path: str) -> dict[str, Any]:
     if path.startswith("hf:"):
         return {"hub": path}
     if os.path.isfile(path):
-        return {"sha256": _sha256_file(path), "bytes": os.path.getsize(path)}
+        return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
     sha = hashlib.sha256()
     for root, dirs, files in os.walk(path):
         dirs.sort()
         for name in sorted(files):
             full = os.path.join(root, name)
             sha.update(os.path.relpath(full, path).encode())
-            sha.update(_sha256_file(full).encode())
+            sha.update(sha256_file(full).encode())
     return {"sha256": sha.hexdigest()}
 
 
@@ -123,14 +124,6 @@ def clean_orphans(output: str) -> list[str]:
     return removed
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _existing_manifest(output: str) -> Optional[dict[str, Any]]:
     if not os.path.exists(output):
         return None
@@ -156,7 +149,7 @@ def _commit(tmp: str, output: str) -> None:
         else:
             os.rmdir(output)
     os.rename(tmp, output)
-    _fsync_dir(parent)
+    fsync_dir(parent)
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -208,7 +201,7 @@ def build_corpus(
                           data.max_articles)
     tokenizer = load_tokenizer(data.tokenizer)
     backend = word_piece_encoder(tokenizer)
-    tokenizer_sha = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    tokenizer_sha = tokenizer_sha256(tokenizer)
     fingerprint = build_fingerprint(data, spans, input_fingerprint(reader.path), tokenizer_sha)
 
     output = os.path.abspath(output)
@@ -272,7 +265,7 @@ def build_corpus(
             f.flush()
             os.fsync(f.fileno())
         os.replace(manifest_tmp, os.path.join(tmp, MANIFEST))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _commit(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from realm.fsutil import sha256_file
+
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
@@ -191,21 +193,13 @@ class BlockStoreWriter:
         files = {f"{name}.bin": f.close() for name, f in self.files.items()}
         files["articles.jsonl"] = {
             "bytes": os.path.getsize(os.path.join(self.path, "articles.jsonl")),
-            "sha256": _sha256_file(os.path.join(self.path, "articles.jsonl")),
+            "sha256": sha256_file(os.path.join(self.path, "articles.jsonl")),
         }
         return files
 
     @property
     def label_names(self) -> list[str]:
         return sorted(self.labels, key=self.labels.get)  # type: ignore[arg-type]
-
-
-def _sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for data in iter(lambda: f.read(chunk), b""):
-            sha.update(data)
-    return sha.hexdigest()
 
 
 class CorpusError(ValueError):
@@ -283,7 +277,7 @@ class BlockStore:
             path = os.path.join(self.path, name)
             if not os.path.isfile(path):
                 raise CorpusError(f"{path}: missing from the corpus directory")
-            if os.path.getsize(path) != info["bytes"] or _sha256_file(path) != info["sha256"]:
+            if os.path.getsize(path) != info["bytes"] or sha256_file(path) != info["sha256"]:
                 raise CorpusError(f"{path}: checksum mismatch (corrupt or truncated)")
 
     # -- access ---------------------------------------------------------------------------------

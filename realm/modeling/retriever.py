@@ -40,6 +40,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 import realm
+from realm.fsutil import fsync_dir
 from realm.hub import load_tokenizer, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -701,15 +702,7 @@ def _fsync_tree(root: Path) -> None:
         for name in filenames:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 class _atomic_directory:
@@ -748,7 +741,7 @@ class _atomic_directory:
                 shutil.rmtree(old)
             else:
                 os.rename(self.tmp, self.target)
-            _fsync_dir(self.target.parent)
+            fsync_dir(self.target.parent)
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise

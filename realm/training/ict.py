@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from realm.config import Config, save_config
+from realm.data.blocks import tokenizer_sha256
 from realm.data.ict import ICTDataset, ICTExample, held_out_queries, ict_blocks, split_holdout
 from realm.data.store import BlockStore
 from realm.evaluation.retrieval import recall_at_k
@@ -35,10 +36,7 @@ def load_retriever(encoder: str, dim: int, pooling: str) -> Retriever:
 
 def check_tokenizer(tokenizer, store: BlockStore) -> None:
     """The retriever must read the word pieces the corpus was cut into."""
-    from realm.data.blocks import word_piece_encoder
-    import hashlib
-
-    sha = hashlib.sha256(word_piece_encoder(tokenizer).to_str().encode()).hexdigest()
+    sha = tokenizer_sha256(tokenizer)
     want = store.manifest["tokenizer"]["sha256"]
     if sha != want:
         raise ValueError(
