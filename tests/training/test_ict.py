@@ -99,3 +99,18 @@ def test_two_ranks_share_negatives_and_end_equal(leads_corpus, tiny_encoder, tmp
     assert summary["world_size"] == 2 and summary["weights_in_sync"] is True
     negatives = {r["negatives"] for r in read_metrics(str(run)) if "negatives" in r}
     assert negatives == {2 * 8 - 1}  # both ranks' blocks are negatives for every query
+
+
+def test_retriever_with_another_tokenizer_is_refused(leads_corpus):
+    from tokenizers import normalizers
+
+    from realm.hub import load_tokenizer
+    from realm.training.ict import check_tokenizer
+
+    store = BlockStore(leads_corpus)
+    same = load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
+    check_tokenizer(same, store)  # the corpus was cut with this one
+    cased = load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
+    cased.backend_tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False)
+    with pytest.raises(ValueError, match="rebuild the corpus"):
+        check_tokenizer(cased, store)
