@@ -114,3 +114,16 @@ def test_retriever_with_another_tokenizer_is_refused(leads_corpus):
     cased.backend_tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False)
     with pytest.raises(ValueError, match="rebuild the corpus"):
         check_tokenizer(cased, store)
+
+
+def test_gradient_accumulation_and_forced_bf16(leads_corpus, tiny_encoder, tmp_path):
+    run = tmp_path / "run"
+    config = load_config(overrides=_overrides(leads_corpus, tiny_encoder, run, **{
+        "train.steps": 3, "train.batch_size": 4, "train.grad_accum": 2, "train.precision": "bf16"}))
+    summary = run_ict(config, progress=False)
+    assert summary["steps"] == 3 and summary["precision"] == "bf16"
+    records = [r for r in read_metrics(str(run)) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]  # one record per optimizer step, not per micro-batch
+    # warmup 2 then linear decay over 3 optimizer steps; stepped per micro-batch it would be [5e-3, 0, 0]
+    assert [r["lr"] for r in records] == pytest.approx([5e-3, 5e-3, 0.0])
+    assert all(np.isfinite(r["loss"]) for r in records)
