@@ -159,6 +159,7 @@ def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
         save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, num_workers=t.num_workers,
         resume=t.resume, seed=config.seed, progress=progress,
     )
+    world_size = accelerator.num_processes
     try:
         result = train(retriever, task, settings, accelerator, tracker, config_dict=config.to_dict())
         in_sync = weights_in_sync(retriever, accelerator)
@@ -173,8 +174,8 @@ def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
         _shutdown(accelerator)
     return {
         "stage": "ict", "retriever": out_dir, "steps": result["steps"],
-        "final_loss": round(result["final_loss"], 5), "world_size": accelerator.num_processes,
-        "negatives_per_query": t.batch_size * accelerator.num_processes - 1,
+        "final_loss": round(result["final_loss"], 5), "world_size": world_size,
+        "negatives_per_query": t.batch_size * world_size - 1,
         "precision": precision or "fp32", "resumed_from": result["resumed_from"],
         "weights_in_sync": in_sync,
         **{k: round(v, 4) for k, v in result["last_eval"].items()},
@@ -202,3 +203,8 @@ def _shutdown(accelerator) -> None:
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    # accelerate keeps its state in process-wide singletons; forget it so that a later stage in
+    # the same process (a notebook, a test, pretraining after ICT) may choose other settings.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
