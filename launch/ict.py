@@ -7,6 +7,7 @@ Writes run_dir/retriever/ (query + document encoder), checkpoints, metrics.jsonl
 line is a JSON summary (steps, final loss, held-out ICT recall@k, seconds).
 """
 
+import os
 import sys
 
 from realm.cli import config_parser, emit_summary, override, parse
@@ -19,9 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args, config = parse(parser, argv, lambda a: [override("ict.corpus", a.corpus)] if a.corpus else [])
     summary = run_ict(config, progress=not args.no_progress)
-    import accelerate
-
-    if accelerate.PartialState().is_main_process:
+    if os.environ.get("RANK", "0") == "0":  # the main process (accelerate/torchrun set RANK)
         emit_summary(summary)
     return 0
 

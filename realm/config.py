@@ -212,6 +212,76 @@ class TrainConfig:
 
 
 @dataclass
+class IndexConfig:
+    """The MIPS index over block embeddings (faiss) and its versioned store."""
+
+    factory: str = _doc(
+        "faiss factory string: `Flat` (exact inner product), `HNSW32`, `IVF1024,Flat`, "
+        "`IVF1024,PQ32`... Trained indexes are trained on a sample of the embeddings.",
+        default="Flat",
+    )
+    nprobe: int = _doc("IVF lists visited per query.", default=32)
+    ef_search: int = _doc("HNSW search breadth (efSearch).", default=128)
+    train_size: int = _doc("Embeddings sampled to train IVF/PQ indexes.", default=262144)
+    gpu: bool = _doc("Put the index on the GPU(s) when faiss sees any (sharded across "
+                     "several).", default=True)
+    keep_generations: int = _doc(
+        "Newest index generations kept by garbage collection (plus any a reader holds).",
+        default=2,
+    )
+    lease_timeout_s: float = _doc(
+        "A reader's lease on a generation lapses when not renewed for this long.", default=600.0
+    )
+
+    def __post_init__(self) -> None:
+        _check(bool(self.factory.strip()), "index.factory", "must not be empty")
+        for key in ("nprobe", "ef_search", "train_size", "keep_generations"):
+            _check(getattr(self, key) > 0, f"index.{key}", f"must be > 0, got {getattr(self, key)}")
+        _check(self.lease_timeout_s > 0, "index.lease_timeout_s",
+               f"must be > 0, got {self.lease_timeout_s}")
+
+
+@dataclass
+class RefreshConfig:
+    """The index refresher (``launch/refresh_index.py``) and the trainer's side of it."""
+
+    corpus: Optional[str] = _doc(
+        "Corpus directory (from prepare_corpus.py) whose blocks are embedded; pretraining "
+        "fills it in from its own corpus.", default=None
+    )
+    spawn: bool = _doc("The trainer spawns the refresher as a child process and supervises it; "
+                       "false: run it yourself against the same run directory.", default=True)
+    every_steps: int = _doc("The trainer publishes an encoder snapshot every this many steps.",
+                            default=500)
+    poll_s: float = _doc("How often the refresher and the trainer's watcher look for news.",
+                         default=2.0)
+    heartbeat_timeout_s: float = _doc(
+        "The refresher exits when the trainer's heartbeat is older than this (0: only on DONE).",
+        default=900.0,
+    )
+    max_restarts: int = _doc("Times the supervisor restarts a refresher that died.", default=3)
+    keep_encoders: int = _doc("Newest encoder snapshots kept.", default=2)
+    precision: Literal["auto", "fp32", "bf16"] = _doc(
+        "Embedding precision: `auto` uses bf16 where the device runs it fast.", default="auto"
+    )
+    max_tokens_per_batch: int = _doc("Padded tokens per embedding batch (length-bucketed).",
+                                     default=16384)
+    threads: int = _doc("CPU threads of the refresher (0: torch's default). On a CPU-only "
+                        "machine, leave the trainer some cores.", default=0)
+    device: str = _doc("Device of the refresher's encoder (`auto`: a GPU if any, else CPU; "
+                       "or e.g. `cuda:1`).", default="auto")
+
+    def __post_init__(self) -> None:
+        for key in ("every_steps", "max_tokens_per_batch", "keep_encoders"):
+            _check(getattr(self, key) > 0, f"refresh.{key}",
+                   f"must be > 0, got {getattr(self, key)}")
+        for key in ("poll_s", "heartbeat_timeout_s", "max_restarts", "threads"):
+            _check(getattr(self, key) >= 0, f"refresh.{key}",
+                   f"must be >= 0, got {getattr(self, key)}")
+        _check(self.poll_s > 0, "refresh.poll_s", f"must be > 0, got {self.poll_s}")
+
+
+@dataclass
 class LoggingConfig:
     """Metrics (a JSONL file always, wandb when enabled, main process only) and log level."""
 
@@ -240,6 +310,9 @@ class Config:
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig,
                                        metadata={"help": "Retriever encoders."})
     ict: ICTConfig = field(default_factory=ICTConfig, metadata={"help": "ICT warm start."})
+    index: IndexConfig = field(default_factory=IndexConfig, metadata={"help": "MIPS index."})
+    refresh: RefreshConfig = field(default_factory=RefreshConfig,
+                                   metadata={"help": "Index refresher."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Training core."})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Metrics."})
 

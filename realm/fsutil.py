@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
+
+logger = logging.getLogger(__name__)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -22,3 +26,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         for data in iter(lambda: f.read(chunk), b""):
             sha.update(data)
     return sha.hexdigest()
+
+
+def failpoint(name: str) -> None:
+    """Fault injection for the crash tests: pause at ``name`` when ``REALM_FAILPOINT=name``.
+
+    The process logs that it reached the point and sleeps ``REALM_FAILPOINT_S`` seconds (default
+    60), so a test can ``kill -9`` it exactly there. Does nothing unless the variable is set.
+    """
+    if os.environ.get("REALM_FAILPOINT") == name:
+        logger.warning("failpoint %s reached (pid %d)", name, os.getpid())
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        time.sleep(float(os.environ.get("REALM_FAILPOINT_S", "60")))

@@ -1,12 +1,15 @@
 """Test-wide settings: nothing reaches a hub, wandb stays offline and inside a temp dir."""
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 _WANDB_TMP = tempfile.mkdtemp(prefix="realm-tests-wandb-")
+atexit.register(shutil.rmtree, _WANDB_TMP, True)
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -48,4 +51,33 @@ def tiny_encoder(tmp_path_factory):
                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
     BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
     tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def leads_corpus(shared_data, tmp_path_factory):
+    """300 lead sections (real text), blocks of at most 128 word pieces, no spans (not needed)."""
+    from realm.config import DataConfig, SpansConfig
+    from realm.data.build import build_corpus
+
+    tmp = tmp_path_factory.mktemp("leads")
+    src = tmp / "leads.jsonl"
+    with open(shared_data / "wikipedia" / "vital_level4_summaries_en.jsonl", encoding="utf-8") as f:
+        lines = [next(f) for _ in range(300)]
+    src.write_text("".join(lines), encoding="utf-8")
+    build_corpus(DataConfig(input=str(src), max_block_tokens=128), SpansConfig(enabled=False),
+                 str(tmp / "corpus"), progress=False)
+    return str(tmp / "corpus")
+
+
+@pytest.fixture(scope="session")
+def tiny_retriever(tiny_encoder, tmp_path_factory):
+    """A saved tiny retriever (dim 16, MiniLM tokenizer), as a trainer would publish it."""
+    import torch
+
+    from realm.modeling.retriever import Retriever
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-retriever") / "retriever"
+    Retriever.from_checkpoint(tiny_encoder, dim=16, pooling="mean").save_pretrained(path)
     return str(path)

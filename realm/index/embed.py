@@ -42,11 +42,15 @@ def embed_blocks(
     max_tokens_per_batch: int = 16384,
     bf16: bool = False,
     progress: bool = True,
+    log_every_s: float = 0.0,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Document-encoder embeddings of blocks, in the order of ``block_ids``.
 
     Batches hold blocks of similar length (sorted by length, capped at ``max_tokens_per_batch``
     padded tokens), so little compute is spent on padding.
+
+    Args:
+        log_every_s: Also log progress (blocks done, blocks/s) this often; 0: never.
 
     Returns:
         ``(embeddings [n, dim] float32, stats)`` with ``blocks_per_s`` and ``seconds``.
@@ -61,6 +65,7 @@ def embed_blocks(
     t0 = time.perf_counter()
     bar = tqdm(total=len(ids), desc="embed blocks", unit=" blocks", disable=not progress,
                mininterval=1.0)
+    done, last_log = 0, t0
     for batch in length_bucketed_batches(lengths, max_tokens=max_tokens_per_batch):
         rows = ids[batch]
         inputs = build_block_inputs([store.title_ids(int(i)) for i in rows],
@@ -70,6 +75,11 @@ def embed_blocks(
             reps = retriever.encode_blocks(*(t.to(device) for t in inputs)).p_reps  # [b, dim]
         out[batch] = reps.float().cpu().numpy()
         bar.update(len(batch))
+        done += len(batch)
+        if log_every_s and time.perf_counter() - last_log >= log_every_s:
+            last_log = time.perf_counter()
+            logger.info("embedded %d/%d blocks (%.1f blocks/s)", done, len(ids),
+                        done / (last_log - t0))
     bar.close()
     retriever.train(was_training)
     seconds = time.perf_counter() - t0

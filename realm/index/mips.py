@@ -1,8 +1,18 @@
-"""Maximum inner-product search over block embeddings with faiss (chosen by factory string)."""
+"""Maximum inner-product search over block embeddings with faiss, chosen by factory string.
+
+``"Flat"`` (exact, the default) needs no training; ``"HNSW32"``, ``"IVF1024,Flat"`` and
+``"IVF1024,PQ32"`` are the usual choices for large corpora and are trained on (a sample of) the
+embeddings when built. On machines where ``faiss.get_num_gpus() > 0`` the index can be moved to
+one GPU or sharded across all of them; everywhere else it stays on the CPU.
+"""
 
 from __future__ import annotations
 
+import io
 import logging
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -10,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_index(embeddings: np.ndarray, factory: str = "Flat"):  # -> faiss.Index
-    """An inner-product faiss index over ``embeddings [n, dim]`` (``Flat``: exact search)."""
+    """A bare inner-product faiss index over ``embeddings [n, dim]`` (``Flat``: exact search)."""
     import faiss
 
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -26,3 +36,237 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, index.ntotal)
     scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return scores, ids
+
+
+def num_gpus() -> int:
+    """GPUs faiss can use (0 with faiss-cpu, or faiss-gpu on a machine without GPUs)."""
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+@dataclass
+class SearchResult:
+    """Top-k neighbours per query. Missing results (fewer than k candidates) have id -1."""
+
+    scores: np.ndarray     # [n_queries, k] float32, best first
+    block_ids: np.ndarray  # [n_queries, k] int64 block ids (rows of the block store)
+
+
+def _exclusion_matrix(exclude, n: int) -> Optional[np.ndarray]:
+    """``exclude`` (None, [n] ids, [n, m] ids, or n lists) as an int64 ``[n, m]`` matrix, -1 padded."""
+    if exclude is None:
+        return None
+    if isinstance(exclude, np.ndarray) and exclude.ndim in (1, 2):
+        matrix = exclude.reshape(len(exclude), -1).astype(np.int64)
+    else:
+        rows = [np.atleast_1d(np.asarray(e, dtype=np.int64)) for e in exclude]
+        width = max((len(r) for r in rows), default=0)
+        matrix = np.full((len(rows), width), -1, dtype=np.int64)
+        for i, r in enumerate(rows):
+            matrix[i, : len(r)] = r
+    if len(matrix) != n:
+        raise ValueError(f"exclude has {len(matrix)} rows for {n} queries")
+    return matrix
+
+
+class MipsIndex:
+    """Inner-product index over block embeddings; positions map to block ids.
+
+    Build with :meth:`build`; search with :meth:`search`. The index may live on the GPU(s); it is
+    moved back to the CPU to be serialized.
+
+    Args:
+        index: A faiss index whose vectors are the rows of ``block_ids``, in order.
+        block_ids: ``[ntotal]`` int64 block id of each vector (default ``arange(ntotal)``).
+        factory: The faiss factory string it was built from.
+    """
+
+    def __init__(self, index, block_ids: Optional[np.ndarray] = None, factory: str = "Flat"):
+        self.index = index
+        self.factory = factory
+        n = index.ntotal
+        self.block_ids = (np.arange(n, dtype=np.int64) if block_ids is None
+                          else np.asarray(block_ids, dtype=np.int64))
+        if len(self.block_ids) != n:
+            raise ValueError(f"{len(self.block_ids)} block ids for an index of {n} vectors")
+        self.on_gpu = False
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        factory: str = "Flat",
+        block_ids: Optional[np.ndarray] = None,
+        *,
+        train_size: int = 262_144,
+        nprobe: int = 32,
+        ef_search: int = 128,
+        gpu: bool = True,
+        seed: int = 0,
+    ) -> "MipsIndex":
+        """Index ``embeddings [n, dim]`` (float16 or float32) with ``faiss.index_factory``.
+
+        Args:
+            embeddings: One row per block.
+            factory: faiss factory string (``Flat``, ``HNSW32``, ``IVF1024,Flat``, ``IVF1024,PQ32``).
+            block_ids: Block id of each row (default: row numbers).
+            train_size: Rows sampled to train indexes that need training (IVF, PQ).
+            nprobe: IVF lists visited per query.
+            ef_search: HNSW search breadth.
+            gpu: Move the index to the GPU(s) when faiss sees any (else ignored).
+            seed: Seed of the training sample.
+        """
+        import faiss
+
+        if embeddings.ndim != 2 or len(embeddings) == 0:
+            raise ValueError(f"embeddings must be a non-empty [n, dim] array, got {embeddings.shape}")
+        n, dim = embeddings.shape
+        try:
+            index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(f"index.factory={factory!r} is not a valid faiss factory string: "
+                             f"{str(e).strip().splitlines()[-1]}") from None
+        if not index.is_trained:
+            rows = np.random.default_rng(seed).permutation(n)[:train_size] if n > train_size \
+                else np.arange(n)
+            t0 = time.perf_counter()
+            index.train(np.ascontiguousarray(embeddings[np.sort(rows)], dtype=np.float32))
+            logger.info("trained %s on %d vectors in %.1fs", factory, len(rows),
+                        time.perf_counter() - t0)
+        for start in range(0, n, 65536):  # add in chunks: fp16 -> fp32 copies stay small
+            index.add(np.ascontiguousarray(embeddings[start:start + 65536], dtype=np.float32))
+        mips = cls(index, block_ids, factory)
+        mips.set_search_params(nprobe=nprobe, ef_search=ef_search)
+        if gpu and num_gpus() > 0:
+            mips.to_gpus()
+        return mips
+
+    def set_search_params(self, nprobe: int = 32, ef_search: int = 128) -> None:
+        """Search breadth of IVF (``nprobe``) and HNSW (``efSearch``) indexes; no-op for Flat."""
+        import faiss
+
+        base = self.index
+        try:
+            ivf = faiss.extract_index_ivf(base)
+            ivf.nprobe = min(nprobe, ivf.nlist)
+        except (RuntimeError, AttributeError):
+            pass
+        hnsw = faiss.downcast_index(base)
+        if hasattr(hnsw, "hnsw"):
+            hnsw.hnsw.efSearch = ef_search
+
+    def to_gpus(self) -> None:
+        """Move the index to the GPU (sharded across all of them when there are several)."""
+        import faiss
+
+        ngpu = num_gpus()
+        if ngpu == 0 or self.on_gpu:
+            return
+        try:
+            if ngpu == 1:
+                self._gpu_res = faiss.StandardGpuResources()
+                self.index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
+            else:
+                options = faiss.GpuMultipleClonerOptions()
+                options.shard = True
+                self.index = faiss.index_cpu_to_all_gpus(self.index, co=options, ngpu=ngpu)
+            self.on_gpu = True
+            logger.info("%s index on %d GPU(s)", self.factory, ngpu)
+        except RuntimeError as e:  # e.g. HNSW has no GPU implementation
+            logger.warning("%s index stays on the CPU: %s", self.factory, str(e).strip()[:200])
+
+    def cpu_index(self):
+        """The index as a CPU faiss index (a copy when it lives on the GPU)."""
+        import faiss
+
+        return faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
+
+    def search(self, queries: np.ndarray, k: int, exclude=None) -> SearchResult:
+        """Top-``k`` blocks for each query, optionally leaving out given blocks per query.
+
+        Args:
+            queries: ``[n, dim]`` query embeddings.
+            k: Neighbours per query (results past the index size have id -1, score -inf).
+            exclude: Block ids to leave out of each query's results: ``[n]`` (one per query,
+                REALM's "the block this example came from"), ``[n, m]`` padded with -1, or a
+                list of n sequences.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [n, {self.dim}], got {queries.shape}")
+        n = len(queries)
+        excl = _exclusion_matrix(exclude, n)
+        extra = 0 if excl is None else int((excl >= 0).sum(axis=1).max(initial=0))
+        fetch = min(k + extra, self.ntotal)
+        scores, pos = self.index.search(queries, fetch)  # [n, fetch]
+        ids = np.where(pos >= 0, self.block_ids[np.maximum(pos, 0)], -1)  # [n, fetch]
+        scores = np.where(pos >= 0, scores, -np.inf).astype(np.float32)
+        if excl is not None and extra > 0:
+            drop = (ids[:, :, None] == excl[:, None, :]).any(axis=2) & (ids >= 0)  # [n, fetch]
+            # stable sort moves dropped entries to the end, keeping the score order of the rest
+            order = np.argsort(drop, axis=1, kind="stable")
+            ids = np.take_along_axis(ids, order, axis=1)
+            scores = np.take_along_axis(scores, order, axis=1)
+            dropped = np.take_along_axis(drop, order, axis=1)
+            ids[dropped] = -1
+            scores[dropped] = -np.inf
+        ids, scores = ids[:, :k], scores[:, :k]
+        if ids.shape[1] < k:  # fewer vectors than k
+            pad = k - ids.shape[1]
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        return SearchResult(scores=scores, block_ids=ids)
+
+    # -- persistence: bytes, so that any fsspec file system can hold them ------------------
+
+    def to_bytes(self) -> bytes:
+        """The (CPU) index serialized by faiss."""
+        import faiss
+
+        return faiss.serialize_index(self.cpu_index()).tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, block_ids: Optional[np.ndarray] = None,
+                   factory: str = "Flat", gpu: bool = True, **search_params) -> "MipsIndex":
+        import faiss
+
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        mips = cls(index, block_ids, factory)
+        mips.set_search_params(**search_params)
+        if gpu and num_gpus() > 0:
+            mips.to_gpus()
+        return mips
+
+
+def array_to_bytes(array: np.ndarray) -> bytes:
+    """An array as ``.npy`` bytes."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def array_from_bytes(data: bytes, what: str = "array") -> np.ndarray:
+    """Inverse of :func:`array_to_bytes`; a clear error for truncated or foreign data."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise ValueError(f"{what}: not a readable .npy array ({e})") from None
+
+
+def exact_recall(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Fraction of the exact top-k found by an approximate search (both ``[n, k]``)."""
+    hits = [len(np.intersect1d(a[a >= 0], e[e >= 0])) for a, e in zip(approx_ids, exact_ids)]
+    return float(np.sum(hits) / max(1, exact_ids.size))
+
+
+__all__: Sequence[str] = ["MipsIndex", "SearchResult", "build_index", "search", "num_gpus",
+                          "array_to_bytes", "array_from_bytes", "exact_recall"]

@@ -1,0 +1,583 @@
+"""The versioned store on shared storage: encoder snapshots, index generations, pointers, leases.
+
+A run directory (a local path, or any fsspec URL such as ``s3://bucket/run`` or ``memory://run``)::
+
+    encoders/step-000500/        immutable retriever snapshot (Retriever.save_pretrained)
+    encoders/LATEST              {"step": 500, "path": "step-000500", ...}: the newest snapshot
+    index/gen-000007/            immutable generation: manifest.json, embeddings.npy (float16),
+                                 block_ids.npy, index.faiss (trained index types only)
+    index/LATEST                 {"generation": 7, ...}: the committed generation
+    index/readers/HOLDER.json    leases: generations that readers hold (kept by GC)
+    index/.refresher.lock        one refresher per run (flock on local disks)
+    heartbeat.json               the trainer's last step and time
+    DONE                         the trainer has finished
+
+Nothing is written in place. A generation is written under a temporary name (local disks) or
+under its final name with ``manifest.json`` last (object stores), and becomes visible only when
+the single ``LATEST`` pointer is replaced: temp file, fsync, atomic rename locally; one PUT on an
+object store. A crash at any moment leaves ``LATEST`` naming a complete generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from realm import __version__
+from realm.fsutil import failpoint, fsync_dir
+from realm.index.mips import MipsIndex, array_from_bytes, array_to_bytes
+
+logger = logging.getLogger(__name__)
+
+GENERATION_KIND = "index_generation"
+FORMAT_VERSION = 1
+LATEST = "LATEST"
+MANIFEST = "manifest.json"
+_GEN = re.compile(r"^gen-(\d{6,})$")
+_STEP = re.compile(r"^step-(\d{6,})$")
+
+
+class GenerationError(ValueError):
+    """A generation is missing, incomplete, corrupt, or does not fit the reader's corpus/dim."""
+
+
+class StoreLockedError(RuntimeError):
+    """Another refresher holds this run directory."""
+
+
+def gen_name(generation: int) -> str:
+    return f"gen-{generation:06d}"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+@dataclass
+class Generation:
+    """A loaded, validated index generation."""
+
+    generation: int
+    manifest: dict[str, Any]
+    index: MipsIndex
+    loaded_at: float  # time.time() when loading finished
+
+    @property
+    def encoder_step(self) -> int:
+        return int(self.manifest["encoder_step"])
+
+    def search(self, queries: np.ndarray, k: int, exclude=None):
+        return self.index.search(queries, k, exclude)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunStore:
+    """Versioned artifacts of one run on shared storage (local path or fsspec URL).
+
+    Args:
+        run_dir: Local directory or fsspec URL of the run.
+        storage_options: Passed to fsspec for remote file systems.
+    """
+
+    def __init__(self, run_dir: str, storage_options: Optional[dict] = None):
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.url = str(run_dir)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self._lock_fd: Optional[int] = None
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # -- small files ----------------------------------------------------------------------
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        """Replace ``path`` with ``data`` so that readers see the old or the new content, whole."""
+        if not self.local:
+            self.fs.pipe_file(path, data)  # a single PUT: atomic on object stores
+            return
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-"
+                                      f"{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(directory)
+
+    def write_json_atomic(self, path: str, obj: Any) -> None:
+        self.write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+    def read_json(self, path: str) -> Optional[dict[str, Any]]:
+        """The JSON object at ``path``, or None if there is none."""
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            return None
+
+    # -- trainer liveness -----------------------------------------------------------------
+
+    def write_heartbeat(self, step: int) -> None:
+        self.write_json_atomic(self.path("heartbeat.json"),
+                               {"step": int(step), "time": time.time(), "pid": os.getpid(),
+                                "host": socket.gethostname()})
+
+    def read_heartbeat(self) -> Optional[dict[str, Any]]:
+        try:
+            return self.read_json(self.path("heartbeat.json"))
+        except (ValueError, OSError):
+            return None
+
+    def mark_done(self, info: Optional[dict] = None) -> None:
+        self.write_json_atomic(self.path("DONE"), {"time": time.time(), **(info or {})})
+
+    def is_done(self) -> bool:
+        return self.fs.exists(self.path("DONE"))
+
+    # -- encoder snapshots ----------------------------------------------------------------
+
+    def publish_encoder(self, retriever, step: int, metadata: Optional[dict] = None,
+                        keep: int = 2) -> str:
+        """Save ``retriever`` as ``encoders/step-S/`` and point ``encoders/LATEST`` at it.
+
+        Older snapshots beyond the newest ``keep`` are removed afterwards.
+        """
+        import tempfile
+
+        name = step_name(step)
+        target = self.path("encoders", name)
+        meta = {"step": int(step), **(metadata or {})}
+        t0 = time.perf_counter()
+        if self.fs.exists(self.path("encoders", name, MANIFEST)):
+            logger.info("encoder snapshot %s exists; re-pointing LATEST", target)
+        elif self.local:
+            retriever.save_pretrained(target, metadata=meta, overwrite=True)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, name)
+                retriever.save_pretrained(local, metadata=meta)
+                files = sorted((os.path.relpath(os.path.join(d, f), local)
+                                for d, _, fs in os.walk(local) for f in fs),
+                               key=lambda rel: rel == MANIFEST)  # manifest last
+                for rel in files:
+                    self.fs.put_file(os.path.join(local, rel), f"{target}/{rel}")
+        self.write_json_atomic(self.path("encoders", LATEST),
+                               {"step": int(step), "path": name, "time": time.time()})
+        logger.info("published encoder snapshot %s in %.1fs", name, time.perf_counter() - t0)
+        self._gc_encoders(keep)
+        return target
+
+    def encoder_steps(self) -> list[int]:
+        try:
+            names = [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.path("encoders"),
+                                                                          detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(int(m.group(1)) for m in map(_STEP.match, names) if m)
+
+    def latest_encoder(self) -> Optional[dict[str, Any]]:
+        """``{"step", "path"}`` of the newest published snapshot, or None."""
+        try:
+            pointer = self.read_json(self.path("encoders", LATEST))
+        except ValueError:
+            return None
+        if pointer is None:
+            return None
+        return {"step": int(pointer["step"]), "path": self.path("encoders", pointer["path"]),
+                "time": pointer.get("time")}
+
+    @contextlib.contextmanager
+    def local_encoder(self, path: str) -> Iterator[str]:
+        """A local directory holding the snapshot at ``path`` (a download on remote stores)."""
+        if self.local:
+            yield path
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
+            yield tmp
+
+    def _gc_encoders(self, keep: int) -> None:
+        steps = self.encoder_steps()
+        pointer = self.latest_encoder()
+        protect = {pointer["step"]} if pointer else set()
+        index = self.read_latest()
+        if index is not None:
+            protect.add(int(index.get("encoder_step", -1)))
+        for step in steps[:-keep] if keep > 0 else []:
+            if step not in protect:
+                self._remove_dir(self.path("encoders", step_name(step)))
+
+    # -- index generations ----------------------------------------------------------------
+
+    def read_latest(self) -> Optional[dict[str, Any]]:
+        """The committed ``index/LATEST`` pointer (``generation``, ``encoder_step``...), or None."""
+        return self.read_json(self.path("index", LATEST))
+
+    def generations(self) -> list[int]:
+        """Generation numbers with a final-name directory (committed or orphaned)."""
+        try:
+            names = [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.path("index"),
+                                                                          detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(int(m.group(1)) for m in map(_GEN.match, names) if m)
+
+    def commit_generation(
+        self,
+        embeddings: np.ndarray,
+        *,
+        encoder_step: int,
+        corpus_fingerprint: str,
+        factory: str = "Flat",
+        index_bytes: Optional[bytes] = None,
+        block_ids: Optional[np.ndarray] = None,
+        timings: Optional[dict[str, float]] = None,
+        extra: Optional[dict[str, Any]] = None,
+    ) -> int:
+        """Write the next generation and commit it by replacing ``index/LATEST``.
+
+        Args:
+            embeddings: ``[n_blocks, dim]`` block embeddings, stored as float16.
+            encoder_step: Training step of the encoder snapshot that made them.
+            corpus_fingerprint: Fingerprint of the block store they index.
+            factory: faiss factory string of the index.
+            index_bytes: The serialized faiss index; required unless ``factory == "Flat"``
+                (an exact index is rebuilt from the embeddings at load).
+            block_ids: Block id of each row (default: row numbers).
+            timings: Seconds spent embedding, building... (recorded in the manifest).
+            extra: More manifest fields (throughput, refresher id...).
+
+        Returns:
+            The committed generation number.
+
+        Raises:
+            GenerationError: another writer committed this generation number first.
+            OSError: the target cannot be written (nothing is committed).
+        """
+        if factory != "Flat" and index_bytes is None:
+            raise ValueError(f"index_bytes required for factory {factory!r}")
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float16)
+        if block_ids is None:
+            block_ids = np.arange(len(embeddings), dtype=np.int64)
+        t0 = time.perf_counter()
+        latest = self.read_latest()
+        generation = max([int(latest["generation"]) if latest else -1, *self.generations()]) + 1
+        name = gen_name(generation)
+        files = {"embeddings.npy": array_to_bytes(embeddings),
+                 "block_ids.npy": array_to_bytes(np.asarray(block_ids, dtype=np.int64))}
+        if index_bytes is not None and factory != "Flat":
+            files["index.faiss"] = index_bytes
+        manifest = {
+            "kind": GENERATION_KIND, "format_version": FORMAT_VERSION,
+            "generation": generation, "encoder_step": int(encoder_step),
+            "corpus_fingerprint": corpus_fingerprint, "dim": int(embeddings.shape[1]),
+            "n_blocks": int(len(embeddings)), "index_type": factory,
+            "embedding_dtype": "float16",
+            "files": {k: {"bytes": len(v), "sha256": hashlib.sha256(v).hexdigest()}
+                      for k, v in files.items()},
+            "timings": dict(timings or {}), "created": time.time(),
+            "host": socket.gethostname(), "pid": os.getpid(), "realm_version": __version__,
+            **(extra or {}),
+        }
+        manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
+        if self.local:
+            self._write_generation_local(name, files, manifest_bytes)
+        else:
+            self._write_generation_remote(name, files, manifest_bytes)
+        manifest["timings"]["write_s"] = round(time.perf_counter() - t0, 3)
+        failpoint("publish")  # generation directory in place, LATEST not yet replaced
+        self.write_json_atomic(self.path("index", LATEST), {
+            "generation": generation, "path": name, "encoder_step": int(encoder_step),
+            "corpus_fingerprint": corpus_fingerprint, "time": time.time()})
+        logger.info("committed index generation %d (encoder step %d, %d blocks)", generation,
+                    encoder_step, len(embeddings))
+        return generation
+
+    def _write_generation_local(self, name: str, files: dict[str, bytes], manifest: bytes) -> None:
+        index_dir = self.path("index")
+        os.makedirs(index_dir, exist_ok=True)
+        tmp = os.path.join(index_dir, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.mkdir(tmp)
+        try:
+            for fname, data in [*files.items(), (MANIFEST, manifest)]:
+                with open(os.path.join(tmp, fname), "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            fsync_dir(tmp)
+            failpoint("write")  # files written, not yet renamed
+            try:
+                os.rename(tmp, os.path.join(index_dir, name))  # fails if the name is taken
+            except OSError as e:
+                if os.path.exists(os.path.join(index_dir, name)):
+                    raise GenerationError(f"{index_dir}/{name} was committed by another writer") \
+                        from e
+                raise
+            fsync_dir(index_dir)
+        except BaseException:
+            self._remove_dir(tmp)
+            raise
+
+    def _write_generation_remote(self, name: str, files: dict[str, bytes], manifest: bytes) -> None:
+        target = self.path("index", name)
+        if self.fs.exists(target + "/" + MANIFEST):
+            raise GenerationError(f"{target} was committed by another writer")
+        for fname, data in files.items():
+            self.fs.pipe_file(f"{target}/{fname}", data)
+        self.fs.pipe_file(f"{target}/{MANIFEST}", manifest)  # last: the directory is complete
+
+    def read_generation_manifest(self, generation: int) -> dict[str, Any]:
+        path = self.path("index", gen_name(generation), MANIFEST)
+        try:
+            manifest = self.read_json(path)
+        except ValueError as e:
+            raise GenerationError(f"{path}: unreadable manifest ({e})") from None
+        if manifest is None:
+            raise GenerationError(f"{path}: missing (generation {generation} is not complete)")
+        if manifest.get("kind") != GENERATION_KIND:
+            raise GenerationError(f"{path}: kind {manifest.get('kind')!r}, not {GENERATION_KIND!r}")
+        return manifest
+
+    def load_generation(
+        self,
+        generation: int,
+        *,
+        corpus_fingerprint: Optional[str] = None,
+        dim: Optional[int] = None,
+        verify: bool = True,
+        gpu: bool = True,
+        nprobe: int = 32,
+        ef_search: int = 128,
+    ) -> Generation:
+        """Read, check and load generation ``generation`` into memory.
+
+        Raises:
+            GenerationError: missing or corrupt files (size or sha256 differ from the manifest),
+                or a corpus fingerprint / dim other than the reader expects.
+        """
+        manifest = self.read_generation_manifest(generation)
+        where = self.path("index", gen_name(generation))
+        if corpus_fingerprint is not None and manifest["corpus_fingerprint"] != corpus_fingerprint:
+            raise GenerationError(f"{where}: corpus fingerprint {manifest['corpus_fingerprint']} "
+                                  f"!= {corpus_fingerprint} of the corpus in use")
+        if dim is not None and int(manifest["dim"]) != dim:
+            raise GenerationError(f"{where}: dim {manifest['dim']} != retriever dim {dim}")
+        data = {}
+        for fname, info in manifest["files"].items():
+            try:
+                blob = self.fs.cat_file(f"{where}/{fname}")
+            except FileNotFoundError:
+                raise GenerationError(f"{where}/{fname}: listed in the manifest but missing") \
+                    from None
+            if len(blob) != info["bytes"]:
+                raise GenerationError(f"{where}/{fname}: {len(blob)} bytes, manifest says "
+                                      f"{info['bytes']} (truncated?)")
+            if verify and hashlib.sha256(blob).hexdigest() != info["sha256"]:
+                raise GenerationError(f"{where}/{fname}: sha256 differs from the manifest "
+                                      "(corrupted)")
+            data[fname] = blob
+        try:
+            embeddings = array_from_bytes(data["embeddings.npy"], f"{where}/embeddings.npy")
+            block_ids = array_from_bytes(data["block_ids.npy"], f"{where}/block_ids.npy")
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
+        if embeddings.shape != (manifest["n_blocks"], manifest["dim"]):
+            raise GenerationError(f"{where}/embeddings.npy: shape {embeddings.shape}, manifest "
+                                  f"says ({manifest['n_blocks']}, {manifest['dim']})")
+        factory = manifest["index_type"]
+        params = {"nprobe": nprobe, "ef_search": ef_search}
+        try:
+            if "index.faiss" in data:
+                index = MipsIndex.from_bytes(data["index.faiss"], block_ids, factory, gpu=gpu,
+                                             **params)
+            else:
+                index = MipsIndex.build(embeddings, factory, block_ids, gpu=gpu, **params)
+        except RuntimeError as e:
+            raise GenerationError(f"{where}: faiss cannot read the index ({e})") from None
+        return Generation(generation=generation, manifest=manifest, index=index,
+                          loaded_at=time.time())
+
+    # -- leases and garbage collection ------------------------------------------------------
+
+    def acquire_lease(self, holder: str, generation: int) -> None:
+        """Record that ``holder`` uses ``generation`` (garbage collection keeps it)."""
+        self.write_json_atomic(self.path("index", "readers", f"{holder}.json"), {
+            "generation": int(generation), "pid": os.getpid(), "host": socket.gethostname(),
+            "time": time.time()})
+
+    def release_lease(self, holder: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path("index", "readers", f"{holder}.json"))
+
+    def leased_generations(self, lease_timeout_s: float = 600.0) -> set[int]:
+        """Generations held by live readers (a lease is dead when stale or its local pid died)."""
+        held = set()
+        try:
+            paths = self.fs.ls(self.path("index", "readers"), detail=False)
+        except FileNotFoundError:
+            return held
+        host = socket.gethostname()
+        for p in paths:
+            if not p.endswith(".json"):
+                continue
+            try:
+                lease = self.read_json(p)
+            except (ValueError, OSError):
+                continue  # being replaced; the next pass sees it
+            if lease is None:
+                continue
+            stale = time.time() - float(lease.get("time", 0)) > lease_timeout_s
+            dead = lease.get("host") == host and not _pid_alive(int(lease.get("pid", -1)))
+            if not (stale or dead):
+                held.add(int(lease["generation"]))
+        return held
+
+    def gc_generations(self, keep: int = 2, lease_timeout_s: float = 600.0) -> list[int]:
+        """Remove committed generations beyond the newest ``keep``, except those readers hold.
+
+        Returns:
+            The generations removed.
+        """
+        latest = self.read_latest()
+        if latest is None:
+            return []
+        current = int(latest["generation"])
+        committed = [g for g in self.generations() if g <= current]
+        protect = set(committed[-keep:]) | {current} | self.leased_generations(lease_timeout_s)
+        removed = []
+        for g in committed:
+            if g not in protect:
+                self._remove_dir(self.path("index", gen_name(g)))
+                removed.append(g)
+        if removed:
+            logger.info("garbage-collected index generations %s", removed)
+        return removed
+
+    def clean_orphans(self) -> list[str]:
+        """Remove what a killed writer left: temp directories, trash, generations past LATEST.
+
+        Call only while holding the refresher lock.
+        """
+        latest = self.read_latest()
+        current = int(latest["generation"]) if latest else -1
+        removed = []
+        try:
+            paths = self.fs.ls(self.path("index"), detail=False)
+        except FileNotFoundError:
+            return removed
+        for p in paths:
+            name = os.path.basename(p.rstrip("/"))
+            m = _GEN.match(name)
+            if (name.startswith(".gen-") or name.startswith(".trash-")
+                    or (m and int(m.group(1)) > current)):
+                self._remove_dir(p)
+                removed.append(name)
+        if removed:
+            logger.warning("removed orphaned index files from a killed writer: %s", removed)
+        return removed
+
+    def _remove_dir(self, path: str) -> None:
+        """Remove a directory; locally it is first renamed so it never looks half-deleted."""
+        if self.local:
+            import shutil
+
+            if not os.path.exists(path):
+                return
+            parent, name = os.path.split(path)
+            trash = os.path.join(parent, f".trash-{name.lstrip('.')}-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(path, trash)
+            except OSError:
+                trash = path
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(path, recursive=True)
+
+    # -- one refresher per run ---------------------------------------------------------------
+
+    def acquire_refresher_lock(self, owner: str, stale_s: float = 120.0) -> None:
+        """Become the run's refresher, or raise :class:`StoreLockedError`.
+
+        On local disks an ``flock`` (released by the kernel when the process dies, even by
+        ``kill -9``); on object stores a lease object refreshed by :meth:`touch_refresher_lock`
+        and taken over when older than ``stale_s``.
+        """
+        info = {"owner": owner, "pid": os.getpid(), "host": socket.gethostname(),
+                "time": time.time()}
+        if self.local:
+            import fcntl
+
+            os.makedirs(self.path("index"), exist_ok=True)
+            fd = os.open(self.path("index", ".refresher.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise StoreLockedError(f"{self.url}: another refresher holds "
+                                       f"index/.refresher.lock ({holder or 'unknown'})") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            self._lock_fd = fd
+            return
+        path = self.path("index", "REFRESHER")
+        current = self.read_json(path)
+        if current and current.get("owner") != owner and time.time() - current["time"] < stale_s:
+            raise StoreLockedError(f"{self.url}: refresher {current['owner']} holds index/REFRESHER")
+        self.fs.pipe_file(path, json.dumps(info).encode())
+        time.sleep(0.05)
+        if (self.read_json(path) or {}).get("owner") != owner:  # lost a simultaneous write
+            raise StoreLockedError(f"{self.url}: another refresher took index/REFRESHER")
+        self._lock_owner = owner
+
+    def touch_refresher_lock(self) -> None:
+        if not self.local and getattr(self, "_lock_owner", None):
+            self.fs.pipe_file(self.path("index", "REFRESHER"), json.dumps(
+                {"owner": self._lock_owner, "pid": os.getpid(), "host": socket.gethostname(),
+                 "time": time.time()}).encode())
+
+    def release_refresher_lock(self) -> None:
+        if self._lock_fd is not None:
+            import fcntl
+
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        elif getattr(self, "_lock_owner", None):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path("index", "REFRESHER"))
+            self._lock_owner = None

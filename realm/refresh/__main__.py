@@ -1,0 +1,5 @@
+import sys
+
+from realm.refresh.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""``python launch/refresh_index.py --run-dir DIR`` (also ``python -m realm.refresh``).
+
+Runs until the trainer writes ``DONE`` (or its heartbeat goes stale), committing a new index
+generation for each new encoder snapshot. ``--once`` commits one generation from the newest
+snapshot and exits; ``--retriever DIR`` first publishes a saved retriever as the step-0 snapshot
+when the run has none (an index for a fixed retriever, e.g. for Open-QA fine-tuning).
+
+Exit codes: 0 finished, 1 error, 2 bad config, 3 another refresher holds the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+import torch
+
+from realm.cli import config_parser, emit_summary, override, parse
+from realm.data.store import BlockStore
+from realm.index.store import RunStore, StoreLockedError
+from realm.refresh.refresher import Refresher, RefreshSettings
+from realm.tracking import Tracker
+
+logger = logging.getLogger("realm.refresh")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = config_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", required=True, help="run directory (path or fsspec URL)")
+    parser.add_argument("--corpus", help="corpus directory (sets refresh.corpus)")
+    parser.add_argument("--retriever", help="saved retriever to publish as step 0 if the run "
+                                            "has no encoder snapshot yet")
+    parser.add_argument("--once", action="store_true", help="commit one generation and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args, config = parse(parser, argv,
+                         lambda a: [override("refresh.corpus", a.corpus)] if a.corpus else [])
+    r = config.refresh
+    if not r.corpus:
+        parser.exit(2, f"{parser.prog}: config error: refresh.corpus: no corpus directory given "
+                       "(--corpus DIR or refresh.corpus=DIR)\n")
+    if r.threads:
+        import faiss
+
+        torch.set_num_threads(r.threads)
+        faiss.omp_set_num_threads(r.threads)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:  # launched by accelerate/torchrun: one refresher, several embedding shards
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+    rank = int(os.environ.get("RANK", "0"))
+
+    store = RunStore(args.run_dir)
+    corpus = BlockStore(r.corpus)
+    if args.retriever and rank == 0 and store.latest_encoder() is None:
+        from realm.modeling.retriever import Retriever
+
+        store.publish_encoder(Retriever.from_pretrained(args.retriever), step=0,
+                              metadata={"source": os.path.abspath(args.retriever)},
+                              keep=r.keep_encoders)
+    lg = config.logging
+    metrics_dir = (os.path.join(store.root, "refresher") if store.local
+                   else tempfile.mkdtemp(prefix="realm-refresher-"))
+    tracker = Tracker(metrics_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
+                      wandb_mode=lg.wandb_mode, run_name="refresher", enabled=rank == 0)
+    refresher = Refresher(store, corpus, RefreshSettings.from_config(config), tracker=tracker,
+                          progress=not args.no_progress)
+    try:
+        summary = refresher.run(once=args.once)
+    except StoreLockedError as e:
+        logger.error("%s", e)
+        emit_summary({"error": "locked", "message": str(e)})
+        return 3
+    finally:
+        tracker.close()
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        emit_summary({"run_dir": store.url, "corpus": r.corpus, "blocks": len(corpus),
+                      "processes": refresher.dist.world, **summary})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""The index refresher: a long-running process that re-embeds the corpus and commits generations.
+
+Loop (see ``docs/refresh.md``)::
+
+    lock the run (one refresher per run) -> remove what a killed refresher left
+    until DONE or the trainer's heartbeat is stale:
+        newest encoder snapshot newer than the one behind index/LATEST?
+            embed every block (length-bucketed, bf16 where fast, sharded over processes)
+            build the faiss index -> write index/gen-N/ -> replace index/LATEST -> GC
+        else sleep refresh.poll_s
+
+Several processes (``accelerate launch`` / ``torchrun``) share the embedding: each embeds a
+contiguous shard of block ids, writes it to a staging directory, and the main process builds and
+commits one generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from realm.data.store import BlockStore
+from realm.fsutil import failpoint
+from realm.index.embed import embed_blocks, special_ids
+from realm.index.mips import MipsIndex, array_from_bytes, array_to_bytes
+from realm.index.store import GenerationError, RunStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RefreshSettings:
+    """What the refresher needs (built from the ``index`` and ``refresh`` config sections)."""
+
+    factory: str = "Flat"
+    nprobe: int = 32
+    ef_search: int = 128
+    train_size: int = 262144
+    gpu: bool = True
+    keep_generations: int = 2
+    lease_timeout_s: float = 600.0
+    poll_s: float = 2.0
+    heartbeat_timeout_s: float = 900.0
+    precision: str = "auto"
+    max_tokens_per_batch: int = 16384
+    max_block_tokens: int = 288
+    device: str = "auto"
+
+    @classmethod
+    def from_config(cls, config) -> "RefreshSettings":
+        i, r = config.index, config.refresh
+        return cls(factory=i.factory, nprobe=i.nprobe, ef_search=i.ef_search,
+                   train_size=i.train_size, gpu=i.gpu, keep_generations=i.keep_generations,
+                   lease_timeout_s=i.lease_timeout_s, poll_s=r.poll_s,
+                   heartbeat_timeout_s=r.heartbeat_timeout_s, precision=r.precision,
+                   max_tokens_per_batch=r.max_tokens_per_batch,
+                   max_block_tokens=config.retriever.max_block_tokens, device=r.device)
+
+
+class _Dist:
+    """Rank, world size and collectives of the refresher's processes (one process: trivial)."""
+
+    def __init__(self) -> None:
+        self.on = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if self.on else 0
+        self.world = torch.distributed.get_world_size() if self.on else 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj: Any) -> Any:
+        if not self.on:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.on:
+            torch.distributed.barrier()
+
+
+def _device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+class Refresher:
+    """Re-embeds ``corpus`` with each new encoder snapshot of the run and commits generations.
+
+    Args:
+        store: The run's versioned store.
+        corpus: The block store to embed.
+        settings: Index and loop settings.
+        tracker: Metrics (main process); optional.
+        progress: Show a progress bar while embedding.
+    """
+
+    def __init__(self, store: RunStore, corpus: BlockStore, settings: RefreshSettings,
+                 tracker=None, progress: bool = False):
+        self.store = store
+        self.corpus = corpus
+        self.s = settings
+        self.tracker = tracker
+        self.progress = progress
+        self.dist = _Dist()
+        self.device = _device(settings.device)
+        self.owner = f"refresher-{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.started = time.time()
+        self.committed: list[dict[str, Any]] = []
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def finished(self) -> Optional[str]:
+        """Why the refresher should stop now (``"done"``, ``"heartbeat"``), or None."""
+        if self.store.is_done():
+            return "done"
+        timeout = self.s.heartbeat_timeout_s
+        if timeout > 0:
+            beat = self.store.read_heartbeat()
+            last = beat["time"] if beat else self.started
+            if time.time() - max(last, self.started) > timeout:
+                return "heartbeat"
+        return None
+
+    def pending_snapshot(self) -> Optional[dict[str, Any]]:
+        """The newest encoder snapshot if it is newer than the one behind ``index/LATEST``."""
+        snapshot = self.store.latest_encoder()
+        if snapshot is None:
+            return None
+        latest = self.store.read_latest()
+        if latest is not None and int(latest["encoder_step"]) >= snapshot["step"]:
+            return None
+        return snapshot
+
+    def run(self, once: bool = False, max_generations: Optional[int] = None) -> dict[str, Any]:
+        """Refresh until the run finishes (or after one generation with ``once``)."""
+        t0 = time.time()
+        if self.dist.main:
+            self.store.acquire_refresher_lock(self.owner)
+        try:
+            if self.dist.main:
+                self.store.clean_orphans()
+                logger.info("refresher %s on %s: %d blocks, %d process(es), device %s",
+                            self.owner, self.store.url, len(self.corpus), self.dist.world,
+                            self.device)
+            reason = None
+            while True:
+                decision = None
+                if self.dist.main:
+                    reason = self.finished()
+                    snapshot = None if reason else self.pending_snapshot()
+                    if snapshot is None and once and reason is None:
+                        latest = self.store.read_latest()
+                        if self.store.latest_encoder() is None:
+                            reason = "no encoder snapshot"
+                        elif latest is not None:
+                            reason = "up to date"
+                    decision = {"reason": reason, "snapshot": snapshot}
+                decision = self.dist.broadcast(decision)
+                if decision["reason"]:
+                    reason = decision["reason"]
+                    break
+                if decision["snapshot"] is not None:
+                    self.refresh(decision["snapshot"])
+                    if once or (max_generations and len(self.committed) >= max_generations):
+                        reason = "once" if once else "max_generations"
+                        break
+                    continue
+                self.store.touch_refresher_lock()
+                time.sleep(self.s.poll_s)
+        finally:
+            if self.dist.main:
+                self.store.release_refresher_lock()
+        logger.info("refresher stops (%s) after %d generation(s)", reason, len(self.committed))
+        return {"reason": reason, "generations": [c["generation"] for c in self.committed],
+                "seconds": round(time.time() - t0, 2),
+                **({k: self.committed[-1][k] for k in ("blocks_per_s", "total_s")}
+                   if self.committed else {})}
+
+    # -- one generation -------------------------------------------------------------------
+
+    def refresh(self, snapshot: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """Embed the corpus with ``snapshot``'s document encoder and commit a generation."""
+        from realm.modeling.retriever import Retriever
+        from realm.training.core import autocast_dtype
+        from realm.training.ict import check_tokenizer
+
+        t_start = time.perf_counter()
+        step = snapshot["step"]
+        with self.store.local_encoder(snapshot["path"]) as path:
+            retriever = Retriever.from_pretrained(path, device=self.device)
+        if retriever.tokenizer is None:
+            raise ValueError(f"{snapshot['path']}: the snapshot has no tokenizer")
+        check_tokenizer(retriever.tokenizer, self.corpus)
+        load_s = time.perf_counter() - t_start
+        bf16 = autocast_dtype(self.s.precision, self.device) == "bf16"
+
+        n = len(self.corpus)
+        shard = np.array_split(np.arange(n, dtype=np.int64), self.dist.world)[self.dist.rank]
+        failpoint("embed")
+        emb, stats = embed_blocks(retriever, self.corpus, special_ids(retriever.tokenizer), shard,
+                                  self.s.max_block_tokens, self.s.max_tokens_per_batch, bf16=bf16,
+                                  progress=self.progress and self.dist.main, log_every_s=30.0)
+        embed_s = stats["seconds"]
+        del retriever
+        embeddings = self._gather(emb.astype(np.float16), step)
+        if not self.dist.main:
+            self.dist.barrier()
+            return None
+        embed_wall = time.perf_counter() - t_start - load_s
+
+        t0 = time.perf_counter()
+        index_bytes = None
+        if self.s.factory != "Flat":
+            index = MipsIndex.build(embeddings, self.s.factory, train_size=self.s.train_size,
+                                    nprobe=self.s.nprobe, ef_search=self.s.ef_search, gpu=False)
+            index_bytes = index.to_bytes()
+            del index
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        timings = {"load_encoder_s": round(load_s, 3), "embed_s": round(embed_wall, 3),
+                   "embed_shard_s": round(embed_s, 3), "build_s": round(build_s, 3)}
+        blocks_per_s = n / max(embed_wall, 1e-9)
+        try:
+            generation = self.store.commit_generation(
+                embeddings, encoder_step=step, corpus_fingerprint=self.corpus.fingerprint,
+                factory=self.s.factory, index_bytes=index_bytes, timings=timings,
+                extra={"encoder_time": snapshot.get("time"), "refresher": self.owner,
+                       "processes": self.dist.world, "precision": "bf16" if bf16 else "fp32",
+                       "device": str(self.device), "blocks_per_s": round(blocks_per_s, 2)})
+        except OSError as e:
+            raise OSError(e.errno, f"writing an index generation under {self.store.path('index')} "
+                                   f"failed, nothing was committed: {e.strerror or e}") from e
+        commit_s = time.perf_counter() - t0
+        self.store.gc_generations(self.s.keep_generations, self.s.lease_timeout_s)
+        total_s = time.perf_counter() - t_start
+        record = {"generation": generation, "encoder_step": step, "blocks": n,
+                  "blocks_per_s": round(blocks_per_s, 2), "total_s": round(total_s, 3),
+                  "commit_s": round(commit_s, 3), **timings}
+        if snapshot.get("time"):
+            record["publish_to_commit_s"] = round(time.time() - snapshot["time"], 3)
+        self.committed.append(record)
+        logger.info("generation %d: %d blocks at %.1f blocks/s, %.1fs in all", generation, n,
+                    blocks_per_s, total_s)
+        if self.tracker is not None:
+            self.tracker.log({f"refresh/{k}": v for k, v in record.items()}, step=step)
+        self.dist.barrier()
+        return record
+
+    def _gather(self, emb: np.ndarray, step: int) -> Optional[np.ndarray]:
+        """All shards on the main process, in block order (through a staging directory)."""
+        if not self.dist.on:
+            return emb
+        token = self.dist.broadcast(uuid.uuid4().hex[:8] if self.dist.main else None)
+        stage = self.store.path("index", f".gen-stage-{step:06d}-{token}")
+        self.store.fs.makedirs(stage, exist_ok=True)
+        self.store.fs.pipe_file(f"{stage}/rank-{self.dist.rank:05d}.npy", array_to_bytes(emb))
+        self.dist.barrier()
+        if not self.dist.main:
+            return None
+        parts = [array_from_bytes(self.store.fs.cat_file(f"{stage}/rank-{r:05d}.npy"),
+                                  f"{stage}/rank-{r:05d}.npy") for r in range(self.dist.world)]
+        self.store._remove_dir(stage)
+        out = np.concatenate(parts)
+        if len(out) != len(self.corpus):
+            raise GenerationError(f"shards hold {len(out)} rows for {len(self.corpus)} blocks")
+        return out

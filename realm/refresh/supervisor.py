@@ -1,0 +1,105 @@
+"""The trainer's supervisor of a refresher child process: spawn, restart (bounded), stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class RefresherSupervisor:
+    """Runs ``python -m realm.refresh --run-dir RUN_DIR ...`` as a child of the trainer.
+
+    :meth:`check` (cheap; call it every step or so) restarts a child that died, at most
+    ``max_restarts`` times, with a growing delay; after that training goes on with the stale index
+    and the failure is logged. :meth:`stop` lets the child see ``DONE`` and exit, then ends it.
+
+    Args:
+        run_dir: The run directory (local path or fsspec URL).
+        args: Further command-line arguments (``--config FILE``, ``key=value`` overrides).
+        max_restarts: Restarts allowed after the first start.
+        log_path: File that receives the child's stdout and stderr (appended).
+        env: Extra environment variables for the child (e.g. ``CUDA_VISIBLE_DEVICES``).
+    """
+
+    def __init__(self, run_dir: str, args: Sequence[str] = (), *, max_restarts: int = 3,
+                 log_path: Optional[str] = None, env: Optional[dict[str, str]] = None):
+        self.run_dir = run_dir
+        self.args = list(args)
+        self.max_restarts = max_restarts
+        self.log_path = log_path or os.path.join(run_dir, "refresher.log")
+        self.env = env or {}
+        self.proc: Optional[subprocess.Popen] = None
+        self.restarts = 0
+        self.exits: list[int] = []
+        self.gave_up = False
+        self._next_start = 0.0
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "realm.refresh", "--run-dir", self.run_dir, *self.args]
+
+    def start(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+        log = open(self.log_path, "ab")
+        env = {**os.environ, **self.env}
+        # torchrun/accelerate variables of the trainer's rank must not leak into the child
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                    "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"):
+            if key not in self.env:
+                env.pop(key, None)
+        self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        log.close()
+        logger.info("started refresher (pid %d), log %s", self.proc.pid, self.log_path)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check(self) -> bool:
+        """Restart the refresher if it died (within bounds). Returns whether it is running."""
+        if self.proc is None or self.gave_up:
+            return self.alive
+        rc = self.proc.poll()
+        if rc is None:
+            return True
+        if not self._next_start:
+            self.exits.append(rc)
+            if self.restarts >= self.max_restarts:
+                self.gave_up = True
+                logger.error("refresher exited with code %d and was restarted %d times already; "
+                             "giving up: training goes on with the index it has (see %s)",
+                             rc, self.restarts, self.log_path)
+                return False
+            delay = min(30.0, 2.0 ** self.restarts)
+            self._next_start = time.monotonic() + delay
+            logger.warning("refresher exited with code %d; restarting in %.0fs (%d/%d)", rc,
+                           delay, self.restarts + 1, self.max_restarts)
+        if time.monotonic() >= self._next_start:
+            self._next_start = 0.0
+            self.restarts += 1
+            self.start()
+            return True
+        return False
+
+    def stop(self, timeout: float = 60.0) -> Optional[int]:
+        """Wait up to ``timeout`` for the child to exit (after ``DONE``), then terminate it."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("refresher did not exit within %.0fs; terminating it", timeout)
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                return self.proc.wait()

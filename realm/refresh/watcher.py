@@ -1,0 +1,179 @@
+"""The trainer's side of the refresh: watch ``index/LATEST``, load off-thread, swap between steps.
+
+A watcher thread polls the pointer, loads and validates each new generation in the background
+(checksums, corpus fingerprint, dim) and parks it; the training loop calls :meth:`maybe_swap`
+between steps, which only replaces a reference. A training step never waits for the refresher;
+only the first generation is awaited at start (:meth:`wait_for_first`). A rejected generation is
+logged and counted, and the old one stays in use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Optional
+
+import numpy as np
+
+from realm.index.mips import SearchResult
+from realm.index.store import Generation, GenerationError, RunStore
+
+logger = logging.getLogger(__name__)
+
+
+class IndexWatcher:
+    """Keeps the newest valid index generation of a run ready for the training loop.
+
+    Args:
+        store: The run's versioned store.
+        corpus_fingerprint: Fingerprint of the corpus the trainer reads (generations of another
+            corpus are rejected).
+        dim: Retriever embedding size (generations of another size are rejected).
+        poll_s: Seconds between looks at ``index/LATEST``.
+        lease_timeout_s: Lease lifetime; leases are renewed every poll.
+        gpu, nprobe, ef_search: Index placement and search breadth.
+    """
+
+    def __init__(self, store: RunStore, *, corpus_fingerprint: Optional[str], dim: Optional[int],
+                 poll_s: float = 2.0, lease_timeout_s: float = 600.0, gpu: bool = True,
+                 nprobe: int = 32, ef_search: int = 128, verify: bool = True):
+        self.store = store
+        self.fingerprint = corpus_fingerprint
+        self.dim = dim
+        self.poll_s = poll_s
+        self.lease_timeout_s = lease_timeout_s
+        self.load_kwargs = {"gpu": gpu, "nprobe": nprobe, "ef_search": ef_search, "verify": verify}
+        self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.current: Optional[Generation] = None
+        self._pending: Optional[Generation] = None
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.rejected: dict[int, str] = {}
+        self.swaps = 0
+        self.last_load_s = float("nan")
+        self.last_swap_s = float("nan")
+        self.poll_errors = 0
+
+    # -- background thread ------------------------------------------------------------------
+
+    def start(self) -> "IndexWatcher":
+        self._thread = threading.Thread(target=self._loop, name="index-watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        self.store.release_lease(self.holder)
+        self.store.release_lease(self.holder + "-pending")
+
+    def _newest_held(self) -> int:
+        with self._lock:
+            held = [g.generation for g in (self.current, self._pending) if g is not None]
+        return max(held, default=-1)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # keep watching: a flaky read must not end hot swapping
+                self.poll_errors += 1
+                logger.exception("index watcher: poll failed; will retry")
+            self._stop.wait(self.poll_s)
+
+    def poll_once(self) -> Optional[int]:
+        """Look at ``index/LATEST`` once; load a newer valid generation. Returns its number."""
+        if self.current is not None:
+            self.store.acquire_lease(self.holder, self.current.generation)  # renew
+        latest = self.store.read_latest()
+        if latest is None:
+            return None
+        generation = int(latest["generation"])
+        if generation <= self._newest_held() or generation in self.rejected:
+            return None
+        # Hold a lease before reading, so garbage collection keeps the files while we load.
+        self.store.acquire_lease(self.holder + "-pending", generation)
+        t0 = time.perf_counter()
+        try:
+            loaded = self.store.load_generation(generation, corpus_fingerprint=self.fingerprint,
+                                                dim=self.dim, **self.load_kwargs)
+        except GenerationError as e:
+            self.rejected[generation] = str(e)
+            self.store.release_lease(self.holder + "-pending")
+            logger.warning("rejected index generation %d, keeping generation %s: %s", generation,
+                           self.current.generation if self.current else None, e)
+            return None
+        self.last_load_s = time.perf_counter() - t0
+        with self._lock:
+            self._pending = loaded
+        self._ready.set()
+        logger.info("index generation %d loaded in %.2fs (encoder step %d); swapping in at the "
+                    "next step", generation, self.last_load_s, loaded.encoder_step)
+        return generation
+
+    # -- training thread ----------------------------------------------------------------------
+
+    def wait_for_first(self, timeout: Optional[float] = None) -> Generation:
+        """Block until a generation is available (only at start), then swap it in."""
+        if self.current is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._pending is None:
+                if self._thread is None:
+                    self.poll_once()
+                    if self._pending is not None:
+                        break
+                wait = self.poll_s if deadline is None else min(self.poll_s,
+                                                                deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                self._ready.wait(wait)
+            if not self.maybe_swap():
+                raise TimeoutError(f"{self.store.url}: no valid index generation after "
+                                   f"{timeout}s (is the refresher running?)")
+        return self.current
+
+    def maybe_swap(self) -> bool:
+        """Swap in a loaded newer generation, if any (call between training steps)."""
+        if self._pending is None:
+            return False
+        t0 = time.perf_counter()
+        with self._lock:
+            new, self._pending = self._pending, None
+            old, self.current = self.current, new
+            self._ready.clear()
+        self.store.acquire_lease(self.holder, new.generation)
+        self.store.release_lease(self.holder + "-pending")
+        self.last_swap_s = time.perf_counter() - t0
+        self.swaps += 1
+        logger.info("swapped in index generation %d (was %s)", new.generation,
+                    old.generation if old else None)
+        return True
+
+    def search(self, queries: np.ndarray, k: int, exclude=None) -> SearchResult:
+        """Top-``k`` blocks per query from the generation in use (see MipsIndex.search)."""
+        current = self.current
+        if current is None:
+            raise RuntimeError("no index generation in use yet (call wait_for_first)")
+        return current.search(queries, k, exclude)
+
+    def metrics(self, step: Optional[int] = None) -> dict[str, Any]:
+        """Generation in use, staleness in steps and seconds, load and swap time, rejections."""
+        cur = self.current
+        out: dict[str, Any] = {"index/swaps": self.swaps, "index/rejected": len(self.rejected),
+                               "index/load_s": self.last_load_s, "index/swap_s": self.last_swap_s}
+        if cur is not None:
+            out["index/generation"] = cur.generation
+            out["index/encoder_step"] = cur.encoder_step
+            if step is not None:
+                out["index/staleness_steps"] = step - cur.encoder_step
+            published = cur.manifest.get("encoder_time")
+            if published:
+                out["index/staleness_s"] = time.time() - float(published)
+        return out
