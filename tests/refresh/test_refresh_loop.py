@@ -1,0 +1,114 @@
+"""The refresher beside a training-like loop: supervision, hot swap, exit, several processes."""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from realm.index.store import RunStore
+from realm.refresh.supervisor import RefresherSupervisor
+from realm.refresh.watcher import IndexWatcher
+
+from .conftest import REPO, child_env, publish, refresher_cmd, run, summary, wait_for
+
+
+def test_supervised_refresher_hot_swaps_restarts_and_stops(leads_corpus, tiny_retriever,
+                                                           corpus_fp, tmp_path, monkeypatch):
+    for key, value in child_env().items():
+        monkeypatch.setenv(key, value)
+    run_dir = str(tmp_path / "run")
+    store = RunStore(run_dir)
+    publish(store, tiny_retriever, step=0, seed=0)
+    args = refresher_cmd(run_dir, leads_corpus)[4:]  # the supervisor adds python and --run-dir
+    supervisor = RefresherSupervisor(run_dir, args, max_restarts=2)
+    supervisor.start()
+    watcher = IndexWatcher(store, corpus_fingerprint=corpus_fp, dim=16, poll_s=0.1).start()
+    try:
+        assert watcher.wait_for_first(timeout=90).generation == 0
+        first_pid = supervisor.proc.pid
+        # a training-like loop: heartbeats, a snapshot every 10 steps, swaps between steps
+        step, seen = 0, {0}
+        deadline = time.monotonic() + 120
+        while len(seen) < 3 and time.monotonic() < deadline:
+            step += 1
+            store.write_heartbeat(step)
+            if step % 10 == 0 and store.latest_encoder()["step"] <= watcher.current.encoder_step:
+                publish(store, tiny_retriever, step=step, seed=step)
+            if watcher.maybe_swap():
+                seen.add(watcher.current.generation)
+            supervisor.check()
+            if step == 15:
+                supervisor.proc.kill()  # the refresher dies mid-run; training goes on
+            time.sleep(0.05)
+        assert len(seen) >= 3, f"generations seen: {seen}"
+        assert supervisor.restarts == 1 and supervisor.proc.pid != first_pid
+        m = watcher.metrics(step)
+        assert m["index/generation"] == max(seen) and m["index/swaps"] == len(seen)
+        assert 0 <= m["index/staleness_steps"] <= step and m["index/staleness_s"] >= 0
+        assert m["index/swap_s"] < 0.05 and m["index/load_s"] > 0
+        store.mark_done({"step": step})
+        assert supervisor.stop(timeout=60) == 0  # the refresher saw DONE and exited cleanly
+    finally:
+        watcher.stop()
+        if supervisor.alive:
+            supervisor.proc.kill()
+    committed = [json.loads(line) for line in open(os.path.join(run_dir, "refresher",
+                                                                "metrics.jsonl"))]
+    assert {r["refresh/generation"] for r in committed} >= seen - {0}
+    assert all(r["refresh/blocks_per_s"] > 0 for r in committed)
+    log = open(supervisor.log_path).read()
+    assert "refresher stops (done)" in log
+
+
+def test_supervisor_gives_up_after_bounded_restarts(tmp_path, monkeypatch):
+    for key, value in child_env().items():
+        monkeypatch.setenv(key, value)
+    supervisor = RefresherSupervisor(str(tmp_path / "run"),
+                                     ["--corpus", str(tmp_path / "no-such-corpus")],
+                                     max_restarts=2)
+    supervisor.start()
+    wait_for(lambda: not supervisor.check() and supervisor.gave_up, timeout=120,
+             what="the supervisor to give up")
+    assert supervisor.restarts == 2 and supervisor.exits == [1, 1, 1]
+    assert "no-such-corpus" in open(supervisor.log_path).read()
+
+
+def test_refresher_exits_when_the_trainer_heartbeat_is_stale(leads_corpus, tiny_retriever,
+                                                             tmp_path):
+    run_dir = tmp_path / "run"
+    store = RunStore(str(run_dir))
+    publish(store, tiny_retriever, step=0, seed=0)
+    store.write_heartbeat(3)
+    t0 = time.monotonic()
+    done = run(refresher_cmd(run_dir, leads_corpus, "refresh.heartbeat_timeout_s=4"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = summary(done)
+    assert out["reason"] == "heartbeat" and out["generations"] == [0]
+    assert time.monotonic() - t0 < 60
+
+
+def test_two_processes_shard_the_embedding_and_commit_one_generation(leads_corpus,
+                                                                     tiny_retriever, tmp_path):
+    one, two = RunStore(str(tmp_path / "one")), RunStore(str(tmp_path / "two"))
+    done = run(refresher_cmd(one.root, leads_corpus, "--retriever", tiny_retriever, "--once"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           *refresher_cmd(two.root, leads_corpus, "--retriever", tiny_retriever, "--once")[1:]]
+    done = run(cmd, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "terminate called" not in done.stderr
+    out = summary(done)
+    assert out["processes"] == 2 and out["generations"] == [0]
+    assert two.generations() == [0]
+    a, b = one.load_generation(0), two.load_generation(0)
+    assert b.manifest["processes"] == 2
+    ea = np.load(os.path.join(one.root, "index", "gen-000000", "embeddings.npy"))
+    eb = np.load(os.path.join(two.root, "index", "gen-000000", "embeddings.npy"))
+    np.testing.assert_allclose(ea.astype(np.float32), eb.astype(np.float32), atol=2e-3)
+    q = ea[:20].astype(np.float32)
+    assert (a.search(q, 1).block_ids == b.search(q, 1).block_ids).mean() >= 0.95
+    assert not [n for n in os.listdir(two.path("index")) if n.startswith(".gen-")]
