@@ -72,6 +72,7 @@ class Generation:
     manifest: dict[str, Any]
     index: MipsIndex
     loaded_at: float  # time.time() when loading finished
+    embeddings: Optional[np.ndarray] = None  # [n_blocks, dim] float16, rows as in block_ids
 
     @property
     def encoder_step(self) -> int:
@@ -79,6 +80,16 @@ class Generation:
 
     def search(self, queries: np.ndarray, k: int, exclude=None):
         return self.index.search(queries, k, exclude)
+
+    def embeddings_of(self, block_ids: np.ndarray) -> np.ndarray:
+        """Stored float32 embeddings of ``block_ids`` (any shape ``S``) -> ``[*S, dim]``; 0 for -1.
+
+        Assumes the generation indexes blocks ``0..n-1`` in order (what the refresher writes).
+        """
+        ids = np.asarray(block_ids)
+        out = self.embeddings[np.maximum(ids, 0)].astype(np.float32)  # [*S, dim]
+        out[ids < 0] = 0.0
+        return out
 
 
 def _pid_alive(pid: int) -> bool:
@@ -428,7 +439,7 @@ class RunStore:
         except RuntimeError as e:
             raise GenerationError(f"{where}: faiss cannot read the index ({e})") from None
         return Generation(generation=generation, manifest=manifest, index=index,
-                          loaded_at=time.time())
+                          loaded_at=time.time(), embeddings=embeddings)
 
     # -- leases and garbage collection ------------------------------------------------------
 

@@ -1,0 +1,186 @@
+"""Refresh benchmarks: swap stall, refresh throughput and end-to-end latency. Prints one JSON object.
+
+    python benchmarks/refresh.py --corpus runs/corpus/leads --retriever runs/ict_minilm/retriever
+
+1. **Swap stall.** A training-like loop on the main thread (query-encoder forward + backward,
+   MIPS top-k with exclusion over the index in use, optimizer step) runs ``--steps`` steps with
+   no new generations, then ``--steps`` steps while a separate committer process commits a new
+   generation every ``--swap-every`` steps' worth of time, which the watcher thread loads and the
+   loop swaps in. Reported: median and max step time of both phases and their ratios.
+2. **Refresh throughput and latency.** A refresher process (as the trainer's supervisor spawns
+   it) embeds the whole corpus for a freshly published encoder snapshot; latency is snapshot
+   published -> generation swapped in by this process's watcher. Throughput (blocks/s from the
+   generation's manifest) is compared with a bare document-encoder forward over same-shaped
+   random token tensors in this process (``benchmarks/embed_blocks.py``'s baseline).
+
+For 2 (and the committer of 1) the refresher gets ``--threads`` threads; on a 2-core machine the
+loop and the refresher share the CPU, as they would in a CPU-only run.
+"""
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from embed_blocks import bare_forward  # noqa: E402
+
+from realm.data.store import BlockStore  # noqa: E402
+from realm.index.embed import special_ids  # noqa: E402
+from realm.index.store import RunStore  # noqa: E402
+from realm.modeling.retriever import Retriever, build_query_inputs  # noqa: E402
+from realm.refresh.watcher import IndexWatcher  # noqa: E402
+from realm.training.ict import load_retriever  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def committer(run_dir: str, emb_path: str, fingerprint: str, interval: float, count: int) -> None:
+    """(Child process) commit ``count`` generations, one every ``interval`` seconds."""
+    store = RunStore(run_dir)
+    emb = np.load(emb_path)
+    print("ready", flush=True)
+    for i in range(count):
+        time.sleep(interval)
+        store.commit_generation(emb * (1 + 0.01 * i), encoder_step=i + 1,
+                                corpus_fingerprint=fingerprint, extra={"encoder_time": time.time()})
+        store.gc_generations(keep=2)
+
+
+def training_loop(retriever, watcher, queries, steps, k, batch) -> list[float]:
+    optimizer = torch.optim.AdamW(retriever.query_encoder.parameters(), lr=1e-5)
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        watcher.maybe_swap()
+        rows = [queries[(step * batch + j) % len(queries)] for j in range(batch)]
+        q = retriever.encode_queries(*rows_to_inputs(rows)).q_reps  # [batch, dim]
+        result = watcher.search(q.detach().numpy(), k, exclude=np.arange(batch))
+        blocks = torch.from_numpy(watcher.current.embeddings_of(result.block_ids))  # [b, k, dim]
+        scores = (q.unsqueeze(1) @ blocks.transpose(1, 2)).squeeze(1)  # [batch, k], with grad
+        loss = -torch.logsumexp(scores, dim=-1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def rows_to_inputs(rows):
+    return build_query_inputs(rows, *SPECIAL, max_length=34)
+
+
+def swap_stall(args, retriever, store_blocks: BlockStore, workdir: str) -> dict:
+    run_dir = os.path.join(workdir, "swap")
+    store = RunStore(run_dir)
+    n = len(store_blocks)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(n, retriever.dim)).astype(np.float16)
+    emb_path = os.path.join(workdir, "emb.npy")
+    np.save(emb_path, emb)
+    store.commit_generation(emb, encoder_step=0, corpus_fingerprint=store_blocks.fingerprint,
+                            extra={"encoder_time": time.time()})
+    watcher = IndexWatcher(store, corpus_fingerprint=store_blocks.fingerprint, dim=retriever.dim,
+                           poll_s=0.2).start()
+    watcher.wait_for_first(timeout=60)
+    queries = [store_blocks.body_ids(i)[:32] for i in range(0, n, max(1, n // 512))]
+    training_loop(retriever, watcher, queries, 3, args.k, args.batch)  # warm up
+    base = training_loop(retriever, watcher, queries, args.steps, args.k, args.batch)
+    interval = statistics.median(base) * args.swap_every
+    count = max(1, args.steps // args.swap_every - 1)
+    proc = subprocess.Popen([sys.executable, __file__, "--committer", run_dir, emb_path,
+                             store_blocks.fingerprint, str(interval), str(count)],
+                            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"  # imports done: they would skew the phase
+    swaps_before = watcher.swaps
+    with_swaps = training_loop(retriever, watcher, queries, args.steps, args.k, args.batch)
+    proc.wait()
+    swaps = watcher.swaps - swaps_before
+    watcher.stop()
+    return {
+        "steps": args.steps, "swaps": swaps, "blocks": n, "swap_every_steps": args.swap_every,
+        "median_step_s_no_swaps": round(statistics.median(base), 4),
+        "median_step_s_swaps": round(statistics.median(with_swaps), 4),
+        "max_step_s_no_swaps": round(max(base), 4), "max_step_s_swaps": round(max(with_swaps), 4),
+        "median_ratio": round(statistics.median(with_swaps) / statistics.median(base), 3),
+        "max_ratio": round(max(with_swaps) / max(base), 3),
+        "last_swap_s": round(watcher.last_swap_s, 6), "last_load_s": round(watcher.last_load_s, 3),
+    }
+
+
+def refresh_latency(args, retriever_dir: str, store_blocks: BlockStore, workdir: str) -> dict:
+    run_dir = os.path.join(workdir, "refresh")
+    store = RunStore(run_dir)
+    cmd = [sys.executable, os.path.join(REPO, "launch", "refresh_index.py"), "--run-dir", run_dir,
+           "--corpus", store_blocks.path, "--no-progress", "refresh.poll_s=0.2",
+           f"refresh.threads={args.threads}", "refresh.heartbeat_timeout_s=0"]
+    log = open(os.path.join(workdir, "refresher.log"), "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    watcher = IndexWatcher(store, corpus_fingerprint=store_blocks.fingerprint, dim=None,
+                           poll_s=0.2).start()
+    time.sleep(5)  # let the refresher start (imports), as it would long before a snapshot
+    retriever = Retriever.from_pretrained(retriever_dir)
+    t0 = time.time()
+    store.publish_encoder(retriever, step=1)
+    gen = watcher.wait_for_first(timeout=3600)
+    latency = time.time() - t0
+    store.mark_done()
+    proc.wait(timeout=120)
+    watcher.stop()
+    m = gen.manifest
+    # the bare forward over the same batch shapes, here, with the same thread count
+    torch.set_num_threads(args.threads)
+    bare_s = bare_forward(retriever.eval(), store_blocks, np.arange(len(store_blocks)),
+                          288, 16384, False)
+    return {
+        "blocks": m["n_blocks"], "refresh_blocks_per_s": m["blocks_per_s"],
+        "bare_forward_blocks_per_s": round(len(store_blocks) / bare_s, 2),
+        "throughput_ratio": round(m["blocks_per_s"] / (len(store_blocks) / bare_s), 3),
+        "publish_to_in_use_s": round(latency, 2), "timings": m["timings"],
+        "precision": m["precision"], "threads": args.threads,
+    }
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--committer":
+        run_dir, emb, fp, interval, count = sys.argv[2:7]
+        committer(run_dir, emb, fp, float(interval), int(count))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--retriever", required=True, help="saved retriever directory")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--swap-every", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parts", default="swap,refresh")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    store_blocks = BlockStore(args.corpus)
+    retriever = load_retriever(args.retriever, 128, "mean")
+    global SPECIAL
+    SPECIAL = special_ids(retriever.tokenizer)
+    out = {"benchmark": "refresh", "corpus": args.corpus, "retriever": args.retriever}
+    with tempfile.TemporaryDirectory() as workdir:
+        if "swap" in args.parts:
+            out["swap_stall"] = swap_stall(args, retriever, store_blocks, workdir)
+        if "refresh" in args.parts:
+            out["refresh"] = refresh_latency(args, args.retriever, store_blocks, workdir)
+    print(json.dumps(out))
+
+
+SPECIAL = None
+
+if __name__ == "__main__":
+    main()
