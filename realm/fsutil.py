@@ -39,3 +39,14 @@ def failpoint(name: str) -> None:
         for handler in logging.getLogger().handlers:
             handler.flush()
         time.sleep(float(os.environ.get("REALM_FAILPOINT_S", "60")))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

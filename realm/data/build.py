@@ -32,7 +32,7 @@ from realm.data.blocks import BlockedArticle, block_article, tokenizer_sha256, w
 from realm.data.readers import Article, CorpusReader
 from realm.data.spans import SpanFinder, align_spans
 from realm.data.store import FORMAT_VERSION, MANIFEST, BlockStoreWriter
-from realm.fsutil import fsync_dir, sha256_file
+from realm.fsutil import fsync_dir, pid_alive, sha256_file
 from realm.hub import load_tokenizer, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -93,16 +93,6 @@ def build_fingerprint(data: DataConfig, spans: SpansConfig, input_fp: dict, toke
 # Output directory handling
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_orphans(output: str) -> list[str]:
     """Remove temporary build directories of ``output`` left by builds that died."""
     parent, name = os.path.split(os.path.abspath(output))
@@ -117,7 +107,7 @@ def clean_orphans(output: str) -> list[str]:
             pid = int(entry[len(prefix):].split("-", 1)[0])
         except ValueError:
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
             removed.append(entry)
             logger.warning("removed %s, left by an interrupted build", os.path.join(parent, entry))

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from realm import __version__
-from realm.fsutil import failpoint, fsync_dir
+from realm.fsutil import failpoint, fsync_dir, pid_alive
 from realm.index.mips import MipsIndex, array_from_bytes, array_to_bytes
 
 logger = logging.getLogger(__name__)
@@ -90,16 +90,6 @@ class Generation:
         out = self.embeddings[np.maximum(ids, 0)].astype(np.float32)  # [*S, dim]
         out[ids < 0] = 0.0
         return out
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunStore:
@@ -209,13 +199,17 @@ class RunStore:
         self._gc_encoders(keep)
         return target
 
-    def encoder_steps(self) -> list[int]:
+    def _numbered(self, subdir: str, pattern: re.Pattern) -> list[int]:
+        """Sorted numbers of the entries of ``subdir`` whose names match ``pattern``."""
         try:
-            names = [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.path("encoders"),
-                                                                          detail=False)]
+            paths = self.fs.ls(self.path(subdir), detail=False)
         except FileNotFoundError:
             return []
-        return sorted(int(m.group(1)) for m in map(_STEP.match, names) if m)
+        names = (os.path.basename(p.rstrip("/")) for p in paths)
+        return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
+
+    def encoder_steps(self) -> list[int]:
+        return self._numbered("encoders", _STEP)
 
     def latest_encoder(self) -> Optional[dict[str, Any]]:
         """``{"step", "path"}`` of the newest published snapshot, or None."""
@@ -259,12 +253,7 @@ class RunStore:
 
     def generations(self) -> list[int]:
         """Generation numbers with a final-name directory (committed or orphaned)."""
-        try:
-            names = [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.path("index"),
-                                                                          detail=False)]
-        except FileNotFoundError:
-            return []
-        return sorted(int(m.group(1)) for m in map(_GEN.match, names) if m)
+        return self._numbered("index", _GEN)
 
     def commit_generation(
         self,
@@ -471,7 +460,7 @@ class RunStore:
             if lease is None:
                 continue
             stale = time.time() - float(lease.get("time", 0)) > lease_timeout_s
-            dead = lease.get("host") == host and not _pid_alive(int(lease.get("pid", -1)))
+            dead = lease.get("host") == host and not pid_alive(int(lease.get("pid", -1)))
             if not (stale or dead):
                 held.add(int(lease["generation"]))
         return held

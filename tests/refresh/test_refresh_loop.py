@@ -112,3 +112,33 @@ def test_two_processes_shard_the_embedding_and_commit_one_generation(leads_corpu
     q = ea[:20].astype(np.float32)
     assert (a.search(q, 1).block_ids == b.search(q, 1).block_ids).mean() >= 0.95
     assert not [n for n in os.listdir(two.path("index")) if n.startswith(".gen-")]
+
+
+def test_refresher_on_an_object_store(leads_corpus, tiny_retriever, corpus_fp):
+    """The same protocol through fsspec's in-memory file system (an object store stand-in)."""
+    import uuid
+
+    from realm.data.store import BlockStore
+    from realm.index.mips import exact_recall
+    from realm.modeling.retriever import Retriever
+    from realm.refresh.refresher import Refresher, RefreshSettings
+
+    store = RunStore(f"memory://run-{uuid.uuid4().hex[:8]}")
+    assert not store.local
+    store.publish_encoder(Retriever.from_pretrained(tiny_retriever), step=0)
+    store.publish_encoder(Retriever.from_pretrained(tiny_retriever), step=5)
+    refresher = Refresher(store, BlockStore(leads_corpus),
+                          RefreshSettings(factory="HNSW16", heartbeat_timeout_s=0, poll_s=0.1))
+    out = refresher.run(once=True)
+    assert out["reason"] == "once" and out["generations"] == [0]
+    watcher = IndexWatcher(store, corpus_fingerprint=corpus_fp, dim=16)
+    gen = watcher.wait_for_first(timeout=5)
+    assert gen.encoder_step == 5 and gen.manifest["index_type"] == "HNSW16"
+    assert "index.faiss" in gen.manifest["files"]
+    emb = gen.embeddings.astype(np.float32)
+    q = np.random.default_rng(0).normal(size=(20, 16)).astype(np.float32)
+    exact = np.argsort(-(q @ emb.T), axis=1)[:, :5]  # [20, 5]
+    assert exact_recall(gen.search(q, 5).block_ids, exact) >= 0.8
+    # a second pass has nothing to do
+    assert Refresher(store, BlockStore(leads_corpus),
+                     RefreshSettings(heartbeat_timeout_s=0)).run(once=True)["reason"] == "up to date"
