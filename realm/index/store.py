@@ -432,11 +432,33 @@ class RunStore:
 
     # -- leases and garbage collection ------------------------------------------------------
 
-    def acquire_lease(self, holder: str, generation: int) -> None:
-        """Record that ``holder`` uses ``generation`` (garbage collection keeps it)."""
+    def acquire_lease(self, holder: str, generation: int, pinned: bool = False) -> None:
+        """Record that ``holder`` uses ``generation`` (garbage collection keeps it).
+
+        A reader's lease lapses when not renewed or when its process is gone; a ``pinned`` lease
+        (a checkpoint that names the generation) holds until released.
+        """
         self.write_json_atomic(self.path("index", "readers", f"{holder}.json"), {
             "generation": int(generation), "pid": os.getpid(), "host": socket.gethostname(),
-            "time": time.time()})
+            "time": time.time(), "pinned": bool(pinned)})
+
+    def leases(self) -> dict[str, dict[str, Any]]:
+        """Every readable lease, by holder."""
+        out = {}
+        try:
+            paths = self.fs.ls(self.path("index", "readers"), detail=False)
+        except FileNotFoundError:
+            return out
+        for p in paths:
+            if not p.endswith(".json"):
+                continue
+            try:
+                lease = self.read_json(p)
+            except (ValueError, OSError):
+                continue  # being replaced; the next pass sees it
+            if lease is not None:
+                out[os.path.basename(p)[: -len(".json")]] = lease
+        return out
 
     def release_lease(self, holder: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -445,10 +467,13 @@ class RunStore:
     def leased_generations(self, lease_timeout_s: float = 600.0) -> set[int]:
         """Generations held by live readers (a lease is dead when stale or its local pid died)."""
         held = set()
-        try:
-            paths = self.fs.ls(self.path("index", "readers"), detail=False)
-        except FileNotFoundError:
-            return held
+        host = socket.gethostname()
+        for lease in self.leases().values():
+            stale = time.time() - float(lease.get("time", 0)) > lease_timeout_s
+            dead = lease.get("host") == host and not pid_alive(int(lease.get("pid", -1)))
+            if lease.get("pinned") or not (stale or dead):
+                held.add(int(lease["generation"]))
+        return held
         host = socket.gethostname()
         for p in paths:
             if not p.endswith(".json"):

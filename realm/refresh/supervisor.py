@@ -94,12 +94,17 @@ class RefresherSupervisor:
         if self.proc is None:
             return None
         try:
-            return self.proc.wait(timeout=timeout)
+            return self.proc.wait(timeout=timeout) if timeout > 0 else self._terminate()
         except subprocess.TimeoutExpired:
             logger.warning("refresher did not exit within %.0fs; terminating it", timeout)
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                return self.proc.wait()
+            return self._terminate()
+
+    def _terminate(self) -> int:
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()

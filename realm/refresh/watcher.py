@@ -120,6 +120,17 @@ class IndexWatcher:
 
     # -- training thread ----------------------------------------------------------------------
 
+    def load(self, generation: int) -> Generation:
+        """Load ``generation`` now and put it in use (resuming from a checkpoint that names it)."""
+        self.store.acquire_lease(self.holder, generation)
+        t0 = time.perf_counter()
+        loaded = self.store.load_generation(generation, corpus_fingerprint=self.fingerprint,
+                                            dim=self.dim, **self.load_kwargs)
+        self.last_load_s = time.perf_counter() - t0
+        with self._lock:
+            self.current = loaded
+        return loaded
+
     def wait_for_first(self, timeout: Optional[float] = None) -> Generation:
         """Block until a generation is available (only at start), then swap it in."""
         if self.current is None:

@@ -156,7 +156,8 @@ def train(
     """Train ``model`` on ``task`` for ``settings.steps`` optimizer steps (resuming if possible).
 
     Hooks are objects with any of ``before_step(step)``, ``after_step(step, model)``,
-    ``state_dict()/load_state_dict()`` (saved in checkpoints), called on every process.
+    ``metrics(step) -> dict`` (merged into each logged record), ``state_dict()/load_state_dict()``
+    (saved in checkpoints), called on every process.
 
     Returns:
         ``{"steps", "final_loss", "resumed_from", "seconds", "examples_per_s", "last_eval",
@@ -249,6 +250,9 @@ def train(
                           "lr": scheduler.get_last_lr()[0],
                           "examples_per_s": examples_seen / max(elapsed, 1e-9)}
                 record.update({k: float(np.mean(v)) for k, v in window.items()})
+                for hook in hooks:
+                    if hasattr(hook, "metrics"):
+                        record.update(hook.metrics(progress.step))
                 window.clear()
                 tracker.log(record, step=progress.step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")

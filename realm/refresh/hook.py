@@ -1,0 +1,165 @@
+"""The trainer's side of the refresh, as a hook of the shared training core.
+
+On every process: an :class:`IndexWatcher` that swaps new generations in before each step. On the
+main process: encoder snapshots every ``every_steps``, the heartbeat, and (optionally) the
+refresher child process under a :class:`RefresherSupervisor`. Checkpoints record the generation in
+use and pin it (a lease), so a resumed run starts from the same index.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+from realm.index.store import GenerationError, RunStore
+from realm.refresh.supervisor import RefresherSupervisor
+from realm.refresh.watcher import IndexWatcher
+
+logger = logging.getLogger(__name__)
+
+
+class RefreshHook:
+    """Publish encoders, keep the refresher alive, swap index generations between steps.
+
+    The hook starts itself before the first training step (after the core has loaded any
+    checkpoint, so a resumed run starts from the checkpoint's generation): it publishes the
+    starting encoder, starts the refresher and the watcher, and waits for a first generation.
+
+    Args:
+        store: The run's versioned store.
+        model: The training model (as given to the core).
+        retriever_of: Returns the (unwrapped) retriever to publish, given the training model.
+        corpus_fingerprint: Fingerprint of the trainer's corpus.
+        dim: Retriever embedding size.
+        every_steps: Publish an encoder snapshot every this many optimizer steps.
+        is_main: Whether this is the main process (publishes, supervises, heartbeats).
+        supervisor: A refresher supervisor to start/check/stop (main process), or None when the
+            refresher runs elsewhere (``refresh.spawn=false``).
+        poll_s, lease_timeout_s, keep_encoders, gpu, nprobe, ef_search: Watcher and store knobs.
+        first_timeout_s: How long to wait for generation 0 at start.
+        barrier: Synchronises the processes (``accelerator.wait_for_everyone``) at start.
+    """
+
+    def __init__(self, store: RunStore, model, retriever_of: Callable[[Any], Any], *,
+                 corpus_fingerprint: str, dim: int, every_steps: int, is_main: bool,
+                 supervisor: Optional[RefresherSupervisor] = None, poll_s: float = 2.0,
+                 lease_timeout_s: float = 600.0, keep_encoders: int = 2, gpu: bool = True,
+                 nprobe: int = 32, ef_search: int = 128, first_timeout_s: float = 3600.0,
+                 barrier: Callable[[], None] = lambda: None):
+        self.store = store
+        self.model = model
+        self.retriever_of = retriever_of
+        self.every_steps = every_steps
+        self.is_main = is_main
+        self.supervisor = supervisor
+        self.keep_encoders = keep_encoders
+        self.first_timeout_s = first_timeout_s
+        self.barrier = barrier
+        self.watcher = IndexWatcher(store, corpus_fingerprint=corpus_fingerprint, dim=dim,
+                                    poll_s=poll_s, lease_timeout_s=lease_timeout_s, gpu=gpu,
+                                    nprobe=nprobe, ef_search=ef_search)
+        self.step = 0
+        self.resume_generation: Optional[int] = None
+        self.generations_used: set[int] = set()
+        self.max_staleness_steps = 0
+        self.started_at: Optional[int] = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, step: int = 0, barrier: Callable[[], None] = lambda: None) -> None:
+        """Publish the starting encoder, start the refresher and the watcher, await generation 0."""
+        self.step = self.started_at = step
+        if self.is_main:
+            latest = self.store.latest_encoder()
+            if latest is None or latest["step"] < step or (step == 0 and latest["step"] != 0):
+                self.publish(self.model, step)
+            self.store.write_heartbeat(step)
+            if self.supervisor is not None:
+                self.supervisor.start()
+        barrier()
+        if self.resume_generation is not None:
+            try:
+                self.watcher.load(self.resume_generation)
+                logger.info("resumed with index generation %d", self.resume_generation)
+            except GenerationError as e:
+                logger.warning("the checkpoint's index generation %d is gone (%s); waiting for "
+                               "the newest", self.resume_generation, e)
+        self.watcher.start()
+        t0 = time.time()
+        gen = self.watcher.wait_for_first(timeout=self.first_timeout_s)
+        self.generations_used.add(gen.generation)
+        logger.info("index generation %d in use (waited %.1fs)", gen.generation, time.time() - t0)
+
+    def close(self, finished: bool = True) -> None:
+        """Stop the watcher; on the main process write DONE (if finished) and stop the refresher."""
+        self.watcher.stop()
+        if not self.is_main:
+            return
+        if finished:
+            self.store.mark_done({"step": self.step})
+            if self.supervisor is not None:
+                self.supervisor.stop(timeout=60)  # it sees DONE and exits
+        elif self.supervisor is not None:
+            self.supervisor.stop(timeout=0)  # interrupted: no DONE (the run resumes later)
+
+    def publish(self, model, step: int) -> None:
+        self.store.publish_encoder(self.retriever_of(model), step, keep=self.keep_encoders,
+                                   metadata={"stage": "pretrain"})
+
+    # -- training-core hook API -----------------------------------------------------------------
+
+    def before_step(self, step: int) -> None:
+        if self.started_at is None:
+            self.start(step, self.barrier)
+        if self.watcher.maybe_swap():
+            self.generations_used.add(self.watcher.current.generation)
+
+    def after_step(self, step: int, model) -> None:
+        self.step = step
+        current = self.watcher.current
+        if current is not None:
+            self.max_staleness_steps = max(self.max_staleness_steps, step - current.encoder_step)
+        if not self.is_main:
+            return
+        self.store.write_heartbeat(step)
+        if self.supervisor is not None:
+            self.supervisor.check()
+        if step % self.every_steps == 0:
+            self.publish(model, step)
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        out = self.watcher.metrics(step)
+        out["index/generations_used"] = len(self.generations_used)
+        if self.supervisor is not None:
+            out["refresh/restarts"] = self.supervisor.restarts
+            out["refresh/alive"] = int(self.supervisor.alive)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generation in use (pinned by a lease named after the checkpoint's step)."""
+        current = self.watcher.current
+        if current is None:
+            return {"generation": None, "step": self.step}
+        if self.is_main:
+            self.store.acquire_lease(f"checkpoint-step-{self.step:06d}", current.generation,
+                                     pinned=True)
+            self._unpin_removed_checkpoints()
+        return {"generation": current.generation, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.resume_generation = state.get("generation")
+
+    def _unpin_removed_checkpoints(self) -> None:
+        """Release pins of checkpoints that no longer exist (the training core keeps the newest K)."""
+        ckpt_root = os.path.join(self.store.root, "checkpoints") if self.store.local else None
+        if ckpt_root is None or not os.path.isdir(ckpt_root):
+            return
+        existing = set(os.listdir(ckpt_root))
+        for holder in self.store.leases():
+            if not holder.startswith("checkpoint-step-"):
+                continue
+            step = int(holder.rsplit("-", 1)[1])
+            if step < self.step and holder[len("checkpoint-"):] not in existing:
+                self.store.release_lease(holder)

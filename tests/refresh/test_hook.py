@@ -1,0 +1,92 @@
+"""The refresh hook inside the shared training core: publish, swap, checkpoint the generation."""
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from realm.data.ict import ict_blocks
+from realm.data.store import BlockStore
+from realm.index.embed import special_ids
+from realm.index.store import RunStore
+from realm.modeling.retriever import Retriever
+from realm.refresh.hook import RefreshHook
+from realm.refresh.supervisor import RefresherSupervisor
+from realm.tracking import Tracker, read_metrics
+from realm.training.core import TrainSettings, train
+from realm.training.ict import ICTTask, _shutdown
+
+from .conftest import child_env, refresher_cmd
+
+
+def _train(run_dir, corpus, retriever_dir, steps, save_every, monkeypatch):
+    from accelerate import Accelerator
+
+    for key, value in child_env().items():
+        monkeypatch.setenv(key, value)
+    accelerator = Accelerator(cpu=True)
+    store = BlockStore(corpus)
+    torch.manual_seed(0)
+    retriever = Retriever.from_pretrained(retriever_dir)
+    blocks = ict_blocks(store, min_query_tokens=5)
+    task = ICTTask(store, blocks, blocks[:0], special_ids(retriever.tokenizer), accelerator,
+                   0.9, 32, 64, 5, 0)
+    run_store = RunStore(run_dir)
+    supervisor = RefresherSupervisor(run_dir, refresher_cmd(run_dir, corpus)[4:], max_restarts=1)
+    hook = RefreshHook(run_store, retriever, lambda m: accelerator.unwrap_model(m),
+                       corpus_fingerprint=store.fingerprint, dim=retriever.dim, every_steps=3,
+                       is_main=True, supervisor=supervisor, poll_s=0.1, first_timeout_s=120)
+    settings = TrainSettings(run_dir=run_dir, steps=steps, batch_size=4, lr=1e-3, log_every=1,
+                             save_every=save_every, progress=False)
+    tracker = Tracker(run_dir)
+    try:
+        result = train(retriever, task, settings, accelerator, tracker,
+                       hooks=[hook, TrainingPace()])
+    finally:
+        hook.close(finished=True)
+        tracker.close()
+        _shutdown(accelerator)
+    return result, hook
+
+
+class TrainingPace:
+    """Steps of a tiny model take milliseconds; a real step gives the refresher time to work."""
+
+    def after_step(self, step, model):
+        time.sleep(0.4)
+
+
+def test_hook_publishes_swaps_and_checkpoints_the_generation(leads_corpus, tiny_retriever,
+                                                            tmp_path, monkeypatch):
+    run_dir = str(tmp_path / "run")
+    result, hook = _train(run_dir, leads_corpus, tiny_retriever, 12, 6, monkeypatch)
+    assert result["steps"] == 12
+    store = RunStore(run_dir)
+    assert store.is_done() and not hook.supervisor.alive
+    assert len(hook.generations_used) >= 2, hook.generations_used
+    records = [r for r in read_metrics(run_dir) if "index/generation" in r]
+    assert len(records) == 12
+    gens = [r["index/generation"] for r in records]
+    assert gens == sorted(gens) and gens[-1] >= 1
+    assert all(r["index/staleness_steps"] >= 0 for r in records)
+    assert max(r["index/staleness_steps"] for r in records) == hook.max_staleness_steps
+    # snapshots every 3 steps, the newest kept; the checkpoint pinned its generation
+    assert store.latest_encoder()["step"] == 12
+    leases = store.leases()
+    assert {"checkpoint-step-000006", "checkpoint-step-000012"} <= set(leases)
+    assert all(leases[h]["pinned"] for h in leases if h.startswith("checkpoint-"))
+    assert leases["checkpoint-step-000012"]["generation"] in store.generations()
+
+
+def test_resume_loads_the_checkpointed_generation(leads_corpus, tiny_retriever, tmp_path,
+                                                  monkeypatch):
+    run_dir = str(tmp_path / "run")
+    _train(run_dir, leads_corpus, tiny_retriever, 6, 6, monkeypatch)
+    pinned = RunStore(run_dir).leases()["checkpoint-step-000006"]["generation"]
+    os.remove(os.path.join(run_dir, "DONE"))  # continue the run for more steps
+    result, hook = _train(run_dir, leads_corpus, tiny_retriever, 9, 6, monkeypatch)
+    assert result["resumed_from"].endswith("step-000006") and hook.started_at == 6
+    assert pinned in hook.generations_used
+    first = [r for r in read_metrics(run_dir) if "index/generation" in r and r["step"] == 7]
+    assert first and first[-1]["index/generation"] >= pinned
