@@ -474,21 +474,6 @@ class RunStore:
             if lease.get("pinned") or not (stale or dead):
                 held.add(int(lease["generation"]))
         return held
-        host = socket.gethostname()
-        for p in paths:
-            if not p.endswith(".json"):
-                continue
-            try:
-                lease = self.read_json(p)
-            except (ValueError, OSError):
-                continue  # being replaced; the next pass sees it
-            if lease is None:
-                continue
-            stale = time.time() - float(lease.get("time", 0)) > lease_timeout_s
-            dead = lease.get("host") == host and not pid_alive(int(lease.get("pid", -1)))
-            if not (stale or dead):
-                held.add(int(lease["generation"]))
-        return held
 
     def gc_generations(self, keep: int = 2, lease_timeout_s: float = 600.0) -> list[int]:
         """Remove committed generations beyond the newest ``keep``, except those readers hold.
