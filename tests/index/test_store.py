@@ -153,3 +153,17 @@ def test_encoder_snapshots_publish_and_gc(store, tiny_retriever):
     with store.local_encoder(latest["path"]) as local:
         again = Retriever.from_pretrained(local)
     assert again.dim == 16
+
+
+def test_pinned_lease_holds_until_released(store):
+    store.commit_generation(_emb(), encoder_step=0, corpus_fingerprint="fp")
+    store.acquire_lease("checkpoint-step-000010", 0, pinned=True)
+    lease = store.path("index", "readers", "checkpoint-step-000010.json")
+    info = json.loads(store.fs.cat_file(lease))
+    info.update(time=info["time"] - 86400, pid=2**22 + 12345)  # old, and its process is gone
+    store.fs.pipe_file(lease, json.dumps(info).encode())
+    for step in range(1, 4):
+        store.commit_generation(_emb(), encoder_step=step, corpus_fingerprint="fp")
+    assert 0 not in store.gc_generations(keep=1) and 0 in store.generations()
+    store.release_lease("checkpoint-step-000010")
+    assert 0 in store.gc_generations(keep=1)
