@@ -663,15 +663,20 @@ def build_retriever(
 # Directory helpers
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a retriever directory's manifest (kind and listed file sizes)."""
+def read_manifest(directory: str | os.PathLike, kind: str = MANIFEST_KIND) -> dict[str, Any]:
+    """Read and check a saved model directory's manifest (kind and listed file sizes).
+
+    Args:
+        directory: A directory written by ``save_pretrained``.
+        kind: The manifest kind expected (``"retriever"`` unless told otherwise).
+    """
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no {MANIFEST}: not a saved retriever")
+        raise FileNotFoundError(f"{directory} has no {MANIFEST}: not a saved {kind}")
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("kind") != MANIFEST_KIND:
-        raise ValueError(f"{path}: kind is {manifest.get('kind')!r}, expected {MANIFEST_KIND!r}")
+    if manifest.get("kind") != kind:
+        raise ValueError(f"{path}: kind is {manifest.get('kind')!r}, expected {kind!r}")
     for rel, size in manifest.get("files", {}).items():
         file = directory / rel
         if not file.is_file():
