@@ -28,25 +28,23 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 
-import realm
 from realm.data.mlm import pad_ragged
 from realm.hub import load_tokenizer, resolve_model_path
 from realm.modeling.retriever import (
-    MANIFEST,
     _as_ids,
     _atomic_directory,
-    _file_sizes,
+    _load_saved_tokenizer,
     _pack,
-    _write_json,
+    _save_tokenizer,
+    _write_manifest,
     read_manifest,
 )
 
@@ -55,7 +53,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_KIND = "knowledge_augmented_encoder"
 FORMAT_VERSION = 1
 MODEL_DIR = "model"
-TOKENIZER_DIR = "tokenizer"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,23 +344,19 @@ class KnowledgeAugmentedEncoder(nn.Module):
         head = self._head()
         if head is not None:
             # Run the head on the masked positions only: [B, k + 1, M, vocab], not [N, L, vocab].
-            hidden = self.mlm.base_model(
+            states = self.mlm.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, **kwargs
             ).last_hidden_state  # [N, seq_len, hidden]
-            hidden = hidden.view(batch, num_candidates, seq_len, -1)  # [B, k + 1, L, hidden]
-            index = mask_positions[:, None, :, None].expand(
-                batch, num_candidates, max_masked, hidden.shape[-1]
-            )  # [B, k + 1, M, hidden]
-            logits = head(hidden.gather(2, index))  # [B, k + 1, M, vocab]
-        else:
-            full = self.mlm(
+        else:  # no separable head: full logits, then pick the masked positions
+            states = self.mlm(
                 input_ids=input_ids, attention_mask=attention_mask, **kwargs
             ).logits  # [N, seq_len, vocab]
-            full = full.view(batch, num_candidates, seq_len, -1)  # [B, k + 1, L, vocab]
-            index = mask_positions[:, None, :, None].expand(
-                batch, num_candidates, max_masked, full.shape[-1]
-            )  # [B, k + 1, M, vocab]
-            logits = full.gather(2, index)  # [B, k + 1, M, vocab]
+        states = states.view(batch, num_candidates, seq_len, -1)  # [B, k + 1, L, hidden|vocab]
+        index = mask_positions[:, None, :, None].expand(
+            batch, num_candidates, max_masked, states.shape[-1]
+        )  # [B, k + 1, M, hidden|vocab]
+        picked = states.gather(2, index)  # [B, k + 1, M, hidden|vocab]
+        logits = head(picked) if head is not None else picked  # [B, k + 1, M, vocab]
         if labels is None:
             return KnowledgeAugmentedOutput(logits=logits)
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # [B, k + 1, M, vocab]
@@ -402,11 +395,7 @@ class KnowledgeAugmentedEncoder(nn.Module):
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         with _atomic_directory(target, overwrite=overwrite) as tmp:
             self.mlm.save_pretrained(tmp / MODEL_DIR)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-            manifest = {
-                "kind": MANIFEST_KIND,
-                "format_version": FORMAT_VERSION,
+            fields = {
                 "base_checkpoint": self.base_checkpoint,
                 "model_type": getattr(self.config, "model_type", None),
                 "architecture": type(self.mlm).__name__,
@@ -415,13 +404,9 @@ class KnowledgeAugmentedEncoder(nn.Module):
                 "head_initialised": self.head_initialised,
                 "tied_embeddings": self.output_embeddings.weight is self.input_embeddings.weight,
                 "model": MODEL_DIR,
-                "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "realm_version": realm.__version__,
-                "metadata": metadata or {},
-                "files": _file_sizes(tmp),
+                "tokenizer": _save_tokenizer(tokenizer, tmp),
             }
-            _write_json(tmp / MANIFEST, manifest)
+            _write_manifest(tmp, MANIFEST_KIND, FORMAT_VERSION, fields, metadata)
         logger.info("saved knowledge-augmented encoder to %s", target)
         return target
 
@@ -445,9 +430,7 @@ class KnowledgeAugmentedEncoder(nn.Module):
         mlm = AutoModelForMaskedLM.from_pretrained(directory / manifest["model"], dtype=dtype)
         if manifest.get("tied_embeddings"):
             tie_output_embeddings(mlm)
-        tokenizer = None
-        if manifest.get("tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(str(directory / manifest["tokenizer"]))
+        tokenizer = _load_saved_tokenizer(directory, manifest)
         encoder = cls(
             mlm, tokenizer=tokenizer, base_checkpoint=manifest.get("base_checkpoint"),
             head_initialised=bool(manifest.get("head_initialised")),

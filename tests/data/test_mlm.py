@@ -1,4 +1,4 @@
-"""MLM examples from real block stores: salient spans from the store, masks that line up, fallbacks."""
+"""MLM examples from real block stores: salient spans from the store, masks line up, fallbacks."""
 
 from collections import Counter
 
