@@ -37,3 +37,112 @@ def gather_with_grad(local: torch.Tensor, accelerator) -> torch.Tensor:
     gathered = accelerator.gather(local.detach().contiguous())  # [world * B, ...]
     start = accelerator.process_index * local.shape[0]
     return torch.cat([gathered[:start], local, gathered[start + local.shape[0]:]], dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# REALM: marginal likelihood over retrieved blocks, retrieval utility
+
+
+def _null_column(num_candidates: int, null_index: int) -> int:
+    """``null_index`` as a non-negative column index into ``k + 1`` candidates."""
+    if not -num_candidates <= null_index < num_candidates:
+        raise ValueError(f"null_index {null_index} out of range for {num_candidates} candidates")
+    return null_index % num_candidates
+
+
+def _drop_column(x: torch.Tensor, column: int) -> torch.Tensor:
+    """``x`` ``[B, k + 1]`` without one column -> ``[B, k]`` (the others in order)."""
+    keep = [j for j in range(x.shape[1]) if j != column]
+    return x[:, keep]  # [B, k]
+
+
+def realm_marginal_loss(
+    retrieval_logits: torch.Tensor, log_p_y_given_z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REALM's loss: the negative log marginal likelihood of the masked tokens over blocks.
+
+    ``p(y|x) = Σ_z p(y|z, x) p(z|x)`` with ``p(z|x) = softmax_z f(x, z)`` over the ``k + 1``
+    candidates (retrieved blocks and the null document). Gradients reach the retriever through
+    ``log p(z|x)`` and the knowledge-augmented encoder through ``log p(y|z, x)``.
+
+    Args:
+        retrieval_logits: Scores ``f(x, z)`` of each query's candidates, ``[B, k + 1]``.
+        log_p_y_given_z: ``log p(y|z, x)`` summed over the masked tokens, ``[B, k + 1]``.
+
+    Returns:
+        ``(loss, log_p_z)``: the batch mean of ``-log p(y|x)`` (a scalar, float32) and
+        ``log p(z|x)`` ``[B, k + 1]``.
+    """
+    if retrieval_logits.shape != log_p_y_given_z.shape or retrieval_logits.dim() != 2:
+        raise ValueError(
+            f"expected two [B, k + 1] tensors, got {tuple(retrieval_logits.shape)} and "
+            f"{tuple(log_p_y_given_z.shape)}"
+        )
+    log_p_z = torch.log_softmax(retrieval_logits.float(), dim=-1)  # [B, k + 1]
+    log_joint = log_p_z + log_p_y_given_z.float()  # [B, k + 1], log p(y, z | x)
+    log_marginal = torch.logsumexp(log_joint, dim=-1)  # [B], log p(y|x)
+    return -log_marginal.mean(), log_p_z
+
+
+def retrieval_utility(log_p_y_given_z: torch.Tensor, null_index: int = -1) -> torch.Tensor:
+    """Retrieval utility ``RU(z, x) = log p(y|z, x) - log p(y|∅, x)`` of each retrieved block.
+
+    Positive when a block helps predict the masked tokens more than no block at all.
+
+    Args:
+        log_p_y_given_z: ``log p(y|z, x)``, ``[B, k + 1]``, the null document among them.
+        null_index: Column of the null document (last by default).
+
+    Returns:
+        ``[B, k]``: the non-null candidates in their original order.
+    """
+    column = _null_column(log_p_y_given_z.shape[1], null_index)
+    null = log_p_y_given_z[:, column : column + 1]  # [B, 1]
+    return _drop_column(log_p_y_given_z - null, column)  # [B, k]
+
+
+def expected_retrieval_utility(
+    ru: torch.Tensor, log_p_z: torch.Tensor, null_index: int = -1
+) -> torch.Tensor:
+    """``E[RU(z, x)]`` under ``p(z|x)`` renormalised over the retrieved (non-null) blocks.
+
+    The null document is left out because its utility is 0 by definition: the expectation
+    under the full ``p(z|x)`` (null included) equals this value times ``1 - p(null|x)``.
+
+    Args:
+        ru: Retrieval utility of the non-null candidates, ``[B, k]`` (:func:`retrieval_utility`).
+        log_p_z: ``log p(z|x)`` over all candidates, ``[B, k + 1]``.
+        null_index: Column of the null document in ``log_p_z``.
+
+    Returns:
+        ``[B]``.
+    """
+    column = _null_column(log_p_z.shape[1], null_index)
+    weights = torch.softmax(_drop_column(log_p_z, column), dim=-1)  # [B, k], sums to 1
+    return (weights * ru).sum(dim=-1)  # [B]
+
+
+def top1_retrieval_utility(
+    ru: torch.Tensor, retrieval_logits: torch.Tensor, null_index: int = -1
+) -> torch.Tensor:
+    """RU of the highest-scoring retrieved (non-null) block of each query, ``[B]``.
+
+    Args:
+        ru: ``[B, k]`` from :func:`retrieval_utility`.
+        retrieval_logits: ``[B, k + 1]`` scores (or ``log p(z|x)``; the argmax is the same).
+        null_index: Column of the null document in ``retrieval_logits``.
+    """
+    column = _null_column(retrieval_logits.shape[1], null_index)
+    top = _drop_column(retrieval_logits, column).argmax(dim=-1, keepdim=True)  # [B, 1]
+    return ru.gather(1, top).squeeze(1)  # [B]
+
+
+def null_probability(log_p_z: torch.Tensor, null_index: int = -1) -> torch.Tensor:
+    """``p(null|x)``, the retriever's probability of the null document, ``[B]``."""
+    column = _null_column(log_p_z.shape[1], null_index)
+    return log_p_z[:, column].exp()  # [B]
+
+
+def retrieval_entropy(log_p_z: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of ``p(z|x)`` over all ``k + 1`` candidates, null included, ``[B]``."""
+    return torch.special.entr(log_p_z.exp()).sum(dim=-1)  # [B]; 0 log 0 counts as 0

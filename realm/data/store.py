@@ -325,6 +325,10 @@ class BlockStore:
         row = self.blocks[i]
         return self._spans[row["span_offset"]: row["span_offset"] + row["n_spans"]]
 
+    def span_lengths(self) -> np.ndarray:
+        """Word-piece length of every salient span in the corpus, ``[n_spans]``."""
+        return (self._spans["end"].astype(np.int64) - self._spans["start"]).astype(np.int64)
+
     def sentences(self, i: int) -> np.ndarray:
         """Sentence pieces of block ``i``: SENTENCE_DTYPE rows with offsets into ``body_ids(i)``."""
         row = self.blocks[i]

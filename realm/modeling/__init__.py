@@ -1,5 +1,13 @@
-"""Models: the retriever (query and document encoders); more roles join here."""
+"""Models: the retriever (query and document encoders), the knowledge-augmented encoder."""
 
+from realm.modeling.ka_encoder import (
+    JoinedInputs,
+    KnowledgeAugmentedEncoder,
+    KnowledgeAugmentedOutput,
+    build_joined_inputs,
+    build_ka_encoder,
+    tie_output_embeddings,
+)
 from realm.modeling.retriever import (
     EncoderInputs,
     Embedder,
@@ -14,6 +22,12 @@ from realm.modeling.retriever import (
 )
 
 __all__ = [
+    "JoinedInputs",
+    "KnowledgeAugmentedEncoder",
+    "KnowledgeAugmentedOutput",
+    "build_joined_inputs",
+    "build_ka_encoder",
+    "tie_output_embeddings",
     "EncoderInputs",
     "Embedder",
     "Retriever",

@@ -569,12 +569,9 @@ class Retriever(nn.Module):
         with _atomic_directory(target, overwrite=overwrite) as tmp:
             self.query_encoder.save_pretrained(tmp / QUERY_ENCODER_DIR)
             self.doc_encoder.save_pretrained(tmp / DOC_ENCODER_DIR)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            tokenizer_dir = _save_tokenizer(tokenizer, tmp)
             config = self.query_encoder.backbone.config
-            manifest = {
-                "kind": MANIFEST_KIND,
-                "format_version": FORMAT_VERSION,
+            fields = {
                 "dim": self.dim,
                 "pooling": self.pooling,
                 "share_weights": self.share_weights,
@@ -583,13 +580,9 @@ class Retriever(nn.Module):
                 "hidden_size": config.hidden_size,
                 "query_encoder": QUERY_ENCODER_DIR,
                 "doc_encoder": DOC_ENCODER_DIR,
-                "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "realm_version": realm.__version__,
-                "metadata": metadata or {},
-                "files": _file_sizes(tmp),
+                "tokenizer": tokenizer_dir,
             }
-            _write_json(tmp / MANIFEST, manifest)
+            _write_manifest(tmp, MANIFEST_KIND, FORMAT_VERSION, fields, metadata)
         logger.info("saved retriever (dim %d, %s pooling) to %s", self.dim, self.pooling, target)
         return target
 
@@ -615,9 +608,7 @@ class Retriever(nn.Module):
             doc_encoder = query_encoder
         else:
             doc_encoder = Embedder.from_pretrained(directory / manifest["doc_encoder"], dtype)
-        tokenizer = None
-        if manifest.get("tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(str(directory / manifest["tokenizer"]))
+        tokenizer = _load_saved_tokenizer(directory, manifest)
         retriever = cls(
             query_encoder, doc_encoder, tokenizer=tokenizer,
             base_checkpoint=manifest.get("base_checkpoint"),
@@ -663,15 +654,20 @@ def build_retriever(
 # Directory helpers
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a retriever directory's manifest (kind and listed file sizes)."""
+def read_manifest(directory: str | os.PathLike, kind: str = MANIFEST_KIND) -> dict[str, Any]:
+    """Read and check a saved model directory's manifest (kind and listed file sizes).
+
+    Args:
+        directory: A directory written by ``save_pretrained``.
+        kind: The manifest kind expected (``"retriever"`` unless told otherwise).
+    """
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no {MANIFEST}: not a saved retriever")
+        raise FileNotFoundError(f"{directory} has no {MANIFEST}: not a saved {kind}")
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("kind") != MANIFEST_KIND:
-        raise ValueError(f"{path}: kind is {manifest.get('kind')!r}, expected {MANIFEST_KIND!r}")
+    if manifest.get("kind") != kind:
+        raise ValueError(f"{path}: kind is {manifest.get('kind')!r}, expected {kind!r}")
     for rel, size in manifest.get("files", {}).items():
         file = directory / rel
         if not file.is_file():
@@ -681,6 +677,42 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
                 f"{directory}: {rel} has {file.stat().st_size} bytes, manifest says {size}"
             )
     return manifest
+
+
+def _save_tokenizer(tokenizer: Any, directory: Path) -> Optional[str]:
+    """Save ``tokenizer`` (if any) under ``directory``; returns its manifest entry."""
+    if tokenizer is None:
+        return None
+    tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+    return TOKENIZER_DIR
+
+
+def _load_saved_tokenizer(directory: Path, manifest: dict[str, Any]) -> Any:
+    """The tokenizer a saved model directory holds, or None when it was saved without one."""
+    if not manifest.get("tokenizer"):
+        return None
+    return AutoTokenizer.from_pretrained(str(directory / manifest["tokenizer"]))
+
+
+def _write_manifest(
+    directory: Path,
+    kind: str,
+    format_version: int,
+    fields: dict[str, Any],
+    metadata: Optional[dict[str, Any]],
+) -> None:
+    """Write ``manifest.json`` last into a model directory being built: kind and format, the
+    model's own ``fields``, then creation time, realm version, metadata and every file's size."""
+    manifest = {
+        "kind": kind,
+        "format_version": format_version,
+        **fields,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "realm_version": realm.__version__,
+        "metadata": metadata or {},
+        "files": _file_sizes(directory),
+    }
+    _write_json(directory / MANIFEST, manifest)
 
 
 def _file_sizes(root: Path) -> dict[str, int]:

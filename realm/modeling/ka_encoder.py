@@ -1,0 +1,462 @@
+"""The knowledge-augmented encoder: REALM's ``p(y|z, x)``, a masked LM over ``x`` joined with ``z``.
+
+Each query ``x`` (a passage with masked tokens) is joined with each of its ``k + 1`` candidate
+blocks ``z`` (the ``k`` retrieved blocks and the null document) as
+``[CLS] x [SEP] title [SEP] body [SEP]``; the null document is the empty block, so its sequence
+is ``[CLS] x [SEP] [SEP]``. ``x`` sits at the same offset in every candidate, so the masked
+positions are shared by the ``k + 1`` sequences of a query::
+
+    ka = KnowledgeAugmentedEncoder.from_checkpoint("sentence-transformers/all-MiniLM-L6-v2")
+    joined = build_joined_inputs(queries, titles, bodies, cls_id, sep_id, pad_id,
+                                 mask_positions=positions)           # [B * (k + 1), seq_len]
+    out = ka(joined.input_ids, joined.attention_mask, joined.token_type_ids,
+             mask_positions=joined.mask_positions, labels=targets, label_mask=target_mask)
+    out.log_probs_of_targets                                         # [B, k + 1]
+    ka.save_pretrained("run/ka_encoder")                             # atomic directory
+
+The masked-LM head comes from the checkpoint when it has one; otherwise (encoder-only
+checkpoints such as MiniLM) a new head is initialised with its decoder tied to the input word
+embeddings. A saved encoder is a self-describing directory::
+
+    manifest.json        kind "knowledge_augmented_encoder", base checkpoint, sizes, version
+    model/               config.json, model.safetensors (transformers masked-LM format)
+    tokenizer/           the checkpoint's tokenizer (when there is one)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+
+from realm.data.mlm import pad_ragged
+from realm.hub import load_tokenizer, resolve_model_path
+from realm.modeling.retriever import (
+    _as_ids,
+    _atomic_directory,
+    _load_saved_tokenizer,
+    _pack,
+    _save_tokenizer,
+    _write_manifest,
+    read_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_KIND = "knowledge_augmented_encoder"
+FORMAT_VERSION = 1
+MODEL_DIR = "model"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and outputs
+
+
+@dataclass
+class JoinedInputs:
+    """Queries joined with their candidate blocks, query-major: row ``i * (k + 1) + j`` is query
+    ``i`` with candidate ``j``.
+
+    Attributes:
+        input_ids: ``[CLS] x [SEP] title [SEP] body [SEP]`` (``[CLS] x [SEP] [SEP]`` for an
+            empty block), right-padded, ``[B * (k + 1), seq_len]`` int64.
+        attention_mask: 1 on real tokens, ``[B * (k + 1), seq_len]``.
+        token_type_ids: 0 on ``[CLS] x [SEP]``, 1 on the block and its separators,
+            ``[B * (k + 1), seq_len]``.
+        mask_positions: Positions of each query's masked tokens in its joined sequences (the
+            same for all ``k + 1`` candidates), padded with 0, ``[B, max_masked]`` int64; None
+            when no positions were given.
+        position_mask: True on real entries of ``mask_positions``, ``[B, max_masked]``.
+        num_candidates: ``k + 1``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor
+    mask_positions: Optional[torch.Tensor]
+    position_mask: Optional[torch.Tensor]
+    num_candidates: int
+
+
+def build_joined_inputs(
+    query_ids: Sequence[Sequence[int] | np.ndarray],
+    block_title_ids: Sequence[Sequence[Sequence[int] | np.ndarray]],
+    block_body_ids: Sequence[Sequence[Sequence[int] | np.ndarray]],
+    cls_id: int,
+    sep_id: int,
+    pad_id: int,
+    max_length: Optional[int] = None,
+    *,
+    mask_positions: Optional[Sequence[Sequence[int] | np.ndarray]] = None,
+    append_null: bool = True,
+) -> JoinedInputs:
+    """Join ``B`` (already masked) queries with their candidate blocks; no re-tokenization.
+
+    Args:
+        query_ids: Word-piece ids of each query, masked tokens already ``[MASK]``; ``B`` arrays.
+        block_title_ids: For each query, the title ids of its retrieved blocks (``B`` lists of
+            ``k`` arrays, the same ``k`` for every query).
+        block_body_ids: Body ids in the same layout as ``block_title_ids``.
+        cls_id: Id of ``[CLS]``.
+        sep_id: Id of ``[SEP]``.
+        pad_id: Id written on padding positions.
+        max_length: Most tokens per joined sequence, special tokens included. The query is
+            never cut (its masked tokens would be lost): a query longer than
+            ``max_length - 3`` raises. The block's body is cut first, then its title.
+        mask_positions: Positions of each query's masked tokens within ``query_ids``; returned
+            shifted into the joined sequences (past ``[CLS]``) and padded.
+        append_null: Append the null document (an empty block) as each query's last
+            candidate, so ``k`` retrieved blocks give ``k + 1`` candidates.
+
+    Returns:
+        :class:`JoinedInputs` with ``B * (k + 1)`` rows.
+    """
+    n = len(query_ids)
+    if n == 0:
+        raise ValueError("cannot join an empty batch")
+    if len(block_title_ids) != n or len(block_body_ids) != n:
+        raise ValueError(
+            f"{n} queries but {len(block_title_ids)} title lists and {len(block_body_ids)} "
+            "body lists"
+        )
+    counts = {len(t) for t in block_title_ids} | {len(b) for b in block_body_ids}
+    if len(counts) != 1:
+        raise ValueError(f"every query needs the same number of blocks, got counts {counts}")
+    num_candidates = counts.pop() + int(append_null)
+    if num_candidates < 1:
+        raise ValueError("no candidates: give blocks or append_null=True")
+    empty = np.zeros(0, np.int64)
+    cls, sep = np.array([cls_id], np.int64), np.array([sep_id], np.int64)
+    rows = []
+    for i, query in enumerate(query_ids):
+        x = _as_ids(query)
+        if max_length is not None and len(x) + 3 > max_length:
+            raise ValueError(
+                f"query {i} has {len(x)} word pieces; with [CLS] and two [SEP] it does not fit "
+                f"in max_length={max_length}"
+            )
+        titles = list(block_title_ids[i]) + ([empty] if append_null else [])
+        bodies = list(block_body_ids[i]) + ([empty] if append_null else [])
+        for title, body in zip(titles, bodies):
+            title, body = _as_ids(title), _as_ids(body)
+            row = [(cls, 0), (x, 0), (sep, 0)]
+            if max_length is not None:
+                room = max_length - len(x) - 4  # [CLS] x [SEP] title [SEP] body [SEP]
+                title = title[: max(room, 0)]
+                body = body[: max(room - len(title), 0)]
+            if len(title) or len(body):
+                row += [(title, 1), (sep, 1), (body, 1)]
+            rows.append(row + [(sep, 1)])
+    packed = _pack(rows, pad_id)
+    positions = position_mask = None
+    if mask_positions is not None:
+        if len(mask_positions) != n:
+            raise ValueError(f"{n} queries but {len(mask_positions)} mask position arrays")
+        for i, pos in enumerate(mask_positions):
+            pos = _as_ids(pos)
+            if len(pos) and (pos.min() < 0 or pos.max() >= len(_as_ids(query_ids[i]))):
+                raise ValueError(f"query {i}: mask positions {pos.tolist()} outside the query")
+        positions, position_mask = pad_ragged(mask_positions, pad_value=0)
+        positions = torch.where(position_mask, positions + 1, positions)  # past [CLS]
+    return JoinedInputs(
+        packed.input_ids, packed.attention_mask, packed.token_type_ids,
+        positions, position_mask, num_candidates,
+    )
+
+
+@dataclass
+class KnowledgeAugmentedOutput:
+    """What the knowledge-augmented encoder returns; fields it did not compute stay None.
+
+    Attributes:
+        logits: Masked-LM logits. With ``mask_positions``: at the masked positions only,
+            ``[B, k + 1, max_masked, vocab]``; without: every position,
+            ``[B * (k + 1), seq_len, vocab]``.
+        token_log_probs: ``log p(y_j|z, x)`` of each target token, 0 on padding,
+            ``[B, k + 1, max_masked]`` (float32).
+        log_probs_of_targets: ``log p(y|z, x) = Σ_j log p(y_j|z, x)`` over each query's masked
+            tokens, per candidate, ``[B, k + 1]`` (float32).
+    """
+
+    logits: torch.Tensor
+    token_log_probs: Optional[torch.Tensor] = None
+    log_probs_of_targets: Optional[torch.Tensor] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The encoder
+
+
+def tie_output_embeddings(mlm: PreTrainedModel) -> None:
+    """Tie a masked-LM's decoder weight to its input word embeddings (the same Parameter)."""
+    output, inputs = mlm.get_output_embeddings(), mlm.get_input_embeddings()
+    if output is None:
+        raise ValueError(f"{type(mlm).__name__} has no output embeddings to tie")
+    mlm.config.tie_word_embeddings = True  # saved with the config: re-tied on load
+    mlm.tie_weights()
+    if output.weight is not inputs.weight:
+        output.weight = inputs.weight
+
+
+class KnowledgeAugmentedEncoder(nn.Module):
+    """A transformers masked LM that reads ``[CLS] x [SEP] z [SEP]`` and scores the masked tokens.
+
+    Build it with :meth:`from_checkpoint`, :meth:`from_config`, :meth:`from_pretrained` or
+    :func:`build_ka_encoder`.
+
+    Args:
+        mlm: Any ``AutoModelForMaskedLM`` model.
+        tokenizer: The checkpoint's tokenizer, saved with the model; None for tiny models.
+        base_checkpoint: Name the model was initialised from (recorded in the manifest).
+        head_initialised: Whether the masked-LM head was newly initialised (not in the
+            checkpoint); recorded in the manifest.
+    """
+
+    def __init__(
+        self,
+        mlm: PreTrainedModel,
+        *,
+        tokenizer: Any = None,
+        base_checkpoint: Optional[str] = None,
+        head_initialised: bool = False,
+    ):
+        super().__init__()
+        self.mlm = mlm
+        self.tokenizer = tokenizer
+        self.base_checkpoint = base_checkpoint
+        self.head_initialised = head_initialised
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.mlm.config
+
+    @property
+    def input_embeddings(self) -> nn.Module:
+        """The word-embedding table, ``[vocab, hidden]``."""
+        return self.mlm.get_input_embeddings()
+
+    @property
+    def output_embeddings(self) -> nn.Module:
+        """The head's decoder (hidden -> vocab); tied to :attr:`input_embeddings` when new."""
+        return self.mlm.get_output_embeddings()
+
+    def _head(self) -> Optional[nn.Module]:
+        """The head module when the model is exactly ``backbone`` + ``head`` (BERT, RoBERTa)."""
+        children = [
+            module for name, module in self.mlm.named_children()
+            if name != self.mlm.base_model_prefix
+        ]
+        return children[0] if len(children) == 1 else None
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        name_or_path: str,
+        *,
+        with_tokenizer: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ) -> "KnowledgeAugmentedEncoder":
+        """A masked LM from a transformers checkpoint; a tied new head when it has none.
+
+        Args:
+            name_or_path: Local directory, hub name, or packaged alias (see
+                :func:`realm.hub.resolve_model_path`).
+            with_tokenizer: Also load the checkpoint's (fast) tokenizer, saved with the model.
+            dtype: Parameter dtype.
+        """
+        path = resolve_model_path(name_or_path)
+        mlm, info = AutoModelForMaskedLM.from_pretrained(
+            path, dtype=dtype, output_loading_info=True
+        )
+        prefix = mlm.base_model_prefix + "."
+        missing_head = sorted(k for k in info["missing_keys"] if not k.startswith(prefix))
+        if missing_head:
+            tie_output_embeddings(mlm)
+            logger.info(
+                "%s has no masked-LM head: initialised a new one (%d tensors, e.g. %s), decoder "
+                "tied to the input word embeddings", name_or_path, len(missing_head),
+                missing_head[0],
+            )
+        tokenizer = load_tokenizer(name_or_path) if with_tokenizer else None
+        return cls(
+            mlm, tokenizer=tokenizer, base_checkpoint=name_or_path,
+            head_initialised=bool(missing_head),
+        )
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> "KnowledgeAugmentedEncoder":
+        """Randomly initialised masked LM from a config (tiny test models), decoder tied."""
+        mlm = AutoModelForMaskedLM.from_config(config)
+        tie_output_embeddings(mlm)
+        logger.info("initialised a %s masked LM from a config", type(mlm).__name__)
+        return cls(mlm, head_initialised=True)
+
+    # -- forward --------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+        mask_positions: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        label_mask: Optional[torch.Tensor] = None,
+    ) -> KnowledgeAugmentedOutput:
+        """Score the masked tokens of each query against each of its candidates.
+
+        Args:
+            input_ids: Joined sequences, query-major, ``[B * (k + 1), seq_len]``
+                (:func:`build_joined_inputs`).
+            attention_mask: ``[B * (k + 1), seq_len]``.
+            token_type_ids: ``[B * (k + 1), seq_len]`` or None (all zeros).
+            mask_positions: Masked positions in the joined sequences, ``[B, max_masked]``; the
+                logits are then computed at these positions only.
+            labels: Target ids of the masked tokens, ``[B, max_masked]``; needs
+                ``mask_positions``.
+            label_mask: True on real targets, ``[B, max_masked]``; None means all are real.
+
+        Returns:
+            :class:`KnowledgeAugmentedOutput`; ``token_log_probs`` and
+            ``log_probs_of_targets`` only when ``labels`` are given.
+        """
+        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        if mask_positions is None:
+            if labels is not None:
+                raise ValueError("labels need mask_positions")
+            logits = self.mlm(
+                input_ids=input_ids, attention_mask=attention_mask, **kwargs
+            ).logits  # [N, seq_len, vocab]
+            return KnowledgeAugmentedOutput(logits=logits)
+        n, seq_len = input_ids.shape
+        batch, max_masked = mask_positions.shape
+        if n % batch:
+            raise ValueError(f"{n} sequences are not a whole number of candidates for {batch}")
+        num_candidates = n // batch
+        head = self._head()
+        if head is not None:
+            # Run the head on the masked positions only: [B, k + 1, M, vocab], not [N, L, vocab].
+            states = self.mlm.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, **kwargs
+            ).last_hidden_state  # [N, seq_len, hidden]
+        else:  # no separable head: full logits, then pick the masked positions
+            states = self.mlm(
+                input_ids=input_ids, attention_mask=attention_mask, **kwargs
+            ).logits  # [N, seq_len, vocab]
+        states = states.view(batch, num_candidates, seq_len, -1)  # [B, k + 1, L, hidden|vocab]
+        index = mask_positions[:, None, :, None].expand(
+            batch, num_candidates, max_masked, states.shape[-1]
+        )  # [B, k + 1, M, hidden|vocab]
+        picked = states.gather(2, index)  # [B, k + 1, M, hidden|vocab]
+        logits = head(picked) if head is not None else picked  # [B, k + 1, M, vocab]
+        if labels is None:
+            return KnowledgeAugmentedOutput(logits=logits)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # [B, k + 1, M, vocab]
+        targets = labels[:, None, :, None].expand(batch, num_candidates, max_masked, 1)
+        token_log_probs = log_probs.gather(-1, targets).squeeze(-1)  # [B, k + 1, M]
+        if label_mask is not None:
+            token_log_probs = token_log_probs.masked_fill(~label_mask.bool()[:, None, :], 0.0)
+        return KnowledgeAugmentedOutput(
+            logits=logits,
+            token_log_probs=token_log_probs,
+            log_probs_of_targets=token_log_probs.sum(dim=-1),  # [B, k + 1]
+        )
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        tokenizer: Any = None,
+        metadata: Optional[dict[str, Any]] = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write a self-describing directory, atomically (as :meth:`Retriever.save_pretrained`).
+
+        Args:
+            save_directory: Target directory; must not exist unless ``overwrite``.
+            tokenizer: Tokenizer to save; defaults to the one the encoder was built with.
+            metadata: Extra JSON-able fields for the manifest (e.g. the training step).
+            overwrite: Replace an existing directory.
+
+        Returns:
+            The target directory.
+        """
+        target = Path(save_directory)
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        with _atomic_directory(target, overwrite=overwrite) as tmp:
+            self.mlm.save_pretrained(tmp / MODEL_DIR)
+            fields = {
+                "base_checkpoint": self.base_checkpoint,
+                "model_type": getattr(self.config, "model_type", None),
+                "architecture": type(self.mlm).__name__,
+                "hidden_size": self.config.hidden_size,
+                "vocab_size": self.config.vocab_size,
+                "head_initialised": self.head_initialised,
+                "tied_embeddings": self.output_embeddings.weight is self.input_embeddings.weight,
+                "model": MODEL_DIR,
+                "tokenizer": _save_tokenizer(tokenizer, tmp),
+            }
+            _write_manifest(tmp, MANIFEST_KIND, FORMAT_VERSION, fields, metadata)
+        logger.info("saved knowledge-augmented encoder to %s", target)
+        return target
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        device: Optional[str | torch.device] = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> "KnowledgeAugmentedEncoder":
+        """Load a directory written by :meth:`save_pretrained`.
+
+        Raises:
+            FileNotFoundError: No ``manifest.json``.
+            ValueError: The manifest is of another kind, or a listed file is missing or has
+                the wrong size.
+        """
+        directory = Path(directory)
+        manifest = read_manifest(directory, kind=MANIFEST_KIND)
+        mlm = AutoModelForMaskedLM.from_pretrained(directory / manifest["model"], dtype=dtype)
+        if manifest.get("tied_embeddings"):
+            tie_output_embeddings(mlm)
+        tokenizer = _load_saved_tokenizer(directory, manifest)
+        encoder = cls(
+            mlm, tokenizer=tokenizer, base_checkpoint=manifest.get("base_checkpoint"),
+            head_initialised=bool(manifest.get("head_initialised")),
+        )
+        if device is not None:
+            encoder.to(device)
+        logger.info("loaded knowledge-augmented encoder from %s", directory)
+        return encoder
+
+
+def build_ka_encoder(
+    name_or_path: Optional[str] = None,
+    *,
+    config: Optional[PretrainedConfig] = None,
+    **kwargs: Any,
+) -> KnowledgeAugmentedEncoder:
+    """Builder: a knowledge-augmented encoder from a checkpoint name/path or a config.
+
+    Args:
+        name_or_path: Checkpoint to initialise from (with or without a masked-LM head).
+        config: A transformers config (e.g. ``BertConfig``) for a randomly initialised model.
+        **kwargs: Passed to :meth:`KnowledgeAugmentedEncoder.from_checkpoint`
+            (``with_tokenizer``, ``dtype``).
+    """
+    if (name_or_path is None) == (config is None):
+        raise ValueError("give exactly one of name_or_path or config")
+    if config is not None:
+        return KnowledgeAugmentedEncoder.from_config(config)
+    return KnowledgeAugmentedEncoder.from_checkpoint(name_or_path, **kwargs)
