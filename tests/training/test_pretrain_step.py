@@ -1,0 +1,69 @@
+"""The REALM pretraining step on a real corpus with a tiny model: candidates, null, gradients."""
+
+import numpy as np
+import pytest
+import torch
+
+from realm.data.mlm import MLMDataset, collate_mlm
+from realm.data.store import BlockStore
+from realm.index.embed import embed_blocks, special_ids
+from realm.index.mips import MipsIndex
+from realm.losses import realm_marginal_loss
+from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder
+from realm.modeling.retriever import Retriever
+from realm.training.pretrain import REALM, PretrainTask
+
+
+@pytest.fixture(scope="module")
+def setup(leads_corpus, tiny_retriever, tiny_encoder):
+    torch.manual_seed(0)
+    store = BlockStore(leads_corpus)
+    retriever = Retriever.from_pretrained(tiny_retriever)
+    special = special_ids(retriever.tokenizer)
+    emb, _ = embed_blocks(retriever, store, special, progress=False)
+    index = MipsIndex.build(emb)
+    encoder = KnowledgeAugmentedEncoder.from_checkpoint(tiny_encoder)
+    model = REALM(retriever, encoder, store, special, k=4, max_query_tokens=32,
+                  max_block_tokens=64, max_joined_tokens=100)
+    dataset = MLMDataset(store, retriever.tokenizer.mask_token_id, masking="random_span",
+                         max_query_tokens=32, seed=0)
+    return model, index, dataset
+
+
+def test_candidates_exclude_the_source_and_end_with_null(setup):
+    model, index, dataset = setup
+    batch = collate_mlm([dataset[i] for i in range(6)])
+    searched = {}
+
+    def searcher(q, k, exclude):
+        searched["exclude"] = exclude
+        return index.search(q, k, exclude=exclude)
+
+    out = model(batch, searcher)
+    np.testing.assert_array_equal(searched["exclude"], batch.block_ids.numpy())
+    assert out.block_ids.shape == (6, 4) and out.retrieval_logits.shape == (6, 5)
+    assert not (out.block_ids == batch.block_ids[:, None]).any()  # never the source block
+    # the null document is the last candidate: its p(y|null) is the same however retrieval went
+    direct = out.log_p_y_given_z[:, -1]
+    again = model(batch, lambda q, k, e: index.search(q, k, exclude=np.arange(len(e)) + 10_000))
+    torch.testing.assert_close(again.log_p_y_given_z[:, -1], direct, rtol=1e-4, atol=1e-4)
+    loss, log_p_z = realm_marginal_loss(out.retrieval_logits, out.log_p_y_given_z)
+    torch.testing.assert_close(out.loss, loss)
+    torch.testing.assert_close(log_p_z.exp().sum(1), torch.ones(6))
+
+
+def test_gradients_reach_all_three_encoders(setup):
+    model, index, dataset = setup
+    model.zero_grad()
+    task = PretrainTask(dataset, lambda q, k, e: index.search(q, k, exclude=e))
+    batch = task.collate([dataset[i] for i in range(4)])
+    loss, metrics = task.loss(model, batch)
+    loss.backward()
+    for name, part in [("query encoder", model.retriever.query_encoder),
+                       ("doc encoder", model.retriever.doc_encoder),
+                       ("knowledge-augmented encoder", model.encoder)]:
+        norm = sum(float(p.grad.abs().sum()) for p in part.parameters() if p.grad is not None)
+        assert norm > 0, name
+    assert np.isfinite(metrics["loss"]) and 0 <= metrics["masked_accuracy"] <= 1
+    assert 0 < metrics["p_null"] < 1 and metrics["retrieval_entropy"] > 0
+    assert any(k.startswith("ru_by_label/") for k in metrics)
