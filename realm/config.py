@@ -282,6 +282,61 @@ class RefreshConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """REALM pretraining (``launch/pretrain.py``)."""
+
+    corpus: Optional[str] = _doc(
+        "Knowledge corpus: the blocks the index holds (prepare_corpus.py). null: build the `data` "
+        "section's corpus into `cache_dir` (the built-in default: lead sections of the installed "
+        "package).",
+        default=None,
+    )
+    examples: Optional[str] = _doc(
+        "Corpus the masked examples x are drawn from. null: the knowledge corpus itself, and the "
+        "block an example came from is excluded from its retrieval (REALM). A separate corpus "
+        "(e.g. configs/wiki_signal.yaml) excludes nothing.",
+        default=None,
+    )
+    retriever: Optional[str] = _doc(
+        "Warm-started retriever directory (launch/ict.py). null: run the ICT warm start first "
+        "(`ict_steps` steps) and cache it in `cache_dir`.", default=None
+    )
+    encoder: str = _doc("Checkpoint of the knowledge-augmented encoder (and of the retriever "
+                        "when it is warm-started here).", default=DEFAULT_ENCODER)
+    encoder_layers: Optional[int] = _doc(
+        "Keep only the first N transformer layers of `encoder` (a truncated copy is cached): "
+        "a small model for CPU runs. null keeps all.", default=None
+    )
+    k: int = _doc("Blocks retrieved per example (the null document comes on top).", default=8)
+    masking: Literal["salient_span", "random_span", "random_token"] = _doc(
+        "Masking of the examples (salient_span is REALM's; the others are its ablations).",
+        default="salient_span",
+    )
+    max_joined_tokens: int = _doc("Word pieces of `[CLS] x [SEP] z [SEP]` kept.", default=352)
+    ict_steps: int = _doc("Steps of the ICT warm start when no retriever is given.", default=100)
+    ict_batch_size: int = _doc("Batch of the ICT warm start.", default=32)
+    null_only: bool = _doc(
+        "Control run: no retrieval, the null document alone (k is ignored).", default=False
+    )
+    table_every: int = _doc(
+        "Log a table of a few examples (masked text, gold span, retrieved titles with p(z|x), "
+        "prediction) every this many steps; 0: never.", default=50
+    )
+    cache_dir: str = _doc("Where built corpora, truncated encoders and warm starts are cached.",
+                          default="runs/cache")
+
+    def __post_init__(self) -> None:
+        _check(self.k > 0, "pretrain.k", f"must be > 0, got {self.k}")
+        _check(self.encoder_layers is None or self.encoder_layers > 0, "pretrain.encoder_layers",
+               f"must be > 0 or null, got {self.encoder_layers}")
+        _check(self.table_every >= 0, "pretrain.table_every",
+               f"must be >= 0, got {self.table_every}")
+        for key in ("max_joined_tokens", "ict_steps", "ict_batch_size"):
+            _check(getattr(self, key) > 0, f"pretrain.{key}",
+                   f"must be > 0, got {getattr(self, key)}")
+
+
+@dataclass
 class LoggingConfig:
     """Metrics (a JSONL file always, wandb when enabled, main process only) and log level."""
 
@@ -313,6 +368,8 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig, metadata={"help": "MIPS index."})
     refresh: RefreshConfig = field(default_factory=RefreshConfig,
                                    metadata={"help": "Index refresher."})
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig,
+                                     metadata={"help": "REALM pretraining."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Training core."})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Metrics."})
 

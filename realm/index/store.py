@@ -166,6 +166,11 @@ class RunStore:
     def is_done(self) -> bool:
         return self.fs.exists(self.path("DONE"))
 
+    def clear_done(self) -> None:
+        """The run goes on (a finished run resumed with more steps): refreshers keep working."""
+        if self.is_done():
+            self.fs.rm_file(self.path("DONE"))
+
     # -- encoder snapshots ----------------------------------------------------------------
 
     def publish_encoder(self, retriever, step: int, metadata: Optional[dict] = None,

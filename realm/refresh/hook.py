@@ -72,6 +72,7 @@ class RefreshHook:
         """Publish the starting encoder, start the refresher and the watcher, await generation 0."""
         self.step = self.started_at = step
         if self.is_main:
+            self.store.clear_done()  # a finished run resumed with more steps
             latest = self.store.latest_encoder()
             if latest is None or latest["step"] < step or (step == 0 and latest["step"] != 0):
                 self.publish(self.model, step)
@@ -113,6 +114,8 @@ class RefreshHook:
     def before_step(self, step: int) -> None:
         if self.started_at is None:
             self.start(step, self.barrier)
+            if self.resume_generation is not None:
+                return  # the first resumed step runs on the checkpoint's generation: reproducible
         if self.watcher.maybe_swap():
             self.generations_used.add(self.watcher.current.generation)
 

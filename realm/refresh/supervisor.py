@@ -13,6 +13,19 @@ from typing import Optional, Sequence
 logger = logging.getLogger(__name__)
 
 
+#: Variables of a torchrun/accelerate rank that must not leak into a child process.
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID",
+                 "ACCELERATE_USE_CPU")
+
+
+def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """This process's environment minus the launcher's rank variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(extra or {})
+    return env
+
+
 class RefresherSupervisor:
     """Runs ``python -m realm.refresh --run-dir RUN_DIR ...`` as a child of the trainer.
 
@@ -48,12 +61,7 @@ class RefresherSupervisor:
     def start(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         log = open(self.log_path, "ab")
-        env = {**os.environ, **self.env}
-        # torchrun/accelerate variables of the trainer's rank must not leak into the child
-        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                    "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"):
-            if key not in self.env:
-                env.pop(key, None)
+        env = child_env(self.env)  # the trainer rank's launcher variables stay behind
         self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         log.close()

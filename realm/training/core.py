@@ -208,65 +208,70 @@ def train(
     t_loop = time.perf_counter()
     model.train()
     micro_in_step = 0
-    while progress.step < s.steps:
-        epoch_loader = loader
-        if progress.batch_in_epoch:  # resuming inside an epoch: the same order, minus what was seen
-            epoch_loader = accelerator.skip_first_batches(loader, progress.batch_in_epoch)
-        epoch_loader.set_epoch(progress.epoch)  # accelerate would otherwise use its own count
-        sampler.set_epoch(progress.epoch)  # (a skipping loader may not pass it down)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(progress.epoch)
-        for batch in epoch_loader:
-            progress.batch_in_epoch += 1
-            if micro_in_step == 0:
+    try:
+        while progress.step < s.steps:
+            epoch_loader = loader
+            if progress.batch_in_epoch:  # resuming inside an epoch: same order, minus what was seen
+                epoch_loader = accelerator.skip_first_batches(loader, progress.batch_in_epoch)
+            epoch_loader.set_epoch(progress.epoch)  # accelerate would otherwise use its own count
+            sampler.set_epoch(progress.epoch)  # (a skipping loader may not pass it down)
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(progress.epoch)
+            for batch in epoch_loader:
+                progress.batch_in_epoch += 1
+                if micro_in_step == 0:
+                    for hook in hooks:
+                        if hasattr(hook, "before_step"):
+                            hook.before_step(progress.step)
+                micro_in_step += 1
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss, metrics = task.loss(model, batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and s.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                for k, v in metrics.items():
+                    window.setdefault(k, []).append(float(v))
+                examples_seen += s.batch_size * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                micro_in_step = 0
+                progress.step += 1
+                bar.update(1)
                 for hook in hooks:
-                    if hasattr(hook, "before_step"):
-                        hook.before_step(progress.step)
-            micro_in_step += 1
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss, metrics = task.loss(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and s.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            for k, v in metrics.items():
-                window.setdefault(k, []).append(float(v))
-            examples_seen += s.batch_size * accelerator.num_processes
-            if not accelerator.sync_gradients:
+                    if hasattr(hook, "after_step"):
+                        hook.after_step(progress.step, model)
+                if progress.step % s.log_every == 0 or progress.step == s.steps:
+                    elapsed = time.perf_counter() - t_loop
+                    record = {"loss": float(np.mean(losses[-s.log_every * s.grad_accum:])),
+                              "lr": scheduler.get_last_lr()[0],
+                              "examples_per_s": examples_seen / max(elapsed, 1e-9)}
+                    record.update({k: float(np.mean(v)) for k, v in window.items()})
+                    for hook in hooks:
+                        if hasattr(hook, "metrics"):
+                            record.update(hook.metrics(progress.step))
+                    window.clear()
+                    tracker.log(record, step=progress.step)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if s.eval_every and progress.step % s.eval_every == 0:
+                    last_eval = _evaluate(task, model, tracker, progress.step)
+                if s.save_every and progress.step % s.save_every == 0 and progress.step < s.steps:
+                    last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict)
+                if progress.step >= s.steps:
+                    break
+            else:
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
                 continue
-            scheduler.step()
-            micro_in_step = 0
-            progress.step += 1
-            bar.update(1)
-            for hook in hooks:
-                if hasattr(hook, "after_step"):
-                    hook.after_step(progress.step, model)
-            if progress.step % s.log_every == 0 or progress.step == s.steps:
-                elapsed = time.perf_counter() - t_loop
-                record = {"loss": float(np.mean(losses[-s.log_every * s.grad_accum:])),
-                          "lr": scheduler.get_last_lr()[0],
-                          "examples_per_s": examples_seen / max(elapsed, 1e-9)}
-                record.update({k: float(np.mean(v)) for k, v in window.items()})
-                for hook in hooks:
-                    if hasattr(hook, "metrics"):
-                        record.update(hook.metrics(progress.step))
-                window.clear()
-                tracker.log(record, step=progress.step)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if s.eval_every and progress.step % s.eval_every == 0:
-                last_eval = _evaluate(task, model, tracker, progress.step)
-            if s.save_every and progress.step % s.save_every == 0 and progress.step < s.steps:
-                last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict)
-            if progress.step >= s.steps:
-                break
-        else:
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
-            continue
-        break
+            break
+    except KeyboardInterrupt:
+        bar.close()
+        _save_on_interrupt(accelerator, s, progress, micro_in_step, last_ckpt, config_dict)
+        raise
     bar.close()
     if s.eval_every:
         if not last_eval or s.steps % s.eval_every:
@@ -285,6 +290,24 @@ def train(
         "micro_batches_per_epoch": micro_per_epoch,
         "total_micro_batches": total_micro,
     }
+
+
+def _save_on_interrupt(accelerator, s: TrainSettings, progress: _Progress, micro_in_step: int,
+                       last_ckpt: Optional[str], config_dict: Optional[dict]) -> None:
+    """Ctrl-C: checkpoint the last completed step, so re-running the command resumes there.
+
+    The micro-batches of an unfinished step are handed back to the data position (their partial
+    gradients are not saved). With several processes the ranks may stop at different points and
+    a collective save could hang, so only a single process saves; the periodic checkpoints remain.
+    """
+    if accelerator.num_processes != 1 or progress.step == 0:
+        return
+    if last_ckpt and last_ckpt.endswith(f"step-{progress.step:06d}"):
+        return
+    progress.batch_in_epoch = max(0, progress.batch_in_epoch - micro_in_step)
+    path = save_checkpoint(accelerator, s, progress.step, config_dict)
+    logger.warning("interrupted at step %d: saved %s (re-run the same command to resume)",
+                   progress.step, path)
 
 
 def _evaluate(task: Task, model: torch.nn.Module, tracker: Tracker, step: int) -> dict[str, float]:

@@ -15,7 +15,15 @@ that takes part; the index search runs inside it on detached query embeddings.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
+import re
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -69,12 +77,14 @@ class REALM(nn.Module):
         special: ``(cls_id, sep_id, pad_id)``.
         k: Retrieved blocks per example (the null document comes on top).
         max_query_tokens, max_block_tokens, max_joined_tokens: Word pieces kept.
+        exclude_source: Leave each example's source block out of its retrieval (the examples
+            come from ``store``); False when they come from another corpus.
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
                  store: BlockStore, special: tuple[int, int, int], k: int = 8,
                  max_query_tokens: int = 64, max_block_tokens: int = 288,
-                 max_joined_tokens: int = 352):
+                 max_joined_tokens: int = 352, exclude_source: bool = True):
         super().__init__()
         self.retriever = retriever
         self.encoder = encoder
@@ -84,6 +94,7 @@ class REALM(nn.Module):
         self.max_query_tokens = max_query_tokens
         self.max_block_tokens = max_block_tokens
         self.max_joined_tokens = max_joined_tokens
+        self.exclude_source = exclude_source
 
     def forward(self, batch: MLMBatch, searcher: Searcher) -> REALMOutput:
         device = next(self.parameters()).device
@@ -93,8 +104,8 @@ class REALM(nn.Module):
         q_in = build_query_inputs(batch.query_ids, cls_id, sep_id, pad_id,
                                   max_length=self.max_query_tokens + 2)
         q_reps = self.retriever.encode_queries(*(t.to(device) for t in q_in)).q_reps  # [B, dim]
-        found = searcher(q_reps.detach().float().cpu().numpy(), self.k,
-                         batch.block_ids.numpy())  # the source block excluded
+        exclude = batch.block_ids.numpy() if self.exclude_source else None
+        found = searcher(q_reps.detach().float().cpu().numpy(), self.k, exclude)
         ids = found.block_ids  # [B, k], -1 where the index had fewer
         valid = torch.from_numpy(ids >= 0).to(device)  # [B, k]
         # 2. the k retrieved blocks + the null document, re-scored with grad
@@ -167,12 +178,12 @@ class PretrainTask:
     Args:
         dataset: Masked examples (:class:`MLMDataset`).
         searcher: Index search over the generation in use (the refresh hook's watcher).
-        world_size: Processes (the loss is averaged by DDP over them).
     """
 
     def __init__(self, dataset: MLMDataset, searcher: Searcher):
         self.dataset = dataset
         self.searcher = searcher
+        self.last: Optional[tuple[REALMOutput, MLMBatch]] = None  # for the examples table
 
     def train_dataset(self) -> MLMDataset:
         return self.dataset
@@ -182,7 +193,303 @@ class PretrainTask:
 
     def loss(self, model: nn.Module, batch: MLMBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         out = model(batch, self.searcher)
+        self.last = (dataclasses.replace(out, mlm_logits=out.mlm_logits.detach(),
+                                         log_p_z=out.log_p_z.detach()), batch)
         return out.loss, realm_metrics(out, batch)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples table (wandb when enabled, the metrics JSONL always)
+
+
+class ExampleTable:
+    """A training-core hook that logs a few examples every ``every`` steps (main process).
+
+    Columns: the masked query, the gold span, the retrieved titles with ``p(z|x)`` (the null
+    document as ``∅``), and the marginal prediction at the masked positions.
+    """
+
+    COLUMNS = ["step", "masked_text", "gold", "retrieved", "prediction", "p_null"]
+
+    def __init__(self, task: "PretrainTask", tracker, tokenizer, store: BlockStore, every: int,
+                 n: int = 4):
+        self.task, self.tracker, self.tokenizer, self.store = task, tracker, tokenizer, store
+        self.every, self.n = every, n
+
+    def after_step(self, step: int, model: nn.Module) -> None:
+        if not self.every or step % self.every or self.task.last is None:
+            return
+        self.tracker.log_table("examples", self.COLUMNS, self.rows(step), step=step)
+
+    def rows(self, step: int) -> list[list[Any]]:
+        out, batch = self.task.last
+        decode = self.tokenizer.decode
+        log_probs = torch.log_softmax(out.mlm_logits.float(), dim=-1)  # [B, k + 1, M, V]
+        marginal = torch.logsumexp(out.log_p_z[:, :, None, None] + log_probs, dim=1)  # [B, M, V]
+        predicted = marginal.argmax(dim=-1)  # [B, M]
+        p_z = out.log_p_z.exp()  # [B, k + 1]
+        rows = []
+        for i in range(min(self.n, len(batch.query_ids))):
+            keep = batch.target_mask[i]
+            retrieved = [f"{self.store.title(int(b))} ({float(p):.3f})"
+                         for b, p in zip(out.block_ids[i].tolist(), p_z[i, :-1].tolist()) if b >= 0]
+            retrieved.append(f"∅ ({float(p_z[i, -1]):.3f})")
+            rows.append([step, decode(batch.query_ids[i].tolist()),
+                         decode(batch.target_ids[i][keep].tolist()), " | ".join(retrieved),
+                         decode(predicted[i][keep.to(predicted.device)].tolist()),
+                         round(float(p_z[i, -1]), 4)])
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage: prepare (corpus, small encoder, ICT warm start), then train beside the refresher
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # accelerate/torchrun set RANK
+
+
+def _wait_for(path: str, what: str, timeout: float = 7200.0) -> None:
+    """Non-main processes wait here while the main process prepares ``path``."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not appear at {path} within {timeout:.0f}s")
+        time.sleep(1.0)
+
+
+def prepare_corpus(config, progress: bool = True) -> str:
+    """``pretrain.corpus``, or the ``data`` section's corpus built once into the cache."""
+    from realm.data.build import build_corpus
+
+    if config.pretrain.corpus:
+        return config.pretrain.corpus
+    if not config.data.input:
+        raise ValueError("pretrain.corpus: no corpus given and data.input is empty")
+    key = _digest([dataclasses.asdict(config.data), dataclasses.asdict(config.spans)])
+    out = os.path.join(config.pretrain.cache_dir, f"corpus-{key}")
+    if _is_main():
+        if not os.path.exists(os.path.join(out, "manifest.json")):
+            logger.info("building the pretraining corpus from %s into %s", config.data.input, out)
+        build_corpus(config.data, config.spans, out, progress=progress)  # a no-op when built
+    _wait_for(os.path.join(out, "manifest.json"), "the corpus")
+    return out
+
+
+def prepare_encoder(config) -> str:
+    """``pretrain.encoder``, or a copy of it cut to its first ``encoder_layers`` layers (cached)."""
+    p = config.pretrain
+    if not p.encoder_layers:
+        return p.encoder
+    from transformers import AutoModel
+
+    from realm.hub import load_tokenizer, resolve_model_path
+
+    name = re.sub(r"[^A-Za-z0-9]+", "-", p.encoder).strip("-")
+    out = os.path.join(p.cache_dir, f"encoder-{name}-L{p.encoder_layers}")
+    if _is_main() and not os.path.exists(os.path.join(out, "config.json")):
+        model = AutoModel.from_pretrained(resolve_model_path(p.encoder),
+                                          num_hidden_layers=p.encoder_layers)
+        tmp = f"{out}.tmp-{os.getpid()}"
+        model.save_pretrained(tmp)
+        load_tokenizer(p.encoder).save_pretrained(tmp)
+        os.replace(tmp, out)  # config.json appears only with a complete copy
+        logger.info("cached the first %d layers of %s in %s", p.encoder_layers, p.encoder, out)
+    _wait_for(os.path.join(out, "config.json"), "the truncated encoder")
+    return out
+
+
+def prepare_retriever(config, corpus: str, encoder: str) -> str:
+    """``pretrain.retriever``, or an ICT warm start of ``encoder`` on ``corpus`` (cached).
+
+    The warm start runs as its own process (``python -m realm.training.ict``), so that its
+    accelerate state and threads are gone before pretraining starts.
+    """
+    from realm.cli import override
+    from realm.refresh.supervisor import child_env
+
+    p, r = config.pretrain, config.retriever
+    if p.retriever:
+        return p.retriever
+    key = _digest([os.path.abspath(corpus), encoder, r.dim, r.pooling, r.max_query_tokens,
+                   r.max_block_tokens, p.ict_steps, p.ict_batch_size, config.seed])
+    run_dir = os.path.join(p.cache_dir, f"ict-{key}")
+    out = os.path.join(run_dir, "retriever")
+    if _is_main() and not os.path.exists(os.path.join(out, "manifest.json")):
+        logger.info("no retriever given: ICT warm start (%d steps) into %s", p.ict_steps, run_dir)
+        cmd = [sys.executable, "-m", "realm.training.ict", "--no-progress",
+               override("ict.corpus", corpus), override("retriever.encoder", encoder),
+               f"retriever.dim={r.dim}", f"retriever.pooling={r.pooling}",
+               f"retriever.max_query_tokens={r.max_query_tokens}",
+               f"retriever.max_block_tokens={r.max_block_tokens}",
+               f"train.steps={p.ict_steps}", f"train.batch_size={p.ict_batch_size}",
+               f"train.warmup_steps={max(1, p.ict_steps // 10)}", "train.lr=1e-4",
+               f"train.precision={config.train.precision}", "train.eval_every=0",
+               f"train.save_every={p.ict_steps}", override("train.run_dir", run_dir),
+               f"seed={config.seed}", "ict.holdout_blocks=0", "logging.log_every=10",
+               "logging.wandb=false"]
+        done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the ICT warm start failed ({done.returncode}), "
+                               f"command {' '.join(cmd)}:\n{done.stderr[-3000:]}")
+        logger.info("ICT warm start: %s", done.stdout.strip().splitlines()[-1])
+    _wait_for(os.path.join(out, "manifest.json"), "the warm-started retriever")
+    return out
+
+
+def _null_searcher(queries: np.ndarray, k: int, exclude) -> SearchResult:
+    """The control run's "index": nothing retrieved, so the null document is the only candidate."""
+    empty = np.zeros((len(queries), 0))
+    return SearchResult(scores=empty.astype(np.float32), block_ids=empty.astype(np.int64))
+
+
+def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
+    """REALM pretraining beside an index refresher (see the module docstring).
+
+    Prepares what is not given (the corpus, a truncated encoder, an ICT warm start; all cached),
+    then trains with the shared core: the refresh hook publishes document-encoder snapshots every
+    ``refresh.every_steps``, supervises the refresher and swaps in its generations between steps.
+
+    Returns:
+        The run's summary (steps, final loss, RU, generations swapped, staleness, seconds).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from realm.config import save_config
+    from realm.index.embed import special_ids
+    from realm.index.store import RunStore
+    from realm.refresh.hook import RefreshHook
+    from realm.refresh.supervisor import RefresherSupervisor
+    from realm.tracking import Tracker, read_metrics
+    from realm.training.core import TrainSettings, autocast_dtype, train
+    from realm.training.ict import _shutdown, check_tokenizer
+
+    t0 = time.time()
+    p, t, r = config.pretrain, config.train, config.retriever
+    corpus_dir = prepare_corpus(config, progress)
+    encoder_name = prepare_encoder(config)
+    retriever_dir = prepare_retriever(config, corpus_dir, encoder_name)
+    config = dataclasses.replace(
+        config, pretrain=dataclasses.replace(p, corpus=corpus_dir, retriever=retriever_dir),
+        refresh=dataclasses.replace(config.refresh, corpus=corpus_dir))
+    p = config.pretrain
+    prepare_s = time.time() - t0
+
+    use_cpu = not torch.cuda.is_available()
+    precision = autocast_dtype(t.precision, torch.device("cpu" if use_cpu else "cuda"))
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision or "no",
+                              gradient_accumulation_steps=t.grad_accum)
+    set_seed(config.seed)
+    store = BlockStore(corpus_dir)
+    examples_store = BlockStore(p.examples) if p.examples else store
+    retriever = Retriever.from_pretrained(retriever_dir)
+    check_tokenizer(retriever.tokenizer, store)
+    check_tokenizer(retriever.tokenizer, examples_store)
+    encoder = KnowledgeAugmentedEncoder.from_checkpoint(encoder_name)
+    model = REALM(retriever, encoder, store, special_ids(retriever.tokenizer),
+                  k=0 if p.null_only else p.k, max_query_tokens=r.max_query_tokens,
+                  max_block_tokens=r.max_block_tokens, max_joined_tokens=p.max_joined_tokens,
+                  exclude_source=examples_store is store)
+    dataset = MLMDataset(examples_store, retriever.tokenizer.mask_token_id, masking=p.masking,
+                         max_query_tokens=r.max_query_tokens, seed=config.seed)
+    if accelerator.is_main_process:
+        save_config(config, t.run_dir)
+    accelerator.wait_for_everyone()
+    hook = None
+    searcher: Searcher = _null_searcher
+    if not p.null_only:
+        supervisor = None
+        if config.refresh.spawn and accelerator.is_main_process:
+            supervisor = RefresherSupervisor(
+                t.run_dir, ["--config", os.path.join(t.run_dir, "config.yaml"), "--no-progress"],
+                max_restarts=config.refresh.max_restarts)
+        i = config.index
+        hook = RefreshHook(
+            RunStore(t.run_dir), model, lambda m: accelerator.unwrap_model(m).retriever,
+            corpus_fingerprint=store.fingerprint, dim=retriever.dim,
+            every_steps=config.refresh.every_steps, is_main=accelerator.is_main_process,
+            supervisor=supervisor, poll_s=config.refresh.poll_s,
+            lease_timeout_s=i.lease_timeout_s, keep_encoders=config.refresh.keep_encoders,
+            gpu=i.gpu, nprobe=i.nprobe, ef_search=i.ef_search,
+            barrier=accelerator.wait_for_everyone)
+        searcher = hook.watcher.search
+    task = PretrainTask(dataset, searcher)
+    lg = config.logging
+    tracker = Tracker(t.run_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
+                      wandb_mode=lg.wandb_mode, run_name=os.path.basename(t.run_dir.rstrip("/")),
+                      enabled=accelerator.is_main_process)
+    hooks: list[Any] = [hook] if hook else []
+    if accelerator.is_main_process and p.table_every:
+        hooks.append(ExampleTable(task, tracker, retriever.tokenizer, store, p.table_every))
+    settings = TrainSettings(
+        run_dir=t.run_dir, steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum,
+        lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+        max_grad_norm=t.max_grad_norm, log_every=lg.log_every, eval_every=0,
+        save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, num_workers=t.num_workers,
+        resume=t.resume, seed=config.seed, progress=progress)
+    world_size = accelerator.num_processes
+    finished = False
+    try:
+        result = train(model, task, settings, accelerator, tracker, hooks=hooks,
+                       config_dict=config.to_dict())
+        finished = True
+        if accelerator.is_main_process:
+            meta = {"stage": "pretrain", "steps": result["steps"]}
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.retriever.save_pretrained(os.path.join(t.run_dir, "retriever"),
+                                                overwrite=True, metadata=meta)
+            unwrapped.encoder.save_pretrained(os.path.join(t.run_dir, "encoder"),
+                                              overwrite=True, metadata=meta)
+        accelerator.wait_for_everyone()
+    finally:
+        if hook is not None:
+            hook.close(finished=finished)
+        tracker.close()
+        del model, task, hooks
+        _shutdown(accelerator)
+    records = read_metrics(t.run_dir) if accelerator.is_main_process else []
+    ru = [x["ru_expected"] for x in records if "ru_expected" in x]
+    return {
+        "stage": "pretrain", "run_dir": t.run_dir, "steps": result["steps"],
+        "final_loss": round(result["final_loss"], 5),
+        "final_masked_accuracy": next((round(x["masked_accuracy"], 4) for x in reversed(records)
+                                       if "masked_accuracy" in x), None),
+        "mean_ru": round(float(np.mean(ru)), 5) if ru else None,
+        "final_ru": round(ru[-1], 5) if ru else None,
+        "generations_swapped": len(hook.generations_used) if hook else 0,
+        "max_staleness_steps": hook.max_staleness_steps if hook else 0,
+        "world_size": world_size, "precision": precision or "fp32",
+        "examples_per_s": result["examples_per_s"], "resumed_from": result["resumed_from"],
+        "prepare_s": round(prepare_s, 1), "seconds": round(time.time() - t0, 1),
+    }
+
+
+def main(argv=None, default_config: Optional[str] = None) -> int:
+    """``launch/pretrain.py``: parse ``--config`` and overrides, run, print the JSON summary.
+
+    ``default_config`` is used when no ``--config`` is given (the launcher passes the built-in
+    tiny default, ``configs/pretrain.yaml``).
+    """
+    from realm.cli import config_parser, emit_summary, parse
+
+    parser = config_parser("REALM pretraining beside the index refresher.")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(config=default_config)
+    args, config = parse(parser, argv)
+    try:
+        summary = run_pretrain(config, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: the refresher is stopped; re-run the same command to resume "
+                       "from the newest checkpoint in %s", config.train.run_dir)
+        return 130
+    if _is_main():
+        emit_summary(summary)
+    return 0

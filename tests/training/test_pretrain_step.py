@@ -67,3 +67,21 @@ def test_gradients_reach_all_three_encoders(setup):
     assert np.isfinite(metrics["loss"]) and 0 <= metrics["masked_accuracy"] <= 1
     assert 0 < metrics["p_null"] < 1 and metrics["retrieval_entropy"] > 0
     assert any(k.startswith("ru_by_label/") for k in metrics)
+
+
+def test_examples_from_another_corpus_exclude_nothing(setup):
+    model, index, dataset = setup
+    batch = collate_mlm([dataset[i] for i in range(3)])
+    seen = []
+
+    def searcher(q, k, exclude):
+        seen.append(exclude)
+        return index.search(q, k, exclude=exclude)
+
+    model.exclude_source = False
+    try:
+        out = model(batch, searcher)
+    finally:
+        model.exclude_source = True
+    assert seen == [None]
+    assert out.block_ids.shape == (3, 4) and out.retrieval_logits.shape == (3, 5)

@@ -1,0 +1,110 @@
+"""launch/pretrain.py end to end: a tiny model on real lead sections, the real refresher process.
+
+One run (module fixture) is shared by the tests: 40 steps, a new encoder snapshot every 5 steps,
+checkpoints every 5 steps, metrics every step, wandb offline.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 40
+
+
+def _env(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    for key in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        env[key] = str(tmp_path / "wandb" / key.lower())
+    return env
+
+
+def _pretrain(run_dir, corpus, retriever, encoder, tmp_path, *extra, timeout=300):
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--no-progress",
+           f"pretrain.corpus={corpus}", f"pretrain.retriever={retriever}",
+           f"pretrain.encoder={encoder}", "pretrain.encoder_layers=null", "pretrain.k=3",
+           "pretrain.max_joined_tokens=96", "pretrain.table_every=10",
+           f"pretrain.cache_dir={tmp_path / 'cache'}", "retriever.max_query_tokens=24",
+           "retriever.max_block_tokens=64", f"train.run_dir={run_dir}", f"train.steps={STEPS}",
+           "train.batch_size=4", "train.save_every=5", "train.keep_checkpoints=10",
+           "train.warmup_steps=2", "train.precision=fp32", "refresh.every_steps=5",
+           "refresh.poll_s=0.1", "refresh.threads=1", "logging.log_every=1",
+           "logging.wandb=true", "logging.wandb_mode=offline", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(tmp_path))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _records(run_dir):
+    with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def run(spans_corpus, tiny_retriever, tiny_encoder, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pretrain")
+    run_dir = tmp / "run"
+    summary = _pretrain(run_dir, spans_corpus, tiny_retriever, tiny_encoder, tmp)
+    return summary, run_dir, tmp
+
+
+def test_run_swaps_generations_and_writes_its_run_directory(run):
+    summary, run_dir, _ = run
+    assert summary["steps"] == STEPS and summary["world_size"] == 1
+    assert summary["generations_swapped"] >= 2, summary
+    assert 0 < summary["max_staleness_steps"] <= STEPS
+    for name in ("config.yaml", "metrics.jsonl", "index/LATEST", "encoders/LATEST", "DONE",
+                 f"checkpoints/step-{STEPS:06d}/manifest.json", "retriever/manifest.json",
+                 "encoder/manifest.json", "refresher.log"):
+        assert (run_dir / name).exists(), name
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
+    scalars = [r for r in _records(run_dir) if "table" not in r]
+    assert [r["step"] for r in scalars] == list(range(1, STEPS + 1))
+    for key in ("loss", "masked_accuracy", "ru_expected", "ru_top1", "p_null",
+                "retrieval_entropy", "index/generation", "index/staleness_steps",
+                "examples_per_s"):
+        assert all(key in r for r in scalars), key
+    assert any(k.startswith("ru_by_label/") for r in scalars for k in r)
+    generations = sorted({r["index/generation"] for r in scalars})
+    assert len(generations) == summary["generations_swapped"]
+    # the index in use was made by an encoder snapshot at most a few publishes old
+    assert all(r["index/staleness_steps"] <= r["step"] for r in scalars)
+
+
+def test_examples_table_shows_retrieved_titles_and_null(run):
+    _, run_dir, _ = run
+    tables = [r for r in _records(run_dir) if r.get("table") == "examples"]
+    assert [t["step"] for t in tables] == [10, 20, 30, 40]
+    row = dict(zip(tables[-1]["columns"], tables[-1]["rows"][0]))
+    assert "[MASK]" in row["masked_text"] and row["gold"]
+    assert row["retrieved"].count("(") == 4 and "∅" in row["retrieved"]  # k=3 and the null
+    assert 0.0 < row["p_null"] < 1.0
+
+
+def test_resume_reproduces_the_next_step(run, spans_corpus, tiny_retriever, tiny_encoder):
+    """From a checkpoint whose step is followed by a step on the same index generation."""
+    _, run_dir, tmp = run
+    scalars = {r["step"]: r for r in _records(run_dir) if "table" not in r}
+    candidates = [s for s in range(5, STEPS, 5)
+                  if scalars[s]["index/generation"] == scalars[s + 1]["index/generation"]]
+    assert candidates, "every checkpoint was followed by a swap"
+    step = candidates[-1]
+    resumed = tmp / "resumed"
+    shutil.copytree(run_dir, resumed, ignore=shutil.ignore_patterns("wandb"))
+    for ckpt in (resumed / "checkpoints").iterdir():
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    (resumed / "metrics.jsonl").unlink()
+    summary = _pretrain(resumed, spans_corpus, tiny_retriever, tiny_encoder, tmp,
+                        f"train.steps={step + 1}", "refresh.spawn=false", "logging.wandb=false")
+    assert summary["resumed_from"].endswith(f"step-{step:06d}")
+    again = [r for r in _records(resumed) if "table" not in r]
+    assert [r["step"] for r in again] == [step + 1]
+    assert again[0]["index/generation"] == scalars[step + 1]["index/generation"]
+    assert again[0]["loss"] == pytest.approx(scalars[step + 1]["loss"], rel=1e-5)
