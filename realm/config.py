@@ -313,6 +313,11 @@ class PretrainConfig:
         default="salient_span",
     )
     max_joined_tokens: int = _doc("Word pieces of `[CLS] x [SEP] z [SEP]` kept.", default=352)
+    retriever_lr_scale: float = _doc(
+        "Learning rate of the query and document encoders as a factor of `train.lr` (a smaller "
+        "one keeps p(z|x) from collapsing onto noise before the reader learns to use z).",
+        default=1.0,
+    )
     ict_steps: int = _doc("Steps of the ICT warm start when no retriever is given.", default=100)
     ict_batch_size: int = _doc("Batch of the ICT warm start.", default=32)
     null_only: bool = _doc(
@@ -329,6 +334,8 @@ class PretrainConfig:
         _check(self.k > 0, "pretrain.k", f"must be > 0, got {self.k}")
         _check(self.encoder_layers is None or self.encoder_layers > 0, "pretrain.encoder_layers",
                f"must be > 0 or null, got {self.encoder_layers}")
+        _check(self.retriever_lr_scale >= 0, "pretrain.retriever_lr_scale",
+               f"must be >= 0, got {self.retriever_lr_scale}")
         _check(self.table_every >= 0, "pretrain.table_every",
                f"must be >= 0, got {self.table_every}")
         for key in ("max_joined_tokens", "ict_steps", "ict_batch_size"):

@@ -68,6 +68,7 @@ class TrainSettings:
     resume: bool = True
     seed: int = 0
     progress: bool = True
+    lr_scales: Optional[dict[str, float]] = None  # parameter-name prefix -> learning-rate factor
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -126,14 +127,18 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[str]:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
+                  lr_scales: Optional[dict[str, float]] = None) -> list[dict]:
+    """AdamW groups: decay / no decay, and per-part learning rates by parameter-name prefix."""
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith("bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        scale = next((v for k, v in (lr_scales or {}).items() if name.startswith(k)), 1.0)
+        no_decay = p.ndim < 2 or "LayerNorm" in name or name.endswith("bias")
+        groups.setdefault((scale, no_decay), []).append(p)
+    return [{"params": params, "lr": lr * scale, "weight_decay": 0.0 if no_decay else weight_decay}
+            for (scale, no_decay), params in sorted(groups.items())]
 
 
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -165,7 +170,7 @@ def train(
     """
     s = settings
     t_start = time.perf_counter()
-    optimizer = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr)
+    optimizer = torch.optim.AdamW(_param_groups(model, s.weight_decay, s.lr, s.lr_scales), lr=s.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(s.warmup_steps, s.steps))
     dataset = task.train_dataset()
     sampler = EpochSampler(len(dataset), s.seed)

@@ -434,7 +434,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
         lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
         max_grad_norm=t.max_grad_norm, log_every=lg.log_every, eval_every=0,
         save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, num_workers=t.num_workers,
-        resume=t.resume, seed=config.seed, progress=progress)
+        resume=t.resume, seed=config.seed, progress=progress,
+        lr_scales={"retriever.": p.retriever_lr_scale})
     world_size = accelerator.num_processes
     finished = False
     try:
