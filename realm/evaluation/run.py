@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Any, Optional, Sequence
@@ -9,7 +10,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from realm.data.ict import held_out_queries, ict_blocks, split_holdout
+from realm.data.mlm import MLMDataset, MLMExample
 from realm.data.qa import QAExample
+from realm.data.signal import title_key
 from realm.data.store import BlockStore
 from realm.evaluation.bm25 import BM25Retriever
 from realm.evaluation.retrieval import answer_hits, gold_hits, recall_at_k
@@ -111,5 +114,108 @@ def ict_retrieval(searcher, store: BlockStore, holdout: int, seed: int, ks: Sequ
     ks = [k for k in ks if k <= k_max]
     report = {"queries": len(queries), "blocks": len(store)}
     report.update({f"ict_recall@{k}": round(v, 4) for k, v in recall_at_k(hits, ks).items()})
+    report["search_seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def masked_query_texts(tokenizer, examples: Sequence[MLMExample]) -> list[str]:
+    """Masked queries as text for a text searcher (BM25): the masked word pieces are left out."""
+    texts = []
+    for ex in examples:
+        keep = np.ones(len(ex.query_ids), dtype=bool)  # [query_len]
+        keep[ex.mask_positions] = False
+        texts.append(tokenizer.decode(ex.query_ids[keep].tolist()))
+    return texts
+
+
+def random_recall(target_blocks: np.ndarray, n_blocks: int, k: int) -> float:
+    """Mean recall@k of retrieving ``k`` of ``n_blocks`` blocks uniformly at random, when each
+    query has ``target_blocks[q]`` relevant blocks: ``1 - C(n - m, k) / C(n, k)`` averaged."""
+    m = np.asarray(target_blocks, dtype=np.float64)  # [n_queries]
+    miss = np.ones_like(m)  # [n_queries]: P(no relevant block among the first j draws)
+    for j in range(min(k, n_blocks)):
+        miss *= np.clip((n_blocks - m - j) / (n_blocks - j), 0.0, 1.0)
+    return float(np.mean(1.0 - miss))
+
+
+def title_recall(searcher, queries_store: BlockStore, knowledge_store: BlockStore,
+                 ks: Sequence[int], masking: str = "salient_span", n: Optional[int] = None,
+                 seed: int = 0, max_query_tokens: int = 64) -> dict[str, Any]:
+    """Masked queries from one corpus -> blocks of the same-titled article in another: recall@k.
+
+    Queries are drawn exactly as pretraining draws its examples (:class:`MLMDataset` with
+    ``masking``, ``max_query_tokens`` and ``seed``, epoch 0, one per block of
+    ``queries_store``); a query is a hit at rank r when the block retrieved there belongs to an
+    article whose :func:`realm.data.signal.title_key` equals that of the query's block. Queries
+    whose title has no article in ``knowledge_store`` cannot be hit: they are left out and
+    counted (``queries_without_target``).
+
+    Args:
+        searcher: Over ``knowledge_store``: ``search_ids(token id lists, k)`` (dense: the masked
+            query as word pieces) or else ``search_texts(texts, k)`` (BM25: the query text
+            without its masked word pieces); both return block ids ``[n, k]``.
+        queries_store: Corpus the queries come from (e.g. the held-out lead sections).
+        knowledge_store: Corpus searched (e.g. the 2015 articles).
+        ks: Cut-offs.
+        masking: ``salient_span``, ``random_span`` or ``random_token``.
+        n: Evaluate ``n`` query blocks drawn at random (by ``seed``); None: every block.
+        seed: Seed of the masks (the pretraining run's seed gives its own draws) and of ``n``.
+        max_query_tokens: Word pieces in a query.
+
+    Returns:
+        ``title_recall@k`` per k and ``random_recall@k`` (the chance level), with counts.
+
+    Raises:
+        ValueError: The two corpora use different tokenizers, or no query has a target.
+    """
+    from realm.hub import load_tokenizer
+
+    t0 = time.perf_counter()
+    q_tok, z_tok = queries_store.manifest["tokenizer"], knowledge_store.manifest["tokenizer"]
+    if q_tok["sha256"] != z_tok["sha256"]:
+        raise ValueError(f"{queries_store.path} and {knowledge_store.path} were tokenized with "
+                         f"different tokenizers ({q_tok['name']!r} vs {z_tok['name']!r})")
+    tokenizer = load_tokenizer(q_tok["path"])
+    block_keys = [title_key(knowledge_store.title(b)) for b in range(len(knowledge_store))]
+    blocks_per_key = collections.Counter(block_keys)
+
+    dataset = MLMDataset(queries_store, tokenizer.mask_token_id, masking=masking,
+                         max_query_tokens=max_query_tokens, seed=seed)
+    order = np.arange(len(dataset))
+    if n is not None and n < len(dataset):
+        order = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:n])
+    examples, gold, without = [], [], 0
+    for i in order:
+        ex = dataset[int(i)]
+        key = title_key(queries_store.title(ex.block_id))
+        if key not in blocks_per_key:
+            without += 1
+            continue
+        examples.append(ex)
+        gold.append(key)
+    if without:
+        logger.warning("%d of %d queries have no same-titled article in %s; left out", without,
+                       len(order), knowledge_store.path)
+    if not examples:
+        raise ValueError(f"no query of {queries_store.path} has a same-titled article in "
+                         f"{knowledge_store.path}")
+
+    k_max = min(max(ks), len(knowledge_store))
+    if hasattr(searcher, "search_ids"):
+        ids = searcher.search_ids([ex.query_ids for ex in examples], k_max)  # [n, k_max]
+    else:
+        ids = searcher.search_texts(masked_query_texts(tokenizer, examples), k_max)  # [n, k_max]
+    retrieved = [[block_keys[int(b)] for b in row] for row in ids]
+    hits = gold_hits(retrieved, gold)  # [n, k_max]
+    ks = [k for k in ks if k <= k_max]
+    report: dict[str, Any] = {
+        "queries": len(examples), "queries_without_target": without,
+        "fallback_queries": sum(ex.fallback for ex in examples), "masking": masking,
+        "blocks": len(knowledge_store), "articles": len(knowledge_store.articles),
+    }
+    report.update({f"title_recall@{k}": round(v, 4) for k, v in recall_at_k(hits, ks).items()})
+    targets = np.array([blocks_per_key[key] for key in gold])  # [n]
+    report.update({f"random_recall@{k}": round(random_recall(targets, len(knowledge_store), k), 4)
+                   for k in ks})
     report["search_seconds"] = round(time.perf_counter() - t0, 2)
     return report
