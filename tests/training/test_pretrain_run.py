@@ -108,3 +108,51 @@ def test_resume_reproduces_the_next_step(run, spans_corpus, tiny_retriever, tiny
     assert [r["step"] for r in again] == [step + 1]
     assert again[0]["index/generation"] == scalars[step + 1]["index/generation"]
     assert again[0]["loss"] == pytest.approx(scalars[step + 1]["loss"], rel=1e-5)
+
+
+def test_ctrl_c_stops_trainer_and_refresher_and_leaves_a_resumable_checkpoint(
+        spans_corpus, tiny_retriever, tiny_encoder, tmp_path):
+    import signal
+    import time
+
+    from realm.fsutil import pid_alive
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--no-progress",
+           f"pretrain.corpus={spans_corpus}", f"pretrain.retriever={tiny_retriever}",
+           f"pretrain.encoder={tiny_encoder}", "pretrain.k=2", "pretrain.max_joined_tokens=96",
+           "retriever.max_query_tokens=24", "retriever.max_block_tokens=64",
+           f"train.run_dir={run_dir}", "train.steps=100000", "train.batch_size=2",
+           "train.save_every=0", "train.precision=fp32", "refresh.every_steps=5",
+           "refresh.poll_s=0.1", "refresh.threads=1", "logging.log_every=1", "logging.wandb=false"]
+    log = open(tmp_path / "trainer.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=_env(tmp_path),
+                            start_new_session=True)  # its own group, like a terminal's job
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 8):
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            (tmp_path / "trainer.log").read_text()[-3000:]
+        time.sleep(0.2)
+    lock = json.loads((run_dir / "index" / ".refresher.lock").read_text())  # its pid
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (tmp_path / "trainer.log").read_text()[-3000:]
+    assert not out.strip()  # no summary: it did not finish
+    assert not (run_dir / "DONE").exists()
+    deadline = time.monotonic() + 30
+    while pid_alive(lock["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not pid_alive(lock["pid"]), "the refresher outlived the trainer"
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert ckpts and (ckpts[-1] / "manifest.json").exists()
+    stopped_at = int(ckpts[-1].name.split("-")[1])
+    assert stopped_at >= 8
+    # re-running the same command (with a reachable end) resumes there and finishes
+    done = subprocess.run([c if not c.startswith("train.steps=") else f"train.steps={stopped_at + 3}"
+                           for c in cmd], capture_output=True, text=True, timeout=300,
+                          env=_env(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from"].endswith(f"step-{stopped_at:06d}")
+    assert summary["steps"] == stopped_at + 3
