@@ -113,9 +113,6 @@ def test_resume_reproduces_the_next_step(run, spans_corpus, tiny_retriever, tiny
 def test_ctrl_c_stops_trainer_and_refresher_and_leaves_a_resumable_checkpoint(
         spans_corpus, tiny_retriever, tiny_encoder, tmp_path):
     import signal
-    import time
-
-    from realm.fsutil import pid_alive
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--no-progress",
@@ -124,10 +121,25 @@ def test_ctrl_c_stops_trainer_and_refresher_and_leaves_a_resumable_checkpoint(
            "retriever.max_query_tokens=24", "retriever.max_block_tokens=64",
            f"train.run_dir={run_dir}", "train.steps=100000", "train.batch_size=2",
            "train.save_every=0", "train.precision=fp32", "refresh.every_steps=5",
-           "refresh.poll_s=0.1", "refresh.threads=1", "logging.log_every=1", "logging.wandb=false"]
+           "refresh.poll_s=0.1", "refresh.threads=1", "refresh.heartbeat_timeout_s=30",
+           "logging.log_every=1", "logging.wandb=false"]
     log = open(tmp_path / "trainer.log", "wb")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=_env(tmp_path),
                             start_new_session=True)  # its own group, like a terminal's job
+    try:
+        _interrupt_and_resume(proc, cmd, run_dir, tmp_path)
+    finally:  # never leave a 100000-step trainer behind when an assertion fails
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _interrupt_and_resume(proc, cmd, run_dir, tmp_path):
+    import signal
+    import time
+
+    from realm.fsutil import pid_alive
+
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 8):
