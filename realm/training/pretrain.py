@@ -344,6 +344,54 @@ def prepare_retriever(config, corpus: str, encoder: str) -> str:
     return out
 
 
+class FirstGenerationCache:
+    """Generation 0 of a fresh run, reused across runs that start from the same retriever.
+
+    Every run that starts from one warm-started retriever on one corpus would otherwise wait for
+    the refresher to embed the whole corpus before its first step. The first such run saves the
+    embeddings of its generation 0 (encoder step 0) under ``path``; later fresh runs commit them as
+    their own generation 0 before the refresher starts (exact indexes only: others would need
+    their trained index too). A training-core hook (main process).
+
+    Args:
+        path: The cache file (``.npy``, float16 ``[n_blocks, dim]``).
+        watcher: The trainer's index watcher (its generation in use).
+    """
+
+    def __init__(self, path: str, watcher):
+        self.path, self.watcher = path, watcher
+
+    @staticmethod
+    def key_path(cache_dir: str, retriever_dir: str, corpus_fingerprint: str, config) -> str:
+        from realm.fsutil import sha256_file
+
+        key = _digest([sha256_file(os.path.join(retriever_dir, "manifest.json")),
+                       corpus_fingerprint, config.retriever.max_block_tokens,
+                       config.refresh.precision, config.refresh.device])
+        return os.path.join(cache_dir, f"gen0-{key}.npy")
+
+    def seed(self, store, corpus_fingerprint: str, factory: str) -> bool:
+        """Commit the cached embeddings as generation 0 of a run that has no index yet."""
+        if factory != "Flat" or not os.path.exists(self.path) or store.read_latest() is not None:
+            return False
+        embeddings = np.load(self.path)
+        store.commit_generation(embeddings, encoder_step=0, corpus_fingerprint=corpus_fingerprint,
+                                factory=factory, extra={"seeded_from": self.path})
+        logger.info("generation 0 from the cache %s (no wait for the refresher)", self.path)
+        return True
+
+    def after_step(self, step: int, model: nn.Module) -> None:
+        current = self.watcher.current
+        if (os.path.exists(self.path) or current is None or current.encoder_step != 0
+                or current.embeddings is None):
+            return
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = f"{self.path}.tmp-{os.getpid()}.npy"
+        np.save(tmp, current.embeddings)
+        os.replace(tmp, self.path)  # complete or absent
+        logger.info("cached generation 0 in %s", self.path)
+
+
 def _null_searcher(queries: np.ndarray, k: int, exclude) -> SearchResult:
     """The control run's "index": nothing retrieved, so the null document is the only candidate."""
     empty = np.zeros((len(queries), 0))
@@ -369,7 +417,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     from realm.refresh.hook import RefreshHook
     from realm.refresh.supervisor import RefresherSupervisor
     from realm.tracking import Tracker, read_metrics
-    from realm.training.core import TrainSettings, autocast_dtype, train
+    from realm.training.core import TrainSettings, autocast_dtype, checkpoints, train
     from realm.training.ict import _shutdown, check_tokenizer
 
     t0 = time.time()
@@ -421,12 +469,20 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
             gpu=i.gpu, nprobe=i.nprobe, ef_search=i.ef_search,
             barrier=accelerator.wait_for_everyone)
         searcher = hook.watcher.search
+        first = FirstGenerationCache(
+            FirstGenerationCache.key_path(p.cache_dir, retriever_dir, store.fingerprint, config),
+            hook.watcher)
+        if accelerator.is_main_process and not checkpoints(t.run_dir):
+            first.seed(RunStore(t.run_dir), store.fingerprint, config.index.factory)
+        accelerator.wait_for_everyone()
     task = PretrainTask(dataset, searcher)
     lg = config.logging
     tracker = Tracker(t.run_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
                       wandb_mode=lg.wandb_mode, run_name=os.path.basename(t.run_dir.rstrip("/")),
                       enabled=accelerator.is_main_process)
     hooks: list[Any] = [hook] if hook else []
+    if hook is not None and accelerator.is_main_process:
+        hooks.append(first)
     if accelerator.is_main_process and p.table_every:
         hooks.append(ExampleTable(task, tracker, retriever.tokenizer, store, p.table_every))
     settings = TrainSettings(

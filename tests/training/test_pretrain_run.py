@@ -110,14 +110,28 @@ def test_resume_reproduces_the_next_step(run, spans_corpus, tiny_retriever, tiny
     assert again[0]["loss"] == pytest.approx(scalars[step + 1]["loss"], rel=1e-5)
 
 
+def test_first_generation_is_cached_for_the_next_fresh_run(run):
+    _, run_dir, tmp = run
+    (cached,) = (tmp / "cache").glob("gen0-*.npy")
+    import numpy as np
+
+    gen0 = np.load(run_dir / "index" / "gen-000000" / "embeddings.npy") \
+        if (run_dir / "index" / "gen-000000").exists() else None
+    emb = np.load(cached)
+    assert emb.dtype == np.float16 and emb.shape[1] == 16
+    if gen0 is not None:  # (garbage collection may have removed it by the end of the run)
+        np.testing.assert_array_equal(emb, gen0)
+
+
 def test_ctrl_c_stops_trainer_and_refresher_and_leaves_a_resumable_checkpoint(
-        spans_corpus, tiny_retriever, tiny_encoder, tmp_path):
+        run, spans_corpus, tiny_retriever, tiny_encoder, tmp_path):
     import signal
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--no-progress",
            f"pretrain.corpus={spans_corpus}", f"pretrain.retriever={tiny_retriever}",
            f"pretrain.encoder={tiny_encoder}", "pretrain.k=2", "pretrain.max_joined_tokens=96",
+           f"pretrain.cache_dir={run[2] / 'cache'}",  # the module run cached its generation 0
            "retriever.max_query_tokens=24", "retriever.max_block_tokens=64",
            f"train.run_dir={run_dir}", "train.steps=100000", "train.batch_size=2",
            "train.save_every=0", "train.precision=fp32", "refresh.every_steps=5",
@@ -142,11 +156,16 @@ def _interrupt_and_resume(proc, cmd, run_dir, tmp_path):
 
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 180
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 8):
+    lock_file = run_dir / "index" / ".refresher.lock"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 8
+               and lock_file.exists() and lock_file.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, \
             (tmp_path / "trainer.log").read_text()[-3000:]
         time.sleep(0.2)
-    lock = json.loads((run_dir / "index" / ".refresher.lock").read_text())  # its pid
+    lock = json.loads(lock_file.read_text())  # the refresher's pid
+    # a fresh run from the same retriever and corpus starts on the cached generation 0
+    gen0 = json.loads((run_dir / "index" / "gen-000000" / "manifest.json").read_text())
+    assert gen0["encoder_step"] == 0 and gen0["seeded_from"].endswith(".npy")
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, (tmp_path / "trainer.log").read_text()[-3000:]
