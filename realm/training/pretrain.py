@@ -151,19 +151,23 @@ def marginal_token_accuracy(out: REALMOutput, batch: MLMBatch) -> float:
 
 
 def realm_metrics(out: REALMOutput, batch: MLMBatch) -> dict[str, float]:
-    """Loss, masked accuracy, retrieval utility (expected, top-1, by label), p(null), entropy."""
+    """Loss, masked accuracy, retrieval utility (expected, top-1, by label), p(null), entropy.
+
+    With nothing retrieved (the null-only control, k = 0) only loss and accuracy are reported.
+    """
     with torch.no_grad():
+        metrics = {"loss": float(out.loss), "masked_accuracy": marginal_token_accuracy(out, batch),
+                   "fallback_examples": float(batch.n_fallback)}
+        if out.block_ids.shape[1] == 0:
+            return metrics
         ru = retrieval_utility(out.log_p_y_given_z)  # [B, k]
         ru_exp = expected_retrieval_utility(ru, out.log_p_z)  # [B]
-        metrics = {
-            "loss": float(out.loss),
-            "masked_accuracy": marginal_token_accuracy(out, batch),
+        metrics.update({
             "ru_expected": float(ru_exp.mean()),
             "ru_top1": float(top1_retrieval_utility(ru, out.retrieval_logits).mean()),
             "p_null": float(null_probability(out.log_p_z).mean()),
             "retrieval_entropy": float(retrieval_entropy(out.log_p_z).mean()),
-            "fallback_examples": float(batch.n_fallback),
-        }
+        })
         by_label: dict[str, list[float]] = {}
         for label, value in zip(batch.labels, ru_exp.tolist()):
             by_label.setdefault(label or "none", []).append(value)
