@@ -141,11 +141,16 @@ class REALM(nn.Module):
                            log_p_z=log_p_z, loss=loss)
 
 
-def marginal_token_accuracy(out: REALMOutput, batch: MLMBatch) -> float:
-    """Accuracy of ``argmax_y Σ_z p(z|x) p(y_j|z, x)`` on the masked tokens."""
+def marginal_predictions(out: REALMOutput) -> torch.Tensor:
+    """``argmax_y Σ_z p(z|x) p(y_j|z, x)`` at each masked position, ``[B, max_masked]`` (CPU)."""
     log_probs = torch.log_softmax(out.mlm_logits.float(), dim=-1)  # [B, k + 1, M, V]
     marginal = torch.logsumexp(out.log_p_z[:, :, None, None] + log_probs, dim=1)  # [B, M, V]
-    predicted = marginal.argmax(dim=-1).cpu()  # [B, M]
+    return marginal.argmax(dim=-1).cpu()  # [B, M]
+
+
+def marginal_token_accuracy(out: REALMOutput, batch: MLMBatch) -> float:
+    """Accuracy of :func:`marginal_predictions` on the masked tokens."""
+    predicted = marginal_predictions(out)  # [B, M]
     hits = (predicted == batch.target_ids) & batch.target_mask
     return float(hits.sum() / batch.target_mask.sum().clamp(min=1))
 
@@ -231,10 +236,8 @@ class ExampleTable:
     def rows(self, step: int) -> list[list[Any]]:
         out, batch = self.task.last
         decode = self.tokenizer.decode
-        log_probs = torch.log_softmax(out.mlm_logits.float(), dim=-1)  # [B, k + 1, M, V]
-        marginal = torch.logsumexp(out.log_p_z[:, :, None, None] + log_probs, dim=1)  # [B, M, V]
-        predicted = marginal.argmax(dim=-1)  # [B, M]
-        p_z = out.log_p_z.exp()  # [B, k + 1]
+        predicted = marginal_predictions(out)  # [B, M]
+        p_z = out.log_p_z.exp().cpu()  # [B, k + 1]
         rows = []
         for i in range(min(self.n, len(batch.query_ids))):
             keep = batch.target_mask[i]
@@ -243,7 +246,7 @@ class ExampleTable:
             retrieved.append(f"∅ ({float(p_z[i, -1]):.3f})")
             rows.append([step, decode(batch.query_ids[i].tolist()),
                          decode(batch.target_ids[i][keep].tolist()), " | ".join(retrieved),
-                         decode(predicted[i][keep.to(predicted.device)].tolist()),
+                         decode(predicted[i][keep].tolist()),
                          round(float(p_z[i, -1]), 4)])
         return rows
 
