@@ -6,12 +6,14 @@
    MIPS top-k with exclusion over the index in use, optimizer step) runs ``--steps`` steps with
    no new generations, then ``--steps`` steps while a separate committer process commits a new
    generation every ``--swap-every`` steps' worth of time, which the watcher thread loads and the
-   loop swaps in. Reported: median and max step time of both phases and their ratios.
+   loop swaps in. Reported: median and max step time of both phases and their ratios, and the
+   time of the ``maybe_swap()`` calls that swapped (the part of a step a swap adds).
 2. **Refresh throughput and latency.** A refresher process (as the trainer's supervisor spawns
    it) embeds the whole corpus for a freshly published encoder snapshot; latency is snapshot
    published -> generation swapped in by this process's watcher. Throughput (blocks/s from the
    generation's manifest) is compared with a bare document-encoder forward over same-shaped
-   random token tensors in this process (``benchmarks/embed_blocks.py``'s baseline).
+   random token tensors in this process (``benchmarks/embed_blocks.py``'s baseline), in the
+   precision the refresher used (``--precision``: ``auto`` is bf16 where the CPU runs it fast).
 
 For 2 (and the committer of 1) the refresher gets ``--threads`` threads; on a 2-core machine the
 loop and the refresher share the CPU, as they would in a CPU-only run.
@@ -55,12 +57,14 @@ def committer(run_dir: str, emb_path: str, fingerprint: str, interval: float, co
         store.gc_generations(keep=2)
 
 
-def training_loop(retriever, watcher, queries, steps, k, batch) -> list[float]:
+def training_loop(retriever, watcher, queries, steps, k, batch) -> tuple[list, list]:
+    """Step times, and the time of each ``maybe_swap()`` that swapped (on this thread)."""
     optimizer = torch.optim.AdamW(retriever.query_encoder.parameters(), lr=1e-5)
-    times = []
+    times, swap_times = [], []
     for step in range(steps):
         t0 = time.perf_counter()
-        watcher.maybe_swap()
+        if watcher.maybe_swap():
+            swap_times.append(time.perf_counter() - t0)
         rows = [queries[(step * batch + j) % len(queries)] for j in range(batch)]
         q = retriever.encode_queries(*rows_to_inputs(rows)).q_reps  # [batch, dim]
         result = watcher.search(q.detach().numpy(), k, exclude=np.arange(batch))
@@ -71,7 +75,7 @@ def training_loop(retriever, watcher, queries, steps, k, batch) -> list[float]:
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - t0)
-    return times
+    return times, swap_times
 
 
 def rows_to_inputs(rows):
@@ -93,7 +97,7 @@ def swap_stall(args, retriever, store_blocks: BlockStore, workdir: str) -> dict:
     watcher.wait_for_first(timeout=60)
     queries = [store_blocks.body_ids(i)[:32] for i in range(0, n, max(1, n // 512))]
     training_loop(retriever, watcher, queries, 3, args.k, args.batch)  # warm up
-    base = training_loop(retriever, watcher, queries, args.steps, args.k, args.batch)
+    base, _ = training_loop(retriever, watcher, queries, args.steps, args.k, args.batch)
     interval = statistics.median(base) * args.swap_every
     count = max(1, args.steps // args.swap_every - 1)
     proc = subprocess.Popen([sys.executable, __file__, "--committer", run_dir, emb_path,
@@ -102,7 +106,8 @@ def swap_stall(args, retriever, store_blocks: BlockStore, workdir: str) -> dict:
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"  # imports done: they would skew the phase
     swaps_before = watcher.swaps
-    with_swaps = training_loop(retriever, watcher, queries, args.steps, args.k, args.batch)
+    with_swaps, swap_times = training_loop(retriever, watcher, queries, args.steps, args.k,
+                                           args.batch)
     proc.wait()
     swaps = watcher.swaps - swaps_before
     watcher.stop()
@@ -113,7 +118,10 @@ def swap_stall(args, retriever, store_blocks: BlockStore, workdir: str) -> dict:
         "max_step_s_no_swaps": round(max(base), 4), "max_step_s_swaps": round(max(with_swaps), 4),
         "median_ratio": round(statistics.median(with_swaps) / statistics.median(base), 3),
         "max_ratio": round(max(with_swaps) / max(base), 3),
-        "last_swap_s": round(watcher.last_swap_s, 6), "last_load_s": round(watcher.last_load_s, 3),
+        "swap_call_s_median": round(statistics.median(swap_times), 4) if swap_times else None,
+        "swap_call_s_max": round(max(swap_times), 4) if swap_times else None,
+        "last_load_s": round(watcher.last_load_s, 3),
+        "loop_precision": "fp32",
     }
 
 
@@ -122,12 +130,21 @@ def refresh_latency(args, retriever_dir: str, store_blocks: BlockStore, workdir:
     store = RunStore(run_dir)
     cmd = [sys.executable, os.path.join(REPO, "launch", "refresh_index.py"), "--run-dir", run_dir,
            "--corpus", store_blocks.path, "--no-progress", "refresh.poll_s=0.2",
-           f"refresh.threads={args.threads}", "refresh.heartbeat_timeout_s=0"]
+           f"refresh.threads={args.threads}", "refresh.heartbeat_timeout_s=0",
+           f"refresh.precision={args.precision}",
+           f"retriever.max_block_tokens={args.max_block_tokens}"]
     log = open(os.path.join(workdir, "refresher.log"), "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     watcher = IndexWatcher(store, corpus_fingerprint=store_blocks.fingerprint, dim=None,
                            poll_s=0.2).start()
-    time.sleep(5)  # let the refresher start (imports), as it would long before a snapshot
+    # let the refresher start (imports, corpus, lock), as it would long before a snapshot
+    lock = os.path.join(run_dir, "index", ".refresher.lock")
+    deadline = time.time() + 300
+    while not os.path.exists(lock) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    if not os.path.exists(lock):
+        raise RuntimeError(f"the refresher did not start; see {log.name}")
+    time.sleep(1.0)
     retriever = Retriever.from_pretrained(retriever_dir)
     t0 = time.time()
     store.publish_encoder(retriever, step=1)
@@ -140,7 +157,7 @@ def refresh_latency(args, retriever_dir: str, store_blocks: BlockStore, workdir:
     # the bare forward over the same batch shapes, here, with the same thread count
     torch.set_num_threads(args.threads)
     bare_s = bare_forward(retriever.eval(), store_blocks, np.arange(len(store_blocks)),
-                          288, 16384, False)
+                          args.max_block_tokens, 16384, m["precision"] == "bf16")
     return {
         "blocks": m["n_blocks"], "refresh_blocks_per_s": m["blocks_per_s"],
         "bare_forward_blocks_per_s": round(len(store_blocks) / bare_s, 2),
@@ -164,6 +181,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", default="swap,refresh")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="refresher precision (refresh.precision); the bare forward matches it")
+    parser.add_argument("--max-block-tokens", type=int, default=288,
+                        help="block word pieces embedded (retriever.max_block_tokens)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -171,12 +192,15 @@ def main() -> None:
     retriever = load_retriever(args.retriever, 128, "mean")
     global SPECIAL
     SPECIAL = special_ids(retriever.tokenizer)
-    out = {"benchmark": "refresh", "corpus": args.corpus, "retriever": args.retriever}
+    out = {"benchmark": "refresh", "corpus": args.corpus, "retriever": args.retriever,
+           "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+           "loadavg_start": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory() as workdir:
         if "swap" in args.parts:
             out["swap_stall"] = swap_stall(args, retriever, store_blocks, workdir)
         if "refresh" in args.parts:
             out["refresh"] = refresh_latency(args, args.retriever, store_blocks, workdir)
+    out["loadavg_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out))
 
 
