@@ -1,0 +1,147 @@
+"""The "does retrieval get learned" experiment: REALM vs a null-document control, and a sweep of
+the refresh interval, on the wiki_signal data (masked lead sections X, 2015 articles Z).
+
+    python launch/prepare_wiki_signal.py --output runs/corpus/signal
+    python benchmarks/wiki_signal.py --out runs/wiki_signal --every 10,50,200,never [key=value ...]
+
+For each refresh interval one pretraining run (``accelerate launch launch/pretrain.py --config
+configs/wiki_signal.yaml``), plus the control (``pretrain.null_only=true``: the null document
+alone), all with the same seed, steps and overrides. Then same-title recall@k of the held-out X
+queries against Z (``launch/evaluate.py title-recall``) for the warm-started retriever (before)
+and each run's final retriever (after). Prints one JSON object: per run, loss and masked-span
+accuracy (mean of the first and last ``--window`` steps), retrieval utility over training (the
+same windows, and its slope), p(null), generations swapped, maximum staleness, the refresher's
+compute (generations built, seconds), recall@k after, and wall time. A run that already has its
+``wiki_signal.json`` is not run again.
+"""
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+logger = logging.getLogger("wiki_signal")
+
+
+def _last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def _run(cmd: list[str], log_path: str) -> str:
+    logger.info("%s", " ".join(cmd))
+    with open(log_path, "w", encoding="utf-8") as log:
+        done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} failed ({done.returncode}); see {log_path}")
+    return done.stdout
+
+
+def title_recall(retriever: str, args) -> dict:
+    out = _run([sys.executable, "launch/evaluate.py", "title-recall", "--retriever", retriever,
+                "--queries", args.queries, "--corpus", args.corpus, "--k", args.k,
+                "--max-query-tokens", str(args.max_query_tokens), "--no-progress"],
+               os.path.join(args.out, f"recall-{abs(hash(retriever)) % 10**8}.log"))
+    summary = _last_json(out)
+    return {k: v for k, v in summary.items() if k.startswith("title_recall@")}
+
+
+def window_mean(records: list[dict], key: str, first: bool, window: int):
+    values = [r[key] for r in records if key in r]
+    if not values:
+        return None
+    part = values[:window] if first else values[-window:]
+    return round(float(np.mean(part)), 4)
+
+
+def summarize(run_dir: str, window: int) -> dict:
+    """Training curves of one run, from its metrics.jsonl (and the refresher's)."""
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [r for r in map(json.loads, f) if "table" not in r]
+    out = {}
+    for key in ("loss", "masked_accuracy", "ru_expected", "ru_top1", "p_null",
+                "retrieval_entropy"):
+        out[f"{key}_first"] = window_mean(records, key, True, window)
+        out[f"{key}_last"] = window_mean(records, key, False, window)
+    generations = {r["index/generation"] for r in records if r.get("index/generation") is not None}
+    out["generations_used"] = len(generations)
+    out["max_staleness_steps"] = max((r["index/staleness_steps"] for r in records
+                                      if r.get("index/staleness_steps") is not None), default=None)
+    ru = [(r["step"], r["ru_expected"]) for r in records if "ru_expected" in r]
+    if len(ru) > 1:
+        steps, values = map(np.asarray, zip(*ru))
+        out["ru_slope_per_100_steps"] = round(float(np.polyfit(steps, values, 1)[0] * 100), 4)
+        out["ru_curve"] = [[int(s), round(float(v), 3)] for s, v in ru]
+    refresher = os.path.join(run_dir, "refresher", "metrics.jsonl")
+    if os.path.exists(refresher):
+        with open(refresher, encoding="utf-8") as f:
+            gens = [r for r in map(json.loads, f) if "refresh/total_s" in r]
+        out["refresher_generations"] = len(gens)
+        out["refresher_seconds"] = round(sum(r["refresh/total_s"] for r in gens), 1)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/wiki_signal.yaml")
+    parser.add_argument("--out", default="runs/wiki_signal")
+    parser.add_argument("--every", default="10,50,200,never",
+                        help="refresh intervals in steps; 'never': only generation 0")
+    parser.add_argument("--no-null", action="store_true", help="skip the null-document control")
+    parser.add_argument("--queries", default="runs/corpus/signal/x_heldout")
+    parser.add_argument("--corpus", default="runs/corpus/signal/z")
+    parser.add_argument("--k", default="1,4,20,100")
+    parser.add_argument("--max-query-tokens", type=int, default=32)
+    parser.add_argument("--window", type=int, default=5, help="log records per first/last window")
+    parser.add_argument("overrides", nargs="*", help="key=value for every run")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.makedirs(args.out, exist_ok=True)
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    runs = [("null", ["pretrain.null_only=true"])] if not args.no_null else []
+    for every in args.every.split(","):
+        value = "1000000000" if every == "never" else every
+        runs.append((f"every-{every}", [f"refresh.every_steps={value}"]))
+
+    results, before = {}, None
+    for name, extra in runs:
+        run_dir = os.path.join(args.out, name)
+        done_path = os.path.join(run_dir, "wiki_signal.json")
+        if os.path.exists(done_path):
+            with open(done_path, encoding="utf-8") as f:
+                results[name] = json.load(f)
+            continue
+        t0 = time.time()
+        cmd = [accelerate, "launch", "launch/pretrain.py", "--config", args.config,
+               "--no-progress", *args.overrides, *extra, f"train.run_dir={run_dir}"]
+        if os.path.exists(os.path.join(run_dir, "DONE")):  # trained before: re-running resumes
+            logger.info("%s has finished already; summarising it", run_dir)
+        stdout = _run(cmd, os.path.join(args.out, f"{name}.log"))
+        result = {"command": " ".join(cmd[1:]), "summary": _last_json(stdout),
+                  **summarize(run_dir, args.window), "wall_s": round(time.time() - t0, 1)}
+        if name != "null":
+            result["recall_after"] = title_recall(os.path.join(run_dir, "retriever"), args)
+        with open(done_path, "w", encoding="utf-8") as f:
+            json.dump(result, f)
+        results[name] = result
+    for name in results:
+        if name == "null":
+            continue
+        with open(os.path.join(args.out, name, "config.yaml"), encoding="utf-8") as f:
+            start = yaml.safe_load(f)["pretrain"]["retriever"]  # the warm start all runs share
+        before = title_recall(start, args)
+        break
+    print(json.dumps({"benchmark": "wiki_signal", "config": args.config,
+                      "overrides": args.overrides, "recall_before": before, "runs": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
