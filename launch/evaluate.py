@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, default=128, help="projection size for a bare checkpoint")
     parser.add_argument("--pooling", default="mean", choices=["cls", "mean"])
     parser.add_argument("--max-block-tokens", type=int, default=288)
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="dense encoders: bf16 autocast where the device runs it fast (auto)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     setup_logging("INFO")
@@ -75,7 +77,8 @@ def main(argv=None) -> int:
             from realm.training.ict import load_retriever
 
             model = load_retriever(args.retriever, args.dim, args.pooling)
-            searcher = DenseSearcher(model, store, args.max_block_tokens, progress=not args.no_progress)
+            searcher = DenseSearcher(model, store, args.max_block_tokens,
+                                     progress=not args.no_progress, precision=args.precision)
             name = args.retriever
         if args.mode == "retrieval":
             report = qa_retrieval(searcher, store, qa, ks, regex=args.regex)
@@ -89,7 +92,9 @@ def main(argv=None) -> int:
     except (QAFormatError, CorpusError, ValueError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 1
-    emit_summary({"mode": args.mode, "retriever": name, "corpus": args.corpus, **report,
+    precision = "bf16" if getattr(searcher, "bf16", False) else ("fp32" if not args.bm25 else None)
+    emit_summary({"mode": args.mode, "retriever": name, "corpus": args.corpus,
+                  "precision": precision, **report,
                   "seconds": round(time.perf_counter() - t0, 2)})
     return 0
 

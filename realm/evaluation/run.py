@@ -21,27 +21,37 @@ logger = logging.getLogger(__name__)
 
 
 class DenseSearcher:
-    """Embeds every block with the document encoder once; exact inner-product search."""
+    """Embeds every block with the document encoder once; exact inner-product search.
+
+    ``precision``: ``auto`` (bf16 autocast where the device runs it fast, as the refresher does),
+    ``bf16`` or ``fp32``.
+    """
 
     def __init__(self, retriever, store: BlockStore, max_block_tokens: int = 288,
-                 max_query_tokens: int = 64, progress: bool = True) -> None:
+                 max_query_tokens: int = 64, progress: bool = True,
+                 precision: str = "auto") -> None:
         from realm.index.embed import embed_blocks, special_ids
         from realm.index.mips import build_index
+        from realm.training.core import autocast_dtype
         from realm.training.ict import check_tokenizer
 
         check_tokenizer(retriever.tokenizer, store)
         self.retriever, self.store = retriever, store
         self.special = special_ids(retriever.tokenizer)
         self.max_query_tokens = max_query_tokens
+        device = next(retriever.parameters()).device
+        self.bf16 = autocast_dtype(precision, device) == "bf16"
         reps, self.embed_stats = embed_blocks(retriever, store, self.special,
-                                              max_block_tokens=max_block_tokens, progress=progress)
+                                              max_block_tokens=max_block_tokens, progress=progress,
+                                              bf16=self.bf16)
         self.index = build_index(reps)
 
     def search_ids(self, queries: Sequence[Sequence[int]], k: int) -> np.ndarray:
         from realm.index.embed import embed_queries
         from realm.index.mips import search
 
-        q = embed_queries(self.retriever, queries, self.special, self.max_query_tokens)
+        q = embed_queries(self.retriever, queries, self.special, self.max_query_tokens,
+                          bf16=self.bf16)
         return search(self.index, q, k)[1]
 
     def search_texts(self, texts: Sequence[str], k: int) -> np.ndarray:
