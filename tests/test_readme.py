@@ -48,7 +48,8 @@ def test_readme_main_job_runs(tmp_path):
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "package:wiki-leads" in config and "max_articles: 60" in config
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
-    assert cached == ["corpus", "encoder", "ict"]  # built, cut to 1 layer, warm-started
+    # built, cut to 1 layer, warm-started, and its generation 0 kept for the next fresh run
+    assert cached == ["corpus", "encoder", "gen0", "ict"]
     assert (tmp_path / "run" / "checkpoints" / "step-000012" / "manifest.json").exists()
 
 
