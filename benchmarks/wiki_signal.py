@@ -11,7 +11,8 @@ queries against Z (``launch/evaluate.py title-recall``) for the warm-started ret
 and each run's final retriever (after). Prints one JSON object: per run, loss and masked-span
 accuracy (mean of the first and last ``--window`` steps), retrieval utility over training (the
 same windows, and its slope), p(null), generations swapped, maximum staleness, the refresher's
-compute (generations built, seconds), recall@k after, and wall time. A run that already has its
+compute (generations built, seconds), recall@k after, the reader's gain from the right block
+against a random one (``oracle_ru``), and wall time. A run that already has its
 ``wiki_signal.json`` is not run again.
 """
 
@@ -50,6 +51,61 @@ def title_recall(retriever: str, args) -> dict:
                os.path.join(args.out, f"recall-{abs(hash(retriever)) % 10**8}.log"))
     summary = _last_json(out)
     return {k: v for k, v in summary.items() if k.startswith("title_recall@")}
+
+
+def oracle_ru(encoder_dir: str, args, n: int = 150, seed: int = 0) -> dict:
+    """How much the trained reader gains from the *right* document: salient-span examples of
+    x_train whose span string occurs in a Z block of the same title; RU of that block and of a
+    random Z block (``log p(y|z,x) - log p(y|null,x)``), under the run's precision."""
+    import torch
+
+    from realm.data.mlm import MLMDataset, collate_mlm
+    from realm.data.store import BlockStore
+    from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, build_joined_inputs
+    from realm.training.core import autocast_dtype
+
+    x, z = BlockStore(args.examples), BlockStore(args.corpus)
+    enc = KnowledgeAugmentedEncoder.from_pretrained(encoder_dir).eval()
+    tok = enc.tokenizer
+    bf16 = autocast_dtype("auto", torch.device("cpu")) == "bf16"
+
+    def text(ids) -> str:
+        return tok.decode(list(ids)).replace(" ##", "").lower()
+
+    by_title: dict[str, list[int]] = {}
+    for i in range(len(z)):
+        by_title.setdefault(z.title(i).lower(), []).append(i)
+    ds = MLMDataset(x, tok.mask_token_id, max_query_tokens=args.max_query_tokens, seed=seed + 1)
+    rng = np.random.default_rng(seed)
+    gold, other = [], []
+    for i in rng.permutation(len(ds)):
+        ex = ds[int(i)]
+        if ex.fallback or ex.label is None:
+            continue
+        span = text(ex.target_ids)
+        hits = [b for b in by_title.get(x.title(ex.block_id).lower(), [])
+                if span in text(z.body_ids(b))]
+        if not hits:
+            continue
+        rand = int(rng.integers(len(z)))
+        batch = collate_mlm([ex])
+        joined = build_joined_inputs(
+            batch.query_ids, [[z.title_ids(hits[0]), z.title_ids(rand)]],
+            [[z.body_ids(hits[0]), z.body_ids(rand)]], tok.cls_token_id, tok.sep_token_id,
+            tok.pad_token_id, max_length=args.max_joined_tokens,
+            mask_positions=batch.mask_positions, append_null=True)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = enc(joined.input_ids, joined.attention_mask, joined.token_type_ids,
+                      joined.mask_positions, labels=batch.target_ids,
+                      label_mask=batch.target_mask)
+        lp = out.log_probs_of_targets.float()[0]  # [3]: the right block, a random one, null
+        gold.append(float(lp[0] - lp[2]))
+        other.append(float(lp[1] - lp[2]))
+        if len(gold) >= n:
+            break
+    return {"examples": len(gold), "right_block_ru_mean": round(float(np.mean(gold)), 4),
+            "right_block_ru_positive": round(float(np.mean(np.array(gold) > 0)), 3),
+            "random_block_ru_mean": round(float(np.mean(other)), 4)}
 
 
 def window_mean(records: list[dict], key: str, first: bool, window: int):
@@ -96,6 +152,8 @@ def main() -> int:
     parser.add_argument("--no-null", action="store_true", help="skip the null-document control")
     parser.add_argument("--queries", default="runs/corpus/signal/x_heldout")
     parser.add_argument("--corpus", default="runs/corpus/signal/z")
+    parser.add_argument("--examples", default="runs/corpus/signal/x_train")
+    parser.add_argument("--max-joined-tokens", type=int, default=176)
     parser.add_argument("--k", default="1,4,20,100")
     parser.add_argument("--max-query-tokens", type=int, default=32)
     parser.add_argument("--window", type=int, default=5, help="log records per first/last window")
@@ -138,6 +196,8 @@ def main() -> int:
             start = yaml.safe_load(f)["pretrain"]["retriever"]  # the warm start all runs share
         before = title_recall(start, args)
         break
+    for name, result in results.items():
+        result["oracle_ru"] = oracle_ru(os.path.join(args.out, name, "encoder"), args)
     print(json.dumps({"benchmark": "wiki_signal", "config": args.config,
                       "overrides": args.overrides, "recall_before": before, "runs": results}))
     return 0
