@@ -523,7 +523,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     ru = [x["ru_expected"] for x in records if "ru_expected" in x]
     return {
         "stage": "pretrain", "run_dir": t.run_dir, "steps": result["steps"],
-        "final_loss": round(result["final_loss"], 5),
+        # a run resumed at its last step trains nothing: no loss (None, not NaN, in the JSON)
+        "final_loss": round(result["final_loss"], 5) if np.isfinite(result["final_loss"]) else None,
         "final_masked_accuracy": next((round(x["masked_accuracy"], 4) for x in reversed(records)
                                        if "masked_accuracy" in x), None),
         "mean_ru": round(float(np.mean(ru)), 5) if ru else None,
