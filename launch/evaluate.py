@@ -1,12 +1,15 @@
-"""Evaluate retrieval over a corpus directory.
+"""Evaluate Open-QA models and retrieval over a corpus directory.
 
+    python launch/evaluate.py openqa --model RUN/model --corpus DIR --qa FILE [--regex]
     python launch/evaluate.py retrieval --retriever DIR --corpus DIR --qa FILE --k 1,5,20,100
     python launch/evaluate.py retrieval --bm25 --corpus DIR --qa FILE
     python launch/evaluate.py ict --retriever DIR --corpus DIR [--holdout 500 --seed 0]
     python launch/evaluate.py title-recall --retriever DIR --queries DIR --corpus DIR --k 1,5,20
 
 `--retriever` takes a saved retriever directory or any transformers checkpoint (fresh projection).
-The last stdout line is one JSON object (recall@k, counts, seconds).
+`openqa` reads a fine-tuned model (launch/finetune_openqa.py writes RUN/model) and writes its
+predictions (question, prediction, gold, retrieved titles and scores) as jsonl, by default
+beside the model. The last stdout line is one JSON object (EM/F1, recall@k, counts, seconds).
 """
 
 import argparse
@@ -20,7 +23,7 @@ from realm.cli import emit_summary, setup_logging
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["retrieval", "ict", "title-recall"])
+    parser.add_argument("mode", choices=["openqa", "retrieval", "ict", "title-recall"])
     parser.add_argument("--corpus", required=True, help="corpus directory (searched)")
     parser.add_argument("--queries", help="title-recall: corpus the masked queries come from")
     parser.add_argument("--masking", default="salient_span",
@@ -28,6 +31,10 @@ def main(argv=None) -> int:
                         help="title-recall: masking of the queries (as in pretraining)")
     parser.add_argument("--max-query-tokens", type=int, default=64,
                         help="title-recall: word pieces in a query (retriever.max_query_tokens)")
+    parser.add_argument("--model", help="openqa: a fine-tuned Open-QA model directory (RUN/model)")
+    parser.add_argument("--predictions",
+                        help="openqa: predictions jsonl (default MODEL/../predictions-QA.jsonl)")
+    parser.add_argument("--batch-size", type=int, default=16, help="openqa: questions per batch")
     parser.add_argument("--retriever", help="retriever directory or transformers checkpoint")
     parser.add_argument("--bm25", action="store_true", help="BM25 (bm25s) instead of a retriever")
     parser.add_argument("--qa", help="QA jsonl ({question, answers[, gold_passage]})")
@@ -46,7 +53,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     setup_logging("INFO")
-    if args.bm25 == bool(args.retriever):
+    if args.mode == "openqa":
+        if not args.model or not args.qa:
+            parser.error("openqa needs --model DIR and --qa FILE")
+    elif args.bm25 == bool(args.retriever):
         parser.error("give exactly one of --retriever DIR or --bm25")
     if args.mode == "retrieval" and not args.qa:
         parser.error("retrieval needs --qa FILE")
@@ -68,9 +78,11 @@ def main(argv=None) -> int:
     )
 
     t0 = time.perf_counter()
+    if args.mode == "openqa":
+        return _openqa(args, ks, t0)
     try:
         store = BlockStore(args.corpus)
-        qa = read_qa(args.qa, args.limit) if args.mode == "retrieval" else None
+        qa = read_qa(args.qa, args.limit, regex=args.regex) if args.mode == "retrieval" else None
         if args.bm25:
             searcher, name = BM25Searcher(store), "bm25"
         else:
@@ -96,6 +108,42 @@ def main(argv=None) -> int:
     emit_summary({"mode": args.mode, "retriever": name, "corpus": args.corpus,
                   "precision": precision, **report,
                   "seconds": round(time.perf_counter() - t0, 2)})
+    return 0
+
+
+def _openqa(args, ks, t0) -> int:
+    import os
+
+    from realm.data.qa import QAFormatError, read_qa
+    from realm.data.store import BlockStore, CorpusError
+    from realm.training.core import autocast_dtype
+    from realm.training.openqa import evaluate_openqa, load_openqa_model, write_predictions
+
+    try:
+        store = BlockStore(args.corpus)
+        qa = read_qa(args.qa, args.limit, regex=args.regex)
+        model = load_openqa_model(args.model, store, args.max_block_tokens,
+                                  progress=not args.no_progress, precision=args.precision)
+    except (QAFormatError, CorpusError, ValueError, FileNotFoundError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 1
+    if args.regex != model.regex:
+        logging.getLogger("realm").info("answers are %s", "regular expressions" if args.regex
+                                        else "strings")
+        model.regex = args.regex
+    import torch
+
+    bf16 = autocast_dtype(args.precision, torch.device("cpu")) == "bf16"
+    report, records = evaluate_openqa(model, qa, ks, args.batch_size, bf16,
+                                      progress=not args.no_progress)
+    name = os.path.splitext(os.path.basename(args.qa))[0]
+    path = args.predictions or os.path.join(os.path.dirname(os.path.abspath(args.model)),
+                                            f"predictions-{name}.jsonl")
+    write_predictions(records, path)
+    emit_summary({"mode": "openqa", "model": args.model, "retrieval":
+                  "dense" if model.dense else "bm25", "corpus": args.corpus, "qa": args.qa,
+                  "precision": "bf16" if bf16 else "fp32", **report, "predictions": path,
+                  "total_seconds": round(time.perf_counter() - t0, 2)})
     return 0
 
 

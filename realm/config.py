@@ -344,6 +344,63 @@ class PretrainConfig:
 
 
 @dataclass
+class OpenQAConfig:
+    """Open-QA fine-tuning and evaluation (``launch/finetune_openqa.py``)."""
+
+    corpus: Optional[str] = _doc(
+        "Knowledge corpus directory (prepare_corpus.py). null: build the `data` section's corpus "
+        "into `pretrain.cache_dir`.", default=None
+    )
+    train_qa: Optional[str] = _doc(
+        "Training questions: jsonl {question, answers} (or NQ-open `answer`), or "
+        "hf:NAME[/CONFIG]:SPLIT.", default=None
+    )
+    dev_qa: Optional[str] = _doc("Questions evaluated during and after training (never a test "
+                                 "set); null: none.", default=None)
+    regex: bool = _doc("Answers are regular expressions (CuratedTREC).", default=False)
+    retriever: str = _doc(
+        "`bm25`, a retriever directory (launch/ict.py: ORQA-style), or a REALM pretraining run "
+        "directory (its retriever/). The document index is built once from its document "
+        "encoder and stays fixed.", default="bm25"
+    )
+    reader: str = _doc(
+        "Encoder the reader starts from: a REALM pretraining run directory (its encoder/), a "
+        "knowledge-augmented encoder directory, or a transformers checkpoint.",
+        default=DEFAULT_ENCODER,
+    )
+    reader_layers: Optional[int] = _doc(
+        "Keep only the first N layers of a `reader` checkpoint (a truncated copy is cached in "
+        "`pretrain.cache_dir`; a saved encoder or run directory is taken whole). null keeps all.",
+        default=None
+    )
+    k: int = _doc("Blocks the reader reads per question (REALM: 5).", default=5)
+    recall_ks: list[int] = _doc("Cut-offs of the answer recall@k reported by evaluation.",
+                                default_factory=lambda: [1, 5, 20])
+    max_question_tokens: int = _doc("Question word pieces kept.", default=48)
+    max_joined_tokens: int = _doc("Word pieces of `[CLS] q [SEP] title [SEP] body [SEP]` kept.",
+                                  default=320)
+    max_span_tokens: int = _doc("Longest answer span (word pieces).", default=10)
+    span_hidden: int = _doc("Hidden width of the span MLP over [h_start; h_end].", default=256)
+    train_query_encoder: bool = _doc("Fine-tune the query encoder (the index stays fixed).",
+                                     default=True)
+    eval_limit: int = _doc("Dev questions evaluated at each `train.eval_every` (0: all); the "
+                           "final evaluation uses all.", default=200)
+    eval_batch_size: int = _doc("Questions per evaluation batch.", default=16)
+
+    def __post_init__(self) -> None:
+        for key in ("k", "max_question_tokens", "max_joined_tokens", "max_span_tokens",
+                    "span_hidden", "eval_batch_size"):
+            _check(getattr(self, key) > 0, f"openqa.{key}", f"must be > 0, got {getattr(self, key)}")
+        _check(self.eval_limit >= 0, "openqa.eval_limit", f"must be >= 0, got {self.eval_limit}")
+        _check(self.reader_layers is None or self.reader_layers > 0, "openqa.reader_layers",
+               f"must be > 0 or null, got {self.reader_layers}")
+        _check(bool(self.recall_ks) and all(k > 0 for k in self.recall_ks), "openqa.recall_ks",
+               f"must be positive integers, got {self.recall_ks}")
+        _check(self.max_question_tokens + 4 < self.max_joined_tokens, "openqa.max_joined_tokens",
+               f"must exceed max_question_tokens + 4 ({self.max_question_tokens + 4})")
+
+
+@dataclass
 class LoggingConfig:
     """Metrics (a JSONL file always, wandb when enabled, main process only) and log level."""
 
@@ -375,6 +432,8 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig, metadata={"help": "MIPS index."})
     refresh: RefreshConfig = field(default_factory=RefreshConfig,
                                    metadata={"help": "Index refresher."})
+    openqa: OpenQAConfig = field(default_factory=OpenQAConfig,
+                                 metadata={"help": "Open-QA fine-tuning."})
     pretrain: PretrainConfig = field(default_factory=PretrainConfig,
                                      metadata={"help": "REALM pretraining."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Training core."})

@@ -146,3 +146,53 @@ def null_probability(log_p_z: torch.Tensor, null_index: int = -1) -> torch.Tenso
 def retrieval_entropy(log_p_z: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of ``p(z|x)`` over all ``k + 1`` candidates, null included, ``[B]``."""
     return torch.special.entr(log_p_z.exp()).sum(dim=-1)  # [B]; 0 log 0 counts as 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Open-QA: marginal likelihood over retrieved blocks and over every span matching an answer
+
+#: Score given to impossible spans / blocks: finite, so that gradients stay finite.
+_NEG = -1e9
+
+
+def span_marginal_loss(
+    retrieval_logits: torch.Tensor,
+    span_logits: torch.Tensor,
+    span_mask: torch.Tensor,
+    answer_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REALM's Open-QA loss: ``-log Σ_z p(z|x) Σ_{s ∈ S(z, y)} p(s|z, x)``.
+
+    ``p(z|x)`` is the softmax of ``retrieval_logits`` over the ``k`` retrieved blocks;
+    ``p(s|z, x)`` the softmax of ``span_logits`` over the valid spans of block ``z``;
+    ``S(z, y)`` the spans of ``z`` whose text matches an answer. Questions with no matching
+    span in any of their blocks cannot be learned from and are left out of the mean.
+
+    Args:
+        retrieval_logits: ``f(x, z)``, ``[B, k]`` (constants for a fixed retriever such as BM25).
+        span_logits: Score of every span, ``[B, k, S]`` (any flattening of start x width).
+        span_mask: True on spans the reader may predict, ``[B, k, S]``.
+        answer_mask: True on spans matching an answer (a subset of ``span_mask``), ``[B, k, S]``.
+
+    Returns:
+        ``(loss, has_answer)``: the mean over questions with an answer span (a scalar, 0 with a
+        graph when there are none) and which questions had one, ``[B]`` bool.
+    """
+    if span_logits.shape != span_mask.shape or span_logits.shape != answer_mask.shape:
+        raise ValueError(f"span tensors differ in shape: {tuple(span_logits.shape)}, "
+                         f"{tuple(span_mask.shape)}, {tuple(answer_mask.shape)}")
+    if retrieval_logits.shape != span_logits.shape[:2]:
+        raise ValueError(f"retrieval_logits {tuple(retrieval_logits.shape)} do not match span "
+                         f"logits {tuple(span_logits.shape)}")
+    answer_mask = answer_mask & span_mask
+    logits = span_logits.float()
+    log_norm = torch.logsumexp(logits.masked_fill(~span_mask, _NEG), dim=-1)  # [B, k]
+    log_answer = torch.logsumexp(logits.masked_fill(~answer_mask, _NEG), dim=-1)  # [B, k]
+    block_has = answer_mask.any(dim=-1)  # [B, k]
+    log_p_y_given_z = (log_answer - log_norm).masked_fill(~block_has, _NEG)  # [B, k]
+    log_p_z = torch.log_softmax(retrieval_logits.float(), dim=-1)  # [B, k]
+    log_p_y = torch.logsumexp(log_p_z + log_p_y_given_z, dim=-1)  # [B]
+    has_answer = block_has.any(dim=-1)  # [B]
+    if not bool(has_answer.any()):
+        return logits.sum() * 0.0 + retrieval_logits.float().sum() * 0.0, has_answer
+    return -log_p_y[has_answer].mean(), has_answer

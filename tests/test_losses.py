@@ -12,6 +12,7 @@ from realm.losses import (
     realm_marginal_loss,
     retrieval_entropy,
     retrieval_utility,
+    span_marginal_loss,
     top1_retrieval_utility,
 )
 from realm.training.core import _lr_lambda
@@ -117,3 +118,65 @@ def test_retrieval_utility_with_null_first():
 def test_retrieval_entropy_of_a_point_mass_is_zero():
     log_pz = torch.log(torch.tensor([[1.0, 0.0, 0.0]]))
     assert float(retrieval_entropy(log_pz)) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Open-QA span marginalisation
+
+
+def _span_loss_brute_force(r, s, valid, answer):
+    """-log Σ_z p(z|x) Σ_{s ∈ answer(z)} p(s|z, x), averaged over answerable questions."""
+    total, count = 0.0, 0
+    for b in range(r.shape[0]):
+        z_norm = sum(math.exp(float(x)) for x in r[b])
+        p_y = 0.0
+        for z in range(r.shape[1]):
+            norm = sum(math.exp(float(s[b, z, i])) for i in range(s.shape[2]) if valid[b, z, i])
+            hit = sum(math.exp(float(s[b, z, i])) for i in range(s.shape[2])
+                      if valid[b, z, i] and answer[b, z, i])
+            if norm > 0:
+                p_y += math.exp(float(r[b, z])) / z_norm * hit / norm
+        if p_y > 0:
+            total += -math.log(p_y)
+            count += 1
+    return total / count, count
+
+
+def test_span_marginal_loss_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(3, 4, generator=g)
+    s = torch.randn(3, 4, 12, generator=g)
+    valid = torch.rand(3, 4, 12, generator=g) > 0.3
+    answer = (torch.rand(3, 4, 12, generator=g) > 0.7) & valid
+    answer[2] = False  # question 2 has no answer span in any block: left out
+    answer[0, 1] = False  # a block without an answer contributes nothing
+    loss, has = span_marginal_loss(r, s, valid, answer)
+    direct, count = _span_loss_brute_force(r, s, valid, answer)
+    assert has.tolist() == [True, True, False] and count == 2
+    assert abs(float(loss) - direct) < 1e-5
+
+
+def test_span_marginal_loss_ignores_answer_marks_outside_valid_spans():
+    r, s = torch.zeros(1, 2), torch.randn(1, 2, 5)
+    valid = torch.tensor([[[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]], dtype=torch.bool)
+    answer = torch.tensor([[[0, 1, 1, 0, 0], [0, 0, 0, 1, 0]]], dtype=torch.bool)
+    loss, _ = span_marginal_loss(r, s, valid, answer)
+    direct, _ = _span_loss_brute_force(r, s, valid, answer & valid)
+    assert abs(float(loss) - direct) < 1e-5
+
+
+def test_span_marginal_loss_gradients_and_no_answer_batch():
+    r = torch.randn(2, 3, requires_grad=True)
+    s = torch.randn(2, 3, 6, requires_grad=True)
+    valid = torch.ones(2, 3, 6, dtype=torch.bool)
+    answer = torch.zeros(2, 3, 6, dtype=torch.bool)
+    answer[0, 2, 1] = True
+    loss, _ = span_marginal_loss(r, s, valid, answer)
+    loss.backward()
+    assert torch.isfinite(r.grad).all() and torch.isfinite(s.grad).all()
+    assert r.grad[0].abs().sum() > 0 and s.grad[0, 2].abs().sum() > 0
+    assert r.grad[1].abs().sum() == 0  # question 1 has no answer: no gradient from it
+    none, has = span_marginal_loss(r, s, valid, torch.zeros_like(answer))
+    assert float(none.detach()) == 0.0 and not has.any() and none.requires_grad
+    with pytest.raises(ValueError, match="differ in shape"):
+        span_marginal_loss(r, s, valid[:, :, :3], answer)

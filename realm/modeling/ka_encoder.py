@@ -75,6 +75,9 @@ class JoinedInputs:
             when no positions were given.
         position_mask: True on real entries of ``mask_positions``, ``[B, max_masked]``.
         num_candidates: ``k + 1``.
+        segment_ids: What each position holds: 0 ``[CLS]``, the query, separators and padding;
+            1 the block's title; 2 its body. ``[B * (k + 1), seq_len]`` int64 (readers keep
+            answer spans inside one segment of the block).
     """
 
     input_ids: torch.Tensor
@@ -83,6 +86,7 @@ class JoinedInputs:
     mask_positions: Optional[torch.Tensor]
     position_mask: Optional[torch.Tensor]
     num_candidates: int
+    segment_ids: Optional[torch.Tensor] = None
 
 
 def build_joined_inputs(
@@ -134,7 +138,7 @@ def build_joined_inputs(
         raise ValueError("no candidates: give blocks or append_null=True")
     empty = np.zeros(0, np.int64)
     cls, sep = np.array([cls_id], np.int64), np.array([sep_id], np.int64)
-    rows = []
+    rows, layout = [], []  # layout: (query, title, body) lengths of each row
     for i, query in enumerate(query_ids):
         x = _as_ids(query)
         if max_length is not None and len(x) + 3 > max_length:
@@ -154,7 +158,12 @@ def build_joined_inputs(
             if len(title) or len(body):
                 row += [(title, 1), (sep, 1), (body, 1)]
             rows.append(row + [(sep, 1)])
+            layout.append((len(x), len(title), len(body)))
     packed = _pack(rows, pad_id)
+    segments = torch.zeros_like(packed.input_ids)  # [B * (k + 1), seq_len]
+    for r, (lq, lt, lb) in enumerate(layout):
+        segments[r, lq + 2: lq + 2 + lt] = 1  # after [CLS] x [SEP]
+        segments[r, lq + 3 + lt: lq + 3 + lt + lb] = 2  # after title [SEP]
     positions = position_mask = None
     if mask_positions is not None:
         if len(mask_positions) != n:
@@ -167,7 +176,7 @@ def build_joined_inputs(
         positions = torch.where(position_mask, positions + 1, positions)  # past [CLS]
     return JoinedInputs(
         packed.input_ids, packed.attention_mask, packed.token_type_ids,
-        positions, position_mask, num_candidates,
+        positions, position_mask, num_candidates, segments,
     )
 
 

@@ -293,22 +293,26 @@ def prepare_corpus(config, progress: bool = True) -> str:
 def prepare_encoder(config) -> str:
     """``pretrain.encoder``, or a copy of it cut to its first ``encoder_layers`` layers (cached)."""
     p = config.pretrain
-    if not p.encoder_layers:
-        return p.encoder
+    return truncated_encoder(p.encoder, p.encoder_layers, p.cache_dir)
+
+
+def truncated_encoder(encoder: str, layers: Optional[int], cache_dir: str) -> str:
+    """``encoder`` itself (``layers`` None), or a cached copy of its first ``layers`` layers."""
+    if not layers:
+        return encoder
     from transformers import AutoModel
 
     from realm.hub import load_tokenizer, resolve_model_path
 
-    name = re.sub(r"[^A-Za-z0-9]+", "-", p.encoder).strip("-")
-    out = os.path.join(p.cache_dir, f"encoder-{name}-L{p.encoder_layers}")
+    name = re.sub(r"[^A-Za-z0-9]+", "-", encoder).strip("-")
+    out = os.path.join(cache_dir, f"encoder-{name}-L{layers}")
     if _is_main() and not os.path.exists(os.path.join(out, "config.json")):
-        model = AutoModel.from_pretrained(resolve_model_path(p.encoder),
-                                          num_hidden_layers=p.encoder_layers)
+        model = AutoModel.from_pretrained(resolve_model_path(encoder), num_hidden_layers=layers)
         tmp = f"{out}.tmp-{os.getpid()}"
         model.save_pretrained(tmp)
-        load_tokenizer(p.encoder).save_pretrained(tmp)
+        load_tokenizer(encoder).save_pretrained(tmp)
         os.replace(tmp, out)  # config.json appears only with a complete copy
-        logger.info("cached the first %d layers of %s in %s", p.encoder_layers, p.encoder, out)
+        logger.info("cached the first %d layers of %s in %s", layers, encoder, out)
     _wait_for(os.path.join(out, "config.json"), "the truncated encoder")
     return out
 

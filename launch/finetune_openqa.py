@@ -1,0 +1,25 @@
+"""Open-QA fine-tuning: the document index fixed, the query encoder and the span reader trained.
+
+    accelerate launch launch/finetune_openqa.py                       # configs/openqa_squad.yaml
+    accelerate launch launch/finetune_openqa.py --config configs/X.yaml [key=value ...]
+    accelerate launch launch/finetune_openqa.py openqa.retriever=runs/signal openqa.reader=runs/signal
+
+With no --config, configs/openqa_squad.yaml (next to this script) is used: SQuAD-open from
+../shared/data/squad_open, BM25 retrieval, a 2-layer copy of the offline MiniLM as the reader.
+`openqa.retriever` takes `bm25`, an ICT retriever directory (the ORQA baseline) or a REALM
+pretraining run directory; `openqa.reader` a pretraining run directory or any checkpoint.
+Re-running the same command resumes from the newest checkpoint. Writes run_dir/model/ (read by
+`launch/evaluate.py openqa --model`) and run_dir/predictions-dev.jsonl; the last stdout line is
+a JSON summary with the dev exact match, F1 and answer recall@k.
+"""
+
+import os
+import sys
+
+from realm.training.openqa import main
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
+                              "openqa_squad.yaml")
+
+if __name__ == "__main__":
+    sys.exit(main(default_config=os.path.normpath(DEFAULT_CONFIG)))

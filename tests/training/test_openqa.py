@@ -1,0 +1,152 @@
+"""Open-QA fine-tuning and evaluation end to end on a handful of real SQuAD questions."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from realm.config import DataConfig, SpansConfig
+from realm.data.build import build_corpus
+from realm.data.qa import read_qa
+from realm.data.store import BlockStore
+from realm.hub import load_tokenizer
+from realm.modeling.reader import SpanReader
+from realm.modeling.retriever import Retriever
+from realm.training.openqa import (BM25Index, BlockTexts, DenseIndex, OpenQAModel, QADataset,
+                                   collate_qa, document_embeddings, evaluate_openqa,
+                                   load_openqa_model)
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def squad_tiny(shared_data, tmp_path_factory):
+    """20 Super Bowl 50 passages and 12 training questions whose answers are in them."""
+    tmp = tmp_path_factory.mktemp("squad-tiny")
+    passages = [json.loads(line) for line in open(shared_data / "squad_open" / "passages.jsonl")][:20]
+    (tmp / "passages.jsonl").write_text("".join(json.dumps(p) + "\n" for p in passages))
+    ids = {p["id"] for p in passages}
+    qa = [json.loads(line) for line in open(shared_data / "squad_open" / "qa_train.jsonl")]
+    qa = [q for q in qa if q["gold_passage"] in ids][:60:5]
+    (tmp / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qa))
+    build_corpus(DataConfig(input=str(tmp / "passages.jsonl"), max_block_tokens=160),
+                 SpansConfig(enabled=False), str(tmp / "corpus"), progress=False)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def finetuned(squad_tiny):
+    """`launch/finetune_openqa.py` on those questions (BM25, a 2-layer MiniLM reader)."""
+    run = squad_tiny / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "finetune_openqa.py"), "--no-progress",
+           f"openqa.corpus={squad_tiny / 'corpus'}", f"openqa.train_qa={squad_tiny / 'qa.jsonl'}",
+           f"openqa.dev_qa={squad_tiny / 'qa.jsonl'}", "openqa.k=2", "openqa.max_joined_tokens=200",
+           "openqa.recall_ks=[1,2,5]", "openqa.eval_limit=0",
+           f"pretrain.cache_dir={squad_tiny / 'cache'}", f"train.run_dir={run}",
+           "train.steps=36", "train.batch_size=4", "train.lr=3e-4", "train.warmup_steps=4",
+           "train.eval_every=0", "train.save_every=0", "logging.wandb=false",
+           "logging.log_every=4"]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_finetuning_raises_exact_match_above_an_untrained_reader(squad_tiny, finetuned):
+    run, summary = finetuned
+    store = BlockStore(str(squad_tiny / "corpus"))
+    qa = read_qa(str(squad_tiny / "qa.jsonl"))
+    torch.manual_seed(0)
+    reader = SpanReader.from_checkpoint(
+        str(squad_tiny / "cache" / "encoder-sentence-transformers-all-MiniLM-L6-v2-L2"), seed=0)
+    untrained = OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer, k=2,
+                            max_joined_tokens=200)
+    before, _ = evaluate_openqa(untrained, qa, [1, 2], progress=False)
+    after = summary["dev"]
+    assert summary["steps"] == 36 and summary["train_questions"] == 12
+    assert after["questions"] == 12 and after["answer_recall@2"] >= 0.75
+    assert after["exact_match"] >= before["exact_match"] + 0.25, (before, after)
+    assert after["f1"] > before["f1"]
+    losses = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl")
+              if '"loss"' in line]
+    assert np.mean(losses[-3:]) < np.mean(losses[:2])
+    manifest = json.loads((run / "model" / "manifest.json").read_text())
+    assert manifest["kind"] == "openqa_model" and manifest["retrieval"] == "bm25"
+    assert manifest["k"] == 2 and manifest["corpus"]["fingerprint"] == store.fingerprint
+
+
+def test_evaluate_cli_reproduces_the_runs_dev_figures(squad_tiny, finetuned):
+    run, summary = finetuned
+    preds = squad_tiny / "preds.jsonl"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "evaluate.py"), "openqa", "--model", str(run / "model"),
+         "--corpus", str(squad_tiny / "corpus"), "--qa", str(squad_tiny / "qa.jsonl"),
+         "--k", "1,2,5", "--predictions", str(preds), "--no-progress"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("exact_match", "f1", "answer_recall@1", "answer_recall@2", "answer_recall@5"):
+        assert report[key] == summary["dev"][key], key
+    assert report["questions"] == 12 and report["seconds"] > 0 and report["predictions"] == str(preds)
+    records = [json.loads(line) for line in open(preds)]
+    qa = read_qa(str(squad_tiny / "qa.jsonl"))
+    assert [r["question"] for r in records] == [q.question for q in qa]
+    assert all(len(r["retrieved"]) == 2 and {"title", "score"} <= set(r["retrieved"][0])
+               for r in records)
+    store = BlockStore(str(squad_tiny / "corpus"))
+    texts = [store.text(i) + store.title(i) for i in range(len(store))]
+    # a prediction is cut from the original text (case and punctuation kept)
+    assert all(any(r["prediction"] in t for t in texts) for r in records)
+    assert round(float(np.mean([r["exact_match"] for r in records])), 4) == report["exact_match"]
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "evaluate.py"), "openqa", "--model", str(squad_tiny),
+         "--corpus", str(squad_tiny / "corpus"), "--qa", str(squad_tiny / "qa.jsonl")],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "manifest.json" in bad.stderr
+
+
+def test_dense_step_trains_the_query_encoder_not_the_index(squad_tiny, tiny_encoder):
+    store = BlockStore(str(squad_tiny / "corpus"))
+    torch.manual_seed(0)
+    retriever = Retriever.from_checkpoint(tiny_encoder, dim=16, pooling="mean")
+    reader = SpanReader.from_checkpoint(tiny_encoder, max_span_tokens=5, span_hidden=8)
+    emb = document_embeddings(retriever, store, 160, progress=False, precision="fp32")
+    model = OpenQAModel(retriever, reader, DenseIndex(emb), store, reader.tokenizer, k=8,
+                        max_joined_tokens=200)
+    qa = read_qa(str(squad_tiny / "qa.jsonl"))
+    batch = collate_qa([QADataset(qa, reader.tokenizer, 48)[i] for i in range(6)])
+    out = model(batch)
+    assert out.block_ids.shape == (6, 8) and out.retrieval_logits.shape == (6, 8)
+    assert out.has_answer.any()  # 8 of the ~25 blocks: some question finds its answer
+    out.loss.backward()
+    q_grad = sum(p.grad.abs().sum() for p in retriever.query_encoder.parameters()
+                 if p.grad is not None)
+    assert float(q_grad) > 0
+    assert all(not p.requires_grad for p in retriever.doc_encoder.parameters())
+    assert all(p.grad is not None for p in reader.scorer.parameters())
+    # answers are matched in the word pieces of the blocks actually read
+    for i in range(6):
+        block_has = out.answer_mask[i].flatten(1).any(dim=1)  # [k]
+        for j in range(8):
+            text = store.title(int(out.block_ids[i, j])) + " " + store.text(int(out.block_ids[i, j]))
+            if block_has[j]:
+                assert any(a.lower() in text.lower() for a in batch.answers[i])
+
+
+def test_regex_answers_map_to_token_aligned_spans(squad_tiny):
+    store = BlockStore(str(squad_tiny / "corpus"))
+    tok = load_tokenizer(store.manifest["tokenizer"]["path"])
+    texts = BlockTexts(store, tok)
+    block = next(i for i in range(len(store)) if "Denver Broncos" in store.text(i))
+    body = store.body_ids(block)
+    spans = texts.regex_spans(block, 2, len(body), [r"denver\s+broncos"], max_width=10)
+    assert spans
+    for start, w in spans:
+        assert texts.span_text(block, 2, start, start + w) == "Denver Broncos"
+        assert tok.decode(body[start: start + w + 1].tolist()) == "denver broncos"
+    assert texts.regex_spans(block, 2, len(body), [r"enver"], max_width=10) == []  # mid-word
