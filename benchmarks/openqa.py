@@ -1,0 +1,143 @@
+"""Open-QA throughput: fine-tuning examples/s (fp32 vs bf16) and evaluation questions/s.
+
+    python benchmarks/openqa.py [--retriever bm25|DIR] [--steps 12] [--eval-questions 160]
+
+Sizes (k, token limits, batch, lr, the reader checkpoint and its layers, the QA files and the
+corpus) come from ``configs/openqa_squad.yaml`` unless overridden (``key=value`` after the flags);
+the corpus is built into ``pretrain.cache_dir`` if missing (run from the repo root).
+
+1. **Fine-tuning step.** ``OpenQAModel`` + ``OpenQATask.loss`` on the training questions, one
+   AdamW step after another on the same batches, first in fp32, then under
+   ``torch.autocast("cpu", dtype=torch.bfloat16)`` with a fresh model from the same seed. The
+   first ``--warmup`` steps are not timed. ``bf16_over_fp32`` = bf16 examples/s / fp32's.
+2. **Evaluation.** ``evaluate_openqa`` (retrieve, read the top k, best span, EM/F1, recall) on the
+   first ``--eval-questions`` dev questions, fp32 and bf16: questions/s.
+
+The 1-minute load average before and after is recorded: other jobs on the cores slow every step.
+Prints one JSON object on stdout; progress goes to stderr.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                     "WANDB_MODE": "disabled"}.items():
+    os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402
+
+from realm.config import load_config  # noqa: E402
+from realm.data.qa import read_qa  # noqa: E402
+from realm.data.store import BlockStore  # noqa: E402
+from realm.modeling.reader import SpanReader  # noqa: E402
+from realm.modeling.retriever import Retriever  # noqa: E402
+from realm.training.openqa import (BM25Index, DenseIndex, OpenQAModel, OpenQATask,  # noqa: E402
+                                   QADataset, _resolve_retriever, collate_qa,
+                                   document_embeddings, evaluate_openqa)
+from realm.training.pretrain import prepare_corpus, truncated_encoder  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_model(config, store, seed: int, retriever_src: str, index):
+    o = config.openqa
+    torch.manual_seed(seed)
+    reader = SpanReader.from_checkpoint(
+        truncated_encoder(o.reader, o.reader_layers, config.pretrain.cache_dir),
+        o.max_span_tokens, o.span_hidden, seed=seed)
+    retriever = None if retriever_src == "bm25" else Retriever.from_pretrained(retriever_src)
+    return OpenQAModel(retriever, reader, index, store, reader.tokenizer, k=o.k,
+                       max_question_tokens=o.max_question_tokens,
+                       max_joined_tokens=o.max_joined_tokens)
+
+
+def time_training(config, store, retriever_src, index, batches, bf16: bool, warmup: int):
+    model = build_model(config, store, config.seed, retriever_src, index)
+    model.train()
+    task = OpenQATask(None, [], lambda m: m, [1], 16, bf16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, fused=True)
+    times, losses = [], []
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = task.loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            losses.append(float(loss))
+        logging.info("%s step %d: %.2f s", "bf16" if bf16 else "fp32", i,
+                     time.perf_counter() - t0)
+    n = sum(len(b.questions) for b in batches[warmup:])
+    return {"examples_per_s": round(n / sum(times), 3), "step_s": round(sum(times) / len(times), 3),
+            "mean_loss": round(sum(losses) / len(losses), 4)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=os.path.join(REPO, "configs", "openqa_squad.yaml"))
+    parser.add_argument("--retriever", default=None, help="bm25 or a retriever / pretraining run "
+                        "directory (default: the config's openqa.retriever)")
+    parser.add_argument("--steps", type=int, default=12, help="timed fine-tuning steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--eval-questions", type=int, default=160)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_config(args.config, args.overrides)
+    o = config.openqa
+    corpus = o.corpus or prepare_corpus(config, progress=False)
+    store = BlockStore(corpus)
+    retriever_src = args.retriever or o.retriever
+    if retriever_src == "bm25":
+        index = BM25Index(store)
+    else:
+        retriever_src = _resolve_retriever(retriever_src)
+        emb = document_embeddings(Retriever.from_pretrained(retriever_src), store,
+                                  config.retriever.max_block_tokens, progress=False)
+        index = DenseIndex(emb)
+    load_before = os.getloadavg()[0]
+    train_qa = read_qa(o.train_qa)
+    probe = build_model(config, store, config.seed, retriever_src, index)
+    dataset = QADataset(train_qa, probe.tokenizer, o.max_question_tokens)
+    bs = config.train.batch_size
+    batches = [collate_qa([dataset[i] for i in range(s * bs, (s + 1) * bs)])
+               for s in range(args.steps + args.warmup)]
+    fp32 = time_training(config, store, retriever_src, index, batches, False, args.warmup)
+    bf16 = time_training(config, store, retriever_src, index, batches, True, args.warmup)
+    dev = read_qa(o.dev_qa, limit=args.eval_questions)
+    evals = {}
+    for name, use_bf16 in (("fp32", False), ("bf16", True)):
+        report, _ = evaluate_openqa(probe, dev, o.recall_ks, o.eval_batch_size, use_bf16,
+                                    progress=False)
+        evals[name] = {"questions_per_s": report["questions_per_s"],
+                       "seconds": report["seconds"], "questions": report["questions"]}
+    result = {
+        "benchmark": "openqa", "config": os.path.relpath(args.config, REPO),
+        "overrides": args.overrides, "retriever": retriever_src, "blocks": len(store),
+        "k": o.k, "batch_size": bs, "max_joined_tokens": o.max_joined_tokens,
+        "reader": o.reader, "reader_layers": o.reader_layers,
+        "threads": torch.get_num_threads(), "steps_timed": args.steps,
+        "train": {"fp32": fp32, "bf16": bf16,
+                  "bf16_over_fp32": round(bf16["examples_per_s"] / fp32["examples_per_s"], 3)},
+        "evaluate": {**evals, "bf16_over_fp32": round(
+            evals["bf16"]["questions_per_s"] / evals["fp32"]["questions_per_s"], 3)},
+        "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
