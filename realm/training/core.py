@@ -331,7 +331,8 @@ def _evaluate(task: Task, model: torch.nn.Module, tracker: Tracker, step: int) -
     with torch.no_grad():
         metrics = task.evaluate(model)
     model.train()
-    tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    if metrics:
+        tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     return metrics
 
 
