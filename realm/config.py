@@ -318,6 +318,12 @@ class PretrainConfig:
         "one keeps p(z|x) from collapsing onto noise before the reader learns to use z).",
         default=1.0,
     )
+    retriever_hold_steps: int = _doc(
+        "Steps at the start during which the query and document encoders do not move (learning "
+        "rate 0; their warmup and decay follow over the remaining steps), so that the reader "
+        "first learns to use what the warm-started retriever finds. 0: train them from the "
+        "start.", default=0
+    )
     ict_steps: int = _doc("Steps of the ICT warm start when no retriever is given.", default=100)
     ict_batch_size: int = _doc("Batch of the ICT warm start.", default=32)
     null_only: bool = _doc(
@@ -336,6 +342,8 @@ class PretrainConfig:
                f"must be > 0 or null, got {self.encoder_layers}")
         _check(self.retriever_lr_scale >= 0, "pretrain.retriever_lr_scale",
                f"must be >= 0, got {self.retriever_lr_scale}")
+        _check(self.retriever_hold_steps >= 0, "pretrain.retriever_hold_steps",
+               f"must be >= 0, got {self.retriever_hold_steps}")
         _check(self.table_every >= 0, "pretrain.table_every",
                f"must be >= 0, got {self.table_every}")
         for key in ("max_joined_tokens", "ict_steps", "ict_batch_size"):

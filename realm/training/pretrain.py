@@ -502,7 +502,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
         max_grad_norm=t.max_grad_norm, log_every=lg.log_every, eval_every=0,
         save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, num_workers=t.num_workers,
         resume=t.resume, seed=config.seed, progress=progress,
-        lr_scales={"retriever.": p.retriever_lr_scale})
+        lr_scales={"retriever.": p.retriever_lr_scale},
+        lr_holds={"retriever.": p.retriever_hold_steps})
     world_size = accelerator.num_processes
     finished = False
     try:

@@ -1,0 +1,75 @@
+"""The shared training core: per-part learning rates and holds."""
+
+import torch
+
+from realm.tracking import Tracker
+from realm.training.core import TrainSettings, _lr_lambda, train
+from realm.training.ict import _shutdown
+
+
+class TwoParts(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.retriever = torch.nn.Linear(4, 4)
+        self.reader = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.reader(torch.tanh(self.retriever(x)))
+
+
+class Regression:
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(64, 4, generator=g)
+        self.y = self.x.sum(dim=1, keepdim=True)
+
+    def train_dataset(self):
+        return list(range(64))
+
+    def collate(self, rows):
+        return torch.tensor(rows)
+
+    def loss(self, model, batch):
+        loss = torch.nn.functional.mse_loss(model(self.x[batch]), self.y[batch])
+        return loss, {}
+
+    def evaluate(self, model):
+        return {}
+
+
+class Snapshots:
+    def __init__(self):
+        self.retriever, self.reader = [], []
+
+    def after_step(self, step, model):
+        self.retriever.append(model.retriever.weight.detach().clone())
+        self.reader.append(model.reader.weight.detach().clone())
+
+
+def test_held_part_waits_then_trains(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = TwoParts()
+    start = model.retriever.weight.detach().clone()
+    snaps = Snapshots()
+    settings = TrainSettings(run_dir=str(tmp_path), steps=8, batch_size=8, lr=1e-2,
+                             warmup_steps=1, log_every=4, progress=False,
+                             lr_holds={"retriever.": 5})
+    tracker = Tracker(str(tmp_path))
+    try:
+        train(model, Regression(), settings, accelerator, tracker, hooks=[snaps])
+    finally:
+        tracker.close()
+        _shutdown(accelerator)
+    assert all(torch.equal(w, start) for w in snaps.retriever[:5])  # steps 1-5: held
+    assert not torch.equal(snaps.retriever[5], start)  # step 6 moves it
+    assert not torch.equal(snaps.reader[0], snaps.reader[1])  # the reader trains from the start
+
+
+def test_lr_lambda_with_a_hold_restarts_warmup_and_decay():
+    f = _lr_lambda(warmup=2, total=8, hold=4)
+    assert [round(f(s), 3) for s in range(8)] == [0, 0, 0, 0, 0.5, 1.0, 1.0, 0.5]
+    g = _lr_lambda(warmup=2, total=4)  # the same schedule, unheld
+    assert [f(s + 4) for s in range(4)] == [g(s) for s in range(4)]
