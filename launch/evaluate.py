@@ -13,7 +13,6 @@ beside the model. The last stdout line is one JSON object (EM/F1, recall@k, coun
 """
 
 import argparse
-import json
 import logging
 import sys
 import time

@@ -71,6 +71,21 @@ class TrainSettings:
     lr_scales: Optional[dict[str, float]] = None  # parameter-name prefix -> learning-rate factor
     lr_holds: Optional[dict[str, int]] = None  # parameter-name prefix -> steps with learning rate 0
 
+    @classmethod
+    def from_config(cls, config, progress: bool = True, **overrides: Any) -> "TrainSettings":
+        """The settings of a :class:`realm.config.Config` (its ``train`` and ``logging``
+        sections and seed); ``overrides`` replace single fields (e.g. ``eval_every=0``)."""
+        t = config.train
+        fields = dict(
+            run_dir=t.run_dir, steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum,
+            lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+            max_grad_norm=t.max_grad_norm, log_every=config.logging.log_every,
+            eval_every=t.eval_every, save_every=t.save_every,
+            keep_checkpoints=t.keep_checkpoints, num_workers=t.num_workers, resume=t.resume,
+            seed=config.seed, progress=progress)
+        fields.update(overrides)
+        return cls(**fields)
+
 
 class EpochSampler(torch.utils.data.Sampler):
     """A seeded permutation per epoch: the same (seed, epoch) always gives the same order."""

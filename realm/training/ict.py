@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,13 +152,7 @@ def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
     lg = config.logging
     tracker = Tracker(t.run_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
                       wandb_mode=lg.wandb_mode, run_name="ict", enabled=accelerator.is_main_process)
-    settings = TrainSettings(
-        run_dir=t.run_dir, steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum,
-        lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
-        max_grad_norm=t.max_grad_norm, log_every=lg.log_every, eval_every=t.eval_every,
-        save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, num_workers=t.num_workers,
-        resume=t.resume, seed=config.seed, progress=progress,
-    )
+    settings = TrainSettings.from_config(config, progress)
     world_size = accelerator.num_processes
     try:
         result = train(retriever, task, settings, accelerator, tracker, config_dict=config.to_dict())

@@ -16,7 +16,6 @@ document embeddings) that ``launch/evaluate.py openqa --model`` reads.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -592,12 +591,7 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     tracker = Tracker(t.run_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
                       wandb_mode=lg.wandb_mode, run_name=os.path.basename(t.run_dir.rstrip("/")),
                       enabled=accelerator.is_main_process)
-    settings = TrainSettings(
-        run_dir=t.run_dir, steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum,
-        lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
-        max_grad_norm=t.max_grad_norm, log_every=lg.log_every, eval_every=t.eval_every,
-        save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, num_workers=t.num_workers,
-        resume=t.resume, seed=config.seed, progress=progress)
+    settings = TrainSettings.from_config(config, progress)
     report: dict[str, Any] = {}
     world_size = accelerator.num_processes
     try:

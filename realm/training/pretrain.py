@@ -496,13 +496,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
         hooks.append(first)
     if accelerator.is_main_process and p.table_every:
         hooks.append(ExampleTable(task, tracker, retriever.tokenizer, store, p.table_every))
-    settings = TrainSettings(
-        run_dir=t.run_dir, steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum,
-        lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
-        max_grad_norm=t.max_grad_norm, log_every=lg.log_every, eval_every=0,
-        save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, num_workers=t.num_workers,
-        resume=t.resume, seed=config.seed, progress=progress,
-        lr_scales={"retriever.": p.retriever_lr_scale},
+    settings = TrainSettings.from_config(
+        config, progress, eval_every=0, lr_scales={"retriever.": p.retriever_lr_scale},
         lr_holds={"retriever.": p.retriever_hold_steps})
     world_size = accelerator.num_processes
     finished = False

@@ -14,8 +14,7 @@ from realm.data.store import BlockStore
 from realm.index.store import RunStore
 from realm.refresh.watcher import IndexWatcher
 
-from .conftest import (child_env, publish, refresher_cmd, run, start, summary, wait_for,
-                       wait_for_log)
+from .conftest import (child_env, publish, refresher_cmd, run, start, summary, wait_for_log)
 
 
 def _first_generation(run_dir, corpus, retriever):

@@ -3,7 +3,6 @@
 import os
 import time
 
-import numpy as np
 import torch
 
 from realm.data.ict import ict_blocks

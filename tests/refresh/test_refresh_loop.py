@@ -6,13 +6,12 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from realm.index.store import RunStore
 from realm.refresh.supervisor import RefresherSupervisor
 from realm.refresh.watcher import IndexWatcher
 
-from .conftest import REPO, child_env, publish, refresher_cmd, run, summary, wait_for
+from .conftest import child_env, publish, refresher_cmd, run, summary, wait_for
 
 
 def test_supervised_refresher_hot_swaps_restarts_and_stops(leads_corpus, tiny_retriever,

@@ -18,8 +18,7 @@ from realm.hub import load_tokenizer
 from realm.modeling.reader import SpanReader
 from realm.modeling.retriever import Retriever
 from realm.training.openqa import (BM25Index, BlockTexts, DenseIndex, OpenQAModel, QADataset,
-                                   collate_qa, document_embeddings, evaluate_openqa,
-                                   load_openqa_model)
+                                   collate_qa, document_embeddings, evaluate_openqa)
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
