@@ -610,6 +610,13 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
                 write_predictions(records, os.path.join(t.run_dir, "predictions-dev.jsonl"))
                 tracker.log({f"final/{k}": v for k, v in report.items()
                              if isinstance(v, (int, float))}, step=result["steps"])
+                tracker.log_table(  # a look at the answers in wandb
+                    "dev_predictions", ["question", "prediction", "gold", "exact_match",
+                                        "answer_block", "retrieved"],
+                    [[r["question"], r["prediction"], " | ".join(r["gold"]), r["exact_match"],
+                      r["answer_block"], " | ".join(f"{b['title']} ({b['score']})"
+                                                    for b in r["retrieved"])]
+                     for r in records[:50]], step=result["steps"])
         accelerator.wait_for_everyone()
     finally:
         tracker.close()

@@ -71,8 +71,10 @@ def test_finetuning_raises_exact_match_above_an_untrained_reader(squad_tiny, fin
     assert after["questions"] == 12 and after["answer_recall@2"] >= 0.75
     assert after["exact_match"] >= before["exact_match"] + 0.25, (before, after)
     assert after["f1"] > before["f1"]
-    losses = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl")
-              if '"loss"' in line]
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    losses = [r["loss"] for r in records if "loss" in r]
+    (table,) = [r for r in records if r.get("table") == "dev_predictions"]
+    assert len(table["rows"]) == 12 and table["columns"][:2] == ["question", "prediction"]
     assert np.mean(losses[-3:]) < np.mean(losses[:2])
     manifest = json.loads((run / "model" / "manifest.json").read_text())
     assert manifest["kind"] == "openqa_model" and manifest["retrieval"] == "bm25"
