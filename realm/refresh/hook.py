@@ -39,6 +39,8 @@ class RefreshHook:
             refresher runs elsewhere (``refresh.spawn=false``).
         poll_s, lease_timeout_s, keep_encoders, gpu, nprobe, ef_search: Watcher and store knobs.
         first_timeout_s: How long to wait for generation 0 at start.
+        publish_after: Publish no snapshot up to this step (the document encoder is held still
+            until then, so the index of generation 0 stays exact).
         barrier: Synchronises the processes (``accelerator.wait_for_everyone``) at start.
     """
 
@@ -47,7 +49,7 @@ class RefreshHook:
                  supervisor: Optional[RefresherSupervisor] = None, poll_s: float = 2.0,
                  lease_timeout_s: float = 600.0, keep_encoders: int = 2, gpu: bool = True,
                  nprobe: int = 32, ef_search: int = 128, first_timeout_s: float = 3600.0,
-                 barrier: Callable[[], None] = lambda: None):
+                 publish_after: int = 0, barrier: Callable[[], None] = lambda: None):
         self.store = store
         self.model = model
         self.retriever_of = retriever_of
@@ -56,6 +58,7 @@ class RefreshHook:
         self.supervisor = supervisor
         self.keep_encoders = keep_encoders
         self.first_timeout_s = first_timeout_s
+        self.publish_after = publish_after
         self.barrier = barrier
         self.watcher = IndexWatcher(store, corpus_fingerprint=corpus_fingerprint, dim=dim,
                                     poll_s=poll_s, lease_timeout_s=lease_timeout_s, gpu=gpu,
@@ -129,7 +132,7 @@ class RefreshHook:
         self.store.write_heartbeat(step)
         if self.supervisor is not None:
             self.supervisor.check()
-        if step % self.every_steps == 0:
+        if step % self.every_steps == 0 and step > self.publish_after:
             self.publish(model, step)
 
     def metrics(self, step: int) -> dict[str, Any]:

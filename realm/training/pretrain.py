@@ -478,7 +478,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
             supervisor=supervisor, poll_s=config.refresh.poll_s,
             lease_timeout_s=i.lease_timeout_s, keep_encoders=config.refresh.keep_encoders,
             gpu=i.gpu, nprobe=i.nprobe, ef_search=i.ef_search,
-            barrier=accelerator.wait_for_everyone)
+            publish_after=p.retriever_hold_steps, barrier=accelerator.wait_for_everyone)
         searcher = hook.watcher.search
         first = FirstGenerationCache(
             FirstGenerationCache.key_path(p.cache_dir, retriever_dir, store.fingerprint, config),

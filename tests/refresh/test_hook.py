@@ -89,3 +89,13 @@ def test_resume_loads_the_checkpointed_generation(leads_corpus, tiny_retriever, 
     assert pinned in hook.generations_used
     first = [r for r in read_metrics(run_dir) if "index/generation" in r and r["step"] == 7]
     assert first and first[-1]["index/generation"] >= pinned
+
+
+def test_no_snapshot_while_the_encoders_are_held(tmp_path):
+    hook = RefreshHook(RunStore(str(tmp_path / "run")), None, lambda m: m, corpus_fingerprint="f",
+                       dim=8, every_steps=3, is_main=True, publish_after=6)
+    published = []
+    hook.publish = lambda model, step: published.append(step)
+    for step in range(1, 13):
+        hook.after_step(step, None)
+    assert published == [9, 12]  # steps 3 and 6: the document encoder had not moved
