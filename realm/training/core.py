@@ -297,7 +297,7 @@ def train(
                 if progress.step % s.log_every == 0 or progress.step == s.steps:
                     elapsed = time.perf_counter() - t_loop
                     record = {"loss": float(np.mean(losses[-s.log_every * s.grad_accum:])),
-                              "lr": scheduler.get_last_lr()[0],
+                              "lr": max(scheduler.get_last_lr()),  # the largest: parts may be scaled or held
                               "examples_per_s": examples_seen / max(elapsed, 1e-9)}
                     record.update({k: float(np.mean(v)) for k, v in window.items()})
                     for hook in hooks:

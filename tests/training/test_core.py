@@ -2,7 +2,7 @@
 
 import torch
 
-from realm.tracking import Tracker
+from realm.tracking import Tracker, read_metrics
 from realm.training.core import TrainSettings, _lr_lambda, train
 from realm.training.ict import _shutdown
 
@@ -66,6 +66,8 @@ def test_held_part_waits_then_trains(tmp_path):
     assert all(torch.equal(w, start) for w in snaps.retriever[:5])  # steps 1-5: held
     assert not torch.equal(snaps.retriever[5], start)  # step 6 moves it
     assert not torch.equal(snaps.reader[0], snaps.reader[1])  # the reader trains from the start
+    logged = [r["lr"] for r in read_metrics(str(tmp_path)) if "lr" in r]
+    assert logged[0] > 0  # the logged rate is the largest group's, not the held one's
 
 
 def test_lr_lambda_with_a_hold_restarts_warmup_and_decay():
