@@ -56,7 +56,7 @@ def test_held_part_waits_then_trains(tmp_path):
     snaps = Snapshots()
     settings = TrainSettings(run_dir=str(tmp_path), steps=8, batch_size=8, lr=1e-2,
                              warmup_steps=1, log_every=4, progress=False,
-                             lr_holds={"retriever.": 5})
+                             lr_scales={"retriever.": 0.5}, lr_holds={"retriever.": 5})
     tracker = Tracker(str(tmp_path))
     try:
         train(model, Regression(), settings, accelerator, tracker, hooks=[snaps])
