@@ -12,7 +12,7 @@ import torch
 
 from realm.config import DataConfig, SpansConfig
 from realm.data.build import build_corpus
-from realm.data.qa import read_qa
+from realm.data.qa import QAExample, read_qa
 from realm.data.store import BlockStore
 from realm.hub import load_tokenizer
 from realm.modeling.reader import SpanReader
@@ -151,3 +151,23 @@ def test_regex_answers_map_to_token_aligned_spans(squad_tiny):
         assert texts.span_text(block, 2, start, start + w) == "Denver Broncos"
         assert tok.decode(body[start: start + w + 1].tolist()) == "denver broncos"
     assert texts.regex_spans(block, 2, len(body), [r"enver"], max_width=10) == []  # mid-word
+
+
+def test_regex_answers_mark_their_spans_in_training(squad_tiny, tiny_encoder):
+    store = BlockStore(str(squad_tiny / "corpus"))
+    torch.manual_seed(0)
+    reader = SpanReader.from_checkpoint(tiny_encoder, max_span_tokens=6, span_hidden=8)
+    model = OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer, k=3,
+                        max_joined_tokens=200, regex=True)
+    qa = [QAExample("Which team won Super Bowl 50?", [r"Denver\s+Broncos|Broncos"])]
+    batch = collate_qa([QADataset(qa, reader.tokenizer, 48, regex=True)[0]])
+    out = model(batch)
+    assert out.has_answer.all() and torch.isfinite(out.loss)
+    found = torch.nonzero(out.answer_mask[0])  # [n, 3]: block, start, width
+    assert len(found)
+    for j, start, w in found.tolist():
+        segment = int(out.segment_ids[0, j, start])
+        offset = out.title_start[0, j] if segment == 1 else out.body_start[0, j]
+        text = model.texts.span_text(int(out.block_ids[0, j]), segment, start - offset,
+                                     start - offset + w)
+        assert text in ("Denver Broncos", "Broncos")
