@@ -56,7 +56,13 @@ def test_supervised_refresher_hot_swaps_restarts_and_stops(leads_corpus, tiny_re
             supervisor.proc.kill()
     committed = [json.loads(line) for line in open(os.path.join(run_dir, "refresher",
                                                                 "metrics.jsonl"))]
-    assert {r["refresh/generation"] for r in committed} >= seen - {0}
+    logged = {r["refresh/generation"] for r in committed}
+    # The kill at step 15 may land between a commit (index/LATEST replaced) and the metrics line
+    # that follows it: that one generation, the killed refresher's last, may lack its line. Every
+    # generation seen after it was committed and logged by the restarted refresher.
+    missing = (seen - {0}) - logged
+    assert len(missing) <= 1 and all(g < max(logged) for g in missing), (seen, logged)
+    assert max(seen) in logged
     assert all(r["refresh/blocks_per_s"] > 0 for r in committed)
     log = open(supervisor.log_path).read()
     assert "refresher stops (done)" in log
