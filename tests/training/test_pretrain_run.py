@@ -138,8 +138,11 @@ def test_ctrl_c_stops_trainer_and_refresher_and_leaves_a_resumable_checkpoint(
            "refresh.poll_s=0.1", "refresh.threads=1", "refresh.heartbeat_timeout_s=30",
            "logging.log_every=1", "logging.wandb=false"]
     log = open(tmp_path / "trainer.log", "wb")
+    # its own group with Ctrl-C's default action, like a terminal's job (a suite started in the
+    # background by a non-interactive shell would otherwise pass SIGINT down ignored)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=_env(tmp_path),
-                            start_new_session=True)  # its own group, like a terminal's job
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _interrupt_and_resume(proc, cmd, run_dir, tmp_path)
     finally:  # never leave a 100000-step trainer behind when an assertion fails
