@@ -33,10 +33,11 @@ import torch  # noqa: E402
 from realm.config import load_config  # noqa: E402
 from realm.data.qa import read_qa  # noqa: E402
 from realm.data.store import BlockStore  # noqa: E402
+from realm.hub import run_part  # noqa: E402
 from realm.modeling.reader import SpanReader  # noqa: E402
 from realm.modeling.retriever import Retriever  # noqa: E402
 from realm.training.openqa import (BM25Index, DenseIndex, OpenQAModel, OpenQATask,  # noqa: E402
-                                   QADataset, _resolve_retriever, collate_qa,
+                                   QADataset, collate_qa,
                                    document_embeddings, evaluate_openqa)
 from realm.training.pretrain import prepare_corpus, truncated_encoder  # noqa: E402
 
@@ -103,7 +104,7 @@ def main() -> int:
     if retriever_src == "bm25":
         index = BM25Index(store)
     else:
-        retriever_src = _resolve_retriever(retriever_src)
+        retriever_src = run_part(retriever_src, "retriever")
         emb = document_embeddings(Retriever.from_pretrained(retriever_src), store,
                                   config.retriever.max_block_tokens, progress=False)
         index = DenseIndex(emb)

@@ -13,7 +13,6 @@ beside the model. The last stdout line is one JSON object (EM/F1, recall@k, coun
 """
 
 import argparse
-import logging
 import sys
 import time
 
@@ -126,10 +125,7 @@ def _openqa(args, ks, t0) -> int:
     except (QAFormatError, CorpusError, ValueError, FileNotFoundError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 1
-    if args.regex != model.regex:
-        logging.getLogger("realm").info("answers are %s", "regular expressions" if args.regex
-                                        else "strings")
-        model.regex = args.regex
+    model.regex = args.regex  # the QA file's answers, whatever the model was trained on
     import torch
 
     bf16 = autocast_dtype(args.precision, torch.device("cpu")) == "bf16"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -63,3 +64,36 @@ def emit_summary(summary: dict[str, Any]) -> None:
     """The last stdout line of every entry script: one JSON object."""
     sys.stdout.write(json.dumps(summary, sort_keys=False) + "\n")
     sys.stdout.flush()
+
+
+def run_stage(
+    description: str,
+    run: Callable[..., dict[str, Any]],
+    argv: Optional[Sequence[str]] = None,
+    default_config: Optional[str] = None,
+    errors: tuple[type[BaseException], ...] = (),
+    on_interrupt: str = "",
+) -> int:
+    """A training stage's ``main``: parse ``--config``/overrides (``default_config`` when no
+    ``--config``) and ``--no-progress``, call ``run(config, progress=...)``, print its summary on
+    the main process.
+
+    Returns 0; 1 for one of ``errors`` (logged, e.g. a bad input file); 130 on Ctrl-C, after
+    ``run`` has left its checkpoint (``on_interrupt`` is added to the message).
+    """
+    parser = config_parser(description)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(config=default_config)
+    args, config = parse(parser, argv)
+    try:
+        summary = run(config, progress=not args.no_progress)
+    except errors as err:
+        logger.error("%s: %s", parser.prog, err)
+        return 1
+    except KeyboardInterrupt:
+        logger.warning("interrupted%s; re-run the same command to resume from the newest "
+                       "checkpoint in %s", on_interrupt, config.train.run_dir)
+        return 130
+    if os.environ.get("RANK", "0") == "0":  # the main process (accelerate/torchrun set RANK)
+        emit_summary(summary)
+    return 0

@@ -97,3 +97,11 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
         )
     logger.info("tokenizer %s loaded from %s", type(tokenizer).__name__, path)
     return tokenizer
+
+
+def run_part(path: str | os.PathLike, part: str) -> str:
+    """A REALM pretraining run directory stands for one of its saved models: ``path/part``
+    (``retriever`` or ``encoder``) when ``path`` is not a saved model itself but holds one there;
+    anything else is returned as given."""
+    own, inner = Path(path) / "manifest.json", Path(path) / part / "manifest.json"
+    return str(Path(path) / part) if not own.is_file() and inner.is_file() else str(path)

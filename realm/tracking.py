@@ -60,6 +60,16 @@ class Tracker:
             self._wandb = wandb_lib.init(project=wandb_project, mode=wandb_mode, dir=run_dir,
                                          name=run_name, config=config or {}, reinit="finish_previous")
 
+    @classmethod
+    def from_config(cls, config, enabled: bool = True,
+                    run_name: Optional[str] = None) -> "Tracker":
+        """The tracker of a :class:`realm.config.Config`: its ``train.run_dir`` and ``logging``
+        section; the wandb run is named after the run directory unless ``run_name`` is given."""
+        lg, run_dir = config.logging, config.train.run_dir
+        return cls(run_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
+                   wandb_mode=lg.wandb_mode,
+                   run_name=run_name or os.path.basename(run_dir.rstrip("/")), enabled=enabled)
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Append one record ``{"step", "time", **metrics}``."""
         if not self.enabled:

@@ -112,3 +112,29 @@ def enwiki_head(shared_data, tmp_path_factory):
             gzip.open(path, "wb") as out:
         out.writelines(itertools.islice(f, 100))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def make_squad_slice(shared_data):
+    """``make(out, n_passages, questions, max_block_tokens)``: the first ``n_passages`` SQuAD-open
+    passages built into ``out/corpus`` (no spans), and ``out/qa.jsonl`` with the training
+    questions whose gold passage is among them, cut by the slice ``questions``."""
+    import json
+
+    from realm.config import DataConfig, SpansConfig
+    from realm.data.build import build_corpus
+
+    def make(out, n_passages: int, questions: slice, max_block_tokens: int = 288):
+        passages = [json.loads(line) for line in
+                    open(shared_data / "squad_open" / "passages.jsonl")][:n_passages]
+        (out / "passages.jsonl").write_text("".join(json.dumps(p) + "\n" for p in passages))
+        ids = {p["id"] for p in passages}
+        qa = [json.loads(line) for line in open(shared_data / "squad_open" / "qa_train.jsonl")]
+        qa = [q for q in qa if q["gold_passage"] in ids][questions]
+        (out / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qa))
+        build_corpus(DataConfig(input=str(out / "passages.jsonl"),
+                                max_block_tokens=max_block_tokens),
+                     SpansConfig(enabled=False), str(out / "corpus"), progress=False)
+        return out
+
+    return make

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
-from realm.hub import load_tokenizer, resolve_model_path
+from realm.hub import load_tokenizer, resolve_model_path, run_part
 from realm.modeling.retriever import (
     _atomic_directory,
     _load_saved_tokenizer,
@@ -188,9 +188,7 @@ class SpanReader(nn.Module):
         taken, its head dropped), a REALM pretraining run directory (its ``encoder/``), or any
         transformers checkpoint / packaged alias.
         """
-        path = Path(name_or_path)
-        if (path / "encoder" / "manifest.json").is_file() and not (path / "manifest.json").is_file():
-            path = path / "encoder"  # a pretraining run directory
+        path = Path(run_part(name_or_path, "encoder"))  # a pretraining run: its encoder/
         if (path / "manifest.json").is_file():
             from transformers import AutoModelForMaskedLM
 

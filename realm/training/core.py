@@ -210,7 +210,7 @@ def train(
     # where three 30k x 384 word-embedding tables are updated every REALM step)
     groups = _param_groups(model, s.weight_decay, s.lr, s.lr_scales, s.lr_holds)
     for group in groups:
-        if group["hold"] >= s.steps and group["hold"]:
+        if 0 < s.steps <= group["hold"]:
             logger.warning("a parameter group is held for %d of %d steps: it never trains",
                            group["hold"], s.steps)
     optimizer = torch.optim.AdamW(groups, lr=s.lr, fused=_fused_adamw_ok(model))

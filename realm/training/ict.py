@@ -149,9 +149,7 @@ def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
     task = ICTTask(store, train_blocks, holdout_blocks, special, accelerator,
                    config.ict.remove_prob, r.max_query_tokens, r.max_block_tokens,
                    config.ict.min_query_tokens, config.seed)
-    lg = config.logging
-    tracker = Tracker(t.run_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
-                      wandb_mode=lg.wandb_mode, run_name="ict", enabled=accelerator.is_main_process)
+    tracker = Tracker.from_config(config, enabled=accelerator.is_main_process, run_name="ict")
     settings = TrainSettings.from_config(config, progress)
     world_size = accelerator.num_processes
     try:

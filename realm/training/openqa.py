@@ -520,14 +520,6 @@ class OpenQATask:
         return {k: v for k, v in report.items() if isinstance(v, float)}
 
 
-def _resolve_retriever(name: str) -> str:
-    """A pretraining run directory means its ``retriever/``."""
-    run = os.path.join(name, "retriever", "manifest.json")
-    if not os.path.isfile(os.path.join(name, "manifest.json")) and os.path.isfile(run):
-        return os.path.join(name, "retriever")
-    return name
-
-
 def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     """Open-QA fine-tuning with the shared core, then the dev evaluation; returns the summary."""
     from accelerate import Accelerator
@@ -536,13 +528,14 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     from realm.config import save_config
     from realm.data.qa import read_qa
     from realm.fsutil import sha256_file
+    from realm.hub import run_part
     from realm.tracking import Tracker
     from realm.training.core import TrainSettings, autocast_dtype, train
     from realm.training.ict import _shutdown, check_tokenizer
     from realm.training.pretrain import _digest, prepare_corpus, truncated_encoder
 
     t0 = time.time()
-    o, t, lg = config.openqa, config.train, config.logging
+    o, t = config.openqa, config.train
     if not o.train_qa:
         raise ValueError("openqa.train_qa: no training questions given")
     corpus_dir = o.corpus or prepare_corpus(config, progress)
@@ -566,7 +559,7 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     if o.retriever == "bm25":
         index = BM25Index(store)
     else:
-        retriever_dir = _resolve_retriever(o.retriever)
+        retriever_dir = run_part(o.retriever, "retriever")
         retriever = Retriever.from_pretrained(retriever_dir)
         check_tokenizer(retriever.tokenizer, store)
         key = _digest([sha256_file(os.path.join(retriever_dir, "manifest.json")), store.fingerprint,
@@ -588,9 +581,7 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
                       o.eval_batch_size, precision == "bf16")
     if accelerator.is_main_process:
         save_config(config, t.run_dir)
-    tracker = Tracker(t.run_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
-                      wandb_mode=lg.wandb_mode, run_name=os.path.basename(t.run_dir.rstrip("/")),
-                      enabled=accelerator.is_main_process)
+    tracker = Tracker.from_config(config, enabled=accelerator.is_main_process)
     settings = TrainSettings.from_config(config, progress)
     report: dict[str, Any] = {}
     world_size = accelerator.num_processes
@@ -635,24 +626,10 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
 
 def main(argv=None, default_config: Optional[str] = None) -> int:
     """``launch/finetune_openqa.py``: parse ``--config`` and overrides, run, print the summary."""
-    from realm.cli import config_parser, emit_summary, parse
+    from realm.cli import run_stage
     from realm.data.qa import QAFormatError
     from realm.data.store import CorpusError
-    from realm.training.pretrain import _is_main
 
-    parser = config_parser("Open-QA fine-tuning: fixed index, query encoder and reader trained.")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(config=default_config)
-    args, config = parse(parser, argv)
-    try:
-        summary = run_finetune(config, progress=not args.no_progress)
-    except (QAFormatError, CorpusError, ValueError, FileNotFoundError) as err:
-        logger.error("finetune_openqa: %s", err)
-        return 1
-    except KeyboardInterrupt:
-        logger.warning("interrupted; re-run the same command to resume from the newest "
-                       "checkpoint in %s", config.train.run_dir)
-        return 130
-    if _is_main():
-        emit_summary(summary)
-    return 0
+    return run_stage("Open-QA fine-tuning: fixed index, query encoder and reader trained.",
+                     run_finetune, argv, default_config,
+                     errors=(QAFormatError, CorpusError, ValueError, FileNotFoundError))

@@ -487,10 +487,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
             first.seed(RunStore(t.run_dir), store.fingerprint, config.index.factory)
         accelerator.wait_for_everyone()
     task = PretrainTask(dataset, searcher)
-    lg = config.logging
-    tracker = Tracker(t.run_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
-                      wandb_mode=lg.wandb_mode, run_name=os.path.basename(t.run_dir.rstrip("/")),
-                      enabled=accelerator.is_main_process)
+    tracker = Tracker.from_config(config, enabled=accelerator.is_main_process)
     hooks: list[Any] = [hook] if hook else []
     if hook is not None and accelerator.is_main_process:
         hooks.append(first)
@@ -543,18 +540,7 @@ def main(argv=None, default_config: Optional[str] = None) -> int:
     ``default_config`` is used when no ``--config`` is given (the launcher passes the built-in
     tiny default, ``configs/pretrain.yaml``).
     """
-    from realm.cli import config_parser, emit_summary, parse
+    from realm.cli import run_stage
 
-    parser = config_parser("REALM pretraining beside the index refresher.")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(config=default_config)
-    args, config = parse(parser, argv)
-    try:
-        summary = run_pretrain(config, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        logger.warning("interrupted: the refresher is stopped; re-run the same command to resume "
-                       "from the newest checkpoint in %s", config.train.run_dir)
-        return 130
-    if _is_main():
-        emit_summary(summary)
-    return 0
+    return run_stage("REALM pretraining beside the index refresher.", run_pretrain, argv,
+                     default_config, on_interrupt=" (the refresher is stopped)")

@@ -8,26 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from realm.config import DataConfig, SpansConfig
-from realm.data.build import build_corpus
 from realm.data.qa import QAFormatError, read_qa
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def squad_slice(shared_data, tmp_path_factory):
-    """The first 120 SQuAD passages and the dev-style questions whose gold passage is among them."""
-    tmp = tmp_path_factory.mktemp("squad")
-    passages = [json.loads(line) for line in open(shared_data / "squad_open" / "passages.jsonl")][:120]
-    (tmp / "passages.jsonl").write_text("".join(json.dumps(p) + "\n" for p in passages))
-    ids = {p["id"] for p in passages}
-    qa = [json.loads(line) for line in open(shared_data / "squad_open" / "qa_train.jsonl")]
-    qa = [q for q in qa if q["gold_passage"] in ids][:60]
-    (tmp / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qa))
-    build_corpus(DataConfig(input=str(tmp / "passages.jsonl")), SpansConfig(enabled=False),
-                 str(tmp / "corpus"), progress=False)
-    return tmp
+def squad_slice(make_squad_slice, tmp_path_factory):
+    """The first 120 SQuAD passages and 60 questions whose gold passage is among them."""
+    return make_squad_slice(tmp_path_factory.mktemp("squad"), 120, slice(None, 60))
 
 
 def _run(*args):

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from realm.config import DataConfig, SpansConfig
-from realm.data.build import build_corpus
 from realm.data.qa import QAExample, read_qa
 from realm.data.store import BlockStore
 from realm.hub import load_tokenizer
@@ -25,18 +23,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
-def squad_tiny(shared_data, tmp_path_factory):
+def squad_tiny(make_squad_slice, tmp_path_factory):
     """20 Super Bowl 50 passages and 12 training questions whose answers are in them."""
-    tmp = tmp_path_factory.mktemp("squad-tiny")
-    passages = [json.loads(line) for line in open(shared_data / "squad_open" / "passages.jsonl")][:20]
-    (tmp / "passages.jsonl").write_text("".join(json.dumps(p) + "\n" for p in passages))
-    ids = {p["id"] for p in passages}
-    qa = [json.loads(line) for line in open(shared_data / "squad_open" / "qa_train.jsonl")]
-    qa = [q for q in qa if q["gold_passage"] in ids][:60:5]
-    (tmp / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qa))
-    build_corpus(DataConfig(input=str(tmp / "passages.jsonl"), max_block_tokens=160),
-                 SpansConfig(enabled=False), str(tmp / "corpus"), progress=False)
-    return tmp
+    return make_squad_slice(tmp_path_factory.mktemp("squad-tiny"), 20, slice(None, 60, 5), 160)
 
 
 @pytest.fixture(scope="module")
