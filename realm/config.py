@@ -324,6 +324,25 @@ class PretrainConfig:
         "first learns to use what the warm-started retriever finds. 0: train them from the "
         "start.", default=0
     )
+    reader: Optional[str] = _doc(
+        "Knowledge-augmented encoder to start from (a saved encoder directory, e.g. a run's "
+        "`encoder/`, or any checkpoint). null: `encoder`, after the reading warm-up when "
+        "`reader_warmup_steps` > 0.", default=None
+    )
+    reader_warmup_steps: int = _doc(
+        "Steps of a reading warm-up of the knowledge-augmented encoder before pretraining "
+        "(cached in `cache_dir`): each masked example is read beside its own unmasked source "
+        "block, so the reader learns to find a masked span in a block and copy it; the "
+        "retriever does not move. A checkpoint whose MLM head was trained on text needs less of "
+        "this; the packaged MiniLM has no head. The null-only control gets the same warm-up. "
+        "0: none.", default=0
+    )
+    reader_warmup_batch_size: int = _doc("Batch of the reading warm-up.", default=16)
+    source_only: bool = _doc(
+        "The reading warm-up run itself: each example's one candidate (beside the null "
+        "document) is its own source block; no index, no refresher, the retriever frozen.",
+        default=False
+    )
     ict_steps: int = _doc("Steps of the ICT warm start when no retriever is given.", default=100)
     ict_batch_size: int = _doc("Batch of the ICT warm start.", default=32)
     null_only: bool = _doc(
@@ -346,7 +365,12 @@ class PretrainConfig:
                f"must be >= 0, got {self.retriever_hold_steps}")
         _check(self.table_every >= 0, "pretrain.table_every",
                f"must be >= 0, got {self.table_every}")
-        for key in ("max_joined_tokens", "ict_steps", "ict_batch_size"):
+        _check(self.reader_warmup_steps >= 0, "pretrain.reader_warmup_steps",
+               f"must be >= 0, got {self.reader_warmup_steps}")
+        _check(not (self.source_only and self.null_only), "pretrain.source_only",
+               "cannot be combined with pretrain.null_only")
+        for key in ("max_joined_tokens", "ict_steps", "ict_batch_size",
+                    "reader_warmup_batch_size"):
             _check(getattr(self, key) > 0, f"pretrain.{key}",
                    f"must be > 0, got {getattr(self, key)}")
 

@@ -79,12 +79,15 @@ class REALM(nn.Module):
         max_query_tokens, max_block_tokens, max_joined_tokens: Word pieces kept.
         exclude_source: Leave each example's source block out of its retrieval (the examples
             come from ``store``); False when they come from another corpus.
+        source_only: The reading warm-up: no search, each example's one candidate (``k`` = 1)
+            beside the null document is its own source block of ``store``, unmasked.
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
                  store: BlockStore, special: tuple[int, int, int], k: int = 8,
                  max_query_tokens: int = 64, max_block_tokens: int = 288,
-                 max_joined_tokens: int = 352, exclude_source: bool = True):
+                 max_joined_tokens: int = 352, exclude_source: bool = True,
+                 source_only: bool = False):
         super().__init__()
         self.retriever = retriever
         self.encoder = encoder
@@ -95,6 +98,9 @@ class REALM(nn.Module):
         self.max_block_tokens = max_block_tokens
         self.max_joined_tokens = max_joined_tokens
         self.exclude_source = exclude_source
+        self.source_only = source_only
+        if source_only and (k != 1 or exclude_source):
+            raise ValueError("source_only reads each example's own block: k=1, nothing excluded")
 
     def forward(self, batch: MLMBatch, searcher: Searcher) -> REALMOutput:
         device = next(self.parameters()).device
@@ -104,9 +110,12 @@ class REALM(nn.Module):
         q_in = build_query_inputs(batch.query_ids, cls_id, sep_id, pad_id,
                                   max_length=self.max_query_tokens + 2)
         q_reps = self.retriever.encode_queries(*(t.to(device) for t in q_in)).q_reps  # [B, dim]
-        exclude = batch.block_ids.numpy() if self.exclude_source else None
-        found = searcher(q_reps.detach().float().cpu().numpy(), self.k, exclude)
-        ids = found.block_ids  # [B, k], -1 where the index had fewer
+        if self.source_only:
+            ids = batch.block_ids.numpy()[:, None]  # [B, 1]: each example's own block
+        else:
+            exclude = batch.block_ids.numpy() if self.exclude_source else None
+            found = searcher(q_reps.detach().float().cpu().numpy(), self.k, exclude)
+            ids = found.block_ids  # [B, k], -1 where the index had fewer
         valid = torch.from_numpy(ids >= 0).to(device)  # [B, k]
         # 2. the k retrieved blocks + the null document, re-scored with grad
         titles = [[self.store.title_ids(int(b)) if b >= 0 else np.zeros(0, np.int64)
@@ -355,6 +364,60 @@ def prepare_retriever(config, corpus: str, encoder: str) -> str:
     return out
 
 
+def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
+    """``pretrain.reader``; else ``encoder``, after the reading warm-up when it is asked for.
+
+    The warm-up (``pretrain.reader_warmup_steps``) is a pretraining run of its own, in its own
+    process like the ICT warm start, with ``pretrain.source_only``: every masked example of
+    ``examples`` is read beside its own unmasked block (and the null document), the retriever
+    frozen, no index. Its knowledge-augmented encoder is cached in ``pretrain.cache_dir`` and
+    returned; a killed warm-up resumes from its checkpoint when asked again.
+    """
+    from realm.config import save_config
+    from realm.refresh.supervisor import child_env
+
+    p, t, r = config.pretrain, config.train, config.retriever
+    if p.reader:
+        return p.reader
+    if not p.reader_warmup_steps:
+        return encoder
+    steps = p.reader_warmup_steps
+    key = _digest([os.path.abspath(examples), encoder, os.path.abspath(retriever), steps,
+                   p.reader_warmup_batch_size, p.masking, p.max_joined_tokens, r.max_query_tokens,
+                   r.max_block_tokens, t.lr, t.precision, config.seed])
+    run_dir = os.path.join(p.cache_dir, f"reader-{key}")
+    out = os.path.join(run_dir, "encoder")
+    if _is_main() and not os.path.exists(os.path.join(out, "manifest.json")):
+        warm = dataclasses.replace(
+            config,
+            pretrain=dataclasses.replace(
+                p, corpus=examples, examples=None, retriever=retriever, encoder=encoder,
+                encoder_layers=None, reader=None, reader_warmup_steps=0, source_only=True,
+                null_only=False, k=1, retriever_hold_steps=0, table_every=0),
+            train=dataclasses.replace(t, run_dir=run_dir, steps=steps,
+                                      batch_size=p.reader_warmup_batch_size,
+                                      warmup_steps=max(1, steps // 10), save_every=steps),
+            logging=dataclasses.replace(config.logging, wandb=False))
+        path = save_config(warm, p.cache_dir, f"reader-{key}.yaml")
+        logger.info("reading warm-up of the knowledge-augmented encoder (%d steps) into %s",
+                    steps, run_dir)
+        cmd = [sys.executable, "-m", "realm.training.pretrain", "--no-progress", "--config", path]
+        done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the reading warm-up failed ({done.returncode}), "
+                               f"command {' '.join(cmd)}:\n{done.stderr[-3000:]}")
+        logger.info("reading warm-up: %s", done.stdout.strip().splitlines()[-1])
+    _wait_for(os.path.join(out, "manifest.json"), "the warmed-up reader")
+    return out
+
+
+def load_reader(path: str) -> KnowledgeAugmentedEncoder:
+    """A saved knowledge-augmented encoder directory, or any transformers checkpoint."""
+    if os.path.exists(os.path.join(path, "manifest.json")):
+        return KnowledgeAugmentedEncoder.from_pretrained(path)
+    return KnowledgeAugmentedEncoder.from_checkpoint(path)
+
+
 class FirstGenerationCache:
     """Generation 0 of a fresh run, reused across runs that start from the same retriever.
 
@@ -436,8 +499,10 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     corpus_dir = prepare_corpus(config, progress)
     encoder_name = prepare_encoder(config)
     retriever_dir = prepare_retriever(config, corpus_dir, encoder_name)
+    reader_name = prepare_reader(config, p.examples or corpus_dir, encoder_name, retriever_dir)
     config = dataclasses.replace(
-        config, pretrain=dataclasses.replace(p, corpus=corpus_dir, retriever=retriever_dir),
+        config, pretrain=dataclasses.replace(p, corpus=corpus_dir, retriever=retriever_dir,
+                                             reader=reader_name),
         refresh=dataclasses.replace(config.refresh, corpus=corpus_dir))
     p = config.pretrain
     prepare_s = time.time() - t0
@@ -452,11 +517,14 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     retriever = Retriever.from_pretrained(retriever_dir)
     check_tokenizer(retriever.tokenizer, store)
     check_tokenizer(retriever.tokenizer, examples_store)
-    encoder = KnowledgeAugmentedEncoder.from_checkpoint(encoder_name)
+    encoder = load_reader(reader_name)
+    if p.source_only:
+        retriever.requires_grad_(False)  # the reading warm-up trains the reader alone
     model = REALM(retriever, encoder, store, special_ids(retriever.tokenizer),
                   k=0 if p.null_only else p.k, max_query_tokens=r.max_query_tokens,
                   max_block_tokens=r.max_block_tokens, max_joined_tokens=p.max_joined_tokens,
-                  exclude_source=examples_store is store)
+                  exclude_source=examples_store is store and not p.source_only,
+                  source_only=p.source_only)
     dataset = MLMDataset(examples_store, retriever.tokenizer.mask_token_id, masking=p.masking,
                          max_query_tokens=r.max_query_tokens, seed=config.seed)
     if accelerator.is_main_process:
@@ -464,7 +532,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     hook = None
     searcher: Searcher = _null_searcher
-    if not p.null_only:
+    if not (p.null_only or p.source_only):
         supervisor = None
         if config.refresh.spawn and accelerator.is_main_process:
             supervisor = RefresherSupervisor(
@@ -544,3 +612,7 @@ def main(argv=None, default_config: Optional[str] = None) -> int:
 
     return run_stage("REALM pretraining beside the index refresher.", run_pretrain, argv,
                      default_config, on_interrupt=" (the refresher is stopped)")
+
+
+if __name__ == "__main__":  # the reading warm-up's process (prepare_reader)
+    raise SystemExit(main())

@@ -190,3 +190,42 @@ def _interrupt_and_resume(proc, cmd, run_dir, tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["resumed_from"].endswith(f"step-{stopped_at:06d}")
     assert summary["steps"] == stopped_at + 3
+
+
+def test_reading_warm_up_trains_the_reader_first_and_is_cached(
+        spans_corpus, tiny_retriever, tiny_encoder, tmp_path):
+    """``pretrain.reader_warmup_steps``: a source-only run of its own, whose reader starts the
+    pretraining (here the null-only control, which gets the same warm-up)."""
+    import torch
+    import yaml
+
+    from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder
+
+    warm = ["pretrain.null_only=true", "pretrain.reader_warmup_steps=6",
+            "pretrain.reader_warmup_batch_size=3", "train.steps=4", "logging.wandb=false"]
+    summary = _pretrain(tmp_path / "run", spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
+                        *warm)
+    assert summary["steps"] == 4
+    (warm_dir,) = (tmp_path / "cache").glob("reader-*/")
+    with open(tmp_path / "run" / "config.yaml", encoding="utf-8") as f:
+        assert yaml.safe_load(f)["pretrain"]["reader"] == str(warm_dir / "encoder")
+    records = _records(warm_dir)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all(0.0 < r["p_null"] < 1.0 and "ru_expected" in r for r in records)  # own block + ∅
+    with open(warm_dir / "config.yaml", encoding="utf-8") as f:
+        pretrain = yaml.safe_load(f)["pretrain"]
+    assert pretrain["source_only"] and pretrain["k"] == 1 and pretrain["corpus"] == spans_corpus
+    # the warm-up moved the reader, not the retriever
+    before = KnowledgeAugmentedEncoder.from_checkpoint(tiny_encoder).input_embeddings.weight
+    after = KnowledgeAugmentedEncoder.from_pretrained(warm_dir / "encoder").input_embeddings.weight
+    assert not torch.equal(before, after)
+    from realm.modeling.retriever import Retriever
+
+    for a, b in zip(Retriever.from_pretrained(tiny_retriever).parameters(),
+                    Retriever.from_pretrained(warm_dir / "retriever").parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # asked again, the cached warm-up is reused as it is
+    stamp = (warm_dir / "encoder" / "manifest.json").stat().st_mtime_ns
+    _pretrain(tmp_path / "run2", spans_corpus, tiny_retriever, tiny_encoder, tmp_path, *warm)
+    assert (warm_dir / "encoder" / "manifest.json").stat().st_mtime_ns == stamp
+    assert len(list((tmp_path / "cache").glob("reader-*/"))) == 1

@@ -9,7 +9,7 @@ from realm.data.store import BlockStore
 from realm.index.embed import embed_blocks, special_ids
 from realm.index.mips import MipsIndex
 from realm.losses import realm_marginal_loss
-from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder
+from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, build_joined_inputs
 from realm.modeling.retriever import Retriever
 from realm.training.pretrain import REALM, PretrainTask
 
@@ -105,3 +105,33 @@ def test_null_only_control_trains_on_the_null_document_alone(setup):
     # the loss is then exactly -log p(y|null, x)
     torch.testing.assert_close(loss, -out.log_p_y_given_z[:, 0].mean())
     assert set(metrics) == {"loss", "masked_accuracy", "fallback_examples"}
+
+
+def test_source_only_reads_each_example_beside_its_own_block(setup):
+    model, _, dataset = setup
+    warm = REALM(model.retriever, model.encoder, model.store, model.special, k=1,
+                 max_query_tokens=32, max_block_tokens=64, max_joined_tokens=100,
+                 exclude_source=False, source_only=True)
+    batch = collate_mlm([dataset[i] for i in range(5)])
+
+    def no_search(q, k, exclude):
+        raise AssertionError("the reading warm-up searches nothing")
+
+    out = warm(batch, no_search)
+    np.testing.assert_array_equal(out.block_ids.numpy(), batch.block_ids.numpy()[:, None])
+    assert out.retrieval_logits.shape == (5, 2)  # the own block, then the null document
+    # the own block's candidate is the example joined with that (unmasked) block
+    cls_id, sep_id, pad_id = model.special
+    store = model.store
+    joined = build_joined_inputs(
+        batch.query_ids, [[store.title_ids(int(b))] for b in batch.block_ids],
+        [[store.body_ids(int(b))] for b in batch.block_ids], cls_id, sep_id, pad_id,
+        max_length=100, mask_positions=batch.mask_positions, append_null=False)
+    direct = model.encoder(joined.input_ids, joined.attention_mask, joined.token_type_ids,
+                           joined.mask_positions, labels=batch.target_ids,
+                           label_mask=batch.target_mask).log_probs_of_targets[:, 0]
+    torch.testing.assert_close(out.log_p_y_given_z[:, 0], direct, rtol=1e-4, atol=1e-4)
+    for bad in ({"k": 2, "exclude_source": False}, {"k": 1, "exclude_source": True}):
+        with pytest.raises(ValueError, match="source_only"):
+            REALM(model.retriever, model.encoder, model.store, model.special, source_only=True,
+                  **bad)
