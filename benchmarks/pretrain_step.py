@@ -21,7 +21,12 @@ corpus, the truncated encoder and the ICT warm-started retriever default to the 
    than the run (generation 0 only; the refresher idles). Step times are the differences of the
    per-step ``metrics.jsonl`` timestamps, the first ``--skip`` steps left out. ``on_over_off`` =
    median step time on / off. Snapshot steps (the trainer saves the retriever) are also reported
-   apart.
+   apart. **Within the refresh-on run** (no drift between two runs minutes apart): the
+   refresher's own metrics give the spans it was working (``[commit time - total_s, commit
+   time]``); each trainer step falls wholly inside them (``embedding``) or wholly outside
+   (``idle``), and ``embedding_over_idle_median`` compares the two kinds of step of one trainer.
+   Pick ``--every-steps`` so that one re-embedding takes less time than that many steps, or no
+   step is idle.
 
 The 1-minute load average before and after each part is recorded: other jobs sharing the cores
 slow every step, so compare figures taken under similar load. Prints one JSON object on stdout;
@@ -170,6 +175,35 @@ def anatomy(paths: dict, store: BlockStore, index: MipsIndex, dataset: MLMDatase
     }
 
 
+def refresher_overlap(run_dir: str, times: dict[int, float], skip: int) -> dict:
+    """Trainer step times split by what the refresher was doing (see the module docstring)."""
+    path = os.path.join(run_dir, "refresher", "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        busy = [(r["time"] - r["refresh/total_s"], r["time"]) for r in map(json.loads, f)
+                if "refresh/total_s" in r]
+    split: dict[str, list[float]] = {"embedding": [], "idle": []}
+    for s in sorted(times):
+        if s - 1 not in times or s <= skip:
+            continue
+        start, end = times[s - 1], times[s]
+        inside = sum(max(0.0, min(end, b) - max(start, a)) for a, b in busy) / (end - start)
+        if inside >= 0.99:
+            split["embedding"].append(end - start)
+        elif inside <= 0.01:
+            split["idle"].append(end - start)
+    out = {f"{k}_steps": len(v) for k, v in split.items()}
+    out["refresher_busy_spans"] = len(busy)
+    for k, v in split.items():
+        if v:
+            out[f"{k}_median_step_s"] = round(statistics.median(v), 4)
+    if split["embedding"] and split["idle"]:
+        out["embedding_over_idle_median"] = round(
+            statistics.median(split["embedding"]) / statistics.median(split["idle"]), 3)
+    return out
+
+
 def pretrain_run(name: str, paths: dict, args, workdir: str, every_steps: int) -> dict:
     """``launch/pretrain.py`` as a child process; per-step times from its ``metrics.jsonl``."""
     run_dir = os.path.join(workdir, name)
@@ -213,6 +247,9 @@ def pretrain_run(name: str, paths: dict, args, workdir: str, every_steps: int) -
         out["median_snapshot_step_s"] = round(statistics.median(snap), 4)
         out["median_other_step_s"] = round(
             statistics.median([v for s, v in step_s.items() if s % every_steps]), 4)
+    overlap = refresher_overlap(run_dir, times, args.skip)
+    if overlap:
+        out["within_run"] = overlap
     return out
 
 
