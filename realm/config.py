@@ -339,8 +339,8 @@ class PretrainConfig:
     )
     reader_warmup_batch_size: int = _doc("Batch of the reading warm-up.", default=16)
     source_only: bool = _doc(
-        "The reading warm-up run itself: each example's one candidate (beside the null "
-        "document) is its own source block; no index, no refresher, the retriever frozen.",
+        "The reading warm-up run itself: each example is read beside its own source block "
+        "alone (no retriever, no index, no refresher, no null document).",
         default=False
     )
     ict_steps: int = _doc("Steps of the ICT warm start when no retriever is given.", default=100)

@@ -79,8 +79,9 @@ class REALM(nn.Module):
         max_query_tokens, max_block_tokens, max_joined_tokens: Word pieces kept.
         exclude_source: Leave each example's source block out of its retrieval (the examples
             come from ``store``); False when they come from another corpus.
-        source_only: The reading warm-up: no search, each example's one candidate (``k`` = 1)
-            beside the null document is its own source block of ``store``, unmasked.
+        source_only: The reading warm-up: no retriever, no search, no null document; each
+            example is read beside its own source block of ``store`` (unmasked), and the loss
+            is ``-log p(y|own block, x)``. ``k`` must be 1.
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
@@ -103,6 +104,8 @@ class REALM(nn.Module):
             raise ValueError("source_only reads each example's own block: k=1, nothing excluded")
 
     def forward(self, batch: MLMBatch, searcher: Searcher) -> REALMOutput:
+        if self.source_only:
+            return self._read_own_blocks(batch)
         device = next(self.parameters()).device
         cls_id, sep_id, pad_id = self.special
         n = len(batch.query_ids)
@@ -110,12 +113,9 @@ class REALM(nn.Module):
         q_in = build_query_inputs(batch.query_ids, cls_id, sep_id, pad_id,
                                   max_length=self.max_query_tokens + 2)
         q_reps = self.retriever.encode_queries(*(t.to(device) for t in q_in)).q_reps  # [B, dim]
-        if self.source_only:
-            ids = batch.block_ids.numpy()[:, None]  # [B, 1]: each example's own block
-        else:
-            exclude = batch.block_ids.numpy() if self.exclude_source else None
-            found = searcher(q_reps.detach().float().cpu().numpy(), self.k, exclude)
-            ids = found.block_ids  # [B, k], -1 where the index had fewer
+        exclude = batch.block_ids.numpy() if self.exclude_source else None
+        found = searcher(q_reps.detach().float().cpu().numpy(), self.k, exclude)
+        ids = found.block_ids  # [B, k], -1 where the index had fewer
         valid = torch.from_numpy(ids >= 0).to(device)  # [B, k]
         # 2. the k retrieved blocks + the null document, re-scored with grad
         titles = [[self.store.title_ids(int(b)) if b >= 0 else np.zeros(0, np.int64)
@@ -149,6 +149,25 @@ class REALM(nn.Module):
                            mlm_logits=out.logits, block_ids=torch.from_numpy(ids),
                            log_p_z=log_p_z, loss=loss)
 
+    def _read_own_blocks(self, batch: MLMBatch) -> REALMOutput:
+        """The reading warm-up's forward (``source_only``): one candidate, the source block."""
+        device = next(self.parameters()).device
+        cls_id, sep_id, pad_id = self.special
+        own = batch.block_ids.numpy()
+        joined = build_joined_inputs(batch.query_ids, [[self.store.title_ids(int(b))] for b in own],
+                                     [[self.store.body_ids(int(b))] for b in own],
+                                     cls_id, sep_id, pad_id, max_length=self.max_joined_tokens,
+                                     mask_positions=batch.mask_positions, append_null=False)
+        out = self.encoder(joined.input_ids.to(device), joined.attention_mask.to(device),
+                           joined.token_type_ids.to(device), joined.mask_positions.to(device),
+                           labels=batch.target_ids.to(device),
+                           label_mask=batch.target_mask.to(device))
+        log_p_y = out.log_probs_of_targets  # [B, 1]
+        zeros = torch.zeros_like(log_p_y)
+        return REALMOutput(retrieval_logits=zeros, log_p_y_given_z=log_p_y,
+                           mlm_logits=out.logits, block_ids=torch.from_numpy(own[:, None]),
+                           log_p_z=zeros, loss=-log_p_y[:, 0].mean())
+
 
 def marginal_predictions(out: REALMOutput) -> torch.Tensor:
     """``argmax_y Σ_z p(z|x) p(y_j|z, x)`` at each masked position, ``[B, max_masked]`` (CPU)."""
@@ -167,12 +186,13 @@ def marginal_token_accuracy(out: REALMOutput, batch: MLMBatch) -> float:
 def realm_metrics(out: REALMOutput, batch: MLMBatch) -> dict[str, float]:
     """Loss, masked accuracy, retrieval utility (expected, top-1, by label), p(null), entropy.
 
-    With nothing retrieved (the null-only control, k = 0) only loss and accuracy are reported.
+    With nothing retrieved (the null-only control, k = 0) or no null document (the reading
+    warm-up) only loss and accuracy are reported.
     """
     with torch.no_grad():
         metrics = {"loss": float(out.loss), "masked_accuracy": marginal_token_accuracy(out, batch),
                    "fallback_examples": float(batch.n_fallback)}
-        if out.block_ids.shape[1] == 0:
+        if out.block_ids.shape[1] in (0, out.log_p_y_given_z.shape[1]):
             return metrics
         ru = retrieval_utility(out.log_p_y_given_z)  # [B, k]
         ru_exp = expected_retrieval_utility(ru, out.log_p_z)  # [B]
@@ -369,7 +389,7 @@ def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
 
     The warm-up (``pretrain.reader_warmup_steps``) is a pretraining run of its own, in its own
     process like the ICT warm start, with ``pretrain.source_only``: every masked example of
-    ``examples`` is read beside its own unmasked block (and the null document), the retriever
+    ``examples`` is read beside its own unmasked block alone, the retriever
     frozen, no index. Its knowledge-augmented encoder is cached in ``pretrain.cache_dir`` and
     returned; a killed warm-up resumes from its checkpoint when asked again.
     """
@@ -519,7 +539,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     check_tokenizer(retriever.tokenizer, examples_store)
     encoder = load_reader(reader_name)
     if p.source_only:
-        retriever.requires_grad_(False)  # the reading warm-up trains the reader alone
+        retriever.requires_grad_(False)  # the reading warm-up reads without it
     model = REALM(retriever, encoder, store, special_ids(retriever.tokenizer),
                   k=0 if p.null_only else p.k, max_query_tokens=r.max_query_tokens,
                   max_block_tokens=r.max_block_tokens, max_joined_tokens=p.max_joined_tokens,

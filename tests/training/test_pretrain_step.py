@@ -11,7 +11,7 @@ from realm.index.mips import MipsIndex
 from realm.losses import realm_marginal_loss
 from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, build_joined_inputs
 from realm.modeling.retriever import Retriever
-from realm.training.pretrain import REALM, PretrainTask
+from realm.training.pretrain import REALM, PretrainTask, realm_metrics
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +119,8 @@ def test_source_only_reads_each_example_beside_its_own_block(setup):
 
     out = warm(batch, no_search)
     np.testing.assert_array_equal(out.block_ids.numpy(), batch.block_ids.numpy()[:, None])
-    assert out.retrieval_logits.shape == (5, 2)  # the own block, then the null document
-    # the own block's candidate is the example joined with that (unmasked) block
+    assert out.log_p_y_given_z.shape == (5, 1)  # the own block alone, no null document
+    # the example joined with its own (unmasked) block, and the loss is -log p(y|that block, x)
     cls_id, sep_id, pad_id = model.special
     store = model.store
     joined = build_joined_inputs(
@@ -131,6 +131,12 @@ def test_source_only_reads_each_example_beside_its_own_block(setup):
                            joined.mask_positions, labels=batch.target_ids,
                            label_mask=batch.target_mask).log_probs_of_targets[:, 0]
     torch.testing.assert_close(out.log_p_y_given_z[:, 0], direct, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, -direct.mean(), rtol=1e-4, atol=1e-4)
+    out.loss.backward()  # the reader alone learns: the retriever takes no part
+    assert any(p.grad is not None for p in warm.encoder.parameters())
+    assert all(p.grad is None for p in warm.retriever.parameters())
+    metrics = realm_metrics(out, batch)
+    assert set(metrics) == {"loss", "masked_accuracy", "fallback_examples"}
     for bad in ({"k": 2, "exclude_source": False}, {"k": 1, "exclude_source": True}):
         with pytest.raises(ValueError, match="source_only"):
             REALM(model.retriever, model.encoder, model.store, model.special, source_only=True,
