@@ -80,8 +80,8 @@ class REALM(nn.Module):
         exclude_source: Leave each example's source block out of its retrieval (the examples
             come from ``store``); False when they come from another corpus.
         source_only: The reading warm-up: no retriever, no search, no null document; each
-            example is read beside its own source block of ``store`` (unmasked), and the loss
-            is ``-log p(y|own block, x)``. ``k`` must be 1.
+            example is read beside its own source block of ``store`` (unmasked) and beside a
+            random other block (:meth:`_read_own_blocks`). ``k`` must be 1.
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
@@ -150,23 +150,38 @@ class REALM(nn.Module):
                            log_p_z=log_p_z, loss=loss)
 
     def _read_own_blocks(self, batch: MLMBatch) -> REALMOutput:
-        """The reading warm-up's forward (``source_only``): one candidate, the source block."""
+        """The reading warm-up's forward (``source_only``).
+
+        Each example is read twice: beside its own (unmasked) source block, where the masked span
+        can be found and copied, and beside another block drawn at random, where it cannot. The
+        loss, ``-log p(y|own, x) - log p(y|other, x)`` (batch mean), teaches the reader to copy
+        from a block that matches the query and to fall back on the query alone otherwise; a
+        reader taught only to copy trusts every block, and wrong retrieved blocks then cost it
+        more than the null document. The other block is a function of the batch (resumes
+        reproduce it).
+        """
         device = next(self.parameters()).device
         cls_id, sep_id, pad_id = self.special
         own = batch.block_ids.numpy()
-        joined = build_joined_inputs(batch.query_ids, [[self.store.title_ids(int(b))] for b in own],
-                                     [[self.store.body_ids(int(b))] for b in own],
-                                     cls_id, sep_id, pad_id, max_length=self.max_joined_tokens,
-                                     mask_positions=batch.mask_positions, append_null=False)
+        n_blocks = len(self.store)
+        other = np.random.default_rng([int(b) for b in own]).integers(0, n_blocks - 1, len(own))
+        other = other + (other >= own)  # never the own block
+        ids = np.stack([own, other], axis=1)  # [B, 2]
+        joined = build_joined_inputs(
+            batch.query_ids, [[self.store.title_ids(int(b)) for b in row] for row in ids],
+            [[self.store.body_ids(int(b)) for b in row] for row in ids], cls_id, sep_id, pad_id,
+            max_length=self.max_joined_tokens, mask_positions=batch.mask_positions,
+            append_null=False)
         out = self.encoder(joined.input_ids.to(device), joined.attention_mask.to(device),
                            joined.token_type_ids.to(device), joined.mask_positions.to(device),
                            labels=batch.target_ids.to(device),
                            label_mask=batch.target_mask.to(device))
-        log_p_y = out.log_probs_of_targets  # [B, 1]
-        zeros = torch.zeros_like(log_p_y)
-        return REALMOutput(retrieval_logits=zeros, log_p_y_given_z=log_p_y,
-                           mlm_logits=out.logits, block_ids=torch.from_numpy(own[:, None]),
-                           log_p_z=zeros, loss=-log_p_y[:, 0].mean())
+        log_p_y = out.log_probs_of_targets  # [B, 2]: own block, other block
+        # p(z|x) puts everything on the own block: accuracy is the reading accuracy
+        log_p_z = torch.tensor([0.0, -1e4], device=device).expand_as(log_p_y)
+        return REALMOutput(retrieval_logits=log_p_z, log_p_y_given_z=log_p_y,
+                           mlm_logits=out.logits, block_ids=torch.from_numpy(ids),
+                           log_p_z=log_p_z, loss=-log_p_y.sum(dim=1).mean())
 
 
 def marginal_predictions(out: REALMOutput) -> torch.Tensor:
@@ -186,13 +201,17 @@ def marginal_token_accuracy(out: REALMOutput, batch: MLMBatch) -> float:
 def realm_metrics(out: REALMOutput, batch: MLMBatch) -> dict[str, float]:
     """Loss, masked accuracy, retrieval utility (expected, top-1, by label), p(null), entropy.
 
-    With nothing retrieved (the null-only control, k = 0) or no null document (the reading
-    warm-up) only loss and accuracy are reported.
+    With nothing retrieved (the null-only control, k = 0) only loss and accuracy are reported;
+    the reading warm-up (no null document) adds how much better its own block reads than another.
     """
     with torch.no_grad():
         metrics = {"loss": float(out.loss), "masked_accuracy": marginal_token_accuracy(out, batch),
                    "fallback_examples": float(batch.n_fallback)}
-        if out.block_ids.shape[1] in (0, out.log_p_y_given_z.shape[1]):
+        if out.block_ids.shape[1] == 0:
+            return metrics
+        if out.block_ids.shape[1] == out.log_p_y_given_z.shape[1]:  # the reading warm-up
+            own, other = out.log_p_y_given_z.float().unbind(dim=1)
+            metrics["own_over_other"] = float((own - other).mean())  # nats the own block gives
             return metrics
         ru = retrieval_utility(out.log_p_y_given_z)  # [B, k]
         ru_exp = expected_retrieval_utility(ru, out.log_p_z)  # [B]
@@ -389,8 +408,8 @@ def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
 
     The warm-up (``pretrain.reader_warmup_steps``) is a pretraining run of its own, in its own
     process like the ICT warm start, with ``pretrain.source_only``: every masked example of
-    ``examples`` is read beside its own unmasked block alone, the retriever
-    frozen, no index. Its knowledge-augmented encoder is cached in ``pretrain.cache_dir`` and
+    ``examples`` is read beside its own unmasked block and beside a random other one
+    (:meth:`REALM._read_own_blocks`); no retriever, no index. Its knowledge-augmented encoder is cached in ``pretrain.cache_dir`` and
     returned; a killed warm-up resumes from its checkpoint when asked again.
     """
     from realm.config import save_config
@@ -402,7 +421,8 @@ def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
     if not p.reader_warmup_steps:
         return encoder
     steps = p.reader_warmup_steps
-    key = _digest([os.path.abspath(examples), encoder, os.path.abspath(retriever), steps,
+    key = _digest(["read-own-and-other", os.path.abspath(examples), encoder,
+                   os.path.abspath(retriever), steps,
                    p.reader_warmup_batch_size, p.masking, p.max_joined_tokens, r.max_query_tokens,
                    r.max_block_tokens, t.lr, t.precision, config.seed])
     run_dir = os.path.join(p.cache_dir, f"reader-{key}")

@@ -211,7 +211,7 @@ def test_reading_warm_up_trains_the_reader_first_and_is_cached(
         assert yaml.safe_load(f)["pretrain"]["reader"] == str(warm_dir / "encoder")
     records = _records(warm_dir)
     assert [r["step"] for r in records] == list(range(1, 7))
-    assert all(r["loss"] > 0 and "p_null" not in r for r in records)  # own block alone
+    assert all(r["loss"] > 0 and "own_over_other" in r and "p_null" not in r for r in records)
     with open(warm_dir / "config.yaml", encoding="utf-8") as f:
         pretrain = yaml.safe_load(f)["pretrain"]
     assert pretrain["source_only"] and pretrain["k"] == 1 and pretrain["corpus"] == spans_corpus

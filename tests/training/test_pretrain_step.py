@@ -118,25 +118,31 @@ def test_source_only_reads_each_example_beside_its_own_block(setup):
         raise AssertionError("the reading warm-up searches nothing")
 
     out = warm(batch, no_search)
-    np.testing.assert_array_equal(out.block_ids.numpy(), batch.block_ids.numpy()[:, None])
-    assert out.log_p_y_given_z.shape == (5, 1)  # the own block alone, no null document
-    # the example joined with its own (unmasked) block, and the loss is -log p(y|that block, x)
+    own = batch.block_ids.numpy()
+    ids = out.block_ids.numpy()
+    np.testing.assert_array_equal(ids[:, 0], own)  # first its own block, then another one
+    assert ids.shape == (5, 2) and (ids[:, 1] != own).all() and (ids[:, 1] >= 0).all()
+    assert ids[:, 1].max() < len(model.store)
+    np.testing.assert_array_equal(warm(batch, no_search).block_ids.numpy(), ids)  # reproducible
+    # each read is the example joined with that (unmasked) block; the loss is the sum of both
     cls_id, sep_id, pad_id = model.special
     store = model.store
     joined = build_joined_inputs(
-        batch.query_ids, [[store.title_ids(int(b))] for b in batch.block_ids],
-        [[store.body_ids(int(b))] for b in batch.block_ids], cls_id, sep_id, pad_id,
+        batch.query_ids, [[store.title_ids(int(b)) for b in row] for row in ids],
+        [[store.body_ids(int(b)) for b in row] for row in ids], cls_id, sep_id, pad_id,
         max_length=100, mask_positions=batch.mask_positions, append_null=False)
     direct = model.encoder(joined.input_ids, joined.attention_mask, joined.token_type_ids,
                            joined.mask_positions, labels=batch.target_ids,
-                           label_mask=batch.target_mask).log_probs_of_targets[:, 0]
-    torch.testing.assert_close(out.log_p_y_given_z[:, 0], direct, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out.loss, -direct.mean(), rtol=1e-4, atol=1e-4)
+                           label_mask=batch.target_mask).log_probs_of_targets  # [5, 2]
+    torch.testing.assert_close(out.log_p_y_given_z, direct, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, -direct.sum(1).mean(), rtol=1e-4, atol=1e-4)
     out.loss.backward()  # the reader alone learns: the retriever takes no part
     assert any(p.grad is not None for p in warm.encoder.parameters())
     assert all(p.grad is None for p in warm.retriever.parameters())
     metrics = realm_metrics(out, batch)
-    assert set(metrics) == {"loss", "masked_accuracy", "fallback_examples"}
+    assert set(metrics) == {"loss", "masked_accuracy", "fallback_examples", "own_over_other"}
+    assert metrics["own_over_other"] == pytest.approx(float((direct[:, 0] - direct[:, 1]).mean()),
+                                                      rel=1e-4, abs=1e-4)
     for bad in ({"k": 2, "exclude_source": False}, {"k": 1, "exclude_source": True}):
         with pytest.raises(ValueError, match="source_only"):
             REALM(model.retriever, model.encoder, model.store, model.special, source_only=True,
