@@ -26,7 +26,8 @@ corpus, the truncated encoder and the ICT warm-started retriever default to the 
    time]``); each trainer step falls wholly inside them (``embedding``) or wholly outside
    (``idle``), and ``embedding_over_idle_median`` compares the two kinds of step of one trainer.
    Pick ``--every-steps`` so that one re-embedding takes less time than that many steps, or no
-   step is idle.
+   step is idle. ``--within-run RUN_DIR ...`` does only this split, for finished runs (with
+   ``logging.log_every`` > 1 the unit is the interval between two log records).
 
 The 1-minute load average before and after each part is recorded: other jobs sharing the cores
 slow every step, so compare figures taken under similar load. Prints one JSON object on stdout;
@@ -176,7 +177,11 @@ def anatomy(paths: dict, store: BlockStore, index: MipsIndex, dataset: MLMDatase
 
 
 def refresher_overlap(run_dir: str, times: dict[int, float], skip: int) -> dict:
-    """Trainer step times split by what the refresher was doing (see the module docstring)."""
+    """Trainer step times split by what the refresher was doing (see the module docstring).
+
+    ``times`` maps logged steps to their timestamps; between two consecutive logged steps the
+    time per step is the interval over the steps it spans (``logging.log_every`` of them).
+    """
     path = os.path.join(run_dir, "refresher", "metrics.jsonl")
     if not os.path.exists(path):
         return {}
@@ -184,16 +189,15 @@ def refresher_overlap(run_dir: str, times: dict[int, float], skip: int) -> dict:
         busy = [(r["time"] - r["refresh/total_s"], r["time"]) for r in map(json.loads, f)
                 if "refresh/total_s" in r]
     split: dict[str, list[float]] = {"embedding": [], "idle": []}
-    for s in sorted(times):
-        if s - 1 not in times or s <= skip:
-            continue
-        start, end = times[s - 1], times[s]
+    steps = sorted(s for s in times if s > skip)
+    for prev, s in zip(steps, steps[1:]):
+        start, end = times[prev], times[s]
         inside = sum(max(0.0, min(end, b) - max(start, a)) for a, b in busy) / (end - start)
         if inside >= 0.99:
-            split["embedding"].append(end - start)
+            split["embedding"].append((end - start) / (s - prev))
         elif inside <= 0.01:
-            split["idle"].append(end - start)
-    out = {f"{k}_steps": len(v) for k, v in split.items()}
+            split["idle"].append((end - start) / (s - prev))
+    out = {f"{k}_intervals": len(v) for k, v in split.items()}
     out["refresher_busy_spans"] = len(busy)
     for k, v in split.items():
         if v:
@@ -202,6 +206,13 @@ def refresher_overlap(run_dir: str, times: dict[int, float], skip: int) -> dict:
         out["embedding_over_idle_median"] = round(
             statistics.median(split["embedding"]) / statistics.median(split["idle"]), 3)
     return out
+
+
+def within_run(run_dir: str, skip: int) -> dict:
+    """:func:`refresher_overlap` of a finished run directory (any ``logging.log_every``)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        times = {r["step"]: r["time"] for r in map(json.loads, f) if "loss" in r}
+    return {"run_dir": run_dir, **refresher_overlap(run_dir, times, skip)}
 
 
 def pretrain_run(name: str, paths: dict, args, workdir: str, every_steps: int) -> dict:
@@ -272,7 +283,14 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="train.precision of the part 2 runs")
     parser.add_argument("--parts", default="anatomy,refresh")
+    parser.add_argument("--within-run", nargs="+", metavar="RUN_DIR",
+                        help="only split the step times of these finished runs by what their "
+                        "refresher was doing, and print that")
     args = parser.parse_args()
+    if args.within_run:
+        print(json.dumps({"benchmark": "pretrain_step", "within_run": [
+            within_run(run_dir, args.skip) for run_dir in args.within_run]}))
+        return
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
