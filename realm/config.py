@@ -338,6 +338,12 @@ class PretrainConfig:
         "0: none.", default=0
     )
     reader_warmup_batch_size: int = _doc("Batch of the reading warm-up.", default=16)
+    reader_warmup_other_weight: float = _doc(
+        "Weight, in the reading warm-up's loss, of reading each example beside a random other "
+        "block (where the span cannot be copied): it teaches the reader not to trust a block "
+        "that does not match. 0: read the own block alone (copying only; half the compute).",
+        default=1.0
+    )
     source_only: bool = _doc(
         "The reading warm-up run itself: each example is read beside its own source block "
         "alone (no retriever, no index, no refresher, no null document).",
@@ -367,6 +373,8 @@ class PretrainConfig:
                f"must be >= 0, got {self.table_every}")
         _check(self.reader_warmup_steps >= 0, "pretrain.reader_warmup_steps",
                f"must be >= 0, got {self.reader_warmup_steps}")
+        _check(self.reader_warmup_other_weight >= 0, "pretrain.reader_warmup_other_weight",
+               f"must be >= 0, got {self.reader_warmup_other_weight}")
         _check(not (self.source_only and self.null_only), "pretrain.source_only",
                "cannot be combined with pretrain.null_only")
         for key in ("max_joined_tokens", "ict_steps", "ict_batch_size",

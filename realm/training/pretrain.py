@@ -82,13 +82,15 @@ class REALM(nn.Module):
         source_only: The reading warm-up: no retriever, no search, no null document; each
             example is read beside its own source block of ``store`` (unmasked) and beside a
             random other block (:meth:`_read_own_blocks`). ``k`` must be 1.
+        other_weight: Weight of the read beside the other block in the warm-up's loss; 0 reads
+            the own block alone.
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
                  store: BlockStore, special: tuple[int, int, int], k: int = 8,
                  max_query_tokens: int = 64, max_block_tokens: int = 288,
                  max_joined_tokens: int = 352, exclude_source: bool = True,
-                 source_only: bool = False):
+                 source_only: bool = False, other_weight: float = 1.0):
         super().__init__()
         self.retriever = retriever
         self.encoder = encoder
@@ -100,6 +102,7 @@ class REALM(nn.Module):
         self.max_joined_tokens = max_joined_tokens
         self.exclude_source = exclude_source
         self.source_only = source_only
+        self.other_weight = other_weight
         if source_only and (k != 1 or exclude_source):
             raise ValueError("source_only reads each example's own block: k=1, nothing excluded")
 
@@ -154,7 +157,8 @@ class REALM(nn.Module):
 
         Each example is read twice: beside its own (unmasked) source block, where the masked span
         can be found and copied, and beside another block drawn at random, where it cannot. The
-        loss, ``-log p(y|own, x) - log p(y|other, x)`` (batch mean), teaches the reader to copy
+        loss, ``-log p(y|own, x) - w log p(y|other, x)`` (batch mean, ``w`` =
+        ``other_weight``; at 0 the other read is skipped), teaches the reader to copy
         from a block that matches the query and to fall back on the query alone otherwise; a
         reader taught only to copy trusts every block, and wrong retrieved blocks then cost it
         more than the null document. The other block is a function of the batch (resumes
@@ -166,7 +170,7 @@ class REALM(nn.Module):
         n_blocks = len(self.store)
         other = np.random.default_rng([int(b) for b in own]).integers(0, n_blocks - 1, len(own))
         other = other + (other >= own)  # never the own block
-        ids = np.stack([own, other], axis=1)  # [B, 2]
+        ids = np.stack([own, other], axis=1) if self.other_weight else own[:, None]  # [B, 1|2]
         joined = build_joined_inputs(
             batch.query_ids, [[self.store.title_ids(int(b)) for b in row] for row in ids],
             [[self.store.body_ids(int(b)) for b in row] for row in ids], cls_id, sep_id, pad_id,
@@ -176,12 +180,13 @@ class REALM(nn.Module):
                            joined.token_type_ids.to(device), joined.mask_positions.to(device),
                            labels=batch.target_ids.to(device),
                            label_mask=batch.target_mask.to(device))
-        log_p_y = out.log_probs_of_targets  # [B, 2]: own block, other block
+        log_p_y = out.log_probs_of_targets  # [B, 1|2]: own block (, other block)
         # p(z|x) puts everything on the own block: accuracy is the reading accuracy
-        log_p_z = torch.tensor([0.0, -1e4], device=device).expand_as(log_p_y)
+        log_p_z = torch.tensor([0.0, -1e4][:ids.shape[1]], device=device).expand_as(log_p_y)
+        weights = torch.tensor([1.0, self.other_weight][:ids.shape[1]], device=device)
         return REALMOutput(retrieval_logits=log_p_z, log_p_y_given_z=log_p_y,
                            mlm_logits=out.logits, block_ids=torch.from_numpy(ids),
-                           log_p_z=log_p_z, loss=-log_p_y.sum(dim=1).mean())
+                           log_p_z=log_p_z, loss=-(log_p_y * weights).sum(dim=1).mean())
 
 
 def marginal_predictions(out: REALMOutput) -> torch.Tensor:
@@ -210,8 +215,9 @@ def realm_metrics(out: REALMOutput, batch: MLMBatch) -> dict[str, float]:
         if out.block_ids.shape[1] == 0:
             return metrics
         if out.block_ids.shape[1] == out.log_p_y_given_z.shape[1]:  # the reading warm-up
-            own, other = out.log_p_y_given_z.float().unbind(dim=1)
-            metrics["own_over_other"] = float((own - other).mean())  # nats the own block gives
+            if out.block_ids.shape[1] == 2:  # nats the own block gives over another
+                own, other = out.log_p_y_given_z.float().unbind(dim=1)
+                metrics["own_over_other"] = float((own - other).mean())
             return metrics
         ru = retrieval_utility(out.log_p_y_given_z)  # [B, k]
         ru_exp = expected_retrieval_utility(ru, out.log_p_z)  # [B]
@@ -421,8 +427,8 @@ def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
     if not p.reader_warmup_steps:
         return encoder
     steps = p.reader_warmup_steps
-    key = _digest(["read-own-and-other", os.path.abspath(examples), encoder,
-                   os.path.abspath(retriever), steps,
+    key = _digest(["read-own-and-other", p.reader_warmup_other_weight, os.path.abspath(examples),
+                   encoder, os.path.abspath(retriever), steps,
                    p.reader_warmup_batch_size, p.masking, p.max_joined_tokens, r.max_query_tokens,
                    r.max_block_tokens, t.lr, t.precision, config.seed])
     run_dir = os.path.join(p.cache_dir, f"reader-{key}")
@@ -436,7 +442,8 @@ def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
                 null_only=False, k=1, retriever_hold_steps=0, table_every=0),
             train=dataclasses.replace(t, run_dir=run_dir, steps=steps,
                                       batch_size=p.reader_warmup_batch_size,
-                                      warmup_steps=max(1, steps // 10), save_every=steps),
+                                      warmup_steps=max(1, steps // 10),
+                                      save_every=max(1, steps // 5)),
             logging=dataclasses.replace(config.logging, wandb=False))
         path = save_config(warm, p.cache_dir, f"reader-{key}.yaml")
         logger.info("reading warm-up of the knowledge-augmented encoder (%d steps) into %s",
@@ -564,7 +571,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
                   k=0 if p.null_only else p.k, max_query_tokens=r.max_query_tokens,
                   max_block_tokens=r.max_block_tokens, max_joined_tokens=p.max_joined_tokens,
                   exclude_source=examples_store is store and not p.source_only,
-                  source_only=p.source_only)
+                  source_only=p.source_only, other_weight=p.reader_warmup_other_weight)
     dataset = MLMDataset(examples_store, retriever.tokenizer.mask_token_id, masking=p.masking,
                          max_query_tokens=r.max_query_tokens, seed=config.seed)
     if accelerator.is_main_process:

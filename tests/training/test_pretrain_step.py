@@ -143,6 +143,15 @@ def test_source_only_reads_each_example_beside_its_own_block(setup):
     assert set(metrics) == {"loss", "masked_accuracy", "fallback_examples", "own_over_other"}
     assert metrics["own_over_other"] == pytest.approx(float((direct[:, 0] - direct[:, 1]).mean()),
                                                       rel=1e-4, abs=1e-4)
+    # other_weight=0: the own block alone (copying only), the same read of it
+    copy = REALM(model.retriever, model.encoder, model.store, model.special, k=1,
+                 max_query_tokens=32, max_block_tokens=64, max_joined_tokens=100,
+                 exclude_source=False, source_only=True, other_weight=0.0)
+    alone = copy(batch, no_search)
+    np.testing.assert_array_equal(alone.block_ids.numpy(), own[:, None])
+    torch.testing.assert_close(alone.log_p_y_given_z[:, 0], direct[:, 0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(alone.loss, -direct[:, 0].mean(), rtol=1e-4, atol=1e-4)
+    assert "own_over_other" not in realm_metrics(alone, batch)
     for bad in ({"k": 2, "exclude_source": False}, {"k": 1, "exclude_source": True}):
         with pytest.raises(ValueError, match="source_only"):
             REALM(model.retriever, model.encoder, model.store, model.special, source_only=True,
