@@ -136,6 +136,7 @@ def test_source_only_reads_each_example_beside_its_own_block(setup):
                            label_mask=batch.target_mask).log_probs_of_targets  # [5, 2]
     torch.testing.assert_close(out.log_p_y_given_z, direct, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.loss, -direct.sum(1).mean(), rtol=1e-4, atol=1e-4)
+    warm.zero_grad(set_to_none=True)  # (the module fixture's model kept earlier tests' grads)
     out.loss.backward()  # the reader alone learns: the retriever takes no part
     assert any(p.grad is not None for p in warm.encoder.parameters())
     assert all(p.grad is None for p in warm.retriever.parameters())
