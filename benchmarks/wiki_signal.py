@@ -14,6 +14,12 @@ same windows, and its slope), p(null), generations swapped, maximum staleness, t
 compute (generations built, seconds), recall@k after, the reader's gain from the right block
 against a random one (``oracle_ru``), and wall time. A run that already has its
 ``wiki_signal.json`` is not run again.
+
+    python benchmarks/wiki_signal.py --signal READER_DIR ... --signal-retriever RETRIEVER_DIR
+
+trains nothing: it prints where each reader's MLM signal points for that retriever
+(:func:`signal_direction`): towards the same-title article or away from it, towards the null
+document or not.
 """
 
 import argparse
@@ -108,6 +114,85 @@ def oracle_ru(encoder_dir: str, args, n: int = 150, seed: int = 0) -> dict:
             "random_block_ru_mean": round(float(np.mean(other)), 4)}
 
 
+def signal_direction(retriever_dir: str, readers: list[str], args, k: int = 4, n: int = 320,
+                     seed: int = 5) -> dict:
+    """Where the MLM signal points, before any retriever update: for ``n`` masked examples of
+    x_train, the top-``k`` Z blocks of ``retriever_dir`` plus the null document, the prior
+    p(z|x) (that retriever's scores) and, under each reader, the posterior p(z|x,y) ∝
+    p(z|x) p(y|z,x). The retriever's gradient moves p(z|x) towards the posterior, so
+    ``same_title_post / same_title_prior`` > 1 means the signal favours the same-title article
+    (what recall measures), and ``null_post / null_prior`` how hard it pulls towards the null
+    document. Also the RU of same-title and other retrieved blocks."""
+    import torch
+
+    from realm.data.mlm import MLMDataset, collate_mlm
+    from realm.data.store import BlockStore
+    from realm.index.embed import embed_blocks, special_ids
+    from realm.index.mips import MipsIndex
+    from realm.modeling.ka_encoder import build_joined_inputs
+    from realm.modeling.retriever import Retriever, build_block_inputs, build_query_inputs
+    from realm.training.core import autocast_dtype
+    from realm.training.pretrain import load_reader
+
+    x, z = BlockStore(args.examples), BlockStore(args.corpus)
+    bf16 = autocast_dtype("auto", torch.device("cpu")) == "bf16"
+    retriever = Retriever.from_pretrained(retriever_dir).eval()
+    cls_id, sep_id, pad_id = special_ids(retriever.tokenizer)
+    emb, _ = embed_blocks(retriever, z, (cls_id, sep_id, pad_id),
+                          max_block_tokens=args.max_block_tokens, bf16=bf16, progress=False)
+    index = MipsIndex.build(emb)
+    z_titles = np.array([z.title(i).lower() for i in range(len(z))])
+    torch.manual_seed(seed)  # a checkpoint without a masked-LM head gets a new one
+    encoders = {r: load_reader(r).eval() for r in readers}
+    sums: dict[str, dict[str, list]] = {r: {} for r in readers}
+    ds = MLMDataset(x, retriever.tokenizer.mask_token_id, max_query_tokens=args.max_query_tokens,
+                    seed=seed)
+    order = [int(i) for i in np.random.default_rng(seed).permutation(len(ds))[:n]]
+    empty = np.zeros(0, np.int64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        null = retriever.encode_blocks(*build_block_inputs(
+            [empty], [empty], cls_id, sep_id, pad_id,
+            max_length=args.max_block_tokens + 3)).p_reps.float()[0]  # [dim]
+        for start in range(0, len(order), 16):
+            examples = [ds[i] for i in order[start:start + 16]]
+            batch = collate_mlm(examples)
+            q = retriever.encode_queries(*build_query_inputs(
+                batch.query_ids, cls_id, sep_id, pad_id,
+                max_length=args.max_query_tokens + 2)).q_reps.float()  # [B, dim]
+            found = index.search(q.numpy(), k)
+            ids = found.block_ids  # [B, k]
+            log_prior = torch.log_softmax(torch.cat(
+                [torch.from_numpy(found.scores).float(), (q @ null)[:, None]], 1), 1)  # [B, k+1]
+            same = torch.tensor([[z_titles[j] == x.title(e.block_id).lower() for j in row]
+                                 for e, row in zip(examples, ids)])  # [B, k]
+            joined = build_joined_inputs(
+                batch.query_ids, [[z.title_ids(int(j)) for j in row] for row in ids],
+                [[z.body_ids(int(j)) for j in row] for row in ids], cls_id, sep_id, pad_id,
+                max_length=args.max_joined_tokens, mask_positions=batch.mask_positions,
+                append_null=True)
+            for name, enc in encoders.items():
+                log_p_y = enc(joined.input_ids, joined.attention_mask, joined.token_type_ids,
+                              joined.mask_positions, labels=batch.target_ids,
+                              label_mask=batch.target_mask).log_probs_of_targets.float()
+                prior, post = log_prior.exp(), torch.softmax(log_prior + log_p_y, 1)
+                ru = log_p_y[:, :-1] - log_p_y[:, -1:]  # [B, k]
+                for key, values in (
+                        ("same_title_prior", (prior[:, :-1] * same).sum(1)),
+                        ("same_title_post", (post[:, :-1] * same).sum(1)),
+                        ("null_prior", prior[:, -1]), ("null_post", post[:, -1]),
+                        ("ru_same_title", ru[same]), ("ru_other", ru[~same]),
+                        ("has_same_title", same.any(1).float())):
+                    sums[name].setdefault(key, []).extend(values.tolist())
+    out = {}
+    for name, values in sums.items():
+        means = {key: round(float(np.mean(v)), 4) for key, v in values.items()}
+        means["same_title_post_over_prior"] = round(
+            means["same_title_post"] / means["same_title_prior"], 3)
+        means["null_post_over_prior"] = round(means["null_post"] / means["null_prior"], 3)
+        out[name] = means
+    return {"retriever": retriever_dir, "k": k, "examples": len(order), "readers": out}
+
+
 def window_mean(records: list[dict], key: str, first: bool, window: int):
     values = [r[key] for r in records if key in r]
     if not values:
@@ -157,8 +242,19 @@ def main() -> int:
     parser.add_argument("--k", default="1,4,20,100")
     parser.add_argument("--max-query-tokens", type=int, default=32)
     parser.add_argument("--window", type=int, default=5, help="log records per first/last window")
+    parser.add_argument("--max-block-tokens", type=int, default=128)
+    parser.add_argument("--signal", nargs="+", metavar="READER_DIR",
+                        help="only print where these readers' MLM signal points for the "
+                        "--signal-retriever (signal_direction), no training")
+    parser.add_argument("--signal-retriever", help="the retriever for --signal")
     parser.add_argument("overrides", nargs="*", help="key=value for every run")
     args = parser.parse_args()
+    if args.signal:
+        if not args.signal_retriever:
+            parser.error("--signal needs --signal-retriever")
+        print(json.dumps({"benchmark": "wiki_signal", "signal_direction": signal_direction(
+            args.signal_retriever, args.signal, args)}))
+        return 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.makedirs(args.out, exist_ok=True)

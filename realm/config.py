@@ -326,8 +326,8 @@ class PretrainConfig:
     )
     reader: Optional[str] = _doc(
         "Knowledge-augmented encoder to start from (a saved encoder directory, e.g. a run's "
-        "`encoder/`, or any checkpoint). null: `encoder`, after the reading warm-up when "
-        "`reader_warmup_steps` > 0.", default=None
+        "`encoder/`, or any checkpoint); the reading warm-up, when `reader_warmup_steps` > 0, "
+        "starts from it. null: `encoder`.", default=None
     )
     reader_warmup_steps: int = _doc(
         "Steps of a reading warm-up of the knowledge-augmented encoder before pretraining "

@@ -410,7 +410,7 @@ def prepare_retriever(config, corpus: str, encoder: str) -> str:
 
 
 def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
-    """``pretrain.reader``; else ``encoder``, after the reading warm-up when it is asked for.
+    """``pretrain.reader`` (else ``encoder``), after the reading warm-up when it is asked for.
 
     The warm-up (``pretrain.reader_warmup_steps``) is a pretraining run of its own, in its own
     process like the ICT warm start, with ``pretrain.source_only``: every masked example of
@@ -422,13 +422,13 @@ def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
     from realm.refresh.supervisor import child_env
 
     p, t, r = config.pretrain, config.train, config.retriever
-    if p.reader:
-        return p.reader
+    start = p.reader or encoder
     if not p.reader_warmup_steps:
-        return encoder
+        return start
     steps = p.reader_warmup_steps
     key = _digest(["read-own-and-other", p.reader_warmup_other_weight, os.path.abspath(examples),
-                   encoder, os.path.abspath(retriever), steps,
+                   os.path.abspath(start) if os.path.exists(start) else start,
+                   os.path.abspath(retriever), steps,
                    p.reader_warmup_batch_size, p.masking, p.max_joined_tokens, r.max_query_tokens,
                    r.max_block_tokens, t.lr, t.precision, config.seed])
     run_dir = os.path.join(p.cache_dir, f"reader-{key}")
@@ -437,7 +437,7 @@ def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
         warm = dataclasses.replace(
             config,
             pretrain=dataclasses.replace(
-                p, corpus=examples, examples=None, retriever=retriever, encoder=encoder,
+                p, corpus=examples, examples=None, retriever=retriever, encoder=start,
                 encoder_layers=None, reader=None, reader_warmup_steps=0, source_only=True,
                 null_only=False, k=1, retriever_hold_steps=0, table_every=0),
             train=dataclasses.replace(t, run_dir=run_dir, steps=steps,
@@ -548,8 +548,9 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     retriever_dir = prepare_retriever(config, corpus_dir, encoder_name)
     reader_name = prepare_reader(config, p.examples or corpus_dir, encoder_name, retriever_dir)
     config = dataclasses.replace(
+        # the resolved config starts from the warmed-up reader, warm-up done (relaunchable as is)
         config, pretrain=dataclasses.replace(p, corpus=corpus_dir, retriever=retriever_dir,
-                                             reader=reader_name),
+                                             reader=reader_name, reader_warmup_steps=0),
         refresh=dataclasses.replace(config.refresh, corpus=corpus_dir))
     p = config.pretrain
     prepare_s = time.time() - t0

@@ -208,7 +208,8 @@ def test_reading_warm_up_trains_the_reader_first_and_is_cached(
     assert summary["steps"] == 4
     (warm_dir,) = (tmp_path / "cache").glob("reader-*/")
     with open(tmp_path / "run" / "config.yaml", encoding="utf-8") as f:
-        assert yaml.safe_load(f)["pretrain"]["reader"] == str(warm_dir / "encoder")
+        resolved = yaml.safe_load(f)["pretrain"]  # starts from the warmed-up reader, as it is
+    assert resolved["reader"] == str(warm_dir / "encoder") and resolved["reader_warmup_steps"] == 0
     records = _records(warm_dir)
     assert [r["step"] for r in records] == list(range(1, 7))
     assert all(r["loss"] > 0 and "own_over_other" in r and "p_null" not in r for r in records)
@@ -229,3 +230,12 @@ def test_reading_warm_up_trains_the_reader_first_and_is_cached(
     _pretrain(tmp_path / "run2", spans_corpus, tiny_retriever, tiny_encoder, tmp_path, *warm)
     assert (warm_dir / "encoder" / "manifest.json").stat().st_mtime_ns == stamp
     assert len(list((tmp_path / "cache").glob("reader-*/"))) == 1
+    # a warm-up can start from a given reader (here the warmed-up one): a new cache entry
+    _pretrain(tmp_path / "run3", spans_corpus, tiny_retriever, tiny_encoder, tmp_path, *warm,
+              f"pretrain.reader={warm_dir / 'encoder'}", "pretrain.reader_warmup_other_weight=0")
+    (again,) = set((tmp_path / "cache").glob("reader-*/")) - {warm_dir}
+    with open(again / "config.yaml", encoding="utf-8") as f:
+        pretrain = yaml.safe_load(f)["pretrain"]
+    assert pretrain["encoder"] == str(warm_dir / "encoder")
+    assert pretrain["reader_warmup_other_weight"] == 0
+    assert "own_over_other" not in _records(again)[-1]
