@@ -371,6 +371,17 @@ def truncated_encoder(encoder: str, layers: Optional[int], cache_dir: str) -> st
     return out
 
 
+def _run_warm_start(cmd: list[str], what: str) -> None:
+    """Run a warm-start stage as its own process; its last stdout line (the summary) is logged."""
+    from realm.refresh.supervisor import child_env
+
+    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed ({done.returncode}), command {' '.join(cmd)}:\n"
+                           f"{done.stderr[-3000:]}")
+    logger.info("%s: %s", what, done.stdout.strip().splitlines()[-1])
+
+
 def prepare_retriever(config, corpus: str, encoder: str) -> str:
     """``pretrain.retriever``, or an ICT warm start of ``encoder`` on ``corpus`` (cached).
 
@@ -378,7 +389,6 @@ def prepare_retriever(config, corpus: str, encoder: str) -> str:
     accelerate state and threads are gone before pretraining starts.
     """
     from realm.cli import override
-    from realm.refresh.supervisor import child_env
 
     p, r = config.pretrain, config.retriever
     if p.retriever:
@@ -400,11 +410,7 @@ def prepare_retriever(config, corpus: str, encoder: str) -> str:
                f"train.save_every={p.ict_steps}", override("train.run_dir", run_dir),
                f"seed={config.seed}", "ict.holdout_blocks=0", "logging.log_every=10",
                "logging.wandb=false"]
-        done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"the ICT warm start failed ({done.returncode}), "
-                               f"command {' '.join(cmd)}:\n{done.stderr[-3000:]}")
-        logger.info("ICT warm start: %s", done.stdout.strip().splitlines()[-1])
+        _run_warm_start(cmd, "the ICT warm start")
     _wait_for(os.path.join(out, "manifest.json"), "the warm-started retriever")
     return out
 
@@ -419,7 +425,6 @@ def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
     returned; a killed warm-up resumes from its checkpoint when asked again.
     """
     from realm.config import save_config
-    from realm.refresh.supervisor import child_env
 
     p, t, r = config.pretrain, config.train, config.retriever
     start = p.reader or encoder
@@ -449,11 +454,7 @@ def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
         logger.info("reading warm-up of the knowledge-augmented encoder (%d steps) into %s",
                     steps, run_dir)
         cmd = [sys.executable, "-m", "realm.training.pretrain", "--no-progress", "--config", path]
-        done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"the reading warm-up failed ({done.returncode}), "
-                               f"command {' '.join(cmd)}:\n{done.stderr[-3000:]}")
-        logger.info("reading warm-up: %s", done.stdout.strip().splitlines()[-1])
+        _run_warm_start(cmd, "the reading warm-up")
     _wait_for(os.path.join(out, "manifest.json"), "the warmed-up reader")
     return out
 
