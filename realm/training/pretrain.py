@@ -421,8 +421,9 @@ def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
     The warm-up (``pretrain.reader_warmup_steps``) is a pretraining run of its own, in its own
     process like the ICT warm start, with ``pretrain.source_only``: every masked example of
     ``examples`` is read beside its own unmasked block and beside a random other one
-    (:meth:`REALM._read_own_blocks`); no retriever, no index. Its knowledge-augmented encoder is cached in ``pretrain.cache_dir`` and
-    returned; a killed warm-up resumes from its checkpoint when asked again.
+    (:meth:`REALM._read_own_blocks`); no retriever, no index. Its knowledge-augmented encoder
+    is cached in ``pretrain.cache_dir`` and returned; a killed warm-up resumes from its
+    checkpoint when asked again.
     """
     from realm.config import save_config
 
