@@ -312,11 +312,25 @@ class PretrainConfig:
         "Masking of the examples (salient_span is REALM's; the others are its ablations).",
         default="salient_span",
     )
+    spanless_blocks: Literal["fallback", "skip"] = _doc(
+        "Example blocks with no salient span under salient_span masking: `fallback` masks a "
+        "random span instead (the example is counted in `fallback_examples`); `skip` draws "
+        "examples only from blocks that have one.", default="fallback"
+    )
     max_joined_tokens: int = _doc("Word pieces of `[CLS] x [SEP] z [SEP]` kept.", default=352)
     retriever_lr_scale: float = _doc(
         "Learning rate of the query and document encoders as a factor of `train.lr` (a smaller "
         "one keeps p(z|x) from collapsing onto noise before the reader learns to use z).",
         default=1.0,
+    )
+    retriever_signal: Literal["marginal", "relative"] = _doc(
+        "What the retriever learns from. `marginal` (REALM): the gradient of the marginal loss "
+        "over the k retrieved blocks and the null document. `relative`: the reader's gradient is "
+        "the same, but the query and document encoders learn only how the k retrieved blocks "
+        "rank against each other (the marginal over them alone, p(y|z,x) held fixed); the null "
+        "document's score gets no gradient, so the shared step toward it that a reader which "
+        "trusts wrong blocks produces is gone. The loss value is REALM's either way.",
+        default="marginal",
     )
     retriever_hold_steps: int = _doc(
         "Steps at the start during which the query and document encoders do not move (learning "

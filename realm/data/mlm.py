@@ -85,9 +85,16 @@ def span_length_distribution(store: BlockStore, max_length: int = MAX_RANDOM_SPA
     return counts / counts.sum()
 
 
-def mlm_blocks(store: BlockStore) -> np.ndarray:
-    """Ids of the blocks that can give an example (a non-empty body)."""
-    return np.nonzero(np.asarray(store.blocks["n_tokens"]) > 0)[0].astype(np.int64)
+def mlm_blocks(store: BlockStore, with_spans: bool = False) -> np.ndarray:
+    """Ids of the blocks that can give an example (a non-empty body; with ``with_spans``, only
+    those with a salient span)."""
+    usable = np.asarray(store.blocks["n_tokens"]) > 0
+    if with_spans:
+        usable &= np.asarray(store.blocks["n_spans"]) > 0
+        if not usable.any():
+            raise ValueError(f"{store.path}: no block has a salient span (build the corpus with "
+                             "spans enabled, or keep blocks without spans)")
+    return np.nonzero(usable)[0].astype(np.int64)
 
 
 def _window(sentences: np.ndarray, start: int, end: int, max_tokens: int) -> tuple[int, int]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from realm.data.mlm import MLMBatch, MLMDataset, collate_mlm
+from realm.data.mlm import MLMBatch, MLMDataset, collate_mlm, mlm_blocks
 from realm.data.store import BlockStore
 from realm.index.mips import SearchResult
 from realm.losses import (expected_retrieval_utility, null_probability, realm_marginal_loss,
@@ -40,6 +40,9 @@ from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, build_joined_in
 from realm.modeling.retriever import Retriever, build_block_inputs, build_query_inputs
 
 logger = logging.getLogger(__name__)
+
+#: How the retriever learns from the masked-LM signal (see :class:`REALM`).
+RETRIEVER_SIGNALS = ("marginal", "relative")
 
 #: ``searcher(query_embeddings [B, dim] float32, k, exclude [B]) -> SearchResult``
 Searcher = Callable[[np.ndarray, int, np.ndarray], SearchResult]
@@ -84,14 +87,23 @@ class REALM(nn.Module):
             random other block (:meth:`_read_own_blocks`). ``k`` must be 1.
         other_weight: Weight of the read beside the other block in the warm-up's loss; 0 reads
             the own block alone.
+        retriever_signal: ``marginal`` (REALM): the retriever's gradient is that of the marginal
+            loss over the ``k + 1`` candidates. ``relative``: the reader's gradient is the same,
+            but the retriever learns only how the ``k`` retrieved blocks rank against each other
+            (the marginal over them alone, ``p(y|z, x)`` held fixed); the null document's score
+            gets no gradient. The loss value is REALM's either way.
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
                  store: BlockStore, special: tuple[int, int, int], k: int = 8,
                  max_query_tokens: int = 64, max_block_tokens: int = 288,
                  max_joined_tokens: int = 352, exclude_source: bool = True,
-                 source_only: bool = False, other_weight: float = 1.0):
+                 source_only: bool = False, other_weight: float = 1.0,
+                 retriever_signal: str = "marginal"):
         super().__init__()
+        if retriever_signal not in RETRIEVER_SIGNALS:
+            raise ValueError(f"retriever_signal must be one of {RETRIEVER_SIGNALS}, got "
+                             f"{retriever_signal!r}")
         self.retriever = retriever
         self.encoder = encoder
         self.store = store
@@ -103,6 +115,7 @@ class REALM(nn.Module):
         self.exclude_source = exclude_source
         self.source_only = source_only
         self.other_weight = other_weight
+        self.retriever_signal = retriever_signal
         if source_only and (k != 1 or exclude_source):
             raise ValueError("source_only reads each example's own block: k=1, nothing excluded")
 
@@ -147,7 +160,14 @@ class REALM(nn.Module):
                            labels=batch.target_ids.to(device),
                            label_mask=batch.target_mask.to(device))
         log_p_y = out.log_probs_of_targets  # [B, k + 1]
-        loss, log_p_z = realm_marginal_loss(retrieval_logits, log_p_y)
+        if self.retriever_signal == "relative":
+            # the reader sees p(z|x) as a constant; the retriever sees p(y|z, x) as one and
+            # only the k retrieved blocks, so no step moves every query toward the null document
+            loss, log_p_z = realm_marginal_loss(retrieval_logits.detach(), log_p_y)
+            rank_loss, _ = realm_marginal_loss(scores, log_p_y[:, :-1].detach())
+            loss = loss + (rank_loss - rank_loss.detach())
+        else:
+            loss, log_p_z = realm_marginal_loss(retrieval_logits, log_p_y)
         return REALMOutput(retrieval_logits=retrieval_logits, log_p_y_given_z=log_p_y,
                            mlm_logits=out.logits, block_ids=torch.from_numpy(ids),
                            log_p_z=log_p_z, loss=loss)
@@ -574,8 +594,10 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
                   k=0 if p.null_only else p.k, max_query_tokens=r.max_query_tokens,
                   max_block_tokens=r.max_block_tokens, max_joined_tokens=p.max_joined_tokens,
                   exclude_source=examples_store is store and not p.source_only,
-                  source_only=p.source_only, other_weight=p.reader_warmup_other_weight)
+                  source_only=p.source_only, other_weight=p.reader_warmup_other_weight,
+                  retriever_signal=p.retriever_signal)
     dataset = MLMDataset(examples_store, retriever.tokenizer.mask_token_id, masking=p.masking,
+                         block_ids=mlm_blocks(examples_store, p.spanless_blocks == "skip"),
                          max_query_tokens=r.max_query_tokens, seed=config.seed)
     if accelerator.is_main_process:
         save_config(config, t.run_dir)

@@ -109,6 +109,18 @@ def test_blocks_without_spans_fall_back_to_random_span_and_are_counted(spans_sto
     assert batch.n_fallback == len(no_span)
 
 
+def test_blocks_without_spans_can_be_skipped(spans_store, leads_store):
+    ids = mlm_blocks(spans_store, with_spans=True)
+    n_spans = np.asarray(spans_store.blocks["n_spans"])
+    assert 0 < len(ids) < len(spans_store) and (n_spans[ids] > 0).all()
+    assert len(ids) == int(((n_spans > 0) & (np.asarray(spans_store.blocks["n_tokens"]) > 0)).sum())
+    ds = MLMDataset(spans_store, MASK, block_ids=ids, seed=0)
+    assert ds.n_without_spans == 0
+    assert collate_mlm([ds[i] for i in range(len(ds))]).n_fallback == 0
+    with pytest.raises(ValueError, match="no block has a salient span"):
+        mlm_blocks(leads_store, with_spans=True)  # a corpus built without spans
+
+
 def test_examples_are_deterministic_per_seed_and_epoch(leads_store):
     a = MLMDataset(leads_store, MASK, masking="random_token", seed=7)
     b = MLMDataset(leads_store, MASK, masking="random_token", seed=7)

@@ -158,3 +158,45 @@ def test_source_only_reads_each_example_beside_its_own_block(setup):
         with pytest.raises(ValueError, match="source_only"):
             REALM(model.retriever, model.encoder, model.store, model.special, source_only=True,
                   **bad)
+
+
+def test_relative_retriever_signal_ranks_the_retrieved_blocks_only(setup):
+    """`relative`: the reader's gradient is REALM's; the retriever's is that of the marginal over
+    the k retrieved blocks alone with p(y|z, x) held fixed (no null document); same loss value."""
+    model, index, dataset = setup
+    batch = collate_mlm([dataset[i] for i in range(4)])
+
+    def search(q, k, e):
+        return index.search(q, k, exclude=e)
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.eval()  # no dropout: the passes below see the same network
+    try:
+        out = model(batch, search)
+        expected = grads(
+            realm_marginal_loss(out.retrieval_logits.detach(), out.log_p_y_given_z)[0]
+            + realm_marginal_loss(out.retrieval_logits[:, :-1],
+                                  out.log_p_y_given_z[:, :-1].detach())[0])
+        marginal = grads(model(batch, search).loss)
+        model.retriever_signal = "relative"
+        relative = model(batch, search)
+        torch.testing.assert_close(relative.loss, out.loss)
+        got = grads(relative.loss)
+    finally:
+        model.retriever_signal = "marginal"
+        model.train()
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-8)
+    reader = [n for n in got if n.startswith("encoder.")]
+    retriever = [n for n in got if n.startswith("retriever.")]
+    assert reader and retriever
+    for name in reader:
+        torch.testing.assert_close(got[name], marginal[name], rtol=1e-4, atol=1e-8)
+    assert any(not torch.allclose(got[n], marginal[n], rtol=1e-3, atol=1e-9) for n in retriever)
+    with pytest.raises(ValueError, match="retriever_signal"):
+        REALM(model.retriever, model.encoder, model.store, (0, 0, 0), retriever_signal="ranked")
