@@ -1,7 +1,8 @@
 """Build the wiki-signal experiment's corpora: X (lead sections, train and held-out) and Z.
 
     python launch/prepare_wiki_signal.py --output runs/corpus/signal [--heldout 200] \
-        [--z-chars 2000] [--seed 0] [--config configs/wiki_signal_data.yaml] [key=value ...]
+        [--z-chars 2000] [--seed 0] [--span-max-articles N] \
+        [--config configs/wiki_signal_data.yaml] [key=value ...]
 
 X = lead sections whose titles are also 2015 articles (salient spans); Z = the first ~z-chars
 characters of those 2015 articles. The last stdout line is a JSON summary (matched titles,
@@ -34,6 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("--min-z-chars", type=int, default=200,
                         help="drop titles whose cut article is shorter")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/held-out split")
+    parser.add_argument("--span-max-articles", type=int, default=None, metavar="N",
+                        help="keep only the X spans that the same title's Z article holds and "
+                             "that at most N Z articles hold (default: keep every span)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace corpora built from other inputs or parameters")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -42,7 +46,8 @@ def main(argv=None) -> int:
         summary = build_signal(args.leads, args.articles, args.output, config.data, config.spans,
                                heldout=args.heldout, z_chars=args.z_chars,
                                min_z_chars=args.min_z_chars, seed=args.seed,
-                               overwrite=args.overwrite, progress=not args.no_progress)
+                               overwrite=args.overwrite, progress=not args.no_progress,
+                               span_max_articles=args.span_max_articles)
     except (CorpusFormatError, OutputExistsError, ValueError) as err:
         print(f"prepare_wiki_signal: error: {err}", file=sys.stderr)
         return 1

@@ -42,7 +42,7 @@ from realm.config import DataConfig, SpansConfig
 from realm.data.blocks import split_sentences
 from realm.data.build import OutputExistsError, build_corpus, input_fingerprint
 from realm.data.readers import Article, CorpusReader
-from realm.data.store import MANIFEST
+from realm.data.store import MANIFEST, BlockStore
 from realm.fsutil import fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -222,6 +222,7 @@ def build_signal(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    span_max_articles: int | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) the experiment's three corpora under ``output``.
 
@@ -238,6 +239,8 @@ def build_signal(
         seed: Seed of the train/held-out split.
         overwrite: Replace corpora built with other inputs or parameters.
         progress: Progress bars.
+        span_max_articles: Keep only the X spans that the same title's Z article holds and that
+            at most this many Z articles hold (:class:`SameTitleSpans`); None keeps every span.
 
     Returns:
         The summary: counts (matched titles, train/held-out, blocks and spans per corpus),
@@ -252,7 +255,11 @@ def build_signal(
     if z_chars < 1 or min_z_chars < 0 or min_z_chars > z_chars:
         raise ValueError(f"need 0 <= min_z_chars <= z_chars and z_chars >= 1, got z_chars="
                          f"{z_chars}, min_z_chars={min_z_chars}")
+    if span_max_articles is not None and span_max_articles < 1:
+        raise ValueError(f"span_max_articles must be >= 1 or None, got {span_max_articles}")
     params = {"heldout": heldout, "z_chars": z_chars, "min_z_chars": min_z_chars, "seed": seed}
+    if span_max_articles is not None:  # (absent when None: earlier builds keep their fingerprint)
+        params["span_max_articles"] = span_max_articles
     data_params = {k: v for k, v in dataclasses.asdict(data).items()
                    if k not in ("input", "chunk_articles")}
     span_params = ({k: v for k, v in dataclasses.asdict(spans).items()
@@ -294,7 +301,8 @@ def build_signal(
     sources = os.path.join(output, "sources")
     os.makedirs(sources, exist_ok=True)
     corpora = {}
-    for name in CORPORA:
+    span_filter = None
+    for name in ("z", "x_train", "x_heldout"):  # Z first: the span filter of X reads it
         path = os.path.join(sources, f"{name}.jsonl")
         _write_jsonl(path, records[name])
         logger.info("building %s/%s from %d records", output, name, len(records[name]))
@@ -302,7 +310,11 @@ def build_signal(
                                           min_text_chars=1, on_bad_record="error")
         corpus_spans = spans if name != "z" else dataclasses.replace(spans, enabled=False)
         corpora[name] = build_corpus(corpus_data, corpus_spans, os.path.join(output, name),
-                                     overwrite=overwrite, progress=progress)
+                                     overwrite=overwrite, progress=progress,
+                                     span_filter=span_filter)
+        if name == "z" and span_max_articles is not None and spans.enabled:
+            logger.info("indexing the word-piece runs of %s/z for the span filter", output)
+            span_filter = SameTitleSpans(BlockStore(os.path.join(output, "z")), span_max_articles)
 
     manifest = {
         "kind": SIGNAL_KIND,
@@ -315,7 +327,8 @@ def build_signal(
         "title_match": "title_key: NFC, whitespace collapsed, first letter of each word case-folded",
         "counts": {**dataclasses.asdict(stats), "train_titles": len(train_keys),
                    "heldout_titles": len(held_keys)},
-        "corpora": {name: {k: s[k] for k in ("fingerprint", "articles", "blocks", "tokens", "spans")}
+        "corpora": {name: {k: s[k] for k in ("fingerprint", "articles", "blocks", "tokens", "spans",
+                                             "spans_filtered_out")}
                     for name, s in corpora.items()},
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -340,7 +353,103 @@ def _summary(manifest: dict[str, Any], output: str, reused: bool, seconds: float
         summary[f"{name}_blocks"] = corpora[name]["blocks"]
     for name in CORPORA[:2]:
         summary[f"{name}_spans"] = corpora[name]["spans"]
+        summary[f"{name}_spans_filtered_out"] = corpora[name].get("spans_filtered_out", 0)
     summary["z_blocks_per_article"] = round(corpora["z"]["blocks"] / corpora["z"]["articles"], 3)
     summary["seconds"] = round(seconds, 3)
     return summary
 
+
+
+class SpanArticles:
+    """Which articles of a corpus hold a given run of word pieces, for runs up to ``max_len``.
+
+    Every run of 1..``max_len`` word pieces inside an article's title or within its body (blocks
+    of one article are contiguous, so runs cross block boundaries but never articles) is hashed
+    (64-bit polynomial, wrapping) and kept with its article, once per (hash, article). A lookup
+    is a binary search.
+
+    Args:
+        store: The corpus (Z).
+        max_len: Longest run indexed; longer runs are never found.
+    """
+
+    _MULT = np.uint64(0x9E3779B97F4A7C15)
+
+    def __init__(self, store: BlockStore, max_len: int = 16) -> None:
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.max_len = max_len
+        arts = np.asarray(store.articles)
+        segments = []  # the token runs of every article's title and body, and their article
+        for a, art in enumerate(arts):
+            first, n = int(art["first_block"]), int(art["n_blocks"])
+            segments.append((np.concatenate([store.body_ids(b) for b in range(first, first + n)]), a))
+            segments.append((np.asarray(store.title_ids(first)), a))
+        lengths = np.array([len(seg) for seg, _ in segments], np.int64)
+        tokens = np.concatenate([seg for seg, _ in segments]).astype(np.uint64) + np.uint64(1)
+        owner = np.repeat([a for _, a in segments], lengths)
+        seg_end = np.repeat(np.cumsum(lengths), lengths)  # where each token's segment ends
+        keys, arts_out = [], []
+        h = np.zeros(len(tokens), np.uint64)
+        positions = np.arange(len(tokens))
+        with np.errstate(over="ignore"):
+            for n in range(1, max_len + 1):
+                valid = positions + n <= seg_end
+                if not valid.any():
+                    break
+                shifted = np.zeros(len(tokens), np.uint64)
+                shifted[: len(tokens) - n + 1] = tokens[n - 1:]
+                h = h * self._MULT + shifted
+                keys.append(h[valid] ^ np.uint64(n))
+                arts_out.append(owner[valid])
+        keys_all = np.concatenate(keys)
+        arts_all = np.concatenate(arts_out)
+        order = np.lexsort((arts_all, keys_all))
+        keys_all, arts_all = keys_all[order], arts_all[order]
+        first_of_pair = np.ones(len(keys_all), bool)
+        first_of_pair[1:] = (keys_all[1:] != keys_all[:-1]) | (arts_all[1:] != arts_all[:-1])
+        self.keys = keys_all[first_of_pair]
+        self.article_ids = arts_all[first_of_pair].astype(np.int32)
+
+    def _hash(self, tokens: np.ndarray) -> np.uint64:
+        h = np.uint64(0)
+        with np.errstate(over="ignore"):
+            for t in np.asarray(tokens, np.uint64) + np.uint64(1):
+                h = h * self._MULT + t
+        return h ^ np.uint64(len(tokens))
+
+    def articles(self, tokens: np.ndarray) -> np.ndarray:
+        """Ids of the articles holding ``tokens`` (sorted; empty when none, or too long)."""
+        if not 0 < len(tokens) <= self.max_len:
+            return np.zeros(0, np.int32)
+        key = self._hash(tokens)
+        lo, hi = np.searchsorted(self.keys, key, side="left"), np.searchsorted(self.keys, key, side="right")
+        return self.article_ids[lo:hi]
+
+
+class SameTitleSpans:
+    """A span filter for X (:class:`realm.data.build.SpanFilter`): keep a salient span only when
+    the Z article of the same title holds it (so retrieving that article can fill it in) and at
+    most ``max_articles`` Z articles do (so retrieving just any article cannot).
+
+    Args:
+        z: The knowledge corpus.
+        max_articles: Most Z articles that may hold a kept span.
+        max_len: Longest span that can be kept (in word pieces).
+    """
+
+    def __init__(self, z: BlockStore, max_articles: int, max_len: int = 16) -> None:
+        if max_articles < 1:
+            raise ValueError(f"max_articles must be >= 1, got {max_articles}")
+        self.index = SpanArticles(z, max_len)
+        self.max_articles = max_articles
+        firsts = np.asarray(z.articles["first_block"])
+        self.article_of = {title_key(z.title(int(b))): a for a, b in enumerate(firsts)}
+        self.key = f"same_title:max_articles={max_articles}:max_len={max_len}:z={z.fingerprint}"
+
+    def keep(self, title: str, tokens: np.ndarray) -> bool:
+        article = self.article_of.get(title_key(title))
+        if article is None:
+            return False
+        holders = self.index.articles(tokens)  # sorted
+        return len(holders) <= self.max_articles and article in holders

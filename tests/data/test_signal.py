@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from realm.config import DataConfig, SpansConfig
@@ -125,20 +126,84 @@ def test_interrupted_build_leaves_no_manifest_and_resumes(files, tmp_path, monke
     out = tmp_path / "signal"
     real = signal.build_corpus
 
-    def dies_at_z(data, spans, output, **kw):
-        if output.endswith("z"):
+    def dies_at_heldout(data, spans, output, **kw):  # the last of the three corpora
+        if output.endswith("x_heldout"):
             raise KeyboardInterrupt
         return real(data, spans, output, **kw)
 
     args = (leads, articles, str(out), DataConfig(max_block_tokens=64), SpansConfig(enabled=False))
-    monkeypatch.setattr(signal, "build_corpus", dies_at_z)
+    monkeypatch.setattr(signal, "build_corpus", dies_at_heldout)
     with pytest.raises(KeyboardInterrupt):
         build_signal(*args, heldout=5, z_chars=400, progress=False)
-    assert not (out / "manifest.json").exists() and not (out / "z").exists()
-    x_done = os.stat(out / "x_train" / "manifest.json").st_ino
+    assert not (out / "manifest.json").exists() and not (out / "x_heldout").exists()
+    done = {name: os.stat(out / name / "manifest.json").st_ino for name in ("z", "x_train")}
     monkeypatch.setattr(signal, "build_corpus", real)
     summary = build_signal(*args, heldout=5, z_chars=400, progress=False)
     assert (out / "manifest.json").exists() and summary["z_blocks"] == len(BlockStore(out / "z"))
-    assert os.stat(out / "x_train" / "manifest.json").st_ino == x_done  # reused, not rebuilt
+    for name, inode in done.items():  # reused, not rebuilt
+        assert os.stat(out / name / "manifest.json").st_ino == inode
     x_manifest = BlockStore(out / "x_train").manifest
     assert x_manifest["counts"]["spans"] == 0 and summary["heldout_titles"] == 5
+
+
+def _holders(z: BlockStore) -> list[tuple[int, list[int]]]:
+    """Each Z article's (id, word pieces of its body then, separately, its title)."""
+    out = []
+    for a, art in enumerate(z.articles):
+        first, n = int(art["first_block"]), int(art["n_blocks"])
+        body = [t for b in range(first, first + n) for t in z.body_ids(b).tolist()]
+        out.append((a, body))
+        out.append((a, z.title_ids(first).tolist()))
+    return out
+
+
+def _brute_articles(segments, run: list[int]) -> set[int]:
+    n = len(run)
+    return {a for a, seg in segments
+            if any(seg[i:i + n] == run for i in range(len(seg) - n + 1))}
+
+
+def test_span_articles_finds_every_run_within_an_article_and_nothing_else(cli_build):
+    _, out = cli_build
+    z = BlockStore(out / "z")
+    index = signal.SpanArticles(z, max_len=6)
+    segments = _holders(z)
+    body0, body1 = segments[0][1], segments[2][1]
+    runs = [body0[:1], body0[3:7], body0[-6:], body1[10:12], z.title_ids(0).tolist(),
+            body0[-3:] + body1[:3]]  # the last one crosses from one article into the next
+    for run in runs:
+        assert set(index.articles(np.array(run)).tolist()) == _brute_articles(segments, run), run
+    assert len(index.articles(np.array(body0[-3:] + body1[:3]))) == 0
+    assert len(index.articles(np.array(body0[:7]))) == 0  # longer than max_len
+    assert len(index.articles(np.array([10**6]))) == 0  # no such word piece
+
+
+def test_span_filter_keeps_the_spans_only_the_same_title_holds(cli_build, files, tmp_path):
+    summary, out = cli_build
+    leads, articles = files
+    filtered = tmp_path / "signal"
+    got = build_signal(leads, articles, str(filtered), DataConfig(max_block_tokens=96),
+                       SpansConfig(), heldout=8, z_chars=800, span_max_articles=2, progress=False)
+    z = BlockStore(out / "z")
+    segments = _holders(z)
+    article_of = {title_key(z.title(int(b))): a for a, b in enumerate(z.articles["first_block"])}
+    for name in ("x_train", "x_heldout"):
+        full, kept = BlockStore(out / name), BlockStore(filtered / name, verify=True)
+        assert len(full) == len(kept)
+        expected, dropped = [], 0
+        for i in range(len(full)):
+            body = full.body_ids(i).tolist()
+            for span in full.spans(i):
+                holders = _brute_articles(segments, body[span["start"]:span["end"]])
+                if article_of[title_key(full.title(i))] in holders and len(holders) <= 2:
+                    expected.append((i, int(span["start"]), int(span["end"])))
+                else:
+                    dropped += 1
+        found = [(i, int(s["start"]), int(s["end"])) for i in range(len(kept)) for s in kept.spans(i)]
+        assert found == expected and 0 < len(found) < summary[f"{name}_spans"]
+        assert got[f"{name}_spans"] == len(found) and got[f"{name}_spans_filtered_out"] == dropped
+        assert kept.manifest["params"]["span_filter"].startswith("same_title:max_articles=2")
+    assert got["z_blocks"] == summary["z_blocks"] and summary["x_train_spans_filtered_out"] == 0
+    with pytest.raises(ValueError, match="span_max_articles"):
+        build_signal(leads, articles, str(tmp_path / "other"), DataConfig(), SpansConfig(),
+                     span_max_articles=0)
