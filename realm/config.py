@@ -323,14 +323,23 @@ class PretrainConfig:
         "one keeps p(z|x) from collapsing onto noise before the reader learns to use z).",
         default=1.0,
     )
-    retriever_signal: Literal["marginal", "relative"] = _doc(
+    retriever_signal: Literal["marginal", "relative", "positive"] = _doc(
         "What the retriever learns from. `marginal` (REALM): the gradient of the marginal loss "
         "over the k retrieved blocks and the null document. `relative`: the reader's gradient is "
         "the same, but the query and document encoders learn only how the k retrieved blocks "
         "rank against each other (the marginal over them alone, p(y|z,x) held fixed); the null "
         "document's score gets no gradient, so the shared step toward it that a reader which "
-        "trusts wrong blocks produces is gone. The loss value is REALM's either way.",
+        "trusts wrong blocks produces is gone. `positive`: as `relative`, with a block that "
+        "reads worse than the null document counted as the null document (only retrieval "
+        "utility above 0 ranks). The loss value is REALM's in every case.",
         default="marginal",
+    )
+    retriever_momentum: float = _doc(
+        "AdamW's beta1 for the query and document encoders (0.9 is AdamW's own). The retriever's "
+        "gradient from one small batch is mostly noise around a direction that many batches "
+        "share; Adam scales every step to the learning rate whatever its size, so a slower "
+        "average (0.99: about the last 100 batches) keeps the shared direction and drops the "
+        "noise.", default=0.9
     )
     retriever_hold_steps: int = _doc(
         "Steps at the start during which the query and document encoders do not move (learning "
@@ -381,6 +390,8 @@ class PretrainConfig:
                f"must be > 0 or null, got {self.encoder_layers}")
         _check(self.retriever_lr_scale >= 0, "pretrain.retriever_lr_scale",
                f"must be >= 0, got {self.retriever_lr_scale}")
+        _check(0 <= self.retriever_momentum < 1, "pretrain.retriever_momentum",
+               f"must be in [0, 1), got {self.retriever_momentum}")
         _check(self.retriever_hold_steps >= 0, "pretrain.retriever_hold_steps",
                f"must be >= 0, got {self.retriever_hold_steps}")
         _check(self.table_every >= 0, "pretrain.table_every",

@@ -70,6 +70,7 @@ class TrainSettings:
     progress: bool = True
     lr_scales: Optional[dict[str, float]] = None  # parameter-name prefix -> learning-rate factor
     lr_holds: Optional[dict[str, int]] = None  # parameter-name prefix -> steps with learning rate 0
+    betas: Optional[dict[str, tuple[float, float]]] = None  # parameter-name prefix -> AdamW betas
 
     @classmethod
     def from_config(cls, config, progress: bool = True, **overrides: Any) -> "TrainSettings":
@@ -145,23 +146,26 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[str]:
 
 def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
                   lr_scales: Optional[dict[str, float]] = None,
-                  lr_holds: Optional[dict[str, int]] = None) -> list[dict]:
-    """AdamW groups: decay / no decay, and per-part learning rates by parameter-name prefix.
+                  lr_holds: Optional[dict[str, int]] = None,
+                  betas: Optional[dict[str, tuple[float, float]]] = None) -> list[dict]:
+    """AdamW groups: decay / no decay, and per-part learning rates (and betas, where given) by
+    parameter-name prefix.
 
     Each group records ``hold``: optimizer steps during which its learning rate is 0 (a part that
     waits, e.g. the retriever while the reader learns to use what it retrieves).
     """
-    groups: dict[tuple[float, int, bool], list] = {}
+    groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         scale = next((v for k, v in (lr_scales or {}).items() if name.startswith(k)), 1.0)
         hold = next((v for k, v in (lr_holds or {}).items() if name.startswith(k)), 0)
+        beta = next((tuple(v) for k, v in (betas or {}).items() if name.startswith(k)), None)
         no_decay = p.ndim < 2 or "LayerNorm" in name or name.endswith("bias")
-        groups.setdefault((scale, hold, no_decay), []).append(p)
+        groups.setdefault((scale, hold, no_decay, beta or ()), []).append(p)
     return [{"params": params, "lr": lr * scale, "hold": hold,
-             "weight_decay": 0.0 if no_decay else weight_decay}
-            for (scale, hold, no_decay), params in sorted(groups.items())]
+             "weight_decay": 0.0 if no_decay else weight_decay, **({"betas": beta} if beta else {})}
+            for (scale, hold, no_decay, beta), params in sorted(groups.items())]
 
 
 def _fused_adamw_ok(model: torch.nn.Module) -> bool:
@@ -208,7 +212,7 @@ def train(
     t_start = time.perf_counter()
     # fused AdamW: one kernel over all parameters (7x faster than the per-tensor loop on a CPU,
     # where three 30k x 384 word-embedding tables are updated every REALM step)
-    groups = _param_groups(model, s.weight_decay, s.lr, s.lr_scales, s.lr_holds)
+    groups = _param_groups(model, s.weight_decay, s.lr, s.lr_scales, s.lr_holds, s.betas)
     for group in groups:
         if 0 < s.steps <= group["hold"]:
             logger.warning("a parameter group is held for %d of %d steps: it never trains",

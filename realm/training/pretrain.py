@@ -42,7 +42,7 @@ from realm.modeling.retriever import Retriever, build_block_inputs, build_query_
 logger = logging.getLogger(__name__)
 
 #: How the retriever learns from the masked-LM signal (see :class:`REALM`).
-RETRIEVER_SIGNALS = ("marginal", "relative")
+RETRIEVER_SIGNALS = ("marginal", "relative", "positive")
 
 #: ``searcher(query_embeddings [B, dim] float32, k, exclude [B]) -> SearchResult``
 Searcher = Callable[[np.ndarray, int, np.ndarray], SearchResult]
@@ -91,7 +91,9 @@ class REALM(nn.Module):
             loss over the ``k + 1`` candidates. ``relative``: the reader's gradient is the same,
             but the retriever learns only how the ``k`` retrieved blocks rank against each other
             (the marginal over them alone, ``p(y|z, x)`` held fixed); the null document's score
-            gets no gradient. The loss value is REALM's either way.
+            gets no gradient. ``positive``: as ``relative``, with ``log p(y|z, x)`` floored at
+            the null document's (a block that hurts ranks like one that does nothing). The loss
+            value is REALM's in every case.
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
@@ -160,11 +162,14 @@ class REALM(nn.Module):
                            labels=batch.target_ids.to(device),
                            label_mask=batch.target_mask.to(device))
         log_p_y = out.log_probs_of_targets  # [B, k + 1]
-        if self.retriever_signal == "relative":
+        if self.retriever_signal != "marginal":
             # the reader sees p(z|x) as a constant; the retriever sees p(y|z, x) as one and
             # only the k retrieved blocks, so no step moves every query toward the null document
             loss, log_p_z = realm_marginal_loss(retrieval_logits.detach(), log_p_y)
-            rank_loss, _ = realm_marginal_loss(scores, log_p_y[:, :-1].detach())
+            target = log_p_y[:, :-1].detach()
+            if self.retriever_signal == "positive":  # a block that hurts counts as no block
+                target = torch.maximum(target, log_p_y[:, -1:].detach())
+            rank_loss, _ = realm_marginal_loss(scores, target)
             loss = loss + (rank_loss - rank_loss.detach())
         else:
             loss, log_p_z = realm_marginal_loss(retrieval_logits, log_p_y)
@@ -635,7 +640,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
         hooks.append(ExampleTable(task, tracker, retriever.tokenizer, store, p.table_every))
     settings = TrainSettings.from_config(
         config, progress, eval_every=0, lr_scales={"retriever.": p.retriever_lr_scale},
-        lr_holds={"retriever.": p.retriever_hold_steps})
+        lr_holds={"retriever.": p.retriever_hold_steps},
+        betas={"retriever.": (p.retriever_momentum, 0.999)} if p.retriever_momentum != 0.9 else None)
     world_size = accelerator.num_processes
     finished = False
     try:

@@ -3,7 +3,7 @@
 import torch
 
 from realm.tracking import Tracker, read_metrics
-from realm.training.core import TrainSettings, _lr_lambda, train
+from realm.training.core import TrainSettings, _lr_lambda, _param_groups, train
 from realm.training.ict import _shutdown
 
 
@@ -75,3 +75,27 @@ def test_lr_lambda_with_a_hold_restarts_warmup_and_decay():
     assert [round(f(s), 3) for s in range(8)] == [0, 0, 0, 0, 0.5, 1.0, 1.0, 0.5]
     g = _lr_lambda(warmup=2, total=4)  # the same schedule, unheld
     assert [f(s + 4) for s in range(4)] == [g(s) for s in range(4)]
+
+
+def test_a_part_can_have_its_own_adam_betas():
+    torch.manual_seed(0)
+    model = TwoParts()
+    groups = _param_groups(model, 0.01, 1e-3, {"retriever.": 0.1}, None,
+                           {"retriever.": (0.99, 0.999)})
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        g = by_param[id(p)]
+        if name.startswith("retriever."):
+            assert g["betas"] == (0.99, 0.999) and g["lr"] == 1e-4
+        else:
+            assert "betas" not in g and g["lr"] == 1e-3
+    # the optimizer keeps them and steps with them
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    assert {g.get("betas") for g in opt.param_groups} == {(0.99, 0.999), (0.9, 0.999)}
+    x = torch.randn(16, 4)
+    start = model.retriever.weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    assert not torch.equal(model.retriever.weight, start)

@@ -160,9 +160,11 @@ def test_source_only_reads_each_example_beside_its_own_block(setup):
                   **bad)
 
 
-def test_relative_retriever_signal_ranks_the_retrieved_blocks_only(setup):
+@pytest.mark.parametrize("signal", ["relative", "positive"])
+def test_relative_retriever_signal_ranks_the_retrieved_blocks_only(setup, signal):
     """`relative`: the reader's gradient is REALM's; the retriever's is that of the marginal over
-    the k retrieved blocks alone with p(y|z, x) held fixed (no null document); same loss value."""
+    the k retrieved blocks alone with p(y|z, x) held fixed (no null document); same loss value.
+    `positive`: the same with p(y|z, x) floored at p(y|null, x)."""
     model, index, dataset = setup
     batch = collate_mlm([dataset[i] for i in range(4)])
 
@@ -177,12 +179,15 @@ def test_relative_retriever_signal_ranks_the_retrieved_blocks_only(setup):
     model.eval()  # no dropout: the passes below see the same network
     try:
         out = model(batch, search)
+        target = out.log_p_y_given_z[:, :-1].detach()
+        if signal == "positive":
+            target = torch.maximum(target, out.log_p_y_given_z[:, -1:].detach())
+            assert (target != out.log_p_y_given_z[:, :-1]).any()  # some block reads worse
         expected = grads(
             realm_marginal_loss(out.retrieval_logits.detach(), out.log_p_y_given_z)[0]
-            + realm_marginal_loss(out.retrieval_logits[:, :-1],
-                                  out.log_p_y_given_z[:, :-1].detach())[0])
+            + realm_marginal_loss(out.retrieval_logits[:, :-1], target)[0])
         marginal = grads(model(batch, search).loss)
-        model.retriever_signal = "relative"
+        model.retriever_signal = signal
         relative = model(batch, search)
         torch.testing.assert_close(relative.loss, out.loss)
         got = grads(relative.loss)
