@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIGNALS = ("marginal", "relative", "positive")
+SIGNALS = ("marginal", "relative", "positive", "centered")
 
 
 def retrieval_quality(retriever, z, queries, same_title, ks, args) -> dict:
@@ -77,6 +77,8 @@ def main() -> int:
     parser.add_argument("--queries", default="runs/corpus/signal/x_train",
                         help="recall queries (every block, masked as in training)")
     parser.add_argument("--batches", type=int, default=64, help="batches of 8 examples")
+    parser.add_argument("--signals", default=",".join(SIGNALS),
+                        help="pretrain.retriever_signal values to measure")
     parser.add_argument("--alphas", default="1e-4,3e-4", help="step sizes, as |step| / |theta|")
     parser.add_argument("--k", type=int, default=4, help="blocks retrieved per example")
     parser.add_argument("--recall-k", default="1,4,20,100")
@@ -126,7 +128,7 @@ def main() -> int:
         return index.search(q, k, exclude=exclude)
 
     grads, oracle_examples = {}, 0
-    for signal in (*SIGNALS, "oracle"):
+    for signal in (*args.signals.split(","), "oracle"):
         model = REALM(retriever, reader, z, special, k=args.k,
                       max_query_tokens=args.max_query_tokens,
                       max_block_tokens=args.max_block_tokens,

@@ -323,7 +323,7 @@ class PretrainConfig:
         "one keeps p(z|x) from collapsing onto noise before the reader learns to use z).",
         default=1.0,
     )
-    retriever_signal: Literal["marginal", "relative", "positive"] = _doc(
+    retriever_signal: Literal["marginal", "relative", "positive", "centered"] = _doc(
         "What the retriever learns from. `marginal` (REALM): the gradient of the marginal loss "
         "over the k retrieved blocks and the null document. `relative`: the reader's gradient is "
         "the same, but the query and document encoders learn only how the k retrieved blocks "
@@ -331,7 +331,10 @@ class PretrainConfig:
         "document's score gets no gradient, so the shared step toward it that a reader which "
         "trusts wrong blocks produces is gone. `positive`: as `relative`, with a block that "
         "reads worse than the null document counted as the null document (only retrieval "
-        "utility above 0 ranks). The loss value is REALM's in every case.",
+        "utility above 0 ranks). `centered`: as `relative`, with each block's score taken "
+        "relative to its log-mean-exp score over the batch's queries, so raising a block for its "
+        "own query lowers it for the others and no block gains by scoring high for every query "
+        "(a hub). The loss value is REALM's in every case.",
         default="marginal",
     )
     retriever_momentum: float = _doc(

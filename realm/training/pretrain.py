@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -42,7 +43,7 @@ from realm.modeling.retriever import Retriever, build_block_inputs, build_query_
 logger = logging.getLogger(__name__)
 
 #: How the retriever learns from the masked-LM signal (see :class:`REALM`).
-RETRIEVER_SIGNALS = ("marginal", "relative", "positive")
+RETRIEVER_SIGNALS = ("marginal", "relative", "positive", "centered")
 
 #: ``searcher(query_embeddings [B, dim] float32, k, exclude [B]) -> SearchResult``
 Searcher = Callable[[np.ndarray, int, np.ndarray], SearchResult]
@@ -93,7 +94,9 @@ class REALM(nn.Module):
             (the marginal over them alone, ``p(y|z, x)`` held fixed); the null document's score
             gets no gradient. ``positive``: as ``relative``, with ``log p(y|z, x)`` floored at
             the null document's (a block that hurts ranks like one that does nothing). The loss
-            value is REALM's in every case.
+            value is REALM's in every case. ``centered``: as ``relative``, each block's score
+            taken relative to its popularity over the batch's queries
+            (:meth:`_block_popularity`).
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
@@ -169,13 +172,33 @@ class REALM(nn.Module):
             target = log_p_y[:, :-1].detach()
             if self.retriever_signal == "positive":  # a block that hurts counts as no block
                 target = torch.maximum(target, log_p_y[:, -1:].detach())
-            rank_loss, _ = realm_marginal_loss(scores, target)
+            rank_scores = scores
+            if self.retriever_signal == "centered":
+                rank_scores = scores - self._block_popularity(q_reps, retrieved, valid)
+            rank_loss, _ = realm_marginal_loss(rank_scores, target)
             loss = loss + (rank_loss - rank_loss.detach())
         else:
             loss, log_p_z = realm_marginal_loss(retrieval_logits, log_p_y)
         return REALMOutput(retrieval_logits=retrieval_logits, log_p_y_given_z=log_p_y,
                            mlm_logits=out.logits, block_ids=torch.from_numpy(ids),
                            log_p_z=log_p_z, loss=loss)
+
+    @staticmethod
+    def _block_popularity(q_reps: torch.Tensor, retrieved: torch.Tensor,
+                          valid: torch.Tensor) -> torch.Tensor:
+        """``log mean_x' exp f(x', z)`` of each retrieved block z over the batch's queries x'.
+
+        Subtracted from ``f(x, z)`` in the retriever's ranking (``centered``): raising a block
+        for its own query then lowers it for the others, so no block gains by scoring high for
+        every query (a hub).
+
+        Returns:
+            ``[B, k]``, 0 where a block is missing.
+        """
+        n, k, dim = retrieved.shape
+        cross = (q_reps.float() @ retrieved.reshape(n * k, dim).float().T)  # [B, B * k]
+        popularity = torch.logsumexp(cross, dim=0) - math.log(n)  # [B * k]
+        return popularity.view(n, k).masked_fill(~valid, 0.0)
 
     def _read_own_blocks(self, batch: MLMBatch) -> REALMOutput:
         """The reading warm-up's forward (``source_only``).

@@ -205,3 +205,42 @@ def test_relative_retriever_signal_ranks_the_retrieved_blocks_only(setup, signal
     assert any(not torch.allclose(got[n], marginal[n], rtol=1e-3, atol=1e-9) for n in retriever)
     with pytest.raises(ValueError, match="retriever_signal"):
         REALM(model.retriever, model.encoder, model.store, (0, 0, 0), retriever_signal="ranked")
+
+
+def test_centered_signal_ranks_blocks_against_their_popularity(setup):
+    model, index, dataset = setup
+    q = torch.randn(3, 5)
+    blocks = torch.randn(3, 2, 5)
+    valid = torch.tensor([[True, True], [True, False], [True, True]])
+    got = REALM._block_popularity(q, blocks, valid)
+    for b in range(3):
+        for j in range(2):
+            direct = torch.logsumexp(q @ blocks[b, j], 0) - np.log(3)
+            torch.testing.assert_close(got[b, j], direct if valid[b, j] else torch.tensor(0.0))
+    batch = collate_mlm([dataset[i] for i in range(4)])
+
+    def search(q, k, e):
+        return index.search(q, k, exclude=e)
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.eval()
+    try:
+        runs = {}
+        for signal in ("relative", "centered"):
+            model.retriever_signal = signal
+            out = model(batch, search)
+            runs[signal] = (out.loss.detach(), grads(out.loss))
+    finally:
+        model.retriever_signal = "marginal"
+        model.train()
+    (loss_r, rel), (loss_c, cen) = runs["relative"], runs["centered"]
+    torch.testing.assert_close(loss_c, loss_r)  # the value is REALM's
+    for name in rel:
+        if name.startswith("encoder."):  # the reader's gradient is the same
+            torch.testing.assert_close(cen[name], rel[name], rtol=1e-4, atol=1e-8)
+    assert any(not torch.allclose(cen[n], rel[n], rtol=1e-3, atol=1e-9)
+               for n in rel if n.startswith("retriever."))
