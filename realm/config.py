@@ -331,10 +331,9 @@ class PretrainConfig:
         "document's score gets no gradient, so the shared step toward it that a reader which "
         "trusts wrong blocks produces is gone. `positive`: as `relative`, with a block that "
         "reads worse than the null document counted as the null document (only retrieval "
-        "utility above 0 ranks). `centered`: as `relative`, with each block's score taken "
-        "relative to its log-mean-exp score over the batch's queries, so raising a block for its "
-        "own query lowers it for the others and no block gains by scoring high for every query "
-        "(a hub). The loss value is REALM's in every case.",
+        "utility above 0 ranks). `centered`: as `relative`, with each block's score less its "
+        "mean score for the batch's other queries, so no block gains by pointing where every "
+        "query points (a hub). The loss value is REALM's in every case.",
         default="marginal",
     )
     retriever_momentum: float = _doc(

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import subprocess
@@ -95,8 +94,7 @@ class REALM(nn.Module):
             gets no gradient. ``positive``: as ``relative``, with ``log p(y|z, x)`` floored at
             the null document's (a block that hurts ranks like one that does nothing). The loss
             value is REALM's in every case. ``centered``: as ``relative``, each block's score
-            taken relative to its popularity over the batch's queries
-            (:meth:`_block_popularity`).
+            less its mean score for the batch's other queries (:meth:`_block_popularity`).
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
@@ -186,19 +184,23 @@ class REALM(nn.Module):
     @staticmethod
     def _block_popularity(q_reps: torch.Tensor, retrieved: torch.Tensor,
                           valid: torch.Tensor) -> torch.Tensor:
-        """``log mean_x' exp f(x', z)`` of each retrieved block z over the batch's queries x'.
+        """``mean_{x' != x} f(x', z)``: each retrieved block's score for the batch's other queries.
 
-        Subtracted from ``f(x, z)`` in the retriever's ranking (``centered``): raising a block
-        for its own query then lowers it for the others, so no block gains by scoring high for
-        every query (a hub).
+        Subtracted from ``f(x, z)`` in the retriever's ranking (``centered``), it ranks with the
+        other queries' mean taken out of ``x``'s query: a block gains nothing by pointing where
+        every query points (a hub), and raising a block for its own query lowers it a little for
+        the others.
 
         Returns:
-            ``[B, k]``, 0 where a block is missing.
+            ``[B, k]``; 0 where a block is missing, or with a single query.
         """
         n, k, dim = retrieved.shape
-        cross = (q_reps.float() @ retrieved.reshape(n * k, dim).float().T)  # [B, B * k]
-        popularity = torch.logsumexp(cross, dim=0) - math.log(n)  # [B * k]
-        return popularity.view(n, k).masked_fill(~valid, 0.0)
+        if n < 2:
+            return torch.zeros(n, k, dtype=q_reps.dtype, device=q_reps.device)
+        cross = q_reps @ retrieved.reshape(n * k, dim).T  # [B, B * k]
+        own = torch.einsum("bd,bkd->bk", q_reps, retrieved)  # [B, k]
+        others = (cross.sum(0).view(n, k) - own) / (n - 1)
+        return others.masked_fill(~valid, 0.0)
 
     def _read_own_blocks(self, batch: MLMBatch) -> REALMOutput:
         """The reading warm-up's forward (``source_only``).

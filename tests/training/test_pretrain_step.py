@@ -215,7 +215,7 @@ def test_centered_signal_ranks_blocks_against_their_popularity(setup):
     got = REALM._block_popularity(q, blocks, valid)
     for b in range(3):
         for j in range(2):
-            direct = torch.logsumexp(q @ blocks[b, j], 0) - np.log(3)
+            direct = sum(q[o] @ blocks[b, j] for o in range(3) if o != b) / 2
             torch.testing.assert_close(got[b, j], direct if valid[b, j] else torch.tensor(0.0))
     batch = collate_mlm([dataset[i] for i in range(4)])
 
