@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIGNALS = ("marginal", "relative", "positive", "centered")
+SIGNALS = ("marginal", "relative", "positive", "centered", "in_batch")
 
 
 def retrieval_quality(retriever, z, queries, same_title, ks, args) -> dict:

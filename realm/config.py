@@ -323,7 +323,7 @@ class PretrainConfig:
         "one keeps p(z|x) from collapsing onto noise before the reader learns to use z).",
         default=1.0,
     )
-    retriever_signal: Literal["marginal", "relative", "positive", "centered"] = _doc(
+    retriever_signal: Literal["marginal", "relative", "positive", "centered", "in_batch"] = _doc(
         "What the retriever learns from. `marginal` (REALM): the gradient of the marginal loss "
         "over the k retrieved blocks and the null document. `relative`: the reader's gradient is "
         "the same, but the query and document encoders learn only how the k retrieved blocks "
@@ -333,7 +333,10 @@ class PretrainConfig:
         "reads worse than the null document counted as the null document (only retrieval "
         "utility above 0 ranks). `centered`: as `relative`, with each block's score less its "
         "mean score for the batch's other queries, so no block gains by pointing where every "
-        "query points (a hub). The loss value is REALM's in every case.",
+        "query points (a hub). `in_batch`: as `positive`, with the batch's other retrieved "
+        "blocks added to each query's ranking as in-batch negatives (counted as the null "
+        "document, since they were not read for it): blocks that help are pulled up against "
+        "everything else, as ICT's positives are. The loss value is REALM's in every case.",
         default="marginal",
     )
     retriever_momentum: float = _doc(

@@ -42,7 +42,7 @@ from realm.modeling.retriever import Retriever, build_block_inputs, build_query_
 logger = logging.getLogger(__name__)
 
 #: How the retriever learns from the masked-LM signal (see :class:`REALM`).
-RETRIEVER_SIGNALS = ("marginal", "relative", "positive", "centered")
+RETRIEVER_SIGNALS = ("marginal", "relative", "positive", "centered", "in_batch")
 
 #: ``searcher(query_embeddings [B, dim] float32, k, exclude [B]) -> SearchResult``
 Searcher = Callable[[np.ndarray, int, np.ndarray], SearchResult]
@@ -95,6 +95,8 @@ class REALM(nn.Module):
             the null document's (a block that hurts ranks like one that does nothing). The loss
             value is REALM's in every case. ``centered``: as ``relative``, each block's score
             less its mean score for the batch's other queries (:meth:`_block_popularity`).
+            ``in_batch``: as ``positive``, ranked against the batch's other retrieved blocks too
+            (:meth:`_with_batch_negatives`).
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
@@ -168,11 +170,14 @@ class REALM(nn.Module):
             # only the k retrieved blocks, so no step moves every query toward the null document
             loss, log_p_z = realm_marginal_loss(retrieval_logits.detach(), log_p_y)
             target = log_p_y[:, :-1].detach()
-            if self.retriever_signal == "positive":  # a block that hurts counts as no block
+            if self.retriever_signal in ("positive", "in_batch"):  # hurting counts as nothing
                 target = torch.maximum(target, log_p_y[:, -1:].detach())
             rank_scores = scores
             if self.retriever_signal == "centered":
                 rank_scores = scores - self._block_popularity(q_reps, retrieved, valid)
+            elif self.retriever_signal == "in_batch":
+                rank_scores, target = self._with_batch_negatives(q_reps, retrieved, valid,
+                                                                 target, log_p_y[:, -1:].detach())
             rank_loss, _ = realm_marginal_loss(rank_scores, target)
             loss = loss + (rank_loss - rank_loss.detach())
         else:
@@ -201,6 +206,28 @@ class REALM(nn.Module):
         own = torch.einsum("bd,bkd->bk", q_reps, retrieved)  # [B, k]
         others = (cross.sum(0).view(n, k) - own) / (n - 1)
         return others.masked_fill(~valid, 0.0)
+
+    @staticmethod
+    def _with_batch_negatives(q_reps: torch.Tensor, retrieved: torch.Tensor, valid: torch.Tensor,
+                              target: torch.Tensor, null_target: torch.Tensor,
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every query ranks its own k blocks and the batch's other ``(B - 1) k`` retrieved blocks
+        (``in_batch``): those were not read for it, so they count as the null document
+        (``log p(y|null, x)``). The blocks that read better than nothing are pulled up against
+        all the rest, as in-batch negatives do for ICT; no block gains by scoring high for every
+        query.
+
+        Returns:
+            ``(scores, target)``, both ``[B, B * k]``: query ``b``'s own blocks at columns
+            ``b * k .. b * k + k - 1``; missing blocks at -1e4.
+        """
+        n, k, dim = retrieved.shape
+        scores = q_reps @ retrieved.reshape(n * k, dim).T  # [B, B * k]
+        scores = scores.masked_fill(~valid.reshape(1, n * k), -1e4)
+        own = torch.block_diag(*[torch.ones(1, k, dtype=torch.bool, device=scores.device)] * n)
+        full_target = null_target.expand(n, n * k).clone()  # [B, B * k]
+        full_target[own] = target.reshape(-1)
+        return scores, full_target
 
     def _read_own_blocks(self, batch: MLMBatch) -> REALMOutput:
         """The reading warm-up's forward (``source_only``).

@@ -244,3 +244,46 @@ def test_centered_signal_ranks_blocks_against_their_popularity(setup):
             torch.testing.assert_close(cen[name], rel[name], rtol=1e-4, atol=1e-8)
     assert any(not torch.allclose(cen[n], rel[n], rtol=1e-3, atol=1e-9)
                for n in rel if n.startswith("retriever."))
+
+
+def test_in_batch_signal_ranks_own_helpful_blocks_against_the_batch(setup):
+    q = torch.randn(2, 3)
+    blocks = torch.randn(2, 2, 3)
+    valid = torch.tensor([[True, True], [True, False]])
+    own = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    null = torch.tensor([[0.5], [-1.0]])
+    scores, target = REALM._with_batch_negatives(q, blocks, valid, own, null)
+    flat = blocks.reshape(4, 3)
+    for b in range(2):
+        for c in range(4):
+            expected = q[b] @ flat[c] if valid.reshape(-1)[c] else torch.tensor(-1e4)
+            torch.testing.assert_close(scores[b, c], expected)
+            mine = c // 2 == b
+            assert target[b, c] == (own[b, c % 2] if mine else null[b, 0])
+    # in a step: the reader's gradient is REALM's, the loss value too, the retriever's differs
+    model, index, dataset = setup
+    batch = collate_mlm([dataset[i] for i in range(4)])
+
+    def search(q, k, e):
+        return index.search(q, k, exclude=e)
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.eval()
+    try:
+        runs = {}
+        for signal in ("positive", "in_batch"):
+            model.retriever_signal = signal
+            out = model(batch, search)
+            runs[signal] = (out.loss.detach(), grads(out.loss))
+    finally:
+        model.retriever_signal = "marginal"
+        model.train()
+    (loss_p, pos), (loss_b, inb) = runs["positive"], runs["in_batch"]
+    torch.testing.assert_close(loss_b, loss_p)
+    for name in pos:
+        if name.startswith("encoder."):
+            torch.testing.assert_close(inb[name], pos[name], rtol=1e-4, atol=1e-8)
