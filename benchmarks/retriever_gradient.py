@@ -18,6 +18,10 @@ retrieval gets: the share of all top-20 slots taken by the 1% of blocks retrieve
 and the most any one block is retrieved (a "hub"). The last stdout line is one JSON object.
 
 Nothing is trained or written; it takes about 10 minutes on 2 cores with the defaults.
+
+    python benchmarks/retriever_gradient.py --measure RETRIEVER_DIR ... [--queries ...]
+
+computes nothing but the recall and hubness of each given retriever (e.g. runs' ``retriever/``).
 """
 
 import argparse
@@ -68,10 +72,12 @@ def retrieval_quality(retriever, z, queries, same_title, ks, args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--retriever", required=True, help="retriever directory (e.g. the ICT "
-                        "warm start, runs/cache/ict-*/retriever)")
-    parser.add_argument("--reader", required=True, help="knowledge-augmented encoder (a saved "
-                        "encoder directory, e.g. a reading warm-up's)")
+    parser.add_argument("--retriever", help="retriever directory (e.g. the ICT warm start, "
+                        "runs/cache/ict-*/retriever)")
+    parser.add_argument("--reader", help="knowledge-augmented encoder (a saved encoder "
+                        "directory, e.g. a reading warm-up's)")
+    parser.add_argument("--measure", nargs="+", metavar="RETRIEVER_DIR",
+                        help="only the recall and hubness of these retrievers")
     parser.add_argument("--examples", default="runs/corpus/signal/x_train")
     parser.add_argument("--corpus", default="runs/corpus/signal/z")
     parser.add_argument("--queries", default="runs/corpus/signal/x_train",
@@ -87,6 +93,8 @@ def main() -> int:
     parser.add_argument("--max-joined-tokens", type=int, default=176)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if not args.measure and not (args.retriever and args.reader):
+        parser.error("give --retriever and --reader (or --measure)")
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     import torch
 
@@ -109,6 +117,13 @@ def main() -> int:
     def same_title(query_block: int, z_block: int, store=queries) -> bool:
         return z_block >= 0 and z_title[z_block] == title_key(store.title(query_block))
 
+    if args.measure:
+        print(json.dumps({"benchmark": "retriever_gradient", "queries": len(queries),
+                          "measured": {r: retrieval_quality(Retriever.from_pretrained(r), z,
+                                                            queries, same_title, ks, args)
+                                       for r in args.measure},
+                          "seconds": round(time.time() - t0, 1)}))
+        return 0
     retriever = Retriever.from_pretrained(args.retriever)
     special = special_ids(retriever.tokenizer)
     emb, _ = embed_blocks(retriever, z, special, max_block_tokens=args.max_block_tokens,
