@@ -160,55 +160,68 @@ def test_source_only_reads_each_example_beside_its_own_block(setup):
                   **bad)
 
 
+def _grads(model, loss) -> dict:
+    model.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)  # (a direct computation may go through the graph again)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _steps_under(setup, signals) -> dict:
+    """One step's loss and gradients on the same batch under each retriever signal (eval mode:
+    no dropout, so every pass sees the same network)."""
+    model, index, dataset = setup
+    batch = collate_mlm([dataset[i] for i in range(4)])
+    model.eval()
+    try:
+        runs = {}
+        for signal in signals:
+            model.retriever_signal = signal
+            out = model(batch, lambda q, k, e: index.search(q, k, exclude=e))
+            runs[signal] = (out, _grads(model, out.loss))
+    finally:
+        model.retriever_signal = "marginal"
+        model.train()
+    return runs
+
+
+def _same_reader_step(runs, a, b) -> None:
+    """Signals ``a`` and ``b`` give REALM's loss value and the reader the same gradient."""
+    (out_a, grads_a), (out_b, grads_b) = runs[a], runs[b]
+    torch.testing.assert_close(out_b.loss, out_a.loss)
+    reader = [n for n in grads_a if n.startswith("encoder.")]
+    assert reader
+    for name in reader:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-8)
+
+
 @pytest.mark.parametrize("signal", ["relative", "positive"])
 def test_relative_retriever_signal_ranks_the_retrieved_blocks_only(setup, signal):
     """`relative`: the reader's gradient is REALM's; the retriever's is that of the marginal over
     the k retrieved blocks alone with p(y|z, x) held fixed (no null document); same loss value.
     `positive`: the same with p(y|z, x) floored at p(y|null, x)."""
-    model, index, dataset = setup
-    batch = collate_mlm([dataset[i] for i in range(4)])
-
-    def search(q, k, e):
-        return index.search(q, k, exclude=e)
-
-    def grads(loss):
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    model.eval()  # no dropout: the passes below see the same network
-    try:
-        out = model(batch, search)
-        target = out.log_p_y_given_z[:, :-1].detach()
-        if signal == "positive":
-            target = torch.maximum(target, out.log_p_y_given_z[:, -1:].detach())
-            assert (target != out.log_p_y_given_z[:, :-1]).any()  # some block reads worse
-        expected = grads(
-            realm_marginal_loss(out.retrieval_logits.detach(), out.log_p_y_given_z)[0]
-            + realm_marginal_loss(out.retrieval_logits[:, :-1], target)[0])
-        marginal = grads(model(batch, search).loss)
-        model.retriever_signal = signal
-        relative = model(batch, search)
-        torch.testing.assert_close(relative.loss, out.loss)
-        got = grads(relative.loss)
-    finally:
-        model.retriever_signal = "marginal"
-        model.train()
+    model = setup[0]
+    runs = _steps_under(setup, ["marginal", signal])
+    out, marginal = runs["marginal"]
+    _same_reader_step(runs, "marginal", signal)
+    target = out.log_p_y_given_z[:, :-1].detach()
+    if signal == "positive":
+        target = torch.maximum(target, out.log_p_y_given_z[:, -1:].detach())
+        assert (target != out.log_p_y_given_z[:, :-1]).any()  # some block reads worse
+    # the direct computation, on the marginal pass's outputs (the same values)
+    expected = _grads(model, realm_marginal_loss(out.retrieval_logits.detach(),
+                                                 out.log_p_y_given_z)[0]
+                      + realm_marginal_loss(out.retrieval_logits[:, :-1], target)[0])
+    got = runs[signal][1]
     assert got.keys() == expected.keys()
     for name in got:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-8)
-    reader = [n for n in got if n.startswith("encoder.")]
     retriever = [n for n in got if n.startswith("retriever.")]
-    assert reader and retriever
-    for name in reader:
-        torch.testing.assert_close(got[name], marginal[name], rtol=1e-4, atol=1e-8)
     assert any(not torch.allclose(got[n], marginal[n], rtol=1e-3, atol=1e-9) for n in retriever)
     with pytest.raises(ValueError, match="retriever_signal"):
         REALM(model.retriever, model.encoder, model.store, (0, 0, 0), retriever_signal="ranked")
 
 
 def test_centered_signal_ranks_blocks_against_their_popularity(setup):
-    model, index, dataset = setup
     q = torch.randn(3, 5)
     blocks = torch.randn(3, 2, 5)
     valid = torch.tensor([[True, True], [True, False], [True, True]])
@@ -217,31 +230,9 @@ def test_centered_signal_ranks_blocks_against_their_popularity(setup):
         for j in range(2):
             direct = sum(q[o] @ blocks[b, j] for o in range(3) if o != b) / 2
             torch.testing.assert_close(got[b, j], direct if valid[b, j] else torch.tensor(0.0))
-    batch = collate_mlm([dataset[i] for i in range(4)])
-
-    def search(q, k, e):
-        return index.search(q, k, exclude=e)
-
-    def grads(loss):
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    model.eval()
-    try:
-        runs = {}
-        for signal in ("relative", "centered"):
-            model.retriever_signal = signal
-            out = model(batch, search)
-            runs[signal] = (out.loss.detach(), grads(out.loss))
-    finally:
-        model.retriever_signal = "marginal"
-        model.train()
-    (loss_r, rel), (loss_c, cen) = runs["relative"], runs["centered"]
-    torch.testing.assert_close(loss_c, loss_r)  # the value is REALM's
-    for name in rel:
-        if name.startswith("encoder."):  # the reader's gradient is the same
-            torch.testing.assert_close(cen[name], rel[name], rtol=1e-4, atol=1e-8)
+    runs = _steps_under(setup, ["relative", "centered"])
+    _same_reader_step(runs, "relative", "centered")
+    rel, cen = runs["relative"][1], runs["centered"][1]
     assert any(not torch.allclose(cen[n], rel[n], rtol=1e-3, atol=1e-9)
                for n in rel if n.startswith("retriever."))
 
@@ -260,30 +251,4 @@ def test_in_batch_signal_ranks_own_helpful_blocks_against_the_batch(setup):
             torch.testing.assert_close(scores[b, c], expected)
             mine = c // 2 == b
             assert target[b, c] == (own[b, c % 2] if mine else null[b, 0])
-    # in a step: the reader's gradient is REALM's, the loss value too, the retriever's differs
-    model, index, dataset = setup
-    batch = collate_mlm([dataset[i] for i in range(4)])
-
-    def search(q, k, e):
-        return index.search(q, k, exclude=e)
-
-    def grads(loss):
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    model.eval()
-    try:
-        runs = {}
-        for signal in ("positive", "in_batch"):
-            model.retriever_signal = signal
-            out = model(batch, search)
-            runs[signal] = (out.loss.detach(), grads(out.loss))
-    finally:
-        model.retriever_signal = "marginal"
-        model.train()
-    (loss_p, pos), (loss_b, inb) = runs["positive"], runs["in_batch"]
-    torch.testing.assert_close(loss_b, loss_p)
-    for name in pos:
-        if name.startswith("encoder."):
-            torch.testing.assert_close(inb[name], pos[name], rtol=1e-4, atol=1e-8)
+    _same_reader_step(_steps_under(setup, ["positive", "in_batch"]), "positive", "in_batch")
