@@ -92,11 +92,11 @@ class REALM(nn.Module):
             but the retriever learns only how the ``k`` retrieved blocks rank against each other
             (the marginal over them alone, ``p(y|z, x)`` held fixed); the null document's score
             gets no gradient. ``positive``: as ``relative``, with ``log p(y|z, x)`` floored at
-            the null document's (a block that hurts ranks like one that does nothing). The loss
-            value is REALM's in every case. ``centered``: as ``relative``, each block's score
-            less its mean score for the batch's other queries (:meth:`_block_popularity`).
-            ``in_batch``: as ``positive``, ranked against the batch's other retrieved blocks too
-            (:meth:`_with_batch_negatives`).
+            the null document's (a block that hurts ranks like one that does nothing).
+            ``centered``: as ``relative``, each block's score less its mean score for the
+            batch's other queries (:meth:`_block_popularity`). ``in_batch``: as ``positive``,
+            ranked against the batch's other retrieved blocks too
+            (:meth:`_with_batch_negatives`). The loss value is REALM's in every case.
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
@@ -165,7 +165,7 @@ class REALM(nn.Module):
                            labels=batch.target_ids.to(device),
                            label_mask=batch.target_mask.to(device))
         log_p_y = out.log_probs_of_targets  # [B, k + 1]
-        if self.retriever_signal != "marginal":
+        if self.retriever_signal != "marginal" and self.k > 0:  # (k = 0: the null-only control)
             # the reader sees p(z|x) as a constant; the retriever sees p(y|z, x) as one and
             # only the k retrieved blocks, so no step moves every query toward the null document
             loss, log_p_z = realm_marginal_loss(retrieval_logits.detach(), log_p_y)

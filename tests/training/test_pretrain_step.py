@@ -87,19 +87,21 @@ def test_examples_from_another_corpus_exclude_nothing(setup):
     assert out.block_ids.shape == (3, 4) and out.retrieval_logits.shape == (3, 5)
 
 
-def test_null_only_control_trains_on_the_null_document_alone(setup):
+@pytest.mark.parametrize("signal", ["marginal", "relative", "in_batch"])
+def test_null_only_control_trains_on_the_null_document_alone(setup, signal):
+    """(Whatever the retriever signal: the control is run with the same overrides.)"""
     from realm.training.pretrain import _null_searcher
 
     model, index, dataset = setup
     k = model.k
-    model.k = 0
+    model.k, model.retriever_signal = 0, signal
     try:
         task = PretrainTask(dataset, _null_searcher)
         batch = task.collate([dataset[i] for i in range(3)])
         loss, metrics = task.loss(model, batch)
         out, _ = task.last
     finally:
-        model.k = k
+        model.k, model.retriever_signal = k, "marginal"
     assert out.retrieval_logits.shape == (3, 1) and out.block_ids.shape == (3, 0)
     torch.testing.assert_close(out.log_p_z, torch.zeros(3, 1))  # p(null|x) = 1
     # the loss is then exactly -log p(y|null, x)
