@@ -174,7 +174,7 @@ class REALM(nn.Module):
                 target = torch.maximum(target, log_p_y[:, -1:].detach())
             rank_scores = scores
             if self.retriever_signal == "centered":
-                rank_scores = scores - self._block_popularity(q_reps, retrieved, valid)
+                rank_scores = scores - self._block_popularity(q_reps, retrieved, scores, valid)
             elif self.retriever_signal == "in_batch":
                 rank_scores, target = self._with_batch_negatives(q_reps, retrieved, valid,
                                                                  target, log_p_y[:, -1:].detach())
@@ -187,7 +187,7 @@ class REALM(nn.Module):
                            log_p_z=log_p_z, loss=loss)
 
     @staticmethod
-    def _block_popularity(q_reps: torch.Tensor, retrieved: torch.Tensor,
+    def _block_popularity(q_reps: torch.Tensor, retrieved: torch.Tensor, own: torch.Tensor,
                           valid: torch.Tensor) -> torch.Tensor:
         """``mean_{x' != x} f(x', z)``: each retrieved block's score for the batch's other queries.
 
@@ -196,6 +196,9 @@ class REALM(nn.Module):
         every query points (a hub), and raising a block for its own query lowers it a little for
         the others.
 
+        Args:
+            own: ``f(x, z)`` of each query's own blocks, ``[B, k]`` (the step's scores).
+
         Returns:
             ``[B, k]``; 0 where a block is missing, or with a single query.
         """
@@ -203,7 +206,6 @@ class REALM(nn.Module):
         if n < 2:
             return torch.zeros(n, k, dtype=q_reps.dtype, device=q_reps.device)
         cross = q_reps @ retrieved.reshape(n * k, dim).T  # [B, B * k]
-        own = torch.einsum("bd,bkd->bk", q_reps, retrieved)  # [B, k]
         others = (cross.sum(0).view(n, k) - own) / (n - 1)
         return others.masked_fill(~valid, 0.0)
 

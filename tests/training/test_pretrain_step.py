@@ -227,7 +227,7 @@ def test_centered_signal_ranks_blocks_against_their_popularity(setup):
     q = torch.randn(3, 5)
     blocks = torch.randn(3, 2, 5)
     valid = torch.tensor([[True, True], [True, False], [True, True]])
-    got = REALM._block_popularity(q, blocks, valid)
+    got = REALM._block_popularity(q, blocks, torch.einsum("bd,bkd->bk", q, blocks), valid)
     for b in range(3):
         for j in range(2):
             direct = sum(q[o] @ blocks[b, j] for o in range(3) if o != b) / 2
