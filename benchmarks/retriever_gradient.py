@@ -8,7 +8,7 @@ what one step along each does to recall and to hubs.
 On the wiki_signal data (launch/prepare_wiki_signal.py), with the retriever ``R`` fixed as the
 index's encoder and the reader ``READER`` frozen, it sums the gradient of the query and document
 encoders over ``--batches`` batches of 8 masked examples of X (top-k of Z each), for each
-``pretrain.retriever_signal`` (marginal, relative, positive) and for an oracle that knows the
+``pretrain.retriever_signal`` (marginal, relative, positive, ...) and for an oracle that knows the
 titles: the same re-ranking of the k retrieved blocks towards the same-title article (the loss
 ``-log p(same title | top-k)``, on the examples whose top-k holds it). It reports each
 gradient's cosine with the oracle's (all parameters, query encoder, document encoder), then
@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIGNALS = ("marginal", "relative", "positive", "centered", "in_batch")
+SIGNALS = ("marginal", "relative", "positive", "centered", "in_batch", "bank")
 
 
 def retrieval_quality(retriever, z, queries, same_title, ks, args) -> dict:
@@ -84,7 +84,8 @@ def main() -> int:
                         help="recall queries (every block, masked as in training)")
     parser.add_argument("--batches", type=int, default=64, help="batches of 8 examples")
     parser.add_argument("--signals", default=",".join(SIGNALS),
-                        help="pretrain.retriever_signal values to measure")
+                        help="pretrain.retriever_signal values to measure, each optionally "
+                        "with a pretrain.retriever_min_ru (positive:1.0)")
     parser.add_argument("--alphas", default="1e-4,3e-4", help="step sizes, as |step| / |theta|")
     parser.add_argument("--k", type=int, default=4, help="blocks retrieved per example")
     parser.add_argument("--recall-k", default="1,4,20,100")
@@ -140,15 +141,19 @@ def main() -> int:
                           for n, p in named])
 
     def search(q, k, exclude):
-        return index.search(q, k, exclude=exclude)
+        found = index.search(q, k, exclude=exclude)
+        found.bank = emb  # as an index generation's search returns it (the bank signal)
+        return found
 
-    grads, oracle_examples = {}, 0
+    grads, oracle_examples, block_ru = {}, 0, []
     for signal in (*args.signals.split(","), "oracle"):
+        name, _, min_ru = signal.partition(":")  # e.g. positive:1.0 (pretrain.retriever_min_ru)
         model = REALM(retriever, reader, z, special, k=args.k,
                       max_query_tokens=args.max_query_tokens,
                       max_block_tokens=args.max_block_tokens,
                       max_joined_tokens=args.max_joined_tokens, exclude_source=False,
-                      retriever_signal="relative" if signal == "oracle" else signal).eval()
+                      retriever_signal="relative" if signal == "oracle" else name,
+                      min_ru=float(min_ru or 0)).eval()
         retriever.zero_grad(set_to_none=True)
         for b in range(args.batches):
             examples = [ds[int(i)] for i in order[8 * b: 8 * b + 8]]
@@ -162,6 +167,9 @@ def main() -> int:
                                  for e, row in zip(examples, out.block_ids.tolist())])  # [B, k]
             has = same.any(1)
             oracle_examples += int(has.sum())
+            lpy = out.log_p_y_given_z.detach().float()
+            ru = (lpy[:, :-1] - lpy[:, -1:])[out.block_ids >= 0]
+            block_ru += list(zip(ru.tolist(), same[out.block_ids >= 0].tolist()))
             if has.any():
                 log_p = torch.log_softmax(out.retrieval_logits[:, :-1].float(), dim=-1)
                 loss = -torch.logsumexp(log_p.masked_fill(~same, -1e4), dim=-1)[has].sum()
@@ -178,6 +186,13 @@ def main() -> int:
                      "cos_oracle_query_encoder": cos(g[is_query], oracle[is_query]),
                      "cos_oracle_doc_encoder": cos(g[~is_query], oracle[~is_query])}
                  for s, g in grads.items() if s != "oracle"}
+    ru, is_same = np.array([r for r, _ in block_ru]), np.array([s for _, s in block_ru])
+    # how well "the reader gains more than m nats from it" finds the same-title block
+    by_margin = {f"ru>{m:g}": {"blocks": int((ru > m).sum()),
+                               "same_title_share": round(float(is_same[ru > m].mean()), 4)
+                               if (ru > m).any() else None,
+                               "of_same_title": round(float((ru[is_same] > m).mean()), 4)}
+                 for m in (0.0, 0.5, 1.0, 2.0, 4.0)}
     base = [p.detach().clone() for p in params]
     theta = float(torch.sqrt(sum((p.float() ** 2).sum() for p in base)))
     steps = {"none": retrieval_quality(retriever, z, queries, same_title, ks, args)}
@@ -197,6 +212,8 @@ def main() -> int:
     print(json.dumps({"benchmark": "retriever_gradient", "retriever": args.retriever,
                       "reader": args.reader, "examples": len(order), "k": args.k,
                       "oracle_examples": oracle_examples, "queries": len(queries),
+                      "retrieved_blocks": len(ru), "same_title_blocks": int(is_same.sum()),
+                      "ru_margin": by_margin,
                       "gradients": gradients, "steps": steps,
                       "seconds": round(time.time() - t0, 1)}))
     return 0

@@ -323,7 +323,8 @@ class PretrainConfig:
         "one keeps p(z|x) from collapsing onto noise before the reader learns to use z).",
         default=1.0,
     )
-    retriever_signal: Literal["marginal", "relative", "positive", "centered", "in_batch"] = _doc(
+    retriever_signal: Literal["marginal", "relative", "positive", "centered", "in_batch",
+                              "bank"] = _doc(
         "What the retriever learns from. `marginal` (REALM): the gradient of the marginal loss "
         "over the k retrieved blocks and the null document. `relative`: the reader's gradient is "
         "the same, but the query and document encoders learn only how the k retrieved blocks "
@@ -336,8 +337,20 @@ class PretrainConfig:
         "query points (a hub). `in_batch`: as `positive`, with the batch's other retrieved "
         "blocks added to each query's ranking as in-batch negatives (counted as the null "
         "document, since they were not read for it): blocks that help are pulled up against "
-        "everything else, as ICT's positives are. The loss value is REALM's in every case.",
+        "everything else, as ICT's positives are. `bank`: the marginal over the whole corpus: "
+        "every block not retrieved stands beside the candidates, scored from the index "
+        "generation's embeddings (the query encoder's gradient only) and read as the null "
+        "document, so a retrieved block rises only if it reads better than an unread one. "
+        "The loss value is REALM's in every case.",
         default="marginal",
+    )
+    retriever_min_ru: float = _doc(
+        "Under `positive` and `in_batch`: the retrieval utility log p(y|z,x) - log p(y|null,x), "
+        "in nats, a retrieved block must exceed to rank above the null document; below it a "
+        "block counts as the null document, and an example with no block above it gives the "
+        "retriever no gradient. A reader gains a little from many wrong blocks (short, generic "
+        "ones most of all) and a lot from the right one, so a margin keeps the signal to the "
+        "blocks that held the answer.", default=0.0
     )
     retriever_momentum: float = _doc(
         "AdamW's beta1 for the query and document encoders (0.9 is AdamW's own). The retriever's "

@@ -51,6 +51,9 @@ class SearchResult:
 
     scores: np.ndarray     # [n_queries, k] float32, best first
     block_ids: np.ndarray  # [n_queries, k] int64 block ids (rows of the block store)
+    #: The searched vectors, ``[n_blocks, dim]`` with row i = block i, where the searcher keeps
+    #: them (an index generation does); None otherwise.
+    bank: Optional[np.ndarray] = None
 
 
 def _exclusion_matrix(exclude, n: int) -> Optional[np.ndarray]:

@@ -29,7 +29,7 @@ import re
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -73,13 +73,26 @@ class Generation:
     index: MipsIndex
     loaded_at: float  # time.time() when loading finished
     embeddings: Optional[np.ndarray] = None  # [n_blocks, dim] float16, rows as in block_ids
+    _rows_are_ids: Optional[bool] = field(default=None, repr=False, compare=False)
 
     @property
     def encoder_step(self) -> int:
         return int(self.manifest["encoder_step"])
 
     def search(self, queries: np.ndarray, k: int, exclude=None):
-        return self.index.search(queries, k, exclude)
+        """The index's top-``k`` (MipsIndex.search), with this generation's embeddings as the
+        result's ``bank`` when they index blocks ``0..n-1`` in order."""
+        found = self.index.search(queries, k, exclude)
+        if self.embeddings is not None and self._in_order():
+            found.bank = self.embeddings
+        return found
+
+    def _in_order(self) -> bool:
+        if self._rows_are_ids is None:
+            ids = self.index.block_ids
+            self._rows_are_ids = bool(len(ids) == len(self.embeddings)
+                                      and (ids == np.arange(len(ids))).all())
+        return self._rows_are_ids
 
     def embeddings_of(self, block_ids: np.ndarray) -> np.ndarray:
         """Stored float32 embeddings of ``block_ids`` (any shape ``S``) -> ``[*S, dim]``; 0 for -1.

@@ -42,7 +42,7 @@ from realm.modeling.retriever import Retriever, build_block_inputs, build_query_
 logger = logging.getLogger(__name__)
 
 #: How the retriever learns from the masked-LM signal (see :class:`REALM`).
-RETRIEVER_SIGNALS = ("marginal", "relative", "positive", "centered", "in_batch")
+RETRIEVER_SIGNALS = ("marginal", "relative", "positive", "centered", "in_batch", "bank")
 
 #: ``searcher(query_embeddings [B, dim] float32, k, exclude [B]) -> SearchResult``
 Searcher = Callable[[np.ndarray, int, np.ndarray], SearchResult]
@@ -92,11 +92,16 @@ class REALM(nn.Module):
             but the retriever learns only how the ``k`` retrieved blocks rank against each other
             (the marginal over them alone, ``p(y|z, x)`` held fixed); the null document's score
             gets no gradient. ``positive``: as ``relative``, with ``log p(y|z, x)`` floored at
-            the null document's (a block that hurts ranks like one that does nothing).
+            the null document's (a block that hurts ranks like one that does nothing; with
+            ``min_ru`` > 0, so does one whose retrieval utility is at most ``min_ru``; an example
+            none of whose blocks reads better than that gives the retriever no gradient).
             ``centered``: as ``relative``, each block's score less its mean score for the
             batch's other queries (:meth:`_block_popularity`). ``in_batch``: as ``positive``,
             ranked against the batch's other retrieved blocks too
-            (:meth:`_with_batch_negatives`). The loss value is REALM's in every case.
+            (:meth:`_with_batch_negatives`). ``bank``: the marginal over the whole corpus,
+            every block not read counted as the null document, its score from the searched
+            generation's embeddings (:meth:`_corpus_rest`). The loss value is REALM's in every
+            case.
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
@@ -104,7 +109,7 @@ class REALM(nn.Module):
                  max_query_tokens: int = 64, max_block_tokens: int = 288,
                  max_joined_tokens: int = 352, exclude_source: bool = True,
                  source_only: bool = False, other_weight: float = 1.0,
-                 retriever_signal: str = "marginal"):
+                 retriever_signal: str = "marginal", min_ru: float = 0.0):
         super().__init__()
         if retriever_signal not in RETRIEVER_SIGNALS:
             raise ValueError(f"retriever_signal must be one of {RETRIEVER_SIGNALS}, got "
@@ -121,6 +126,7 @@ class REALM(nn.Module):
         self.source_only = source_only
         self.other_weight = other_weight
         self.retriever_signal = retriever_signal
+        self.min_ru = min_ru
         if source_only and (k != 1 or exclude_source):
             raise ValueError("source_only reads each example's own block: k=1, nothing excluded")
 
@@ -165,13 +171,20 @@ class REALM(nn.Module):
                            labels=batch.target_ids.to(device),
                            label_mask=batch.target_mask.to(device))
         log_p_y = out.log_probs_of_targets  # [B, k + 1]
-        if self.retriever_signal != "marginal" and self.k > 0:  # (k = 0: the null-only control)
+        if self.retriever_signal == "bank" and self.k > 0:
+            rest = self._corpus_rest(q_reps, found, ids, exclude)  # [B, 1]
+            loss, log_p_z = realm_marginal_loss(retrieval_logits.detach(), log_p_y)
+            rank_loss, _ = realm_marginal_loss(torch.cat([retrieval_logits, rest], dim=1),
+                                               torch.cat([log_p_y, log_p_y[:, -1:]], 1).detach())
+            loss = loss + (rank_loss - rank_loss.detach())
+        elif self.retriever_signal != "marginal" and self.k > 0:  # (k = 0: null-only control)
             # the reader sees p(z|x) as a constant; the retriever sees p(y|z, x) as one and
             # only the k retrieved blocks, so no step moves every query toward the null document
             loss, log_p_z = realm_marginal_loss(retrieval_logits.detach(), log_p_y)
             target = log_p_y[:, :-1].detach()
             if self.retriever_signal in ("positive", "in_batch"):  # hurting counts as nothing
-                target = torch.maximum(target, log_p_y[:, -1:].detach())
+                null = log_p_y[:, -1:].detach()
+                target = torch.where(target - null > self.min_ru, target, null)
             rank_scores = scores
             if self.retriever_signal == "centered":
                 rank_scores = scores - self._block_popularity(q_reps, retrieved, scores, valid)
@@ -185,6 +198,36 @@ class REALM(nn.Module):
         return REALMOutput(retrieval_logits=retrieval_logits, log_p_y_given_z=log_p_y,
                            mlm_logits=out.logits, block_ids=torch.from_numpy(ids),
                            log_p_z=log_p_z, loss=loss)
+
+    def _corpus_rest(self, q_reps: torch.Tensor, found: SearchResult, ids: np.ndarray,
+                     exclude: Optional[np.ndarray]) -> torch.Tensor:
+        """``log Σ_{z not read} exp f(x, z)``: the score mass of every block not retrieved
+        (``bank``), from the embeddings the search ran over; the query encoder's gradient only.
+
+        In REALM's loss over the top k alone, raising every retrieved block's score costs
+        nothing, so a block that scores high for every query (a hub) is held in place by no one.
+        Here the rest of the corpus stands beside the candidates, read as the null document
+        (``log p(y|null, x)``): a retrieved block rises only if it reads better than an unread
+        block, and when none does the query moves towards the rest, down its own ranking.
+
+        Returns:
+            ``[B, 1]`` float32 (the source block, where excluded, left out too).
+        """
+        if found.bank is None:
+            raise ValueError("retriever_signal='bank' needs the searched embeddings; this "
+                             "searcher returned none (an index generation returns them)")
+        bank = getattr(self, "_bank", None)
+        if bank is None or bank[0] is not found.bank:  # once per generation
+            self._bank = bank = (found.bank, torch.from_numpy(
+                np.asarray(found.bank, dtype=np.float32)).to(q_reps.device))
+        with torch.autocast(q_reps.device.type, enabled=False):
+            scores = q_reps.float() @ bank[1].T  # [B, n_blocks]
+        read = torch.from_numpy(ids).to(q_reps.device)
+        if exclude is not None:
+            read = torch.cat([read, torch.from_numpy(exclude.reshape(len(ids), -1)).to(read)], 1)
+        was_read = torch.zeros_like(scores).scatter_add_(  # missing (-1) blocks add nothing
+            1, read.clamp(min=0), (read >= 0).to(scores.dtype)) > 0
+        return torch.logsumexp(scores.masked_fill(was_read, float("-inf")), dim=1, keepdim=True)
 
     @staticmethod
     def _block_popularity(q_reps: torch.Tensor, retrieved: torch.Tensor, own: torch.Tensor,
@@ -654,7 +697,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
                   max_block_tokens=r.max_block_tokens, max_joined_tokens=p.max_joined_tokens,
                   exclude_source=examples_store is store and not p.source_only,
                   source_only=p.source_only, other_weight=p.reader_warmup_other_weight,
-                  retriever_signal=p.retriever_signal)
+                  retriever_signal=p.retriever_signal, min_ru=p.retriever_min_ru)
     dataset = MLMDataset(examples_store, retriever.tokenizer.mask_token_id, masking=p.masking,
                          block_ids=mlm_blocks(examples_store, p.spanless_blocks == "skip"),
                          max_query_tokens=r.max_query_tokens, seed=config.seed)

@@ -8,6 +8,7 @@ from realm.data.mlm import MLMDataset, collate_mlm
 from realm.data.store import BlockStore
 from realm.index.embed import embed_blocks, special_ids
 from realm.index.mips import MipsIndex
+from realm.index.store import Generation
 from realm.losses import realm_marginal_loss
 from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, build_joined_inputs
 from realm.modeling.retriever import Retriever
@@ -168,7 +169,7 @@ def _grads(model, loss) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _steps_under(setup, signals) -> dict:
+def _steps_under(setup, signals, searcher=None) -> dict:
     """One step's loss and gradients on the same batch under each retriever signal (eval mode:
     no dropout, so every pass sees the same network)."""
     model, index, dataset = setup
@@ -178,7 +179,7 @@ def _steps_under(setup, signals) -> dict:
         runs = {}
         for signal in signals:
             model.retriever_signal = signal
-            out = model(batch, lambda q, k, e: index.search(q, k, exclude=e))
+            out = model(batch, searcher or (lambda q, k, e: index.search(q, k, exclude=e)))
             runs[signal] = (out, _grads(model, out.loss))
     finally:
         model.retriever_signal = "marginal"
@@ -254,3 +255,64 @@ def test_in_batch_signal_ranks_own_helpful_blocks_against_the_batch(setup):
             mine = c // 2 == b
             assert target[b, c] == (own[b, c % 2] if mine else null[b, 0])
     _same_reader_step(_steps_under(setup, ["positive", "in_batch"]), "positive", "in_batch")
+
+
+def test_bank_signal_ranks_the_candidates_against_the_whole_corpus(setup):
+    """`bank`: the marginal over all blocks, each block not read scored from the searched
+    generation's embeddings and read as the null document; the reader's step is REALM's."""
+    model, index, dataset = setup
+    emb = index.index.reconstruct_n(0, index.ntotal).astype(np.float16)  # as a generation stores
+    generation = Generation(generation=0, manifest={}, index=index, loaded_at=0.0, embeddings=emb)
+    searched = {}
+
+    def searcher(q, k, exclude):
+        searched["q"], searched["exclude"] = q, exclude
+        return generation.search(q, k, exclude)
+
+    assert generation.search(np.zeros((1, index.dim), np.float32), 2).bank is emb
+    runs = _steps_under(setup, ["marginal", "bank"], searcher)
+    _same_reader_step(runs, "marginal", "bank")
+    out, got = runs["bank"]
+    # the rest of the corpus, block by block: every block neither retrieved nor the source
+    q = torch.from_numpy(searched["q"])
+    rest = []
+    for b in range(len(q)):
+        skip = set(out.block_ids[b].tolist()) | {int(searched["exclude"][b])}
+        others = [z for z in range(len(emb)) if z not in skip]
+        assert len(others) == len(emb) - 5
+        rest.append(torch.logsumexp(q[b] @ torch.from_numpy(emb[others]).float().T, dim=0))
+    rest_direct = torch.stack(rest)[:, None]  # [B, 1], a constant here: q is the searched copy
+    got_rest = model._corpus_rest(q, generation.search(searched["q"], 4, searched["exclude"]),
+                                  out.block_ids.numpy(), searched["exclude"])
+    torch.testing.assert_close(got_rest, rest_direct, rtol=1e-4, atol=1e-4)
+    # the gradient: the query encoder's through the rest needs the graph, so compare the whole
+    # retriever gradient with the direct loss built on the marginal pass's outputs and a rest
+    # recomputed from its (with-grad) query embeddings
+    marginal_out = runs["marginal"][0]
+    lpy = marginal_out.log_p_y_given_z
+    assert (out.block_ids == marginal_out.block_ids).all()
+    model.zero_grad(set_to_none=True)
+    batch = collate_mlm([dataset[i] for i in range(4)])
+    model.eval()
+    try:
+        from realm.modeling.retriever import build_query_inputs
+        q_in = build_query_inputs(batch.query_ids, *model.special,
+                                  max_length=model.max_query_tokens + 2)
+        q_grad = model.retriever.encode_queries(*q_in).q_reps
+    finally:
+        model.train()
+    rest_grad = model._corpus_rest(q_grad, generation.search(searched["q"], 4, searched["exclude"]),
+                                   out.block_ids.numpy(), searched["exclude"])
+    torch.testing.assert_close(rest_grad, rest_direct, rtol=1e-4, atol=1e-4)
+    rank = realm_marginal_loss(torch.cat([marginal_out.retrieval_logits, rest_grad], 1),
+                               torch.cat([lpy, lpy[:, -1:]], 1).detach())[0]
+    expected = _grads(model, realm_marginal_loss(marginal_out.retrieval_logits.detach(), lpy)[0]
+                      + rank)
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-7)
+    marginal = runs["marginal"][1]
+    assert any(not torch.allclose(got[n], marginal[n], rtol=1e-3, atol=1e-9)
+               for n in got if n.startswith("retriever.query_encoder"))
+    with pytest.raises(ValueError, match="searched embeddings"):
+        _steps_under(setup, ["bank"])  # a bare index returns no bank
