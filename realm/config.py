@@ -337,16 +337,17 @@ class PretrainConfig:
         "query points (a hub). `in_batch`: as `positive`, with the batch's other retrieved "
         "blocks added to each query's ranking as in-batch negatives (counted as the null "
         "document, since they were not read for it): blocks that help are pulled up against "
-        "everything else, as ICT's positives are. `bank`: the marginal over the whole corpus: "
-        "every block not retrieved stands beside the candidates, scored from the index "
-        "generation's embeddings (the query encoder's gradient only) and read as the null "
-        "document, so a retrieved block rises only if it reads better than an unread one. "
+        "everything else, as ICT's positives are. `bank`: as `positive`, ranked against the null "
+        "document and the whole rest of the corpus: every block not retrieved stands beside the "
+        "candidates, scored from the index generation's embeddings (the query encoder's gradient "
+        "only) and read as the null document, so a block that helps is pulled up against all "
+        "of Z, not against the other k - 1 alone. "
         "The loss value is REALM's in every case.",
         default="marginal",
     )
     retriever_min_ru: float = _doc(
-        "Under `positive` and `in_batch`: the retrieval utility log p(y|z,x) - log p(y|null,x), "
-        "in nats, a retrieved block must exceed to rank above the null document; below it a "
+        "Under `positive`, `in_batch` and `bank`: the retrieval utility log p(y|z,x) - "
+        "log p(y|null,x), in nats, a retrieved block must exceed to rank above the null document; below it a "
         "block counts as the null document, and an example with no block above it gives the "
         "retriever no gradient. A reader gains a little from many wrong blocks (short, generic "
         "ones most of all) and a lot from the right one, so a margin keeps the signal to the "

@@ -98,9 +98,10 @@ class REALM(nn.Module):
             ``centered``: as ``relative``, each block's score less its mean score for the
             batch's other queries (:meth:`_block_popularity`). ``in_batch``: as ``positive``,
             ranked against the batch's other retrieved blocks too
-            (:meth:`_with_batch_negatives`). ``bank``: the marginal over the whole corpus,
-            every block not read counted as the null document, its score from the searched
-            generation's embeddings (:meth:`_corpus_rest`). The loss value is REALM's in every
+            (:meth:`_with_batch_negatives`). ``bank``: as ``positive``, ranked against the null
+            document and the whole rest of the corpus too, every block not read counted as
+            the null document, scored from the searched generation's embeddings
+            (:meth:`_corpus_rest`). The loss value is REALM's in every
             case.
     """
 
@@ -171,26 +172,23 @@ class REALM(nn.Module):
                            labels=batch.target_ids.to(device),
                            label_mask=batch.target_mask.to(device))
         log_p_y = out.log_probs_of_targets  # [B, k + 1]
-        if self.retriever_signal == "bank" and self.k > 0:
-            rest = self._corpus_rest(q_reps, found, ids, exclude)  # [B, 1]
-            loss, log_p_z = realm_marginal_loss(retrieval_logits.detach(), log_p_y)
-            rank_loss, _ = realm_marginal_loss(torch.cat([retrieval_logits, rest], dim=1),
-                                               torch.cat([log_p_y, log_p_y[:, -1:]], 1).detach())
-            loss = loss + (rank_loss - rank_loss.detach())
-        elif self.retriever_signal != "marginal" and self.k > 0:  # (k = 0: null-only control)
+        if self.retriever_signal != "marginal" and self.k > 0:  # (k = 0: the null-only control)
             # the reader sees p(z|x) as a constant; the retriever sees p(y|z, x) as one and
             # only the k retrieved blocks, so no step moves every query toward the null document
             loss, log_p_z = realm_marginal_loss(retrieval_logits.detach(), log_p_y)
-            target = log_p_y[:, :-1].detach()
-            if self.retriever_signal in ("positive", "in_batch"):  # hurting counts as nothing
-                null = log_p_y[:, -1:].detach()
+            target, null = log_p_y[:, :-1].detach(), log_p_y[:, -1:].detach()
+            if self.retriever_signal in ("positive", "in_batch", "bank"):  # hurting is nothing
                 target = torch.where(target - null > self.min_ru, target, null)
             rank_scores = scores
             if self.retriever_signal == "centered":
                 rank_scores = scores - self._block_popularity(q_reps, retrieved, scores, valid)
             elif self.retriever_signal == "in_batch":
                 rank_scores, target = self._with_batch_negatives(q_reps, retrieved, valid,
-                                                                 target, log_p_y[:, -1:].detach())
+                                                                 target, null)
+            elif self.retriever_signal == "bank":  # the null document and the unread rest too
+                rank_scores = torch.cat([retrieval_logits,
+                                         self._corpus_rest(q_reps, found, ids, exclude)], dim=1)
+                target = torch.cat([target, null, null], dim=1)
             rank_loss, _ = realm_marginal_loss(rank_scores, target)
             loss = loss + (rank_loss - rank_loss.detach())
         else:
@@ -207,8 +205,8 @@ class REALM(nn.Module):
         In REALM's loss over the top k alone, raising every retrieved block's score costs
         nothing, so a block that scores high for every query (a hub) is held in place by no one.
         Here the rest of the corpus stands beside the candidates, read as the null document
-        (``log p(y|null, x)``): a retrieved block rises only if it reads better than an unread
-        block, and when none does the query moves towards the rest, down its own ranking.
+        (``log p(y|null, x)``): a block that reads better is pulled up against all of it, as
+        ICT pulls its positive up against in-batch negatives.
 
         Returns:
             ``[B, 1]`` float32 (the source block, where excluded, left out too).

@@ -197,19 +197,29 @@ def _same_reader_step(runs, a, b) -> None:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-8)
 
 
-@pytest.mark.parametrize("signal", ["relative", "positive"])
-def test_relative_retriever_signal_ranks_the_retrieved_blocks_only(setup, signal):
+@pytest.mark.parametrize("signal,min_ru", [("relative", 0.0), ("positive", 0.0),
+                                           ("positive", 0.05)])
+def test_relative_retriever_signal_ranks_the_retrieved_blocks_only(setup, signal, min_ru):
     """`relative`: the reader's gradient is REALM's; the retriever's is that of the marginal over
     the k retrieved blocks alone with p(y|z, x) held fixed (no null document); same loss value.
-    `positive`: the same with p(y|z, x) floored at p(y|null, x)."""
+    `positive`: the same with p(y|z, x) floored at p(y|null, x), and with every block whose
+    retrieval utility is at most ``min_ru`` counted as the null document."""
     model = setup[0]
-    runs = _steps_under(setup, ["marginal", signal])
+    model.min_ru = min_ru
+    try:
+        runs = _steps_under(setup, ["marginal", signal])
+    finally:
+        model.min_ru = 0.0
     out, marginal = runs["marginal"]
     _same_reader_step(runs, "marginal", signal)
     target = out.log_p_y_given_z[:, :-1].detach()
     if signal == "positive":
-        target = torch.maximum(target, out.log_p_y_given_z[:, -1:].detach())
+        null = out.log_p_y_given_z[:, -1:].detach()
+        ru = target - null
+        target = torch.where(ru > min_ru, target, null)
         assert (target != out.log_p_y_given_z[:, :-1]).any()  # some block reads worse
+        if min_ru:
+            assert ((ru > 0) & (ru <= min_ru)).any(), "no block between 0 and the margin"
     # the direct computation, on the marginal pass's outputs (the same values)
     expected = _grads(model, realm_marginal_loss(out.retrieval_logits.detach(),
                                                  out.log_p_y_given_z)[0]
@@ -258,7 +268,7 @@ def test_in_batch_signal_ranks_own_helpful_blocks_against_the_batch(setup):
 
 
 def test_bank_signal_ranks_the_candidates_against_the_whole_corpus(setup):
-    """`bank`: the marginal over all blocks, each block not read scored from the searched
+    """`bank`: as `positive`, over all blocks: each block not read scored from the searched
     generation's embeddings and read as the null document; the reader's step is REALM's."""
     model, index, dataset = setup
     emb = index.index.reconstruct_n(0, index.ntotal).astype(np.float16)  # as a generation stores
@@ -304,8 +314,9 @@ def test_bank_signal_ranks_the_candidates_against_the_whole_corpus(setup):
     rest_grad = model._corpus_rest(q_grad, generation.search(searched["q"], 4, searched["exclude"]),
                                    out.block_ids.numpy(), searched["exclude"])
     torch.testing.assert_close(rest_grad, rest_direct, rtol=1e-4, atol=1e-4)
+    target = torch.maximum(lpy[:, :-1], lpy[:, -1:]).detach()  # as `positive`
     rank = realm_marginal_loss(torch.cat([marginal_out.retrieval_logits, rest_grad], 1),
-                               torch.cat([lpy, lpy[:, -1:]], 1).detach())[0]
+                               torch.cat([target, lpy[:, -1:], lpy[:, -1:]], 1).detach())[0]
     expected = _grads(model, realm_marginal_loss(marginal_out.retrieval_logits.detach(), lpy)[0]
                       + rank)
     assert got.keys() == expected.keys()
