@@ -148,6 +148,18 @@ def random_recall(target_blocks: np.ndarray, n_blocks: int, k: int) -> float:
     return float(np.mean(1.0 - miss))
 
 
+def holds_run(ids: np.ndarray, run: np.ndarray) -> bool:
+    """Whether the word pieces ``run`` occur in ``ids`` as a contiguous run."""
+    if len(run) == 0 or len(run) > len(ids):
+        return False
+    hay = np.ascontiguousarray(ids, dtype=np.int32).tobytes()
+    needle = np.ascontiguousarray(run, dtype=np.int32).tobytes()
+    at = hay.find(needle)
+    while at >= 0 and at % 4:  # a match must start on an id, not inside one
+        at = hay.find(needle, at + 1)
+    return at >= 0
+
+
 def title_recall(searcher, queries_store: BlockStore, knowledge_store: BlockStore,
                  ks: Sequence[int], masking: str = "salient_span", n: Optional[int] = None,
                  seed: int = 0, max_query_tokens: int = 64) -> dict[str, Any]:
@@ -172,8 +184,13 @@ def title_recall(searcher, queries_store: BlockStore, knowledge_store: BlockStor
         seed: Seed of the masks (the pretraining run's seed gives its own draws) and of ``n``.
         max_query_tokens: Word pieces in a query.
 
+    Under span masking it also reports ``span_recall@k``: a hit when a retrieved block (of any
+    article) holds the masked word pieces as a run, in its title or body: a block the reader
+    can copy the answer from, which is what the masked-LM signal rewards.
+
     Returns:
-        ``title_recall@k`` per k and ``random_recall@k`` (the chance level), with counts.
+        ``title_recall@k`` per k and ``random_recall@k`` (the chance level), with counts;
+        ``span_recall@k`` unless ``masking`` is ``random_token``.
 
     Raises:
         ValueError: The two corpora use different tokenizers, or no query has a target.
@@ -224,6 +241,13 @@ def title_recall(searcher, queries_store: BlockStore, knowledge_store: BlockStor
         "blocks": len(knowledge_store), "articles": len(knowledge_store.articles),
     }
     report.update({f"title_recall@{k}": round(v, 4) for k, v in recall_at_k(hits, ks).items()})
+    if masking != "random_token":
+        span_hits = np.array([[b >= 0 and (
+            holds_run(knowledge_store.body_ids(int(b)), ex.target_ids)
+            or holds_run(knowledge_store.title_ids(int(b)), ex.target_ids)) for b in row]
+            for ex, row in zip(examples, ids)], dtype=bool)  # [n, k_max]
+        report.update({f"span_recall@{k}": round(v, 4)
+                       for k, v in recall_at_k(span_hits, ks).items()})
     targets = np.array([blocks_per_key[key] for key in gold])  # [n]
     report.update({f"random_recall@{k}": round(random_recall(targets, len(knowledge_store), k), 4)
                    for k in ks})

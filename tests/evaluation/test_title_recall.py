@@ -74,6 +74,18 @@ def _direct_recall(queries, knowledge, examples, ids, k):
     return sum(found) / len(found)
 
 
+def _direct_span_recall(knowledge, examples, ids, k):
+    """Count by hand: a block among the first k holds the masked word pieces, in order."""
+    def holds(seq, run):
+        seq, run = list(seq), list(run)
+        return any(seq[i:i + len(run)] == run for i in range(len(seq) - len(run) + 1))
+
+    found = [any(holds(knowledge.title_ids(int(b)), ex.target_ids)
+                 or holds(knowledge.body_ids(int(b)), ex.target_ids) for b in row[:k])
+             for ex, row in zip(examples, ids)]
+    return sum(found) / len(found)
+
+
 def test_oracle_searcher_recall(stores, tokenizer):
     queries, knowledge = stores
     first = title_recall(OracleSearcher(queries, knowledge, tokenizer, 0), queries, knowledge, [1, 5])
@@ -105,6 +117,10 @@ def test_real_searcher_matches_a_direct_count(kind, stores, tokenizer, tiny_retr
     for k in (1, 3, 10):
         assert report[f"title_recall@{k}"] == pytest.approx(
             _direct_recall(queries, knowledge, examples, ids, k), abs=1e-4)
+        assert report[f"span_recall@{k}"] == pytest.approx(
+            _direct_span_recall(knowledge, examples, ids, k), abs=1e-4)
+    if kind == "bm25":  # BM25 finds blocks that hold the masked words for some queries
+        assert report["span_recall@10"] > 0
     assert report["random_recall@1"] < 0.2
     if kind == "bm25":  # a lead sentence shares its subject's words with the 2015 article
         assert report["title_recall@3"] > 0.5
