@@ -70,6 +70,55 @@ def retrieval_quality(retriever, z, queries, same_title, ks, args) -> dict:
             "max_block_in_top20": int(counts[0])}
 
 
+def train_and_measure(args, make_model, batch_loss, ds, z, queries, same_title, ks, special,
+                      t0) -> int:
+    """``--train-steps``: AdamW on the retriever alone, under each signal and the oracle, from
+    the same start and on the same batches (the reader frozen; the index re-embedded every
+    ``--refresh-every`` steps, else the start's throughout); recall and hubness after each."""
+    import torch
+
+    from realm.index.embed import embed_blocks
+    from realm.index.mips import MipsIndex
+    from realm.modeling.retriever import Retriever
+
+    def index_of(encoders):
+        emb, _ = embed_blocks(encoders, z, special, max_block_tokens=args.max_block_tokens,
+                              bf16=args.bf16, progress=False)
+        return MipsIndex.build(emb)
+
+    start = Retriever.from_pretrained(args.retriever)
+    results = {"none": retrieval_quality(start, z, queries, same_title, ks, args)}
+    start_index = index_of(start)
+    order = np.random.default_rng(args.seed + 1).permutation(len(ds))
+    for signal in (*args.signals.split(","), "oracle"):
+        t1 = time.time()
+        encoders = Retriever.from_pretrained(args.retriever)
+        model = make_model(signal, encoders)
+        optimizer = torch.optim.AdamW([p for p in encoders.parameters() if p.requires_grad],
+                                      lr=args.lr, weight_decay=0.0)
+        index, stepped = start_index, 0
+        for step in range(args.train_steps):
+            if args.refresh_every and step and step % args.refresh_every == 0:
+                index = index_of(encoders)
+            rows = order[(8 * step + np.arange(8)) % len(order)]
+            loss, _, _ = batch_loss(model, signal, [ds[int(i)] for i in rows],
+                                    lambda q, k, e, index=index: index.search(q, k, exclude=e))
+            if loss is None:  # the oracle has nothing to say about this batch
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            stepped += 1
+        results[signal] = {**retrieval_quality(encoders, z, queries, same_title, ks, args),
+                           "optimizer_steps": stepped, "seconds": round(time.time() - t1, 1)}
+    print(json.dumps({"benchmark": "retriever_gradient", "mode": "train",
+                      "retriever": args.retriever, "reader": args.reader, "k": args.k,
+                      "train_steps": args.train_steps, "lr": args.lr,
+                      "refresh_every": args.refresh_every, "queries": len(queries),
+                      "results": results, "seconds": round(time.time() - t0, 1)}))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--retriever", help="retriever directory (e.g. the ICT warm start, "
@@ -88,6 +137,13 @@ def main() -> int:
                         "with a pretrain.retriever_min_ru (positive:1.0)")
     parser.add_argument("--alphas", default="1e-4,3e-4", help="step sizes, as |step| / |theta|")
     parser.add_argument("--k", type=int, default=4, help="blocks retrieved per example")
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="instead of one step along the summed gradient: N AdamW steps of "
+                        "batch 8 on the retriever under each signal, recall after")
+    parser.add_argument("--lr", type=float, default=9e-6, help="--train-steps: AdamW's "
+                        "learning rate (9e-6: train.lr 3e-4 at retriever_lr_scale 0.03)")
+    parser.add_argument("--refresh-every", type=int, default=0, help="--train-steps: re-embed "
+                        "Z with the trained document encoder every N steps (0: never)")
     parser.add_argument("--parts", default="all", help="what each step moves: all (both "
                         "encoders), query (the query encoder alone, the index unchanged), or both")
     parser.add_argument("--recall-k", default="1,4,20,100")
@@ -147,35 +203,52 @@ def main() -> int:
         found.bank = emb  # as an index generation's search returns it (the bank signal)
         return found
 
+    def make_model(signal, encoders):
+        name, _, min_ru = signal.partition(":")  # e.g. positive:1.0 (pretrain.retriever_min_ru)
+        return REALM(encoders, reader, z, special, k=args.k,
+                     max_query_tokens=args.max_query_tokens,
+                     max_block_tokens=args.max_block_tokens,
+                     max_joined_tokens=args.max_joined_tokens, exclude_source=False,
+                     retriever_signal="relative" if signal == "oracle" else name,
+                     min_ru=float(min_ru or 0)).eval()
+
+    def batch_loss(model, signal, examples, searcher):
+        """One batch's loss under ``signal`` (the oracle's: -log p(same title | top-k), summed
+        over the examples that have one there, over the batch size) and the forward's output."""
+        batch = collate_mlm(examples)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            out = model(batch, searcher)
+        if signal != "oracle":
+            return out.loss, out, None
+        same = torch.tensor([[same_title(e.block_id, int(j), x) for j in row]
+                             for e, row in zip(examples, out.block_ids.tolist())])  # [B, k]
+        has = same.any(1)
+        if not has.any():
+            return None, out, same
+        log_p = torch.log_softmax(out.retrieval_logits[:, :-1].float(), dim=-1)
+        loss = -torch.logsumexp(log_p.masked_fill(~same, -1e4), dim=-1)[has].sum()
+        return loss / len(examples), out, same
+
+    if args.train_steps:
+        return train_and_measure(args, make_model, batch_loss, ds, z, queries, same_title, ks,
+                                 special, t0)
+
     grads, oracle_examples, block_ru = {}, 0, []
     for signal in (*args.signals.split(","), "oracle"):
-        name, _, min_ru = signal.partition(":")  # e.g. positive:1.0 (pretrain.retriever_min_ru)
-        model = REALM(retriever, reader, z, special, k=args.k,
-                      max_query_tokens=args.max_query_tokens,
-                      max_block_tokens=args.max_block_tokens,
-                      max_joined_tokens=args.max_joined_tokens, exclude_source=False,
-                      retriever_signal="relative" if signal == "oracle" else name,
-                      min_ru=float(min_ru or 0)).eval()
+        model = make_model(signal, retriever)
         retriever.zero_grad(set_to_none=True)
         for b in range(args.batches):
             examples = [ds[int(i)] for i in order[8 * b: 8 * b + 8]]
-            batch = collate_mlm(examples)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                out = model(batch, search)
+            loss, out, same = batch_loss(model, signal, examples, search)
             if signal != "oracle":
-                (out.loss / args.batches).backward()
+                (loss / args.batches).backward()
                 continue
-            same = torch.tensor([[same_title(e.block_id, int(j), x) for j in row]
-                                 for e, row in zip(examples, out.block_ids.tolist())])  # [B, k]
-            has = same.any(1)
-            oracle_examples += int(has.sum())
+            oracle_examples += int(same.any(1).sum())
             lpy = out.log_p_y_given_z.detach().float()
             ru = (lpy[:, :-1] - lpy[:, -1:])[out.block_ids >= 0]
             block_ru += list(zip(ru.tolist(), same[out.block_ids >= 0].tolist()))
-            if has.any():
-                log_p = torch.log_softmax(out.retrieval_logits[:, :-1].float(), dim=-1)
-                loss = -torch.logsumexp(log_p.masked_fill(~same, -1e4), dim=-1)[has].sum()
-                (loss / (8 * args.batches)).backward()
+            if loss is not None:
+                (loss / args.batches).backward()
         grads[signal] = torch.cat([p.grad.flatten().float() if p.grad is not None
                                    else torch.zeros(p.numel()) for p in params])
     retriever.zero_grad(set_to_none=True)
