@@ -39,10 +39,12 @@ SIGNALS = ("marginal", "relative", "positive", "centered", "in_batch", "bank")
 
 def retrieval_quality(retriever, z, queries, same_title, ks, args) -> dict:
     """Same-title recall@k of every query block of ``queries`` (masked as in training) among Z,
-    and hubness of the top 20 (share of slots held by the most-retrieved 1% of blocks)."""
+    span recall@k (a retrieved block holds the masked word pieces), and hubness of the top 20
+    (share of slots held by the most-retrieved 1% of blocks)."""
     import torch
 
     from realm.data.mlm import MLMDataset, collate_mlm
+    from realm.evaluation.run import holds_run
     from realm.index.embed import embed_blocks, special_ids
     from realm.modeling.retriever import build_query_inputs
 
@@ -62,18 +64,23 @@ def retrieval_quality(retriever, z, queries, same_title, ks, args) -> dict:
     top = np.argsort(-(q @ emb.T), axis=1)[:, :max(max(ks), 20)]  # [n_queries, K]
     hits = np.array([[same_title(int(ds.block_ids[i]), int(b)) for b in row]
                      for i, row in enumerate(top)])
+    targets = [ds[i].target_ids for i in range(len(ds))]
+    span_hits = np.array([[holds_run(z.body_ids(int(b)), run)
+                           or holds_run(z.title_ids(int(b)), run) for b in row]
+                          for run, row in zip(targets, top)])
     counts = np.array(sorted(collections.Counter(top[:, :20].ravel().tolist()).values(),
                              reverse=True))
     n_hub = max(1, len(z) // 100)
     return {**{f"recall@{k}": round(float(hits[:, :k].any(1).mean()), 4) for k in ks},
+            **{f"span_recall@{k}": round(float(span_hits[:, :k].any(1).mean()), 4) for k in ks},
             "top1pct_share_of_top20": round(float(counts[:n_hub].sum() / top[:, :20].size), 4),
             "max_block_in_top20": int(counts[0])}
 
 
 def train_and_measure(args, make_model, batch_loss, ds, z, queries, same_title, ks, special,
                       t0) -> int:
-    """``--train-steps``: AdamW on the retriever alone, under each signal and the oracle, from
-    the same start and on the same batches (the reader frozen; the index re-embedded every
+    """``--train-steps``: AdamW on the retriever alone, under each signal (``oracle`` is one
+    too), from the same start and on the same batches (the reader frozen; the index re-embedded every
     ``--refresh-every`` steps, else the start's throughout); recall and hubness after each."""
     import torch
 
@@ -81,28 +88,33 @@ def train_and_measure(args, make_model, batch_loss, ds, z, queries, same_title, 
     from realm.index.mips import MipsIndex
     from realm.modeling.retriever import Retriever
 
-    def index_of(encoders):
+    def searcher_of(encoders):
         emb, _ = embed_blocks(encoders, z, special, max_block_tokens=args.max_block_tokens,
                               bf16=args.bf16, progress=False)
-        return MipsIndex.build(emb)
+        index = MipsIndex.build(emb)
+
+        def search(q, k, exclude):
+            found = index.search(q, k, exclude=exclude)
+            found.bank = emb  # as an index generation's search returns it (the bank signal)
+            return found
+        return search
 
     start = Retriever.from_pretrained(args.retriever)
     results = {"none": retrieval_quality(start, z, queries, same_title, ks, args)}
-    start_index = index_of(start)
+    start_search = searcher_of(start)
     order = np.random.default_rng(args.seed + 1).permutation(len(ds))
-    for signal in (*args.signals.split(","), "oracle"):
+    for signal in args.signals.split(","):
         t1 = time.time()
         encoders = Retriever.from_pretrained(args.retriever)
         model = make_model(signal, encoders)
         optimizer = torch.optim.AdamW([p for p in encoders.parameters() if p.requires_grad],
                                       lr=args.lr, weight_decay=0.0)
-        index, stepped = start_index, 0
+        search, stepped = start_search, 0
         for step in range(args.train_steps):
             if args.refresh_every and step and step % args.refresh_every == 0:
-                index = index_of(encoders)
+                search = searcher_of(encoders)
             rows = order[(8 * step + np.arange(8)) % len(order)]
-            loss, _, _ = batch_loss(model, signal, [ds[int(i)] for i in rows],
-                                    lambda q, k, e, index=index: index.search(q, k, exclude=e))
+            loss, _, _ = batch_loss(model, signal, [ds[int(i)] for i in rows], search)
             if loss is None:  # the oracle has nothing to say about this batch
                 continue
             optimizer.zero_grad(set_to_none=True)
@@ -111,6 +123,7 @@ def train_and_measure(args, make_model, batch_loss, ds, z, queries, same_title, 
             stepped += 1
         results[signal] = {**retrieval_quality(encoders, z, queries, same_title, ks, args),
                            "optimizer_steps": stepped, "seconds": round(time.time() - t1, 1)}
+        print(json.dumps({signal: results[signal]}), file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "retriever_gradient", "mode": "train",
                       "retriever": args.retriever, "reader": args.reader, "k": args.k,
                       "train_steps": args.train_steps, "lr": args.lr,
@@ -139,7 +152,8 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=4, help="blocks retrieved per example")
     parser.add_argument("--train-steps", type=int, default=0,
                         help="instead of one step along the summed gradient: N AdamW steps of "
-                        "batch 8 on the retriever under each signal, recall after")
+                        "batch 8 on the retriever under each of --signals (where 'oracle' may "
+                        "be one), recall after")
     parser.add_argument("--lr", type=float, default=9e-6, help="--train-steps: AdamW's "
                         "learning rate (9e-6: train.lr 3e-4 at retriever_lr_scale 0.03)")
     parser.add_argument("--refresh-every", type=int, default=0, help="--train-steps: re-embed "
