@@ -347,11 +347,10 @@ class PretrainConfig:
     )
     retriever_min_ru: float = _doc(
         "Under `positive`, `in_batch` and `bank`: the retrieval utility log p(y|z,x) - "
-        "log p(y|null,x), in nats, a retrieved block must exceed to rank above the null document; below it a "
-        "block counts as the null document, and an example with no block above it gives the "
-        "retriever no gradient. A reader gains a little from many wrong blocks (short, generic "
-        "ones most of all) and a lot from the right one, so a margin keeps the signal to the "
-        "blocks that held the answer.", default=0.0
+        "log p(y|null,x), in nats, a retrieved block must exceed to rank above the null "
+        "document; below it a block counts as the null document, and an example with no block "
+        "above it gives the retriever no gradient. (On the wiki-signal data no margin made the "
+        "blocks that pass it more often the right article: docs/results.md.)", default=0.0
     )
     retriever_momentum: float = _doc(
         "AdamW's beta1 for the query and document encoders (0.9 is AdamW's own). The retriever's "

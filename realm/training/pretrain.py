@@ -101,8 +101,7 @@ class REALM(nn.Module):
             (:meth:`_with_batch_negatives`). ``bank``: as ``positive``, ranked against the null
             document and the whole rest of the corpus too, every block not read counted as
             the null document, scored from the searched generation's embeddings
-            (:meth:`_corpus_rest`). The loss value is REALM's in every
-            case.
+            (:meth:`_corpus_rest`). The loss value is REALM's in every case.
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
