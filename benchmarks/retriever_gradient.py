@@ -14,8 +14,9 @@ titles: the same re-ranking of the k retrieved blocks towards the same-title art
 gradient's cosine with the oracle's (all parameters, query encoder, document encoder), then
 takes one step of ``alpha * |theta| * g / |g|`` along each (plain gradient descent, no optimizer
 state; ``--parts query``: along its query-encoder part alone) and measures same-title recall@k
-of ``--queries`` against Z and how concentrated retrieval gets: the share of all top-20 slots taken by the 1% of blocks retrieved most often,
-and the most any one block is retrieved (a "hub"). The last stdout line is one JSON object.
+of ``--queries`` against Z and how concentrated retrieval gets: the share of all top-20 slots
+taken by the 1% of blocks retrieved most often, and the most any one block is retrieved (a
+"hub"). The last stdout line is one JSON object.
 
 Nothing is trained or written; it takes about 10 minutes on 2 cores with the defaults.
 
@@ -44,7 +45,7 @@ def retrieval_quality(retriever, z, queries, same_title, ks, args) -> dict:
     import torch
 
     from realm.data.mlm import MLMDataset, collate_mlm
-    from realm.evaluation.run import holds_run
+    from realm.evaluation.run import holds_span
     from realm.index.embed import embed_blocks, special_ids
     from realm.modeling.retriever import build_query_inputs
 
@@ -54,19 +55,19 @@ def retrieval_quality(retriever, z, queries, same_title, ks, args) -> dict:
                           bf16=args.bf16, progress=False)
     ds = MLMDataset(queries, retriever.tokenizer.mask_token_id,
                     max_query_tokens=args.max_query_tokens, seed=0)
-    reps = []
+    reps, targets = [], []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
         for start in range(0, len(ds), 128):
-            batch = collate_mlm([ds[i] for i in range(start, min(start + 128, len(ds)))])
+            examples = [ds[i] for i in range(start, min(start + 128, len(ds)))]
+            targets += [ex.target_ids for ex in examples]
+            batch = collate_mlm(examples)
             reps.append(retriever.encode_queries(*build_query_inputs(
                 batch.query_ids, *special, max_length=args.max_query_tokens + 2)).q_reps.float())
     q = torch.cat(reps).numpy()  # [n_queries, dim]
     top = np.argsort(-(q @ emb.T), axis=1)[:, :max(max(ks), 20)]  # [n_queries, K]
     hits = np.array([[same_title(int(ds.block_ids[i]), int(b)) for b in row]
                      for i, row in enumerate(top)])
-    targets = [ds[i].target_ids for i in range(len(ds))]
-    span_hits = np.array([[holds_run(z.body_ids(int(b)), run)
-                           or holds_run(z.title_ids(int(b)), run) for b in row]
+    span_hits = np.array([[holds_span(z, int(b), run) for b in row]
                           for run, row in zip(targets, top)])
     counts = np.array(sorted(collections.Counter(top[:, :20].ravel().tolist()).values(),
                              reverse=True))
@@ -77,31 +78,35 @@ def retrieval_quality(retriever, z, queries, same_title, ks, args) -> dict:
             "max_block_in_top20": int(counts[0])}
 
 
-def train_and_measure(args, make_model, batch_loss, ds, z, queries, same_title, ks, special,
-                      t0) -> int:
-    """``--train-steps``: AdamW on the retriever alone, under each signal (``oracle`` is one
-    too), from the same start and on the same batches (the reader frozen; the index re-embedded every
-    ``--refresh-every`` steps, else the start's throughout); recall and hubness after each."""
-    import torch
-
+def searcher_of(retriever, z, special, args):
+    """Exact search over Z embedded by ``retriever``, returning the embeddings as the result's
+    ``bank`` as an index generation's search does (the bank signal)."""
     from realm.index.embed import embed_blocks
     from realm.index.mips import MipsIndex
+
+    emb, _ = embed_blocks(retriever, z, special, max_block_tokens=args.max_block_tokens,
+                          bf16=args.bf16, progress=False)
+    index = MipsIndex.build(emb)
+
+    def search(q, k, exclude):
+        found = index.search(q, k, exclude=exclude)
+        found.bank = emb
+        return found
+    return search
+
+
+def train_and_measure(args, make_model, batch_loss, ds, z, queries, same_title, ks, special,
+                      start_search, t0) -> int:
+    """``--train-steps``: AdamW on the retriever alone, under each signal (``oracle`` is one
+    too), from the same start and on the same batches (the reader frozen; the index
+    re-embedded every ``--refresh-every`` steps, else ``start_search``'s throughout); recall
+    and hubness after each."""
+    import torch
+
     from realm.modeling.retriever import Retriever
-
-    def searcher_of(encoders):
-        emb, _ = embed_blocks(encoders, z, special, max_block_tokens=args.max_block_tokens,
-                              bf16=args.bf16, progress=False)
-        index = MipsIndex.build(emb)
-
-        def search(q, k, exclude):
-            found = index.search(q, k, exclude=exclude)
-            found.bank = emb  # as an index generation's search returns it (the bank signal)
-            return found
-        return search
 
     start = Retriever.from_pretrained(args.retriever)
     results = {"none": retrieval_quality(start, z, queries, same_title, ks, args)}
-    start_search = searcher_of(start)
     order = np.random.default_rng(args.seed + 1).permutation(len(ds))
     for signal in args.signals.split(","):
         t1 = time.time()
@@ -112,7 +117,7 @@ def train_and_measure(args, make_model, batch_loss, ds, z, queries, same_title, 
         search, stepped = start_search, 0
         for step in range(args.train_steps):
             if args.refresh_every and step and step % args.refresh_every == 0:
-                search = searcher_of(encoders)
+                search = searcher_of(encoders, z, special, args)
             rows = order[(8 * step + np.arange(8)) % len(order)]
             loss, _, _ = batch_loss(model, signal, [ds[int(i)] for i in rows], search)
             if loss is None:  # the oracle has nothing to say about this batch
@@ -174,8 +179,7 @@ def main() -> int:
     from realm.data.mlm import MLMDataset, collate_mlm, mlm_blocks
     from realm.data.signal import title_key
     from realm.data.store import BlockStore
-    from realm.index.embed import embed_blocks, special_ids
-    from realm.index.mips import MipsIndex
+    from realm.index.embed import special_ids
     from realm.modeling.retriever import Retriever
     from realm.training.core import autocast_dtype
     from realm.training.pretrain import REALM, load_reader
@@ -199,9 +203,7 @@ def main() -> int:
         return 0
     retriever = Retriever.from_pretrained(args.retriever)
     special = special_ids(retriever.tokenizer)
-    emb, _ = embed_blocks(retriever, z, special, max_block_tokens=args.max_block_tokens,
-                          bf16=args.bf16, progress=False)
-    index = MipsIndex.build(emb)
+    search = searcher_of(retriever, z, special, args)
     reader = load_reader(args.reader).eval().requires_grad_(False)
     with_spans = int(np.asarray(x.blocks["n_spans"]).sum()) > 0
     ds = MLMDataset(x, retriever.tokenizer.mask_token_id, block_ids=mlm_blocks(x, with_spans),
@@ -211,11 +213,6 @@ def main() -> int:
     params = [p for _, p in named]
     is_query = torch.cat([torch.full((p.numel(),), n.startswith("query_encoder"))
                           for n, p in named])
-
-    def search(q, k, exclude):
-        found = index.search(q, k, exclude=exclude)
-        found.bank = emb  # as an index generation's search returns it (the bank signal)
-        return found
 
     def make_model(signal, encoders):
         name, _, min_ru = signal.partition(":")  # e.g. positive:1.0 (pretrain.retriever_min_ru)
@@ -245,7 +242,7 @@ def main() -> int:
 
     if args.train_steps:
         return train_and_measure(args, make_model, batch_loss, ds, z, queries, same_title, ks,
-                                 special, t0)
+                                 special, search, t0)
 
     grads, oracle_examples, block_ru = {}, 0, []
     for signal in (*args.signals.split(","), "oracle"):

@@ -160,6 +160,13 @@ def holds_run(ids: np.ndarray, run: np.ndarray) -> bool:
     return at >= 0
 
 
+def holds_span(store: BlockStore, block: int, run: np.ndarray) -> bool:
+    """Whether block ``block`` of ``store`` holds the word pieces ``run`` (title or body); False
+    for a missing block (-1)."""
+    return block >= 0 and (holds_run(store.body_ids(int(block)), run)
+                           or holds_run(store.title_ids(int(block)), run))
+
+
 def title_recall(searcher, queries_store: BlockStore, knowledge_store: BlockStore,
                  ks: Sequence[int], masking: str = "salient_span", n: Optional[int] = None,
                  seed: int = 0, max_query_tokens: int = 64) -> dict[str, Any]:
@@ -242,10 +249,8 @@ def title_recall(searcher, queries_store: BlockStore, knowledge_store: BlockStor
     }
     report.update({f"title_recall@{k}": round(v, 4) for k, v in recall_at_k(hits, ks).items()})
     if masking != "random_token":
-        span_hits = np.array([[b >= 0 and (
-            holds_run(knowledge_store.body_ids(int(b)), ex.target_ids)
-            or holds_run(knowledge_store.title_ids(int(b)), ex.target_ids)) for b in row]
-            for ex, row in zip(examples, ids)], dtype=bool)  # [n, k_max]
+        span_hits = np.array([[holds_span(knowledge_store, b, ex.target_ids) for b in row]
+                              for ex, row in zip(examples, ids)], dtype=bool)  # [n, k_max]
         report.update({f"span_recall@{k}": round(v, 4)
                        for k, v in recall_at_k(span_hits, ks).items()})
     targets = np.array([blocks_per_key[key] for key in gold])  # [n]

@@ -127,6 +127,7 @@ class REALM(nn.Module):
         self.other_weight = other_weight
         self.retriever_signal = retriever_signal
         self.min_ru = min_ru
+        self._bank: Optional[tuple] = None  # (searched embeddings, as a tensor): `bank` only
         if source_only and (k != 1 or exclude_source):
             raise ValueError("source_only reads each example's own block: k=1, nothing excluded")
 
@@ -213,7 +214,7 @@ class REALM(nn.Module):
         if found.bank is None:
             raise ValueError("retriever_signal='bank' needs the searched embeddings; this "
                              "searcher returned none (an index generation returns them)")
-        bank = getattr(self, "_bank", None)
+        bank = self._bank
         if bank is None or bank[0] is not found.bank:  # once per generation
             self._bank = bank = (found.bank, torch.from_numpy(
                 np.asarray(found.bank, dtype=np.float32)).to(q_reps.device))
