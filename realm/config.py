@@ -365,6 +365,12 @@ class PretrainConfig:
         "first learns to use what the warm-started retriever finds. 0: train them from the "
         "start.", default=0
     )
+    reader_lr_scale: float = _doc(
+        "Learning rate of the knowledge-augmented encoder (the reader) as a factor of `train.lr`. "
+        "0 freezes it (no backward pass through it; it reads in eval mode): the retriever then "
+        "learns from a fixed reader's signal, which does not drift as the reader trains.",
+        default=1.0,
+    )
     reader: Optional[str] = _doc(
         "Knowledge-augmented encoder to start from (a saved encoder directory, e.g. a run's "
         "`encoder/`, or any checkpoint); the reading warm-up, when `reader_warmup_steps` > 0, "
@@ -408,6 +414,10 @@ class PretrainConfig:
                f"must be > 0 or null, got {self.encoder_layers}")
         _check(self.retriever_lr_scale >= 0, "pretrain.retriever_lr_scale",
                f"must be >= 0, got {self.retriever_lr_scale}")
+        _check(self.reader_lr_scale >= 0, "pretrain.reader_lr_scale",
+               f"must be >= 0, got {self.reader_lr_scale}")
+        _check(not (self.null_only and self.reader_lr_scale == 0), "pretrain.reader_lr_scale",
+               "0 with pretrain.null_only=true leaves nothing to train")
         _check(0 <= self.retriever_momentum < 1, "pretrain.retriever_momentum",
                f"must be in [0, 1), got {self.retriever_momentum}")
         _check(self.retriever_hold_steps >= 0, "pretrain.retriever_hold_steps",

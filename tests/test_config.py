@@ -200,12 +200,19 @@ def test_wrong_type_names_the_key(override, fragments):
         ("data.max_articles=0", ["data.max_articles:", "must be > 0 or null"]),
         ("data.min_text_chars=0", ["data.min_text_chars:", "must be >= 1"]),
         ("spans.spacy_model=' '", ["spans.spacy_model:", "must not be empty"]),
+        ("pretrain.reader_lr_scale=-1", ["pretrain.reader_lr_scale:", "must be >= 0"]),
     ],
 )
 def test_impossible_value_names_the_key(override, fragments):
     message = _error([override])
     for fragment in fragments:
         assert fragment in message
+
+
+def test_frozen_reader_in_the_null_only_control_is_refused():
+    message = _error(["pretrain.null_only=true", "pretrain.reader_lr_scale=0"])
+    assert message.startswith("pretrain.reader_lr_scale:") and "nothing to train" in message
+    assert load_config(None, ["pretrain.reader_lr_scale=0"]).pretrain.reader_lr_scale == 0
 
 
 def test_invalid_literal_lists_valid_values():

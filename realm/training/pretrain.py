@@ -102,6 +102,8 @@ class REALM(nn.Module):
             document and the whole rest of the corpus too, every block not read counted as
             the null document, scored from the searched generation's embeddings
             (:meth:`_corpus_rest`). The loss value is REALM's in every case.
+        freeze_reader: The knowledge-augmented encoder does not train (no gradient, eval mode):
+            the retriever learns from a fixed reader.
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
@@ -109,7 +111,8 @@ class REALM(nn.Module):
                  max_query_tokens: int = 64, max_block_tokens: int = 288,
                  max_joined_tokens: int = 352, exclude_source: bool = True,
                  source_only: bool = False, other_weight: float = 1.0,
-                 retriever_signal: str = "marginal", min_ru: float = 0.0):
+                 retriever_signal: str = "marginal", min_ru: float = 0.0,
+                 freeze_reader: bool = False):
         super().__init__()
         if retriever_signal not in RETRIEVER_SIGNALS:
             raise ValueError(f"retriever_signal must be one of {RETRIEVER_SIGNALS}, got "
@@ -130,6 +133,19 @@ class REALM(nn.Module):
         self._bank: Optional[tuple] = None  # (searched embeddings, as a tensor): `bank` only
         if source_only and (k != 1 or exclude_source):
             raise ValueError("source_only reads each example's own block: k=1, nothing excluded")
+        self.freeze_reader = freeze_reader
+        if freeze_reader:
+            if source_only:
+                raise ValueError("source_only trains the reader: it cannot be frozen")
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> "REALM":
+        """As nn.Module's; a frozen reader stays in eval mode (no dropout in its signal)."""
+        super().train(mode)
+        if self.freeze_reader:
+            self.encoder.eval()
+        return self
 
     def forward(self, batch: MLMBatch, searcher: Searcher) -> REALMOutput:
         if self.source_only:
@@ -695,7 +711,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
                   max_block_tokens=r.max_block_tokens, max_joined_tokens=p.max_joined_tokens,
                   exclude_source=examples_store is store and not p.source_only,
                   source_only=p.source_only, other_weight=p.reader_warmup_other_weight,
-                  retriever_signal=p.retriever_signal, min_ru=p.retriever_min_ru)
+                  retriever_signal=p.retriever_signal, min_ru=p.retriever_min_ru,
+                  freeze_reader=p.reader_lr_scale == 0 and not p.source_only)
     dataset = MLMDataset(examples_store, retriever.tokenizer.mask_token_id, masking=p.masking,
                          block_ids=mlm_blocks(examples_store, p.spanless_blocks == "skip"),
                          max_query_tokens=r.max_query_tokens, seed=config.seed)
@@ -734,7 +751,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     if accelerator.is_main_process and p.table_every:
         hooks.append(ExampleTable(task, tracker, retriever.tokenizer, store, p.table_every))
     settings = TrainSettings.from_config(
-        config, progress, eval_every=0, lr_scales={"retriever.": p.retriever_lr_scale},
+        config, progress, eval_every=0,
+        lr_scales={"retriever.": p.retriever_lr_scale, "encoder.": p.reader_lr_scale},
         lr_holds={"retriever.": p.retriever_hold_steps},
         betas={"retriever.": (p.retriever_momentum, 0.999)} if p.retriever_momentum != 0.9 else None)
     world_size = accelerator.num_processes

@@ -70,6 +70,50 @@ def test_gradients_reach_all_three_encoders(setup):
     assert any(k.startswith("ru_by_label/") for k in metrics)
 
 
+def test_frozen_reader_passes_the_retriever_the_same_gradient_and_takes_none(setup,
+                                                                            tiny_encoder):
+    """``freeze_reader``: the reader reads in eval mode even when the model trains, gets no
+    gradient and no optimizer group; the retriever's gradient and the loss are those of the
+    same model with the reader trainable (compared in eval mode: no dropout anywhere)."""
+    from realm.training.core import _param_groups
+
+    model, index, dataset = setup
+    frozen = REALM(model.retriever, KnowledgeAugmentedEncoder.from_checkpoint(tiny_encoder),
+                   model.store, model.special, k=4, max_query_tokens=32, max_block_tokens=64,
+                   max_joined_tokens=100, freeze_reader=True)
+    frozen.encoder.load_state_dict(model.encoder.state_dict())
+    frozen.train()
+    assert frozen.retriever.training and not frozen.encoder.training
+    assert not any(p.requires_grad for p in frozen.encoder.parameters())
+    groups = _param_groups(frozen, 0.01, 1e-3, {"retriever.": 0.1, "encoder.": 0.0})
+    n_trainable = sum(len(g["params"]) for g in groups)
+    assert n_trainable == len(list(frozen.retriever.parameters()))
+    batch = collate_mlm([dataset[i] for i in range(4)])
+    search = lambda q, k, e: index.search(q, k, exclude=e)  # noqa: E731
+    model.eval()
+    try:
+        out = model(batch, search)
+        reference = _grads(model, out.loss)
+    finally:
+        model.train()
+    frozen.retriever.eval()  # (the frozen reader is in eval mode already)
+    try:
+        got_out = frozen(batch, search)
+        got = _grads(frozen, got_out.loss)
+    finally:
+        frozen.train()
+    torch.testing.assert_close(got_out.loss, out.loss)
+    assert not any(n.startswith("encoder.") for n in got)
+    retriever = [n for n in reference if n.startswith("retriever.")]
+    assert retriever and sorted(got) == sorted(retriever)
+    for name in retriever:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-4, atol=1e-8)
+    assert sum(float(g.abs().sum()) for g in got.values()) > 0
+    with pytest.raises(ValueError, match="source_only"):
+        REALM(model.retriever, frozen.encoder, model.store, model.special, k=1,
+              exclude_source=False, source_only=True, freeze_reader=True)
+
+
 def test_examples_from_another_corpus_exclude_nothing(setup):
     model, index, dataset = setup
     batch = collate_mlm([dataset[i] for i in range(3)])
