@@ -332,15 +332,19 @@ def marginal_predictions(out: REALMOutput) -> torch.Tensor:
     return marginal.argmax(dim=-1).cpu()  # [B, M]
 
 
-def marginal_token_accuracy(out: REALMOutput, batch: MLMBatch) -> float:
-    """Accuracy of :func:`marginal_predictions` on the masked tokens."""
-    predicted = marginal_predictions(out)  # [B, M]
+def _token_accuracy(predicted: torch.Tensor, batch: MLMBatch) -> float:
     hits = (predicted == batch.target_ids) & batch.target_mask
     return float(hits.sum() / batch.target_mask.sum().clamp(min=1))
 
 
+def marginal_token_accuracy(out: REALMOutput, batch: MLMBatch) -> float:
+    """Accuracy of :func:`marginal_predictions` on the masked tokens."""
+    return _token_accuracy(marginal_predictions(out), batch)
+
+
 def realm_metrics(out: REALMOutput, batch: MLMBatch) -> dict[str, float]:
-    """Loss, masked accuracy, retrieval utility (expected, top-1, by label), p(null), entropy.
+    """Loss, masked accuracy, retrieval utility (expected, top-1, by label), p(null), entropy,
+    and the loss and masked accuracy of the same reader beside the null document alone.
 
     With nothing retrieved (the null-only control, k = 0) only loss and accuracy are reported;
     the reading warm-up (no null document) adds how much better its own block reads than another.
@@ -358,6 +362,11 @@ def realm_metrics(out: REALMOutput, batch: MLMBatch) -> dict[str, float]:
         ru = retrieval_utility(out.log_p_y_given_z)  # [B, k]
         ru_exp = expected_retrieval_utility(ru, out.log_p_z)  # [B]
         metrics.update({
+            # the same reader on the same examples beside the null document alone: what the
+            # null-only control would score here (paired, so the gap is retrieval's alone)
+            "loss_null": float(-out.log_p_y_given_z[:, -1].float().mean()),
+            "masked_accuracy_null": _token_accuracy(out.mlm_logits[:, -1].argmax(-1).cpu(),
+                                                    batch),
             "ru_expected": float(ru_exp.mean()),
             "ru_top1": float(top1_retrieval_utility(ru, out.retrieval_logits).mean()),
             "p_null": float(null_probability(out.log_p_z).mean()),

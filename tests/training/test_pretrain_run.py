@@ -66,7 +66,7 @@ def test_run_swaps_generations_and_writes_its_run_directory(run):
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
     scalars = [r for r in _records(run_dir) if "table" not in r]
     assert [r["step"] for r in scalars] == list(range(1, STEPS + 1))
-    for key in ("loss", "masked_accuracy", "ru_expected", "ru_top1", "p_null",
+    for key in ("loss", "masked_accuracy", "loss_null", "ru_expected", "ru_top1", "p_null",
                 "retrieval_entropy", "index/generation", "index/staleness_steps",
                 "examples_per_s"):
         assert all(key in r for r in scalars), key

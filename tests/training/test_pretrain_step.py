@@ -114,6 +114,31 @@ def test_frozen_reader_passes_the_retriever_the_same_gradient_and_takes_none(set
               exclude_source=False, source_only=True, freeze_reader=True)
 
 
+def test_null_document_metrics_are_what_the_null_only_control_scores(setup):
+    """``loss_null`` and ``masked_accuracy_null``, logged by a retrieval run, equal the loss and
+    accuracy of the null-only control (k = 0) on the same batch with the same reader."""
+    from realm.training.pretrain import _null_searcher
+
+    model, index, dataset = setup
+    batch = collate_mlm([dataset[i] for i in range(6)])
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(batch, lambda q, k, e: index.search(q, k, exclude=e))
+            metrics = realm_metrics(out, batch)
+            model.k = 0
+            control = realm_metrics(model(batch, _null_searcher), batch)
+    finally:
+        model.k = 4
+        model.train()
+    assert metrics["loss_null"] == pytest.approx(control["loss"], rel=1e-4, abs=1e-4)
+    assert metrics["masked_accuracy_null"] == pytest.approx(control["masked_accuracy"])
+    # (the null document's column: every retrieved block reads differently)
+    for j in range(4):
+        first = float(-out.log_p_y_given_z[:, j].mean())
+        assert metrics["loss_null"] != pytest.approx(first, rel=1e-5, abs=1e-5)
+
+
 def test_examples_from_another_corpus_exclude_nothing(setup):
     model, index, dataset = setup
     batch = collate_mlm([dataset[i] for i in range(3)])
@@ -159,6 +184,7 @@ def test_source_only_reads_each_example_beside_its_own_block(setup):
     warm = REALM(model.retriever, model.encoder, model.store, model.special, k=1,
                  max_query_tokens=32, max_block_tokens=64, max_joined_tokens=100,
                  exclude_source=False, source_only=True)
+    warm.eval()  # (compared with a direct computation below: no dropout)
     batch = collate_mlm([dataset[i] for i in range(5)])
 
     def no_search(q, k, exclude):
