@@ -206,8 +206,8 @@ def summarize(run_dir: str, window: int) -> dict:
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         records = [r for r in map(json.loads, f) if "table" not in r]
     out = {}
-    for key in ("loss", "masked_accuracy", "ru_expected", "ru_top1", "p_null",
-                "retrieval_entropy"):
+    for key in ("loss", "masked_accuracy", "loss_null", "masked_accuracy_null", "ru_expected",
+                "ru_top1", "p_null", "retrieval_entropy"):
         out[f"{key}_first"] = window_mean(records, key, True, window)
         out[f"{key}_last"] = window_mean(records, key, False, window)
     generations = {r["index/generation"] for r in records if r.get("index/generation") is not None}
