@@ -234,7 +234,9 @@ def main() -> int:
     parser.add_argument("--out", default="runs/wiki_signal")
     parser.add_argument("--every", default="10,50,200,never",
                         help="refresh intervals in steps; 'never': only generation 0")
-    parser.add_argument("--no-null", action="store_true", help="skip the null-document control")
+    parser.add_argument("--no-null", action="store_true",
+                        help="skip the null-document control (skipped anyway when the reader "
+                             "is fixed: pretrain.reader_lr_scale=0)")
     parser.add_argument("--queries", default="runs/corpus/signal/x_heldout")
     parser.add_argument("--corpus", default="runs/corpus/signal/z")
     parser.add_argument("--examples", default="runs/corpus/signal/x_train")
@@ -259,7 +261,15 @@ def main() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.makedirs(args.out, exist_ok=True)
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    runs = [("null", ["pretrain.null_only=true"])] if not args.no_null else []
+    from realm.config import load_config
+
+    no_null = args.no_null
+    if not no_null and load_config(args.config, args.overrides).pretrain.reader_lr_scale == 0:
+        logger.info("the reader is fixed (pretrain.reader_lr_scale=0): a null-only control "
+                    "would train nothing; each run logs loss_null and masked_accuracy_null, "
+                    "the same reader beside the null document on the same examples")
+        no_null = True
+    runs = [("null", ["pretrain.null_only=true"])] if not no_null else []
     for every in args.every.split(","):
         value = "1000000000" if every == "never" else every
         runs.append((f"every-{every}", [f"refresh.every_steps={value}"]))

@@ -391,6 +391,10 @@ class PretrainConfig:
         "that does not match. 0: read the own block alone (copying only; half the compute).",
         default=1.0
     )
+    reader_warmup_examples: Optional[str] = _doc(
+        "Corpus the reading warm-up reads its masked examples (each beside its own block) from. "
+        "null: the run's examples (`examples`, else the knowledge corpus).", default=None
+    )
     source_only: bool = _doc(
         "The reading warm-up run itself: each example is read beside its own source block "
         "alone (no retriever, no index, no refresher, no null document).",

@@ -693,7 +693,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     corpus_dir = prepare_corpus(config, progress)
     encoder_name = prepare_encoder(config)
     retriever_dir = prepare_retriever(config, corpus_dir, encoder_name)
-    reader_name = prepare_reader(config, p.examples or corpus_dir, encoder_name, retriever_dir)
+    reader_name = prepare_reader(config, p.reader_warmup_examples or p.examples or corpus_dir,
+                                 encoder_name, retriever_dir)
     config = dataclasses.replace(
         # the resolved config starts from the warmed-up reader, warm-up done (relaunchable as is)
         config, pretrain=dataclasses.replace(p, corpus=corpus_dir, retriever=retriever_dir,

@@ -193,7 +193,7 @@ def _interrupt_and_resume(proc, cmd, run_dir, tmp_path):
 
 
 def test_reading_warm_up_trains_the_reader_first_and_is_cached(
-        spans_corpus, tiny_retriever, tiny_encoder, tmp_path):
+        spans_corpus, leads_corpus, tiny_retriever, tiny_encoder, tmp_path):
     """``pretrain.reader_warmup_steps``: a source-only run of its own, whose reader starts the
     pretraining (here the null-only control, which gets the same warm-up)."""
     import torch
@@ -230,12 +230,15 @@ def test_reading_warm_up_trains_the_reader_first_and_is_cached(
     _pretrain(tmp_path / "run2", spans_corpus, tiny_retriever, tiny_encoder, tmp_path, *warm)
     assert (warm_dir / "encoder" / "manifest.json").stat().st_mtime_ns == stamp
     assert len(list((tmp_path / "cache").glob("reader-*/"))) == 1
-    # a warm-up can start from a given reader (here the warmed-up one): a new cache entry
+    # a warm-up can start from a given reader (here the warmed-up one) and read other examples
+    # than the run's: a new cache entry
     _pretrain(tmp_path / "run3", spans_corpus, tiny_retriever, tiny_encoder, tmp_path, *warm,
-              f"pretrain.reader={warm_dir / 'encoder'}", "pretrain.reader_warmup_other_weight=0")
+              f"pretrain.reader={warm_dir / 'encoder'}", "pretrain.reader_warmup_other_weight=0",
+              f"pretrain.reader_warmup_examples={leads_corpus}")
     (again,) = set((tmp_path / "cache").glob("reader-*/")) - {warm_dir}
     with open(again / "config.yaml", encoding="utf-8") as f:
         pretrain = yaml.safe_load(f)["pretrain"]
     assert pretrain["encoder"] == str(warm_dir / "encoder")
+    assert pretrain["corpus"] == leads_corpus  # the warm-up read these; the run read its own
     assert pretrain["reader_warmup_other_weight"] == 0
     assert "own_over_other" not in _records(again)[-1]
