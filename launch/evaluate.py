@@ -4,12 +4,16 @@
     python launch/evaluate.py retrieval --retriever DIR --corpus DIR --qa FILE --k 1,5,20,100
     python launch/evaluate.py retrieval --bm25 --corpus DIR --qa FILE
     python launch/evaluate.py ict --retriever DIR --corpus DIR [--holdout 500 --seed 0]
-    python launch/evaluate.py title-recall --retriever DIR --queries DIR --corpus DIR --k 1,5,20
+    python launch/evaluate.py title-recall --retriever DIR --queries DIR --corpus DIR --k 1,5,20 \
+        [--compare-with BEFORE_DIR]
 
 `--retriever` takes a saved retriever directory or any transformers checkpoint (fresh projection).
 `openqa` reads a fine-tuned model (launch/finetune_openqa.py writes RUN/model) and writes its
 predictions (question, prediction, gold, retrieved titles and scores) as jsonl, by default
-beside the model. The last stdout line is one JSON object (EM/F1, recall@k, counts, seconds).
+beside the model. `title-recall --compare-with` also scores a second retriever (e.g. the warm
+start of a pretraining run) on the same queries and reports, per k, the queries each one hits
+that the other misses and the exact sign test's p-value (`paired`). The last stdout line is one
+JSON object (EM/F1, recall@k, counts, seconds).
 """
 
 import argparse
@@ -48,6 +52,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-block-tokens", type=int, default=288)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="dense encoders: bf16 autocast where the device runs it fast (auto)")
+    parser.add_argument("--compare-with", metavar="RETRIEVER_DIR",
+                        help="title-recall: a second retriever scored on the same queries; "
+                             "reports the paired difference (gained, lost, sign-test p-value)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     setup_logging("INFO")
@@ -60,6 +67,8 @@ def main(argv=None) -> int:
         parser.error("retrieval needs --qa FILE")
     if args.mode == "title-recall" and not args.queries:
         parser.error("title-recall needs --queries DIR")
+    if args.compare_with and (args.mode != "title-recall" or args.bm25):
+        parser.error("--compare-with goes with title-recall --retriever")
     try:
         ks = sorted({int(k) for k in args.k.split(",")})
     except ValueError:
@@ -93,10 +102,23 @@ def main(argv=None) -> int:
         if args.mode == "retrieval":
             report = qa_retrieval(searcher, store, qa, ks, regex=args.regex)
         elif args.mode == "title-recall":
-            report = title_recall(searcher, BlockStore(args.queries), store, ks,
-                                  masking=args.masking, n=args.limit, seed=args.seed,
-                                  max_query_tokens=args.max_query_tokens)
+            queries = BlockStore(args.queries)
+            options = dict(masking=args.masking, n=args.limit, seed=args.seed,
+                           max_query_tokens=args.max_query_tokens)
+            hits: dict = {}
+            report = title_recall(searcher, queries, store, ks, hits_out=hits, **options)
             report = {"queries_corpus": args.queries, **report}
+            if args.compare_with:
+                from realm.evaluation.retrieval import paired_recall
+
+                other = DenseSearcher(load_retriever(args.compare_with, args.dim, args.pooling),
+                                      store, args.max_block_tokens,
+                                      progress=not args.no_progress, precision=args.precision)
+                before: dict = {}
+                title_recall(other, queries, store, ks, hits_out=before, **options)
+                ks_in = [k for k in ks if k <= hits["title"].shape[1]]
+                report["paired"] = {"before": args.compare_with, **{
+                    kind: paired_recall(before[kind], hits[kind], ks_in) for kind in hits}}
         else:
             report = ict_retrieval(searcher, store, args.holdout, args.seed, ks, args.limit)
     except (QAFormatError, CorpusError, ValueError) as err:

@@ -41,6 +41,43 @@ def recall_at_k(hits: np.ndarray, ks: Iterable[int]) -> dict[str, float]:
     return result
 
 
+def paired_recall(before: np.ndarray, after: np.ndarray,
+                  ks: Iterable[int]) -> dict[str, dict[str, float]]:
+    """Two retrievers on the same queries: per k, the queries each hits that the other misses,
+    and the exact two-sided sign test (McNemar) of "neither is better".
+
+    Args:
+        before, after: Boolean hit matrices ``[n_queries, max_k]`` of the same queries, in the
+            same order.
+        ks: Cut-offs, each in ``1..max_k`` of both.
+
+    Returns:
+        ``{str(k): {"before", "after" (recall), "gained" (queries only ``after`` hits),
+        "lost" (only ``before``), "p_value"}}``.
+
+    Raises:
+        ValueError: The matrices hold different numbers of queries (or as :func:`recall_at_k`).
+    """
+    import math
+
+    before, after = np.asarray(before, dtype=bool), np.asarray(after, dtype=bool)
+    if before.shape[0] != after.shape[0]:
+        raise ValueError(f"before has {before.shape[0]} queries, after {after.shape[0]}")
+    ks = list(ks)
+    r_before, r_after = recall_at_k(before, ks), recall_at_k(after, ks)
+    a = np.logical_or.accumulate(before, axis=1)
+    b = np.logical_or.accumulate(after, axis=1)
+    out = {}
+    for k in ks:
+        gained = int((~a[:, k - 1] & b[:, k - 1]).sum())
+        lost = int((a[:, k - 1] & ~b[:, k - 1]).sum())
+        n = gained + lost
+        tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n
+        out[str(k)] = {"before": r_before[str(k)], "after": r_after[str(k)], "gained": gained,
+                       "lost": lost, "p_value": min(1.0, 2 * tail)}
+    return out
+
+
 def answer_hits(
     retrieved_texts: Sequence[Sequence[str]],
     answers: Sequence[Sequence[str]],

@@ -169,7 +169,8 @@ def holds_span(store: BlockStore, block: int, run: np.ndarray) -> bool:
 
 def title_recall(searcher, queries_store: BlockStore, knowledge_store: BlockStore,
                  ks: Sequence[int], masking: str = "salient_span", n: Optional[int] = None,
-                 seed: int = 0, max_query_tokens: int = 64) -> dict[str, Any]:
+                 seed: int = 0, max_query_tokens: int = 64,
+                 hits_out: Optional[dict[str, np.ndarray]] = None) -> dict[str, Any]:
     """Masked queries from one corpus -> blocks of the same-titled article in another: recall@k.
 
     Queries are drawn exactly as pretraining draws its examples (:class:`MLMDataset` with
@@ -190,6 +191,8 @@ def title_recall(searcher, queries_store: BlockStore, knowledge_store: BlockStor
         n: Evaluate ``n`` query blocks drawn at random (by ``seed``); None: every block.
         seed: Seed of the masks (the pretraining run's seed gives its own draws) and of ``n``.
         max_query_tokens: Word pieces in a query.
+        hits_out: Filled with the hit matrices ``[n, k_max]`` (``title``, and ``span`` under span
+            masking), e.g. for :func:`realm.evaluation.retrieval.paired_recall`.
 
     Under span masking it also reports ``span_recall@k``: a hit when a retrieved block (of any
     article) holds the masked word pieces as a run, in its title or body: a block the reader
@@ -248,11 +251,15 @@ def title_recall(searcher, queries_store: BlockStore, knowledge_store: BlockStor
         "blocks": len(knowledge_store), "articles": len(knowledge_store.articles),
     }
     report.update({f"title_recall@{k}": round(v, 4) for k, v in recall_at_k(hits, ks).items()})
+    if hits_out is not None:
+        hits_out["title"] = hits
     if masking != "random_token":
         span_hits = np.array([[holds_span(knowledge_store, b, ex.target_ids) for b in row]
                               for ex, row in zip(examples, ids)], dtype=bool)  # [n, k_max]
         report.update({f"span_recall@{k}": round(v, 4)
                        for k, v in recall_at_k(span_hits, ks).items()})
+        if hits_out is not None:
+            hits_out["span"] = span_hits
     targets = np.array([blocks_per_key[key] for key in gold])  # [n]
     report.update({f"random_recall@{k}": round(random_recall(targets, len(knowledge_store), k), 4)
                    for k in ks})

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from realm.evaluation import answer_hits, gold_hits, recall_at_k
+from realm.evaluation.retrieval import paired_recall
 
 # 5 queries x 4 ranks; first hit at ranks 0, 1, 3, none, 0
 HITS = np.array(
@@ -72,3 +73,25 @@ def test_gold_hits_ids_and_sets():
 def test_gold_hits_string_ids_are_single_ids():
     hits = gold_hits([["squad-dev-1", "squad-dev-0"]], ["squad-dev-0"])
     np.testing.assert_array_equal(hits, [[False, True]])
+
+
+def test_paired_recall_counts_each_side_and_signs_the_difference():
+    after = np.array([[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]],
+                     dtype=bool)
+    out = paired_recall(HITS, after, [1, 2, 4])
+    # first hits: before at ranks 0, 1, 3, -, 0; after at ranks 0, 0, 1, 2, -
+    # k=1: before hits queries 0, 4; after 0, 1: gained {1}, lost {4}
+    assert out["1"] == {"before": 0.4, "after": 0.4, "gained": 1, "lost": 1, "p_value": 1.0}
+    # k=2: before 0, 1, 4; after 0, 1, 2: gained {2}, lost {4}
+    assert (out["2"]["gained"], out["2"]["lost"]) == (1, 1)
+    # k=4: before 0, 1, 2, 4; after 0, 1, 2, 3: gained {3}, lost {4}
+    assert (out["4"]["before"], out["4"]["after"]) == (0.8, 0.8)
+    # one-sided: 10 gained, none lost -> 2 / 2**10; 3 gained, 1 lost -> 2 * 5 / 16
+    many_before, many_after = np.zeros((12, 1), bool), np.zeros((12, 1), bool)
+    many_after[:10] = True
+    assert paired_recall(many_before, many_after, [1])["1"]["p_value"] == pytest.approx(2 / 1024)
+    b, a = np.zeros((6, 1), bool), np.zeros((6, 1), bool)
+    a[:3], b[3] = True, True
+    assert paired_recall(b, a, [1])["1"]["p_value"] == pytest.approx(10 / 16)
+    with pytest.raises(ValueError, match="queries"):
+        paired_recall(HITS, after[:4], [1])

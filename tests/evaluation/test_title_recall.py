@@ -152,3 +152,12 @@ def test_cli_title_recall(signal_dir, tiny_retriever):
     assert dense["queries"] == 4 and dense["blocks"] == len(BlockStore(signal_dir / "z"))
     assert 0 <= dense["title_recall@1"] <= dense["title_recall@5"] <= 1
     assert set(dense) >= {"random_recall@5", "queries_without_target", "seconds"}
+    # --compare-with: the same queries under a second retriever (here the same one: no change)
+    both = run("--retriever", tiny_retriever, "--limit", "4", "--compare-with", tiny_retriever)
+    paired = both["paired"]
+    assert paired["before"] == tiny_retriever and set(paired) == {"before", "title", "span"}
+    for k in ("1", "5"):
+        assert paired["title"][k]["after"] == both[f"title_recall@{k}"]
+        assert paired["span"][k]["before"] == both[f"span_recall@{k}"]
+        assert paired["title"][k]["gained"] == paired["title"][k]["lost"] == 0
+        assert paired["title"][k]["p_value"] == 1.0
