@@ -73,8 +73,8 @@ def paired_recall(before: np.ndarray, after: np.ndarray,
         lost = int((a[:, k - 1] & ~b[:, k - 1]).sum())
         n = gained + lost
         tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n
-        out[str(k)] = {"before": r_before[str(k)], "after": r_after[str(k)], "gained": gained,
-                       "lost": lost, "p_value": min(1.0, 2 * tail)}
+        out[str(k)] = {"before": round(r_before[str(k)], 4), "after": round(r_after[str(k)], 4),
+                       "gained": gained, "lost": lost, "p_value": round(min(1.0, 2 * tail), 6)}
     return out
 
 

@@ -89,7 +89,8 @@ def test_paired_recall_counts_each_side_and_signs_the_difference():
     # one-sided: 10 gained, none lost -> 2 / 2**10; 3 gained, 1 lost -> 2 * 5 / 16
     many_before, many_after = np.zeros((12, 1), bool), np.zeros((12, 1), bool)
     many_after[:10] = True
-    assert paired_recall(many_before, many_after, [1])["1"]["p_value"] == pytest.approx(2 / 1024)
+    assert paired_recall(many_before, many_after, [1])["1"]["p_value"] == pytest.approx(2 / 1024,
+                                                                              abs=1e-6)
     b, a = np.zeros((6, 1), bool), np.zeros((6, 1), bool)
     a[:3], b[3] = True, True
     assert paired_recall(b, a, [1])["1"]["p_value"] == pytest.approx(10 / 16)
