@@ -420,8 +420,9 @@ class PretrainConfig:
                f"must be >= 0, got {self.retriever_lr_scale}")
         _check(self.reader_lr_scale >= 0, "pretrain.reader_lr_scale",
                f"must be >= 0, got {self.reader_lr_scale}")
-        _check(not (self.null_only and self.reader_lr_scale == 0), "pretrain.reader_lr_scale",
-               "0 with pretrain.null_only=true leaves nothing to train")
+        _check(not ((self.null_only or self.source_only) and self.reader_lr_scale == 0),
+               "pretrain.reader_lr_scale", "0 with pretrain.null_only=true or "
+               "pretrain.source_only=true leaves nothing to train")
         _check(0 <= self.retriever_momentum < 1, "pretrain.retriever_momentum",
                f"must be in [0, 1), got {self.retriever_momentum}")
         _check(self.retriever_hold_steps >= 0, "pretrain.retriever_hold_steps",

@@ -209,8 +209,9 @@ def test_impossible_value_names_the_key(override, fragments):
         assert fragment in message
 
 
-def test_frozen_reader_in_the_null_only_control_is_refused():
-    message = _error(["pretrain.null_only=true", "pretrain.reader_lr_scale=0"])
+@pytest.mark.parametrize("only", ["null_only", "source_only"])
+def test_frozen_reader_with_nothing_else_to_train_is_refused(only):
+    message = _error([f"pretrain.{only}=true", "pretrain.reader_lr_scale=0"])
     assert message.startswith("pretrain.reader_lr_scale:") and "nothing to train" in message
     assert load_config(None, ["pretrain.reader_lr_scale=0"]).pretrain.reader_lr_scale == 0
 

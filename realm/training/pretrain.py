@@ -590,7 +590,8 @@ def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
             pretrain=dataclasses.replace(
                 p, corpus=examples, examples=None, retriever=retriever, encoder=start,
                 encoder_layers=None, reader=None, reader_warmup_steps=0, source_only=True,
-                null_only=False, k=1, retriever_hold_steps=0, table_every=0),
+                null_only=False, k=1, retriever_hold_steps=0, table_every=0,
+                reader_lr_scale=1.0),  # (the warm-up trains the reader, fixed or not after)
             train=dataclasses.replace(t, run_dir=run_dir, steps=steps,
                                       batch_size=p.reader_warmup_batch_size,
                                       warmup_steps=max(1, steps // 10),

@@ -231,14 +231,25 @@ def test_reading_warm_up_trains_the_reader_first_and_is_cached(
     assert (warm_dir / "encoder" / "manifest.json").stat().st_mtime_ns == stamp
     assert len(list((tmp_path / "cache").glob("reader-*/"))) == 1
     # a warm-up can start from a given reader (here the warmed-up one) and read other examples
-    # than the run's: a new cache entry
-    _pretrain(tmp_path / "run3", spans_corpus, tiny_retriever, tiny_encoder, tmp_path, *warm,
-              f"pretrain.reader={warm_dir / 'encoder'}", "pretrain.reader_warmup_other_weight=0",
-              f"pretrain.reader_warmup_examples={leads_corpus}")
+    # than the run's: a new cache entry. Here the run after it (with retrieval) holds the reader
+    # fixed: the warm-up still trains it, the run does not.
+    fixed = [w for w in warm if w != "pretrain.null_only=true"] + ["pretrain.reader_lr_scale=0"]
+    summary = _pretrain(tmp_path / "run3", spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
+                        *fixed, f"pretrain.reader={warm_dir / 'encoder'}",
+                        "pretrain.reader_warmup_other_weight=0",
+                        f"pretrain.reader_warmup_examples={leads_corpus}")
+    assert summary["steps"] == 4 and summary["mean_ru"] is not None
     (again,) = set((tmp_path / "cache").glob("reader-*/")) - {warm_dir}
     with open(again / "config.yaml", encoding="utf-8") as f:
         pretrain = yaml.safe_load(f)["pretrain"]
     assert pretrain["encoder"] == str(warm_dir / "encoder")
     assert pretrain["corpus"] == leads_corpus  # the warm-up read these; the run read its own
+    assert pretrain["reader_lr_scale"] == 1.0
+    warmed = KnowledgeAugmentedEncoder.from_pretrained(again / "encoder")
+    assert not torch.equal(after, warmed.input_embeddings.weight)  # the warm-up trained it
+    final = KnowledgeAugmentedEncoder.from_pretrained(tmp_path / "run3" / "encoder")
+    for a, b in zip(warmed.parameters(), final.parameters()):  # the run did not
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all("loss_null" in r for r in _records(tmp_path / "run3") if "ru_expected" in r)
     assert pretrain["reader_warmup_other_weight"] == 0
     assert "own_over_other" not in _records(again)[-1]
