@@ -8,6 +8,7 @@ it from passage texts (DPR's "top-k accuracy": the passage contains an answer),
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Hashable, Iterable, Sequence
 
 import numpy as np
@@ -58,8 +59,6 @@ def paired_recall(before: np.ndarray, after: np.ndarray,
     Raises:
         ValueError: The matrices hold different numbers of queries (or as :func:`recall_at_k`).
     """
-    import math
-
     before, after = np.asarray(before, dtype=bool), np.asarray(after, dtype=bool)
     if before.shape[0] != after.shape[0]:
         raise ValueError(f"before has {before.shape[0]} queries, after {after.shape[0]}")
