@@ -95,10 +95,12 @@ def main(argv=None) -> int:
         else:
             from realm.training.ict import load_retriever
 
-            model = load_retriever(args.retriever, args.dim, args.pooling)
-            searcher = DenseSearcher(model, store, args.max_block_tokens,
-                                     progress=not args.no_progress, precision=args.precision)
-            name = args.retriever
+            def dense(path: str) -> DenseSearcher:
+                return DenseSearcher(load_retriever(path, args.dim, args.pooling), store,
+                                     args.max_block_tokens, progress=not args.no_progress,
+                                     precision=args.precision)
+
+            searcher, name = dense(args.retriever), args.retriever
         if args.mode == "retrieval":
             report = qa_retrieval(searcher, store, qa, ks, regex=args.regex)
         elif args.mode == "title-recall":
@@ -111,11 +113,9 @@ def main(argv=None) -> int:
             if args.compare_with:
                 from realm.evaluation.retrieval import paired_recall
 
-                other = DenseSearcher(load_retriever(args.compare_with, args.dim, args.pooling),
-                                      store, args.max_block_tokens,
-                                      progress=not args.no_progress, precision=args.precision)
                 before: dict = {}
-                title_recall(other, queries, store, ks, hits_out=before, **options)
+                title_recall(dense(args.compare_with), queries, store, ks, hits_out=before,
+                             **options)
                 ks_in = [k for k in ks if k <= hits["title"].shape[1]]
                 report["paired"] = {"before": args.compare_with, **{
                     kind: paired_recall(before[kind], hits[kind], ks_in) for kind in hits}}
