@@ -391,6 +391,12 @@ class PretrainConfig:
         "that does not match. 0: read the own block alone (copying only; half the compute).",
         default=1.0
     )
+    reader_warmup_spanless_blocks: Literal["fallback", "skip"] = _doc(
+        "`spanless_blocks` of the reading warm-up, which reads its own examples "
+        "(`reader_warmup_examples`): `fallback` also reads the blocks with no salient span, a "
+        "random span masked, so the reader learns from every block; `skip` reads salient spans "
+        "only.", default="fallback"
+    )
     reader_warmup_examples: Optional[str] = _doc(
         "Corpus the reading warm-up reads its masked examples (each beside its own block) from. "
         "null: the run's examples (`examples`, else the knowledge corpus).", default=None

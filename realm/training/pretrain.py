@@ -577,7 +577,8 @@ def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
     if not p.reader_warmup_steps:
         return start
     steps = p.reader_warmup_steps
-    key = _digest(["read-own-and-other", p.reader_warmup_other_weight, os.path.abspath(examples),
+    key = _digest(["read-own-and-other", p.reader_warmup_other_weight,
+                   p.reader_warmup_spanless_blocks, os.path.abspath(examples),
                    os.path.abspath(start) if os.path.exists(start) else start,
                    os.path.abspath(retriever), steps,
                    p.reader_warmup_batch_size, p.masking, p.max_joined_tokens, r.max_query_tokens,
@@ -591,6 +592,7 @@ def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
                 p, corpus=examples, examples=None, retriever=retriever, encoder=start,
                 encoder_layers=None, reader=None, reader_warmup_steps=0, source_only=True,
                 null_only=False, k=1, retriever_hold_steps=0, table_every=0,
+                spanless_blocks=p.reader_warmup_spanless_blocks,
                 reader_lr_scale=1.0),  # (the warm-up trains the reader, fixed or not after)
             train=dataclasses.replace(t, run_dir=run_dir, steps=steps,
                                       batch_size=p.reader_warmup_batch_size,

@@ -236,7 +236,7 @@ def test_reading_warm_up_trains_the_reader_first_and_is_cached(
     fixed = [w for w in warm if w != "pretrain.null_only=true"] + ["pretrain.reader_lr_scale=0"]
     summary = _pretrain(tmp_path / "run3", spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
                         *fixed, f"pretrain.reader={warm_dir / 'encoder'}",
-                        "pretrain.reader_warmup_other_weight=0",
+                        "pretrain.reader_warmup_other_weight=0", "pretrain.spanless_blocks=skip",
                         f"pretrain.reader_warmup_examples={leads_corpus}")
     assert summary["steps"] == 4 and summary["mean_ru"] is not None
     (again,) = set((tmp_path / "cache").glob("reader-*/")) - {warm_dir}
@@ -245,6 +245,10 @@ def test_reading_warm_up_trains_the_reader_first_and_is_cached(
     assert pretrain["encoder"] == str(warm_dir / "encoder")
     assert pretrain["corpus"] == leads_corpus  # the warm-up read these; the run read its own
     assert pretrain["reader_lr_scale"] == 1.0
+    # the run skips spanless blocks; its warm-up reads them (reader_warmup_spanless_blocks)
+    assert pretrain["spanless_blocks"] == "fallback"
+    with open(tmp_path / "run3" / "config.yaml", encoding="utf-8") as f:
+        assert yaml.safe_load(f)["pretrain"]["spanless_blocks"] == "skip"
     warmed = KnowledgeAugmentedEncoder.from_pretrained(again / "encoder")
     assert not torch.equal(after, warmed.input_embeddings.weight)  # the warm-up trained it
     final = KnowledgeAugmentedEncoder.from_pretrained(tmp_path / "run3" / "encoder")
