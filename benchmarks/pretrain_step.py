@@ -25,6 +25,8 @@ corpus, the truncated encoder and the ICT warm-started retriever default to the 
    refresher's own metrics give the spans it was working (``[commit time - total_s, commit
    time]``); each trainer step falls wholly inside them (``embedding``) or wholly outside
    (``idle``), and ``embedding_over_idle_median`` compares the two kinds of step of one trainer.
+   A third run, ``on_unshared``, is the refresh-on run with ``refresh.share_cores=false``: the
+   trainer keeps all its threads while the refresher embeds beside it on the same cores.
    Pick ``--every-steps`` so that one re-embedding takes less time than that many steps, or no
    step is idle. ``--within-run RUN_DIR ...`` does only this split, for finished runs (with
    ``logging.log_every`` > 1 the unit is the interval between two log records).
@@ -215,7 +217,8 @@ def within_run(run_dir: str, skip: int) -> dict:
     return {"run_dir": run_dir, **refresher_overlap(run_dir, times, skip)}
 
 
-def pretrain_run(name: str, paths: dict, args, workdir: str, every_steps: int) -> dict:
+def pretrain_run(name: str, paths: dict, args, workdir: str, every_steps: int,
+                 share_cores: bool = True) -> dict:
     """``launch/pretrain.py`` as a child process; per-step times from its ``metrics.jsonl``."""
     run_dir = os.path.join(workdir, name)
     cmd = [sys.executable, os.path.join(REPO, "launch", "pretrain.py"), "--config", CONFIG,
@@ -226,7 +229,8 @@ def pretrain_run(name: str, paths: dict, args, workdir: str, every_steps: int) -
            f"train.steps={args.part2_steps}", f"train.precision={args.precision}",
            "train.save_every=0", "pretrain.table_every=0", "logging.log_every=1",
            "logging.wandb=false", f"refresh.every_steps={every_steps}",
-           f"refresh.threads={args.refresh_threads}", override("train.run_dir", run_dir)]
+           f"refresh.threads={args.refresh_threads}", f"refresh.share_cores={str(share_cores).lower()}",
+           f"train.threads={args.threads}", override("train.run_dir", run_dir)]
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": str(args.threads)}
     logger.info("%s: %d steps, snapshot every %d", name, args.part2_steps, every_steps)
     t0, load = time.time(), os.getloadavg()[0]
@@ -337,11 +341,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as workdir:
             off = pretrain_run("refresh_off", paths, args, workdir, every_steps=10 ** 9)
             on = pretrain_run("refresh_on", paths, args, workdir, every_steps=args.every_steps)
+            unshared = pretrain_run("refresh_on_unshared", paths, args, workdir,
+                                    every_steps=args.every_steps, share_cores=False)
         out["refresh"] = {
             "steps": args.part2_steps, "refresh_threads": args.refresh_threads,
-            "off": off, "on": on,
+            "off": off, "on": on, "on_unshared": unshared,
             "on_over_off_median": round(on["median_step_s"] / off["median_step_s"], 3),
             "on_over_off_mean": round(on["mean_step_s"] / off["mean_step_s"], 3),
+            "unshared_over_off_mean": round(unshared["mean_step_s"] / off["mean_step_s"], 3),
         }
     print(json.dumps(out))
 

@@ -198,13 +198,17 @@ class TrainConfig:
     save_every: int = _doc("Checkpoint every this many steps (0: only at the end).", default=500)
     keep_checkpoints: int = _doc("Newest checkpoints kept.", default=2)
     num_workers: int = _doc("DataLoader worker processes.", default=0)
+    threads: int = _doc(
+        "CPU threads of each training process (torch's intra-op threads) when it trains on the "
+        "CPU. 0: the cores this process may run on, shared among the processes launched on this "
+        "machine (`accelerate launch` would otherwise give each process 1 thread).", default=0)
     resume: bool = _doc("Resume from the newest checkpoint in run_dir if there is one.",
                         default=True)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "keep_checkpoints"):
             _check(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
-        for key in ("warmup_steps", "eval_every", "save_every", "num_workers"):
+        for key in ("warmup_steps", "eval_every", "save_every", "num_workers", "threads"):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm",
@@ -270,6 +274,11 @@ class RefreshConfig:
                         "machine, leave the trainer some cores.", default=0)
     device: str = _doc("Device of the refresher's encoder (`auto`: a GPU if any, else CPU; "
                        "or e.g. `cuda:1`).", default="auto")
+    share_cores: bool = _doc(
+        "A trainer on the CPU that spawned its refresher runs on `train.threads` less the "
+        "refresher's `threads` (at least 1) while the refresher is busy, and on all of them "
+        "otherwise: threads that outnumber the free cores stall each other (docs/performance.md). "
+        "false: the trainer's threads never change.", default=True)
 
     def __post_init__(self) -> None:
         for key in ("every_steps", "max_tokens_per_batch", "keep_encoders"):

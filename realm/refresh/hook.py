@@ -13,6 +13,8 @@ import os
 import time
 from typing import Any, Callable, Optional
 
+import torch
+
 from realm.index.store import GenerationError, RunStore
 from realm.refresh.supervisor import RefresherSupervisor
 from realm.refresh.watcher import IndexWatcher
@@ -42,6 +44,10 @@ class RefreshHook:
         publish_after: Publish no snapshot up to this step (the document encoder is held still
             until then, so the index of generation 0 stays exact).
         barrier: Synchronises the processes (``accelerator.wait_for_everyone``) at start.
+        threads: ``(normal, while embedding)``: the trainer's CPU threads, and the fewer it runs
+            on while the spawned refresher is busy (it then shares the same cores; a trainer
+            whose threads outnumber the free cores stalls at every parallel region). Decided
+            before every step (:meth:`share_cores`). None: never changed.
     """
 
     def __init__(self, store: RunStore, model, retriever_of: Callable[[Any], Any], *,
@@ -49,7 +55,8 @@ class RefreshHook:
                  supervisor: Optional[RefresherSupervisor] = None, poll_s: float = 2.0,
                  lease_timeout_s: float = 600.0, keep_encoders: int = 2, gpu: bool = True,
                  nprobe: int = 32, ef_search: int = 128, first_timeout_s: float = 3600.0,
-                 publish_after: int = 0, barrier: Callable[[], None] = lambda: None):
+                 publish_after: int = 0, barrier: Callable[[], None] = lambda: None,
+                 threads: Optional[tuple[int, int]] = None):
         self.store = store
         self.model = model
         self.retriever_of = retriever_of
@@ -60,6 +67,9 @@ class RefreshHook:
         self.first_timeout_s = first_timeout_s
         self.publish_after = publish_after
         self.barrier = barrier
+        self.threads = threads if threads and threads[1] < threads[0] else None
+        self.shared_steps = 0  # steps run on the fewer threads
+        self.last_published: Optional[int] = None  # encoder step of the newest snapshot
         self.watcher = IndexWatcher(store, corpus_fingerprint=corpus_fingerprint, dim=dim,
                                     poll_s=poll_s, lease_timeout_s=lease_timeout_s, gpu=gpu,
                                     nprobe=nprobe, ef_search=ef_search)
@@ -111,6 +121,7 @@ class RefreshHook:
     def publish(self, model, step: int) -> None:
         self.store.publish_encoder(self.retriever_of(model), step, keep=self.keep_encoders,
                                    metadata={"stage": "pretrain"})
+        self.last_published = step
 
     # -- training-core hook API -----------------------------------------------------------------
 
@@ -121,6 +132,24 @@ class RefreshHook:
                 return  # the first resumed step runs on the checkpoint's generation: reproducible
         if self.watcher.maybe_swap():
             self.generations_used.add(self.watcher.current.generation)
+        if self.threads is not None and self.supervisor is not None:
+            self.share_cores(self.supervisor.cpu_fraction())
+
+    def share_cores(self, refresher_cores: float) -> int:
+        """Run on fewer threads while the refresher is busy, on all of them otherwise. Busy: it
+        kept more than half a core busy since the last step, or it is running and the newest
+        snapshot has no generation in use yet (the trainer knows the refresher starts on it at
+        once; waiting to see its CPU time would cost one step on all threads against it).
+        Returns the threads the next step runs on."""
+        current = self.watcher.current
+        awaiting = (self.last_published is not None and self.supervisor is not None
+                    and self.supervisor.alive
+                    and (current is None or current.encoder_step < self.last_published))
+        want = self.threads[1] if refresher_cores > 0.5 or awaiting else self.threads[0]
+        if want != torch.get_num_threads():
+            torch.set_num_threads(want)
+        self.shared_steps += want == self.threads[1]
+        return want
 
     def after_step(self, step: int, model) -> None:
         self.step = step
@@ -141,6 +170,9 @@ class RefreshHook:
         if self.supervisor is not None:
             out["refresh/restarts"] = self.supervisor.restarts
             out["refresh/alive"] = int(self.supervisor.alive)
+        if self.threads is not None:
+            out["train/threads"] = torch.get_num_threads()
+            out["train/shared_steps"] = self.shared_steps
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class RefresherSupervisor:
         self.exits: list[int] = []
         self.gave_up = False
         self._next_start = 0.0
+        self._cpu_mark: Optional[tuple[int, float, float]] = None  # (pid, cpu s, wall s)
 
     @property
     def command(self) -> list[str]:
@@ -96,6 +97,24 @@ class RefresherSupervisor:
             self.start()
             return True
         return False
+
+    def cpu_fraction(self) -> float:
+        """Cores the refresher kept busy since the last call (CPU time over wall time; 1.0 is
+        one core), 0.0 on the first call for a process or when it is not running."""
+        import psutil
+
+        if not self.alive:
+            self._cpu_mark = None
+            return 0.0
+        try:
+            times = psutil.Process(self.proc.pid).cpu_times()
+        except psutil.Error:  # it exited just now
+            return 0.0
+        mark = (self.proc.pid, times.user + times.system, time.monotonic())
+        last, self._cpu_mark = self._cpu_mark, mark
+        if last is None or last[0] != mark[0] or mark[2] <= last[2]:
+            return 0.0
+        return (mark[1] - last[1]) / (mark[2] - last[2])
 
     def stop(self, timeout: float = 60.0) -> Optional[int]:
         """Wait up to ``timeout`` for the child to exit (after ``DONE``), then terminate it."""

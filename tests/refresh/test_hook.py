@@ -2,6 +2,7 @@
 
 import os
 import time
+import types
 
 import torch
 
@@ -99,3 +100,56 @@ def test_no_snapshot_while_the_encoders_are_held(tmp_path):
     for step in range(1, 13):
         hook.after_step(step, None)
     assert published == [9, 12]  # steps 3 and 6: the document encoder had not moved
+
+
+class Child(RefresherSupervisor):
+    """A supervised child that spins on one core (a refresher embedding) or sleeps (idling)."""
+
+    def __init__(self, run_dir, busy):
+        super().__init__(run_dir, log_path=os.path.join(run_dir, f"child-{busy}.log"))
+        self.code = "while True: pass" if busy else "import time; time.sleep(600)"
+
+    @property
+    def command(self):
+        import sys
+
+        return [sys.executable, "-c", self.code]
+
+
+def _cores_used(child):
+    child.cpu_fraction()
+    time.sleep(1.0)
+    return child.cpu_fraction()
+
+
+def test_the_trainer_gives_cores_to_a_busy_refresher(tmp_path):
+    before = torch.get_num_threads()
+    busy, idle = Child(str(tmp_path), True), Child(str(tmp_path), False)
+    busy.start(), idle.start()
+    try:
+        time.sleep(0.5)  # both children are up (python started)
+        busy_cores, idle_cores = _cores_used(busy), _cores_used(idle)
+        assert busy_cores > 0.5 and idle_cores < 0.2, (busy_cores, idle_cores)
+        hook = RefreshHook(RunStore(str(tmp_path / "run")), None, lambda m: m,
+                           corpus_fingerprint="f", dim=8, every_steps=3, is_main=True,
+                           supervisor=busy, threads=(2, 1))
+        assert hook.share_cores(busy_cores) == 1 and torch.get_num_threads() == 1
+        assert hook.share_cores(idle_cores) == 2 and torch.get_num_threads() == 2
+        metrics = hook.metrics(4)
+        assert metrics["train/threads"] == 2 and metrics["train/shared_steps"] == 1
+        # a snapshot just published: the refresher is about to embed it, however idle it was
+        hook.supervisor, hook.last_published = idle, 5
+        assert hook.share_cores(idle_cores) == 1
+        hook.watcher.current = types.SimpleNamespace(generation=1, encoder_step=5)  # done
+        assert hook.share_cores(idle_cores) == 2
+        hook.last_published = 10
+        idle.stop(timeout=0)  # a refresher that is not running will not embed it
+        assert hook.share_cores(0.0) == 2
+    finally:
+        busy.stop(timeout=0), idle.stop(timeout=0)
+        torch.set_num_threads(before)
+    assert busy.cpu_fraction() == 0.0  # not running
+    # as many threads while embedding as otherwise (one core, or share_cores off): nothing to do
+    hook = RefreshHook(RunStore(str(tmp_path / "run2")), None, lambda m: m, corpus_fingerprint="f",
+                       dim=8, every_steps=3, is_main=True, threads=(1, 1))
+    assert hook.threads is None and "train/threads" not in hook.metrics(1)

@@ -99,3 +99,43 @@ def test_a_part_can_have_its_own_adam_betas():
         model(x).pow(2).mean().backward()
         opt.step()
     assert not torch.equal(model.retriever.weight, start)
+
+
+def test_cpu_threads_share_the_cores_among_the_local_processes(monkeypatch):
+    import os
+
+    from realm.training.core import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu_threads() == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more processes than cores
+    assert cpu_threads() == 1
+    assert cpu_threads(3) == 3  # train.threads given
+
+
+class Threads:
+    def __init__(self):
+        self.seen = []
+
+    def after_step(self, step, model):
+        self.seen.append(torch.get_num_threads())
+
+
+def test_the_core_trains_on_train_threads(tmp_path):
+    from accelerate import Accelerator
+
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    accelerator = Accelerator(cpu=True)
+    threads = Threads()
+    settings = TrainSettings(run_dir=str(tmp_path), steps=3, batch_size=8, lr=1e-2,
+                             log_every=1, progress=False, threads=want)
+    tracker = Tracker(str(tmp_path))
+    try:
+        train(TwoParts(), Regression(), settings, accelerator, tracker, hooks=[threads])
+    finally:
+        tracker.close()
+        _shutdown(accelerator)
+        torch.set_num_threads(before)
+    assert threads.seen == [want] * 3

@@ -75,6 +75,10 @@ def test_run_swaps_generations_and_writes_its_run_directory(run):
     assert len(generations) == summary["generations_swapped"]
     # the index in use was made by an encoder snapshot at most a few publishes old
     assert all(r["index/staleness_steps"] <= r["step"] for r in scalars)
+    cores = len(os.sched_getaffinity(0))
+    if cores > 1:  # the trainer gives a core to its refresher (refresh.threads=1) while it embeds
+        assert {r["train/threads"] for r in scalars} <= {cores - 1, cores}
+        assert 0 <= scalars[-1]["train/shared_steps"] <= STEPS
 
 
 def test_examples_table_shows_retrieved_titles_and_null(run):
