@@ -711,6 +711,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     precision = autocast_dtype(t.precision, torch.device("cpu" if use_cpu else "cuda"))
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision or "no",
                               gradient_accumulation_steps=t.grad_accum)
+    is_main = accelerator.is_main_process
     set_seed(config.seed)
     store = BlockStore(corpus_dir)
     examples_store = BlockStore(p.examples) if p.examples else store
@@ -793,7 +794,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
         tracker.close()
         del model, task, hooks
         _shutdown(accelerator)
-    records = read_metrics(t.run_dir) if accelerator.is_main_process else []
+    # (not accelerator.is_main_process: after _shutdown that would start a new process group)
+    records = read_metrics(t.run_dir) if is_main else []
     ru = [x["ru_expected"] for x in records if "ru_expected" in x]
     return {
         "stage": "pretrain", "run_dir": t.run_dir, "steps": result["steps"],

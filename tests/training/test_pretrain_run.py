@@ -25,8 +25,9 @@ def _env(tmp_path):
     return env
 
 
-def _pretrain(run_dir, corpus, retriever, encoder, tmp_path, *extra, timeout=300):
-    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--no-progress",
+def _pretrain(run_dir, corpus, retriever, encoder, tmp_path, *extra, timeout=300,
+              launcher=(sys.executable,)):
+    cmd = [*launcher, str(REPO / "launch" / "pretrain.py"), "--no-progress",
            f"pretrain.corpus={corpus}", f"pretrain.retriever={retriever}",
            f"pretrain.encoder={encoder}", "pretrain.encoder_layers=null", "pretrain.k=3",
            "pretrain.max_joined_tokens=96", "pretrain.table_every=10",
@@ -38,6 +39,7 @@ def _pretrain(run_dir, corpus, retriever, encoder, tmp_path, *extra, timeout=300
            "logging.wandb=true", "logging.wandb_mode=offline", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(tmp_path))
     assert done.returncode == 0, done.stderr[-4000:]
+    assert "terminate called" not in done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -79,6 +81,23 @@ def test_run_swaps_generations_and_writes_its_run_directory(run):
     if cores > 1:  # the trainer gives a core to its refresher (refresh.threads=1) while it embeds
         assert {r["train/threads"] for r in scalars} <= {cores - 1, cores}
         assert 0 <= scalars[-1]["train/shared_steps"] <= STEPS
+
+
+def test_two_cpu_ranks_pretrain_beside_the_refresher(spans_corpus, tiny_retriever, tiny_encoder,
+                                                     tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` on the CPU: two gloo ranks, one
+    refresher, and a clean exit with the summary printed once."""
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no")
+    run_dir = tmp_path / "run"
+    summary = _pretrain(run_dir, spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
+                        "train.steps=10", "logging.wandb=false", launcher=launcher)
+    assert summary["world_size"] == 2 and summary["steps"] == 10
+    assert summary["generations_swapped"] >= 1 and summary["mean_ru"] is not None
+    scalars = [r for r in _records(run_dir) if "table" not in r]
+    assert [r["step"] for r in scalars] == list(range(1, 11))  # the main rank logs, once a step
+    assert (run_dir / "DONE").exists() and (run_dir / "checkpoints" / "step-000010").exists()
 
 
 def test_examples_table_shows_retrieved_titles_and_null(run):
