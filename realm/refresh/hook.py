@@ -109,6 +109,8 @@ class RefreshHook:
     def close(self, finished: bool = True) -> None:
         """Stop the watcher; on the main process write DONE (if finished) and stop the refresher."""
         self.watcher.stop()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads[0])  # not left on the fewer threads
         if not self.is_main:
             return
         if finished:

@@ -145,6 +145,11 @@ def test_the_trainer_gives_cores_to_a_busy_refresher(tmp_path):
         hook.last_published = 10
         idle.stop(timeout=0)  # a refresher that is not running will not embed it
         assert hook.share_cores(0.0) == 2
+        hook.supervisor, hook.last_published = busy, 20
+        assert hook.share_cores(busy_cores) == 1
+        hook.supervisor = None  # (close() would stop it)
+        hook.close()
+        assert torch.get_num_threads() == 2  # a closed hook leaves the trainer on all threads
     finally:
         busy.stop(timeout=0), idle.stop(timeout=0)
         torch.set_num_threads(before)
