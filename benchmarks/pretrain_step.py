@@ -229,8 +229,8 @@ def pretrain_run(name: str, paths: dict, args, workdir: str, every_steps: int,
            f"train.steps={args.part2_steps}", f"train.precision={args.precision}",
            "train.save_every=0", "pretrain.table_every=0", "logging.log_every=1",
            "logging.wandb=false", f"refresh.every_steps={every_steps}",
-           f"refresh.threads={args.refresh_threads}", f"refresh.share_cores={str(share_cores).lower()}",
-           f"train.threads={args.threads}", override("train.run_dir", run_dir)]
+           f"refresh.threads={args.refresh_threads}", f"train.threads={args.threads}",
+           f"refresh.share_cores={str(share_cores).lower()}", override("train.run_dir", run_dir)]
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": str(args.threads)}
     logger.info("%s: %d steps, snapshot every %d", name, args.part2_steps, every_steps)
     t0, load = time.time(), os.getloadavg()[0]
