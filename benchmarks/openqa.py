@@ -39,7 +39,7 @@ from realm.modeling.retriever import Retriever  # noqa: E402
 from realm.training.openqa import (BM25Index, DenseIndex, OpenQAModel, OpenQATask,  # noqa: E402
                                    QADataset, collate_qa,
                                    document_embeddings, evaluate_openqa)
-from realm.training.pretrain import prepare_corpus, truncated_encoder  # noqa: E402
+from realm.prepare import prepare_corpus, truncated_encoder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -63,8 +63,8 @@ from realm.index.embed import embed_blocks, special_ids  # noqa: E402
 from realm.index.mips import MipsIndex  # noqa: E402
 from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder  # noqa: E402
 from realm.modeling.retriever import Retriever  # noqa: E402
-from realm.training.pretrain import (REALM, PretrainTask, prepare_corpus,  # noqa: E402
-                                     prepare_encoder, prepare_retriever)
+from realm.prepare import prepare_corpus, prepare_encoder, prepare_retriever  # noqa: E402
+from realm.training.pretrain import REALM, PretrainTask  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "pretrain.yaml")

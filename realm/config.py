@@ -180,6 +180,39 @@ class ICTConfig:
 
 
 @dataclass
+class MLMConfig:
+    """MLM adaptation of an encoder (``launch/adapt_mlm.py``): the BERT-style masked LM that the
+    knowledge-augmented encoder starts from when its checkpoint has no trained head."""
+
+    corpus: Optional[str] = _doc(
+        "Corpus directory (prepare_corpus.py) whose blocks are masked. null: build the `data` "
+        "section's corpus into `pretrain.cache_dir`.", default=None)
+    encoder: str = _doc("Checkpoint to continue as a masked LM (a new head, decoder tied to the "
+                        "word embeddings, when it has none).", default=DEFAULT_ENCODER)
+    encoder_layers: Optional[int] = _doc(
+        "Keep only the first N layers of `encoder` (a cached truncated copy); null keeps all.",
+        default=None)
+    mask_prob: float = _doc("Share of each sequence's word pieces masked, whole words at a time "
+                            "(BERT: 0.15; 80% [MASK], 10% random, 10% kept).", default=0.15)
+    salient_span_prob: float = _doc(
+        "Chance that an example masks one salient span of its block instead of random whole "
+        "words (0: BERT's masking only).", default=0.0)
+    max_tokens: int = _doc("Word pieces per sequence, [CLS] title [SEP] body [SEP].", default=128)
+    holdout_blocks: int = _doc("Blocks held out for the masked-token accuracy and loss.",
+                               default=256)
+
+    def __post_init__(self) -> None:
+        _check(0 < self.mask_prob < 1, "mlm.mask_prob", f"must be in (0, 1), got {self.mask_prob}")
+        _check(0 <= self.salient_span_prob <= 1, "mlm.salient_span_prob",
+               f"must be in [0, 1], got {self.salient_span_prob}")
+        _check(self.max_tokens >= 8, "mlm.max_tokens", f"must be >= 8, got {self.max_tokens}")
+        _check(self.holdout_blocks >= 0, "mlm.holdout_blocks",
+               f"must be >= 0, got {self.holdout_blocks}")
+        _check(self.encoder_layers is None or self.encoder_layers > 0, "mlm.encoder_layers",
+               f"must be > 0 or null, got {self.encoder_layers}")
+
+
+@dataclass
 class TrainConfig:
     """The shared training core (ICT, pretraining, fine-tuning)."""
 
@@ -380,6 +413,13 @@ class PretrainConfig:
         "learns from a fixed reader's signal, which does not drift as the reader trains.",
         default=1.0,
     )
+    mlm_steps: int = _doc(
+        "Steps of the MLM adaptation (launch/adapt_mlm.py, the `mlm` section's masking) of the "
+        "knowledge-augmented encoder's checkpoint when it has no trained masked-LM head (the "
+        "packaged MiniLM has none): REALM starts from a trained masked LM. Run on the knowledge "
+        "corpus and cached in `cache_dir`. 0: start from an untrained head.", default=300)
+    mlm_batch_size: int = _doc("Batch of the MLM adaptation.", default=32)
+    mlm_lr: float = _doc("Peak learning rate of the MLM adaptation.", default=2e-4)
     reader: Optional[str] = _doc(
         "Knowledge-augmented encoder to start from (a saved encoder directory, e.g. a run's "
         "`encoder/`, or any checkpoint); the reading warm-up, when `reader_warmup_steps` > 0, "
@@ -450,8 +490,10 @@ class PretrainConfig:
                f"must be >= 0, got {self.reader_warmup_other_weight}")
         _check(not (self.source_only and self.null_only), "pretrain.source_only",
                "cannot be combined with pretrain.null_only")
+        _check(self.mlm_steps >= 0, "pretrain.mlm_steps", f"must be >= 0, got {self.mlm_steps}")
+        _check(self.mlm_lr > 0, "pretrain.mlm_lr", f"must be > 0, got {self.mlm_lr}")
         for key in ("max_joined_tokens", "ict_steps", "ict_batch_size",
-                    "reader_warmup_batch_size"):
+                    "reader_warmup_batch_size", "mlm_batch_size"):
             _check(getattr(self, key) > 0, f"pretrain.{key}",
                    f"must be > 0, got {getattr(self, key)}")
 
@@ -542,6 +584,7 @@ class Config:
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig,
                                        metadata={"help": "Retriever encoders."})
     ict: ICTConfig = field(default_factory=ICTConfig, metadata={"help": "ICT warm start."})
+    mlm: MLMConfig = field(default_factory=MLMConfig, metadata={"help": "MLM adaptation."})
     index: IndexConfig = field(default_factory=IndexConfig, metadata={"help": "MIPS index."})
     refresh: RefreshConfig = field(default_factory=RefreshConfig,
                                    metadata={"help": "Index refresher."})

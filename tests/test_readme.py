@@ -37,7 +37,8 @@ def test_readme_main_job_runs(tmp_path):
     argv[0] = str(Path(sys.executable).parent / "accelerate")
     argv += [f"train.run_dir={tmp_path / 'run'}", f"pretrain.cache_dir={tmp_path / 'cache'}",
              "data.max_articles=60", "pretrain.encoder_layers=1", "pretrain.ict_steps=4",
-             "pretrain.ict_batch_size=8", "train.steps=12", "train.save_every=6",
+             "pretrain.ict_batch_size=8", "pretrain.mlm_steps=4", "pretrain.mlm_batch_size=8",
+             "mlm.holdout_blocks=8", "train.steps=12", "train.save_every=6",
              "refresh.every_steps=4", "logging.wandb=false", "--no-progress"]  # a slice, for time
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
@@ -45,11 +46,28 @@ def test_readme_main_job_runs(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 12 and summary["generations_swapped"] >= 1
     assert summary["mean_ru"] is not None and summary["final_loss"] > 0
+    # the quarter means are those of the logged records (steps 1-3 and 10-12 of 12)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    records = [r for r in records if "ru_expected" in r]
+    for name, metric in (("ru", "ru_expected"), ("masked_accuracy", "masked_accuracy"),
+                         ("masked_accuracy_null", "masked_accuracy_null")):
+        last = [r[metric] for r in records if r["step"] > 9]
+        assert last and summary[f"{name}_last_quarter"] == round(sum(last) / len(last), 5)
+    first = [r["ru_expected"] for r in records if r["step"] <= 3]
+    assert summary["ru_first_quarter"] == (round(sum(first) / len(first), 5) if first else None)
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "package:wiki-leads" in config and "max_articles: 60" in config
-    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
-    # built, cut to 1 layer, warm-started, and its generation 0 kept for the next fresh run
-    assert cached == ["corpus", "encoder", "gen0", "ict"]
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()
+                    if not p.name.endswith(".yaml"))
+    # built, cut to 1 layer, MLM-adapted (the reader), warm-started (the retriever), and its
+    # generation 0 kept for the next fresh run
+    assert cached == ["corpus", "encoder", "gen0", "ict", "mlm"]
+    reader = json.loads((tmp_path / "cache").glob("mlm-*/encoder/manifest.json").__next__()
+                        .read_text())
+    assert reader["kind"] == "knowledge_augmented_encoder"
+    assert reader["metadata"]["stage"] == "adapt_mlm" and reader["metadata"]["steps"] == 4
+    resolved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "/encoder" in resolved.split("reader:")[1].splitlines()[0]  # trained from it
     assert (tmp_path / "run" / "checkpoints" / "step-000012" / "manifest.json").exists()
 
 

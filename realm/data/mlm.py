@@ -307,3 +307,183 @@ def collate_mlm(examples: Sequence[MLMExample]) -> MLMBatch:
         labels=[e.label for e in examples],
         n_fallback=sum(e.fallback for e in examples),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT-style masked LM on whole blocks: the MLM adaptation of an encoder (realm.training.adapt_mlm)
+
+
+def continuation_pieces(tokenizer) -> np.ndarray:
+    """Which ids of a WordPiece vocabulary continue a word (``##ing``), ``[vocab]`` bool."""
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return np.array([str(t).startswith("##") for t in vocab], dtype=bool)
+
+
+def whole_word_mask(
+    ids: np.ndarray,
+    maskable: np.ndarray,
+    continuation: np.ndarray,
+    rng: np.random.Generator,
+    mask_id: int,
+    random_ids: np.ndarray,
+    mask_prob: float = 0.15,
+    span: Optional[tuple[int, int]] = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mask whole words of ``ids`` BERT-style: ``mask_prob`` of the maskable word pieces, chosen
+    a word at a time; each chosen word is ``[MASK]`` (80%), random word pieces (10%) or kept
+    (10%), all of its pieces alike.
+
+    Args:
+        ids: Word-piece ids of one sequence, special tokens included, ``[L]``.
+        maskable: True where a piece may be masked (never ``[CLS]``/``[SEP]``/padding), ``[L]``.
+        continuation: :func:`continuation_pieces` of the vocabulary.
+        rng: The example's generator.
+        mask_id: Id of ``[MASK]``.
+        random_ids: Ids that random replacement draws from (no special tokens).
+        mask_prob: Share of the maskable pieces masked (at least one word).
+        span: ``(start, end)`` positions of a salient span: mask exactly it (as one word)
+            instead of random words.
+
+    Returns:
+        ``(masked_ids [L], positions [n] increasing, targets [n])``.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    positions = np.flatnonzero(maskable)
+    if not len(positions):
+        raise ValueError("no maskable word pieces in the sequence")
+    if span is not None:
+        chosen = [np.arange(span[0], span[1])]
+    else:
+        # words: a maskable piece that is not a continuation starts one (or follows a gap)
+        starts = [i for n, i in enumerate(positions)
+                  if n == 0 or not continuation[ids[i]] or positions[n - 1] != i - 1]
+        words = np.split(positions, np.searchsorted(positions, starts[1:]))
+        budget = max(1, int(round(mask_prob * len(positions))))
+        chosen, count = [], 0
+        for w in rng.permutation(len(words)):
+            if count >= budget:
+                break
+            if count + len(words[w]) > budget and count:  # (a word is never cut)
+                continue
+            chosen.append(words[w])
+            count += len(words[w])
+    picked = np.sort(np.concatenate(chosen))
+    masked = ids.copy()
+    for word in chosen:
+        roll = rng.random()
+        if roll < 0.8:
+            masked[word] = mask_id
+        elif roll < 0.9:
+            masked[word] = rng.choice(random_ids, size=len(word))
+    return masked, picked, ids[picked]
+
+
+@dataclasses.dataclass
+class MaskedSequence:
+    """One BERT-style masked sequence ``[CLS] title [SEP] body [SEP]`` of a block.
+
+    Attributes:
+        block_id: The block it was cut from.
+        input_ids: The masked sequence, ``[L]``.
+        mask_positions: Positions whose original pieces are the targets, ``[n]``.
+        target_ids: The original pieces, ``[n]``.
+    """
+
+    block_id: int
+    input_ids: np.ndarray
+    mask_positions: np.ndarray
+    target_ids: np.ndarray
+
+
+class BlockMLMDataset(torch.utils.data.Dataset):
+    """BERT-style masked-LM examples, one per block: ``[CLS] title [SEP] body [SEP]``, cut to
+    ``max_tokens``, whole words masked (:func:`whole_word_mask`). Example ``i`` is a pure
+    function of (seed, epoch, i), so resumes and evaluations reproduce it.
+
+    Args:
+        store: The block store.
+        block_ids: Blocks to draw from.
+        special: ``(cls_id, sep_id, mask_id)``.
+        continuation: :func:`continuation_pieces` of the tokenizer.
+        random_ids: Ids random replacement draws from: every id but the special tokens; only
+            these are ever masked.
+        max_tokens: Word pieces per sequence, special tokens included.
+        mask_prob: Share of the word pieces masked.
+        salient_span_prob: Chance that an example masks one salient span of its block (all its
+            pieces ``[MASK]``) instead of random whole words; blocks with no span in the kept
+            text use words.
+        seed: Seed of the masking.
+    """
+
+    def __init__(self, store: BlockStore, block_ids: np.ndarray, special: tuple[int, int, int],
+                 continuation: np.ndarray, random_ids: np.ndarray, max_tokens: int = 128,
+                 mask_prob: float = 0.15, salient_span_prob: float = 0.0, seed: int = 0):
+        if len(block_ids) == 0:
+            raise ValueError(f"{store.path}: no blocks to draw masked-LM examples from")
+        if max_tokens < 8:
+            raise ValueError(f"max_tokens must be >= 8, got {max_tokens}")
+        self.store, self.block_ids = store, np.asarray(block_ids, dtype=np.int64)
+        self.special, self.continuation, self.random_ids = special, continuation, random_ids
+        self.max_tokens, self.mask_prob = max_tokens, mask_prob
+        self.salient_span_prob, self.seed, self.epoch = salient_span_prob, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.block_ids)
+
+    def __getitem__(self, i: int) -> MaskedSequence:
+        block = int(self.block_ids[i])
+        cls_id, sep_id, mask_id = self.special
+        title = self.store.title_ids(block)[: self.max_tokens // 4]
+        body = self.store.body_ids(block)[: max(0, self.max_tokens - len(title) - 3)]
+        ids = np.concatenate([[cls_id], title, [sep_id], body, [sep_id]]).astype(np.int64)
+        maskable = np.isin(ids, self.random_ids)  # never a special token ([CLS], [SEP], [UNK])
+        rng = np.random.default_rng([self.seed, self.epoch, block])
+        span = None
+        if self.salient_span_prob and rng.random() < self.salient_span_prob:
+            offset = len(title) + 2  # body position 0 in the sequence
+            spans = [(int(s["start"]) + offset, int(s["end"]) + offset)
+                     for s in self.store.spans(block) if s["end"] <= len(body)]
+            if spans:
+                span = spans[rng.integers(len(spans))]
+        masked, positions, targets = whole_word_mask(
+            ids, maskable, self.continuation, rng, mask_id, self.random_ids, self.mask_prob,
+            span=span)
+        return MaskedSequence(block, masked, positions, targets)
+
+
+def mlm_text_blocks(store: BlockStore) -> np.ndarray:
+    """Blocks that hold text to mask (a non-empty body); an error naming the corpus if none."""
+    ids = np.flatnonzero(store.blocks["n_tokens"] > 0) if len(store) else np.zeros(0, np.int64)
+    if not len(ids):
+        raise ValueError(f"{store.path}: the corpus has no block with text to mask")
+    return ids
+
+
+@dataclasses.dataclass
+class MaskedSequenceBatch:
+    """Collated :class:`MaskedSequence` s.
+
+    Attributes:
+        input_ids: ``[B, L]`` right-padded with ``pad_id``.
+        attention_mask: ``[B, L]``.
+        mask_positions: ``[B, M]`` padded with 0.
+        target_ids: ``[B, M]`` padded with 0.
+        target_mask: True on real targets, ``[B, M]``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask_positions: torch.Tensor
+    target_ids: torch.Tensor
+    target_mask: torch.Tensor
+
+
+def collate_masked_sequences(examples: Sequence[MaskedSequence], pad_id: int = 0
+                             ) -> MaskedSequenceBatch:
+    input_ids, attention = pad_ragged([e.input_ids for e in examples], pad_value=pad_id)
+    positions, _ = pad_ragged([e.mask_positions for e in examples])
+    targets, target_mask = pad_ragged([e.target_ids for e in examples])
+    return MaskedSequenceBatch(input_ids, attention.long(), positions, targets, target_mask)

@@ -16,11 +16,14 @@ positions are shared by the ``k + 1`` sequences of a query::
 
 The masked-LM head comes from the checkpoint when it has one; otherwise (encoder-only
 checkpoints such as MiniLM) a new head is initialised with its decoder tied to the input word
-embeddings. A saved encoder is a self-describing directory::
+embeddings. A saved encoder is a self-describing directory that is also a plain transformers
+masked-LM directory (``AutoModelForMaskedLM.from_pretrained(dir)``,
+``AutoTokenizer.from_pretrained(dir)``)::
 
     manifest.json        kind "knowledge_augmented_encoder", base checkpoint, sizes, version
-    model/               config.json, model.safetensors (transformers masked-LM format)
-    tokenizer/           the checkpoint's tokenizer (when there is one)
+    config.json, model.safetensors, tokenizer files   (transformers masked-LM format)
+
+Directories of format 1 (``model/`` and ``tokenizer/`` subdirectories) still load.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ from realm.modeling.retriever import (
     _atomic_directory,
     _load_saved_tokenizer,
     _pack,
-    _save_tokenizer,
     _write_manifest,
     read_manifest,
 )
@@ -51,8 +53,8 @@ from realm.modeling.retriever import (
 logger = logging.getLogger(__name__)
 
 MANIFEST_KIND = "knowledge_augmented_encoder"
-FORMAT_VERSION = 1
-MODEL_DIR = "model"
+FORMAT_VERSION = 2
+MODEL_DIR = "."  # format 1: "model"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +406,8 @@ class KnowledgeAugmentedEncoder(nn.Module):
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         with _atomic_directory(target, overwrite=overwrite) as tmp:
             self.mlm.save_pretrained(tmp / MODEL_DIR)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / MODEL_DIR))
             fields = {
                 "base_checkpoint": self.base_checkpoint,
                 "model_type": getattr(self.config, "model_type", None),
@@ -413,7 +417,7 @@ class KnowledgeAugmentedEncoder(nn.Module):
                 "head_initialised": self.head_initialised,
                 "tied_embeddings": self.output_embeddings.weight is self.input_embeddings.weight,
                 "model": MODEL_DIR,
-                "tokenizer": _save_tokenizer(tokenizer, tmp),
+                "tokenizer": MODEL_DIR if tokenizer is not None else None,
             }
             _write_manifest(tmp, MANIFEST_KIND, FORMAT_VERSION, fields, metadata)
         logger.info("saved knowledge-augmented encoder to %s", target)

@@ -28,21 +28,26 @@ EVAL_KS = (1, 5, 20)
 
 
 def load_retriever(encoder: str, dim: int, pooling: str) -> Retriever:
-    """A saved retriever directory as is, else fresh encoders from a transformers checkpoint."""
+    """A saved retriever directory as is, a run directory's (ICT, pretraining: its
+    ``retriever/``), else fresh encoders from a transformers checkpoint."""
+    if (not os.path.isfile(os.path.join(encoder, "manifest.json"))
+            and os.path.isfile(os.path.join(encoder, "retriever", "manifest.json"))):
+        encoder = os.path.join(encoder, "retriever")
     if os.path.isfile(os.path.join(encoder, "manifest.json")):
         return Retriever.from_pretrained(encoder)
     return Retriever.from_checkpoint(encoder, dim=dim, pooling=pooling)
 
 
-def check_tokenizer(tokenizer, store: BlockStore) -> None:
-    """The retriever must read the word pieces the corpus was cut into."""
+def check_tokenizer(tokenizer, store: BlockStore, what: str = "retriever") -> None:
+    """An encoder (the retriever unless ``what`` says otherwise) must read the word pieces the
+    corpus was cut into; the error names the corpus, its tokenizer and the encoder's."""
     sha = tokenizer_sha256(tokenizer)
     want = store.manifest["tokenizer"]["sha256"]
     if sha != want:
         raise ValueError(
             f"{store.path}: the corpus was tokenized with {store.tokenizer_name!r}, which differs "
-            f"from the retriever's tokenizer {tokenizer.name_or_path!r}; rebuild the corpus with "
-            "data.tokenizer set to the retriever's checkpoint"
+            f"from the {what}'s tokenizer {tokenizer.name_or_path!r}; rebuild the corpus with "
+            f"data.tokenizer set to the {what}'s checkpoint"
         )
 
 

@@ -532,7 +532,7 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     from realm.tracking import Tracker
     from realm.training.core import TrainSettings, autocast_dtype, train
     from realm.training.ict import _shutdown, check_tokenizer
-    from realm.training.pretrain import _digest, prepare_corpus, truncated_encoder
+    from realm.prepare import _digest, prepare_corpus, truncated_encoder
 
     t0 = time.time()
     o, t = config.openqa, config.train

@@ -16,13 +16,8 @@ that takes part; the index search runs inside it on detached query embeddings.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
-import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -38,6 +33,8 @@ from realm.losses import (expected_retrieval_utility, null_probability, realm_ma
                           retrieval_entropy, retrieval_utility, top1_retrieval_utility)
 from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, build_joined_inputs
 from realm.modeling.retriever import Retriever, build_block_inputs, build_query_inputs
+from realm.prepare import (_digest, prepare_adapted_encoder, prepare_corpus, prepare_encoder,
+                           prepare_reader, prepare_retriever)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +65,7 @@ class REALMOutput:
     block_ids: torch.Tensor
     log_p_z: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
+    reading_warmup: bool = False  # the source_only forward: own block (, other block), null
 
 
 class REALM(nn.Module):
@@ -291,14 +289,16 @@ class REALM(nn.Module):
     def _read_own_blocks(self, batch: MLMBatch) -> REALMOutput:
         """The reading warm-up's forward (``source_only``).
 
-        Each example is read twice: beside its own (unmasked) source block, where the masked span
-        can be found and copied, and beside another block drawn at random, where it cannot. The
-        loss, ``-log p(y|own, x) - w log p(y|other, x)`` (batch mean, ``w`` =
-        ``other_weight``; at 0 the other read is skipped), teaches the reader to copy
+        Each example is read three times: beside its own (unmasked) source block, where the
+        masked span can be found and copied; beside another block drawn at random, where it
+        cannot; and beside the null document (an empty block), as in every pretraining batch.
+        The loss, ``-log p(y|own, x) - w log p(y|other, x) - log p(y|null, x)`` (batch mean,
+        ``w`` = ``other_weight``; at 0 the other read is skipped), teaches the reader to copy
         from a block that matches the query and to fall back on the query alone otherwise; a
         reader taught only to copy trusts every block, and wrong retrieved blocks then cost it
-        more than the null document. The other block is a function of the batch (resumes
-        reproduce it).
+        more than the null document. Reading the null document here too makes the retrieval
+        utility of pretraining a comparison with a reader that knows what "no document" means.
+        The other block is a function of the batch (resumes reproduce it).
         """
         device = next(self.parameters()).device
         cls_id, sep_id, pad_id = self.special
@@ -311,18 +311,20 @@ class REALM(nn.Module):
             batch.query_ids, [[self.store.title_ids(int(b)) for b in row] for row in ids],
             [[self.store.body_ids(int(b)) for b in row] for row in ids], cls_id, sep_id, pad_id,
             max_length=self.max_joined_tokens, mask_positions=batch.mask_positions,
-            append_null=False)
+            append_null=True)
         out = self.encoder(joined.input_ids.to(device), joined.attention_mask.to(device),
                            joined.token_type_ids.to(device), joined.mask_positions.to(device),
                            labels=batch.target_ids.to(device),
                            label_mask=batch.target_mask.to(device))
-        log_p_y = out.log_probs_of_targets  # [B, 1|2]: own block (, other block)
+        log_p_y = out.log_probs_of_targets  # [B, 2|3]: own block (, other block), null
         # p(z|x) puts everything on the own block: accuracy is the reading accuracy
-        log_p_z = torch.tensor([0.0, -1e4][:ids.shape[1]], device=device).expand_as(log_p_y)
-        weights = torch.tensor([1.0, self.other_weight][:ids.shape[1]], device=device)
+        log_p_z = torch.tensor([0.0] + [-1e4] * ids.shape[1], device=device).expand_as(log_p_y)
+        weights = torch.tensor([1.0] + [self.other_weight] * (ids.shape[1] - 1) + [1.0],
+                               device=device)  # own (, other), null
         return REALMOutput(retrieval_logits=log_p_z, log_p_y_given_z=log_p_y,
                            mlm_logits=out.logits, block_ids=torch.from_numpy(ids),
-                           log_p_z=log_p_z, loss=-(log_p_y * weights).sum(dim=1).mean())
+                           log_p_z=log_p_z, loss=-(log_p_y * weights).sum(dim=1).mean(),
+                           reading_warmup=True)
 
 
 def marginal_predictions(out: REALMOutput) -> torch.Tensor:
@@ -354,10 +356,13 @@ def realm_metrics(out: REALMOutput, batch: MLMBatch) -> dict[str, float]:
                    "fallback_examples": float(batch.n_fallback)}
         if out.block_ids.shape[1] == 0:
             return metrics
-        if out.block_ids.shape[1] == out.log_p_y_given_z.shape[1]:  # the reading warm-up
-            if out.block_ids.shape[1] == 2:  # nats the own block gives over another
-                own, other = out.log_p_y_given_z.float().unbind(dim=1)
-                metrics["own_over_other"] = float((own - other).mean())
+        if out.reading_warmup:  # nats the own block (and another) gives over the null document
+            read = out.log_p_y_given_z.float()  # [B, 2|3]: own (, other), null
+            metrics["own_over_null"] = float((read[:, 0] - read[:, -1]).mean())
+            metrics["loss_null"] = float(-read[:, -1].mean())
+            if read.shape[1] == 3:
+                metrics["own_over_other"] = float((read[:, 0] - read[:, 1]).mean())
+                metrics["other_over_null"] = float((read[:, 1] - read[:, -1]).mean())
             return metrics
         ru = retrieval_utility(out.log_p_y_given_z)  # [B, k]
         ru_exp = expected_retrieval_utility(ru, out.log_p_z)  # [B]
@@ -451,161 +456,8 @@ class ExampleTable:
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage: prepare (corpus, small encoder, ICT warm start), then train beside the refresher
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def _is_main() -> bool:
-    return os.environ.get("RANK", "0") == "0"  # accelerate/torchrun set RANK
-
-
-def _wait_for(path: str, what: str, timeout: float = 7200.0) -> None:
-    """Non-main processes wait here while the main process prepares ``path``."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not appear at {path} within {timeout:.0f}s")
-        time.sleep(1.0)
-
-
-def prepare_corpus(config, progress: bool = True) -> str:
-    """``pretrain.corpus``, or the ``data`` section's corpus built once into the cache."""
-    from realm.data.build import build_corpus
-
-    if config.pretrain.corpus:
-        return config.pretrain.corpus
-    if not config.data.input:
-        raise ValueError("pretrain.corpus: no corpus given and data.input is empty")
-    key = _digest([dataclasses.asdict(config.data), dataclasses.asdict(config.spans)])
-    out = os.path.join(config.pretrain.cache_dir, f"corpus-{key}")
-    if _is_main():
-        if not os.path.exists(os.path.join(out, "manifest.json")):
-            logger.info("building the pretraining corpus from %s into %s", config.data.input, out)
-        build_corpus(config.data, config.spans, out, progress=progress)  # a no-op when built
-    _wait_for(os.path.join(out, "manifest.json"), "the corpus")
-    return out
-
-
-def prepare_encoder(config) -> str:
-    """``pretrain.encoder``, or a copy of it cut to its first ``encoder_layers`` layers (cached)."""
-    p = config.pretrain
-    return truncated_encoder(p.encoder, p.encoder_layers, p.cache_dir)
-
-
-def truncated_encoder(encoder: str, layers: Optional[int], cache_dir: str) -> str:
-    """``encoder`` itself (``layers`` None), or a cached copy of its first ``layers`` layers."""
-    if not layers:
-        return encoder
-    from transformers import AutoModel
-
-    from realm.hub import load_tokenizer, resolve_model_path
-
-    name = re.sub(r"[^A-Za-z0-9]+", "-", encoder).strip("-")
-    out = os.path.join(cache_dir, f"encoder-{name}-L{layers}")
-    if _is_main() and not os.path.exists(os.path.join(out, "config.json")):
-        model = AutoModel.from_pretrained(resolve_model_path(encoder), num_hidden_layers=layers)
-        tmp = f"{out}.tmp-{os.getpid()}"
-        model.save_pretrained(tmp)
-        load_tokenizer(encoder).save_pretrained(tmp)
-        os.replace(tmp, out)  # config.json appears only with a complete copy
-        logger.info("cached the first %d layers of %s in %s", layers, encoder, out)
-    _wait_for(os.path.join(out, "config.json"), "the truncated encoder")
-    return out
-
-
-def _run_warm_start(cmd: list[str], what: str) -> None:
-    """Run a warm-start stage as its own process; its last stdout line (the summary) is logged."""
-    from realm.refresh.supervisor import child_env
-
-    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{what} failed ({done.returncode}), command {' '.join(cmd)}:\n"
-                           f"{done.stderr[-3000:]}")
-    logger.info("%s: %s", what, done.stdout.strip().splitlines()[-1])
-
-
-def prepare_retriever(config, corpus: str, encoder: str) -> str:
-    """``pretrain.retriever``, or an ICT warm start of ``encoder`` on ``corpus`` (cached).
-
-    The warm start runs as its own process (``python -m realm.training.ict``), so that its
-    accelerate state and threads are gone before pretraining starts.
-    """
-    from realm.cli import override
-
-    p, r = config.pretrain, config.retriever
-    if p.retriever:
-        return p.retriever
-    key = _digest([os.path.abspath(corpus), encoder, r.dim, r.pooling, r.max_query_tokens,
-                   r.max_block_tokens, p.ict_steps, p.ict_batch_size, config.seed])
-    run_dir = os.path.join(p.cache_dir, f"ict-{key}")
-    out = os.path.join(run_dir, "retriever")
-    if _is_main() and not os.path.exists(os.path.join(out, "manifest.json")):
-        logger.info("no retriever given: ICT warm start (%d steps) into %s", p.ict_steps, run_dir)
-        cmd = [sys.executable, "-m", "realm.training.ict", "--no-progress",
-               override("ict.corpus", corpus), override("retriever.encoder", encoder),
-               f"retriever.dim={r.dim}", f"retriever.pooling={r.pooling}",
-               f"retriever.max_query_tokens={r.max_query_tokens}",
-               f"retriever.max_block_tokens={r.max_block_tokens}",
-               f"train.steps={p.ict_steps}", f"train.batch_size={p.ict_batch_size}",
-               f"train.warmup_steps={max(1, p.ict_steps // 10)}", "train.lr=1e-4",
-               f"train.precision={config.train.precision}", "train.eval_every=0",
-               f"train.save_every={p.ict_steps}", override("train.run_dir", run_dir),
-               f"seed={config.seed}", "ict.holdout_blocks=0", "logging.log_every=10",
-               "logging.wandb=false"]
-        _run_warm_start(cmd, "the ICT warm start")
-    _wait_for(os.path.join(out, "manifest.json"), "the warm-started retriever")
-    return out
-
-
-def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
-    """``pretrain.reader`` (else ``encoder``), after the reading warm-up when it is asked for.
-
-    The warm-up (``pretrain.reader_warmup_steps``) is a pretraining run of its own, in its own
-    process like the ICT warm start, with ``pretrain.source_only``: every masked example of
-    ``examples`` is read beside its own unmasked block and beside a random other one
-    (:meth:`REALM._read_own_blocks`); no retriever, no index. Its knowledge-augmented encoder
-    is cached in ``pretrain.cache_dir`` and returned; a killed warm-up resumes from its
-    checkpoint when asked again.
-    """
-    from realm.config import save_config
-
-    p, t, r = config.pretrain, config.train, config.retriever
-    start = p.reader or encoder
-    if not p.reader_warmup_steps:
-        return start
-    steps = p.reader_warmup_steps
-    key = _digest(["read-own-and-other", p.reader_warmup_other_weight,
-                   p.reader_warmup_spanless_blocks, os.path.abspath(examples),
-                   os.path.abspath(start) if os.path.exists(start) else start,
-                   os.path.abspath(retriever), steps,
-                   p.reader_warmup_batch_size, p.masking, p.max_joined_tokens, r.max_query_tokens,
-                   r.max_block_tokens, t.lr, t.precision, config.seed])
-    run_dir = os.path.join(p.cache_dir, f"reader-{key}")
-    out = os.path.join(run_dir, "encoder")
-    if _is_main() and not os.path.exists(os.path.join(out, "manifest.json")):
-        warm = dataclasses.replace(
-            config,
-            pretrain=dataclasses.replace(
-                p, corpus=examples, examples=None, retriever=retriever, encoder=start,
-                encoder_layers=None, reader=None, reader_warmup_steps=0, source_only=True,
-                null_only=False, k=1, retriever_hold_steps=0, table_every=0,
-                spanless_blocks=p.reader_warmup_spanless_blocks,
-                reader_lr_scale=1.0),  # (the warm-up trains the reader, fixed or not after)
-            train=dataclasses.replace(t, run_dir=run_dir, steps=steps,
-                                      batch_size=p.reader_warmup_batch_size,
-                                      warmup_steps=max(1, steps // 10),
-                                      save_every=max(1, steps // 5)),
-            logging=dataclasses.replace(config.logging, wandb=False))
-        path = save_config(warm, p.cache_dir, f"reader-{key}.yaml")
-        logger.info("reading warm-up of the knowledge-augmented encoder (%d steps) into %s",
-                    steps, run_dir)
-        cmd = [sys.executable, "-m", "realm.training.pretrain", "--no-progress", "--config", path]
-        _run_warm_start(cmd, "the reading warm-up")
-    _wait_for(os.path.join(out, "manifest.json"), "the warmed-up reader")
-    return out
+# The stage: prepare (corpus, small encoder, MLM adaptation, ICT warm start; realm.prepare), then
+# train beside the refresher
 
 
 def load_reader(path: str) -> KnowledgeAugmentedEncoder:
@@ -697,12 +549,14 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     corpus_dir = prepare_corpus(config, progress)
     encoder_name = prepare_encoder(config)
     retriever_dir = prepare_retriever(config, corpus_dir, encoder_name)
+    reader_start = prepare_adapted_encoder(config, corpus_dir, p.reader or encoder_name)
     reader_name = prepare_reader(config, p.reader_warmup_examples or p.examples or corpus_dir,
-                                 encoder_name, retriever_dir)
+                                 reader_start, retriever_dir)
     config = dataclasses.replace(
         # the resolved config starts from the warmed-up reader, warm-up done (relaunchable as is)
         config, pretrain=dataclasses.replace(p, corpus=corpus_dir, retriever=retriever_dir,
-                                             reader=reader_name, reader_warmup_steps=0),
+                                             reader=reader_name, reader_warmup_steps=0,
+                                             mlm_steps=0),
         refresh=dataclasses.replace(config.refresh, corpus=corpus_dir))
     p = config.pretrain
     prepare_s = time.time() - t0
@@ -719,6 +573,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     check_tokenizer(retriever.tokenizer, store)
     check_tokenizer(retriever.tokenizer, examples_store)
     encoder = load_reader(reader_name)
+    if encoder.tokenizer is not None:  # (a reader of another vocabulary reads nonsense)
+        check_tokenizer(encoder.tokenizer, store, what=f"reader {reader_name!r}")
     if p.source_only:
         retriever.requires_grad_(False)  # the reading warm-up reads without it
     model = REALM(retriever, encoder, store, special_ids(retriever.tokenizer),
@@ -797,6 +653,10 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     # (not accelerator.is_main_process: after _shutdown that would start a new process group)
     records = read_metrics(t.run_dir) if is_main else []
     ru = [x["ru_expected"] for x in records if "ru_expected" in x]
+    quarters = quarter_means(records, t.steps, {
+        "ru": "ru_expected", "masked_accuracy": "masked_accuracy",
+        "masked_accuracy_null": "masked_accuracy_null", "loss": "loss", "loss_null": "loss_null",
+        "p_null": "p_null"})
     return {
         "stage": "pretrain", "run_dir": t.run_dir, "steps": result["steps"],
         # a run resumed at its last step trains nothing: no loss (None, not NaN, in the JSON)
@@ -805,12 +665,38 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
                                        if "masked_accuracy" in x), None),
         "mean_ru": round(float(np.mean(ru)), 5) if ru else None,
         "final_ru": round(ru[-1], 5) if ru else None,
+        **quarters,
         "generations_swapped": len(hook.generations_used) if hook else 0,
         "max_staleness_steps": hook.max_staleness_steps if hook else 0,
         "world_size": world_size, "precision": precision or "fp32",
         "examples_per_s": result["examples_per_s"], "resumed_from": result["resumed_from"],
         "prepare_s": round(prepare_s, 1), "seconds": round(time.time() - t0, 1),
     }
+
+
+def quarter_means(records: list[dict[str, Any]], steps: int, keys: dict[str, str]
+                  ) -> dict[str, Optional[float]]:
+    """Means of logged metrics over the first and the last quarter of a run's steps.
+
+    A record logged at step ``s`` summarises the steps since the one before, so it belongs to
+    the first quarter when ``s <= steps / 4`` and to the last when ``s > 3 steps / 4``.
+
+    Args:
+        records: The run's metric records (each with ``step``).
+        steps: The run's total steps.
+        keys: Summary name -> metric name, e.g. ``{"ru": "ru_expected"}``.
+
+    Returns:
+        ``{NAME_first_quarter, NAME_last_quarter}`` for every key (None where nothing was
+        logged), rounded to 5 digits.
+    """
+    out: dict[str, Optional[float]] = {}
+    parts = {"first_quarter": lambda s: s <= steps / 4, "last_quarter": lambda s: s > 3 * steps / 4}
+    for name, metric in keys.items():
+        for part, inside in parts.items():
+            values = [r[metric] for r in records if metric in r and inside(r["step"])]
+            out[f"{name}_{part}"] = round(float(np.mean(values)), 5) if values else None
+    return out
 
 
 def main(argv=None, default_config: Optional[str] = None) -> int:

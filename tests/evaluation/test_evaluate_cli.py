@@ -41,6 +41,21 @@ def test_bm25_and_dense_reports(squad_slice, tiny_encoder):
     assert d["gold_recall@20"] < b["gold_recall@20"]  # an untrained 2-layer model vs BM25
 
 
+def test_retrieval_accepts_a_run_directory(squad_slice, tiny_retriever, tmp_path):
+    """`--retriever RUN_DIR` (a pretraining or ICT run) reads the run's `retriever/`."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.symlink(tiny_retriever, run_dir / "retriever")
+    args = ("--corpus", str(squad_slice / "corpus"), "--qa", str(squad_slice / "qa.jsonl"),
+            "--k", "1,5")
+    by_run = _run("retrieval", "--retriever", str(run_dir), *args)
+    direct = _run("retrieval", "--retriever", tiny_retriever, *args)
+    assert by_run.returncode == 0 and direct.returncode == 0, by_run.stderr[-2000:]
+    a, b = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (by_run, direct))
+    assert {k: v for k, v in a.items() if "recall" in k} == {
+        k: v for k, v in b.items() if "recall" in k}
+
+
 def test_ict_mode_bm25_finds_whole_sentences(squad_slice):
     out = _run("ict", "--bm25", "--corpus", str(squad_slice / "corpus"), "--holdout", "30", "--k", "1,5")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -222,13 +222,17 @@ def test_save_load_round_trip(tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["kind"] == "knowledge_augmented_encoder"
     assert manifest["tied_embeddings"] and manifest["head_initialised"]
-    assert manifest["metadata"] == {"step": 7} and "model/model.safetensors" in manifest["files"]
+    assert manifest["metadata"] == {"step": 7} and "model.safetensors" in manifest["files"]
     assert not list(tmp_path.glob(".ka.tmp-*"))
     loaded = KnowledgeAugmentedEncoder.from_pretrained(path).eval()
     assert loaded.output_embeddings.weight is loaded.input_embeddings.weight
     _, _, a = _forward(ka)
     _, _, b = _forward(loaded)
     assert torch.allclose(a.log_probs_of_targets, b.log_probs_of_targets, atol=1e-6)
+    # the directory is a plain transformers masked LM too, decoder still tied
+    plain = BertForMaskedLM.from_pretrained(path).eval()
+    assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
+    assert torch.equal(plain.get_output_embeddings().weight, ka.output_embeddings.weight)
     with pytest.raises(FileExistsError):
         ka.save_pretrained(path)
     ka.save_pretrained(path, overwrite=True)

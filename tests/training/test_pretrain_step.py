@@ -197,16 +197,19 @@ def test_source_only_reads_each_example_beside_its_own_block(setup):
     assert ids.shape == (5, 2) and (ids[:, 1] != own).all() and (ids[:, 1] >= 0).all()
     assert ids[:, 1].max() < len(model.store)
     np.testing.assert_array_equal(warm(batch, no_search).block_ids.numpy(), ids)  # reproducible
-    # each read is the example joined with that (unmasked) block; the loss is the sum of both
+    # each read is the example joined with that (unmasked) block, then with the null document
+    # (an empty block, as in every pretraining batch); the loss is the sum of the three
     cls_id, sep_id, pad_id = model.special
     store = model.store
     joined = build_joined_inputs(
         batch.query_ids, [[store.title_ids(int(b)) for b in row] for row in ids],
         [[store.body_ids(int(b)) for b in row] for row in ids], cls_id, sep_id, pad_id,
-        max_length=100, mask_positions=batch.mask_positions, append_null=False)
+        max_length=100, mask_positions=batch.mask_positions, append_null=True)
+    assert (joined.input_ids[2::3] != pad_id).sum(1).tolist() == [  # [CLS] x [SEP] [SEP]
+        len(q) + 3 for q in batch.query_ids]
     direct = model.encoder(joined.input_ids, joined.attention_mask, joined.token_type_ids,
                            joined.mask_positions, labels=batch.target_ids,
-                           label_mask=batch.target_mask).log_probs_of_targets  # [5, 2]
+                           label_mask=batch.target_mask).log_probs_of_targets  # [5, 3]
     torch.testing.assert_close(out.log_p_y_given_z, direct, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.loss, -direct.sum(1).mean(), rtol=1e-4, atol=1e-4)
     warm.zero_grad(set_to_none=True)  # (the module fixture's model kept earlier tests' grads)
@@ -214,18 +217,22 @@ def test_source_only_reads_each_example_beside_its_own_block(setup):
     assert any(p.grad is not None for p in warm.encoder.parameters())
     assert all(p.grad is None for p in warm.retriever.parameters())
     metrics = realm_metrics(out, batch)
-    assert set(metrics) == {"loss", "masked_accuracy", "fallback_examples", "own_over_other"}
+    assert set(metrics) == {"loss", "masked_accuracy", "fallback_examples", "own_over_other",
+                            "own_over_null", "other_over_null", "loss_null"}
     gain = (direct[:, 0] - direct[:, 1]).detach().mean()
     assert metrics["own_over_other"] == pytest.approx(float(gain),
                                                       rel=1e-4, abs=1e-4)
+    assert metrics["own_over_null"] == pytest.approx(float((direct[:, 0] - direct[:, 2]).mean()),
+                                                     rel=1e-4, abs=1e-4)
     # other_weight=0: the own block alone (copying only), the same read of it
     copy = REALM(model.retriever, model.encoder, model.store, model.special, k=1,
                  max_query_tokens=32, max_block_tokens=64, max_joined_tokens=100,
                  exclude_source=False, source_only=True, other_weight=0.0)
     alone = copy(batch, no_search)
     np.testing.assert_array_equal(alone.block_ids.numpy(), own[:, None])
-    torch.testing.assert_close(alone.log_p_y_given_z[:, 0], direct[:, 0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(alone.loss, -direct[:, 0].mean(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(alone.log_p_y_given_z, direct[:, [0, 2]], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(alone.loss, -(direct[:, 0] + direct[:, 2]).mean(), rtol=1e-4,
+                               atol=1e-4)
     assert "own_over_other" not in realm_metrics(alone, batch)
     for bad in ({"k": 2, "exclude_source": False}, {"k": 1, "exclude_source": True}):
         with pytest.raises(ValueError, match="source_only"):

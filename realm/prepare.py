@@ -1,0 +1,217 @@
+"""Cached preparation: every stage that needs a corpus, a truncated or MLM-adapted encoder, an ICT
+warm start or a reading warm-up asks this module, and each is built once into ``cache_dir`` under
+a key made of everything that changes the result.
+
+Stages that train (the ICT warm start, the MLM adaptation, the reading warm-up) run as their own
+processes, so that their accelerate state and threads are gone before the caller's stage starts.
+Each output appears only when complete (its ``manifest.json`` or ``config.json`` is written
+last, or the directory is renamed into place); other ranks wait for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # accelerate/torchrun set RANK
+
+
+def _wait_for(path: str, what: str, timeout: float = 7200.0) -> None:
+    """Non-main processes wait here while the main process prepares ``path``."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not appear at {path} within {timeout:.0f}s")
+        time.sleep(1.0)
+
+
+def prepare_corpus(config, progress: bool = True) -> str:
+    """``pretrain.corpus``, or the ``data`` section's corpus built once into the cache."""
+    from realm.data.build import build_corpus
+
+    if config.pretrain.corpus:
+        return config.pretrain.corpus
+    if not config.data.input:
+        raise ValueError("pretrain.corpus: no corpus given and data.input is empty")
+    key = _digest([dataclasses.asdict(config.data), dataclasses.asdict(config.spans)])
+    out = os.path.join(config.pretrain.cache_dir, f"corpus-{key}")
+    if _is_main():
+        if not os.path.exists(os.path.join(out, "manifest.json")):
+            logger.info("building the pretraining corpus from %s into %s", config.data.input, out)
+        build_corpus(config.data, config.spans, out, progress=progress)  # a no-op when built
+    _wait_for(os.path.join(out, "manifest.json"), "the corpus")
+    return out
+
+
+def prepare_encoder(config) -> str:
+    """``pretrain.encoder``, or a copy of it cut to its first ``encoder_layers`` layers (cached)."""
+    p = config.pretrain
+    return truncated_encoder(p.encoder, p.encoder_layers, p.cache_dir)
+
+
+def truncated_encoder(encoder: str, layers: Optional[int], cache_dir: str) -> str:
+    """``encoder`` itself (``layers`` None), or a cached copy of its first ``layers`` layers."""
+    if not layers:
+        return encoder
+    from transformers import AutoModel
+
+    from realm.hub import load_tokenizer, resolve_model_path
+
+    name = re.sub(r"[^A-Za-z0-9]+", "-", encoder).strip("-")
+    out = os.path.join(cache_dir, f"encoder-{name}-L{layers}")
+    if _is_main() and not os.path.exists(os.path.join(out, "config.json")):
+        model = AutoModel.from_pretrained(resolve_model_path(encoder), num_hidden_layers=layers)
+        tmp = f"{out}.tmp-{os.getpid()}"
+        model.save_pretrained(tmp)
+        load_tokenizer(encoder).save_pretrained(tmp)
+        os.replace(tmp, out)  # config.json appears only with a complete copy
+        logger.info("cached the first %d layers of %s in %s", layers, encoder, out)
+    _wait_for(os.path.join(out, "config.json"), "the truncated encoder")
+    return out
+
+
+def _run_warm_start(cmd: list[str], what: str) -> None:
+    """Run a warm-start stage as its own process; its last stdout line (the summary) is logged."""
+    from realm.refresh.supervisor import child_env
+
+    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed ({done.returncode}), command {' '.join(cmd)}:\n"
+                           f"{done.stderr[-3000:]}")
+    logger.info("%s: %s", what, done.stdout.strip().splitlines()[-1])
+
+
+def prepare_retriever(config, corpus: str, encoder: str) -> str:
+    """``pretrain.retriever``, or an ICT warm start of ``encoder`` on ``corpus`` (cached).
+
+    The warm start runs as its own process (``python -m realm.training.ict``), so that its
+    accelerate state and threads are gone before pretraining starts.
+    """
+    from realm.cli import override
+
+    p, r = config.pretrain, config.retriever
+    if p.retriever:
+        return p.retriever
+    key = _digest([os.path.abspath(corpus), encoder, r.dim, r.pooling, r.max_query_tokens,
+                   r.max_block_tokens, p.ict_steps, p.ict_batch_size, config.seed])
+    run_dir = os.path.join(p.cache_dir, f"ict-{key}")
+    out = os.path.join(run_dir, "retriever")
+    if _is_main() and not os.path.exists(os.path.join(out, "manifest.json")):
+        logger.info("no retriever given: ICT warm start (%d steps) into %s", p.ict_steps, run_dir)
+        cmd = [sys.executable, "-m", "realm.training.ict", "--no-progress",
+               override("ict.corpus", corpus), override("retriever.encoder", encoder),
+               f"retriever.dim={r.dim}", f"retriever.pooling={r.pooling}",
+               f"retriever.max_query_tokens={r.max_query_tokens}",
+               f"retriever.max_block_tokens={r.max_block_tokens}",
+               f"train.steps={p.ict_steps}", f"train.batch_size={p.ict_batch_size}",
+               f"train.warmup_steps={max(1, p.ict_steps // 10)}", "train.lr=1e-4",
+               f"train.precision={config.train.precision}", "train.eval_every=0",
+               f"train.save_every={p.ict_steps}", override("train.run_dir", run_dir),
+               f"seed={config.seed}", "ict.holdout_blocks=0", "logging.log_every=10",
+               "logging.wandb=false"]
+        _run_warm_start(cmd, "the ICT warm start")
+    _wait_for(os.path.join(out, "manifest.json"), "the warm-started retriever")
+    return out
+
+
+def prepare_adapted_encoder(config, corpus: str, encoder: str) -> str:
+    """``encoder`` when it has a trained masked-LM head (or ``pretrain.mlm_steps`` is 0), else
+    its MLM adaptation on ``corpus`` (:mod:`realm.training.adapt_mlm`), cached in
+    ``pretrain.cache_dir`` under a key of everything that changes the result.
+
+    The adaptation runs as its own process; its output directory appears only when complete, and
+    a killed adaptation resumes from its checkpoint when asked again.
+    """
+    from realm.config import save_config
+    from realm.training.adapt_mlm import has_trained_mlm_head
+
+    p = config.pretrain
+    if not p.mlm_steps or has_trained_mlm_head(encoder):
+        return encoder
+    m = config.mlm
+    steps = p.mlm_steps
+    key = _digest(["adapt-mlm", os.path.abspath(encoder) if os.path.exists(encoder) else encoder,
+                   os.path.abspath(corpus), steps, p.mlm_batch_size, p.mlm_lr, m.mask_prob,
+                   m.salient_span_prob, m.max_tokens, m.holdout_blocks,
+                   config.train.precision, config.seed])
+    run_dir = os.path.join(p.cache_dir, f"mlm-{key}")
+    out = os.path.join(run_dir, "encoder")
+    if _is_main() and not os.path.exists(os.path.join(out, "manifest.json")):
+        adapt = dataclasses.replace(
+            config,
+            mlm=dataclasses.replace(m, corpus=corpus, encoder=encoder, encoder_layers=None),
+            train=dataclasses.replace(config.train, run_dir=run_dir, steps=steps,
+                                      batch_size=p.mlm_batch_size, lr=p.mlm_lr, grad_accum=1,
+                                      warmup_steps=max(1, steps // 10), eval_every=0,
+                                      save_every=max(1, steps // 4)),
+            logging=dataclasses.replace(config.logging, wandb=False))
+        path = save_config(adapt, p.cache_dir, f"mlm-{key}.yaml")
+        logger.info("%s has no trained masked-LM head: MLM adaptation (%d steps) into %s",
+                    encoder, steps, run_dir)
+        cmd = [sys.executable, "-m", "realm.training.adapt_mlm", "--no-progress", "--config", path]
+        _run_warm_start(cmd, "the MLM adaptation")
+    _wait_for(os.path.join(out, "manifest.json"), "the MLM-adapted encoder")
+    return out
+
+
+def prepare_reader(config, examples: str, encoder: str, retriever: str) -> str:
+    """``encoder`` (the reader's start), after the reading warm-up when it is asked for.
+
+    The warm-up (``pretrain.reader_warmup_steps``) is a pretraining run of its own, in its own
+    process like the ICT warm start, with ``pretrain.source_only``: every masked example of
+    ``examples`` is read beside its own unmasked block, beside a random other one and beside the
+    null document (:meth:`REALM._read_own_blocks`); no retriever, no index. Its knowledge-augmented encoder
+    is cached in ``pretrain.cache_dir`` and returned; a killed warm-up resumes from its
+    checkpoint when asked again.
+    """
+    from realm.config import save_config
+
+    p, t, r = config.pretrain, config.train, config.retriever
+    start = encoder
+    if not p.reader_warmup_steps:
+        return start
+    steps = p.reader_warmup_steps
+    key = _digest(["read-own-other-null", p.reader_warmup_other_weight,
+                   p.reader_warmup_spanless_blocks, os.path.abspath(examples),
+                   os.path.abspath(start) if os.path.exists(start) else start,
+                   os.path.abspath(retriever), steps,
+                   p.reader_warmup_batch_size, p.masking, p.max_joined_tokens, r.max_query_tokens,
+                   r.max_block_tokens, t.lr, t.precision, config.seed])
+    run_dir = os.path.join(p.cache_dir, f"reader-{key}")
+    out = os.path.join(run_dir, "encoder")
+    if _is_main() and not os.path.exists(os.path.join(out, "manifest.json")):
+        warm = dataclasses.replace(
+            config,
+            pretrain=dataclasses.replace(
+                p, corpus=examples, examples=None, retriever=retriever, encoder=start,
+                encoder_layers=None, reader=None, reader_warmup_steps=0, source_only=True,
+                null_only=False, k=1, retriever_hold_steps=0, table_every=0,
+                spanless_blocks=p.reader_warmup_spanless_blocks,
+                reader_lr_scale=1.0),  # (the warm-up trains the reader, fixed or not after)
+            train=dataclasses.replace(t, run_dir=run_dir, steps=steps,
+                                      batch_size=p.reader_warmup_batch_size,
+                                      warmup_steps=max(1, steps // 10),
+                                      save_every=max(1, steps // 5)),
+            logging=dataclasses.replace(config.logging, wandb=False))
+        path = save_config(warm, p.cache_dir, f"reader-{key}.yaml")
+        logger.info("reading warm-up of the knowledge-augmented encoder (%d steps) into %s",
+                    steps, run_dir)
+        cmd = [sys.executable, "-m", "realm.training.pretrain", "--no-progress", "--config", path]
+        _run_warm_start(cmd, "the reading warm-up")
+    _wait_for(os.path.join(out, "manifest.json"), "the warmed-up reader")
+    return out
