@@ -197,7 +197,15 @@ class MLMConfig:
     salient_span_prob: float = _doc(
         "Chance that an example masks one salient span of its block instead of random whole "
         "words (0: BERT's masking only).", default=0.0)
-    max_tokens: int = _doc("Word pieces per sequence, [CLS] title [SEP] body [SEP].", default=128)
+    neighbour_prob: float = _doc(
+        "Two-segment examples laid out as REALM's reader reads, [CLS] body [SEP] title' [SEP] "
+        "body' [SEP] (BERT's sentence pairs): the chance that the second segment is a "
+        "neighbouring block of the same article. With `random_prob`, the rest of the examples "
+        "get an empty second segment (the null document). Both 0: single segments, "
+        "[CLS] title [SEP] body [SEP].", default=0.0)
+    random_prob: float = _doc(
+        "The chance that the second segment is a random block of another article.", default=0.0)
+    max_tokens: int = _doc("Word pieces per segment, special tokens included.", default=128)
     holdout_blocks: int = _doc("Blocks held out for the masked-token accuracy and loss.",
                                default=256)
 
@@ -206,6 +214,10 @@ class MLMConfig:
         _check(0 <= self.salient_span_prob <= 1, "mlm.salient_span_prob",
                f"must be in [0, 1], got {self.salient_span_prob}")
         _check(self.max_tokens >= 8, "mlm.max_tokens", f"must be >= 8, got {self.max_tokens}")
+        _check(self.neighbour_prob >= 0 and self.random_prob >= 0
+               and self.neighbour_prob + self.random_prob <= 1, "mlm.neighbour_prob",
+               f"neighbour_prob ({self.neighbour_prob}) and random_prob ({self.random_prob}) "
+               "must be >= 0 and sum to at most 1")
         _check(self.holdout_blocks >= 0, "mlm.holdout_blocks",
                f"must be >= 0, got {self.holdout_blocks}")
         _check(self.encoder_layers is None or self.encoder_layers > 0, "mlm.encoder_layers",
@@ -387,6 +399,11 @@ class PretrainConfig:
         "The loss value is REALM's in every case.",
         default="marginal",
     )
+    marginal: Literal["example", "token"] = _doc(
+        "How the loss marginalises over the k + 1 candidates. `example` (the REALM paper): "
+        "-log sum_z p(z|x) p(y|z,x), p(y|z,x) the product over the masked tokens. `token` (the "
+        "released REALM code): the marginal per masked token, averaged over the tokens.",
+        default="example")
     retriever_min_ru: float = _doc(
         "Under `positive`, `in_batch` and `bank`: the retrieval utility log p(y|z,x) - "
         "log p(y|null,x), in nats, a retrieved block must exceed to rank above the null "

@@ -84,6 +84,37 @@ def realm_marginal_loss(
     return -log_marginal.mean(), log_p_z
 
 
+def realm_token_marginal_loss(
+    retrieval_logits: torch.Tensor, token_log_probs: torch.Tensor, token_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released REALM code's loss: the marginal over blocks taken per masked token, then
+    averaged over the tokens: ``-mean_j log Σ_z p(z|x) p(y_j|z, x)``.
+
+    Unlike :func:`realm_marginal_loss`, each token chooses its own mixture of blocks, and a span
+    of many tokens weighs no more than one of few tokens.
+
+    Args:
+        retrieval_logits: ``f(x, z)``, ``[B, k + 1]``.
+        token_log_probs: ``log p(y_j|z, x)`` of each target token, ``[B, k + 1, M]``.
+        token_mask: True on real targets, ``[B, M]``.
+
+    Returns:
+        ``(loss, log_p_z)``: the mean over every real target token of the batch of
+        ``-log p(y_j|x)`` (float32), and ``log p(z|x)`` ``[B, k + 1]``.
+    """
+    if (retrieval_logits.dim() != 2 or token_log_probs.dim() != 3
+            or token_log_probs.shape[:2] != retrieval_logits.shape
+            or token_mask.shape != (token_log_probs.shape[0], token_log_probs.shape[2])):
+        raise ValueError(
+            f"expected [B, k + 1], [B, k + 1, M] and [B, M], got {tuple(retrieval_logits.shape)}, "
+            f"{tuple(token_log_probs.shape)} and {tuple(token_mask.shape)}")
+    log_p_z = torch.log_softmax(retrieval_logits.float(), dim=-1)  # [B, k + 1]
+    log_joint = log_p_z[:, :, None] + token_log_probs.float()  # [B, k + 1, M]
+    per_token = torch.logsumexp(log_joint, dim=1)  # [B, M], log p(y_j|x)
+    mask = token_mask.to(per_token.dtype)
+    return -(per_token * mask).sum() / mask.sum().clamp(min=1), log_p_z
+
+
 def retrieval_utility(log_p_y_given_z: torch.Tensor, null_index: int = -1) -> torch.Tensor:
     """Retrieval utility ``RU(z, x) = log p(y|z, x) - log p(y|∅, x)`` of each retrieved block.
 

@@ -84,6 +84,33 @@ def test_realm_marginal_loss_rejects_mismatched_shapes():
         realm_marginal_loss(torch.zeros(2, 3), torch.zeros(2, 4))
 
 
+def test_realm_token_marginal_loss_equals_direct_computation():
+    from realm.losses import realm_token_marginal_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 4, generator=g)
+    tokens = -torch.rand(3, 4, 5, generator=g) * 6  # log p(y_j|z, x) <= 0
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    loss, log_pz = realm_token_marginal_loss(logits, tokens, mask)
+    total, count = 0.0, 0
+    for i in range(3):
+        p_z = [math.exp(float(x)) for x in torch.log_softmax(logits[i], -1)]
+        for j in range(5):
+            if mask[i, j]:
+                total += -math.log(sum(p_z[z] * math.exp(float(tokens[i, z, j])) for z in range(4)))
+                count += 1
+    assert abs(float(loss) - total / count) < 1e-5
+    torch.testing.assert_close(log_pz, torch.log_softmax(logits, -1))
+    # one masked token: the per-token and the per-example marginals are the same loss
+    single = mask.clone()
+    single[:, 1:] = False
+    a, _ = realm_token_marginal_loss(logits, tokens, single)
+    b, _ = realm_marginal_loss(logits, tokens[:, :, 0])
+    assert abs(float(a) - float(b)) < 1e-5
+    with pytest.raises(ValueError):
+        realm_token_marginal_loss(logits, tokens, mask[:, :3])
+
+
 def test_retrieval_utility_and_its_summaries_equal_direct_computation():
     logits, log_py = _realm_inputs(b=2, k1=4, seed=1)
     _, log_pz = realm_marginal_loss(logits, log_py)

@@ -380,25 +380,40 @@ def whole_word_mask(
 
 @dataclasses.dataclass
 class MaskedSequence:
-    """One BERT-style masked sequence ``[CLS] title [SEP] body [SEP]`` of a block.
+    """One BERT-style masked sequence of a block: ``[CLS] title [SEP] body [SEP]``, or with a
+    second segment ``[CLS] body [SEP] title' [SEP] body' [SEP]`` (REALM's joined layout).
 
     Attributes:
         block_id: The block it was cut from.
         input_ids: The masked sequence, ``[L]``.
         mask_positions: Positions whose original pieces are the targets, ``[n]``.
         target_ids: The original pieces, ``[n]``.
+        token_type_ids: 0 on ``[CLS]`` and the first segment with its ``[SEP]``, 1 after, ``[L]``.
+        pair: What the second segment is: ``"none"`` (single segment), ``"neighbour"`` (a block
+            next to it in its article), ``"random"`` (another article's block) or ``"null"``
+            (empty, as REALM's null document).
     """
 
     block_id: int
     input_ids: np.ndarray
     mask_positions: np.ndarray
     target_ids: np.ndarray
+    token_type_ids: Optional[np.ndarray] = None
+    pair: str = "none"
 
 
 class BlockMLMDataset(torch.utils.data.Dataset):
-    """BERT-style masked-LM examples, one per block: ``[CLS] title [SEP] body [SEP]``, cut to
-    ``max_tokens``, whole words masked (:func:`whole_word_mask`). Example ``i`` is a pure
-    function of (seed, epoch, i), so resumes and evaluations reproduce it.
+    """BERT-style masked-LM examples, one per block, whole words masked
+    (:func:`whole_word_mask`). Example ``i`` is a pure function of (seed, epoch, i), so resumes
+    and evaluations reproduce it.
+
+    Without pairs (``neighbour_prob = random_prob = 0``) an example is ``[CLS] title [SEP] body
+    [SEP]`` cut to ``max_tokens``. With pairs it is laid out as REALM's reader reads,
+    ``[CLS] body [SEP] title' [SEP] body' [SEP]``: the second segment is, like BERT's sentence
+    pairs, the next (or previous) block of the same article with probability ``neighbour_prob``,
+    a random block of another article with ``random_prob``, and otherwise empty (``[CLS] body
+    [SEP] [SEP]``, the null document). Words of both segments are masked, so the encoder learns
+    to read the second segment where it helps and to do without it.
 
     Args:
         store: The block store.
@@ -407,25 +422,34 @@ class BlockMLMDataset(torch.utils.data.Dataset):
         continuation: :func:`continuation_pieces` of the tokenizer.
         random_ids: Ids random replacement draws from: every id but the special tokens; only
             these are ever masked.
-        max_tokens: Word pieces per sequence, special tokens included.
+        max_tokens: Word pieces per segment, special tokens included.
         mask_prob: Share of the word pieces masked.
-        salient_span_prob: Chance that an example masks one salient span of its block (all its
-            pieces ``[MASK]``) instead of random whole words; blocks with no span in the kept
+        salient_span_prob: Chance that an example masks one salient span of its (first) block
+            (all its pieces) instead of random whole words; blocks with no span in the kept
             text use words.
+        neighbour_prob: Chance of a neighbouring block as the second segment.
+        random_prob: Chance of a random other article's block as the second segment.
         seed: Seed of the masking.
     """
 
     def __init__(self, store: BlockStore, block_ids: np.ndarray, special: tuple[int, int, int],
                  continuation: np.ndarray, random_ids: np.ndarray, max_tokens: int = 128,
-                 mask_prob: float = 0.15, salient_span_prob: float = 0.0, seed: int = 0):
+                 mask_prob: float = 0.15, salient_span_prob: float = 0.0,
+                 neighbour_prob: float = 0.0, random_prob: float = 0.0, seed: int = 0):
         if len(block_ids) == 0:
             raise ValueError(f"{store.path}: no blocks to draw masked-LM examples from")
         if max_tokens < 8:
             raise ValueError(f"max_tokens must be >= 8, got {max_tokens}")
+        if neighbour_prob < 0 or random_prob < 0 or neighbour_prob + random_prob > 1:
+            raise ValueError(f"neighbour_prob={neighbour_prob} and random_prob={random_prob} must "
+                             "be >= 0 and sum to at most 1")
         self.store, self.block_ids = store, np.asarray(block_ids, dtype=np.int64)
         self.special, self.continuation, self.random_ids = special, continuation, random_ids
         self.max_tokens, self.mask_prob = max_tokens, mask_prob
         self.salient_span_prob, self.seed, self.epoch = salient_span_prob, seed, 0
+        self.neighbour_prob, self.random_prob = neighbour_prob, random_prob
+        self.pairs = neighbour_prob > 0 or random_prob > 0
+        self.article = np.asarray(store.blocks["article"])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -433,25 +457,55 @@ class BlockMLMDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.block_ids)
 
+    def _second(self, block: int, rng: np.random.Generator) -> tuple[Optional[int], str]:
+        roll = rng.random()
+        if roll < self.neighbour_prob:
+            near = [b for b in (block - 1, block + 1)
+                    if 0 <= b < len(self.article) and self.article[b] == self.article[block]]
+            if near:
+                return int(near[rng.integers(len(near))]), "neighbour"
+        elif roll < self.neighbour_prob + self.random_prob and len(self.article) > 1:
+            other = int(rng.integers(len(self.article) - 1))
+            other += other >= block
+            if self.article[other] != self.article[block]:
+                return other, "random"
+        return None, "null"
+
     def __getitem__(self, i: int) -> MaskedSequence:
         block = int(self.block_ids[i])
         cls_id, sep_id, mask_id = self.special
-        title = self.store.title_ids(block)[: self.max_tokens // 4]
-        body = self.store.body_ids(block)[: max(0, self.max_tokens - len(title) - 3)]
-        ids = np.concatenate([[cls_id], title, [sep_id], body, [sep_id]]).astype(np.int64)
-        maskable = np.isin(ids, self.random_ids)  # never a special token ([CLS], [SEP], [UNK])
         rng = np.random.default_rng([self.seed, self.epoch, block])
+        pair = "none"
+        if self.pairs:  # [CLS] body [SEP] (title' [SEP] body')? [SEP]
+            first = self.store.body_ids(block)[: self.max_tokens - 2]
+            other, pair = self._second(block, rng)
+            second = [] if other is None else [
+                self.store.title_ids(other)[: self.max_tokens // 4], [sep_id]]
+            if other is not None:
+                room = self.max_tokens - 2 - len(second[0])
+                second.append(self.store.body_ids(other)[: max(0, room)])
+            parts = [[cls_id], first, [sep_id], *second, [sep_id]]
+            offset = 1  # body position 0 in the sequence
+        else:  # [CLS] title [SEP] body [SEP]
+            title = self.store.title_ids(block)[: self.max_tokens // 4]
+            first = self.store.body_ids(block)[: max(0, self.max_tokens - len(title) - 3)]
+            parts = [[cls_id], title, [sep_id], first, [sep_id]]
+            offset = len(title) + 2
+        ids = np.concatenate(parts).astype(np.int64)
+        types = np.zeros(len(ids), dtype=np.int64)
+        if self.pairs:
+            types[len(first) + 2:] = 1
+        maskable = np.isin(ids, self.random_ids)  # never a special token ([CLS], [SEP], [UNK])
         span = None
         if self.salient_span_prob and rng.random() < self.salient_span_prob:
-            offset = len(title) + 2  # body position 0 in the sequence
             spans = [(int(s["start"]) + offset, int(s["end"]) + offset)
-                     for s in self.store.spans(block) if s["end"] <= len(body)]
+                     for s in self.store.spans(block) if s["end"] <= len(first)]
             if spans:
                 span = spans[rng.integers(len(spans))]
         masked, positions, targets = whole_word_mask(
             ids, maskable, self.continuation, rng, mask_id, self.random_ids, self.mask_prob,
             span=span)
-        return MaskedSequence(block, masked, positions, targets)
+        return MaskedSequence(block, masked, positions, targets, types, pair)
 
 
 def mlm_text_blocks(store: BlockStore) -> np.ndarray:
@@ -469,6 +523,7 @@ class MaskedSequenceBatch:
     Attributes:
         input_ids: ``[B, L]`` right-padded with ``pad_id``.
         attention_mask: ``[B, L]``.
+        token_type_ids: ``[B, L]`` (0 on padding).
         mask_positions: ``[B, M]`` padded with 0.
         target_ids: ``[B, M]`` padded with 0.
         target_mask: True on real targets, ``[B, M]``.
@@ -479,6 +534,7 @@ class MaskedSequenceBatch:
     mask_positions: torch.Tensor
     target_ids: torch.Tensor
     target_mask: torch.Tensor
+    token_type_ids: Optional[torch.Tensor] = None
 
 
 def collate_masked_sequences(examples: Sequence[MaskedSequence], pad_id: int = 0
@@ -486,4 +542,6 @@ def collate_masked_sequences(examples: Sequence[MaskedSequence], pad_id: int = 0
     input_ids, attention = pad_ragged([e.input_ids for e in examples], pad_value=pad_id)
     positions, _ = pad_ragged([e.mask_positions for e in examples])
     targets, target_mask = pad_ragged([e.target_ids for e in examples])
-    return MaskedSequenceBatch(input_ids, attention.long(), positions, targets, target_mask)
+    types, _ = pad_ragged([e.token_type_ids if e.token_type_ids is not None
+                           else np.zeros(len(e.input_ids), np.int64) for e in examples])
+    return MaskedSequenceBatch(input_ids, attention.long(), positions, targets, target_mask, types)

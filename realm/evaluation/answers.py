@@ -8,11 +8,14 @@ Two questions are answered here, with the conventions of the reference implement
   must match **at the start** of the raw prediction (``pattern.match``). It is not anchored at the
   end, so ``\\d{4}`` accepts ``"1990s"`` but not ``"in 1990"``; write ``...$`` in the pattern for a
   full match.
-* **Does a passage contain an answer?** (retriever evaluation) — :func:`has_answer` follows DPR's
-  ``has_answer``: strings are matched as a contiguous run of whole tokens of the normalised text
-  (so ``"cat"`` is not found in ``"concatenate"``), regexes with ``pattern.search`` anywhere in the
-  text, case-insensitive. Both sides are put in Unicode NFD form first, as DPR does, so composed
-  and decomposed accents compare equal.
+* **Does a passage contain an answer?** (retriever evaluation) — :func:`has_answer` is DPR's
+  ``has_answer``: both sides are put in Unicode NFD form and tokenised as DPR's
+  ``SimpleTokenizer`` does (:func:`dpr_tokens`: a token is a run of Unicode letters, digits and
+  combining marks, or any other single non-space character), uncased; a string answer matches
+  when its tokens occur as a contiguous run of the passage's tokens. So ``"cat"`` is found in
+  ``"cat-like"`` and ``"the cat's hat"`` but not in ``"concatenate"``; articles count as tokens;
+  ``"USA"`` is not found in ``"U.S.A."``. Regexes are searched with ``pattern.search`` anywhere
+  in the text, case-insensitive. (Exact match and F1 keep SQuAD's normalisation.)
 
 Unlike DrQA and DPR, which treat an invalid pattern as "no match", an invalid pattern raises a
 :class:`ValueError` naming it: a broken answer key should stop an evaluation, not lower its score.
@@ -27,9 +30,30 @@ import unicodedata
 from collections import Counter
 from typing import Sequence
 
+import regex
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
 _REGEX_FLAGS = re.IGNORECASE | re.UNICODE | re.MULTILINE
+#: DPR's SimpleTokenizer: runs of letters, digits and combining marks; any other non-space,
+#: non-control character is a token of its own
+_DPR_TOKEN = regex.compile(r"[\p{L}\p{N}\p{M}]+|[^\p{Z}\p{C}]", regex.UNICODE)
+
+
+def dpr_tokens(text: str, strip_accents: bool = False) -> list[str]:
+    """``text`` in NFD form, tokenised as DPR's ``SimpleTokenizer`` and lower-cased.
+
+    Args:
+        text: Any text.
+        strip_accents: Also drop the combining marks (``"café"`` -> ``"cafe"``); DPR keeps them.
+
+    Returns:
+        The tokens, e.g. ``dpr_tokens("The cat's hat") == ["the", "cat", "'", "s", "hat"]``.
+    """
+    text = unicodedata.normalize("NFD", text)
+    if strip_accents:
+        text = "".join(ch for ch in text if unicodedata.category(ch) != "Mn")
+    return [t.lower() for t in _DPR_TOKEN.findall(text)]
 
 
 def normalize_answer(s: str, strip_accents: bool = False) -> str:
@@ -114,12 +138,11 @@ def has_answer(
         answers: Gold answers (at least one). With ``regex=True``, regular expressions.
         regex: Treat answers as patterns searched anywhere in the text (``pattern.search``),
             case-insensitive.
-        strip_accents: See :func:`normalize_answer` (string answers only).
+        strip_accents: See :func:`dpr_tokens` (string answers only).
 
     Returns:
-        For strings: True when the tokens of a normalised answer occur as a contiguous run in
-        the tokens of the normalised text (whole tokens only). An answer that normalises to
-        nothing (e.g. ``"the"``) never matches.
+        For strings: True when the :func:`dpr_tokens` of an answer occur as a contiguous run in
+        those of the text (whole tokens only). An answer with no token never matches.
 
     Raises:
         ValueError: ``answers`` is empty, or a pattern does not compile.
@@ -131,10 +154,9 @@ def has_answer(
         return any(
             compile_answer_pattern(unicodedata.normalize("NFD", p)).search(text) for p in answers
         )
-    text_tokens = normalize_answer(text, strip_accents).split()
+    text_tokens = dpr_tokens(text, strip_accents)
     for answer in answers:
-        answer = unicodedata.normalize("NFD", answer)
-        answer_tokens = normalize_answer(answer, strip_accents).split()
+        answer_tokens = dpr_tokens(answer, strip_accents)
         if answer_tokens and _contains_run(text_tokens, answer_tokens):
             return True
     return False

@@ -52,7 +52,8 @@ def masked_lm_scores(encoder: KnowledgeAugmentedEncoder, batch: MaskedSequenceBa
         (scalar), correctly predicted targets, and their count.
     """
     device = next(encoder.parameters()).device
-    out = encoder(batch.input_ids.to(device), batch.attention_mask.to(device), None,
+    types = None if batch.token_type_ids is None else batch.token_type_ids.to(device)
+    out = encoder(batch.input_ids.to(device), batch.attention_mask.to(device), types,
                   batch.mask_positions.to(device), labels=batch.target_ids.to(device),
                   label_mask=batch.target_mask.to(device))
     mask = batch.target_mask.to(device)  # [B, M]
@@ -189,7 +190,8 @@ def run_adapt_mlm(config, progress: bool = True) -> dict[str, Any]:
     random_ids = np.setdiff1d(np.arange(len(tokenizer)), tokenizer.all_special_ids)
     make = dict(special=special, continuation=continuation, random_ids=random_ids,
                 max_tokens=m.max_tokens, mask_prob=m.mask_prob,
-                salient_span_prob=m.salient_span_prob)
+                salient_span_prob=m.salient_span_prob, neighbour_prob=m.neighbour_prob,
+                random_prob=m.random_prob)
     dataset = BlockMLMDataset(store, train_blocks, seed=config.seed, **make)
     held = BlockMLMDataset(store, held_blocks, seed=config.seed + 1, **make) if holdout else None
     task = AdaptMLMTask(dataset, held, tokenizer.pad_token_id)

@@ -30,7 +30,8 @@ from realm.data.mlm import MLMBatch, MLMDataset, collate_mlm, mlm_blocks
 from realm.data.store import BlockStore
 from realm.index.mips import SearchResult
 from realm.losses import (expected_retrieval_utility, null_probability, realm_marginal_loss,
-                          retrieval_entropy, retrieval_utility, top1_retrieval_utility)
+                          realm_token_marginal_loss, retrieval_entropy, retrieval_utility,
+                          top1_retrieval_utility)
 from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, build_joined_inputs
 from realm.modeling.retriever import Retriever, build_block_inputs, build_query_inputs
 from realm.prepare import (_digest, prepare_adapted_encoder, prepare_corpus, prepare_encoder,
@@ -102,6 +103,10 @@ class REALM(nn.Module):
             (:meth:`_corpus_rest`). The loss value is REALM's in every case.
         freeze_reader: The knowledge-augmented encoder does not train (no gradient, eval mode):
             the retriever learns from a fixed reader.
+        marginal: ``example`` (the paper): ``-log Σ_z p(z|x) p(y|z, x)`` with ``p(y|z, x)`` the
+            product over the masked tokens. ``token`` (the released REALM code): the marginal
+            per masked token, averaged over the batch's tokens
+            (:func:`realm.losses.realm_token_marginal_loss`).
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
@@ -110,8 +115,11 @@ class REALM(nn.Module):
                  max_joined_tokens: int = 352, exclude_source: bool = True,
                  source_only: bool = False, other_weight: float = 1.0,
                  retriever_signal: str = "marginal", min_ru: float = 0.0,
-                 freeze_reader: bool = False):
+                 freeze_reader: bool = False, marginal: str = "example"):
         super().__init__()
+        if marginal not in ("example", "token"):
+            raise ValueError(f"marginal must be 'example' or 'token', got {marginal!r}")
+        self.marginal = marginal
         if retriever_signal not in RETRIEVER_SIGNALS:
             raise ValueError(f"retriever_signal must be one of {RETRIEVER_SIGNALS}, got "
                              f"{retriever_signal!r}")
@@ -186,10 +194,17 @@ class REALM(nn.Module):
                            labels=batch.target_ids.to(device),
                            label_mask=batch.target_mask.to(device))
         log_p_y = out.log_probs_of_targets  # [B, k + 1]
+        token_mask = batch.target_mask.to(device)
+
+        def marginal_loss(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.marginal == "token":  # per masked token, averaged (the released code)
+                return realm_token_marginal_loss(logits, out.token_log_probs, token_mask)
+            return realm_marginal_loss(logits, log_p_y)  # per example (the paper)
+
         if self.retriever_signal != "marginal" and self.k > 0:  # (k = 0: the null-only control)
             # the reader sees p(z|x) as a constant; the retriever sees p(y|z, x) as one and
             # only the k retrieved blocks, so no step moves every query toward the null document
-            loss, log_p_z = realm_marginal_loss(retrieval_logits.detach(), log_p_y)
+            loss, log_p_z = marginal_loss(retrieval_logits.detach())
             target, null = log_p_y[:, :-1].detach(), log_p_y[:, -1:].detach()
             if self.retriever_signal in ("positive", "in_batch", "bank"):  # hurting is nothing
                 target = torch.where(target - null > self.min_ru, target, null)
@@ -206,7 +221,7 @@ class REALM(nn.Module):
             rank_loss, _ = realm_marginal_loss(rank_scores, target)
             loss = loss + (rank_loss - rank_loss.detach())
         else:
-            loss, log_p_z = realm_marginal_loss(retrieval_logits, log_p_y)
+            loss, log_p_z = marginal_loss(retrieval_logits)
         return REALMOutput(retrieval_logits=retrieval_logits, log_p_y_given_z=log_p_y,
                            mlm_logits=out.logits, block_ids=torch.from_numpy(ids),
                            log_p_z=log_p_z, loss=loss)
@@ -583,7 +598,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
                   exclude_source=examples_store is store and not p.source_only,
                   source_only=p.source_only, other_weight=p.reader_warmup_other_weight,
                   retriever_signal=p.retriever_signal, min_ru=p.retriever_min_ru,
-                  freeze_reader=p.reader_lr_scale == 0 and not p.source_only)
+                  freeze_reader=p.reader_lr_scale == 0 and not p.source_only,
+                  marginal=p.marginal)
     dataset = MLMDataset(examples_store, retriever.tokenizer.mask_token_id, masking=p.masking,
                          block_ids=mlm_blocks(examples_store, p.spanless_blocks == "skip"),
                          max_query_tokens=r.max_query_tokens, seed=config.seed)

@@ -289,3 +289,45 @@ def test_no_maskable_text_is_an_error_naming_the_corpus(tmp_path, minilm_tokeniz
     with pytest.raises(ValueError, match="no maskable"):
         whole_word_mask(np.array([101, 102]), np.zeros(2, bool), np.zeros(30522, bool),
                         np.random.default_rng(0), 103, np.arange(1000, 2000))
+
+
+def test_pairs_in_the_readers_layout(leads_store, minilm_tokenizer):
+    """Two-segment examples: [CLS] body [SEP] (title' [SEP] body')? [SEP], as REALM reads."""
+    tok = minilm_tokenizer
+    data = _block_dataset(leads_store, tok, max_tokens=64, neighbour_prob=0.5, random_prob=0.25,
+                          seed=1)
+    article = leads_store.blocks["article"]
+    seen = Counter()
+    for i in range(len(data)):
+        ex = data[i]
+        seen[ex.pair] += 1
+        restored = ex.input_ids.copy()
+        restored[ex.mask_positions] = ex.target_ids
+        body = leads_store.body_ids(ex.block_id)[:62]
+        first = len(body) + 2
+        assert np.array_equal(restored[:first], np.concatenate([[101], body, [102]]))
+        assert (ex.token_type_ids[:first] == 0).all() and (ex.token_type_ids[first:] == 1).all()
+        if ex.pair == "null":  # the null document: [CLS] x [SEP] [SEP]
+            assert len(restored) == first + 1 and restored[-1] == 102
+            continue
+        # which block is the second segment: its title follows the first [SEP]
+        rest = restored[first:]
+        candidates = [b for b in range(len(leads_store))
+                      if np.array_equal(rest[: len(leads_store.title_ids(b))],
+                                        leads_store.title_ids(b))
+                      and np.array_equal(rest[len(leads_store.title_ids(b)) + 1:][:8],
+                                         leads_store.body_ids(b)[:8])]
+        assert candidates, "the second segment is a block of the corpus"
+        if ex.pair == "neighbour":
+            assert any(abs(b - ex.block_id) == 1 and article[b] == article[ex.block_id]
+                       for b in candidates)
+        else:
+            assert all(article[b] != article[ex.block_id] for b in candidates)
+    # half the blocks that have a neighbour get it; the others fall back to the null document
+    n = len(data)
+    with_neighbour = sum(any(0 <= b < n and article[b] == article[i] for b in (i - 1, i + 1))
+                         for i in range(n))
+    assert with_neighbour > 50
+    assert 0.35 * with_neighbour < seen["neighbour"] < 0.65 * with_neighbour
+    assert 0.15 * n < seen["random"] < 0.35 * n and seen["null"] > 0.2 * n
+    assert seen["none"] == 0

@@ -87,14 +87,37 @@ def test_answers_argument_checked():
         ("Denver Broncos defeated the Carolina Panthers", ["carolina panthers"], True),
         ("Denver Broncos defeated the Carolina Panthers", ["panthers carolina"], False),  # order
         ("Denver Broncos defeated Carolina", ["Broncos Carolina"], False),  # contiguous run only
-        ("It opened in the U.S.A. in 1990.", ["USA"], True),  # normalised both sides
-        ("Levi's Stadium", ["levis stadium"], True),
-        ("He met the cat.", ["the"], False),  # empty after normalisation never matches
+        # DPR's SimpleTokenizer: punctuation is a token of its own, articles are tokens
+        ("a cat-like animal", ["cat"], True),
+        ("the cat's hat", ["cat"], True),
+        ("the cat's hat", ["cat's hat"], True),
+        ("It opened in the U.S.A. in 1990.", ["U.S.A."], True),
+        ("It opened in the U.S.A. in 1990.", ["USA"], False),  # (SQuAD normalisation: True)
+        ("Levi's Stadium", ["levis stadium"], False),
+        ("He met the cat.", ["the"], True),
+        ("He met the cat.", ["..."], False),
         ("caf\u00e9 society", ["cafe\u0301"], True),  # composed vs decomposed accent (NFD)
+        ("caf\u00e9 society", ["cafe"], False),  # DPR keeps accents
+        ("Beyonc\u00e9 Knowles", ["BEYONC\u00c9"], True),  # uncased
+        ("born on 4 July 1776 in", ["July 1776"], True),  # dates and numbers
+        ("born on 4 July 1776 in", ["1776"], True),
+        ("a 17-year-old", ["17"], True),
+        ("costs 3.5 million", ["3.5 million"], True),
+        ("costs 3.5 million", ["5 million"], True),  # (DPR: "3", ".", "5" are tokens)
+        ("The Lord of the Rings author", ["The Lord of the Rings", "Tolkien"], True),  # aliases
+        ("\u0141\u00f3d\u017a is a city", ["\u0142\u00f3d\u017a"], True),  # Polish, uncased
     ],
 )
 def test_has_answer_strings(text, answers, expected):
     assert has_answer(text, answers) is expected
+
+
+def test_dpr_tokens_and_accent_stripping():
+    from realm.evaluation.answers import dpr_tokens
+
+    assert dpr_tokens("The cat's hat") == ["the", "cat", "'", "s", "hat"]
+    assert dpr_tokens("a cat-like\tanimal") == ["a", "cat", "-", "like", "animal"]
+    assert has_answer("caf\u00e9 society", ["cafe"], strip_accents=True) is True
 
 
 def test_has_answer_regex_searches_anywhere_case_insensitive():

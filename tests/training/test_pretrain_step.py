@@ -53,6 +53,43 @@ def test_candidates_exclude_the_source_and_end_with_null(setup):
     torch.testing.assert_close(log_p_z.exp().sum(1), torch.ones(6))
 
 
+def test_token_marginal_is_the_released_codes_loss_on_the_same_reads(setup):
+    from realm.losses import realm_token_marginal_loss
+
+    model, index, dataset = setup
+    model.eval()  # (no dropout: the two models read identically)
+    per_token = REALM(model.retriever, model.encoder, model.store, model.special, k=4,
+                      max_query_tokens=32, max_block_tokens=64, max_joined_tokens=100,
+                      marginal="token").eval()
+    batch = collate_mlm([dataset[i] for i in range(5)])
+    search = (lambda q, k, e: index.search(q, k, exclude=e))
+    a, b = model(batch, search), per_token(batch, search)
+    torch.testing.assert_close(a.log_p_y_given_z, b.log_p_y_given_z)  # the same reads
+    assert b.loss.dim() == 0 and not torch.isclose(a.loss, b.loss)
+    # from the per-token reads of the same candidates: the mean over tokens of the marginals
+    loss, _ = realm_token_marginal_loss(b.retrieval_logits, _token_reads(per_token, batch, b),
+                                        batch.target_mask)
+    torch.testing.assert_close(b.loss, loss, rtol=1e-4, atol=1e-4)
+    model.train()
+    with pytest.raises(ValueError, match="marginal"):
+        REALM(model.retriever, model.encoder, model.store, model.special, marginal="span")
+
+
+def _token_reads(model, batch, out):
+    """``log p(y_j|z, x)`` of the candidates ``out`` read, ``[B, k + 1, M]``."""
+    from realm.modeling.ka_encoder import build_joined_inputs
+
+    cls_id, sep_id, pad_id = model.special
+    ids = out.block_ids.numpy()
+    joined = build_joined_inputs(
+        batch.query_ids, [[model.store.title_ids(int(b)) for b in row] for row in ids],
+        [[model.store.body_ids(int(b)) for b in row] for row in ids], cls_id, sep_id, pad_id,
+        max_length=model.max_joined_tokens, mask_positions=batch.mask_positions)
+    return model.encoder(joined.input_ids, joined.attention_mask, joined.token_type_ids,
+                         joined.mask_positions, labels=batch.target_ids,
+                         label_mask=batch.target_mask).token_log_probs
+
+
 def test_gradients_reach_all_three_encoders(setup):
     model, index, dataset = setup
     model.zero_grad()
