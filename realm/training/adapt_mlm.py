@@ -107,7 +107,7 @@ class AdaptMLMTask:
 
     def loss(self, model, batch: MaskedSequenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
         loss, hits, n = masked_lm_scores(model, batch)
-        return loss, {"loss": float(loss), "masked_accuracy": float(hits) / max(1, int(n))}
+        return loss, {"loss": float(loss.detach()), "masked_accuracy": float(hits) / max(1, int(n))}
 
     def evaluate(self, model) -> dict[str, float]:
         """Held-out masked-token accuracy and loss (per target token)."""

@@ -100,6 +100,76 @@ def test_evaluate_cli_reproduces_the_runs_dev_figures(squad_tiny, finetuned):
     assert bad.returncode == 1 and "manifest.json" in bad.stderr
 
 
+def test_answer_api_and_cli_agree_with_evaluation(squad_tiny, finetuned, caplog):
+    from realm import OpenQA
+
+    run, summary = finetuned
+    qa = OpenQA.from_pretrained(run / "model")
+    questions = [q.question for q in read_qa(str(squad_tiny / "qa.jsonl"))]
+    answers = qa.answer_batch(questions)
+    one = qa.answer(questions[0])
+    assert one["answer"] == answers[0]["answer"] and 0 < one["probability"] <= 1
+    assert len(one["evidence"]) == 2 and {"title", "block", "score"} <= set(one["evidence"][0])
+    store = BlockStore(str(squad_tiny / "corpus"))
+    assert one["answer_block"] in {e["title"] for e in one["evidence"]}
+    assert one["answer"] in store.text(one["evidence"][0]["block"]) + store.title(
+        one["evidence"][0]["block"]) or one["answer"] in store.text(
+        one["evidence"][1]["block"]) + store.title(one["evidence"][1]["block"])
+    # the same answers as the evaluation's predictions
+    em = np.mean([exact_match_of(a["answer"], q.answers)
+                  for a, q in zip(answers, read_qa(str(squad_tiny / "qa.jsonl")))])
+    assert round(float(em), 4) == summary["dev"]["exact_match"]
+    with pytest.raises(ValueError, match="empty"):
+        qa.answer("   ")
+    with caplog.at_level("WARNING", logger="realm.qa"):
+        long = qa.answer("what " * 200 + "?")
+    assert long["answer"] and "cut to" in caplog.text
+    # the command line: the answer and the titles it read, then a JSON line; a file of questions
+    (squad_tiny / "questions.jsonl").write_text(
+        "".join(json.dumps({"question": q}) + "\n" for q in questions[:3]))
+    done = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "answer.py"), "--model", str(run / "model"),
+         questions[0], "--qa", str(squad_tiny / "questions.jsonl"),
+         "--output", str(squad_tiny / "answers.jsonl")],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"A: {one['answer']}" in done.stdout and one["evidence"][0]["title"] in done.stdout
+    assert json.loads(done.stdout.strip().splitlines()[-1])["questions"] == 4
+    written = [json.loads(line) for line in open(squad_tiny / "answers.jsonl")]
+    assert [w["answer"] for w in written] == [a["answer"] for a in answers[:3]]
+
+
+def test_a_model_whose_corpus_is_missing_or_changed_is_refused(squad_tiny, finetuned, tmp_path,
+                                                              make_squad_slice):
+    from realm.qa import CorpusMismatchError, OpenQA
+
+    run, _ = finetuned
+    with pytest.raises(CorpusMismatchError, match="holds no corpus"):
+        OpenQA.from_pretrained(run / "model", corpus=str(tmp_path / "nowhere"))
+    other = make_squad_slice(tmp_path, 8, slice(None, 2), 160)
+    with pytest.raises(CorpusMismatchError) as err:
+        OpenQA.from_pretrained(run / "model", corpus=str(other / "corpus"))
+    assert str(squad_tiny / "corpus") in str(err.value) and str(other / "corpus") in str(err.value)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "answer.py"), "--model", str(run / "model"),
+         "--corpus", str(other / "corpus"), "who won?"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "fingerprint" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "bad.jsonl").write_text('{"question": "ok?"}\n{"question": ""}\n')
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "answer.py"), "--model", str(run / "model"),
+         "--qa", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o.jsonl")],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and f"{tmp_path / 'bad.jsonl'}:2" in bad.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def exact_match_of(prediction, answers):
+    from realm.evaluation.answers import exact_match
+
+    return exact_match(prediction, answers)
+
+
 def test_dense_step_trains_the_query_encoder_not_the_index(squad_tiny, tiny_encoder):
     store = BlockStore(str(squad_tiny / "corpus"))
     torch.manual_seed(0)
