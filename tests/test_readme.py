@@ -66,8 +66,10 @@ def test_readme_main_job_runs(tmp_path):
                         .read_text())
     assert reader["kind"] == "knowledge_augmented_encoder"
     assert reader["metadata"]["stage"] == "adapt_mlm" and reader["metadata"]["steps"] == 4
-    resolved = (tmp_path / "run" / "config.yaml").read_text()
-    assert "/encoder" in resolved.split("reader:")[1].splitlines()[0]  # trained from it
+    import yaml
+
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["pretrain"]
+    assert resolved["reader"].endswith("/encoder") and "/mlm-" in resolved["reader"]  # from it
     assert (tmp_path / "run" / "checkpoints" / "step-000012" / "manifest.json").exists()
 
 

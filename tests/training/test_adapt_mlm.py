@@ -25,7 +25,7 @@ def _adapt_cmd(run_dir, corpus, encoder, tmp_path, *extra):
     return [sys.executable, str(REPO / "launch" / "adapt_mlm.py"), "--no-progress",
             f"mlm.corpus={corpus}", f"mlm.encoder={encoder}", "mlm.encoder_layers=null",
             "mlm.holdout_blocks=40", "mlm.max_tokens=64", f"pretrain.cache_dir={tmp_path / 'c'}",
-            f"train.run_dir={run_dir}", "train.batch_size=16", "train.lr=2e-3",
+            f"train.run_dir={run_dir}", "train.batch_size=16", "train.lr=5e-3",
             "train.warmup_steps=2", "train.precision=fp32", "train.eval_every=0",
             "train.save_every=10", "logging.log_every=5", *extra]
 
