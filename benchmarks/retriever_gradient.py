@@ -182,7 +182,8 @@ def main() -> int:
     from realm.index.embed import special_ids
     from realm.modeling.retriever import Retriever
     from realm.training.core import autocast_dtype
-    from realm.training.pretrain import REALM, load_reader
+    from realm.modeling.ka_encoder import load_ka_encoder as load_reader
+    from realm.training.pretrain import REALM
 
     t0 = time.time()
     torch.manual_seed(args.seed)

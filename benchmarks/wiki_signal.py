@@ -132,7 +132,7 @@ def signal_direction(retriever_dir: str, readers: list[str], args, k: int = 4, n
     from realm.modeling.ka_encoder import build_joined_inputs
     from realm.modeling.retriever import Retriever, build_block_inputs, build_query_inputs
     from realm.training.core import autocast_dtype
-    from realm.training.pretrain import load_reader
+    from realm.modeling.ka_encoder import load_ka_encoder as load_reader
 
     x, z = BlockStore(args.examples), BlockStore(args.corpus)
     bf16 = autocast_dtype("auto", torch.device("cpu")) == "bf16"

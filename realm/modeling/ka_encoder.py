@@ -454,6 +454,14 @@ class KnowledgeAugmentedEncoder(nn.Module):
         return encoder
 
 
+def load_ka_encoder(path: str) -> KnowledgeAugmentedEncoder:
+    """A saved knowledge-augmented encoder directory, or any transformers checkpoint (a new
+    tied head when it has none)."""
+    if os.path.exists(os.path.join(path, "manifest.json")):
+        return KnowledgeAugmentedEncoder.from_pretrained(path)
+    return KnowledgeAugmentedEncoder.from_checkpoint(path)
+
+
 def build_ka_encoder(
     name_or_path: Optional[str] = None,
     *,

@@ -34,7 +34,7 @@ from realm.data.ict import split_holdout
 from realm.data.mlm import (BlockMLMDataset, MaskedSequenceBatch, collate_masked_sequences,
                             continuation_pieces, mlm_text_blocks)
 from realm.data.store import BlockStore
-from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder
+from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, load_ka_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +130,6 @@ class AdaptMLMTask:
                 "heldout_loss": total_loss / max(1, count)}
 
 
-def load_mlm(name_or_path: str) -> KnowledgeAugmentedEncoder:
-    """A saved knowledge-augmented encoder directory, or any transformers checkpoint (a new tied
-    head when it has none)."""
-    if os.path.exists(os.path.join(name_or_path, "manifest.json")):
-        return KnowledgeAugmentedEncoder.from_pretrained(name_or_path)
-    return KnowledgeAugmentedEncoder.from_checkpoint(name_or_path)
-
-
 def has_trained_mlm_head(name_or_path: str) -> bool:
     """Whether a checkpoint holds masked-LM head weights (a saved knowledge-augmented encoder
     always does; a transformers checkpoint when loading finds every head tensor)."""
@@ -177,7 +169,7 @@ def run_adapt_mlm(config, progress: bool = True) -> dict[str, Any]:
                               gradient_accumulation_steps=t.grad_accum)
     set_seed(config.seed)
     store = BlockStore(corpus)
-    encoder = load_mlm(encoder_name)
+    encoder = load_ka_encoder(encoder_name)
     tokenizer = encoder.tokenizer
     if tokenizer is None:
         raise ValueError(f"mlm.encoder={m.encoder!r} has no tokenizer saved with it")

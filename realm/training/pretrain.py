@@ -32,7 +32,8 @@ from realm.index.mips import SearchResult
 from realm.losses import (expected_retrieval_utility, null_probability, realm_marginal_loss,
                           realm_token_marginal_loss, retrieval_entropy, retrieval_utility,
                           top1_retrieval_utility)
-from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, build_joined_inputs
+from realm.modeling.ka_encoder import (KnowledgeAugmentedEncoder, build_joined_inputs,
+                                       load_ka_encoder)
 from realm.modeling.retriever import Retriever, build_block_inputs, build_query_inputs
 from realm.prepare import (_digest, prepare_adapted_encoder, prepare_corpus, prepare_encoder,
                            prepare_reader, prepare_retriever)
@@ -194,11 +195,11 @@ class REALM(nn.Module):
                            labels=batch.target_ids.to(device),
                            label_mask=batch.target_mask.to(device))
         log_p_y = out.log_probs_of_targets  # [B, k + 1]
-        token_mask = batch.target_mask.to(device)
 
         def marginal_loss(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if self.marginal == "token":  # per masked token, averaged (the released code)
-                return realm_token_marginal_loss(logits, out.token_log_probs, token_mask)
+                return realm_token_marginal_loss(logits, out.token_log_probs,
+                                                 batch.target_mask.to(device))
             return realm_marginal_loss(logits, log_p_y)  # per example (the paper)
 
         if self.retriever_signal != "marginal" and self.k > 0:  # (k = 0: the null-only control)
@@ -475,13 +476,6 @@ class ExampleTable:
 # train beside the refresher
 
 
-def load_reader(path: str) -> KnowledgeAugmentedEncoder:
-    """A saved knowledge-augmented encoder directory, or any transformers checkpoint."""
-    if os.path.exists(os.path.join(path, "manifest.json")):
-        return KnowledgeAugmentedEncoder.from_pretrained(path)
-    return KnowledgeAugmentedEncoder.from_checkpoint(path)
-
-
 class FirstGenerationCache:
     """Generation 0 of a fresh run, reused across runs that start from the same retriever.
 
@@ -587,7 +581,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     retriever = Retriever.from_pretrained(retriever_dir)
     check_tokenizer(retriever.tokenizer, store)
     check_tokenizer(retriever.tokenizer, examples_store)
-    encoder = load_reader(reader_name)
+    encoder = load_ka_encoder(reader_name)
     if encoder.tokenizer is not None:  # (a reader of another vocabulary reads nonsense)
         check_tokenizer(encoder.tokenizer, store, what=f"reader {reader_name!r}")
     if p.source_only:
