@@ -49,11 +49,12 @@ def build_model(config, store, seed: int, retriever_src: str, index):
     torch.manual_seed(seed)
     reader = SpanReader.from_checkpoint(
         truncated_encoder(o.reader, o.reader_layers, config.pretrain.cache_dir),
-        o.max_span_tokens, o.span_hidden, seed=seed)
+        o.max_span_tokens, o.span_hidden, scorer=o.span_scorer, seed=seed)
     retriever = None if retriever_src == "bm25" else Retriever.from_pretrained(retriever_src)
     return OpenQAModel(retriever, reader, index, store, reader.tokenizer, k=o.k,
                        max_question_tokens=o.max_question_tokens,
-                       max_joined_tokens=o.max_joined_tokens)
+                       max_joined_tokens=o.max_joined_tokens, normalization=o.normalization,
+                       retrieval_temperature=o.retrieval_temperature)
 
 
 def time_training(config, store, retriever_src, index, batches, bf16: bool, warmup: int):

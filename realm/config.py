@@ -552,7 +552,31 @@ class OpenQAConfig:
     max_joined_tokens: int = _doc("Word pieces of `[CLS] q [SEP] title [SEP] body [SEP]` kept.",
                                   default=320)
     max_span_tokens: int = _doc("Longest answer span (word pieces).", default=10)
-    span_hidden: int = _doc("Hidden width of the span MLP over [h_start; h_end].", default=256)
+    span_scorer: str = _doc(
+        "`start_end`: BERT's start and end logits (score = start(h_i) + end(h_j)); `mlp`: "
+        "REALM's MLP over [h_start; h_end].", default="start_end")
+    span_hidden: int = _doc("Hidden width of the span MLP over [h_start; h_end] (`mlp`).",
+                            default=256)
+    normalization: str = _doc(
+        "`shared`: one span softmax over all blocks read with p(z|x) as its prior (Clark & "
+        "Gardner's shared normalisation: span scores of different blocks are comparable); "
+        "`block`: REALM's p(z|x) p(s|z, x), the span softmax within each block.",
+        default="shared")
+    retrieval_temperature: float = _doc(
+        "p(z|x) = softmax(f(x, z) / T). BM25 scores differ by several points between neighbours "
+        "(one-hot at T = 1).", default=1.0)
+    positive_steps: int = _doc(
+        "Steps of the reader's warm-up (DPR's reader training): each question read beside its "
+        "best-ranked block with an answer (a window around it) and `positive_negatives` blocks "
+        "without, before the steps over the top k.", default=0)
+    positive_search: int = _doc(
+        "Blocks searched for each training question's positive; questions with no answer in "
+        "them (nor in the top k) are left out of training.", default=20)
+    positive_negatives: int = _doc("Retrieved blocks without an answer read beside the positive.",
+                                   default=1)
+    positive_window: Optional[int] = _doc(
+        "Body word pieces of each block read in the warm-up (the positive's window holds its "
+        "answer); null: whole blocks.", default=100)
     train_query_encoder: bool = _doc("Fine-tune the query encoder (the index stays fixed).",
                                      default=True)
     eval_limit: int = _doc("Dev questions evaluated at each `train.eval_every` (0: all); the "
@@ -561,9 +585,17 @@ class OpenQAConfig:
 
     def __post_init__(self) -> None:
         for key in ("k", "max_question_tokens", "max_joined_tokens", "max_span_tokens",
-                    "span_hidden", "eval_batch_size"):
+                    "span_hidden", "eval_batch_size", "retrieval_temperature", "positive_search"):
             _check(getattr(self, key) > 0, f"openqa.{key}", f"must be > 0, got {getattr(self, key)}")
         _check(self.eval_limit >= 0, "openqa.eval_limit", f"must be >= 0, got {self.eval_limit}")
+        _check(self.span_scorer in ("start_end", "mlp"), "openqa.span_scorer",
+               f"must be start_end or mlp, got {self.span_scorer!r}")
+        _check(self.normalization in ("shared", "block"), "openqa.normalization",
+               f"must be shared or block, got {self.normalization!r}")
+        _check(self.positive_steps >= 0 and self.positive_negatives >= 0,
+               "openqa.positive_steps", "positive_steps and positive_negatives must be >= 0")
+        _check(self.positive_window is None or self.positive_window > 0,
+               "openqa.positive_window", f"must be > 0 or null, got {self.positive_window}")
         _check(self.reader_layers is None or self.reader_layers > 0, "openqa.reader_layers",
                f"must be > 0 or null, got {self.reader_layers}")
         _check(bool(self.recall_ks) and all(k > 0 for k in self.recall_ks), "openqa.recall_ks",

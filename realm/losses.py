@@ -186,18 +186,46 @@ def retrieval_entropy(log_p_z: torch.Tensor) -> torch.Tensor:
 _NEG = -1e9
 
 
+def span_log_probs(
+    retrieval_logits: torch.Tensor,
+    span_logits: torch.Tensor,
+    span_mask: torch.Tensor,
+    normalization: str = "block",
+) -> torch.Tensor:
+    """``log p(z, s|x)`` of every span of every block, ``[B, k, S]`` (``-1e9`` on invalid spans).
+
+    ``block`` (REALM): ``log p(z|x) + log p(s|z, x)``, the span softmax taken within each block.
+    ``shared`` (Clark & Gardner 2018's shared normalisation): one softmax over the spans of all
+    ``k`` blocks with ``log p(z|x)`` as a prior, ``p(z, s|x) ∝ p(z|x) exp(score(s))``, so span
+    scores of different blocks are comparable and blocks without the answer are trained too.
+    """
+    if normalization not in ("block", "shared"):
+        raise ValueError(f"normalization must be 'block' or 'shared', got {normalization!r}")
+    logits = span_logits.float().masked_fill(~span_mask, _NEG)
+    log_p_z = torch.log_softmax(retrieval_logits.float(), dim=-1)  # [B, k]
+    if normalization == "block":
+        log_s = logits - torch.logsumexp(logits, dim=-1, keepdim=True)  # log p(s|z, x)
+        joint = log_p_z[:, :, None] + log_s
+    else:
+        joint = log_p_z[:, :, None] + logits
+        joint = joint - torch.logsumexp(joint.flatten(1), dim=-1)[:, None, None]
+    return joint.masked_fill(~span_mask, _NEG)
+
+
 def span_marginal_loss(
     retrieval_logits: torch.Tensor,
     span_logits: torch.Tensor,
     span_mask: torch.Tensor,
     answer_mask: torch.Tensor,
+    normalization: str = "block",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """REALM's Open-QA loss: ``-log Σ_z p(z|x) Σ_{s ∈ S(z, y)} p(s|z, x)``.
+    """REALM's Open-QA loss: ``-log Σ_z Σ_{s ∈ S(z, y)} p(z, s|x)``.
 
     ``p(z|x)`` is the softmax of ``retrieval_logits`` over the ``k`` retrieved blocks;
-    ``p(s|z, x)`` the softmax of ``span_logits`` over the valid spans of block ``z``;
-    ``S(z, y)`` the spans of ``z`` whose text matches an answer. Questions with no matching
-    span in any of their blocks cannot be learned from and are left out of the mean.
+    ``S(z, y)`` the spans of ``z`` whose text matches an answer; ``p(z, s|x)`` as
+    :func:`span_log_probs` makes it: REALM's ``p(z|x) p(s|z, x)`` with ``block``, one softmax
+    over all blocks' spans with ``shared``. Questions with no matching span in any of their
+    blocks cannot be learned from and are left out of the mean.
 
     Args:
         retrieval_logits: ``f(x, z)``, ``[B, k]`` (constants for a fixed retriever such as BM25).
@@ -216,14 +244,9 @@ def span_marginal_loss(
         raise ValueError(f"retrieval_logits {tuple(retrieval_logits.shape)} do not match span "
                          f"logits {tuple(span_logits.shape)}")
     answer_mask = answer_mask & span_mask
-    logits = span_logits.float()
-    log_norm = torch.logsumexp(logits.masked_fill(~span_mask, _NEG), dim=-1)  # [B, k]
-    log_answer = torch.logsumexp(logits.masked_fill(~answer_mask, _NEG), dim=-1)  # [B, k]
-    block_has = answer_mask.any(dim=-1)  # [B, k]
-    log_p_y_given_z = (log_answer - log_norm).masked_fill(~block_has, _NEG)  # [B, k]
-    log_p_z = torch.log_softmax(retrieval_logits.float(), dim=-1)  # [B, k]
-    log_p_y = torch.logsumexp(log_p_z + log_p_y_given_z, dim=-1)  # [B]
-    has_answer = block_has.any(dim=-1)  # [B]
+    joint = span_log_probs(retrieval_logits, span_logits, span_mask, normalization)
+    log_p_y = torch.logsumexp(joint.masked_fill(~answer_mask, _NEG).flatten(1), dim=-1)  # [B]
+    has_answer = answer_mask.flatten(1).any(dim=-1)  # [B]
     if not bool(has_answer.any()):
-        return logits.sum() * 0.0 + retrieval_logits.float().sum() * 0.0, has_answer
+        return span_logits.float().sum() * 0.0 + retrieval_logits.float().sum() * 0.0, has_answer
     return -log_p_y[has_answer].mean(), has_answer

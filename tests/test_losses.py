@@ -207,3 +207,30 @@ def test_span_marginal_loss_gradients_and_no_answer_batch():
     assert float(none.detach()) == 0.0 and not has.any() and none.requires_grad
     with pytest.raises(ValueError, match="differ in shape"):
         span_marginal_loss(r, s, valid[:, :, :3], answer)
+
+
+def test_span_marginal_loss_shared_normalization_equals_brute_force():
+    """One softmax over the spans of all blocks with p(z|x) as a prior."""
+    g = torch.Generator().manual_seed(1)
+    r = torch.randn(2, 3, generator=g)
+    s = torch.randn(2, 3, 7, generator=g)
+    valid = torch.rand(2, 3, 7, generator=g) > 0.2
+    answer = (torch.rand(2, 3, 7, generator=g) > 0.6) & valid
+    loss, has = span_marginal_loss(r, s, valid, answer, normalization="shared")
+    total = 0.0
+    for b in range(2):
+        z_norm = sum(math.exp(float(r[b, z])) for z in range(3))
+        weights = {(z, j): math.exp(float(r[b, z])) / z_norm * math.exp(float(s[b, z, j]))
+                   for z in range(3) for j in range(7) if valid[b, z, j]}
+        norm = sum(weights.values())
+        total += -math.log(sum(w for (z, j), w in weights.items() if answer[b, z, j]) / norm)
+    assert has.all() and abs(float(loss) - total / 2) < 1e-5
+    # a span of a block without the answer now gets a gradient (it competes with the answer)
+    s = s.clone().requires_grad_(True)
+    only = torch.zeros_like(answer)
+    only[:, 0, int(valid[0, 0].nonzero()[0])] = True
+    only &= valid
+    span_marginal_loss(r, s, valid, only, normalization="shared")[0].backward()
+    assert s.grad[:, 1:][valid[:, 1:]].abs().sum() > 0
+    with pytest.raises(ValueError, match="normalization"):
+        span_marginal_loss(r, s, valid, answer, normalization="global")

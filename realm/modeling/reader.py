@@ -1,5 +1,7 @@
 """The Open-QA reader: a BERT-style encoder over ``[CLS] q [SEP] title [SEP] body [SEP]`` and a
-span scorer, an MLP over ``[h_start; h_end]`` (REALM, Guu et al. 2020, section 3.4)::
+span scorer: an MLP over ``[h_start; h_end]`` (``mlp``, REALM, Guu et al. 2020, section 3.4) or
+BERT's start and end logits, ``score = start(h_i) + end(h_j)`` (``start_end``, Devlin et al.
+2019; DPR's reader)::
 
     reader = SpanReader.from_checkpoint("runs/signal/encoder", max_span_tokens=10)
     joined = build_joined_inputs(questions, titles, bodies, cls_id, sep_id, pad_id,
@@ -131,6 +133,24 @@ class SpanScorer(nn.Module):
         return torch.stack(scores, dim=-1)  # [N, L, W]
 
 
+class StartEndScorer(nn.Module):
+    """``score(i, j) = start · h_i + end · h_j``: BERT's span head (one linear layer)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 2)
+
+    def forward(self, states: torch.Tensor, max_width: int) -> torch.Tensor:
+        """``states`` ``[N, L, hidden]`` -> span scores ``[N, L, max_width]``."""
+        n, seq_len, _ = states.shape
+        start, end = self.proj(states).unbind(-1)  # [N, L] each
+        end = torch.cat([end, end.new_zeros(n, max_width)], dim=1)  # [N, L + W]
+        return start[:, :, None] + end.unfold(1, max_width, 1)[:, :seq_len]  # [N, L, W]
+
+
+SCORERS = ("mlp", "start_end")
+
+
 class SpanReader(nn.Module):
     """Encoder + :class:`SpanScorer`; build with :meth:`from_checkpoint`, :meth:`from_config`
     or :meth:`from_pretrained`.
@@ -139,18 +159,23 @@ class SpanReader(nn.Module):
         encoder: A transformers encoder (``AutoModel``) returning ``last_hidden_state``.
         max_span_tokens: Longest answer span, in word pieces.
         span_hidden: Width of the span MLP.
+        scorer: ``mlp`` (:class:`SpanScorer`) or ``start_end`` (:class:`StartEndScorer`).
         tokenizer: Saved with the reader; None for tiny models.
         base_checkpoint: What the encoder was initialised from (recorded in the manifest).
     """
 
     def __init__(self, encoder: PreTrainedModel, max_span_tokens: int = 10,
-                 span_hidden: int = 256, *, tokenizer: Any = None,
+                 span_hidden: int = 256, *, scorer: str = "mlp", tokenizer: Any = None,
                  base_checkpoint: Optional[str] = None):
         super().__init__()
         if max_span_tokens < 1:
             raise ValueError(f"max_span_tokens must be >= 1, got {max_span_tokens}")
+        if scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
         self.encoder = encoder
-        self.scorer = SpanScorer(encoder.config.hidden_size, span_hidden)
+        self.scorer_kind = scorer
+        self.scorer = (SpanScorer(encoder.config.hidden_size, span_hidden) if scorer == "mlp"
+                       else StartEndScorer(encoder.config.hidden_size))
         self.max_span_tokens = max_span_tokens
         self.span_hidden = span_hidden
         self.tokenizer = tokenizer
@@ -181,7 +206,8 @@ class SpanReader(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, name_or_path: str, max_span_tokens: int = 10,
-                        span_hidden: int = 256, *, seed: int = 0) -> "SpanReader":
+                        span_hidden: int = 256, *, scorer: str = "mlp",
+                        seed: int = 0) -> "SpanReader":
         """A reader whose encoder starts from ``name_or_path`` and whose scorer is new.
 
         ``name_or_path``: a knowledge-augmented encoder directory (the masked LM's encoder is
@@ -201,17 +227,18 @@ class SpanReader(nn.Module):
             tokenizer = load_tokenizer(name_or_path)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            reader = cls(encoder, max_span_tokens, span_hidden, tokenizer=tokenizer,
-                         base_checkpoint=str(name_or_path))
+            reader = cls(encoder, max_span_tokens, span_hidden, scorer=scorer,
+                         tokenizer=tokenizer, base_checkpoint=str(name_or_path))
         logger.info("reader: encoder from %s, new span scorer (max %d tokens)", name_or_path,
                     max_span_tokens)
         return reader
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, max_span_tokens: int = 10,
-                    span_hidden: int = 256) -> "SpanReader":
+                    span_hidden: int = 256, scorer: str = "mlp") -> "SpanReader":
         """A randomly initialised reader (tiny test models)."""
-        return cls(_encoder(AutoModel.from_config, config), max_span_tokens, span_hidden)
+        return cls(_encoder(AutoModel.from_config, config), max_span_tokens, span_hidden,
+                   scorer=scorer)
 
     # -- persistence ----------------------------------------------------------------------
 
@@ -231,6 +258,7 @@ class SpanReader(nn.Module):
                 "hidden_size": self.config.hidden_size,
                 "max_span_tokens": self.max_span_tokens,
                 "span_hidden": self.span_hidden,
+                "span_scorer": self.scorer_kind,
                 "model": MODEL_DIR,
                 "scorer": SCORER_FILE,
                 "tokenizer": _save_tokenizer(self.tokenizer, tmp),
@@ -248,6 +276,7 @@ class SpanReader(nn.Module):
         manifest = read_manifest(directory, kind=MANIFEST_KIND)
         encoder = _encoder(AutoModel.from_pretrained, directory / manifest["model"])
         reader = cls(encoder, manifest["max_span_tokens"], manifest["span_hidden"],
+                     scorer=manifest.get("span_scorer", "mlp"),
                      tokenizer=_load_saved_tokenizer(directory, manifest),
                      base_checkpoint=manifest.get("base_checkpoint"))
         reader.scorer.load_state_dict(load_file(str(directory / manifest["scorer"])))

@@ -34,7 +34,7 @@ from realm.data.qa import QAExample
 from realm.data.store import BlockStore
 from realm.evaluation.answers import compile_answer_pattern, exact_match, f1_score, has_answer
 from realm.evaluation.retrieval import recall_at_k
-from realm.losses import span_marginal_loss
+from realm.losses import span_log_probs, span_marginal_loss
 from realm.modeling.ka_encoder import build_joined_inputs
 from realm.modeling.reader import SpanReader, answer_span_mask
 from realm.modeling.retriever import (Retriever, _atomic_directory, _write_manifest,
@@ -60,12 +60,14 @@ class QABatch:
         question_ids: Word pieces of each question (no special tokens), ``B`` arrays.
         answers: Gold answers of each question (patterns when ``regex``).
         answer_ids: Word pieces of each string answer (empty lists for regex answers).
+        indices: Position of each question in its dataset.
     """
 
     questions: list[str]
     question_ids: list[np.ndarray]
     answers: list[list[str]]
     answer_ids: list[list[np.ndarray]]
+    indices: list[int]
 
 
 class QADataset(torch.utils.data.Dataset):
@@ -79,7 +81,7 @@ class QADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> tuple[QAExample, np.ndarray, list[np.ndarray]]:
+    def __getitem__(self, i: int) -> tuple[QAExample, np.ndarray, list[np.ndarray], int]:
         ex = self.examples[i]
         tok = self.tokenizer
         q = np.asarray(tok(ex.question, add_special_tokens=False)["input_ids"][
@@ -87,12 +89,13 @@ class QADataset(torch.utils.data.Dataset):
         answers = [] if self.regex else [
             np.asarray(tok(a, add_special_tokens=False)["input_ids"], np.int64)
             for a in ex.answers]
-        return ex, q, answers
+        return ex, q, answers, i
 
 
 def collate_qa(items) -> QABatch:
-    return QABatch([ex.question for ex, _, _ in items], [q for _, q, _ in items],
-                   [ex.answers for ex, _, _ in items], [a for _, _, a in items])
+    return QABatch([item[0].question for item in items], [item[1] for item in items],
+                   [item[0].answers for item in items], [item[2] for item in items],
+                   [item[3] for item in items])
 
 
 class BlockTexts:
@@ -120,18 +123,20 @@ class BlockTexts:
         return text[offsets[start, 0]: offsets[end, 1]]
 
     def regex_spans(self, block: int, segment: int, n_tokens: int, patterns: Sequence[str],
-                    max_width: int) -> list[tuple[int, int]]:
-        """``(start, width - 1)`` of token-aligned matches of the patterns in the first
-        ``n_tokens`` word pieces of a title (1) or body (2)."""
+                    max_width: int, first: int = 0) -> list[tuple[int, int]]:
+        """``(start, width - 1)`` of token-aligned matches of the patterns in the ``n_tokens``
+        word pieces of a title (1) or body (2) from word piece ``first`` on (``start`` counted
+        from ``first``)."""
         text, offsets = self._segment(block, segment)
-        offsets = offsets[:n_tokens]
+        offsets = offsets[first: first + n_tokens]
         if not len(offsets):
             return []
+        text = text[: offsets[-1, 1]]
         starts = {int(c): i for i, c in enumerate(offsets[:, 0])}
         ends = {int(c): i for i, c in enumerate(offsets[:, 1])}
         found = []
         for pattern in patterns:
-            for m in compile_answer_pattern(pattern).finditer(text[: offsets[-1, 1]]):
+            for m in compile_answer_pattern(pattern).finditer(text, int(offsets[0, 0])):
                 i, j = starts.get(m.start()), ends.get(m.end())
                 if i is not None and j is not None and 0 <= j - i < max_width:
                     found.append((i, j - i))
@@ -213,8 +218,9 @@ class OpenQAOutput:
         span_logits: ``[B, k, seq_len, max_span_tokens]``.
         span_mask: Valid spans, same shape.
         segment_ids: Title (1) / body (2) positions, ``[B, k, seq_len]``.
-        body_start: Position of each block's first body word piece, ``[B, k]``.
+        body_start: Position of each block's first body word piece read, ``[B, k]``.
         title_start: Position of each block's first title word piece, ``[B, k]``.
+        body_offset: Word piece of the body read first (a window's start; else 0), ``[B, k]``.
         answer_mask: Spans matching an answer, same shape as ``span_logits``.
         has_answer: Questions with an answer span among their blocks, ``[B]``.
     """
@@ -226,6 +232,7 @@ class OpenQAOutput:
     segment_ids: torch.Tensor
     title_start: np.ndarray
     body_start: np.ndarray
+    body_offset: Optional[np.ndarray] = None
     answer_mask: Optional[torch.Tensor] = None
     has_answer: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
@@ -244,17 +251,27 @@ class OpenQAModel(nn.Module):
         max_question_tokens, max_joined_tokens: Word pieces kept.
         regex: Answers are regular expressions.
         train_query_encoder: Let gradients reach the query encoder.
+        normalization: ``shared`` (one span softmax over all blocks read, p(z|x) its prior) or
+            ``block`` (REALM's p(z|x) p(s|z, x)); see :func:`realm.losses.span_log_probs`.
+        retrieval_temperature: ``p(z|x) = softmax(f(x, z) / T)`` (BM25 scores differ by several
+            points between neighbours, which makes p(z|x) one-hot at T = 1).
     """
 
     def __init__(self, retriever: Optional[Retriever], reader: SpanReader, index, store: BlockStore,
                  tokenizer, k: int = 5, max_question_tokens: int = 48,
                  max_joined_tokens: int = 320, regex: bool = False,
-                 train_query_encoder: bool = True):
+                 train_query_encoder: bool = True, normalization: str = "shared",
+                 retrieval_temperature: float = 1.0):
         super().__init__()
+        if normalization not in ("block", "shared"):
+            raise ValueError(f"normalization must be 'block' or 'shared', got {normalization!r}")
+        if retrieval_temperature <= 0:
+            raise ValueError(f"retrieval_temperature must be > 0, got {retrieval_temperature}")
         self.retriever, self.reader = retriever, reader
         self.index, self.store, self.tokenizer = index, store, tokenizer
         self.texts = BlockTexts(store, tokenizer)
         self.k, self.regex = k, regex
+        self.normalization, self.retrieval_temperature = normalization, retrieval_temperature
         self.max_question_tokens, self.max_joined_tokens = max_question_tokens, max_joined_tokens
         from realm.index.embed import special_ids
 
@@ -283,8 +300,13 @@ class OpenQAModel(nn.Module):
         return self.index.search(q_reps, k)
 
     def forward(self, batch: QABatch, ids: Optional[np.ndarray] = None,
-                logits: Optional[torch.Tensor] = None, with_loss: bool = True) -> OpenQAOutput:
-        """Retrieve (unless ``ids``/``logits`` are given), read, and with answers the loss."""
+                logits: Optional[torch.Tensor] = None, with_loss: bool = True,
+                windows: Optional[np.ndarray] = None) -> OpenQAOutput:
+        """Retrieve (unless ``ids``/``logits`` are given), read, and with answers the loss.
+
+        ``windows`` ``[B, k, 2]``: read only body word pieces ``start .. start + length`` of
+        each block (the positive-block warm-up reads windows around the answer).
+        """
         device = next(self.reader.parameters()).device
         if ids is None:
             ids, logits = self.retrieve(batch, self.k)
@@ -292,6 +314,11 @@ class OpenQAModel(nn.Module):
         cls_id, sep_id, pad_id = self.special
         titles = [[self.store.title_ids(int(b)) for b in row] for row in ids]
         bodies = [[self.store.body_ids(int(b)) for b in row] for row in ids]
+        offset = np.zeros((n, k), np.int64)
+        if windows is not None:
+            offset = windows[..., 0].astype(np.int64)
+            bodies = [[body[s: s + w] for body, (s, w) in zip(row, win)]
+                      for row, win in zip(bodies, windows)]
         joined = build_joined_inputs(batch.question_ids, titles, bodies, cls_id, sep_id, pad_id,
                                      max_length=self.max_joined_tokens, append_null=False)
         out = self.reader(joined.input_ids.to(device), joined.attention_mask.to(device),
@@ -307,15 +334,20 @@ class OpenQAModel(nn.Module):
             span_logits=out.span_logits.view(n, k, seq_len, width),
             span_mask=out.span_mask.view(n, k, seq_len, width),
             segment_ids=segments.view(n, k, seq_len), title_start=title_start,
-            body_start=body_start)
+            body_start=body_start, body_offset=offset)
         if with_loss:
             answer = self._answer_mask(batch, result, joined.input_ids.numpy())
             result.answer_mask = torch.from_numpy(answer).to(device)
             flat = (n, k, seq_len * width)
             result.loss, result.has_answer = span_marginal_loss(
-                result.retrieval_logits, result.span_logits.reshape(flat),
-                result.span_mask.reshape(flat), result.answer_mask.reshape(flat))
+                self.prior_logits(result), result.span_logits.reshape(flat),
+                result.span_mask.reshape(flat), result.answer_mask.reshape(flat),
+                self.normalization)
         return result
+
+    def prior_logits(self, out: OpenQAOutput) -> torch.Tensor:
+        """``f(x, z) / T``: the logits of ``p(z|x)``, ``[B, k]``."""
+        return out.retrieval_logits.float() / self.retrieval_temperature
 
     def _answer_mask(self, batch: QABatch, out: OpenQAOutput, input_ids: np.ndarray) -> np.ndarray:
         """Spans matching an answer, ``[B, k, seq_len, width]`` (word pieces, or regex on text)."""
@@ -330,10 +362,11 @@ class OpenQAModel(nn.Module):
                                                   batch.answer_ids[i])
                     continue
                 block = int(out.block_ids[i, j])
-                for segment, start in ((1, out.title_start[i, j]), (2, out.body_start[i, j])):
+                for segment, start, first in ((1, out.title_start[i, j], 0),
+                                              (2, out.body_start[i, j], out.body_offset[i, j])):
                     n_tok = int((segments[i, j] == segment).sum())
                     for s, w in self.texts.regex_spans(block, segment, n_tok, batch.answers[i],
-                                                       width):
+                                                       width, int(first)):
                         mask[i, j, start + s, w] = True
                 mask[i, j] &= valid[i, j]
         return mask
@@ -341,14 +374,12 @@ class OpenQAModel(nn.Module):
     # -- prediction -----------------------------------------------------------------------
 
     def best_spans(self, out: OpenQAOutput) -> list[dict[str, Any]]:
-        """The answer of each question: argmax over blocks and spans of ``p(z|x) p(s|z, x)``."""
+        """The answer of each question: the span of highest ``p(z, s|x)`` over all blocks."""
         n, k, seq_len, width = out.span_logits.shape
-        flat = out.span_logits.reshape(n, k, -1).float()  # [B, k, L * W]
         valid = out.span_mask.reshape(n, k, -1)
-        log_s = flat.masked_fill(~valid, -1e9)
-        log_s = log_s - torch.logsumexp(log_s, dim=-1, keepdim=True)  # log p(s|z, x)
-        log_z = torch.log_softmax(out.retrieval_logits.float(), dim=-1)  # [B, k]
-        joint = (log_z[:, :, None] + log_s).masked_fill(~valid, -float("inf")).reshape(n, -1)
+        joint = span_log_probs(self.prior_logits(out), out.span_logits.reshape(n, k, -1), valid,
+                               self.normalization)  # [B, k, L * W]
+        joint = joint.masked_fill(~valid, -float("inf")).reshape(n, -1)
         best = joint.argmax(dim=-1).cpu().numpy()  # [B]
         preds = []
         for i, flat_index in enumerate(best):
@@ -356,11 +387,113 @@ class OpenQAModel(nn.Module):
             start, w = divmod(pos, width)
             block = int(out.block_ids[i, j])
             segment = int(out.segment_ids[i, j, start])
-            offset = out.title_start[i, j] if segment == 1 else out.body_start[i, j]
+            offset = (out.title_start[i, j] if segment == 1
+                      else out.body_start[i, j] - out.body_offset[i, j])
             text = self.texts.span_text(block, segment, start - offset, start - offset + w)
             preds.append({"prediction": text, "block": block,
                           "score": float(joint[i, flat_index])})
         return preds
+
+
+# ---------------------------------------------------------------------------------------------
+# Positive blocks: the reader's warm-up (DPR's reader training)
+
+
+@dataclass
+class Positives:
+    """For each training question: the best-ranked retrieved block holding an answer, where in
+    its body the answer starts, and retrieved blocks without one (DPR's reader training data).
+
+    Attributes:
+        positive: Block id, ``-1`` where none of the searched blocks holds an answer, ``[N]``.
+        answer_start: First body word piece of the answer in the positive block, ``-1`` where
+            it is only in the title or answers are patterns, ``[N]``.
+        answer_length: Its word pieces, ``[N]``.
+        negatives: Top-ranked blocks without an answer, ``-1`` where too few, ``[N, n]``.
+    """
+
+    positive: np.ndarray
+    answer_start: np.ndarray
+    answer_length: np.ndarray
+    negatives: np.ndarray
+
+    def subset(self, keep: np.ndarray) -> "Positives":
+        return Positives(self.positive[keep], self.answer_start[keep], self.answer_length[keep],
+                         self.negatives[keep])
+
+
+def _find_answer(ids: np.ndarray, answers: Sequence[np.ndarray]) -> tuple[int, int]:
+    """``(start, length)`` of the earliest answer in ``ids``, ``(-1, 0)`` if none."""
+    best = (-1, 0)
+    for answer in answers:
+        width = len(answer)
+        if width == 0 or width > len(ids):
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(ids, width)
+        hits = np.flatnonzero((windows == answer).all(axis=1))
+        if len(hits) and (best[0] < 0 or hits[0] < best[0]):
+            best = (int(hits[0]), width)
+    return best
+
+
+@torch.no_grad()
+def find_positives(model: OpenQAModel, dataset: QADataset, search_k: int = 20,
+                   negatives: int = 1, batch_size: int = 64, progress: bool = True) -> Positives:
+    """Search the top ``search_k`` blocks of every question with the model's retriever and pick
+    the first that holds an answer (word pieces, or the pattern in its text) as the positive and
+    the first ``negatives`` that do not as its negatives."""
+    n = len(dataset)
+    out = Positives(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, np.int64),
+                    np.full((n, negatives), -1, np.int64))
+    bar = tqdm(total=n, desc="positive blocks", unit="q", disable=not progress, mininterval=1.0)
+    for lo in range(0, n, batch_size):
+        batch = collate_qa([dataset[i] for i in range(lo, min(lo + batch_size, n))])
+        ids, _ = model.retrieve(batch, min(search_k, len(model.store)))
+        for i, row in enumerate(ids):
+            q, found_negatives = lo + i, []
+            for block in (int(b) for b in row):
+                if model.regex:
+                    hit = has_answer(f"{model.store.title(block)} {model.store.text(block)}",
+                                     batch.answers[i], regex=True)
+                    start, length = -1, 0
+                else:  # an answer longer than the reader's longest span cannot be learned
+                    answers = [a for a in batch.answer_ids[i]
+                               if len(a) <= model.reader.max_span_tokens]
+                    start, length = _find_answer(model.store.body_ids(block), answers)
+                    hit = start >= 0 or _find_answer(model.store.title_ids(block), answers)[0] >= 0
+                if hit and out.positive[q] < 0:
+                    out.positive[q], out.answer_start[q], out.answer_length[q] = block, start, length
+                elif not hit and len(found_negatives) < negatives:
+                    found_negatives.append(block)
+            out.negatives[q, : len(found_negatives)] = found_negatives
+        bar.update(len(ids))
+    bar.close()
+    return out
+
+
+def positive_windows(positives: Positives, indices: Sequence[int], store: BlockStore,
+                     window: Optional[int], rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks ``[B, 1 + n]`` (the positive first; a missing negative becomes a random block)
+    and body windows ``[B, 1 + n, 2]`` of at most ``window`` word pieces (None: whole bodies);
+    the positive's window holds its answer at a random place."""
+    idx = np.asarray(indices)
+    blocks = np.concatenate([positives.positive[idx, None], positives.negatives[idx]], axis=1)
+    missing = blocks < 0
+    blocks[missing] = rng.integers(0, len(store), int(missing.sum()))
+    windows = np.zeros(blocks.shape + (2,), np.int64)
+    for i, q in enumerate(idx):
+        for j, block in enumerate(blocks[i]):
+            size = len(store.body_ids(int(block)))
+            if window is None or size <= window:
+                windows[i, j] = (0, size)
+                continue
+            lo, hi = 0, size - window  # window starts that stay inside the body
+            start, length = positives.answer_start[q], positives.answer_length[q]
+            if j == 0 and start >= 0:  # keep the answer inside
+                lo, hi = max(0, start + length - window), min(start, hi)
+            windows[i, j] = (rng.integers(lo, max(lo, hi) + 1), window)
+    return blocks, windows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,7 +615,10 @@ def load_openqa_model(directory: str, store: BlockStore, max_block_tokens: int =
     return OpenQAModel(retriever, reader, index, store, reader.tokenizer, k=manifest["k"],
                        max_question_tokens=manifest["max_question_tokens"],
                        max_joined_tokens=manifest["max_joined_tokens"],
-                       regex=manifest.get("regex", False))
+                       regex=manifest.get("regex", False),
+                       # models saved before these existed were trained and read this way
+                       normalization=manifest.get("normalization", "block"),
+                       retrieval_temperature=manifest.get("retrieval_temperature", 1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,12 +626,25 @@ def load_openqa_model(directory: str, store: BlockStore, max_block_tokens: int =
 
 
 class OpenQATask:
-    """The training core's task: span-marginal loss on training questions, EM on dev ones."""
+    """The training core's task: span-marginal loss on training questions, EM on dev ones.
+
+    For the first ``positive_steps`` steps each question is read beside its positive block
+    (a window of ``window`` body word pieces around the answer) and its negatives, with a
+    uniform p(z|x), as DPR's reader trains; then over the top k retrieved blocks.
+    """
 
     def __init__(self, dataset: QADataset, dev: Sequence[QAExample], unwrap, recall_ks,
-                 batch_size: int, bf16: bool):
+                 batch_size: int, bf16: bool, positives: Optional[Positives] = None,
+                 positive_steps: int = 0, window: Optional[int] = None, seed: int = 0):
         self.dataset, self.dev, self.unwrap = dataset, list(dev), unwrap
         self.recall_ks, self.batch_size, self.bf16 = recall_ks, batch_size, bf16
+        if positive_steps and positives is None:
+            raise ValueError("positive_steps > 0 needs the positive blocks")
+        self.positives, self.positive_steps, self.window = positives, positive_steps, window
+        self.seed, self.step = seed, 0
+
+    def before_step(self, step: int) -> None:  # a hook of the training core
+        self.step = step
 
     def train_dataset(self) -> QADataset:
         return self.dataset
@@ -504,12 +653,21 @@ class OpenQATask:
         return collate_qa(items)
 
     def loss(self, model: nn.Module, batch: QABatch) -> tuple[torch.Tensor, dict[str, float]]:
-        out = model(batch)
+        warm_up = self.step < self.positive_steps
+        if warm_up:
+            # the same blocks and windows whenever this step is replayed (resume)
+            rng = np.random.default_rng([self.seed, self.step, batch.indices[0]])
+            ids, windows = positive_windows(self.positives, batch.indices,
+                                            self.unwrap(model).store, self.window, rng)
+            out = model(batch, ids, torch.zeros(ids.shape), windows=windows)
+        else:
+            out = model(batch)
         with torch.no_grad():
-            p_z = torch.softmax(out.retrieval_logits.float(), dim=-1)  # [B, k]
+            p_z = torch.softmax(self.unwrap(model).prior_logits(out), dim=-1)  # [B, k]
             block_has = out.answer_mask.flatten(2).any(dim=-1).float()  # [B, k]
             metrics = {"answerable": float(out.has_answer.float().mean()),
-                       "p_answer_blocks": float((p_z * block_has).sum(-1).mean())}
+                       "p_answer_blocks": float((p_z * block_has).sum(-1).mean()),
+                       "positive_warm_up": float(warm_up)}
         return out.loss, metrics
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -553,7 +711,7 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
         # a checkpoint (not a saved encoder or a run directory): maybe cut to its first layers
         reader_source = truncated_encoder(o.reader, o.reader_layers, config.pretrain.cache_dir)
     reader = SpanReader.from_checkpoint(reader_source, o.max_span_tokens, o.span_hidden,
-                                        seed=config.seed)
+                                        scorer=o.span_scorer, seed=config.seed)
     check_tokenizer(reader.tokenizer, store)
     retriever = None
     if o.retriever == "bm25":
@@ -574,11 +732,26 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     model = OpenQAModel(retriever, reader, index, store, reader.tokenizer, k=o.k,
                         max_question_tokens=o.max_question_tokens,
                         max_joined_tokens=o.max_joined_tokens, regex=o.regex,
-                        train_query_encoder=o.train_query_encoder)
+                        train_query_encoder=o.train_query_encoder,
+                        normalization=o.normalization,
+                        retrieval_temperature=o.retrieval_temperature)
     dataset = QADataset(train_qa, reader.tokenizer, o.max_question_tokens, o.regex)
+    # DPR's reader data: each question's best-ranked block with an answer and blocks without;
+    # a question with no answer in its top blocks teaches nothing and is left out
+    positives = find_positives(model, dataset, max(o.positive_search, o.k), o.positive_negatives,
+                               progress=progress and accelerator.is_main_process)
+    keep = np.flatnonzero(positives.positive >= 0)
+    logger.info("%d of %d training questions have an answer in their top %d blocks; the "
+                "others are left out", len(keep), len(dataset), max(o.positive_search, o.k))
+    if not len(keep):
+        raise ValueError(f"openqa.train_qa: no training question of {o.train_qa} has an answer "
+                         f"in its top {max(o.positive_search, o.k)} blocks")
+    dataset = QADataset([train_qa[i] for i in keep], reader.tokenizer, o.max_question_tokens,
+                        o.regex)
     dev_during = dev_qa[: o.eval_limit] if o.eval_limit else dev_qa
     task = OpenQATask(dataset, dev_during, accelerator.unwrap_model, o.recall_ks,
-                      o.eval_batch_size, precision == "bf16")
+                      o.eval_batch_size, precision == "bf16", positives.subset(keep),
+                      min(o.positive_steps, t.steps), o.positive_window, config.seed)
     if accelerator.is_main_process:
         save_config(config, t.run_dir)
     tracker = Tracker.from_config(config, enabled=accelerator.is_main_process)
@@ -586,12 +759,15 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     report: dict[str, Any] = {}
     world_size = accelerator.num_processes
     try:
-        result = train(model, task, settings, accelerator, tracker, config_dict=config.to_dict())
+        result = train(model, task, settings, accelerator, tracker, hooks=[task],
+                       config_dict=config.to_dict())
         unwrapped = accelerator.unwrap_model(model)
         if accelerator.is_main_process:
             save_openqa_model(unwrapped, os.path.join(t.run_dir, "model"), {
                 "k": o.k, "max_question_tokens": o.max_question_tokens,
                 "max_joined_tokens": o.max_joined_tokens, "regex": o.regex,
+                "normalization": o.normalization,
+                "retrieval_temperature": o.retrieval_temperature,
                 "retriever_source": o.retriever, "reader_source": o.reader,
             }, metadata={"stage": "finetune_openqa", "steps": result["steps"]})
             if dev_qa:
@@ -617,7 +793,8 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
         "stage": "finetune_openqa", "run_dir": t.run_dir, "retriever": o.retriever,
         "reader": o.reader, "steps": result["steps"],
         "final_loss": round(result["final_loss"], 5) if np.isfinite(result["final_loss"]) else None,
-        "train_questions": len(train_qa), "examples_per_s": result["examples_per_s"],
+        "train_questions": len(train_qa), "train_questions_with_positive": int(len(keep)),
+        "positive_steps": min(o.positive_steps, t.steps), "examples_per_s": result["examples_per_s"],
         "precision": precision or "fp32", "world_size": world_size,
         "dev": report, "model": os.path.join(t.run_dir, "model"),
         "seconds": round(time.time() - t0, 1),

@@ -7,7 +7,7 @@ import torch
 from transformers import BertConfig
 
 from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, build_joined_inputs
-from realm.modeling.reader import (SpanReader, SpanScorer, answer_span_mask,
+from realm.modeling.reader import (SpanReader, SpanScorer, StartEndScorer, answer_span_mask,
                                    span_mask_from_segments)
 
 CLS, SEP, PAD = 101, 102, 0
@@ -95,3 +95,27 @@ def test_reader_from_ka_encoder_directory_and_save_load(tmp_path):
 def test_max_span_tokens_must_be_positive():
     with pytest.raises(ValueError, match="max_span_tokens"):
         SpanReader.from_config(_tiny_config(), max_span_tokens=0)
+    with pytest.raises(ValueError, match="scorer"):
+        SpanReader.from_config(_tiny_config(), scorer="bilinear")
+
+
+def test_start_end_scorer_adds_the_start_and_end_logits(tmp_path):
+    torch.manual_seed(0)
+    scorer = StartEndScorer(hidden_size=8)
+    states = torch.randn(2, 6, 8)
+    scores = scorer(states, max_width=3)  # [2, 6, 3]
+    start = states @ scorer.proj.weight[0] + scorer.proj.bias[0]  # [2, 6]
+    end = states @ scorer.proj.weight[1] + scorer.proj.bias[1]
+    for n in range(2):
+        for i in range(6):
+            for w in range(3):
+                if i + w < 6:
+                    assert torch.allclose(scores[n, i, w], start[n, i] + end[n, i + w], atol=1e-5)
+    # a start_end reader saves and loads as one
+    reader = SpanReader.from_config(_tiny_config(), max_span_tokens=3, scorer="start_end").eval()
+    joined = _joined()
+    args = (joined.input_ids, joined.attention_mask, joined.token_type_ids, joined.segment_ids)
+    reader.save_pretrained(tmp_path / "reader")
+    loaded = SpanReader.from_pretrained(tmp_path / "reader").eval()
+    assert loaded.scorer_kind == "start_end" and isinstance(loaded.scorer, StartEndScorer)
+    assert torch.allclose(reader(*args).span_logits, loaded(*args).span_logits, atol=1e-6)

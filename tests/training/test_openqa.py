@@ -16,7 +16,8 @@ from realm.hub import load_tokenizer
 from realm.modeling.reader import SpanReader
 from realm.modeling.retriever import Retriever
 from realm.training.openqa import (BM25Index, BlockTexts, DenseIndex, OpenQAModel, QADataset,
-                                   collate_qa, document_embeddings, evaluate_openqa)
+                                   collate_qa, document_embeddings, evaluate_openqa,
+                                   find_positives, positive_windows)
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -230,3 +231,82 @@ def test_regex_answers_mark_their_spans_in_training(squad_tiny, tiny_encoder):
         text = model.texts.span_text(int(out.block_ids[0, j]), segment, start - offset,
                                      start - offset + w)
         assert text in ("Denver Broncos", "Broncos")
+
+
+def test_positive_blocks_hold_the_answer_and_negatives_do_not(squad_tiny, tiny_encoder):
+    """The reader's warm-up data (DPR): the best-ranked block with an answer, windows around it."""
+    store = BlockStore(str(squad_tiny / "corpus"))
+    torch.manual_seed(0)
+    reader = SpanReader.from_checkpoint(tiny_encoder, max_span_tokens=6, span_hidden=8)
+    model = OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer, k=3,
+                        max_joined_tokens=200)
+    qa = read_qa(str(squad_tiny / "qa.jsonl"))
+    qa.append(QAExample("Who painted the Mona Lisa?", ["Leonardo da Vinci"]))  # not in the slice
+    dataset = QADataset(qa, reader.tokenizer, 48)
+    found = find_positives(model, dataset, search_k=10, negatives=2, progress=False)
+    assert found.positive[-1] == -1 and (found.positive[:-1] >= 0).all()
+    for i, ex in enumerate(qa[:-1]):
+        pos = int(found.positive[i])
+        assert any(a.lower() in f"{store.title(pos)} {store.text(pos)}".lower()
+                   for a in ex.answers)
+        for neg in found.negatives[i]:
+            if neg >= 0:
+                text = f"{store.title(int(neg))} {store.text(int(neg))}".lower()
+                assert not any(a.lower() in text for a in ex.answers), (ex.answers, neg)
+        # the positive is the best-ranked block with an answer
+        ids, _ = model.index.search_texts([ex.question], 10)
+        assert pos == next(int(b) for b in ids[0]
+                           if any(a.lower() in f"{store.title(int(b))} {store.text(int(b))}".lower()
+                                  for a in ex.answers))
+    keep = np.flatnonzero(found.positive >= 0)
+    sub = found.subset(keep)
+    assert len(sub.positive) == len(qa) - 1 and (sub.positive >= 0).all()
+    # windows: 24 body word pieces; the positive's holds its answer, all stay inside the body
+    rng = np.random.default_rng(0)
+    blocks, windows = positive_windows(sub, list(range(len(keep))), store, 24, rng)
+    assert blocks.shape == (len(keep), 3) and windows.shape == (len(keep), 3, 2)
+    assert (blocks[:, 0] == sub.positive).all()
+    for i in range(len(keep)):
+        for j in range(3):
+            start, length = windows[i, j]
+            assert 0 <= start and start + length <= len(store.body_ids(int(blocks[i, j])))
+        if sub.answer_start[i] >= 0:
+            start, length = windows[i, 0]
+            a0, a_len = sub.answer_start[i], sub.answer_length[i]
+            assert start <= a0 and a0 + a_len <= start + length
+    # read through those windows: the answer is found in the positive, the loss is finite
+    batch = collate_qa([QADataset([qa[i] for i in keep], reader.tokenizer, 48)[i]
+                        for i in range(4)])
+    out = model(batch, blocks[:4], torch.zeros(4, 3), windows=windows[:4])
+    assert out.span_logits.shape[1] == 3 and out.span_logits.shape[2] <= 48 + 24 + 20
+    assert out.answer_mask[:, 0].flatten(1).any(dim=1).all() and torch.isfinite(out.loss)
+    assert not out.answer_mask[:, 1:].any()
+    # a prediction cut from a window maps back to the block's text
+    for pred, row in zip(model.best_spans(out), blocks[:4]):
+        assert pred["prediction"] in store.text(pred["block"]) + store.title(pred["block"])
+
+
+def test_retrieval_temperature_softens_p_z_and_shared_normalization_compares_blocks(
+        squad_tiny, tiny_encoder):
+    store = BlockStore(str(squad_tiny / "corpus"))
+    torch.manual_seed(0)
+    reader = SpanReader.from_checkpoint(tiny_encoder, max_span_tokens=6, span_hidden=8)
+    qa = read_qa(str(squad_tiny / "qa.jsonl"))[:4]
+    batch = collate_qa([QADataset(qa, reader.tokenizer, 48)[i] for i in range(4)])
+    sharp = OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer, k=4,
+                        max_joined_tokens=200, retrieval_temperature=1.0)
+    soft = OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer, k=4,
+                       max_joined_tokens=200, retrieval_temperature=8.0)
+    with torch.no_grad():
+        out = sharp(batch)
+    p_sharp = torch.softmax(sharp.prior_logits(out), -1)
+    p_soft = torch.softmax(soft.prior_logits(out), -1)
+    assert torch.allclose(soft.prior_logits(out), out.retrieval_logits / 8.0)
+    assert (p_soft.max(-1).values < p_sharp.max(-1).values).all()
+    assert (p_soft[:, -1] > p_sharp[:, -1]).all()  # the 4th block gets a say
+    with pytest.raises(ValueError, match="temperature"):
+        OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer,
+                    retrieval_temperature=0.0)
+    with pytest.raises(ValueError, match="normalization"):
+        OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer,
+                    normalization="global")
