@@ -36,6 +36,8 @@ def finetuned(squad_tiny):
     cmd = [sys.executable, str(REPO / "launch" / "finetune_openqa.py"), "--no-progress",
            f"openqa.corpus={squad_tiny / 'corpus'}", f"openqa.train_qa={squad_tiny / 'qa.jsonl'}",
            f"openqa.dev_qa={squad_tiny / 'qa.jsonl'}", "openqa.k=2", "openqa.max_joined_tokens=200",
+           # both phases: 24 steps beside positive blocks, then 12 over the top k
+           "openqa.reader_layers=2", "openqa.positive_steps=24",
            "openqa.recall_ks=[1,2,5]", "openqa.eval_limit=0",
            f"pretrain.cache_dir={squad_tiny / 'cache'}", f"train.run_dir={run}",
            "train.steps=36", "train.batch_size=4", "train.lr=3e-4", "train.warmup_steps=4",
@@ -58,11 +60,14 @@ def test_finetuning_raises_exact_match_above_an_untrained_reader(squad_tiny, fin
     before, _ = evaluate_openqa(untrained, qa, [1, 2], progress=False)
     after = summary["dev"]
     assert summary["steps"] == 36 and summary["train_questions"] == 12
+    assert summary["train_questions_with_positive"] == 12 and summary["positive_steps"] == 24
     assert after["questions"] == 12 and after["answer_recall@2"] >= 0.75
     assert after["exact_match"] >= before["exact_match"] + 0.25, (before, after)
     assert after["f1"] > before["f1"]
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     losses = [r["loss"] for r in records if "loss" in r]
+    warm = [r["positive_warm_up"] for r in records if "positive_warm_up" in r]
+    assert warm[:6] == [1.0] * 6 and warm[-3:] == [0.0] * 3  # logged every 4 steps
     (table,) = [r for r in records if r.get("table") == "dev_predictions"]
     assert len(table["rows"]) == 12 and table["columns"][:2] == ["question", "prediction"]
     assert np.mean(losses[-3:]) < np.mean(losses[:2])
