@@ -6,12 +6,16 @@ Sizes (k, token limits, batch, lr, the reader checkpoint and its layers, the QA 
 corpus) come from ``configs/openqa_squad.yaml`` unless overridden (``key=value`` after the flags);
 the corpus is built into ``pretrain.cache_dir`` if missing (run from the repo root).
 
-1. **Fine-tuning step.** ``OpenQAModel`` + ``OpenQATask.loss`` on the training questions, one
-   AdamW step after another on the same batches, first in fp32, then under
-   ``torch.autocast("cpu", dtype=torch.bfloat16)`` with a fresh model from the same seed. The
-   first ``--warmup`` steps are not timed. ``bf16_over_fp32`` = bf16 examples/s / fp32's.
+1. **Fine-tuning step**, both phases: ``OpenQAModel`` + ``OpenQATask.loss`` on the training
+   questions, one AdamW step after another on the same batches, first in fp32, then under
+   ``torch.autocast("cpu", dtype=torch.bfloat16)`` with a fresh model from the same seed
+   (``--no-bf16`` skips it). ``positive``: each question beside its positive block's window and
+   its negatives; ``top_k``: the top k blocks whole. The first ``--warmup`` steps are not timed.
+   ``bf16_over_fp32`` = bf16 examples/s / fp32's.
 2. **Evaluation.** ``evaluate_openqa`` (retrieve, read the top k, best span, EM/F1, recall) on the
    first ``--eval-questions`` dev questions, fp32 and bf16: questions/s.
+3. **Answer latency**: seconds per question of retrieve + read + best span, one question at a
+   time and in batches of 32 (fp32).
 
 The 1-minute load average before and after is recorded: other jobs on the cores slow every step.
 Prints one JSON object on stdout; progress goes to stderr.
@@ -38,7 +42,7 @@ from realm.modeling.reader import SpanReader  # noqa: E402
 from realm.modeling.retriever import Retriever  # noqa: E402
 from realm.training.openqa import (BM25Index, DenseIndex, OpenQAModel, OpenQATask,  # noqa: E402
                                    QADataset, collate_qa,
-                                   document_embeddings, evaluate_openqa)
+                                   document_embeddings, evaluate_openqa, find_positives)
 from realm.prepare import prepare_corpus, truncated_encoder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,10 +61,14 @@ def build_model(config, store, seed: int, retriever_src: str, index):
                        retrieval_temperature=o.retrieval_temperature)
 
 
-def time_training(config, store, retriever_src, index, batches, bf16: bool, warmup: int):
+def time_training(config, store, retriever_src, index, batches, bf16: bool, warmup: int,
+                  positives=None):
+    """Examples/s of the top-k phase, or of the positive-block phase with ``positives``."""
     model = build_model(config, store, config.seed, retriever_src, index)
     model.train()
-    task = OpenQATask(None, [], lambda m: m, [1], 16, bf16)
+    task = OpenQATask(None, [], lambda m: m, [1], 16, bf16, positives,
+                      len(batches) if positives is not None else 0,
+                      config.openqa.positive_window, config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.train.lr, fused=True)
     times, losses = [], []
@@ -82,6 +90,18 @@ def time_training(config, store, retriever_src, index, batches, bf16: bool, warm
             "mean_loss": round(sum(losses) / len(losses), 4)}
 
 
+@torch.no_grad()
+def time_answers(model, dev, batch_size: int) -> float:
+    """Seconds per question: retrieve, read the top k, pick the best span."""
+    model.eval()
+    data = QADataset(dev, model.tokenizer, model.max_question_tokens)
+    t0 = time.perf_counter()
+    for lo in range(0, len(data), batch_size):
+        batch = collate_qa([data[i] for i in range(lo, min(lo + batch_size, len(data)))])
+        model.best_spans(model(batch, with_loss=False))
+    return round((time.perf_counter() - t0) / len(data), 4)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=os.path.join(REPO, "configs", "openqa_squad.yaml"))
@@ -91,6 +111,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--eval-questions", type=int, default=160)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--no-bf16", action="store_true", help="fp32 only (bf16 is slow on CPUs "
+                        "without AVX512-BF16)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -116,11 +138,23 @@ def main() -> int:
     bs = config.train.batch_size
     batches = [collate_qa([dataset[i] for i in range(s * bs, (s + 1) * bs)])
                for s in range(args.steps + args.warmup)]
-    fp32 = time_training(config, store, retriever_src, index, batches, False, args.warmup)
-    bf16 = time_training(config, store, retriever_src, index, batches, True, args.warmup)
+    positives = find_positives(probe, dataset, o.positive_search, o.positive_negatives,
+                               progress=False)
+    train, precisions = {}, [("fp32", False)] + ([] if args.no_bf16 else [("bf16", True)])
+    for phase, pos in (("positive", positives), ("top_k", None)):
+        train[phase] = {name: time_training(config, store, retriever_src, index, batches,
+                                            use_bf16, args.warmup, pos)
+                        for name, use_bf16 in precisions}
+        if not args.no_bf16:
+            train[phase]["bf16_over_fp32"] = round(
+                train[phase]["bf16"]["examples_per_s"] / train[phase]["fp32"]["examples_per_s"], 3)
+    train["top_k_over_positive"] = round(train["top_k"]["fp32"]["step_s"]
+                                         / train["positive"]["fp32"]["step_s"], 3)
     dev = read_qa(o.dev_qa, limit=args.eval_questions)
+    latency = {"batch_1_s_per_question": time_answers(probe, dev[:32], 1),
+               "batch_32_s_per_question": time_answers(probe, dev, 32)}
     evals = {}
-    for name, use_bf16 in (("fp32", False), ("bf16", True)):
+    for name, use_bf16 in precisions:
         report, _ = evaluate_openqa(probe, dev, o.recall_ks, o.eval_batch_size, use_bf16,
                                     progress=False)
         evals[name] = {"questions_per_s": report["questions_per_s"],
@@ -131,12 +165,12 @@ def main() -> int:
         "k": o.k, "batch_size": bs, "max_joined_tokens": o.max_joined_tokens,
         "reader": o.reader, "reader_layers": o.reader_layers,
         "threads": torch.get_num_threads(), "steps_timed": args.steps,
-        "train": {"fp32": fp32, "bf16": bf16,
-                  "bf16_over_fp32": round(bf16["examples_per_s"] / fp32["examples_per_s"], 3)},
-        "evaluate": {**evals, "bf16_over_fp32": round(
-            evals["bf16"]["questions_per_s"] / evals["fp32"]["questions_per_s"], 3)},
+        "train": train, "evaluate": evals, "answer_latency": latency,
         "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
+    if not args.no_bf16:
+        evals["bf16_over_fp32"] = round(evals["bf16"]["questions_per_s"]
+                                        / evals["fp32"]["questions_per_s"], 3)
     print(json.dumps(result))
     return 0
 

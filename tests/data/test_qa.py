@@ -25,6 +25,7 @@ def test_answers_answer_and_gold_passage(tmp_path):
     ('["a list"]', "expected an object"),
     ('{"answers": ["a"]}', "field 'question'"),
     ('{"question": "q", "answers": ["a", ""]}', "field 'answers'"),
+    ('{"question": "q", "answers": []}', "field 'answers'"),
     ('{"question": "q", "answers": 5}', "field 'answers'"),
 ])
 def test_bad_record_names_file_and_line(tmp_path, line, message):
