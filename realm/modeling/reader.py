@@ -99,13 +99,18 @@ def answer_span_mask(
     seq_len, max_width = span_mask.shape
     out = np.zeros_like(span_mask, dtype=bool)
     for answer in answers:
-        width = len(answer)
-        if width == 0 or width > max_width or width > seq_len:
-            continue
-        windows = np.lib.stride_tricks.sliding_window_view(input_ids, width)  # [L - w + 1, w]
-        starts = np.flatnonzero((windows == answer).all(axis=1))
-        out[starts, width - 1] = True
+        if len(answer) <= max_width:
+            out[occurrences(input_ids, answer), len(answer) - 1] = True
     return out & span_mask
+
+
+def occurrences(ids: np.ndarray, answer: np.ndarray) -> np.ndarray:
+    """Start positions of every run of ``ids`` equal to ``answer`` (none for an empty answer)."""
+    width = len(answer)
+    if width == 0 or width > len(ids):
+        return np.zeros(0, np.int64)
+    windows = np.lib.stride_tricks.sliding_window_view(ids, width)  # [L - w + 1, w]
+    return np.flatnonzero((windows == answer).all(axis=1))
 
 
 class SpanScorer(nn.Module):

@@ -36,7 +36,7 @@ from realm.evaluation.answers import compile_answer_pattern, exact_match, f1_sco
 from realm.evaluation.retrieval import recall_at_k
 from realm.losses import span_log_probs, span_marginal_loss
 from realm.modeling.ka_encoder import build_joined_inputs
-from realm.modeling.reader import SpanReader, answer_span_mask
+from realm.modeling.reader import SpanReader, answer_span_mask, occurrences
 from realm.modeling.retriever import (Retriever, _atomic_directory, _write_manifest,
                                       build_query_inputs, read_manifest)
 
@@ -426,13 +426,9 @@ def _find_answer(ids: np.ndarray, answers: Sequence[np.ndarray]) -> tuple[int, i
     """``(start, length)`` of the earliest answer in ``ids``, ``(-1, 0)`` if none."""
     best = (-1, 0)
     for answer in answers:
-        width = len(answer)
-        if width == 0 or width > len(ids):
-            continue
-        windows = np.lib.stride_tricks.sliding_window_view(ids, width)
-        hits = np.flatnonzero((windows == answer).all(axis=1))
+        hits = occurrences(ids, answer)
         if len(hits) and (best[0] < 0 or hits[0] < best[0]):
-            best = (int(hits[0]), width)
+            best = (int(hits[0]), len(answer))
     return best
 
 
