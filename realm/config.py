@@ -516,6 +516,47 @@ class PretrainConfig:
 
 
 @dataclass
+class RetrieverTrainingConfig:
+    """Supervised retriever training from question-passage pairs (``launch/train_retriever.py``,
+    DPR: Karpukhin et al. 2020)."""
+
+    corpus: Optional[str] = _doc(
+        "Corpus directory (prepare_corpus.py) the passages come from. null: build the `data` "
+        "section's corpus into `pretrain.cache_dir`.", default=None)
+    train_qa: Optional[str] = _doc(
+        "Training questions: jsonl {question, answers[, gold_passage]} or hf:NAME[/CONFIG]:SPLIT.",
+        default=None)
+    dev_qa: Optional[str] = _doc(
+        "Questions whose answer recall@k is reported at the end (never a test set); null: none.",
+        default=None)
+    regex: bool = _doc("Answers are regular expressions (CuratedTREC).", default=False)
+    positive_search: int = _doc(
+        "BM25 blocks searched per question for its positive (DPR's distant supervision: the "
+        "best-ranked block whose text holds an answer; with a gold_passage, the best-ranked such "
+        "block of that article first) and its hard negatives.", default=100)
+    hard_negatives: int = _doc(
+        "Hard negatives per question: the best-ranked BM25 blocks without an answer. Every other "
+        "passage of the global batch is a negative too.", default=1)
+    eval_limit: int = _doc("Dev questions evaluated at each `train.eval_every` (0: all); the "
+                           "final evaluation uses all.", default=300)
+    evaluate_before: bool = _doc(
+        "Also report the dev answer recall of the starting retriever (one more pass embedding "
+        "the corpus) in the summary's `dev_before`.", default=True)
+    recall_ks: list[int] = _doc("Cut-offs of the answer recall@k.",
+                                default_factory=lambda: [1, 5, 20, 100])
+
+    def __post_init__(self) -> None:
+        _check(self.positive_search > 0, "retriever_training.positive_search",
+               f"must be > 0, got {self.positive_search}")
+        _check(self.hard_negatives >= 0, "retriever_training.hard_negatives",
+               f"must be >= 0, got {self.hard_negatives}")
+        _check(self.eval_limit >= 0, "retriever_training.eval_limit",
+               f"must be >= 0, got {self.eval_limit}")
+        _check(bool(self.recall_ks) and all(k > 0 for k in self.recall_ks),
+               "retriever_training.recall_ks", f"must be positive integers, got {self.recall_ks}")
+
+
+@dataclass
 class OpenQAConfig:
     """Open-QA fine-tuning and evaluation (``launch/finetune_openqa.py``)."""
 
@@ -639,6 +680,9 @@ class Config:
                                    metadata={"help": "Index refresher."})
     openqa: OpenQAConfig = field(default_factory=OpenQAConfig,
                                  metadata={"help": "Open-QA fine-tuning."})
+    retriever_training: RetrieverTrainingConfig = field(
+        default_factory=RetrieverTrainingConfig,
+        metadata={"help": "Supervised retriever training (DPR)."})
     pretrain: PretrainConfig = field(default_factory=PretrainConfig,
                                      metadata={"help": "REALM pretraining."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Training core."})

@@ -11,12 +11,13 @@ def in_batch_nce(q_reps: torch.Tensor, p_reps: torch.Tensor) -> tuple[torch.Tens
 
     Args:
         q_reps: ``[B, dim]`` query embeddings.
-        p_reps: ``[B, dim]`` embeddings of the positive blocks, in the same order.
+        p_reps: ``[B + n, dim]`` embeddings of the positive blocks, in the same order, then any
+            further negatives (DPR's hard negatives: ``n`` extra columns every query scores).
 
     Returns:
-        ``(loss, scores)``: mean cross-entropy and the ``[B, B]`` score matrix.
+        ``(loss, scores)``: mean cross-entropy and the ``[B, B + n]`` score matrix.
     """
-    scores = q_reps.float() @ p_reps.float().T  # [B, B]
+    scores = q_reps.float() @ p_reps.float().T  # [B, B + n]
     labels = torch.arange(q_reps.shape[0], device=q_reps.device)  # [B]
     return F.cross_entropy(scores, labels), scores
 

@@ -674,33 +674,50 @@ class OpenQATask:
         return {k: v for k, v in report.items() if isinstance(v, float)}
 
 
-def run_finetune(config, progress: bool = True) -> dict[str, Any]:
-    """Open-QA fine-tuning with the shared core, then the dev evaluation; returns the summary."""
+def prepare_qa_stage(config, section, name: str, progress: bool = True):
+    """What a stage that trains on questions starts from: the corpus (``section.corpus``, or the
+    ``data`` section's built into ``pretrain.cache_dir``), the training and dev questions, and
+    the accelerator (seeded).
+
+    Returns:
+        ``(corpus_dir, store, train_qa, dev_qa, accelerator, precision)``.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from realm.config import save_config
     from realm.data.qa import read_qa
-    from realm.fsutil import sha256_file
-    from realm.hub import run_part
-    from realm.tracking import Tracker
-    from realm.training.core import TrainSettings, autocast_dtype, train
-    from realm.training.ict import _shutdown, check_tokenizer
-    from realm.prepare import _digest, prepare_corpus, truncated_encoder
+    from realm.prepare import prepare_corpus
+    from realm.training.core import autocast_dtype
 
-    t0 = time.time()
-    o, t = config.openqa, config.train
-    if not o.train_qa:
-        raise ValueError("openqa.train_qa: no training questions given")
-    corpus_dir = o.corpus or prepare_corpus(config, progress)
+    if not section.train_qa:
+        raise ValueError(f"{name}.train_qa: no training questions given")
+    corpus_dir = section.corpus or prepare_corpus(config, progress)
     store = BlockStore(corpus_dir)
-    train_qa = read_qa(o.train_qa, regex=o.regex)
-    dev_qa = read_qa(o.dev_qa, regex=o.regex) if o.dev_qa else []
+    train_qa = read_qa(section.train_qa, regex=section.regex)
+    dev_qa = read_qa(section.dev_qa, regex=section.regex) if section.dev_qa else []
+    t = config.train
     use_cpu = not torch.cuda.is_available()
     precision = autocast_dtype(t.precision, torch.device("cpu" if use_cpu else "cuda"))
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision or "no",
                               gradient_accumulation_steps=t.grad_accum)
     set_seed(config.seed)
+    return corpus_dir, store, train_qa, dev_qa, accelerator, precision
+
+
+def run_finetune(config, progress: bool = True) -> dict[str, Any]:
+    """Open-QA fine-tuning with the shared core, then the dev evaluation; returns the summary."""
+    from realm.config import save_config
+    from realm.fsutil import sha256_file
+    from realm.hub import run_part
+    from realm.tracking import Tracker
+    from realm.training.core import TrainSettings, train
+    from realm.training.ict import _shutdown, check_tokenizer
+    from realm.prepare import _digest, truncated_encoder
+
+    t0 = time.time()
+    o, t = config.openqa, config.train
+    corpus_dir, store, train_qa, dev_qa, accelerator, precision = prepare_qa_stage(
+        config, o, "openqa", progress)
 
     reader_source = o.reader
     if not os.path.isdir(o.reader) or os.path.isfile(os.path.join(o.reader, "config.json")):

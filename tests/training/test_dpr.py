@@ -1,0 +1,146 @@
+"""DPR: mined positives and hard negatives, the loss, and the stage end to end on real SQuAD
+questions over their passages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from realm.config import load_config
+from realm.data.qa import QAExample, read_qa
+from realm.data.store import BlockStore
+from realm.evaluation.answers import has_answer
+from realm.evaluation.run import BM25Searcher
+from realm.losses import in_batch_nce
+from realm.modeling.retriever import Retriever
+from realm.tracking import read_metrics
+from realm.training.dpr import AnswerMatcher, mine_pairs, run_train_retriever
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def squad_dpr(make_squad_slice, tmp_path_factory):
+    """30 SQuAD-open passages and 16 training questions whose gold passage is among them."""
+    return make_squad_slice(tmp_path_factory.mktemp("squad-dpr"), 30, slice(None, 80, 5), 160)
+
+
+def test_mined_pairs_follow_dprs_rules(squad_dpr):
+    store = BlockStore(str(squad_dpr / "corpus"))
+    qa = read_qa(str(squad_dpr / "qa.jsonl"))
+    qa.append(QAExample("Who wrote Hamlet?", ["zzqx never in the corpus"]))
+    qa.append(QAExample(qa[0].question, qa[0].answers))  # the same question without a gold passage
+    ranked = BM25Searcher(store).search_texts([q.question for q in qa], 20)
+    pairs = mine_pairs(store, qa, ranked, hard_negatives=2, seed=0, progress=False)
+    assert pairs.positive[-2] == -1  # no block holds the answer: left out
+    assert pairs.negatives.shape == (len(qa), 2) and (pairs.negatives >= 0).all()
+    for q, ex in enumerate(qa):
+        if pairs.positive[q] < 0:
+            continue
+        block = int(pairs.positive[q])
+        assert has_answer(store.text(block), ex.answers)
+        rank = list(ranked[q]).index(block)
+        if pairs.from_gold[q]:
+            assert store.article_id(block) == ex.gold_passage
+            # no better-ranked block of the gold article holds an answer
+            assert not any(store.article_id(int(b)) == ex.gold_passage
+                           and has_answer(store.text(int(b)), ex.answers) for b in ranked[q][:rank])
+        else:  # the best-ranked block with an answer
+            assert not any(has_answer(store.text(int(b)), ex.answers) for b in ranked[q][:rank])
+        for b in pairs.negatives[q]:
+            assert not has_answer(store.text(int(b)), ex.answers) and b != block
+    assert pairs.from_gold[:-2].mean() > 0.8  # SQuAD questions: the gold passage has the answer
+    assert not pairs.from_gold[-1]  # (no gold passage given)
+    # the same positive as the gold one, or a better-ranked block of another article
+    assert list(ranked[-1]).index(pairs.positive[-1]) <= list(ranked[0]).index(pairs.positive[0])
+
+
+def test_answer_matcher_is_dprs_has_answer(squad_dpr):
+    store = BlockStore(str(squad_dpr / "corpus"))
+    match = AnswerMatcher(store)
+    for q in read_qa(str(squad_dpr / "qa.jsonl"))[:8]:
+        for block in range(0, len(store), 3):
+            assert match(block, q.answers) == has_answer(store.text(block), q.answers)
+    regex = AnswerMatcher(store, regex=True)
+    assert regex(0, [r"\w+"]) and not regex(0, ["zzqx+"])
+
+
+def test_hard_negatives_are_extra_columns_of_the_nce():
+    torch.manual_seed(0)
+    q, p, h = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)
+    loss, scores = in_batch_nce(q, torch.cat([p, h]))
+    assert scores.shape == (4, 8)
+    direct = -torch.stack([torch.log_softmax(torch.cat([q[i] @ p.T, q[i] @ h.T]), 0)[i]
+                           for i in range(4)]).mean()
+    assert torch.allclose(loss, direct, atol=1e-6)
+
+
+def _overrides(squad, encoder, run_dir, **extra):
+    base = {"retriever_training.corpus": str(squad / "corpus"),
+            "retriever_training.train_qa": str(squad / "qa.jsonl"),
+            "retriever_training.dev_qa": str(squad / "qa.jsonl"),
+            "retriever_training.positive_search": 20, "retriever_training.recall_ks": "[1,5]",
+            "retriever.encoder": encoder, "retriever.dim": 16, "retriever.max_block_tokens": 160,
+            "train.run_dir": str(run_dir), "train.steps": 40, "train.batch_size": 4,
+            "train.lr": 3e-3, "train.warmup_steps": 2, "train.eval_every": 0,
+            "train.save_every": 20, "logging.log_every": 1, "logging.wandb": "false"}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_dpr_learns_its_training_questions(squad_dpr, tiny_encoder, tmp_path):
+    run = tmp_path / "run"
+    summary = run_train_retriever(load_config(overrides=_overrides(squad_dpr, tiny_encoder, run)),
+                                  progress=False)
+    assert summary["steps"] == 40 and summary["train_questions"] == 16
+    assert summary["train_questions_with_positive"] == 16 and summary["positives_from_gold"] >= 13
+    assert summary["negatives_per_query"] == 4 * 2 - 1
+    records = [r for r in read_metrics(str(run)) if "loss" in r]
+    losses = [r["loss"] for r in records]
+    assert len(losses) == 40 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+    assert all(0 <= r["positive_over_hard"] <= 1 for r in records)
+    before, after = summary["dev_before"], summary["dev"]
+    assert before["questions"] == after["questions"] == 16
+    # a random tiny encoder learns its 16 questions' passages
+    assert after["answer_recall@1"] >= before["answer_recall@1"] + 0.25, (before, after)
+    reloaded = Retriever.from_pretrained(summary["retriever"])
+    assert reloaded.dim == 16 and reloaded.tokenizer is not None
+    manifest = json.loads((run / "retriever" / "manifest.json").read_text())
+    assert manifest["metadata"]["stage"] == "train_retriever"
+
+
+def test_cli_evaluates_the_trained_retriever_and_refuses_unanswerable_data(squad_dpr, tiny_encoder,
+                                                                          tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "train_retriever.py"), "--no-progress",
+           *_overrides(squad_dpr, tiny_encoder, run, **{"train.steps": 6,
+                                                      "retriever_training.evaluate_before":
+                                                      "false"})]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["dev_before"] == {} and summary["steps"] == 6
+    # launch/evaluate.py retrieval reads the run directory's retriever: the same figures
+    done = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "evaluate.py"), "retrieval", "--retriever",
+         summary["retriever"], "--corpus", str(squad_dpr / "corpus"), "--qa",
+         str(squad_dpr / "qa.jsonl"), "--k", "1,5", "--max-block-tokens", "160", "--no-progress"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["answer_recall@1"] == summary["dev"]["answer_recall@1"]
+    assert report["answer_recall@5"] == summary["dev"]["answer_recall@5"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "Who wrote Hamlet?", "answers": ["zzqx nowhere"]}) + "\n")
+    done = subprocess.run(
+        cmd[:3] + _overrides(squad_dpr, tiny_encoder, tmp_path / "bad-run",
+                             **{"retriever_training.train_qa": str(bad)}),
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and str(bad) in done.stderr and "no question" in done.stderr
+    assert not (tmp_path / "bad-run" / "retriever").exists()
