@@ -49,6 +49,7 @@ class AnswerMatcher:
     def __init__(self, store: BlockStore, regex: bool = False):
         self.store, self.regex = store, regex
         self._tokens: dict[int, list[str]] = {}
+        self._answers: dict[str, list[str]] = {}
 
     def __call__(self, block: int, answers: Sequence[str]) -> bool:
         if self.regex:
@@ -58,7 +59,9 @@ class AnswerMatcher:
         if tokens is None:
             tokens = self._tokens[block] = dpr_tokens(self.store.text(block))
         for answer in answers:
-            run = dpr_tokens(answer)
+            run = self._answers.get(answer)
+            if run is None:
+                run = self._answers[answer] = dpr_tokens(answer)
             n = len(run)
             if n and any(tokens[i: i + n] == run for i in range(len(tokens) - n + 1)):
                 return True
@@ -219,7 +222,7 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
     from realm.index.embed import special_ids
     from realm.tracking import Tracker
     from realm.training.core import TrainSettings, train
-    from realm.training.ict import _shutdown, check_tokenizer, load_retriever
+    from realm.training.ict import _shutdown, check_tokenizer, load_retriever, weights_in_sync
     from realm.training.openqa import prepare_qa_stage
 
     t0 = time.time()
@@ -269,6 +272,7 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
     try:
         result = train(retriever, task, settings, accelerator, tracker,
                        config_dict=config.to_dict())
+        in_sync = weights_in_sync(retriever, accelerator)
         out_dir = os.path.join(t.run_dir, "retriever")
         unwrapped = accelerator.unwrap_model(retriever)
         if accelerator.is_main_process:
@@ -293,7 +297,7 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
         "train_questions": len(train_qa), "train_questions_with_positive": len(dataset),
         "positives_from_gold": int(pairs.from_gold.sum()),
         "negatives_per_query": (t.batch_size * (1 + d.hard_negatives)) * world_size - 1,
-        "world_size": world_size, "precision": precision or "fp32",
+        "world_size": world_size, "weights_in_sync": in_sync, "precision": precision or "fp32",
         "resumed_from": result["resumed_from"], "examples_per_s": result["examples_per_s"],
         "dev_before": before, "dev": after, "mine_s": round(mine_s, 1),
         "seconds": round(time.time() - t0, 1),

@@ -144,3 +144,22 @@ def test_cli_evaluates_the_trained_retriever_and_refuses_unanswerable_data(squad
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and str(bad) in done.stderr and "no question" in done.stderr
     assert not (tmp_path / "bad-run" / "retriever").exists()
+
+
+def test_two_ranks_gather_every_passage_and_end_equal(squad_dpr, tiny_encoder, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "launch" / "train_retriever.py"), "--no-progress",
+           *_overrides(squad_dpr, tiny_encoder, run, **{
+               "train.steps": 3, "retriever_training.evaluate_before": "false",
+               "retriever_training.dev_qa": "null"})]
+    done = subprocess.run(cmd, cwd=REPO, env={**ENV, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "terminate called" not in done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["weights_in_sync"] is True
+    assert summary["negatives_per_query"] == 2 * 4 * 2 - 1 and summary["dev"] == {}
+    negatives = {r["negatives"] for r in read_metrics(str(run)) if "negatives" in r}
+    assert negatives == {2 * 4 * 2 - 1}  # both ranks' positives and hard negatives
