@@ -572,10 +572,16 @@ class OpenQAConfig:
                                  "set); null: none.", default=None)
     regex: bool = _doc("Answers are regular expressions (CuratedTREC).", default=False)
     retriever: str = _doc(
-        "`bm25`, a retriever directory (launch/ict.py: ORQA-style), or a REALM pretraining run "
-        "directory (its retriever/). The document index is built once from its document "
-        "encoder and stays fixed.", default="bm25"
+        "`bm25`; `dpr`: a DPR retriever trained first on `train_qa` over the corpus (the "
+        "`retriever` and `retriever_training` sections, `dpr_steps` x `dpr_batch_size`; cached "
+        "in `pretrain.cache_dir`); a retriever directory (launch/ict.py: ORQA-style; "
+        "launch/train_retriever.py: DPR), or a REALM pretraining run directory (its retriever/). "
+        "The document index is built once from its document encoder and stays fixed.",
+        default="bm25"
     )
+    dpr_steps: int = _doc("`retriever: dpr`: training steps of the DPR retriever.", default=150)
+    dpr_batch_size: int = _doc("`retriever: dpr`: questions per DPR step.", default=8)
+    dpr_lr: float = _doc("`retriever: dpr`: learning rate of the DPR retriever.", default=3.0e-5)
     reader: str = _doc(
         "Encoder the reader starts from: a REALM pretraining run directory (its encoder/), a "
         "knowledge-augmented encoder directory, or a transformers checkpoint.",
@@ -626,7 +632,8 @@ class OpenQAConfig:
 
     def __post_init__(self) -> None:
         for key in ("k", "max_question_tokens", "max_joined_tokens", "max_span_tokens",
-                    "span_hidden", "eval_batch_size", "retrieval_temperature", "positive_search"):
+                    "span_hidden", "eval_batch_size", "retrieval_temperature", "positive_search",
+                    "dpr_steps", "dpr_batch_size", "dpr_lr"):
             _check(getattr(self, key) > 0, f"openqa.{key}", f"must be > 0, got {getattr(self, key)}")
         _check(self.eval_limit >= 0, "openqa.eval_limit", f"must be >= 0, got {self.eval_limit}")
         _check(self.span_scorer in ("start_end", "mlp"), "openqa.span_scorer",

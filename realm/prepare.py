@@ -129,6 +129,48 @@ def prepare_retriever(config, corpus: str, encoder: str) -> str:
     return out
 
 
+def prepare_dpr_retriever(config, corpus: str) -> str:
+    """A DPR retriever (:mod:`realm.training.dpr`) trained on ``openqa.train_qa`` over
+    ``corpus`` (cached): what ``openqa.retriever: dpr`` reads.
+
+    The ``retriever`` section gives the encoders, ``retriever_training`` the mining, and
+    ``openqa.dpr_steps``/``dpr_batch_size``/``dpr_lr`` the training; no dev evaluation (the
+    Open-QA run reports answer recall with it). Runs as its own process; a killed run resumes from
+    its checkpoint when asked again.
+    """
+    from realm.config import save_config
+
+    o, d, r = config.openqa, config.retriever_training, config.retriever
+    train_qa = d.train_qa or o.train_qa
+    key = _digest(["dpr", os.path.abspath(corpus),
+                   os.path.abspath(train_qa) if os.path.exists(train_qa) else train_qa,
+                   os.path.abspath(r.encoder) if os.path.exists(r.encoder) else r.encoder, r.dim,
+                   r.pooling, r.max_query_tokens, r.max_block_tokens, d.positive_search,
+                   d.hard_negatives, o.regex, o.dpr_steps, o.dpr_batch_size, o.dpr_lr,
+                   config.train.precision, config.seed])
+    run_dir = os.path.join(config.pretrain.cache_dir, f"dpr-{key}")
+    out = os.path.join(run_dir, "retriever")
+    if _is_main() and not os.path.exists(os.path.join(out, "manifest.json")):
+        steps = o.dpr_steps
+        dpr = dataclasses.replace(
+            config,
+            retriever_training=dataclasses.replace(d, corpus=corpus, train_qa=train_qa,
+                                                   dev_qa=None, regex=o.regex,
+                                                   evaluate_before=False),
+            train=dataclasses.replace(config.train, run_dir=run_dir, steps=steps,
+                                      batch_size=o.dpr_batch_size, lr=o.dpr_lr, grad_accum=1,
+                                      warmup_steps=max(1, steps // 10), eval_every=0,
+                                      save_every=max(1, steps // 3)),
+            logging=dataclasses.replace(config.logging, wandb=False))
+        path = save_config(dpr, config.pretrain.cache_dir, f"dpr-{key}.yaml")
+        logger.info("openqa.retriever=dpr: training a DPR retriever (%d steps) into %s", steps,
+                    run_dir)
+        cmd = [sys.executable, "-m", "realm.training.dpr", "--no-progress", "--config", path]
+        _run_warm_start(cmd, "the DPR retriever")
+    _wait_for(os.path.join(out, "manifest.json"), "the DPR retriever")
+    return out
+
+
 def prepare_adapted_encoder(config, corpus: str, encoder: str) -> str:
     """``encoder`` when it has a trained masked-LM head (or ``pretrain.mlm_steps`` is 0), else
     its MLM adaptation on ``corpus`` (:mod:`realm.training.adapt_mlm`), cached in

@@ -712,7 +712,7 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     from realm.tracking import Tracker
     from realm.training.core import TrainSettings, train
     from realm.training.ict import _shutdown, check_tokenizer
-    from realm.prepare import _digest, truncated_encoder
+    from realm.prepare import _digest, prepare_dpr_retriever, truncated_encoder
 
     t0 = time.time()
     o, t = config.openqa, config.train
@@ -726,11 +726,12 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     reader = SpanReader.from_checkpoint(reader_source, o.max_span_tokens, o.span_hidden,
                                         scorer=o.span_scorer, seed=config.seed)
     check_tokenizer(reader.tokenizer, store)
-    retriever = None
+    retriever, retriever_dir = None, None
     if o.retriever == "bm25":
         index = BM25Index(store)
     else:
-        retriever_dir = run_part(o.retriever, "retriever")
+        retriever_dir = (prepare_dpr_retriever(config, corpus_dir) if o.retriever == "dpr"
+                         else run_part(o.retriever, "retriever"))
         retriever = Retriever.from_pretrained(retriever_dir)
         check_tokenizer(retriever.tokenizer, store)
         key = _digest([sha256_file(os.path.join(retriever_dir, "manifest.json")), store.fingerprint,
@@ -804,6 +805,7 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
         _shutdown(accelerator)
     return {
         "stage": "finetune_openqa", "run_dir": t.run_dir, "retriever": o.retriever,
+        "retriever_dir": retriever_dir,
         "reader": o.reader, "steps": result["steps"],
         "final_loss": round(result["final_loss"], 5) if np.isfinite(result["final_loss"]) else None,
         "train_questions": len(train_qa), "train_questions_with_positive": int(len(keep)),

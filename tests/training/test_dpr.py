@@ -163,3 +163,36 @@ def test_two_ranks_gather_every_passage_and_end_equal(squad_dpr, tiny_encoder, t
     assert summary["negatives_per_query"] == 2 * 4 * 2 - 1 and summary["dev"] == {}
     negatives = {r["negatives"] for r in read_metrics(str(run)) if "negatives" in r}
     assert negatives == {2 * 4 * 2 - 1}  # both ranks' positives and hard negatives
+
+
+def test_openqa_retriever_dpr_is_prepared_once_and_cached(squad_dpr, tiny_encoder, tmp_path):
+    """`openqa.retriever=dpr`: a DPR retriever trained on the Open-QA questions, cached by key."""
+    from realm.prepare import prepare_dpr_retriever
+    from realm.training.openqa import run_finetune
+
+    cache = tmp_path / "cache"
+    overrides = [f"openqa.corpus={squad_dpr / 'corpus'}", f"openqa.train_qa={squad_dpr / 'qa.jsonl'}",
+                 f"openqa.dev_qa={squad_dpr / 'qa.jsonl'}", "openqa.retriever=dpr",
+                 "openqa.dpr_steps=4", "openqa.dpr_batch_size=4", f"openqa.reader={tiny_encoder}",
+                 "openqa.k=2", "openqa.max_joined_tokens=200", "openqa.positive_steps=2",
+                 "openqa.recall_ks=[1,2]", f"retriever.encoder={tiny_encoder}", "retriever.dim=16",
+                 "retriever.max_block_tokens=160", "retriever_training.positive_search=20",
+                 f"pretrain.cache_dir={cache}", f"train.run_dir={tmp_path / 'openqa'}",
+                 "train.steps=2", "train.batch_size=4", "train.save_every=0",
+                 "logging.wandb=false"]
+    config = load_config(overrides=overrides)
+    summary = run_finetune(config, progress=False)
+    built = summary["retriever_dir"]
+    assert built.startswith(str(cache / "dpr-")) and summary["retriever"] == "dpr"
+    manifest = Path(built) / "manifest.json"
+    meta = json.loads(manifest.read_text())["metadata"]
+    assert meta["stage"] == "train_retriever" and meta["steps"] == 4
+    assert summary["dev"]["questions"] == 16 and 0 <= summary["dev"]["answer_recall@1"] <= 1
+    stamp = manifest.stat().st_mtime_ns
+    assert prepare_dpr_retriever(config, str(squad_dpr / "corpus")) == built  # reused as is
+    assert manifest.stat().st_mtime_ns == stamp
+    other = load_config(overrides=overrides + ["openqa.dpr_steps=3"])
+    rebuilt = prepare_dpr_retriever(other, str(squad_dpr / "corpus"))
+    assert rebuilt != built and json.loads((Path(rebuilt) / "manifest.json").read_text())[
+        "metadata"]["steps"] == 3
+    assert not any(p.name.endswith(".tmp") or ".tmp-" in p.name for p in cache.iterdir())
