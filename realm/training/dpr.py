@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from realm.data.qa import QAExample
 from realm.data.store import BlockStore
-from realm.evaluation.answers import compile_answer_pattern, dpr_tokens
+from realm.evaluation.answers import _contains_run, compile_answer_pattern, dpr_tokens
 from realm.losses import gather_with_grad, in_batch_nce
 from realm.modeling.retriever import Retriever, build_block_inputs, build_query_inputs
 
@@ -62,8 +62,7 @@ class AnswerMatcher:
             run = self._answers.get(answer)
             if run is None:
                 run = self._answers[answer] = dpr_tokens(answer)
-            n = len(run)
-            if n and any(tokens[i: i + n] == run for i in range(len(tokens) - n + 1)):
+            if run and _contains_run(tokens, run):
                 return True
         return False
 
