@@ -584,8 +584,15 @@ class OpenQAConfig:
     dpr_lr: float = _doc("`retriever: dpr`: learning rate of the DPR retriever.", default=3.0e-5)
     reader: str = _doc(
         "Encoder the reader starts from: a REALM pretraining run directory (its encoder/), a "
-        "knowledge-augmented encoder directory, or a transformers checkpoint.",
+        "knowledge-augmented encoder directory, or a transformers checkpoint; or a fine-tuned "
+        "reader (an Open-QA run or model directory), span scorer and all.",
         default=DEFAULT_ENCODER,
+    )
+    reader_warm_start: Optional[str] = _doc(
+        "An Open-QA config (e.g. configs/openqa_squad.yaml) fine-tuned first as it stands, "
+        "without its dev evaluation, and cached in `pretrain.cache_dir`: the reader (encoder and "
+        "span scorer) starts from the reader it trains instead of from `reader`. null: none.",
+        default=None
     )
     reader_layers: Optional[int] = _doc(
         "Keep only the first N layers of a `reader` checkpoint (a truncated copy is cached in "

@@ -171,6 +171,43 @@ def prepare_dpr_retriever(config, corpus: str) -> str:
     return out
 
 
+def prepare_qa_reader(config) -> Optional[str]:
+    """The span reader that ``openqa.reader_warm_start`` (an Open-QA config, e.g.
+    ``configs/openqa_squad.yaml``) fine-tunes, cached in ``pretrain.cache_dir``; None when no warm
+    start is asked for.
+
+    The warm start is that config's own fine-tune as it stands (its corpus, questions, retriever,
+    steps and seed), without its dev evaluation and without wandb, in its own process; a killed
+    run resumes from its checkpoint when asked again. Its key is the whole resolved config.
+    """
+    from realm.config import load_config, save_config
+
+    source = config.openqa.reader_warm_start
+    if not source:
+        return None
+    warm = load_config(source)
+    if warm.openqa.reader_warm_start:
+        raise ValueError(f"openqa.reader_warm_start: {source} asks for a warm start of its own; "
+                         f"chained warm starts are not supported")
+    cache_dir = config.pretrain.cache_dir
+    key = _digest(["qa-reader", warm.to_dict()])
+    run_dir = os.path.join(cache_dir, f"qa-reader-{key}")
+    out = os.path.join(run_dir, "model", "reader")
+    if _is_main() and not os.path.exists(os.path.join(out, "manifest.json")):
+        warm = dataclasses.replace(
+            warm, openqa=dataclasses.replace(warm.openqa, dev_qa=None),
+            pretrain=dataclasses.replace(warm.pretrain, cache_dir=cache_dir),
+            train=dataclasses.replace(warm.train, run_dir=run_dir),
+            logging=dataclasses.replace(warm.logging, wandb=False))
+        path = save_config(warm, cache_dir, f"qa-reader-{key}.yaml")
+        logger.info("openqa.reader_warm_start: fine-tuning a reader with %s (%d steps) into %s",
+                    source, warm.train.steps, run_dir)
+        cmd = [sys.executable, "-m", "realm.training.openqa", "--no-progress", "--config", path]
+        _run_warm_start(cmd, "the reader's warm start")
+    _wait_for(os.path.join(out, "manifest.json"), "the warm-started reader")
+    return out
+
+
 def prepare_adapted_encoder(config, corpus: str, encoder: str) -> str:
     """``encoder`` when it has a trained masked-LM head (or ``pretrain.mlm_steps`` is 0), else
     its MLM adaptation on ``corpus`` (:mod:`realm.training.adapt_mlm`), cached in

@@ -36,6 +36,7 @@ from realm.evaluation.answers import compile_answer_pattern, exact_match, f1_sco
 from realm.evaluation.retrieval import recall_at_k
 from realm.losses import span_log_probs, span_marginal_loss
 from realm.modeling.ka_encoder import build_joined_inputs
+from realm.modeling.reader import MANIFEST_KIND as READER_KIND
 from realm.modeling.reader import SpanReader, answer_span_mask, occurrences
 from realm.modeling.retriever import (Retriever, _atomic_directory, _write_manifest,
                                       build_query_inputs, read_manifest)
@@ -674,6 +675,18 @@ class OpenQATask:
         return {k: v for k, v in report.items() if isinstance(v, float)}
 
 
+def span_reader_dir(path: str) -> Optional[str]:
+    """The fine-tuned span reader that ``path`` names, if any: a reader directory, an Open-QA
+    model directory (its ``reader/``) or an Open-QA run directory (its ``model/reader/``)."""
+    for candidate in (path, os.path.join(path, "reader"), os.path.join(path, "model", "reader")):
+        manifest = os.path.join(candidate, "manifest.json")
+        if os.path.isfile(manifest):
+            with open(manifest, encoding="utf-8") as f:
+                if json.load(f).get("kind") == READER_KIND:
+                    return candidate
+    return None
+
+
 def prepare_qa_stage(config, section, name: str, progress: bool = True):
     """What a stage that trains on questions starts from: the corpus (``section.corpus``, or the
     ``data`` section's built into ``pretrain.cache_dir``), the training and dev questions, and
@@ -712,19 +725,29 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     from realm.tracking import Tracker
     from realm.training.core import TrainSettings, train
     from realm.training.ict import _shutdown, check_tokenizer
-    from realm.prepare import _digest, prepare_dpr_retriever, truncated_encoder
+    from realm.prepare import (_digest, prepare_dpr_retriever, prepare_qa_reader,
+                               truncated_encoder)
 
     t0 = time.time()
     o, t = config.openqa, config.train
     corpus_dir, store, train_qa, dev_qa, accelerator, precision = prepare_qa_stage(
         config, o, "openqa", progress)
 
-    reader_source = o.reader
-    if not os.path.isdir(o.reader) or os.path.isfile(os.path.join(o.reader, "config.json")):
-        # a checkpoint (not a saved encoder or a run directory): maybe cut to its first layers
-        reader_source = truncated_encoder(o.reader, o.reader_layers, config.pretrain.cache_dir)
-    reader = SpanReader.from_checkpoint(reader_source, o.max_span_tokens, o.span_hidden,
-                                        scorer=o.span_scorer, seed=config.seed)
+    trained = prepare_qa_reader(config) or span_reader_dir(o.reader)
+    if trained:  # a fine-tuned reader, span scorer and all
+        reader = SpanReader.from_pretrained(trained)
+        if (reader.scorer_kind, reader.max_span_tokens) != (o.span_scorer, o.max_span_tokens):
+            raise ValueError(
+                f"openqa.reader: {trained} reads with span_scorer={reader.scorer_kind}, "
+                f"max_span_tokens={reader.max_span_tokens}; this config asks for "
+                f"{o.span_scorer}, {o.max_span_tokens}")
+    else:
+        reader_source = o.reader
+        if not os.path.isdir(o.reader) or os.path.isfile(os.path.join(o.reader, "config.json")):
+            # a checkpoint (not a saved encoder or a run directory): maybe cut to its first layers
+            reader_source = truncated_encoder(o.reader, o.reader_layers, config.pretrain.cache_dir)
+        reader = SpanReader.from_checkpoint(reader_source, o.max_span_tokens, o.span_hidden,
+                                            scorer=o.span_scorer, seed=config.seed)
     check_tokenizer(reader.tokenizer, store)
     retriever, retriever_dir = None, None
     if o.retriever == "bm25":
@@ -782,7 +805,7 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
                 "max_joined_tokens": o.max_joined_tokens, "regex": o.regex,
                 "normalization": o.normalization,
                 "retrieval_temperature": o.retrieval_temperature,
-                "retriever_source": o.retriever, "reader_source": o.reader,
+                "retriever_source": o.retriever, "reader_source": trained or o.reader,
             }, metadata={"stage": "finetune_openqa", "steps": result["steps"]})
             if dev_qa:
                 report, records = evaluate_openqa(unwrapped, dev_qa, o.recall_ks,
@@ -806,7 +829,7 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     return {
         "stage": "finetune_openqa", "run_dir": t.run_dir, "retriever": o.retriever,
         "retriever_dir": retriever_dir,
-        "reader": o.reader, "steps": result["steps"],
+        "reader": trained or o.reader, "steps": result["steps"],
         "final_loss": round(result["final_loss"], 5) if np.isfinite(result["final_loss"]) else None,
         "train_questions": len(train_qa), "train_questions_with_positive": int(len(keep)),
         "positive_steps": min(o.positive_steps, t.steps), "examples_per_s": result["examples_per_s"],
@@ -825,3 +848,7 @@ def main(argv=None, default_config: Optional[str] = None) -> int:
     return run_stage("Open-QA fine-tuning: fixed index, query encoder and reader trained.",
                      run_finetune, argv, default_config,
                      errors=(QAFormatError, CorpusError, ValueError, FileNotFoundError))
+
+
+if __name__ == "__main__":  # the reader's warm start (realm.prepare.prepare_qa_reader)
+    raise SystemExit(main())

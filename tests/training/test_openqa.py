@@ -170,6 +170,59 @@ def test_a_model_whose_corpus_is_missing_or_changed_is_refused(squad_tiny, finet
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_a_fine_tune_starts_from_a_cached_warm_start_or_a_trained_reader(squad_tiny, finetuned,
+                                                                          tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from realm.config import load_config, save_config
+    from realm.prepare import prepare_qa_reader
+
+    run, _ = finetuned
+    cache = tmp_path / "cache"
+    # the warm start: the fixture's own config (its dev questions included), 4 big steps
+    warm = load_config(run / "config.yaml", ["train.steps=4", "openqa.positive_steps=4",
+                                             "train.lr=1e-2",
+                                             f"pretrain.cache_dir={squad_tiny / 'cache'}"])
+    warm_yaml = save_config(warm, tmp_path, "warm.yaml")
+    common = [sys.executable, str(REPO / "launch" / "finetune_openqa.py"), "--no-progress",
+              "--config", warm_yaml, f"pretrain.cache_dir={cache}", "train.steps=2",
+              "openqa.positive_steps=2", "train.lr=1e-12", "openqa.eval_limit=0"]
+    done = subprocess.run(common + [f"openqa.reader_warm_start={warm_yaml}",
+                                    f"train.run_dir={tmp_path / 'a'}"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    (warm_run,) = cache.glob("qa-reader-*/")
+    reader_dir = warm_run / "model" / "reader"
+    assert Path(summary["reader"]).resolve() == reader_dir.resolve()
+    assert json.loads((warm_run / "model" / "manifest.json").read_text())["metadata"]["steps"] == 4
+    assert not (warm_run / "predictions-dev.jsonl").exists()  # no dev evaluation in a warm start
+    assert summary["dev"]["questions"] == 12  # the run's own evaluation stays
+    # at lr 1e-12 the run's span scorer is the warm start's, not a new one
+    trained = load_file(str(tmp_path / "a" / "model" / "reader" / "span_scorer.safetensors"))
+    start = load_file(str(reader_dir / "span_scorer.safetensors"))
+    assert trained.keys() == start.keys()
+    assert all(torch.allclose(trained[k], start[k], atol=1e-6) for k in start)
+    fresh = SpanReader.from_checkpoint(str(squad_tiny / "cache" / "encoder-sentence-transformers"
+                                           "-all-MiniLM-L6-v2-L2"), scorer="start_end", seed=0)
+    assert not all(torch.allclose(v, start[k], atol=1e-3)
+                   for k, v in fresh.scorer.state_dict().items())
+    # cached: asked again, nothing runs
+    monkeypatch.setattr("realm.prepare._run_warm_start", lambda *a: pytest.fail("ran again"))
+    parent = load_config(warm_yaml, [f"openqa.reader_warm_start={warm_yaml}",
+                                     f"pretrain.cache_dir={cache}"])
+    assert Path(prepare_qa_reader(parent)).resolve() == reader_dir.resolve()
+    chained = save_config(parent, tmp_path, "chained.yaml")
+    with pytest.raises(ValueError, match="chained"):
+        prepare_qa_reader(load_config(warm_yaml, [f"openqa.reader_warm_start={chained}"]))
+    # a trained reader given as `openqa.reader` (a run directory) must match the span settings
+    bad = subprocess.run(common + [f"openqa.reader={run}", "openqa.span_scorer=mlp",
+                                   f"train.run_dir={tmp_path / 'b'}"],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "span_scorer=start_end" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 def exact_match_of(prediction, answers):
     from realm.evaluation.answers import exact_match
 
