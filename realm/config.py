@@ -530,6 +530,12 @@ class RetrieverTrainingConfig:
         "Questions whose answer recall@k is reported at the end (never a test set); null: none.",
         default=None)
     regex: bool = _doc("Answers are regular expressions (CuratedTREC).", default=False)
+    triplets: Optional[str] = _doc(
+        "A directory of launch/augment_queries.py (DRAMA-style queries written and labelled by "
+        "an LM, over this corpus): its queries, positives and distractors (the best-scored "
+        "`hard_negatives`) are the training data instead of `train_qa` mined with BM25.",
+        default=None
+    )
     positive_search: int = _doc(
         "BM25 blocks searched per question for its positive (DPR's distant supervision: the "
         "best-ranked block whose text holds an answer; with a gold_passage, the best-ranked such "

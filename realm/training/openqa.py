@@ -690,7 +690,7 @@ def span_reader_dir(path: str) -> Optional[str]:
 def prepare_qa_stage(config, section, name: str, progress: bool = True):
     """What a stage that trains on questions starts from: the corpus (``section.corpus``, or the
     ``data`` section's built into ``pretrain.cache_dir``), the training and dev questions, and
-    the accelerator (seeded).
+    the accelerator (seeded). A section with ``triplets`` may have no ``train_qa``.
 
     Returns:
         ``(corpus_dir, store, train_qa, dev_qa, accelerator, precision)``.
@@ -702,11 +702,11 @@ def prepare_qa_stage(config, section, name: str, progress: bool = True):
     from realm.prepare import prepare_corpus
     from realm.training.core import autocast_dtype
 
-    if not section.train_qa:
+    if not section.train_qa and not getattr(section, "triplets", None):
         raise ValueError(f"{name}.train_qa: no training questions given")
     corpus_dir = section.corpus or prepare_corpus(config, progress)
     store = BlockStore(corpus_dir)
-    train_qa = read_qa(section.train_qa, regex=section.regex)
+    train_qa = read_qa(section.train_qa, regex=section.regex) if section.train_qa else []
     dev_qa = read_qa(section.dev_qa, regex=section.regex) if section.dev_qa else []
     t = config.train
     use_cpu = not torch.cuda.is_available()

@@ -1,0 +1,124 @@
+"""DRAMA-style augmentation with the packaged SmolLM2-135M-Instruct, on real lead sections."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from realm.config import load_config
+from realm.data.augment import clean_question, crop_query, read_triplets
+from realm.data.store import BlockStore
+from realm.training.dpr import run_train_retriever
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2 converted from its packaged GGUF file into a plain transformers directory."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    from realm.hub import resolve_model_path
+
+    cache = tmp_path_factory.mktemp("models")
+    old = os.environ.get("REALM_MODEL_CACHE")
+    os.environ["REALM_MODEL_CACHE"] = str(cache)
+    try:
+        path = resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+    finally:
+        if old is None:
+            del os.environ["REALM_MODEL_CACHE"]
+        else:
+            os.environ["REALM_MODEL_CACHE"] = old
+    assert Path(path).parent == cache and (Path(path) / "config.json").is_file()
+    config = json.loads((Path(path) / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_hidden_layers"] == 30
+    # a plain directory: the ecosystem's loader opens it without gguf, tied head included
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return path
+
+
+def test_crop_query_and_clean_question():
+    rng = np.random.default_rng(0)
+    text = "Tiny. The cat sat on the mat today. Dogs bark at night in the city! Ok."
+    crops = {crop_query(text, rng) for _ in range(20)}
+    assert crops == {"The cat sat on the mat today.", "Dogs bark at night in the city!"}
+    assert crop_query("Too short. Also short.", rng) is None
+    assert len(crop_query(" ".join(["word"] * 50) + ".", rng, max_words=8).split()) == 8
+    assert clean_question('\n Question: "Who built it?"\nmore') == "Who built it?"
+    assert clean_question("  \n ") is None
+
+
+def test_augment_writes_labelled_triplets_resumes_and_trains_dpr(smollm2, leads_corpus,
+                                                                tiny_encoder, tmp_path):
+    out = tmp_path / "aug"
+    cmd = [sys.executable, str(REPO / "launch" / "augment_queries.py"), "--corpus", leads_corpus,
+           "--output", str(out), "--limit", "3", "--candidates", "3", "--batch-size", "3",
+           "--max-new-tokens", "20", "--llm", smollm2, "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    store = BlockStore(leads_corpus)
+    records = [json.loads(line) for line in open(out / "triplets.jsonl")]
+    assert summary["records"] == len(records) and summary["by_kind"]["crop"] == 3
+    assert 1 <= summary["by_kind"]["llm"] <= 3 and summary["queries_per_s"] > 0
+    assert summary["corpus_fingerprint"] == store.fingerprint and not summary["resumed"]
+    assert len({r["source"] for r in records}) == 3
+    for r in records:
+        assert len(r["candidates"]) == 3 and r["source"] in r["candidates"]
+        assert sorted([r["positive"], *r["negatives"]]) == sorted(r["candidates"])
+        scores = dict(zip(r["candidates"], r["scores"]))
+        assert scores[r["positive"]] == max(r["scores"]) < 0  # mean log-probabilities
+        assert [scores[z] for z in r["negatives"]] == sorted(
+            [scores[z] for z in r["negatives"]], reverse=True)
+        if r["kind"] == "crop":  # words of a sentence of its block, the likeliest query under it
+            assert r["query"] in " ".join(store.text(r["source"]).split())
+            assert r["positive"] == r["source"]
+    # killed mid-write: a torn line and no manifest; the same command finishes what is missing
+    lines = (out / "triplets.jsonl").read_text().splitlines(keepends=True)
+    last_source = json.loads(lines[-1])["source"]
+    kept = [line for line in lines if json.loads(line)["source"] != last_source]
+    (out / "triplets.jsonl").write_text("".join(kept) + '{"query": "tor')
+    (out / "manifest.json").unlink()
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 of 3 source blocks done" in again.stderr
+    redone = [json.loads(line) for line in open(out / "triplets.jsonl")]
+    key = lambda r: (r["source"], r["kind"])  # noqa: E731
+    assert sorted(map(key, redone)) == sorted(map(key, records))
+    # what was kept is kept; the redone crop is the same (its sentence is seeded by the block)
+    same = [r for r in records if r["source"] != last_source or r["kind"] == "crop"]
+    assert all(r in redone for r in same)
+    other = subprocess.run(cmd[:-1] + ["--candidates", "4", "--no-progress"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 1 and "other settings" in other.stderr
+    # the DPR stage reads them: positives and best-scored distractors
+    queries, pairs = read_triplets(str(out), store, hard_negatives=1)
+    assert [q.question for q in queries] == [r["query"] for r in redone]
+    assert list(pairs.positive) == [r["positive"] for r in redone]
+    assert list(pairs.negatives[:, 0]) == [r["negatives"][0] for r in redone]
+    summary = run_train_retriever(load_config(overrides=[
+        f"retriever_training.corpus={leads_corpus}", f"retriever_training.triplets={out}",
+        f"retriever.encoder={tiny_encoder}", "retriever.dim=16", "retriever.max_block_tokens=128",
+        f"train.run_dir={tmp_path / 'dpr'}", "train.steps=2", "train.batch_size=2",
+        "train.eval_every=0", "train.save_every=0", "logging.wandb=false"]), progress=False)
+    assert summary["train_questions_with_positive"] == len(redone) and summary["steps"] == 2
+    assert summary["triplets"] == str(out) and np.isfinite(summary["final_loss"])
+
+
+def test_triplets_over_another_corpus_are_refused(tmp_path, leads_corpus):
+    store = BlockStore(leads_corpus)
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        read_triplets(str(tmp_path), store, 1)
+    (tmp_path / "manifest.json").write_text(json.dumps({"corpus_fingerprint": "0" * 32,
+                                                        "corpus": "/elsewhere"}))
+    with pytest.raises(ValueError, match="/elsewhere") as err:
+        read_triplets(str(tmp_path), store, 1)
+    assert store.fingerprint in str(err.value)
