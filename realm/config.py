@@ -543,6 +543,14 @@ class RetrieverTrainingConfig:
     hard_negatives: int = _doc(
         "Hard negatives per question: the best-ranked BM25 blocks without an answer. Every other "
         "passage of the global batch is a negative too.", default=1)
+    negatives: str = _doc(
+        "Where the hard negatives come from. `bm25`: mined once, before training. `index` "
+        "(ANCE): searched at every step with the current query encoder in the model's own "
+        "index, which the refresher re-embeds every `refresh.every_steps` and the trainer "
+        "hot-swaps, as in pretraining (staleness logged as index/staleness_steps).",
+        default="bm25")
+    index_search: int = _doc("`negatives: index`: blocks searched per query for its negatives.",
+                             default=20)
     eval_limit: int = _doc("Dev questions evaluated at each `train.eval_every` (0: all); the "
                            "final evaluation uses all.", default=300)
     evaluate_before: bool = _doc(
@@ -554,6 +562,12 @@ class RetrieverTrainingConfig:
     def __post_init__(self) -> None:
         _check(self.positive_search > 0, "retriever_training.positive_search",
                f"must be > 0, got {self.positive_search}")
+        _check(self.negatives in ("bm25", "index"), "retriever_training.negatives",
+               f"must be bm25 or index, got {self.negatives!r}")
+        _check(self.index_search > 0, "retriever_training.index_search",
+               f"must be > 0, got {self.index_search}")
+        _check(self.negatives == "bm25" or self.hard_negatives > 0,
+               "retriever_training.hard_negatives", "must be > 0 with negatives=index")
         _check(self.hard_negatives >= 0, "retriever_training.hard_negatives",
                f"must be >= 0, got {self.hard_negatives}")
         _check(self.eval_limit >= 0, "retriever_training.eval_limit",

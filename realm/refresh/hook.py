@@ -78,6 +78,32 @@ class RefreshHook:
         self.generations_used: set[int] = set()
         self.max_staleness_steps = 0
         self.started_at: Optional[int] = None
+        self.stage = "pretrain"  # recorded with each published snapshot
+
+    @classmethod
+    def from_config(cls, config, accelerator, model, retriever_of: Callable[[Any], Any], *,
+                    corpus_fingerprint: str, dim: int, cpu_threads: int, publish_after: int = 0,
+                    stage: str = "pretrain") -> "RefreshHook":
+        """The hook a training stage runs with: ``config.refresh`` and ``config.index`` knobs;
+        with ``refresh.spawn`` the main process supervises the refresher, which reads
+        ``train.run_dir/config.yaml`` (saved by the stage, ``refresh.corpus`` filled in).
+        ``cpu_threads``: the trainer's threads on the CPU (fewer while the refresher embeds)."""
+        r, i, t = config.refresh, config.index, config.train
+        supervisor, threads = None, None
+        if r.spawn and accelerator.is_main_process:
+            supervisor = RefresherSupervisor(
+                t.run_dir, ["--config", os.path.join(t.run_dir, "config.yaml"), "--no-progress"],
+                max_restarts=r.max_restarts)
+            if accelerator.device.type == "cpu" and r.share_cores:
+                threads = (cpu_threads, max(1, cpu_threads - (r.threads or cpu_threads)))
+        hook = cls(RunStore(t.run_dir), model, retriever_of,
+                   corpus_fingerprint=corpus_fingerprint, dim=dim, every_steps=r.every_steps,
+                   is_main=accelerator.is_main_process, supervisor=supervisor, poll_s=r.poll_s,
+                   lease_timeout_s=i.lease_timeout_s, keep_encoders=r.keep_encoders, gpu=i.gpu,
+                   nprobe=i.nprobe, ef_search=i.ef_search, publish_after=publish_after,
+                   barrier=accelerator.wait_for_everyone, threads=threads)
+        hook.stage = stage
+        return hook
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -122,7 +148,7 @@ class RefreshHook:
 
     def publish(self, model, step: int) -> None:
         self.store.publish_encoder(self.retriever_of(model), step, keep=self.keep_encoders,
-                                   metadata={"stage": "pretrain"})
+                                   metadata={"stage": self.stage})
         self.last_published = step
 
     # -- training-core hook API -----------------------------------------------------------------

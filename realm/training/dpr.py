@@ -131,13 +131,65 @@ class PairDataset(torch.utils.data.Dataset):
         keep = np.flatnonzero(pairs.positive >= 0)
         self.query_ids = [np.asarray(tokenizer(questions[i].question, add_special_tokens=False)
                                      ["input_ids"][:max_query_tokens], np.int64) for i in keep]
+        self.answers = [questions[i].answers for i in keep]
         self.positive, self.negatives = pairs.positive[keep], pairs.negatives[keep]
 
     def __len__(self) -> int:
         return len(self.positive)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int, np.ndarray]:
-        return self.query_ids[i], int(self.positive[i]), self.negatives[i]
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, np.ndarray, int]:
+        return self.query_ids[i], int(self.positive[i]), self.negatives[i], i
+
+
+class IndexNegatives:
+    """ANCE's negatives (Xiong et al. 2021): each step, the best-ranked blocks of the model's own
+    index that hold no answer (and are not the positive), searched with the current query
+    encoder; the index is the refresher's newest generation, hot-swapped between steps as in
+    pretraining, so it lags the document encoder by up to ``refresh.every_steps`` plus the time
+    a refresh takes (logged as ``index/staleness_steps``).
+
+    Args:
+        search: ``(queries [n, dim], k) -> SearchResult`` over the generation in use.
+        store: The block store.
+        answers: Each training row's answers (empty: only the positive is excluded).
+        n: Negatives per query.
+        search_k: Blocks searched per query.
+        special, max_query_tokens: Query encoding.
+        regex: Answers are regular expressions.
+        seed: Random blocks fill in where the search found too few.
+    """
+
+    def __init__(self, search, store: BlockStore, answers: Sequence[Sequence[str]], n: int,
+                 search_k: int, special: tuple[int, int, int], max_query_tokens: int,
+                 regex: bool = False, seed: int = 0):
+        self.search, self.store, self.answers, self.n = search, store, answers, n
+        self.search_k, self.special, self.max_query_tokens = search_k, special, max_query_tokens
+        self.match = AnswerMatcher(store, regex)
+        self.rng = np.random.default_rng(seed)
+        self.found = self.filled = 0  # negatives from the index / random
+
+    def __call__(self, retriever: Retriever, query_ids: Sequence[np.ndarray],
+                 positives: Sequence[int], rows: Sequence[int]) -> np.ndarray:
+        from realm.index.embed import embed_queries
+
+        queries = embed_queries(retriever, query_ids, self.special, self.max_query_tokens)
+        ranked = self.search(queries, min(self.search_k, len(self.store))).block_ids
+        out = np.full((len(rows), self.n), -1, np.int64)
+        for q, (row, positive, found) in enumerate(zip(rows, positives, ranked)):
+            negatives: list[int] = []
+            for block in (int(b) for b in found if b >= 0):
+                if len(negatives) == self.n:
+                    break
+                if block != positive and not self.match(block, self.answers[row]):
+                    negatives.append(block)
+            self.found += len(negatives)
+            while len(negatives) < self.n and len(self.store) > 1:
+                block = int(self.rng.integers(len(self.store)))
+                if block != positive and block not in negatives:
+                    negatives.append(block)
+                    self.filled += 1
+            out[q, : len(negatives)] = negatives
+        return out
 
 
 class DPRTask:
@@ -154,26 +206,45 @@ class DPRTask:
 
     def __init__(self, dataset: PairDataset, store: BlockStore, special: tuple[int, int, int],
                  accelerator, evaluate_fn=None, max_query_tokens: int = 64,
-                 max_block_tokens: int = 288):
+                 max_block_tokens: int = 288, index_negatives: Optional[IndexNegatives] = None):
         self.dataset, self.store, self.special = dataset, store, special
         self.accelerator, self.evaluate_fn = accelerator, evaluate_fn
         self.max_query_tokens, self.max_block_tokens = max_query_tokens, max_block_tokens
+        self.index_negatives = index_negatives
 
     def train_dataset(self) -> PairDataset:
         return self.dataset
 
+    def _blocks(self, positives: Sequence[int], negatives: np.ndarray):
+        """The positives in batch order, then every question's hard negatives."""
+        cls_id, sep_id, pad_id = self.special
+        blocks = list(positives) + [int(b) for row in negatives for b in row]
+        return build_block_inputs([self.store.title_ids(b) for b in blocks],
+                                  [self.store.body_ids(b) for b in blocks], cls_id, sep_id,
+                                  pad_id, max_length=self.max_block_tokens + 3)
+
     def collate(self, items) -> dict[str, Any]:
         cls_id, sep_id, pad_id = self.special
-        query = build_query_inputs([q for q, _, _ in items], cls_id, sep_id, pad_id,
+        query_ids = [q for q, _, _, _ in items]
+        query = build_query_inputs(query_ids, cls_id, sep_id, pad_id,
                                    max_length=self.max_query_tokens + 2)
-        # the positives in batch order, then every question's hard negatives
-        blocks = [p for _, p, _ in items] + [int(b) for _, _, negs in items for b in negs]
-        block = build_block_inputs([self.store.title_ids(b) for b in blocks],
-                                   [self.store.body_ids(b) for b in blocks], cls_id, sep_id,
-                                   pad_id, max_length=self.max_block_tokens + 3)
-        return {"query": query, "block": block, "n": len(items)}
+        positives = [p for _, p, _, _ in items]
+        batch = {"query": query, "n": len(items)}
+        if self.index_negatives is None:
+            batch["block"] = self._blocks(positives, np.stack([negs for _, _, negs, _ in items]))
+        else:  # searched at the step, with the query encoder as it is then
+            batch.update(query_ids=query_ids, positives=positives,
+                         rows=[i for _, _, _, i in items])
+        return batch
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        if "block" not in batch:
+            negatives = self.index_negatives(self.accelerator.unwrap_model(model),
+                                             batch["query_ids"], batch["positives"],
+                                             batch["rows"])
+            device = batch["query"].input_ids.device
+            batch["block"] = type(batch["query"])(*(t.to(device) for t in self._blocks(
+                batch["positives"], negatives)))
         q, p, n = batch["query"], batch["block"], batch["n"]
         out = model(q.input_ids, q.attention_mask, p.input_ids, p.attention_mask, p.token_type_ids)
         q_all = gather_with_grad(out.q_reps, self.accelerator)  # [world * B, dim]
@@ -220,7 +291,8 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
     from realm.evaluation.run import BM25Searcher
     from realm.index.embed import special_ids
     from realm.tracking import Tracker
-    from realm.training.core import TrainSettings, train
+    from realm.refresh.hook import RefreshHook
+    from realm.training.core import TrainSettings, cpu_threads, train
     from realm.training.ict import _shutdown, check_tokenizer, load_retriever, weights_in_sync
     from realm.training.openqa import prepare_qa_stage
 
@@ -267,8 +339,19 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
     if dev_qa and d.evaluate_before and accelerator.is_main_process and not _has_checkpoint(t):
         before = dev_recall(retriever, store, dev_qa, d.recall_ks, r.max_block_tokens,
                             r.max_query_tokens, d.regex, progress, config.refresh.precision)
+    hook, index_negatives = None, None
+    if d.negatives == "index":  # ANCE: the refresher keeps the model's own index fresh
+        config = dataclasses.replace(config, refresh=dataclasses.replace(config.refresh,
+                                                                         corpus=corpus_dir))
+        hook = RefreshHook.from_config(config, accelerator, retriever, accelerator.unwrap_model,
+                                       corpus_fingerprint=store.fingerprint, dim=retriever.dim,
+                                       cpu_threads=cpu_threads(t.threads),
+                                       stage="train_retriever")
+        index_negatives = IndexNegatives(hook.watcher.search, store, dataset.answers,
+                                         d.hard_negatives, d.index_search, special,
+                                         r.max_query_tokens, d.regex, config.seed)
     task = DPRTask(dataset, store, special, accelerator, evaluate if dev_qa else None,
-                   r.max_query_tokens, r.max_block_tokens)
+                   r.max_query_tokens, r.max_block_tokens, index_negatives)
     if accelerator.is_main_process:
         save_config(config, t.run_dir)
     accelerator.wait_for_everyone()
@@ -277,9 +360,11 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
     settings = TrainSettings.from_config(config, progress)
     world_size = accelerator.num_processes
     after: dict[str, Any] = {}
+    finished = False
     try:
         result = train(retriever, task, settings, accelerator, tracker,
-                       config_dict=config.to_dict())
+                       hooks=[hook] if hook else [], config_dict=config.to_dict())
+        finished = True
         in_sync = weights_in_sync(retriever, accelerator)
         out_dir = os.path.join(t.run_dir, "retriever")
         unwrapped = accelerator.unwrap_model(retriever)
@@ -295,6 +380,8 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
                              if k.startswith("answer_recall")}, step=result["steps"])
         accelerator.wait_for_everyone()
     finally:
+        if hook is not None:
+            hook.close(finished=finished)
         tracker.close()
         del task
         _shutdown(accelerator)
@@ -308,6 +395,11 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
         "world_size": world_size, "weights_in_sync": in_sync, "precision": precision or "fp32",
         "resumed_from": result["resumed_from"], "examples_per_s": result["examples_per_s"],
         "dev_before": before, "dev": after, "mine_s": round(mine_s, 1),
+        "negatives": d.negatives,
+        **({"generations_swapped": len(hook.generations_used),
+            "max_staleness_steps": hook.max_staleness_steps,
+            "index_negatives": index_negatives.found, "random_negatives": index_negatives.filled}
+           if hook else {}),
         "seconds": round(time.time() - t0, 1),
     }
 

@@ -547,7 +547,6 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     from realm.index.embed import special_ids
     from realm.index.store import RunStore
     from realm.refresh.hook import RefreshHook
-    from realm.refresh.supervisor import RefresherSupervisor
     from realm.tracking import Tracker, read_metrics
     from realm.training.core import (TrainSettings, autocast_dtype, checkpoints, cpu_threads,
                                      train)
@@ -603,24 +602,10 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     hook = None
     searcher: Searcher = _null_searcher
     if not (p.null_only or p.source_only):
-        supervisor, threads = None, None
-        if config.refresh.spawn and accelerator.is_main_process:
-            supervisor = RefresherSupervisor(
-                t.run_dir, ["--config", os.path.join(t.run_dir, "config.yaml"), "--no-progress"],
-                max_restarts=config.refresh.max_restarts)
-            if use_cpu and config.refresh.share_cores:
-                normal = cpu_threads(t.threads)
-                threads = (normal, max(1, normal - (config.refresh.threads or normal)))
-        i = config.index
-        hook = RefreshHook(
-            RunStore(t.run_dir), model, lambda m: accelerator.unwrap_model(m).retriever,
+        hook = RefreshHook.from_config(
+            config, accelerator, model, lambda m: accelerator.unwrap_model(m).retriever,
             corpus_fingerprint=store.fingerprint, dim=retriever.dim,
-            every_steps=config.refresh.every_steps, is_main=accelerator.is_main_process,
-            supervisor=supervisor, poll_s=config.refresh.poll_s,
-            lease_timeout_s=i.lease_timeout_s, keep_encoders=config.refresh.keep_encoders,
-            gpu=i.gpu, nprobe=i.nprobe, ef_search=i.ef_search,
-            publish_after=p.retriever_hold_steps, barrier=accelerator.wait_for_everyone,
-            threads=threads)
+            cpu_threads=cpu_threads(t.threads), publish_after=p.retriever_hold_steps)
         searcher = hook.watcher.search
         first = FirstGenerationCache(
             FirstGenerationCache.key_path(p.cache_dir, retriever_dir, store.fingerprint, config),

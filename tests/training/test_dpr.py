@@ -196,3 +196,53 @@ def test_openqa_retriever_dpr_is_prepared_once_and_cached(squad_dpr, tiny_encode
     assert rebuilt != built and json.loads((Path(rebuilt) / "manifest.json").read_text())[
         "metadata"]["steps"] == 3
     assert not any(p.name.endswith(".tmp") or ".tmp-" in p.name for p in cache.iterdir())
+
+
+def test_index_negatives_are_the_best_ranked_blocks_without_an_answer(squad_dpr, tiny_retriever):
+    from realm.index.embed import embed_blocks, special_ids
+    from realm.index.mips import SearchResult, build_index, search
+    from realm.training.dpr import IndexNegatives
+
+    store = BlockStore(str(squad_dpr / "corpus"))
+    retriever = Retriever.from_pretrained(tiny_retriever)
+    special = special_ids(retriever.tokenizer)
+    reps, _ = embed_blocks(retriever, store, special, max_block_tokens=160, progress=False)
+    index = build_index(reps)
+    qa = read_qa(str(squad_dpr / "qa.jsonl"))[:6]
+    ids = [np.asarray(retriever.tokenizer(q.question, add_special_tokens=False)["input_ids"])
+           for q in qa]
+    mined = IndexNegatives(lambda q, k: SearchResult(*search(index, q, k)), store, [q.answers for q in qa], 2,
+                           len(store), special, 48)
+    positives = [0, 1, 2, 3, 4, 5]
+    negatives = mined(retriever, ids, positives, range(6))
+    from realm.index.embed import embed_queries
+
+    ranked = search(index, embed_queries(retriever, ids, special, 48), len(store))[1]
+    for row, (q, positive) in enumerate(zip(qa, positives)):
+        allowed = [int(b) for b in ranked[row]
+                   if b != positive and not has_answer(store.text(int(b)), q.answers)]
+        assert list(negatives[row]) == allowed[:2]  # the best-ranked ones, in order
+    assert mined.found == 12 and mined.filled == 0
+
+
+def test_ance_negatives_come_from_the_refreshed_index(squad_dpr, tiny_encoder, tmp_path):
+    """`retriever_training.negatives=index`: the refresher re-embeds the corpus while DPR trains,
+    the trainer swaps generations in and mines its negatives from the one in use."""
+    run = tmp_path / "run"
+    summary = run_train_retriever(load_config(overrides=_overrides(
+        squad_dpr, tiny_encoder, run, **{
+            "train.steps": 12, "retriever_training.negatives": "index",
+            "retriever_training.evaluate_before": "false", "retriever_training.dev_qa": "null",
+            "refresh.every_steps": 3, "refresh.poll_s": 0.2, "train.save_every": 6})),
+        progress=False)
+    assert summary["negatives"] == "index" and summary["steps"] == 12
+    assert summary["generations_swapped"] >= 2, summary
+    assert summary["index_negatives"] + summary["random_negatives"] == 12 * 4
+    assert summary["index_negatives"] >= 40
+    staleness = [r["index/staleness_steps"] for r in read_metrics(str(run))
+                 if "index/staleness_steps" in r]
+    assert len(staleness) == 12 and max(staleness) == summary["max_staleness_steps"] >= 1
+    assert min(staleness) >= 0
+    with pytest.raises(Exception, match="hard_negatives"):
+        load_config(overrides=["retriever_training.negatives=index",
+                               "retriever_training.hard_negatives=0"])
