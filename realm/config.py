@@ -138,13 +138,22 @@ class RetrieverConfig:
 
     encoder: str = _doc(
         "Checkpoint both encoders start from: a hub name or local directory of any transformers "
-        "BERT-style model, or a saved retriever directory (then dim/pooling come from it).",
+        "BERT-style model, a decoder-only LM (e.g. `smollm2`, with `pooling: last` and a corpus "
+        "built with its tokenizer), or a saved retriever directory (then dim/pooling come from "
+        "it).",
         default=DEFAULT_ENCODER,
     )
     dim: int = _doc("Size of the retrieval embeddings (REALM: 128).", default=128)
-    pooling: Literal["cls", "mean"] = _doc(
-        "How token states become one vector (`mean`: what all-MiniLM-L6-v2 was trained with).",
+    pooling: Literal["cls", "mean", "last"] = _doc(
+        "How token states become one vector (`mean`: what all-MiniLM-L6-v2 was trained with; "
+        "`last`: the last real token, the end-of-text token a decoder-only encoder reads "
+        "last, as DRAMA pools).",
         default="mean",
+    )
+    encoder_layers: Optional[int] = _doc(
+        "Keep only the first N layers of `encoder` when the DPR or ICT stage starts from a "
+        "checkpoint (a cut copy is cached in `pretrain.cache_dir`; DRAMA prunes its LLM). null "
+        "keeps all.", default=None
     )
     max_query_tokens: int = _doc("Query word pieces kept (special tokens excluded).", default=64)
     max_block_tokens: int = _doc(
@@ -153,6 +162,8 @@ class RetrieverConfig:
 
     def __post_init__(self) -> None:
         _check(self.dim > 0, "retriever.dim", f"must be > 0, got {self.dim}")
+        _check(self.encoder_layers is None or self.encoder_layers > 0, "retriever.encoder_layers",
+               f"must be > 0 or null, got {self.encoder_layers}")
         _check(self.max_query_tokens > 0, "retriever.max_query_tokens",
                f"must be > 0, got {self.max_query_tokens}")
         _check(self.max_block_tokens > 0, "retriever.max_block_tokens",

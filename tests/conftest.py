@@ -1,6 +1,7 @@
 """Test-wide settings: nothing reaches a hub, wandb stays offline and inside a temp dir."""
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ for _key, _value in {
     "WANDB_MODE": "offline",
     "WANDB_SILENT": "true",
     "WANDB_DIR": _WANDB_TMP,
+    "REALM_MODEL_CACHE": os.path.join(_WANDB_TMP, "models"),  # converted packaged models
     "WANDB_CACHE_DIR": os.path.join(_WANDB_TMP, "cache"),
     "WANDB_DATA_DIR": os.path.join(_WANDB_TMP, "data"),
     "WANDB_CONFIG_DIR": os.path.join(_WANDB_TMP, "config"),
@@ -138,3 +140,22 @@ def make_squad_slice(shared_data):
         return out
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2 converted from its packaged GGUF file into a plain transformers directory."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    from realm.hub import resolve_model_path
+
+    path = resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert Path(path).parent == Path(os.environ["REALM_MODEL_CACHE"])
+    assert (Path(path) / "config.json").is_file()
+    config = json.loads((Path(path) / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_hidden_layers"] == 30
+    # a plain directory: the ecosystem's loader opens it without gguf, tied head included
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return path

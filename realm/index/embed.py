@@ -19,8 +19,15 @@ logger = logging.getLogger(__name__)
 
 
 def special_ids(tokenizer) -> tuple[int, int, int]:
-    """``(cls_id, sep_id, pad_id)`` of a BERT-style tokenizer."""
+    """``(cls_id, sep_id, pad_id)`` of a BERT-style tokenizer. A decoder-only LM's tokenizer
+    (no [CLS]/[SEP]) reads ``bos title eos body eos``: its begin-of-text token (else its
+    end-of-text token) opens a sequence, its end-of-text token separates and closes it (last-token
+    pooling reads that closing token, as DRAMA's), padding is its pad (else end-of-text) token."""
     ids = (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+    eos = tokenizer.eos_token_id
+    if ids[0] is None and ids[1] is None and eos is not None:
+        bos = tokenizer.bos_token_id
+        ids = (bos if bos is not None else eos, eos, ids[2] if ids[2] is not None else eos)
     if any(i is None for i in ids):
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} lacks [CLS], [SEP] or [PAD]")
     return ids  # type: ignore[return-value]

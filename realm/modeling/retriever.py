@@ -45,8 +45,8 @@ from realm.hub import load_tokenizer, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
-Pooling = Literal["cls", "mean"]
-POOLINGS = ("cls", "mean")
+Pooling = Literal["cls", "mean", "last"]
+POOLINGS = ("cls", "mean", "last")
 
 MANIFEST = "manifest.json"
 MANIFEST_KIND = "retriever"
@@ -248,13 +248,18 @@ def pool(
     Args:
         hidden_states: ``[n, seq_len, hidden]``.
         attention_mask: 1 on real tokens, ``[n, seq_len]``.
-        pooling: ``"cls"`` takes the first token; ``"mean"`` averages the real tokens only.
+        pooling: ``"cls"`` takes the first token; ``"mean"`` averages the real tokens only;
+            ``"last"`` takes the last real token (right padding), for decoder-only encoders
+            whose sequences end with an end-of-text token (DRAMA).
 
     Returns:
         ``[n, hidden]``.
     """
     if pooling == "cls":
         return hidden_states[:, 0]  # [n, hidden]
+    if pooling == "last":
+        last = attention_mask.sum(dim=1).clamp(min=1) - 1  # [n]
+        return hidden_states[torch.arange(len(last), device=last.device), last]  # [n, hidden]
     if pooling == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)  # [n, seq_len, 1]
         summed = (hidden_states * mask).sum(dim=1)  # [n, hidden]
@@ -292,6 +297,8 @@ class Embedder(nn.Module):
         _check_head(dim, pooling)
         self.backbone = backbone
         self.pooling = pooling
+        # decoder-only backbones (Llama) take no segment ids
+        self._segments = "token_type_ids" in inspect.signature(backbone.forward).parameters
         self.projection = nn.Linear(backbone.config.hidden_size, dim)
         # Orthonormal rows: a pretrained encoder's inner products survive the projection (exactly
         # when dim == hidden size, a rotation), so a fresh retriever starts from the checkpoint's
@@ -320,7 +327,8 @@ class Embedder(nn.Module):
         Returns:
             ``[n, dim]``.
         """
-        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        kwargs = ({"token_type_ids": token_type_ids}
+                  if token_type_ids is not None and self._segments else {})
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, **kwargs
         ).last_hidden_state  # [n, seq_len, hidden]

@@ -300,7 +300,8 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
     d, t, r = config.retriever_training, config.train, config.retriever
     corpus_dir, store, train_qa, dev_qa, accelerator, precision = prepare_qa_stage(
         config, d, "retriever_training", progress)
-    retriever = load_retriever(r.encoder, r.dim, r.pooling)
+    retriever = load_retriever(r.encoder, r.dim, r.pooling, r.encoder_layers,
+                               config.pretrain.cache_dir)
     if retriever.tokenizer is None:
         raise ValueError(f"retriever.encoder={r.encoder!r} has no tokenizer saved with it")
     check_tokenizer(retriever.tokenizer, store)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -27,15 +27,20 @@ logger = logging.getLogger(__name__)
 EVAL_KS = (1, 5, 20)
 
 
-def load_retriever(encoder: str, dim: int, pooling: str) -> Retriever:
+def load_retriever(encoder: str, dim: int, pooling: str, layers: Optional[int] = None,
+                   cache_dir: str = "runs/cache") -> Retriever:
     """A saved retriever directory as is, a run directory's (ICT, pretraining: its
-    ``retriever/``), else fresh encoders from a transformers checkpoint."""
+    ``retriever/``), else fresh encoders from a transformers checkpoint (its first ``layers``
+    layers, a cut copy cached in ``cache_dir``, when given)."""
     if (not os.path.isfile(os.path.join(encoder, "manifest.json"))
             and os.path.isfile(os.path.join(encoder, "retriever", "manifest.json"))):
         encoder = os.path.join(encoder, "retriever")
     if os.path.isfile(os.path.join(encoder, "manifest.json")):
         return Retriever.from_pretrained(encoder)
-    return Retriever.from_checkpoint(encoder, dim=dim, pooling=pooling)
+    from realm.prepare import truncated_encoder
+
+    return Retriever.from_checkpoint(truncated_encoder(encoder, layers, cache_dir), dim=dim,
+                                     pooling=pooling)
 
 
 def check_tokenizer(tokenizer, store: BlockStore, what: str = "retriever") -> None:
@@ -138,7 +143,8 @@ def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
     set_seed(config.seed)
     store = BlockStore(config.ict.corpus)
     r = config.retriever
-    retriever = load_retriever(r.encoder, r.dim, r.pooling)
+    retriever = load_retriever(r.encoder, r.dim, r.pooling, r.encoder_layers,
+                               config.pretrain.cache_dir)
     if retriever.tokenizer is None:
         raise ValueError(f"retriever.encoder={r.encoder!r} has no tokenizer saved with it")
     check_tokenizer(retriever.tokenizer, store)

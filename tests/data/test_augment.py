@@ -17,33 +17,6 @@ from realm.training.dpr import run_train_retriever
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """SmolLM2 converted from its packaged GGUF file into a plain transformers directory."""
-    pytest.importorskip("gguf")
-    from transformers import AutoModelForCausalLM
-
-    from realm.hub import resolve_model_path
-
-    cache = tmp_path_factory.mktemp("models")
-    old = os.environ.get("REALM_MODEL_CACHE")
-    os.environ["REALM_MODEL_CACHE"] = str(cache)
-    try:
-        path = resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
-    finally:
-        if old is None:
-            del os.environ["REALM_MODEL_CACHE"]
-        else:
-            os.environ["REALM_MODEL_CACHE"] = old
-    assert Path(path).parent == cache and (Path(path) / "config.json").is_file()
-    config = json.loads((Path(path) / "config.json").read_text())
-    assert "quantization_config" not in config and config["num_hidden_layers"] == 30
-    # a plain directory: the ecosystem's loader opens it without gguf, tied head included
-    model = AutoModelForCausalLM.from_pretrained(path)
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    return path
-
-
 def test_crop_query_and_clean_question():
     rng = np.random.default_rng(0)
     text = "Tiny. The cat sat on the mat today. Dogs bark at night in the city! Ok."
