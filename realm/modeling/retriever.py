@@ -361,8 +361,11 @@ class Embedder(nn.Module):
         backbone = AutoModel.from_config(config, **_backbone_kwargs(config))
         return cls(backbone, dim=dim, pooling=pooling)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write the encoder (transformers format, safetensors), projection, and head settings.
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> None:
+        """Write the encoder (transformers format, safetensors), projection, and head settings;
+        with a ``tokenizer``, also the tokenizer and the sentence-transformers modules
+        (Transformer, Pooling, Dense = the projection), so that ``SentenceTransformer(directory)``
+        embeds a text as :meth:`Retriever.encode_queries` embeds ``[CLS] text [SEP]``.
 
         Not atomic by itself: :meth:`Retriever.save_pretrained` calls it inside a temp dir.
         """
@@ -378,6 +381,37 @@ class Embedder(nn.Module):
             "projection": PROJECTION_FILE,
         }
         (directory / EMBEDDER_FILE).write_text(json.dumps(head, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+            self._write_sentence_transformers(directory, state)
+
+    def _write_sentence_transformers(self, directory: Path, projection: dict[str, Any]) -> None:
+        """sentence-transformers' module files (its documented on-disk layout)."""
+        hidden = self.backbone.config.hidden_size
+        modules = [("sentence_transformers.models.Transformer", ""),
+                   ("sentence_transformers.models.Pooling", "1_Pooling"),
+                   ("sentence_transformers.models.Dense", "2_Dense")]
+        _write_json(directory / "modules.json", [
+            {"idx": i, "name": str(i), "path": path, "type": kind}
+            for i, (kind, path) in enumerate(modules)])
+        _write_json(directory / "sentence_bert_config.json",
+                    {"max_seq_length": int(getattr(self.backbone.config,
+                                                   "max_position_embeddings", 512)),
+                     "do_lower_case": False})
+        (directory / "1_Pooling").mkdir(exist_ok=True)
+        _write_json(directory / "1_Pooling" / "config.json", {
+            "word_embedding_dimension": hidden,
+            "pooling_mode_cls_token": self.pooling == "cls",
+            "pooling_mode_mean_tokens": self.pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_lasttoken": self.pooling == "last"})
+        (directory / "2_Dense").mkdir(exist_ok=True)
+        _write_json(directory / "2_Dense" / "config.json", {
+            "in_features": hidden, "out_features": self.dim, "bias": True,
+            "activation_function": "torch.nn.modules.linear.Identity"})
+        save_file({f"linear.{k}": v for k, v in projection.items()},
+                  str(directory / "2_Dense" / "model.safetensors"))
 
     @classmethod
     def from_pretrained(
@@ -575,8 +609,8 @@ class Retriever(nn.Module):
         target = Path(save_directory)
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         with _atomic_directory(target, overwrite=overwrite) as tmp:
-            self.query_encoder.save_pretrained(tmp / QUERY_ENCODER_DIR)
-            self.doc_encoder.save_pretrained(tmp / DOC_ENCODER_DIR)
+            self.query_encoder.save_pretrained(tmp / QUERY_ENCODER_DIR, tokenizer)
+            self.doc_encoder.save_pretrained(tmp / DOC_ENCODER_DIR, tokenizer)
             tokenizer_dir = _save_tokenizer(tokenizer, tmp)
             config = self.query_encoder.backbone.config
             fields = {

@@ -241,11 +241,11 @@ def test_save_is_atomic_and_never_overwrites_by_accident(tmp_path, monkeypatch):
     # A crash half way through leaves no directory that looks complete, and no debris.
     calls = []
 
-    def crash_on_second(self, directory):
+    def crash_on_second(self, directory, tokenizer=None):
         calls.append(directory)
         if len(calls) == 2:
             raise RuntimeError("disk full")
-        return original(self, directory)
+        return original(self, directory, tokenizer)
 
     original = Embedder.save_pretrained
     monkeypatch.setattr(Embedder, "save_pretrained", crash_on_second)
@@ -409,3 +409,29 @@ def test_packaged_minilm_embeds_blocks(tmp_path):
     assert p_reps.shape == (2, 128)
     assert torch.isfinite(p_reps).all()
     assert not torch.allclose(p_reps[0], p_reps[1])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_saved_encoders_are_sentence_transformers_that_embed_as_realm_does(tiny_encoder, tmp_path,
+                                                                            pooling):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    from realm.index.embed import embed_queries, special_ids
+
+    torch.manual_seed(0)
+    Retriever.from_checkpoint(tiny_encoder, dim=24, pooling=pooling).save_pretrained(
+        tmp_path / "r")
+    retriever = Retriever.from_pretrained(tmp_path / "r")
+    texts = ["who wrote hamlet", "The capital of France is Paris.", "Einstein's relativity"]
+    tok = retriever.tokenizer
+    ours = embed_queries(retriever, [tok(t, add_special_tokens=False)["input_ids"] for t in texts],
+                         special_ids(tok), 64)
+    for part in ("query_encoder", "doc_encoder"):
+        assert len(AutoTokenizer.from_pretrained(tmp_path / "r" / part)) == len(tok)
+        theirs = SentenceTransformer(str(tmp_path / "r" / part), device="cpu").encode(texts)
+        assert theirs.shape == (3, 24)
+        if part == "query_encoder":  # [CLS] text [SEP], as realm encodes a query
+            cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(
+                theirs, axis=1)
+            assert cos.min() >= 0.9999, cos
