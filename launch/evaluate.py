@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0,
                         help="ict: seed of the run; title-recall: seed of the masks")
     parser.add_argument("--dim", type=int, default=128, help="projection size for a bare checkpoint")
-    parser.add_argument("--pooling", default="mean", choices=["cls", "mean"])
+    parser.add_argument("--pooling", default="mean", choices=["cls", "mean", "last"])
     parser.add_argument("--max-block-tokens", type=int, default=288)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="dense encoders: bf16 autocast where the device runs it fast (auto)")
