@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--predictions",
                         help="openqa: predictions jsonl (default MODEL/../predictions-QA.jsonl)")
     parser.add_argument("--batch-size", type=int, default=16, help="openqa: questions per batch")
+    parser.add_argument("--read", type=int, default=None,
+                        help="openqa: blocks the reader reads per question (default: the model's k)")
     parser.add_argument("--retriever", help="retriever directory or transformers checkpoint")
     parser.add_argument("--bm25", action="store_true", help="BM25 (bm25s) instead of a retriever")
     parser.add_argument("--qa", help="QA jsonl ({question, answers[, gold_passage]})")
@@ -148,6 +150,11 @@ def _openqa(args, ks, t0) -> int:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 1
     model.regex = args.regex  # the QA file's answers, whatever the model was trained on
+    if args.read is not None:
+        if args.read < 1:
+            print(f"evaluate: error: --read must be >= 1, got {args.read}", file=sys.stderr)
+            return 1
+        model.k = args.read
     import torch
 
     bf16 = autocast_dtype(args.precision, torch.device("cpu")) == "bf16"

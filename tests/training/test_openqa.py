@@ -99,6 +99,14 @@ def test_evaluate_cli_reproduces_the_runs_dev_figures(squad_tiny, finetuned):
     # a prediction is cut from the original text (case and punctuation kept)
     assert all(any(r["prediction"] in t for t in texts) for r in records)
     assert round(float(np.mean([r["exact_match"] for r in records])), 4) == report["exact_match"]
+    one = subprocess.run(  # the reader may read fewer (or more) blocks than it was trained with
+        [sys.executable, str(REPO / "launch" / "evaluate.py"), "openqa", "--model", str(run / "model"),
+         "--corpus", str(squad_tiny / "corpus"), "--qa", str(squad_tiny / "qa.jsonl"),
+         "--k", "1,2", "--read", "1", "--predictions", str(squad_tiny / "one.jsonl"),
+         "--no-progress"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    read_one = json.loads(one.stdout.strip().splitlines()[-1])
+    assert read_one["k"] == 1 and read_one["answer_recall@2"] == report["answer_recall@2"]
     bad = subprocess.run(
         [sys.executable, str(REPO / "launch" / "evaluate.py"), "openqa", "--model", str(squad_tiny),
          "--corpus", str(squad_tiny / "corpus"), "--qa", str(squad_tiny / "qa.jsonl")],
