@@ -89,7 +89,11 @@ class LanguageModel:
         from realm.hub import load_tokenizer, resolve_model_path
 
         self.name = name_or_path
-        self.model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path))
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path))
+        except (ValueError, OSError, KeyError) as err:  # e.g. a BERT directory
+            raise ValueError(f"--llm {name_or_path}: not a causal language model that "
+                             f"transformers can load ({str(err).splitlines()[0]})") from None
         self.model.eval()
         self.tokenizer = load_tokenizer(name_or_path)
         if self.tokenizer.pad_token_id is None:
@@ -296,7 +300,15 @@ def read_triplets(directory: str, store: BlockStore, hard_negatives: int, seed: 
                          f"fingerprint {manifest.get('corpus_fingerprint')} "
                          f"({manifest.get('corpus')}); this corpus ({store.path}) has "
                          f"{store.fingerprint}")
-    records = _read_done(Path(directory) / TRIPLETS_FILE)
+    path = Path(directory) / TRIPLETS_FILE
+    records = _read_done(path)
+    for line, r in enumerate(records, 1):
+        bad = [z for z in [r.get("positive"), *r.get("negatives", [])]
+               if not isinstance(z, int) or not 0 <= z < len(store)]
+        if bad or not isinstance(r.get("query"), str) or not r["query"].strip():
+            raise ValueError(f"{path}:{line}: " + (f"block ids {bad} are not in the corpus "
+                                                   f"({len(store)} blocks)" if bad else
+                                                   "no query"))
     rng = np.random.default_rng(seed)
     n = len(records)
     pairs = TrainingPairs(np.empty(n, np.int64), np.empty((n, hard_negatives), np.int64),

@@ -102,3 +102,20 @@ def test_triplets_over_another_corpus_are_refused(tmp_path, leads_corpus):
     with pytest.raises(ValueError, match="/elsewhere") as err:
         read_triplets(str(tmp_path), store, 1)
     assert store.fingerprint in str(err.value)
+    (tmp_path / "manifest.json").write_text(json.dumps({"corpus_fingerprint": store.fingerprint}))
+    good = {"query": "q?", "positive": 0, "negatives": [1]}
+    (tmp_path / "triplets.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(
+        {**good, "negatives": [len(store)]}) + "\n")
+    with pytest.raises(ValueError, match=r"triplets.jsonl:2: block ids \[%d\]" % len(store)):
+        read_triplets(str(tmp_path), store, 1)
+
+
+def test_a_directory_that_is_no_instruction_tuned_causal_lm_is_refused(tiny_encoder, tmp_path):
+    from realm.data.augment import LanguageModel
+
+    # a BERT directory (transformers loads BERT as a causal LM too, but it has no chat template)
+    with pytest.raises(ValueError, match="instruction-tuned causal LM is needed"):
+        LanguageModel(tiny_encoder)
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-model"}')
+    with pytest.raises(ValueError, match="not a causal language model"):
+        LanguageModel(str(tmp_path))
