@@ -288,7 +288,7 @@ def read_triplets(directory: str, store: BlockStore, hard_negatives: int, seed: 
     query's positive and its best-scored ``hard_negatives`` distractors (random blocks where a
     record has too few)."""
     from realm.data.qa import QAExample
-    from realm.training.dpr import TrainingPairs
+    from realm.training.dpr import TrainingPairs, fill_random
 
     manifest_path = Path(directory) / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -316,9 +316,6 @@ def read_triplets(directory: str, store: BlockStore, hard_negatives: int, seed: 
     for i, r in enumerate(records):
         pairs.positive[i] = r["positive"]
         negatives = list(r["negatives"][:hard_negatives])
-        while len(negatives) < hard_negatives:
-            block = int(rng.integers(len(store)))
-            if block != r["positive"] and block not in negatives:
-                negatives.append(block)
+        fill_random(negatives, hard_negatives, r["positive"], len(store), rng)
         pairs.negatives[i] = negatives
     return [QAExample(question=r["query"], answers=[]) for r in records], pairs

@@ -82,6 +82,19 @@ class TrainingPairs:
     from_gold: np.ndarray
 
 
+def fill_random(negatives: list[int], n: int, positive: int, n_blocks: int,
+                rng: np.random.Generator) -> int:
+    """Append random blocks (never ``positive``, no repeats) until ``negatives`` holds ``n``;
+    returns how many were added."""
+    added = 0
+    while len(negatives) < n and n_blocks > 1:
+        block = int(rng.integers(n_blocks))
+        if block != positive and block not in negatives:
+            negatives.append(block)
+            added += 1
+    return added
+
+
 def mine_pairs(store: BlockStore, questions: Sequence[QAExample], ranked: np.ndarray,
                hard_negatives: int = 1, regex: bool = False, seed: int = 0,
                progress: bool = True) -> TrainingPairs:
@@ -114,10 +127,7 @@ def mine_pairs(store: BlockStore, questions: Sequence[QAExample], ranked: np.nda
                 break
         out.positive[q] = gold if gold >= 0 else best
         out.from_gold[q] = gold >= 0
-        while len(found) < hard_negatives and len(store) > 1:
-            block = int(rng.integers(len(store)))
-            if block != out.positive[q] and block not in found:
-                found.append(block)
+        fill_random(found, hard_negatives, int(out.positive[q]), len(store), rng)
         out.negatives[q, : len(found)] = found
     return out
 
@@ -183,11 +193,7 @@ class IndexNegatives:
                 if block != positive and not self.match(block, self.answers[row]):
                     negatives.append(block)
             self.found += len(negatives)
-            while len(negatives) < self.n and len(self.store) > 1:
-                block = int(self.rng.integers(len(self.store)))
-                if block != positive and block not in negatives:
-                    negatives.append(block)
-                    self.filled += 1
+            self.filled += fill_random(negatives, self.n, positive, len(self.store), self.rng)
             out[q, : len(negatives)] = negatives
         return out
 
