@@ -700,6 +700,10 @@ class LoggingConfig:
         "wandb mode; `offline` writes the run under the run directory.", default="offline"
     )
     log_every: int = _doc("Log training metrics every this many optimizer steps.", default=10)
+    report_every: int = _doc(
+        "Pretraining: rewrite the offline dashboard RUN_DIR/report/index.html (launch/report.py) "
+        "every this many steps, and once at the end. 0: only when launch/report.py is run.",
+        default=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _doc(
         "Python logging level of the entry scripts.", default="INFO"
@@ -707,6 +711,8 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         _check(self.log_every > 0, "logging.log_every", f"must be > 0, got {self.log_every}")
+        _check(self.report_every >= 0, "logging.report_every",
+               f"must be >= 0, got {self.report_every}")
 
 
 @dataclass

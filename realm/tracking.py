@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,32 @@ def _clean(value: Any) -> Any:
     return value
 
 
+#: The x axis of every wandb chart: the trainer's optimizer step (the refresher logs the step of
+#: the snapshot it embedded), so that one group's runs line up.
+STEP_METRIC = "trainer_step"
+
+#: File in a tracker's directory naming its wandb run: id (reused on resume), group, name.
+RUN_FILE = "wandb_run.json"
+
+
+def wandb_run_identity(directory: str, name: Optional[str], group: Optional[str]
+                       ) -> dict[str, Any]:
+    """The wandb run of a tracker directory: its id is made once and kept in ``RUN_FILE``, so
+    that a resumed run continues the same wandb run instead of opening a new one."""
+    path = os.path.join(directory, RUN_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            run_id = json.load(f).get("id")
+    except (FileNotFoundError, json.JSONDecodeError):
+        run_id = None
+    identity = {"id": run_id or uuid.uuid4().hex[:16], "group": group, "name": name}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(identity, f)
+    os.replace(tmp, path)  # whole or absent
+    return identity
+
+
 class Tracker:
     """Log scalar metrics to ``metrics.jsonl`` (and wandb) in a run directory.
 
@@ -38,12 +65,14 @@ class Tracker:
         wandb_project: wandb project name.
         wandb_mode: ``online``, ``offline`` or ``disabled``.
         run_name: Name of the wandb run.
+        group: wandb group (the run directory's name: a trainer and its refresher together).
         enabled: False on non-main processes: every call is then a no-op.
     """
 
     def __init__(self, run_dir: str, config: Optional[dict] = None, wandb: bool = False,
                  wandb_project: str = "realm", wandb_mode: str = "offline",
-                 run_name: Optional[str] = None, enabled: bool = True) -> None:
+                 run_name: Optional[str] = None, group: Optional[str] = None,
+                 enabled: bool = True) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self._wandb = None
@@ -56,9 +85,17 @@ class Tracker:
         if wandb:
             import wandb as wandb_lib  # lazy: only runs that ask for wandb pay for it
 
-            os.environ.setdefault("WANDB_DIR", run_dir)
-            self._wandb = wandb_lib.init(project=wandb_project, mode=wandb_mode, dir=run_dir,
-                                         name=run_name, config=config or {}, reinit="finish_previous")
+            # a user's WANDB_DIR wins; else wandb's files go beside the metrics
+            where = os.environ.get("WANDB_DIR") or run_dir
+            identity = wandb_run_identity(run_dir, run_name, group)
+            self._wandb = wandb_lib.init(
+                project=wandb_project, mode=wandb_mode, name=run_name, group=group,
+                id=identity["id"], resume="allow", config=config or {},
+                reinit="finish_previous", dir=where)
+            # one x axis for every metric, the trainer's step, also across a resumed run and
+            # the refresher's run in the same group
+            self._wandb.define_metric(STEP_METRIC)
+            self._wandb.define_metric("*", step_metric=STEP_METRIC)
 
     @classmethod
     def from_config(cls, config, enabled: bool = True,
@@ -66,9 +103,10 @@ class Tracker:
         """The tracker of a :class:`realm.config.Config`: its ``train.run_dir`` and ``logging``
         section; the wandb run is named after the run directory unless ``run_name`` is given."""
         lg, run_dir = config.logging, config.train.run_dir
+        name = os.path.basename(os.path.abspath(run_dir))
         return cls(run_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
-                   wandb_mode=lg.wandb_mode,
-                   run_name=run_name or os.path.basename(run_dir.rstrip("/")), enabled=enabled)
+                   wandb_mode=lg.wandb_mode, run_name=run_name or name, group=name,
+                   enabled=enabled)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Append one record ``{"step", "time", **metrics}``."""
@@ -79,7 +117,8 @@ class Tracker:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=step)
+            self._wandb.log({STEP_METRIC: step, **{k: v for k, v in record.items()
+                                                    if k not in ("step", "time")}})
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """A small table of examples: a wandb Table, and a JSONL record with the rows."""
@@ -91,7 +130,8 @@ class Tracker:
         if self._wandb is not None:
             import wandb as wandb_lib
 
-            self._wandb.log({name: wandb_lib.Table(columns=columns, data=rows)}, step=step)
+            self._wandb.log({STEP_METRIC: step,
+                             name: wandb_lib.Table(columns=columns, data=rows)})
 
     def close(self) -> None:
         if self._file is not None:

@@ -65,7 +65,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     metrics_dir = (os.path.join(store.root, "refresher") if store.local
                    else tempfile.mkdtemp(prefix="realm-refresher-"))
     tracker = Tracker(metrics_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
-                      wandb_mode=lg.wandb_mode, run_name="refresher", enabled=rank == 0)
+                      wandb_mode=lg.wandb_mode, run_name="refresher",
+                      group=os.path.basename(store.root.rstrip("/")), enabled=rank == 0)
     refresher = Refresher(store, corpus, RefreshSettings.from_config(config), tracker=tracker,
                           progress=not args.no_progress)
     try:
@@ -76,6 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 3
     finally:
         tracker.close()
+        if rank == 0 and not store.local:  # the metrics reach the run directory too
+            with open(tracker.path, "rb") as f:
+                store.write_bytes_atomic(store.path("refresher", "metrics.jsonl"), f.read())
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if rank == 0:

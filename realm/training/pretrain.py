@@ -620,6 +620,10 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
         hooks.append(first)
     if accelerator.is_main_process and p.table_every:
         hooks.append(ExampleTable(task, tracker, retriever.tokenizer, store, p.table_every))
+    if accelerator.is_main_process and config.logging.report_every:
+        from realm.report import ReportHook
+
+        hooks.append(ReportHook(t.run_dir, config.logging.report_every))
     settings = TrainSettings.from_config(
         config, progress, eval_every=0,
         lr_scales={"retriever.": p.retriever_lr_scale, "encoder.": p.reader_lr_scale},
@@ -646,6 +650,10 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
         del model, task, hooks
         _shutdown(accelerator)
     # (not accelerator.is_main_process: after _shutdown that would start a new process group)
+    if is_main and config.logging.report_every:  # the dashboard, with the last steps too
+        from realm.report import ReportHook
+
+        ReportHook(t.run_dir, 1).after_step(result["steps"], None)
     records = read_metrics(t.run_dir) if is_main else []
     ru = [x["ru_expected"] for x in records if "ru_expected" in x]
     quarters = quarter_means(records, t.steps, {
@@ -654,6 +662,9 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
         "p_null": "p_null"})
     return {
         "stage": "pretrain", "run_dir": t.run_dir, "steps": result["steps"],
+        # what the run read and started from, so both can be evaluated (launch/evaluate.py)
+        "corpus": os.path.abspath(corpus_dir),
+        "warm_start_retriever": os.path.abspath(retriever_dir),
         # a run resumed at its last step trains nothing: no loss (None, not NaN, in the JSON)
         "final_loss": round(result["final_loss"], 5) if np.isfinite(result["final_loss"]) else None,
         "final_masked_accuracy": next((round(x["masked_accuracy"], 4) for x in reversed(records)

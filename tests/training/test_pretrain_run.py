@@ -37,7 +37,7 @@ def _pretrain(run_dir, corpus, retriever, encoder, tmp_path, *extra, timeout=300
            "train.batch_size=4", "train.save_every=5", "train.keep_checkpoints=10",
            "train.warmup_steps=2", "train.precision=fp32", "refresh.every_steps=5",
            "refresh.poll_s=0.1", "refresh.threads=1", "logging.log_every=1",
-           "logging.wandb=true", "logging.wandb_mode=offline", *extra]
+           "logging.wandb=true", "logging.wandb_mode=offline", "logging.report_every=20", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(tmp_path))
     assert done.returncode == 0, done.stderr[-4000:]
     assert "terminate called" not in done.stderr
@@ -58,7 +58,7 @@ def run(spans_corpus, tiny_retriever, tiny_encoder, tmp_path_factory):
 
 
 def test_run_swaps_generations_and_writes_its_run_directory(run):
-    summary, run_dir, _ = run
+    summary, run_dir, tmp = run
     assert summary["steps"] == STEPS and summary["world_size"] == 1
     assert summary["generations_swapped"] >= 2, summary
     assert 0 < summary["max_staleness_steps"] <= STEPS
@@ -66,7 +66,14 @@ def test_run_swaps_generations_and_writes_its_run_directory(run):
                  f"checkpoints/step-{STEPS:06d}/manifest.json", "retriever/manifest.json",
                  "encoder/manifest.json", "refresher.log"):
         assert (run_dir / name).exists(), name
-    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
+    # wandb honours WANDB_DIR: the trainer's and the refresher's runs, in one group (the run
+    # directory's name), each with the id kept in its directory
+    wandb_runs = list((tmp / "wandb" / "wandb_dir" / "wandb").glob("offline-run-*"))
+    trainer, refresher = (json.loads((d / "wandb_run.json").read_text())
+                          for d in (run_dir, run_dir / "refresher"))
+    assert trainer["group"] == refresher["group"] == run_dir.name
+    assert trainer["id"] != refresher["id"]
+    assert {r.name.rsplit("-", 1)[-1] for r in wandb_runs} == {trainer["id"], refresher["id"]}
     scalars = [r for r in _records(run_dir) if "table" not in r]
     assert [r["step"] for r in scalars] == list(range(1, STEPS + 1))
     for key in ("loss", "masked_accuracy", "loss_null", "ru_expected", "ru_top1", "p_null",
@@ -82,6 +89,30 @@ def test_run_swaps_generations_and_writes_its_run_directory(run):
     if cores > 1:  # the trainer gives a core to its refresher (refresh.threads=1) while it embeds
         assert {r["train/threads"] for r in scalars} <= {cores - 1, cores}
         assert 0 <= scalars[-1]["train/shared_steps"] <= STEPS
+
+
+def test_report_page_draws_the_runs_metrics(run, tmp_path):
+    """logging.report_every wrote RUN_DIR/report during and after the run; launch/report.py
+    draws the same page anywhere."""
+    _, run_dir, _ = run
+    page = (run_dir / "report" / "index.html").read_text()
+    for stem in ("loss", "ru", "ru_by_label", "p_null", "entropy", "masked_accuracy",
+                 "staleness", "refresher_timeline", "refresher_throughput"):
+        image = run_dir / "report" / f"{stem}.png"
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stem
+        assert image.stat().st_size > 5000 and f"src='{stem}.png'" in page, stem
+    assert f"last at step {STEPS}" in page  # the final rewrite saw the last record
+    assert "<th>masked_text</th>" in page and "[MASK]" in page  # the examples table
+    done = subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), str(run_dir),
+                           "--output", str(tmp_path / "page")], capture_output=True, text=True,
+                          timeout=120, env=_env(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["images"] >= 9 and (tmp_path / "page" / "ru.png").is_file()
+    missing = subprocess.run([sys.executable, str(REPO / "launch" / "report.py"),
+                              str(tmp_path / "nothing")], capture_output=True, text=True,
+                             timeout=60, env=_env(tmp_path))
+    assert missing.returncode == 1 and "metrics.jsonl" in missing.stderr
 
 
 def test_two_cpu_ranks_pretrain_beside_the_refresher(spans_corpus, tiny_retriever, tiny_encoder,

@@ -1,0 +1,38 @@
+"""Draw a run's offline dashboard: RUN_DIR/report/index.html with PNG plots of its metrics.
+
+    python launch/report.py runs/pretrain            # then open runs/pretrain/report/index.html
+    python launch/report.py RUN_DIR --output DIR
+
+Works for every stage's run directory (pretraining, ICT, DPR, Open-QA): what the run logged is
+drawn (loss and null loss, expected and top-1 retrieval utility, RU by entity label, p(null),
+retrieval entropy, staleness with the generation swaps, the refresher's timeline and throughput,
+the latest examples table). The last stdout line is a JSON summary.
+"""
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a run directory (a stage's train.run_dir)")
+    parser.add_argument("--output", help="report directory (default RUN_DIR/report)")
+    args = parser.parse_args(argv)
+    import os
+
+    from realm.cli import emit_summary, setup_logging
+    from realm.report import write_report
+
+    setup_logging("INFO")
+    try:
+        page = write_report(args.run_dir, args.output)
+    except FileNotFoundError as err:
+        print(f"report: error: {err}", file=sys.stderr)
+        return 1
+    images = sorted(f for f in os.listdir(os.path.dirname(page)) if f.endswith(".png"))
+    emit_summary({"report": page, "images": len(images)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
