@@ -255,6 +255,8 @@ class SpanReader(nn.Module):
         target = Path(directory)
         with _atomic_directory(target, overwrite=overwrite) as tmp:
             self.encoder.save_pretrained(tmp / MODEL_DIR)
+            if self.tokenizer is not None:  # model/ loads with AutoModel and AutoTokenizer alone
+                self.tokenizer.save_pretrained(str(tmp / MODEL_DIR))
             save_file({k: v.contiguous() for k, v in self.scorer.state_dict().items()},
                       str(tmp / SCORER_FILE))
             fields = {

@@ -384,6 +384,11 @@ class Embedder(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
             self._write_sentence_transformers(directory, state)
+        from realm.modeling.cards import CARD, encoder_card
+
+        role = {"query_encoder": "Query encoder", "doc_encoder": "Document encoder"}.get(
+            directory.name, "Encoder")
+        (directory / CARD).write_text(encoder_card(role, self.dim, self.pooling), encoding="utf-8")
 
     def _write_sentence_transformers(self, directory: Path, projection: dict[str, Any]) -> None:
         """sentence-transformers' module files (its documented on-disk layout)."""
@@ -743,8 +748,12 @@ def _write_manifest(
     fields: dict[str, Any],
     metadata: Optional[dict[str, Any]],
 ) -> None:
-    """Write ``manifest.json`` last into a model directory being built: kind and format, the
-    model's own ``fields``, then creation time, realm version, metadata and every file's size."""
+    """Write ``README.md`` (the model card) and then ``manifest.json`` last into a model directory
+    being built: kind and format, the model's own ``fields``, then creation time, realm version,
+    metadata and every file's size."""
+    from realm.modeling.cards import write_model_card
+
+    write_model_card(directory, kind, fields, metadata)
     manifest = {
         "kind": kind,
         "format_version": format_version,

@@ -376,15 +376,17 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
         out_dir = os.path.join(t.run_dir, "retriever")
         unwrapped = accelerator.unwrap_model(retriever)
         if accelerator.is_main_process:
-            unwrapped.save_pretrained(out_dir, overwrite=True, metadata={
-                "stage": "train_retriever", "steps": result["steps"],
-                "corpus_fingerprint": store.fingerprint, "train_qa": d.train_qa})
+            meta = {"stage": "train_retriever", "steps": result["steps"],
+                    "corpus_fingerprint": store.fingerprint, "train_qa": d.train_qa}
             if dev_qa:
                 after = dev_recall(unwrapped, store, dev_qa, d.recall_ks, r.max_block_tokens,
                                    r.max_query_tokens, d.regex, progress,
                                    config.refresh.precision)
-                tracker.log({f"final/dev_{k}": v for k, v in after.items()
-                             if k.startswith("answer_recall")}, step=result["steps"])
+                recall = {k: v for k, v in after.items() if k.startswith("answer_recall")}
+                tracker.log({f"final/dev_{k}": v for k, v in recall.items()},
+                            step=result["steps"])
+                meta.update(dev_qa=d.dev_qa, **{f"dev_{k}": v for k, v in recall.items()})
+            unwrapped.save_pretrained(out_dir, overwrite=True, metadata=meta)
         accelerator.wait_for_everyone()
     finally:
         if hook is not None:

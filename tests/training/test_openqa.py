@@ -74,6 +74,10 @@ def test_finetuning_raises_exact_match_above_an_untrained_reader(squad_tiny, fin
     manifest = json.loads((run / "model" / "manifest.json").read_text())
     assert manifest["kind"] == "openqa_model" and manifest["retrieval"] == "bm25"
     assert manifest["k"] == 2 and manifest["corpus"]["fingerprint"] == store.fingerprint
+    card = (run / "model" / "README.md").read_text()  # the model card names how to ask it
+    assert card.startswith("# Open-QA system") and "launch/answer.py" in card
+    assert "stage: finetune_openqa" in card and "README.md" in manifest["files"]
+    assert (run / "model" / "reader" / "model" / "tokenizer.json").is_file()
 
 
 def test_evaluate_cli_reproduces_the_runs_dev_figures(squad_tiny, finetuned):
