@@ -12,10 +12,10 @@ held-out masked-token accuracy and loss before and after, and fill-in examples.
 import os
 import sys
 
-from realm.training.adapt_mlm import main
+from realm.cli import stage_main  # imports the stage after parsing: --help is fast
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
                               "adapt_mlm.yaml")
 
 if __name__ == "__main__":
-    sys.exit(main(default_config=os.path.normpath(DEFAULT_CONFIG)))
+    sys.exit(stage_main("adapt_mlm", default_config=os.path.normpath(DEFAULT_CONFIG)))

@@ -7,7 +7,10 @@
     python launch/evaluate.py title-recall --retriever DIR --queries DIR --corpus DIR --k 1,5,20 \
         [--compare-with BEFORE_DIR]
 
-`--retriever` takes a saved retriever directory or any transformers checkpoint (fresh projection).
+Each mode has its own help (`python launch/evaluate.py retrieval --help`). `--retriever` takes a
+saved retriever directory, a run directory (pretraining, ICT, DPR: its `retriever/`) or any
+transformers checkpoint (fresh projection). `retrieval --run-file FILE` also writes a TREC run
+file.
 `openqa` reads a fine-tuned model (launch/finetune_openqa.py writes RUN/model) and writes its
 predictions (question, prediction, gold, retrieved titles and scores) as jsonl, by default
 beside the model. `title-recall --compare-with` also scores a second retriever (e.g. the warm
@@ -23,53 +26,85 @@ import time
 from realm.cli import emit_summary, setup_logging
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per evaluation, each with its own flags and help."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["openqa", "retrieval", "ict", "title-recall"])
-    parser.add_argument("--corpus", required=True, help="corpus directory (searched)")
-    parser.add_argument("--queries", help="title-recall: corpus the masked queries come from")
-    parser.add_argument("--masking", default="salient_span",
-                        choices=["salient_span", "random_span", "random_token"],
-                        help="title-recall: masking of the queries (as in pretraining)")
-    parser.add_argument("--max-query-tokens", type=int, default=64,
-                        help="title-recall: word pieces in a query (retriever.max_query_tokens)")
-    parser.add_argument("--model", help="openqa: a fine-tuned Open-QA model directory (RUN/model)")
-    parser.add_argument("--predictions",
-                        help="openqa: predictions jsonl (default MODEL/../predictions-QA.jsonl)")
-    parser.add_argument("--batch-size", type=int, default=16, help="openqa: questions per batch")
-    parser.add_argument("--read", type=int, default=None,
-                        help="openqa: blocks the reader reads per question (default: the model's k)")
-    parser.add_argument("--retriever", help="retriever directory or transformers checkpoint")
-    parser.add_argument("--bm25", action="store_true", help="BM25 (bm25s) instead of a retriever")
-    parser.add_argument("--qa", help="QA jsonl ({question, answers[, gold_passage]})")
-    parser.add_argument("--regex", action="store_true", help="answers are regular expressions")
-    parser.add_argument("--k", default="1,5,20,100", help="comma-separated cut-offs")
-    parser.add_argument("--limit", type=int,
-                        help="evaluate the first N questions only (title-recall: N random queries)")
-    parser.add_argument("--holdout", type=int, default=500, help="ict: ict.holdout_blocks of the run")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="ict: seed of the run; title-recall: seed of the masks")
-    parser.add_argument("--dim", type=int, default=128, help="projection size for a bare checkpoint")
-    parser.add_argument("--pooling", default="mean", choices=["cls", "mean", "last"])
-    parser.add_argument("--max-block-tokens", type=int, default=288)
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+    sub = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--corpus", required=True, help="corpus directory (searched)")
+    common.add_argument("--k", default="1,5,20,100", help="comma-separated cut-offs")
+    common.add_argument("--max-block-tokens", type=int, default=288,
+                        help="word pieces of a block when embedding it")
+    common.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="dense encoders: bf16 autocast where the device runs it fast (auto)")
-    parser.add_argument("--compare-with", metavar="RETRIEVER_DIR",
-                        help="title-recall: a second retriever scored on the same queries; "
-                             "reports the paired difference (gained, lost, sign-test p-value)")
-    parser.add_argument("--no-progress", action="store_true")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    searcher = argparse.ArgumentParser(add_help=False)
+    searcher.add_argument("--retriever",
+                          help="retriever directory, pretraining/ICT/DPR run directory, or any "
+                               "transformers checkpoint (fresh projection)")
+    searcher.add_argument("--bm25", action="store_true", help="BM25 (bm25s) instead of a retriever")
+    searcher.add_argument("--dim", type=int, default=128,
+                          help="projection size for a bare checkpoint")
+    searcher.add_argument("--pooling", default="mean", choices=["cls", "mean", "last"],
+                          help="pooling for a bare checkpoint")
+
+    p = sub.add_parser("openqa", parents=[common], help="EM/F1 of a fine-tuned Open-QA model",
+                       description="EM, F1 and answer recall of a fine-tuned Open-QA model "
+                                   "(launch/finetune_openqa.py's RUN/model); writes predictions.")
+    p.add_argument("--model", required=True, help="the fine-tuned model directory (RUN/model)")
+    p.add_argument("--qa", required=True, help="QA jsonl ({question, answers})")
+    p.add_argument("--regex", action="store_true", help="answers are regular expressions")
+    p.add_argument("--limit", type=int, help="the first N questions only")
+    p.add_argument("--predictions", help="predictions jsonl (default MODEL/../predictions-QA.jsonl)")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per batch")
+    p.add_argument("--read", type=int, default=None,
+                   help="blocks the reader reads per question (default: the model's k)")
+
+    p = sub.add_parser("retrieval", parents=[common, searcher],
+                       help="answer recall@k of a retriever or BM25 on a QA file",
+                       description="Answer recall@k (DPR's has_answer on the block text; gold "
+                                   "recall@k when the records name a gold passage).")
+    p.add_argument("--qa", required=True, help="QA jsonl ({question, answers[, gold_passage]})")
+    p.add_argument("--regex", action="store_true", help="answers are regular expressions")
+    p.add_argument("--limit", type=int, help="the first N questions only")
+    p.add_argument("--run-file", metavar="FILE",
+                   help="also write the ranking as a TREC run file (QID Q0 BLOCK_ID RANK SCORE "
+                        "RUN) for trec_eval, pyserini or ir_measures")
+
+    p = sub.add_parser("ict", parents=[common, searcher],
+                       help="recall@k of held-out ICT sentences",
+                       description="Held-out ICT sentences (the ICT run's own split) -> their "
+                                   "block among all blocks: recall@k.")
+    p.add_argument("--holdout", type=int, default=500, help="ict.holdout_blocks of the run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the run")
+    p.add_argument("--limit", type=int, help="the first N held-out sentences only")
+
+    p = sub.add_parser("title-recall", parents=[common, searcher],
+                       help="masked queries -> a block of their own article: recall@k",
+                       description="Salient-span-masked queries (as in pretraining) from --queries;"
+                                   " recall@k of a block of the query's article (title) among "
+                                   "--corpus.")
+    p.add_argument("--queries", required=True, help="corpus the masked queries come from")
+    p.add_argument("--masking", default="salient_span",
+                   choices=["salient_span", "random_span", "random_token"],
+                   help="masking of the queries (as in pretraining)")
+    p.add_argument("--max-query-tokens", type=int, default=64,
+                   help="word pieces in a query (retriever.max_query_tokens)")
+    p.add_argument("--limit", type=int, help="N random queries")
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    p.add_argument("--compare-with", metavar="RETRIEVER_DIR",
+                   help="a second retriever scored on the same queries; reports the paired "
+                        "difference (gained, lost, sign-test p-value)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging("INFO")
-    if args.mode == "openqa":
-        if not args.model or not args.qa:
-            parser.error("openqa needs --model DIR and --qa FILE")
-    elif args.bm25 == bool(args.retriever):
-        parser.error("give exactly one of --retriever DIR or --bm25")
-    if args.mode == "retrieval" and not args.qa:
-        parser.error("retrieval needs --qa FILE")
-    if args.mode == "title-recall" and not args.queries:
-        parser.error("title-recall needs --queries DIR")
-    if args.compare_with and (args.mode != "title-recall" or args.bm25):
+    if args.mode != "openqa" and args.bm25 == bool(args.retriever):
+        parser.error(f"{args.mode}: give exactly one of --retriever DIR or --bm25")
+    if getattr(args, "compare_with", None) and args.bm25:
         parser.error("--compare-with goes with title-recall --retriever")
     try:
         ks = sorted({int(k) for k in args.k.split(",")})
@@ -104,7 +139,11 @@ def main(argv=None) -> int:
 
             searcher, name = dense(args.retriever), args.retriever
         if args.mode == "retrieval":
-            report = qa_retrieval(searcher, store, qa, ks, regex=args.regex)
+            report = qa_retrieval(searcher, store, qa, ks, regex=args.regex,
+                                  run_file=args.run_file,
+                                  run_name="bm25" if args.bm25 else "realm")
+            if args.run_file:
+                report["run_file"] = args.run_file
         elif args.mode == "title-recall":
             queries = BlockStore(args.queries)
             options = dict(masking=args.masking, n=args.limit, seed=args.seed,

@@ -16,10 +16,10 @@ a JSON summary with the dev exact match, F1 and answer recall@k.
 import os
 import sys
 
-from realm.training.openqa import main
+from realm.cli import stage_main  # imports the stage after parsing: --help is fast
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
                               "openqa_squad.yaml")
 
 if __name__ == "__main__":
-    sys.exit(main(default_config=os.path.normpath(DEFAULT_CONFIG)))
+    sys.exit(stage_main("finetune_openqa", default_config=os.path.normpath(DEFAULT_CONFIG)))

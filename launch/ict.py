@@ -9,7 +9,7 @@ line is a JSON summary (steps, final loss, held-out ICT recall@k, seconds).
 
 import sys
 
-from realm.training.ict import main
+from realm.cli import stage_main  # imports the stage after parsing: --help is fast
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main("ict"))

@@ -13,10 +13,10 @@ checkpoint. The last stdout line is a JSON summary.
 import os
 import sys
 
-from realm.training.pretrain import main
+from realm.cli import stage_main  # imports the stage after parsing: --help is fast
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
                               "pretrain.yaml")
 
 if __name__ == "__main__":
-    sys.exit(main(default_config=os.path.normpath(DEFAULT_CONFIG)))
+    sys.exit(stage_main("pretrain", default_config=os.path.normpath(DEFAULT_CONFIG)))

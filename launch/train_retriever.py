@@ -14,10 +14,10 @@ the last stdout line is a JSON summary with the dev answer recall@k before and a
 import os
 import sys
 
-from realm.training.dpr import main
+from realm.cli import stage_main  # imports the stage after parsing: --help is fast
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
                               "dpr_leads.yaml")
 
 if __name__ == "__main__":
-    sys.exit(main(default_config=os.path.normpath(DEFAULT_CONFIG)))
+    sys.exit(stage_main("train_retriever", default_config=os.path.normpath(DEFAULT_CONFIG)))

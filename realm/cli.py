@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -22,6 +23,9 @@ def config_parser(description: str) -> argparse.ArgumentParser:
         "spans.n_process=2 (see docs/configuration.md).",
     )
     parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML: the file, then the overrides) "
+                             "and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
@@ -42,6 +46,9 @@ def parse(
         config = load_config(args.config, overrides)
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: config error: {err}\n")
+    if getattr(args, "print_config", False):
+        sys.stdout.write(config.to_yaml())
+        parser.exit(0)
     setup_logging(config.logging.log_level)
     return args, config
 
@@ -66,25 +73,93 @@ def emit_summary(summary: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def _resolve(target: Any) -> Any:
+    """``"package.module:attribute"`` -> the attribute, imported now; anything else as is."""
+    if not isinstance(target, str):
+        return target
+    import importlib
+
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A training stage as its command line knows it, named lazily (``module:attribute``
+    strings) so that ``--help`` and ``--print-config`` answer without importing torch."""
+
+    description: str
+    run: str
+    errors: tuple[str, ...] = ()
+    on_interrupt: str = ""
+    #: script flags that set a config key: (flag, key, help)
+    flags: tuple[tuple[str, str, str], ...] = ()
+
+
+_INPUT_ERRORS = ("realm.data.qa:QAFormatError", "realm.data.store:CorpusError",
+                 "builtins:ValueError", "builtins:FileNotFoundError")
+
+STAGES: dict[str, Stage] = {
+    "pretrain": Stage("REALM pretraining beside the index refresher.",
+                      "realm.training.pretrain:run_pretrain",
+                      on_interrupt=" (the refresher is stopped)"),
+    "ict": Stage("ICT warm start of the retriever (Inverse Cloze Task).",
+                 "realm.training.ict:run_ict",
+                 flags=(("--corpus", "ict.corpus", "corpus directory (sets ict.corpus)"),)),
+    "adapt_mlm": Stage("MLM adaptation: continue an encoder as a BERT-style masked LM.",
+                       "realm.training.adapt_mlm:run_adapt_mlm", errors=("builtins:ValueError",)),
+    "train_retriever": Stage("Supervised retriever training (DPR): BM25-mined positives and hard "
+                             "negatives, in-batch negatives from every rank.",
+                             "realm.training.dpr:run_train_retriever", errors=_INPUT_ERRORS),
+    "finetune_openqa": Stage("Open-QA fine-tuning: fixed index, query encoder and reader "
+                             "trained.", "realm.training.openqa:run_finetune",
+                             errors=_INPUT_ERRORS),
+}
+
+
+def stage_main(name: str, argv: Optional[Sequence[str]] = None,
+               default_config: Optional[str] = None) -> int:
+    """The ``main`` of the training stage ``name`` (:data:`STAGES`): what its launch script and
+    its ``python -m realm.training.X`` run."""
+    stage = STAGES[name]
+    return run_stage(stage.description, stage.run, argv, default_config, errors=stage.errors,
+                     on_interrupt=stage.on_interrupt, flags=stage.flags)
+
+
 def run_stage(
     description: str,
-    run: Callable[..., dict[str, Any]],
+    run: Callable[..., dict[str, Any]] | str,
     argv: Optional[Sequence[str]] = None,
     default_config: Optional[str] = None,
-    errors: tuple[type[BaseException], ...] = (),
+    errors: tuple[type[BaseException] | str, ...] = (),
     on_interrupt: str = "",
+    flags: Sequence[tuple[str, str, str]] = (),
 ) -> int:
     """A training stage's ``main``: parse ``--config``/overrides (``default_config`` when no
     ``--config``) and ``--no-progress``, call ``run(config, progress=...)``, print its summary on
-    the main process.
+    the main process. ``run`` and ``errors`` may be ``"module:attribute"`` strings, imported
+    only after the command line is parsed (``--help`` stays fast).
 
     Returns 0; 1 for one of ``errors`` (logged, e.g. a bad input file); 130 on Ctrl-C, after
     ``run`` has left its checkpoint (``on_interrupt`` is added to the message).
     """
     parser = config_parser(description)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for flag, _, help_text in flags:
+        parser.add_argument(flag, help=help_text)
     parser.set_defaults(config=default_config)
-    args, config = parse(parser, argv)
+
+    def shortcuts(args: argparse.Namespace) -> list[str]:
+        out = []
+        for flag, key, _ in flags:
+            value = getattr(args, flag.lstrip("-").replace("-", "_"))
+            if value is not None:
+                out.append(override(key, value))
+        return out
+
+    args, config = parse(parser, argv, shortcuts)
+    run = _resolve(run)
+    errors = tuple(_resolve(e) for e in errors)
     try:
         summary = run(config, progress=not args.no_progress)
     except errors as err:
@@ -96,4 +171,5 @@ def run_stage(
         return 130
     if os.environ.get("RANK", "0") == "0":  # the main process (accelerate/torchrun set RANK)
         emit_summary(summary)
+    sys.stdout.flush()
     return 0

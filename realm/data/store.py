@@ -352,3 +352,46 @@ class BlockStore:
             spans=np.array(self.spans(i)),
             sentences=np.array(self.sentences(i)),
         )
+
+    # -- export ---------------------------------------------------------------------------------
+
+    def records(self):
+        """One plain dict per block: ``id`` (the block id), ``article_id``, ``title``, ``text``
+        and ``spans`` (salient spans: word-piece ``start``/``end`` in the body and the entity
+        ``label``)."""
+        names = self.label_names
+        for i in range(len(self)):
+            spans = self.spans(i)
+            yield {"id": i, "article_id": self.article_id(i), "title": self.title(i),
+                   "text": self.text(i),
+                   "spans": [{"start": int(s["start"]), "end": int(s["end"]),
+                              "label": names[int(s["label"])]} for s in spans]}
+
+    def to_dataset(self):
+        """The blocks as a ``datasets.Dataset`` (columns of :meth:`records`), in block order."""
+        import datasets
+
+        features = datasets.Features({
+            "id": datasets.Value("int64"), "article_id": datasets.Value("string"),
+            "title": datasets.Value("string"), "text": datasets.Value("string"),
+            "spans": [{"start": datasets.Value("int32"), "end": datasets.Value("int32"),
+                       "label": datasets.Value("string")}]})
+        columns: dict[str, list] = {name: [] for name in features}
+        for record in self.records():
+            for name, value in record.items():
+                columns[name].append(value)
+        return datasets.Dataset.from_dict(columns, features=features)
+
+    def to_parquet(self, path: str | os.PathLike) -> str:
+        """Write :meth:`to_dataset` as one Parquet file, atomically; returns its path."""
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            self.to_dataset().to_parquet(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -47,17 +48,23 @@ class DenseSearcher:
         self.index = build_index(reps)
 
     def search_ids(self, queries: Sequence[Sequence[int]], k: int) -> np.ndarray:
+        return self._search(queries, k)[1]
+
+    def _search(self, queries: Sequence[Sequence[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
         from realm.index.embed import embed_queries
         from realm.index.mips import search
 
         q = embed_queries(self.retriever, queries, self.special, self.max_query_tokens,
                           bf16=self.bf16)
-        return search(self.index, q, k)[1]
+        return search(self.index, q, k)
 
     def search_texts(self, texts: Sequence[str], k: int) -> np.ndarray:
+        return self.search_texts_scored(texts, k)[1]
+
+    def search_texts_scored(self, texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inner products and block ids of the top ``k`` blocks, ``[n, k]`` each."""
         tok = self.retriever.tokenizer
-        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return self.search_ids(ids, k)
+        return self._search([tok(t, add_special_tokens=False)["input_ids"] for t in texts], k)
 
 
 class BM25Searcher:
@@ -68,15 +75,25 @@ class BM25Searcher:
         self.bm25 = BM25Retriever.build(texts)
 
     def search_texts(self, texts: Sequence[str], k: int) -> np.ndarray:
-        return self.bm25.search(list(texts), k)[1]
+        return self.search_texts_scored(texts, k)[1]
+
+    def search_texts_scored(self, texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 scores and block ids of the top ``k`` blocks, ``[n, k]`` each."""
+        scores, ids = self.bm25.search(list(texts), k)
+        return np.asarray(scores), np.asarray(ids)
 
 
 def qa_retrieval(searcher, store: BlockStore, qa: list[QAExample], ks: Sequence[int],
-                 regex: bool = False) -> dict[str, Any]:
-    """answer_recall@k (and gold_recall@k when the QA records name a gold passage)."""
+                 regex: bool = False, run_file: Optional[str] = None,
+                 run_name: str = "realm") -> dict[str, Any]:
+    """answer_recall@k (and gold_recall@k when the QA records name a gold passage); with
+    ``run_file``, also the ranking as a TREC run file (:func:`write_trec_run`)."""
     t0 = time.perf_counter()
     k_max = min(max(ks), len(store))
-    ids = searcher.search_texts([ex.question for ex in qa], k_max)  # [n, k]
+    scores, ids = searcher.search_texts_scored([ex.question for ex in qa], k_max)  # [n, k]
+    if run_file:
+        write_trec_run(run_file, [ex.id or str(n) for n, ex in enumerate(qa)], ids, scores,
+                       run_name)
     texts = [[store.text(int(i)) for i in row] for row in ids]
     report: dict[str, Any] = {"questions": len(qa), "blocks": len(store)}
     ks = [k for k in ks if k <= k_max]
@@ -88,6 +105,24 @@ def qa_retrieval(searcher, store: BlockStore, qa: list[QAExample], ks: Sequence[
         report.update({f"gold_recall@{k}": round(v, 4) for k, v in recall_at_k(gold, ks).items()})
     report["search_seconds"] = round(time.perf_counter() - t0, 2)
     return report
+
+
+def write_trec_run(path: str, query_ids: Sequence[str], block_ids: np.ndarray,
+                   scores: np.ndarray, run_name: str = "realm") -> None:
+    """A TREC run file (trec_eval, pyserini, ir_measures): one line per retrieved block,
+    ``QID Q0 DOCID RANK SCORE RUN``, ranks from 1; DOCID is the block id in the corpus.
+    Written atomically."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for qid, row_ids, row_scores in zip(query_ids, block_ids, scores):
+            qid = str(qid).replace(" ", "_")
+            rank = 0
+            for block, score in zip(row_ids, row_scores):
+                if block < 0:
+                    continue
+                rank += 1
+                f.write(f"{qid} Q0 {int(block)} {rank} {float(score):.6f} {run_name}\n")
+    os.replace(tmp, path)
 
 
 def ict_sentences(store: BlockStore, holdout: int, seed: int, n: Optional[int] = None):

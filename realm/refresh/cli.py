@@ -16,13 +16,7 @@ import sys
 import tempfile
 from typing import Optional, Sequence
 
-import torch
-
 from realm.cli import config_parser, emit_summary, override, parse
-from realm.data.store import BlockStore
-from realm.index.store import RunStore, StoreLockedError
-from realm.refresh.refresher import Refresher, RefreshSettings
-from realm.tracking import Tracker
 
 logger = logging.getLogger("realm.refresh")
 
@@ -41,6 +35,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not r.corpus:
         parser.exit(2, f"{parser.prog}: config error: refresh.corpus: no corpus directory given "
                        "(--corpus DIR or refresh.corpus=DIR)\n")
+    import torch  # (after parsing: --help answers without it)
+
+    from realm.data.store import BlockStore
+    from realm.index.store import RunStore, StoreLockedError
+    from realm.refresh.refresher import Refresher, RefreshSettings
+    from realm.tracking import Tracker
+
     if r.threads:
         import faiss
 

@@ -235,12 +235,11 @@ def check_vocabulary(encoder: KnowledgeAugmentedEncoder, tokenizer, store: Block
 
 
 def main(argv=None, default_config: Optional[str] = None) -> int:
-    """``launch/adapt_mlm.py`` (and ``python -m realm.training.adapt_mlm``, how pretraining's
+    """``launch/adapt_mlm.py`` and ``python -m realm.training.adapt_mlm`` (how pretraining's
     cached preparation runs it)."""
-    from realm.cli import run_stage
+    from realm.cli import stage_main
 
-    return run_stage("MLM adaptation: continue an encoder as a BERT-style masked LM.",
-                     run_adapt_mlm, argv, default_config, errors=(ValueError,))
+    return stage_main("adapt_mlm", argv, default_config)
 
 
 if __name__ == "__main__":

@@ -420,15 +420,10 @@ def _has_checkpoint(t) -> bool:
 
 
 def main(argv=None, default_config: Optional[str] = None) -> int:
-    """``launch/train_retriever.py``: parse ``--config`` and overrides, run, print the summary."""
-    from realm.cli import run_stage
-    from realm.data.qa import QAFormatError
-    from realm.data.store import CorpusError
+    """``launch/train_retriever.py``; see :data:`realm.cli.STAGES`."""
+    from realm.cli import stage_main
 
-    return run_stage("Supervised retriever training (DPR): BM25-mined positives and hard "
-                     "negatives, in-batch negatives from every rank.", run_train_retriever, argv,
-                     default_config, errors=(QAFormatError, CorpusError, ValueError,
-                                             FileNotFoundError))
+    return stage_main("train_retriever", argv, default_config)
 
 
 if __name__ == "__main__":

@@ -213,22 +213,11 @@ def _shutdown(accelerator) -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def main(argv=None) -> int:
-    """``python -m realm.training.ict`` (what ``launch/ict.py`` runs)."""
-    import sys
+def main(argv=None, default_config: Optional[str] = None) -> int:
+    """``python -m realm.training.ict`` (what ``launch/ict.py`` and the cached warm start run)."""
+    from realm.cli import stage_main
 
-    from realm.cli import config_parser, emit_summary, override, parse
-
-    parser = config_parser("ICT warm start of the retriever (Inverse Cloze Task).")
-    parser.add_argument("--corpus", help="corpus directory (sets ict.corpus)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args, config = parse(parser, argv,
-                         lambda a: [override("ict.corpus", a.corpus)] if a.corpus else [])
-    summary = run_ict(config, progress=not args.no_progress)
-    if os.environ.get("RANK", "0") == "0":  # the main process (accelerate/torchrun set RANK)
-        emit_summary(summary)
-    sys.stdout.flush()
-    return 0
+    return stage_main("ict", argv, default_config)
 
 
 if __name__ == "__main__":

@@ -840,14 +840,10 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
 
 
 def main(argv=None, default_config: Optional[str] = None) -> int:
-    """``launch/finetune_openqa.py``: parse ``--config`` and overrides, run, print the summary."""
-    from realm.cli import run_stage
-    from realm.data.qa import QAFormatError
-    from realm.data.store import CorpusError
+    """``launch/finetune_openqa.py`` and the reader's warm start; see :data:`realm.cli.STAGES`."""
+    from realm.cli import stage_main
 
-    return run_stage("Open-QA fine-tuning: fixed index, query encoder and reader trained.",
-                     run_finetune, argv, default_config,
-                     errors=(QAFormatError, CorpusError, ValueError, FileNotFoundError))
+    return stage_main("finetune_openqa", argv, default_config)
 
 
 if __name__ == "__main__":  # the reader's warm start (realm.prepare.prepare_qa_reader)

@@ -706,15 +706,11 @@ def quarter_means(records: list[dict[str, Any]], steps: int, keys: dict[str, str
 
 
 def main(argv=None, default_config: Optional[str] = None) -> int:
-    """``launch/pretrain.py``: parse ``--config`` and overrides, run, print the JSON summary.
+    """``launch/pretrain.py`` (default_config: the built-in tiny default) and the reading
+    warm-up's process; see :data:`realm.cli.STAGES`."""
+    from realm.cli import stage_main
 
-    ``default_config`` is used when no ``--config`` is given (the launcher passes the built-in
-    tiny default, ``configs/pretrain.yaml``).
-    """
-    from realm.cli import run_stage
-
-    return run_stage("REALM pretraining beside the index refresher.", run_pretrain, argv,
-                     default_config, on_interrupt=" (the refresher is stopped)")
+    return stage_main("pretrain", argv, default_config)
 
 
 if __name__ == "__main__":  # the reading warm-up's process (prepare_reader)

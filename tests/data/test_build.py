@@ -201,3 +201,38 @@ def test_killed_build_leaves_nothing_complete_looking(shared_data, tmp_path):
     assert summary["articles"] == 30 and summary["reused"] is False
     assert not tmp_dirs[0].exists()
     assert BlockStore(out, verify=True).manifest["counts"]["articles"] == 30
+
+
+def test_blocks_export_to_datasets_and_parquet(built, tmp_path):
+    """BlockStore.to_dataset() is the store, block for block; the Parquet export (the API and
+    prepare_corpus.py --parquet) loads back with datasets as the same table."""
+    import datasets
+
+    _, store, data = built
+    ds = store.to_dataset()
+    assert len(ds) == len(store) and ds.column_names == ["id", "article_id", "title", "text",
+                                                          "spans"]
+    for i in (0, len(store) // 2, len(store) - 1):
+        row = ds[i]
+        assert row["id"] == i and row["text"] == store.text(i) and row["title"] == store.title(i)
+        spans = store.spans(i)
+        assert [(s["start"], s["end"]) for s in row["spans"]] == [
+            (int(a), int(b)) for a, b in zip(spans["start"], spans["end"])]
+        assert [s["label"] for s in row["spans"]] == store.block(i).span_labels(store.label_names)
+    assert sum(len(s) for s in ds["spans"]) > 0
+    path = store.to_parquet(tmp_path / "blocks.parquet")
+    back = datasets.load_dataset("parquet", data_files=path, split="train",
+                                 cache_dir=str(tmp_path / "hf"))
+    assert back.to_list() == ds.to_list()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    cli = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "prepare_corpus.py"), "--no-progress",
+         "--input", data.input, "--output", store.path, f"data.max_block_tokens={data.max_block_tokens}",
+         "--parquet", str(tmp_path / "cli.parquet")],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert json.loads(cli.stdout.strip().splitlines()[-1])["parquet"] == str(tmp_path / "cli.parquet")
+    again = datasets.load_dataset("parquet", data_files=str(tmp_path / "cli.parquet"),
+                                  split="train", cache_dir=str(tmp_path / "hf"))
+    assert again["text"] == ds["text"]

@@ -41,6 +41,50 @@ def test_bm25_and_dense_reports(squad_slice, tiny_encoder):
     assert d["gold_recall@20"] < b["gold_recall@20"]  # an untrained 2-layer model vs BM25
 
 
+def test_trec_run_file_is_the_ranking_behind_the_recall(squad_slice, tmp_path):
+    """`retrieval --run-file` writes `QID Q0 BLOCK RANK SCORE RUN` lines that trec_eval reads:
+    20 per question, ranks 1..20, scores not increasing, and the figures recomputed from it
+    equal the printed ones."""
+    from realm.data.store import BlockStore
+    from realm.evaluation.retrieval import answer_hits, recall_at_k
+
+    run_file = tmp_path / "bm25.run"
+    out = _run("retrieval", "--bm25", "--corpus", str(squad_slice / "corpus"),
+               "--qa", str(squad_slice / "qa.jsonl"), "--k", "1,5,20", "--run-file", str(run_file))
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["run_file"] == str(run_file)
+    rows = [line.split() for line in run_file.read_text().splitlines()]
+    assert all(len(r) == 6 and r[1] == "Q0" and r[5] == "bm25" for r in rows)
+    qa = read_qa(str(squad_slice / "qa.jsonl"))
+    store = BlockStore(squad_slice / "corpus")
+    by_query: dict = {}
+    for qid, _, block, rank, score, _ in rows:
+        by_query.setdefault(qid, []).append((int(rank), int(block), float(score)))
+    assert list(by_query) == [ex.id or str(n) for n, ex in enumerate(qa)]
+    ranked = []
+    for hits in by_query.values():
+        assert [r for r, _, _ in hits] == list(range(1, 21))
+        scores = [s for _, _, s in hits]
+        assert scores == sorted(scores, reverse=True)
+        assert all(0 <= b < len(store) for _, b, _ in hits)
+        ranked.append([store.text(b) for _, b, _ in hits])
+    again = recall_at_k(answer_hits(ranked, [ex.answers for ex in qa]), [1, 5, 20])
+    assert {f"answer_recall@{k}": round(v, 4) for k, v in again.items()} == {
+        k: report[k] for k in ("answer_recall@1", "answer_recall@5", "answer_recall@20")}
+
+
+def test_each_mode_has_its_own_help():
+    retrieval = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), "retrieval",
+                                "--help"], capture_output=True, text=True, timeout=60)
+    assert retrieval.returncode == 0 and "--run-file" in retrieval.stdout
+    assert "--queries" not in retrieval.stdout and "--model" not in retrieval.stdout
+    openqa = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), "openqa",
+                             "--corpus", "c", "--qa", "q"], capture_output=True, text=True,
+                            timeout=60)
+    assert openqa.returncode == 2 and "--model" in openqa.stderr
+
+
 def test_retrieval_accepts_a_run_directory(squad_slice, tiny_retriever, tmp_path):
     """`--retriever RUN_DIR` (a pretraining or ICT run) reads the run's `retriever/`."""
     run_dir = tmp_path / "run"
