@@ -174,3 +174,33 @@ def run_part(path: str | os.PathLike, part: str) -> str:
     anything else is returned as given."""
     own, inner = Path(path) / "manifest.json", Path(path) / part / "manifest.json"
     return str(Path(path) / part) if not own.is_file() and inner.is_file() else str(path)
+
+
+def load_pretrained(loader, path: str, what: str = "", **kwargs) -> tuple[Any, dict[str, Any]]:
+    """``loader(path, output_loading_info=True, **kwargs)`` (a transformers ``from_pretrained``)
+    without transformers' load-report table, which realm's deliberate loads (an encoder without
+    its MLM head, a truncated copy, BERT without its pooler) would print every time; one INFO line
+    says instead what the checkpoint had that the model dropped and what the model initialised
+    new.
+
+    Returns:
+        ``(model, loading_info)`` (``missing_keys``, ``unexpected_keys``, ...).
+    """
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # (a bar for a load that takes a blink)
+    try:
+        model, info = loader(path, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing, unexpected = list(info.get("missing_keys", ())), list(info.get("unexpected_keys", ()))
+    if missing or unexpected:
+        logger.info("%s%s: %d checkpoint tensors not used (e.g. %s), %d initialised new "
+                    "(e.g. %s)", f"{what} " if what else "", path, len(unexpected),
+                    sorted(unexpected)[0] if unexpected else "-", len(missing),
+                    sorted(missing)[0] if missing else "-")
+    return model, info

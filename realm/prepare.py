@@ -70,12 +70,13 @@ def truncated_encoder(encoder: str, layers: Optional[int], cache_dir: str) -> st
         return encoder
     from transformers import AutoModel
 
-    from realm.hub import load_tokenizer, resolve_model_path
+    from realm.hub import load_pretrained, load_tokenizer, resolve_model_path
 
     name = re.sub(r"[^A-Za-z0-9]+", "-", encoder).strip("-")
     out = os.path.join(cache_dir, f"encoder-{name}-L{layers}")
     if _is_main() and not os.path.exists(os.path.join(out, "config.json")):
-        model = AutoModel.from_pretrained(resolve_model_path(encoder), num_hidden_layers=layers)
+        model, _ = load_pretrained(AutoModel.from_pretrained, resolve_model_path(encoder),
+                                   f"first {layers} layers of", num_hidden_layers=layers)
         tmp = f"{out}.tmp-{os.getpid()}"
         model.save_pretrained(tmp)
         load_tokenizer(encoder).save_pretrained(tmp)

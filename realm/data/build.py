@@ -320,6 +320,9 @@ def _run_pipeline(reader, backend, data: DataConfig, spans_cfg: SpansConfig,
         while True:
             t0 = time.perf_counter()
             chunk = list(itertools.islice(articles, data.chunk_articles))
+            if bar.total is None and reader.total:  # known once the reader has started
+                bar.total = reader.total
+                bar.refresh()
             if not chunk:
                 return
             t1 = time.perf_counter()

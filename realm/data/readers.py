@@ -137,6 +137,12 @@ class CorpusReader:
         self.min_text_chars = min_text_chars
         self.max_articles = max_articles
         self.stats = ReadStats()
+        #: How many records there are (at most max_articles), once known (for progress bars):
+        #: counted for uncompressed line files, read off a JSON document or a datasets directory.
+        self.total: Optional[int] = None
+
+    def _set_total(self, n: int) -> None:
+        self.total = n if self.max_articles is None else min(n, self.max_articles)
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -147,6 +153,12 @@ class CorpusReader:
             "json": self._json_list,
             "hf": self._hf,
         }[self.format]()
+        if self.format in ("jsonl", "tsv") and not self.path.endswith(".gz"):
+            with open(self.path, "rb") as f:  # (a fast count: no parsing)
+                chunks = iter(lambda: f.read(1 << 20), b"")
+                self._set_total(sum(chunk.count(b"\n") for chunk in chunks))
+        elif self.max_articles is not None:
+            self.total = self.max_articles
         produced = 0
         for where, default_id, record in records:
             article = self._validate(where, default_id, record)
@@ -281,6 +293,8 @@ class CorpusReader:
             items = json.loads(text)
         except json.JSONDecodeError as err:
             raise CorpusFormatError(f"{self.path}:{err.lineno}: malformed JSON: {err.msg}") from None
+        if isinstance(items, (dict, list)):
+            self._set_total(len(items))
         if isinstance(items, dict):  # {key: {title, text}}: the shipped lead-sections file
             pairs = ((str(key), item) for key, item in items.items())
         elif isinstance(items, list):
@@ -317,5 +331,6 @@ class CorpusReader:
                         "save a single split"
                     )
                 ds = ds["train"]
+            self._set_total(len(ds))
         for i, item in enumerate(ds):
             yield f"{self.path}: record {i}", str(i), item

@@ -20,6 +20,9 @@ import bm25s
 import numpy as np
 
 logger = logging.getLogger(__name__)
+# bm25s sets its own logger to DEBUG ("Building index from IDs objects" at every build): keep its
+# chatter below the user's INFO
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
 class BM25Retriever:

@@ -40,7 +40,7 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 
 from realm.data.mlm import pad_ragged
-from realm.hub import load_tokenizer, resolve_model_path
+from realm.hub import load_pretrained, load_tokenizer, resolve_model_path
 from realm.modeling.retriever import (
     _as_ids,
     _atomic_directory,
@@ -285,9 +285,8 @@ class KnowledgeAugmentedEncoder(nn.Module):
             dtype: Parameter dtype.
         """
         path = resolve_model_path(name_or_path)
-        mlm, info = AutoModelForMaskedLM.from_pretrained(
-            path, dtype=dtype, output_loading_info=True
-        )
+        mlm, info = load_pretrained(AutoModelForMaskedLM.from_pretrained, path,
+                                    "masked LM", dtype=dtype)
         prefix = mlm.base_model_prefix + "."
         missing_head = sorted(k for k in info["missing_keys"] if not k.startswith(prefix))
         if missing_head:

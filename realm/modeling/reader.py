@@ -228,7 +228,13 @@ class SpanReader(nn.Module):
             encoder = mlm.base_model
             tokenizer = _load_saved_tokenizer(path, manifest)
         else:
-            encoder = _encoder(AutoModel.from_pretrained, resolve_model_path(name_or_path))
+            from realm.hub import load_pretrained
+
+            def quiet(path, **kwargs):  # (no load report for BERT's pooler, dropped on purpose)
+                return load_pretrained(AutoModel.from_pretrained, path, "reader encoder",
+                                       **kwargs)[0]
+
+            encoder = _encoder(quiet, resolve_model_path(name_or_path))
             tokenizer = load_tokenizer(name_or_path)
         with torch.random.fork_rng():
             torch.manual_seed(seed)

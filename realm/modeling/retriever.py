@@ -347,9 +347,10 @@ class Embedder(nn.Module):
         _check_head(dim, pooling)
         path = resolve_model_path(name_or_path)
         config = AutoConfig.from_pretrained(path)
-        backbone = AutoModel.from_pretrained(
-            path, config=config, dtype=dtype, **_backbone_kwargs(config)
-        )
+        from realm.hub import load_pretrained
+
+        backbone, _ = load_pretrained(AutoModel.from_pretrained, path, "retriever encoder",
+                                      config=config, dtype=dtype, **_backbone_kwargs(config))
         return cls(backbone, dim=dim, pooling=pooling)
 
     @classmethod

@@ -137,10 +137,10 @@ def has_trained_mlm_head(name_or_path: str) -> bool:
         return True
     from transformers import AutoModelForMaskedLM
 
-    from realm.hub import resolve_model_path
+    from realm.hub import load_pretrained, resolve_model_path
 
-    mlm, info = AutoModelForMaskedLM.from_pretrained(resolve_model_path(name_or_path),
-                                                     output_loading_info=True)
+    mlm, info = load_pretrained(AutoModelForMaskedLM.from_pretrained,
+                                resolve_model_path(name_or_path), "masked LM (head check)")
     prefix = mlm.base_model_prefix + "."
     return not any(not k.startswith(prefix) for k in info["missing_keys"])
 

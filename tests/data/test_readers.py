@@ -442,3 +442,19 @@ def test_cli_input_path_is_taken_literally(tmp_path):
     result = _prepare("--input", str(missing), "--output", str(tmp_path / "corpus"))
     assert result.returncode == 1, result.stderr
     assert f"prepare_corpus: error: {missing}: no such file or directory" in result.stderr
+
+
+def test_total_is_known_for_progress_bars(tmp_path):
+    """The number of records (at most max_articles), for the corpus progress bar's total."""
+    lines = tmp_path / "c.jsonl"
+    lines.write_text("".join(json.dumps({"title": f"T{i}", "text": f"text {i}"}) + "\n"
+                             for i in range(5)))
+    reader = CorpusReader(str(lines))
+    assert reader.total is None  # not counted before reading starts
+    assert len(list(reader)) == 5 and reader.total == 5
+    limited = CorpusReader(str(lines), max_articles=3)
+    assert len(list(limited)) == 3 and limited.total == 3
+    doc = tmp_path / "c.json"
+    doc.write_text(json.dumps([{"title": "A", "text": "a"}, {"title": "B", "text": "b"}]))
+    whole = CorpusReader(str(doc))
+    assert len(list(whole)) == 2 and whole.total == 2
