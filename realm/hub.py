@@ -204,3 +204,52 @@ def load_pretrained(loader, path: str, what: str = "", **kwargs) -> tuple[Any, d
                     sorted(unexpected)[0] if unexpected else "-", len(missing),
                     sorted(missing)[0] if missing else "-")
     return model, info
+
+
+#: Never pushed: realm's temporary files and a run's bulky or private leftovers.
+PUSH_IGNORE = ["*.tmp-*", ".*", "__pycache__/*", "*.npy.tmp*"]
+
+
+def files_to_push(directory: str) -> list[str]:
+    """The files :func:`push_to_hub` uploads from a model directory (relative paths, sorted):
+    everything realm wrote except temporary files. Raises ValueError when ``directory`` is
+    not a complete model directory (no ``manifest.json``)."""
+    import fnmatch
+
+    root = Path(directory)
+    if not (root / "manifest.json").is_file():
+        raise ValueError(f"{directory}: not a complete realm model directory (no manifest.json); "
+                         "push a retriever, encoder, reader or Open-QA model directory")
+    out = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(path.name, p)
+                                      for p in PUSH_IGNORE):
+            out.append(rel)
+    return out
+
+
+def push_to_hub(directory: str, repo_id: str, private: bool = False,
+                token: Optional[str] = None, commit_message: Optional[str] = None) -> str:
+    """Upload a realm model directory (its card, manifest, weights and tokenizer: exactly
+    :func:`files_to_push`) to the Hugging Face Hub as a model repository; returns its URL.
+
+    Raises:
+        ValueError: not a model directory; RuntimeError: offline (``HF_HUB_OFFLINE``) or the
+        hub refused (the message says which).
+    """
+    files = files_to_push(directory)
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        raise RuntimeError(f"push_to_hub {repo_id}: HF_HUB_OFFLINE is set; {len(files)} files "
+                           f"of {directory} would be uploaded once online")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=directory, repo_type="model",
+                          allow_patterns=files,
+                          commit_message=commit_message or f"realm: upload {Path(directory).name}")
+    except Exception as err:  # network, auth, permissions: say what failed, keep the type name
+        raise RuntimeError(f"push_to_hub {repo_id}: {type(err).__name__}: {err}") from err
+    return f"https://huggingface.co/{repo_id}"

@@ -728,10 +728,12 @@ def read_manifest(directory: str | os.PathLike, kind: str = MANIFEST_KIND) -> di
 
 
 def _save_tokenizer(tokenizer: Any, directory: Path) -> Optional[str]:
-    """Save ``tokenizer`` (if any) under ``directory``; returns its manifest entry."""
+    """Save ``tokenizer`` (if any) under ``directory`` (its manifest entry, returned) and at the
+    directory's top too, so that ``AutoTokenizer.from_pretrained(directory)`` loads it."""
     if tokenizer is None:
         return None
     tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+    tokenizer.save_pretrained(str(directory))
     return TOKENIZER_DIR
 
 

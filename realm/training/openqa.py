@@ -572,6 +572,8 @@ def save_openqa_model(model: OpenQAModel, directory: str, settings: dict[str, An
     """``directory``: manifest, ``retriever/`` and document embeddings (dense), ``reader/``."""
     with _atomic_directory(Path(directory), overwrite=True) as tmp:
         model.reader.save_pretrained(tmp / "reader")
+        if model.reader.tokenizer is not None:  # AutoTokenizer.from_pretrained(directory)
+            model.reader.tokenizer.save_pretrained(str(tmp))
         if model.dense:
             model.retriever.save_pretrained(tmp / "retriever")
             np.save(tmp / EMBEDDINGS_FILE, model.index.embeddings.numpy())
