@@ -65,6 +65,13 @@ def test_ict_loss_falls_and_in_batch_accuracy_rises(leads_corpus, tiny_encoder, 
     assert 0.0 <= summary["ict_recall@1"] <= summary["ict_recall@5"] <= summary["ict_recall@20"] <= 1.0
     reloaded = Retriever.from_pretrained(summary["retriever"])
     assert reloaded.dim == 128 and reloaded.tokenizer is not None
+    # the offline dashboard draws an ICT run too: its loss and in-batch accuracy
+    from realm.report import write_report
+
+    page = write_report(str(tmp_path / "run"))
+    html = open(page, encoding="utf-8").read()
+    for stem in ("loss", "accuracy", "lr"):
+        assert f"src='{stem}.png'" in html and (tmp_path / "run" / "report" / f"{stem}.png").is_file()
 
 
 def test_resume_continues_exactly(leads_corpus, tiny_encoder, tmp_path):

@@ -79,6 +79,10 @@ def test_finetuning_raises_exact_match_above_an_untrained_reader(squad_tiny, fin
     assert "stage: finetune_openqa" in card and "README.md" in manifest["files"]
     for part in ("", "reader", "reader/model"):  # AutoTokenizer loads from each
         assert (run / "model" / part / "tokenizer.json").is_file(), part
+    from realm.report import write_report  # the offline dashboard draws an Open-QA run too
+
+    html = open(write_report(str(run)), encoding="utf-8").read()
+    assert "src='loss.png'" in html and "<th>question</th>" in html  # the dev predictions table
 
 
 def test_evaluate_cli_reproduces_the_runs_dev_figures(squad_tiny, finetuned):
