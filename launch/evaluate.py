@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qa", required=True, help="QA jsonl ({question, answers[, gold_passage]})")
     p.add_argument("--regex", action="store_true", help="answers are regular expressions")
     p.add_argument("--limit", type=int, help="the first N questions only")
+    p.add_argument("--fuse-bm25", action="store_true",
+                   help="with --retriever: reciprocal rank fusion of the retriever and BM25 "
+                        "(each ranks its top 100)")
     p.add_argument("--run-file", metavar="FILE",
                    help="also write the ranking as a TREC run file (QID Q0 BLOCK_ID RANK SCORE "
                         "RUN) for trec_eval, pyserini or ir_measures")
@@ -104,6 +107,8 @@ def main(argv=None) -> int:
     setup_logging("INFO")
     if args.mode != "openqa" and args.bm25 == bool(args.retriever):
         parser.error(f"{args.mode}: give exactly one of --retriever DIR or --bm25")
+    if getattr(args, "fuse_bm25", False) and not args.retriever:
+        parser.error("--fuse-bm25 goes with --retriever DIR (BM25 is the other ranking)")
     if getattr(args, "compare_with", None) and args.bm25:
         parser.error("--compare-with goes with title-recall --retriever")
     try:
@@ -138,6 +143,11 @@ def main(argv=None) -> int:
                                      precision=args.precision)
 
             searcher, name = dense(args.retriever), args.retriever
+            if getattr(args, "fuse_bm25", False):
+                from realm.evaluation.run import FusionSearcher
+
+                searcher = FusionSearcher([searcher, BM25Searcher(store)])
+                name = f"rrf({args.retriever}, bm25)"
         if args.mode == "retrieval":
             report = qa_retrieval(searcher, store, qa, ks, regex=args.regex,
                                   run_file=args.run_file,

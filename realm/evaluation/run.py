@@ -83,6 +83,38 @@ class BM25Searcher:
         return np.asarray(scores), np.asarray(ids)
 
 
+class FusionSearcher:
+    """Reciprocal rank fusion (Cormack et al. 2009) of several searchers, e.g. BM25 and a dense
+    retriever: each ranks its top ``depth`` blocks, a block scores ``sum 1 / (k_rrf + rank)``
+    over the rankings it appears in (rank from 1), and the fused top k are returned. RRF needs
+    no score calibration between BM25 and inner products, and no weight to tune.
+    """
+
+    def __init__(self, searchers: Sequence[Any], depth: int = 100, k_rrf: int = 60) -> None:
+        if len(searchers) < 2:
+            raise ValueError("fusion needs at least two searchers")
+        self.searchers, self.depth, self.k_rrf = list(searchers), depth, k_rrf
+
+    def search_texts(self, texts: Sequence[str], k: int) -> np.ndarray:
+        return self.search_texts_scored(texts, k)[1]
+
+    def search_texts_scored(self, texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Fused scores and block ids, ``[n, k]`` each (-1 / 0 where fewer were found)."""
+        depth = max(self.depth, k)
+        rankings = [s.search_texts_scored(texts, depth)[1] for s in self.searchers]
+        scores = np.zeros((len(texts), k), np.float64)
+        ids = np.full((len(texts), k), -1, np.int64)
+        for q in range(len(texts)):
+            fused: dict[int, float] = collections.defaultdict(float)
+            for ranking in rankings:
+                for rank, block in enumerate(int(b) for b in ranking[q] if b >= 0):
+                    fused[block] += 1.0 / (self.k_rrf + rank + 1)
+            best = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+            ids[q, : len(best)] = [b for b, _ in best]
+            scores[q, : len(best)] = [s for _, s in best]
+        return scores, ids
+
+
 def qa_retrieval(searcher, store: BlockStore, qa: list[QAExample], ks: Sequence[int],
                  regex: bool = False, run_file: Optional[str] = None,
                  run_name: str = "realm") -> dict[str, Any]:
