@@ -3,6 +3,8 @@
     python launch/evaluate.py openqa --model RUN/model --corpus DIR --qa FILE [--regex]
     python launch/evaluate.py retrieval --retriever DIR --corpus DIR --qa FILE --k 1,5,20,100
     python launch/evaluate.py retrieval --bm25 --corpus DIR --qa FILE
+    python launch/evaluate.py retrieval --retriever RUN_DIR --compare-with WARM_START_DIR|bm25 \
+        --corpus DIR --qa FILE         # paired: questions gained / lost, sign test
     python launch/evaluate.py ict --retriever DIR --corpus DIR [--holdout 500 --seed 0]
     python launch/evaluate.py title-recall --retriever DIR --queries DIR --corpus DIR --k 1,5,20 \
         [--compare-with BEFORE_DIR]
@@ -67,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qa", required=True, help="QA jsonl ({question, answers[, gold_passage]})")
     p.add_argument("--regex", action="store_true", help="answers are regular expressions")
     p.add_argument("--limit", type=int, help="the first N questions only")
+    p.add_argument("--compare-with", metavar="RETRIEVER_DIR|bm25",
+                   help="a second retriever (or bm25) on the same questions; reports per k the "
+                        "questions each answers that the other misses and the sign test's "
+                        "p-value (`paired`)")
     p.add_argument("--fuse-bm25", action="store_true",
                    help="with --retriever: reciprocal rank fusion of the retriever and BM25 "
                         "(each ranks its top 100)")
@@ -109,7 +115,7 @@ def main(argv=None) -> int:
         parser.error(f"{args.mode}: give exactly one of --retriever DIR or --bm25")
     if getattr(args, "fuse_bm25", False) and not args.retriever:
         parser.error("--fuse-bm25 goes with --retriever DIR (BM25 is the other ranking)")
-    if getattr(args, "compare_with", None) and args.bm25:
+    if args.mode == "title-recall" and args.compare_with and args.bm25:
         parser.error("--compare-with goes with title-recall --retriever")
     try:
         ks = sorted({int(k) for k in args.k.split(",")})
@@ -132,16 +138,16 @@ def main(argv=None) -> int:
     try:
         store = BlockStore(args.corpus)
         qa = read_qa(args.qa, args.limit, regex=args.regex) if args.mode == "retrieval" else None
+        def dense(path: str) -> DenseSearcher:
+            from realm.training.ict import load_retriever
+
+            return DenseSearcher(load_retriever(path, args.dim, args.pooling), store,
+                                 args.max_block_tokens, progress=not args.no_progress,
+                                 precision=args.precision)
+
         if args.bm25:
             searcher, name = BM25Searcher(store), "bm25"
         else:
-            from realm.training.ict import load_retriever
-
-            def dense(path: str) -> DenseSearcher:
-                return DenseSearcher(load_retriever(path, args.dim, args.pooling), store,
-                                     args.max_block_tokens, progress=not args.no_progress,
-                                     precision=args.precision)
-
             searcher, name = dense(args.retriever), args.retriever
             if getattr(args, "fuse_bm25", False):
                 from realm.evaluation.run import FusionSearcher
@@ -149,11 +155,22 @@ def main(argv=None) -> int:
                 searcher = FusionSearcher([searcher, BM25Searcher(store)])
                 name = f"rrf({args.retriever}, bm25)"
         if args.mode == "retrieval":
+            hits = {}
             report = qa_retrieval(searcher, store, qa, ks, regex=args.regex,
                                   run_file=args.run_file,
-                                  run_name="bm25" if args.bm25 else "realm")
+                                  run_name="bm25" if args.bm25 else "realm", hits_out=hits)
             if args.run_file:
                 report["run_file"] = args.run_file
+            if args.compare_with:
+                from realm.evaluation.retrieval import paired_recall
+
+                before = {}
+                other = (BM25Searcher(store) if args.compare_with == "bm25"
+                         else dense(args.compare_with))
+                qa_retrieval(other, store, qa, ks, regex=args.regex, hits_out=before)
+                ks_in = [k for k in ks if k <= hits["answer"].shape[1]]
+                report["paired"] = {"before": args.compare_with, **{
+                    kind: paired_recall(before[kind], hits[kind], ks_in) for kind in hits}}
         elif args.mode == "title-recall":
             queries = BlockStore(args.queries)
             options = dict(masking=args.masking, n=args.limit, seed=args.seed,

@@ -117,9 +117,11 @@ class FusionSearcher:
 
 def qa_retrieval(searcher, store: BlockStore, qa: list[QAExample], ks: Sequence[int],
                  regex: bool = False, run_file: Optional[str] = None,
-                 run_name: str = "realm") -> dict[str, Any]:
+                 run_name: str = "realm", hits_out: Optional[dict] = None) -> dict[str, Any]:
     """answer_recall@k (and gold_recall@k when the QA records name a gold passage); with
-    ``run_file``, also the ranking as a TREC run file (:func:`write_trec_run`)."""
+    ``run_file``, also the ranking as a TREC run file (:func:`write_trec_run`); with
+    ``hits_out``, the per-question hit matrices (``"answer"``, ``"gold"``: ``[n, k]``) for
+    paired comparisons."""
     t0 = time.perf_counter()
     k_max = min(max(ks), len(store))
     scores, ids = searcher.search_texts_scored([ex.question for ex in qa], k_max)  # [n, k]
@@ -131,9 +133,13 @@ def qa_retrieval(searcher, store: BlockStore, qa: list[QAExample], ks: Sequence[
     ks = [k for k in ks if k <= k_max]
     hits = answer_hits(texts, [ex.answers for ex in qa], regex=regex)
     report.update({f"answer_recall@{k}": round(v, 4) for k, v in recall_at_k(hits, ks).items()})
+    if hits_out is not None:
+        hits_out["answer"] = hits
     if all(ex.gold_passage is not None for ex in qa):
         articles = [[store.article_id(int(i)) for i in row] for row in ids]
         gold = gold_hits(articles, [ex.gold_passage for ex in qa])
+        if hits_out is not None:
+            hits_out["gold"] = gold
         report.update({f"gold_recall@{k}": round(v, 4) for k, v in recall_at_k(gold, ks).items()})
     report["search_seconds"] = round(time.perf_counter() - t0, 2)
     return report

@@ -161,3 +161,25 @@ def test_fusion_of_bm25_and_a_retriever_from_the_cli(squad_slice, tiny_retriever
     assert f["gold_recall@20"] > d["gold_recall@20"] + 0.2
     bad = _run("retrieval", "--bm25", "--fuse-bm25", *args)
     assert bad.returncode == 2 and "--fuse-bm25" in bad.stderr
+
+
+def test_retrieval_compare_with_reports_the_paired_sign_test(squad_slice, tiny_retriever):
+    """`retrieval --compare-with bm25` scores both on the same questions: per k, questions
+    gained and lost, and the sign test; the figures agree with the two separate runs."""
+    args = ("--corpus", str(squad_slice / "corpus"), "--qa", str(squad_slice / "qa.jsonl"),
+            "--k", "1,5")
+    out = _run("retrieval", "--retriever", tiny_retriever, "--compare-with", "bm25", *args)
+    alone = _run("retrieval", "--bm25", *args)
+    assert out.returncode == 0 and alone.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    bm25 = json.loads(alone.stdout.strip().splitlines()[-1])
+    paired = report["paired"]
+    assert paired["before"] == "bm25" and set(paired) == {"before", "answer", "gold"}
+    for k in ("1", "5"):
+        cell = paired["gold"][k]
+        assert cell["before"] == bm25[f"gold_recall@{k}"]
+        assert cell["after"] == report[f"gold_recall@{k}"]
+        assert cell["after"] - cell["before"] == pytest.approx((cell["gained"] - cell["lost"]) / 60,
+                                                               abs=1e-3)
+    assert paired["gold"]["5"]["lost"] > paired["gold"]["5"]["gained"]  # BM25 wins here
+    assert paired["gold"]["5"]["p_value"] < 0.01
