@@ -410,6 +410,17 @@ class PretrainConfig:
         "The loss value is REALM's in every case.",
         default="marginal",
     )
+    vocab_chunk: int = _doc(
+        "Score the masked targets over the vocabulary in chunks of this many words (the "
+        "target log-probability as logsumexp minus the gathered target logit, each chunk's "
+        "logits recomputed in the backward pass): the [B, k + 1, M, vocab] logits and their "
+        "log-softmax are never built, and the predictions are computed chunked without "
+        "gradients. 0 builds them (the plain path, kept for benchmarks/pretrain_memory.py).",
+        default=8192)
+    gradient_checkpointing: bool = _doc(
+        "Recompute the knowledge-augmented encoder's layer activations in the backward pass "
+        "instead of keeping them (transformers' gradient checkpointing): less memory for "
+        "B x (k + 1) joined sequences, about a third more compute.", default=False)
     marginal: Literal["example", "token"] = _doc(
         "How the loss marginalises over the k + 1 candidates. `example` (the REALM paper): "
         "-log sum_z p(z|x) p(y|z,x), p(y|z,x) the product over the masked tokens. `token` (the "
@@ -519,6 +530,8 @@ class PretrainConfig:
         _check(not (self.source_only and self.null_only), "pretrain.source_only",
                "cannot be combined with pretrain.null_only")
         _check(self.mlm_steps >= 0, "pretrain.mlm_steps", f"must be >= 0, got {self.mlm_steps}")
+        _check(self.vocab_chunk >= 0, "pretrain.vocab_chunk",
+               f"must be >= 0 (0: build the logits), got {self.vocab_chunk}")
         _check(self.mlm_lr > 0, "pretrain.mlm_lr", f"must be > 0, got {self.mlm_lr}")
         for key in ("max_joined_tokens", "ict_steps", "ict_batch_size",
                     "reader_warmup_batch_size", "mlm_batch_size"):

@@ -194,11 +194,130 @@ class KnowledgeAugmentedOutput:
             ``[B, k + 1, max_masked]`` (float32).
         log_probs_of_targets: ``log p(y|z, x) = Σ_j log p(y_j|z, x)`` over each query's masked
             tokens, per candidate, ``[B, k + 1]`` (float32).
+        hidden: On the vocabulary-chunked path (``vocab_chunk``): the decoder inputs at the
+            masked positions, ``[B, k + 1, M, hidden]``, and ``logits`` is None;
+            ``normalizer``: the logsumexp over the vocabulary, ``[B, k + 1, M]``.
     """
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     token_log_probs: Optional[torch.Tensor] = None
     log_probs_of_targets: Optional[torch.Tensor] = None
+    hidden: Optional[torch.Tensor] = None
+    normalizer: Optional[torch.Tensor] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary-chunked masked-LM scoring: never the [rows, vocab] logits
+
+
+class _TargetLogProb(torch.autograd.Function):
+    """``log softmax(h W^T + b)[target]`` per row, the vocabulary in chunks of ``chunk`` words:
+    forward keeps only a running logsumexp, backward recomputes each chunk's logits. Memory
+    is ``rows x chunk`` instead of ``rows x vocab`` (and no saved log-softmax)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):  # noqa: D102 (autograd API)
+        h, w, b = hidden.float(), weight.float(), bias.float()
+        lse = torch.full((h.shape[0],), float("-inf"), device=h.device)
+        for start in range(0, w.shape[0], chunk):
+            logits = torch.addmm(b[start: start + chunk], h, w[start: start + chunk].T)
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+        target_logit = (h * w[targets]).sum(-1) + b[targets]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(lse)
+        return target_logit - lse, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):  # noqa: D102 (autograd API)
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        h, w, b, g = hidden.float(), weight.float(), bias.float(), grad_out.float()
+        grad_h = torch.zeros_like(h)
+        grad_w = torch.zeros_like(w) if weight.requires_grad else None
+        grad_b = torch.zeros_like(b) if bias.requires_grad else None
+        for start in range(0, w.shape[0], ctx.chunk):
+            end = start + ctx.chunk
+            probs = torch.exp(torch.addmm(b[start:end], h, w[start:end].T) - lse[:, None])
+            d_logits = -g[:, None] * probs  # [rows, chunk]: d(-lse)/d logits
+            grad_h += d_logits @ w[start:end]
+            if grad_w is not None:
+                grad_w[start:end] += d_logits.T @ h
+            if grad_b is not None:
+                grad_b[start:end] += d_logits.sum(0)
+        grad_h += g[:, None] * w[targets]  # d(target logit)
+        if grad_w is not None:
+            grad_w.index_add_(0, targets, g[:, None] * h)
+        if grad_b is not None:
+            grad_b.index_add_(0, targets, g)
+        return (grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     targets: torch.Tensor, chunk: int = 8192,
+                     with_normalizer: bool = False):
+    """``log softmax(hidden @ weight.T + bias)[..., target]`` without materialising the
+    vocabulary logits (float32; gradients to all three tensors).
+
+    Args:
+        hidden: ``[..., H]`` decoder inputs (the head's transform applied).
+        weight, bias: The decoder, ``[V, H]`` and ``[V]``.
+        targets: ``[...]`` word ids.
+        chunk: Words per chunk.
+
+    Returns:
+        ``[...]`` log-probabilities of the targets; with ``with_normalizer``, also the
+        ``[...]`` logsumexp over the vocabulary (no gradient), which :func:`chunked_predictions`
+        reuses.
+    """
+    shape = targets.shape
+    with torch.autocast(hidden.device.type, enabled=False):
+        out, lse = _TargetLogProb.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                        targets.reshape(-1), chunk)
+    return (out.view(shape), lse.view(shape)) if with_normalizer else out.view(shape)
+
+
+@torch.no_grad()
+def chunked_predictions(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        log_p_z: torch.Tensor, chunk: int = 8192,
+                        normalizer: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The marginal prediction ``argmax_y Σ_z p(z|x) p(y|z,x)`` and the last candidate's own
+    prediction (the null document's), vocabulary in chunks.
+
+    Args:
+        hidden: ``[B, C, M, H]`` decoder inputs of C candidates.
+        weight, bias: The decoder.
+        log_p_z: ``[B, C]`` retrieval log-probabilities.
+        normalizer: ``[B, C, M]`` logsumexp over the vocabulary, when already known (one pass
+            over the vocabulary fewer).
+
+    Returns:
+        ``([B, M], [B, M])`` word ids.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        h, w, b = hidden.float(), weight.float(), bias.float()
+        lse = normalizer
+        if lse is None:
+            lse = torch.full(h.shape[:-1], float("-inf"), device=h.device)  # [B, C, M]
+            for start in range(0, w.shape[0], chunk):
+                logits = h @ w[start: start + chunk].T + b[start: start + chunk]
+                lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+        best = torch.full(h.shape[:1] + h.shape[2:3], float("-inf"), device=h.device)  # [B, M]
+        arg = torch.zeros_like(best, dtype=torch.long)
+        null_best, null_arg = best.clone(), arg.clone()
+        for start in range(0, w.shape[0], chunk):
+            logits = h @ w[start: start + chunk].T + b[start: start + chunk]  # [B, C, M, c]
+            marginal = torch.logsumexp(log_p_z[:, :, None, None].float() + logits
+                                       - lse[..., None], dim=1)  # [B, M, c]
+            value, index = marginal.max(dim=-1)
+            better = value > best
+            best, arg = torch.where(better, value, best), torch.where(better, index + start, arg)
+            value, index = logits[:, -1].max(dim=-1)
+            better = value > null_best
+            null_best = torch.where(better, value, null_best)
+            null_arg = torch.where(better, index + start, null_arg)
+    return arg, null_arg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +362,34 @@ class KnowledgeAugmentedEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.base_checkpoint = base_checkpoint
         self.head_initialised = head_initialised
+        #: With labels: score the targets over the vocabulary in chunks of this many words
+        #: (:func:`target_log_probs`), never building the ``[B, k + 1, M, vocab]`` logits
+        #: (``logits`` is then None and ``hidden`` holds the decoder inputs). 0: the logits.
+        self.vocab_chunk = 0
+
+    def decoder_parts(self) -> Optional[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+        """``(transform, weight, bias)`` of a BERT-style head (transform, then a linear decoder),
+        or None for heads of another shape (which then always build the logits)."""
+        head = self._head()
+        predictions = getattr(head, "predictions", None)
+        transform = getattr(predictions, "transform", None)
+        decoder = getattr(predictions, "decoder", None)
+        if transform is None or not isinstance(decoder, nn.Linear) or decoder.bias is None:
+            return None
+        return transform, decoder.weight, decoder.bias
+
+    def predictions(self, out: "KnowledgeAugmentedOutput", log_p_z: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``argmax_y Σ_z p(z|x) p(y_j|z, x)`` and the last candidate's own argmax at each masked
+        position, ``([B, M], [B, M])``, from the logits or (chunked) from ``hidden``."""
+        with torch.no_grad():
+            if out.logits is not None:
+                log_probs = torch.log_softmax(out.logits.float(), dim=-1)  # [B, k + 1, M, V]
+                marginal = torch.logsumexp(log_p_z[:, :, None, None].float() + log_probs, dim=1)
+                return marginal.argmax(dim=-1), out.logits[:, -1].argmax(dim=-1)
+            _, weight, bias = self.decoder_parts()
+            return chunked_predictions(out.hidden, weight, bias, log_p_z, self.vocab_chunk,
+                                       normalizer=out.normalizer)
 
     @property
     def config(self) -> PretrainedConfig:
@@ -366,6 +513,18 @@ class KnowledgeAugmentedEncoder(nn.Module):
             batch, num_candidates, max_masked, states.shape[-1]
         )  # [B, k + 1, M, hidden|vocab]
         picked = states.gather(2, index)  # [B, k + 1, M, hidden|vocab]
+        parts = self.decoder_parts() if labels is not None and self.vocab_chunk else None
+        if parts is not None:  # the lean path: never the [B, k + 1, M, vocab] logits
+            transform, weight, bias = parts
+            hidden = transform(picked)  # [B, k + 1, M, hidden]
+            targets = labels[:, None, :].expand(batch, num_candidates, max_masked)
+            token_log_probs, normalizer = target_log_probs(
+                hidden, weight, bias, targets, self.vocab_chunk, with_normalizer=True)
+            if label_mask is not None:
+                token_log_probs = token_log_probs.masked_fill(~label_mask.bool()[:, None, :], 0.0)
+            return KnowledgeAugmentedOutput(logits=None, token_log_probs=token_log_probs,
+                                            log_probs_of_targets=token_log_probs.sum(dim=-1),
+                                            hidden=hidden, normalizer=normalizer)
         logits = head(picked) if head is not None else picked  # [B, k + 1, M, vocab]
         if labels is None:
             return KnowledgeAugmentedOutput(logits=logits)

@@ -57,17 +57,22 @@ class REALMOutput:
             (last), ``[B, k + 1]``.
         log_p_z: ``log p(z|x)``, ``[B, k + 1]``.
         log_p_y_given_z: ``log p(y|z, x)``, ``[B, k + 1]``.
-        mlm_logits: Logits at the masked positions, ``[B, k + 1, max_masked, vocab]``.
+        mlm_logits: Logits at the masked positions, ``[B, k + 1, max_masked, vocab]``; None on
+            the vocabulary-chunked path (``pretrain.vocab_chunk``).
         block_ids: Retrieved block ids (-1 where fewer than k), ``[B, k]``.
+        predictions: ``argmax_y Σ_z p(z|x) p(y_j|z, x)`` at each masked position, ``[B, M]``.
+        null_predictions: The reader's prediction beside the null document alone, ``[B, M]``.
     """
 
     retrieval_logits: torch.Tensor
     log_p_y_given_z: torch.Tensor
-    mlm_logits: torch.Tensor
+    mlm_logits: Optional[torch.Tensor]
     block_ids: torch.Tensor
     log_p_z: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
     reading_warmup: bool = False  # the source_only forward: own block (, other block), null
+    predictions: Optional[torch.Tensor] = None
+    null_predictions: Optional[torch.Tensor] = None
 
 
 class REALM(nn.Module):
@@ -116,8 +121,9 @@ class REALM(nn.Module):
                  max_joined_tokens: int = 352, exclude_source: bool = True,
                  source_only: bool = False, other_weight: float = 1.0,
                  retriever_signal: str = "marginal", min_ru: float = 0.0,
-                 freeze_reader: bool = False, marginal: str = "example"):
+                 freeze_reader: bool = False, marginal: str = "example", vocab_chunk: int = 0):
         super().__init__()
+        encoder.vocab_chunk = vocab_chunk
         if marginal not in ("example", "token"):
             raise ValueError(f"marginal must be 'example' or 'token', got {marginal!r}")
         self.marginal = marginal
@@ -223,9 +229,11 @@ class REALM(nn.Module):
             loss = loss + (rank_loss - rank_loss.detach())
         else:
             loss, log_p_z = marginal_loss(retrieval_logits)
+        predictions, null_predictions = self.encoder.predictions(out, log_p_z.detach())
         return REALMOutput(retrieval_logits=retrieval_logits, log_p_y_given_z=log_p_y,
                            mlm_logits=out.logits, block_ids=torch.from_numpy(ids),
-                           log_p_z=log_p_z, loss=loss)
+                           log_p_z=log_p_z, loss=loss, predictions=predictions.cpu(),
+                           null_predictions=null_predictions.cpu())
 
     def _corpus_rest(self, q_reps: torch.Tensor, found: SearchResult, ids: np.ndarray,
                      exclude: Optional[np.ndarray]) -> torch.Tensor:
@@ -337,14 +345,18 @@ class REALM(nn.Module):
         log_p_z = torch.tensor([0.0] + [-1e4] * ids.shape[1], device=device).expand_as(log_p_y)
         weights = torch.tensor([1.0] + [self.other_weight] * (ids.shape[1] - 1) + [1.0],
                                device=device)  # own (, other), null
+        predictions, null_predictions = self.encoder.predictions(out, log_p_z)
         return REALMOutput(retrieval_logits=log_p_z, log_p_y_given_z=log_p_y,
                            mlm_logits=out.logits, block_ids=torch.from_numpy(ids),
                            log_p_z=log_p_z, loss=-(log_p_y * weights).sum(dim=1).mean(),
-                           reading_warmup=True)
+                           reading_warmup=True, predictions=predictions.cpu(),
+                           null_predictions=null_predictions.cpu())
 
 
 def marginal_predictions(out: REALMOutput) -> torch.Tensor:
     """``argmax_y Σ_z p(z|x) p(y_j|z, x)`` at each masked position, ``[B, max_masked]`` (CPU)."""
+    if out.predictions is not None:  # computed in the forward (chunked where it was lean)
+        return out.predictions.cpu()
     log_probs = torch.log_softmax(out.mlm_logits.float(), dim=-1)  # [B, k + 1, M, V]
     marginal = torch.logsumexp(out.log_p_z[:, :, None, None] + log_probs, dim=1)  # [B, M, V]
     return marginal.argmax(dim=-1).cpu()  # [B, M]
@@ -386,8 +398,9 @@ def realm_metrics(out: REALMOutput, batch: MLMBatch) -> dict[str, float]:
             # the same reader on the same examples beside the null document alone: what the
             # null-only control would score here (paired, so the gap is retrieval's alone)
             "loss_null": float(-out.log_p_y_given_z[:, -1].float().mean()),
-            "masked_accuracy_null": _token_accuracy(out.mlm_logits[:, -1].argmax(-1).cpu(),
-                                                    batch),
+            "masked_accuracy_null": _token_accuracy(
+                out.null_predictions if out.null_predictions is not None
+                else out.mlm_logits[:, -1].argmax(-1).cpu(), batch),
             "ru_expected": float(ru_exp.mean()),
             "ru_top1": float(top1_retrieval_utility(ru, out.retrieval_logits).mean()),
             "p_null": float(null_probability(out.log_p_z).mean()),
@@ -422,8 +435,10 @@ class PretrainTask:
 
     def loss(self, model: nn.Module, batch: MLMBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         out = model(batch, self.searcher)
-        self.last = (dataclasses.replace(out, mlm_logits=out.mlm_logits.detach(),
-                                         log_p_z=out.log_p_z.detach()), batch)
+        self.last = (dataclasses.replace(  # (the logits are not kept: the predictions are)
+            out, mlm_logits=None, log_p_z=out.log_p_z.detach(), loss=None,
+            log_p_y_given_z=out.log_p_y_given_z.detach(),
+            retrieval_logits=out.retrieval_logits.detach()), batch)
         return out.loss, realm_metrics(out, batch)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -592,7 +607,10 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
                   source_only=p.source_only, other_weight=p.reader_warmup_other_weight,
                   retriever_signal=p.retriever_signal, min_ru=p.retriever_min_ru,
                   freeze_reader=p.reader_lr_scale == 0 and not p.source_only,
-                  marginal=p.marginal)
+                  marginal=p.marginal, vocab_chunk=p.vocab_chunk)
+    if p.gradient_checkpointing:
+        encoder.mlm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     dataset = MLMDataset(examples_store, retriever.tokenizer.mask_token_id, masking=p.masking,
                          block_ids=mlm_blocks(examples_store, p.spanless_blocks == "skip"),
                          max_query_tokens=r.max_query_tokens, seed=config.seed)

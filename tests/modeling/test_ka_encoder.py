@@ -298,3 +298,49 @@ def test_deliberate_partial_loads_log_one_line_not_a_load_report(capfd, caplog):
     assert "LOAD REPORT" not in out + err and "UNEXPECTED" not in out + err
     [line] = [r.getMessage() for r in caplog.records if "initialised new" in r.getMessage()]
     assert "2 checkpoint tensors not used" in line and "6 initialised new" in line
+
+
+# -- the vocabulary-chunked (lean) path ---------------------------------------------------------
+
+
+def test_target_log_probs_and_their_gradients_equal_the_log_softmax():
+    from realm.modeling.ka_encoder import target_log_probs
+
+    torch.manual_seed(0)
+    h = torch.randn(9, 6, requires_grad=True)
+    w = torch.randn(23, 6, requires_grad=True)
+    b = torch.randn(23, requires_grad=True)
+    t = torch.tensor([0, 22, 5, 5, 5, 11, 0, 7, 22])  # repeated targets, both ends
+    g = torch.randn(9)
+    direct = torch.log_softmax(h @ w.T + b, dim=-1).gather(-1, t[:, None]).squeeze(-1)
+    (direct * g).sum().backward()
+    expected = [x.grad.clone() for x in (h, w, b)]
+    for chunk in (4, 23, 100):  # not dividing the vocabulary, exactly it, larger
+        for x in (h, w, b):
+            x.grad = None
+        lean = target_log_probs(h, w, b, t, chunk=chunk)
+        assert torch.allclose(lean, direct, atol=1e-5)
+        (lean * g).sum().backward()
+        for x, e in zip((h, w, b), expected):
+            assert torch.allclose(x.grad, e, atol=1e-5), chunk
+
+
+def test_chunked_encoder_scores_predicts_and_trains_as_the_logits_do():
+    """vocab_chunk: the same log p(y|z,x), the same predictions and the same gradient on every
+    parameter as the materialised logits; no logits are returned."""
+    plain, lean = tiny_ka(), tiny_ka()
+    lean.vocab_chunk = 10  # 64 words: 7 chunks
+    outs = []
+    for ka in (plain, lean):
+        _, _, out = _forward(ka)
+        out.log_probs_of_targets.sum().backward()
+        outs.append(out)
+    assert outs[1].logits is None and outs[1].hidden.shape == (2, 3, 2, 32)
+    assert torch.allclose(outs[0].token_log_probs, outs[1].token_log_probs, atol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), lean.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+    log_p_z = torch.log_softmax(torch.tensor([[0.3, -1.0, 0.5], [2.0, 0.0, -0.5]]), dim=-1)
+    for a, b in zip(plain.predictions(outs[0], log_p_z), lean.predictions(outs[1], log_p_z)):
+        assert torch.equal(a, b)

@@ -441,3 +441,33 @@ def test_bank_signal_ranks_the_candidates_against_the_whole_corpus(setup):
                for n in got if n.startswith("retriever.query_encoder"))
     with pytest.raises(ValueError, match="searched embeddings"):
         _steps_under(setup, ["bank"])  # a bare index returns no bank
+
+
+def test_vocabulary_chunked_step_is_the_same_step(setup, tiny_retriever, tiny_encoder):
+    """pretrain.vocab_chunk (the default): the same loss, metrics and gradients on all three
+    encoders as the step that builds the [B, k + 1, M, vocab] logits, and no logits kept."""
+    _, index, dataset = setup
+    store = BlockStore(dataset.store.path)
+    runs = []
+    for chunk in (0, 5000):  # the plain step; 7 chunks of MiniLM's 30,522 words
+        torch.manual_seed(0)
+        retriever = Retriever.from_pretrained(tiny_retriever)
+        model = REALM(retriever, KnowledgeAugmentedEncoder.from_checkpoint(tiny_encoder), store,
+                      special_ids(retriever.tokenizer), k=4, max_query_tokens=32,
+                      max_block_tokens=64, max_joined_tokens=100, vocab_chunk=chunk)
+        model.eval()  # (no dropout: the two runs read identically)
+        task = PretrainTask(dataset, lambda q, k, e: index.search(q, k, exclude=e))
+        batch = task.collate([dataset[i] for i in range(4)])
+        loss, metrics = task.loss(model, batch)
+        loss.backward()
+        runs.append((model, loss, metrics, task.last[0]))
+    (plain, loss_a, m_a, last_a), (lean, loss_b, m_b, last_b) = runs
+    assert last_a.mlm_logits is None and last_b.mlm_logits is None  # nothing big kept
+    assert torch.allclose(loss_a, loss_b, atol=1e-4)
+    assert m_a.keys() == m_b.keys()
+    for key in m_a:
+        assert m_a[key] == pytest.approx(m_b[key], abs=1e-4), key
+    assert torch.equal(last_a.predictions, last_b.predictions)
+    for (name, p), q in zip(plain.named_parameters(), lean.parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
