@@ -159,16 +159,32 @@ def run_stage(
 
     args, config = parse(parser, argv, shortcuts)
     run = _resolve(run)
-    errors = tuple(_resolve(e) for e in errors)
+    errors = tuple(_resolve(e) for e in errors) + (FloatingPointError,)  # a diverged run
+    terminated: list[int] = []
+
+    def on_sigterm(signum, frame):  # what schedulers send: the Ctrl-C path, checkpoint and all
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         summary = run(config, progress=not args.no_progress)
     except errors as err:
         logger.error("%s: %s", parser.prog, err)
         return 1
     except KeyboardInterrupt:
-        logger.warning("interrupted%s; re-run the same command to resume from the newest "
-                       "checkpoint in %s", on_interrupt, config.train.run_dir)
-        return 130
+        logger.warning("%s%s; re-run the same command to resume from the newest checkpoint "
+                       "in %s", "terminated (SIGTERM)" if terminated else "interrupted",
+                       on_interrupt, config.train.run_dir)
+        return 143 if terminated else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if os.environ.get("RANK", "0") == "0":  # the main process (accelerate/torchrun set RANK)
         emit_summary(summary)
     sys.stdout.flush()

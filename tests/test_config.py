@@ -318,3 +318,11 @@ def test_shipped_config_loads_and_validates(path, tmp_path):
     for key, value in _flatten(raw):  # every key the file sets is what the config holds
         assert values[key] == value, key
     assert load_config(save_config(config, tmp_path)) == config
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "refresh.poll_s=.inf", "train.lr=.nan",
+                                      "pretrain.retriever_lr_scale=-.inf"])
+def test_non_finite_numbers_are_refused_naming_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: expected a finite number"):
+        load_config(overrides=[override])

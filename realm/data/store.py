@@ -246,6 +246,12 @@ class BlockStore:
                               f"is not {FORMAT_VERSION}; rebuild the corpus")
         if verify:
             self.verify()
+        else:  # sizes at least (a stat per file): a truncated or grown file is caught on open
+            for name, info in self.manifest.get("files", {}).items():
+                path = os.path.join(self.path, name)
+                if os.path.isfile(path) and os.path.getsize(path) != info["bytes"]:
+                    raise CorpusError(f"{path}: {os.path.getsize(path)} bytes, the manifest says "
+                                      f"{info['bytes']} (truncated or altered); rebuild the corpus")
         tok = np.dtype(self.manifest["token_dtype"])
         self._body = self._map("body_tokens.bin", tok)
         self._titles = self._map("title_tokens.bin", tok)

@@ -297,6 +297,12 @@ def train(
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss, metrics = task.loss(model, batch)
+                    if not torch.isfinite(loss.detach()).all():  # never step on it, never save it
+                        raise FloatingPointError(
+                            f"non-finite loss ({float(loss.detach())}) at step {progress.step + 1}"
+                            f" of {s.steps}; stopped without saving anything new (the newest "
+                            f"checkpoint in {s.run_dir} is from before it). Lower train.lr or "
+                            "check the data.")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and s.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)

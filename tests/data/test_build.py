@@ -172,6 +172,21 @@ def test_corrupt_store_is_detected(built, tmp_path):
         BlockStore(copy)
 
 
+def test_a_truncated_file_is_caught_on_open_without_verify(built, tmp_path):
+    """A body_tokens.bin cut by 2,000 bytes (whole rows: its own size check passes) is refused
+    on open, naming the file and both sizes."""
+    import shutil
+
+    _, store, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(store.path, copy)
+    size = os.path.getsize(copy / "body_tokens.bin")
+    os.truncate(copy / "body_tokens.bin", size - 2000)
+    with pytest.raises(CorpusError, match=rf"body_tokens.bin: {size - 2000} bytes, the manifest "
+                                          rf"says {size}"):
+        BlockStore(copy)
+
+
 def test_killed_build_leaves_nothing_complete_looking(shared_data, tmp_path):
     out = tmp_path / "big"
     cmd = [sys.executable, str(REPO / "launch" / "prepare_corpus.py"), "--no-progress",

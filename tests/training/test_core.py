@@ -139,3 +139,41 @@ def test_the_core_trains_on_train_threads(tmp_path):
         _shutdown(accelerator)
         torch.set_num_threads(before)
     assert threads.seen == [want] * 3
+
+
+class Diverging(Regression):
+    """A loss that turns NaN at the third step."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def loss(self, model, batch):
+        self.calls += 1
+        loss, metrics = super().loss(model, batch)
+        return (loss * float("nan") if self.calls == 3 else loss), metrics
+
+
+def test_a_non_finite_loss_stops_the_run_before_stepping_or_saving(tmp_path):
+    import os
+
+    import pytest
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    settings = TrainSettings(run_dir=str(tmp_path), steps=6, batch_size=8, lr=1e-2,
+                             log_every=1, progress=False, save_every=1)
+    tracker = Tracker(str(tmp_path))
+    model = TwoParts()
+    snapshots = Snapshots()
+    try:
+        with pytest.raises(FloatingPointError, match="non-finite loss .* at step 3 of 6"):
+            train(model, Diverging(), settings, accelerator, tracker, hooks=[snapshots])
+    finally:
+        tracker.close()
+        _shutdown(accelerator)
+    assert len(snapshots.reader) == 2  # two steps taken, the third never
+    assert torch.equal(model.reader.weight, snapshots.reader[-1])
+    assert torch.isfinite(model.reader.weight).all()
+    saved = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert saved[-1] == "step-000002" and not [s for s in saved if "tmp" in s]

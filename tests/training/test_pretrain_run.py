@@ -178,8 +178,11 @@ def test_first_generation_is_cached_for_the_next_fresh_run(run):
         np.testing.assert_array_equal(emb, gen0)
 
 
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_stops_trainer_and_refresher_and_leaves_a_resumable_checkpoint(
-        run, spans_corpus, tiny_retriever, tiny_encoder, tmp_path):
+        run, spans_corpus, tiny_retriever, tiny_encoder, tmp_path, signum):
+    """Ctrl-C (SIGINT, exit 130) and a scheduler's SIGTERM (exit 143) take the same path: a
+    checkpoint, the refresher stopped, a resumable run."""
     import signal
 
     run_dir = tmp_path / "run"
@@ -200,14 +203,14 @@ def test_ctrl_c_stops_trainer_and_refresher_and_leaves_a_resumable_checkpoint(
                             start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        _interrupt_and_resume(proc, cmd, run_dir, tmp_path)
+        _interrupt_and_resume(proc, cmd, run_dir, tmp_path, getattr(signal, signum))
     finally:  # never leave a 100000-step trainer behind when an assertion fails
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 
-def _interrupt_and_resume(proc, cmd, run_dir, tmp_path):
+def _interrupt_and_resume(proc, cmd, run_dir, tmp_path, signum):
     import signal
     import time
 
@@ -225,9 +228,10 @@ def _interrupt_and_resume(proc, cmd, run_dir, tmp_path):
     # a fresh run from the same retriever and corpus starts on the cached generation 0
     gen0 = json.loads((run_dir / "index" / "gen-000000" / "manifest.json").read_text())
     assert gen0["encoder_step"] == 0 and gen0["seeded_from"].endswith(".npy")
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+    os.killpg(proc.pid, signum)  # what Ctrl-C (or a scheduler) does
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (tmp_path / "trainer.log").read_text()[-3000:]
+    want = 130 if signum == signal.SIGINT else 143
+    assert proc.returncode == want, (tmp_path / "trainer.log").read_text()[-3000:]
     assert not out.strip()  # no summary: it did not finish
     assert not (run_dir / "DONE").exists()
     deadline = time.monotonic() + 30
