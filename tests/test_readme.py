@@ -47,6 +47,10 @@ def test_readme_main_job_runs(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 12 and summary["generations_swapped"] >= 1
     assert summary["mean_ru"] is not None and summary["final_loss"] > 0
+    # what it read and started from, so that both can be evaluated (launch/evaluate.py)
+    assert (Path(summary["corpus"]) / "manifest.json").is_file()
+    assert (Path(summary["warm_start_retriever"]) / "retriever" / "manifest.json").is_file() \
+        or (Path(summary["warm_start_retriever"]) / "manifest.json").is_file()
     # the quarter means are those of the logged records (steps 1-3 and 10-12 of 12)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     records = [r for r in records if "ru_expected" in r]

@@ -45,6 +45,8 @@ FORMAT_VERSION = 1
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 _GEN = re.compile(r"^gen-(\d{6,})$")
+#: The files a generation directory holds (its manifest lists no others).
+GENERATION_FILES = frozenset({"embeddings.npy", "block_ids.npy", "index.faiss"})
 _STEP = re.compile(r"^step-(\d{6,})$")
 
 
@@ -237,7 +239,11 @@ class RunStore:
             return None
         if pointer is None:
             return None
-        return {"step": int(pointer["step"]), "path": self.path("encoders", pointer["path"]),
+        step = int(pointer["step"])
+        if pointer.get("path") != step_name(step):  # only the name the store itself writes
+            raise ValueError(f"{self.path('encoders', LATEST)}: names {pointer.get('path')!r} for "
+                             f"step {step}, not {step_name(step)!r}: refused as corrupt")
+        return {"step": step, "path": self.path("encoders", pointer["path"]),
                 "time": pointer.get("time")}
 
     @contextlib.contextmanager
@@ -415,6 +421,9 @@ class RunStore:
             raise GenerationError(f"{where}: dim {manifest['dim']} != retriever dim {dim}")
         data = {}
         for fname, info in manifest["files"].items():
+            if fname not in GENERATION_FILES:  # never a path the store did not write
+                raise GenerationError(f"{where}/{MANIFEST}: lists {fname!r}, not one of "
+                                      f"{sorted(GENERATION_FILES)}: refused as corrupt")
             try:
                 blob = self.fs.cat_file(f"{where}/{fname}")
             except FileNotFoundError:

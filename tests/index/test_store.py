@@ -167,3 +167,22 @@ def test_pinned_lease_holds_until_released(store):
     assert 0 not in store.gc_generations(keep=1) and 0 in store.generations()
     store.release_lease("checkpoint-step-000010")
     assert 0 in store.gc_generations(keep=1)
+
+
+def test_paths_in_pointers_and_manifests_are_only_the_stores_own_names(store):
+    """A `../` path in encoders/LATEST, or a manifest listing a file the store never writes,
+    is refused as corrupt instead of being read from outside the run directory."""
+    store.write_json_atomic(store.path("encoders", "LATEST"),
+                            {"step": 45, "path": "../../../elsewhere"})
+    with pytest.raises(ValueError, match=r"'\.\./\.\./\.\./elsewhere' for step 45, not "
+                                         r"'step-000045': refused as corrupt"):
+        store.latest_encoder()
+    store.write_json_atomic(store.path("encoders", "LATEST"), {"step": 45, "path": "step-000045"})
+    assert store.latest_encoder()["path"].endswith("encoders/step-000045")
+    g = store.commit_generation(_emb(), encoder_step=0, corpus_fingerprint="fp")
+    where = store.path("index", f"gen-{g:06d}", "manifest.json")
+    manifest = store.read_json(where)
+    manifest["files"]["../../../../etc/hostname"] = {"bytes": 10, "sha256": "0" * 64}
+    store.write_json_atomic(where, manifest)
+    with pytest.raises(GenerationError, match="etc/hostname.*refused as corrupt"):
+        store.load_generation(g)
