@@ -249,21 +249,27 @@ def train(
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
     # once per process), and checkpointed as a registered object.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    accelerator.register_for_checkpointing(scheduler)
     if len(loader) == 0:
         raise ValueError(f"train.batch_size={s.batch_size} x {accelerator.num_processes} processes "
                          f"is larger than the training set ({len(dataset)} examples)")
     progress = _Progress()
-    accelerator.register_for_checkpointing(progress)
-    for hook in hooks:
-        if hasattr(hook, "state_dict"):
-            accelerator.register_for_checkpointing(hook)
+    # the rest of the training state is JSON in the checkpoint, never a pickle: a run directory
+    # cannot make a resume execute code (accelerate unpickles its registered custom objects)
+    states: dict[str, Any] = {"scheduler": scheduler, "progress": progress}
+    states.update({f"hook-{i}-{type(h).__name__}": h for i, h in enumerate(hooks)
+                   if hasattr(h, "state_dict")})
 
     resumed_from = None
     found = checkpoints(s.run_dir) if s.resume else []
     if found:
         resumed_from = found[-1][1]
+        pickles = sorted(f for f in os.listdir(resumed_from) if f.startswith("custom_checkpoint_"))
+        if pickles:  # realm writes none: refused, never unpickled
+            raise ValueError(f"{resumed_from}: holds {', '.join(pickles)}, pickles realm never "
+                             "writes (an older realm's checkpoint, or planted); not loaded, since "
+                             "unpickling can run code. Remove them or start the run afresh.")
         accelerator.load_state(resumed_from)
+        load_training_state(resumed_from, states)
         logger.info("resumed from %s (step %d)", resumed_from, progress.step)
 
     micro_per_epoch = len(loader)
@@ -336,7 +342,8 @@ def train(
                 if s.eval_every and progress.step % s.eval_every == 0:
                     last_eval = _evaluate(task, model, tracker, progress.step)
                 if s.save_every and progress.step % s.save_every == 0 and progress.step < s.steps:
-                    last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict)
+                    last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict,
+                                                states)
                 if progress.step >= s.steps:
                     break
             else:
@@ -346,13 +353,14 @@ def train(
             break
     except KeyboardInterrupt:
         bar.close()
-        _save_on_interrupt(accelerator, s, progress, micro_in_step, last_ckpt, config_dict)
+        _save_on_interrupt(accelerator, s, progress, micro_in_step, last_ckpt, config_dict,
+                           states)
         raise
     bar.close()
     if s.eval_every:
         if not last_eval or s.steps % s.eval_every:
             last_eval = _evaluate(task, model, tracker, progress.step)
-    last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict)
+    last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict, states)
     elapsed = time.perf_counter() - t_loop
     return {
         "steps": progress.step,
@@ -369,7 +377,8 @@ def train(
 
 
 def _save_on_interrupt(accelerator, s: TrainSettings, progress: _Progress, micro_in_step: int,
-                       last_ckpt: Optional[str], config_dict: Optional[dict]) -> None:
+                       last_ckpt: Optional[str], config_dict: Optional[dict],
+                       states: dict[str, Any]) -> None:
     """Ctrl-C: checkpoint the last completed step, so re-running the command resumes there.
 
     The micro-batches of an unfinished step are handed back to the data position (their partial
@@ -381,7 +390,7 @@ def _save_on_interrupt(accelerator, s: TrainSettings, progress: _Progress, micro
     if last_ckpt and last_ckpt.endswith(f"step-{progress.step:06d}"):
         return
     progress.batch_in_epoch = max(0, progress.batch_in_epoch - micro_in_step)
-    path = save_checkpoint(accelerator, s, progress.step, config_dict)
+    path = save_checkpoint(accelerator, s, progress.step, config_dict, states)
     logger.warning("interrupted at step %d: saved %s (re-run the same command to resume)",
                    progress.step, path)
 
@@ -396,8 +405,34 @@ def _evaluate(task: Task, model: torch.nn.Module, tracker: Tracker, step: int) -
     return metrics
 
 
-def save_checkpoint(accelerator, s: TrainSettings, step: int, config_dict: Optional[dict]) -> str:
-    """``accelerator.save_state`` into ``checkpoints/step-S`` atomically; keep the newest K."""
+#: The JSON file of a checkpoint holding the training state accelerate does not save (the
+#: scheduler, the data position, hook state such as the pinned index generation).
+TRAINING_STATE = "training_state.json"
+
+def load_training_state(checkpoint: str, states: dict[str, Any]) -> None:
+    """Load :data:`TRAINING_STATE` of ``checkpoint`` into ``states``' objects (JSON only).
+
+    Raises:
+        ValueError: the checkpoint has no such file (one from an older realm keeps this state
+            as pickles, which are never loaded), or it lacks an entry.
+    """
+    path = os.path.join(checkpoint, TRAINING_STATE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{checkpoint}: no {TRAINING_STATE}; a checkpoint whose training state "
+                         "is pickled (an older realm) is not loaded, since unpickling a run "
+                         "directory's files can run code. Start the run afresh.")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    for name, obj in states.items():
+        if name not in saved:
+            raise ValueError(f"{path}: no state for {name!r} (saved: {sorted(saved)})")
+        obj.load_state_dict(saved[name])
+
+
+def save_checkpoint(accelerator, s: TrainSettings, step: int, config_dict: Optional[dict],
+                    states: dict[str, Any]) -> str:
+    """``accelerator.save_state`` into ``checkpoints/step-S`` atomically, with the training state
+    as JSON (:data:`TRAINING_STATE`); keep the newest K."""
     root = os.path.join(s.run_dir, "checkpoints")
     final = os.path.join(root, f"step-{step:06d}")
     tmp = os.path.join(root, f".tmp-step-{step:06d}")
@@ -406,8 +441,13 @@ def save_checkpoint(accelerator, s: TrainSettings, step: int, config_dict: Optio
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    training_state = {name: obj.state_dict() for name, obj in states.items()}  # (every rank)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        with open(os.path.join(tmp, TRAINING_STATE), "w", encoding="utf-8") as f:
+            json.dump(training_state, f)
+            f.flush()
+            os.fsync(f.fileno())
         manifest = {
             "kind": "checkpoint", "step": step, "realm_version": __version__,
             "num_processes": accelerator.num_processes,

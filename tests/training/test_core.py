@@ -177,3 +177,49 @@ def test_a_non_finite_loss_stops_the_run_before_stepping_or_saving(tmp_path):
     assert torch.isfinite(model.reader.weight).all()
     saved = sorted(os.listdir(tmp_path / "checkpoints"))
     assert saved[-1] == "step-000002" and not [s for s in saved if "tmp" in s]
+
+
+def test_checkpoints_hold_no_pickle_and_a_planted_one_is_never_loaded(tmp_path):
+    """The training state beside accelerate's own is JSON; a pickle planted in a checkpoint (as
+    accelerate's custom-object protocol would unpickle it) is never executed on resume."""
+    import json
+    import os
+
+    from accelerate import Accelerator
+
+    def run(steps):
+        accelerator = Accelerator(cpu=True)
+        settings = TrainSettings(run_dir=str(tmp_path), steps=steps, batch_size=8, lr=1e-2,
+                                 log_every=1, progress=False, save_every=2)
+        tracker = Tracker(str(tmp_path))
+        try:
+            return train(TwoParts(), Regression(), settings, accelerator, tracker)
+        finally:
+            tracker.close()
+            _shutdown(accelerator)
+
+    run(2)
+    ckpt = tmp_path / "checkpoints" / "step-000002"
+    assert not list(ckpt.glob("custom_checkpoint_*.pkl"))
+    state = json.loads((ckpt / "training_state.json").read_text())
+    assert state["progress"]["step"] == 2 and state["scheduler"]["last_epoch"] == 2
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+
+    import pytest
+
+    for i in range(3):
+        (ckpt / f"custom_checkpoint_{i}.pkl").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ValueError, match="custom_checkpoint_0.pkl.*not loaded"):
+        run(4)
+    assert not marker.exists()
+    for i in range(3):
+        (ckpt / f"custom_checkpoint_{i}.pkl").unlink()
+    result = run(4)  # the JSON state resumes the run
+    assert result["resumed_from"].endswith("step-000002") and result["steps"] == 4
+    assert not marker.exists()
