@@ -392,7 +392,7 @@ class OpenQAModel(nn.Module):
                       else out.body_start[i, j] - out.body_offset[i, j])
             text = self.texts.span_text(block, segment, start - offset, start - offset + w)
             preds.append({"prediction": text, "block": block,
-                          "score": float(joint[i, flat_index])})
+                          "score": float(joint[i, flat_index].detach())})
         return preds
 
 
