@@ -274,10 +274,12 @@ class ReportHook:
         self.run_dir, self.every = run_dir, every
 
     def after_step(self, step: int, model: Any) -> None:
-        if not self.every or step % self.every:
-            return
+        if self.every and step % self.every == 0:
+            self.draw()
+
+    def draw(self) -> None:
+        """Rewrite the report now (a failure is logged, never raised)."""
         try:
-            path = write_report(self.run_dir)
-            logger.info("report: %s", path)
+            logger.info("report: %s", write_report(self.run_dir))
         except Exception as err:  # noqa: BLE001 - a dashboard must not end a run
-            logger.warning("report not written at step %d: %s", step, err)
+            logger.warning("report of %s not written: %s", self.run_dir, err)

@@ -354,12 +354,9 @@ class REALM(nn.Module):
 
 
 def marginal_predictions(out: REALMOutput) -> torch.Tensor:
-    """``argmax_y Σ_z p(z|x) p(y_j|z, x)`` at each masked position, ``[B, max_masked]`` (CPU)."""
-    if out.predictions is not None:  # computed in the forward (chunked where it was lean)
-        return out.predictions.cpu()
-    log_probs = torch.log_softmax(out.mlm_logits.float(), dim=-1)  # [B, k + 1, M, V]
-    marginal = torch.logsumexp(out.log_p_z[:, :, None, None] + log_probs, dim=1)  # [B, M, V]
-    return marginal.argmax(dim=-1).cpu()  # [B, M]
+    """``argmax_y Σ_z p(z|x) p(y_j|z, x)`` at each masked position, ``[B, max_masked]`` (CPU):
+    computed in the forward (:meth:`KnowledgeAugmentedEncoder.predictions`)."""
+    return out.predictions.cpu()
 
 
 def _token_accuracy(predicted: torch.Tensor, batch: MLMBatch) -> float:
@@ -398,9 +395,7 @@ def realm_metrics(out: REALMOutput, batch: MLMBatch) -> dict[str, float]:
             # the same reader on the same examples beside the null document alone: what the
             # null-only control would score here (paired, so the gap is retrieval's alone)
             "loss_null": float(-out.log_p_y_given_z[:, -1].float().mean()),
-            "masked_accuracy_null": _token_accuracy(
-                out.null_predictions if out.null_predictions is not None
-                else out.mlm_logits[:, -1].argmax(-1).cpu(), batch),
+            "masked_accuracy_null": _token_accuracy(out.null_predictions, batch),
             "ru_expected": float(ru_exp.mean()),
             "ru_top1": float(top1_retrieval_utility(ru, out.retrieval_logits).mean()),
             "p_null": float(null_probability(out.log_p_z).mean()),
@@ -671,7 +666,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     if is_main and config.logging.report_every:  # the dashboard, with the last steps too
         from realm.report import ReportHook
 
-        ReportHook(t.run_dir, 1).after_step(result["steps"], None)
+        ReportHook(t.run_dir, config.logging.report_every).draw()
     records = read_metrics(t.run_dir) if is_main else []
     ru = [x["ru_expected"] for x in records if "ru_expected" in x]
     quarters = quarter_means(records, t.steps, {
