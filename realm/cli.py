@@ -159,7 +159,10 @@ def run_stage(
 
     args, config = parse(parser, argv, shortcuts)
     run = _resolve(run)
-    errors = tuple(_resolve(e) for e in errors) + (FloatingPointError,)  # a diverged run
+    from realm.refresh.supervisor import RefresherFailed
+
+    # a diverged run; an index refresher that cannot give the run an index
+    errors = tuple(_resolve(e) for e in errors) + (FloatingPointError, RefresherFailed)
     terminated: list[int] = []
 
     def on_sigterm(signum, frame):  # what schedulers send: the Ctrl-C path, checkpoint and all

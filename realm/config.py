@@ -320,7 +320,17 @@ class RefreshConfig:
         "The refresher exits when the trainer's heartbeat is older than this (0: only on DONE).",
         default=900.0,
     )
-    max_restarts: int = _doc("Times the supervisor restarts a refresher that died.", default=3)
+    max_restarts: int = _doc("Times in a row the supervisor restarts a refresher that died "
+                             "(the count and its backoff start over after each committed "
+                             "generation).", default=3)
+    first_generation_timeout_s: float = _doc(
+        "How long the trainer waits for index generation 0 at start; it stops sooner, quoting "
+        "the refresher's log, when a spawned refresher is dead for good.", default=3600.0)
+    max_staleness_steps: int = _doc(
+        "The run warns loudly when the index in use is older than this many steps (0: ten times "
+        "`every_steps`).", default=0)
+    stop_when_stale: bool = _doc("Stop the run with an error instead of warning when the index "
+                                 "goes stale beyond `max_staleness_steps`.", default=False)
     keep_encoders: int = _doc("Newest encoder snapshots kept.", default=2)
     precision: Literal["auto", "fp32", "bf16"] = _doc(
         "Embedding precision: `auto` uses bf16 where the device runs it fast.", default="auto"
@@ -341,10 +351,13 @@ class RefreshConfig:
         for key in ("every_steps", "max_tokens_per_batch", "keep_encoders"):
             _check(getattr(self, key) > 0, f"refresh.{key}",
                    f"must be > 0, got {getattr(self, key)}")
-        for key in ("poll_s", "heartbeat_timeout_s", "max_restarts", "threads"):
+        for key in ("poll_s", "heartbeat_timeout_s", "max_restarts", "threads",
+                    "max_staleness_steps"):
             _check(getattr(self, key) >= 0, f"refresh.{key}",
                    f"must be >= 0, got {getattr(self, key)}")
         _check(self.poll_s > 0, "refresh.poll_s", f"must be > 0, got {self.poll_s}")
+        _check(self.first_generation_timeout_s > 0, "refresh.first_generation_timeout_s",
+               f"must be > 0, got {self.first_generation_timeout_s}")
 
 
 @dataclass

@@ -395,23 +395,12 @@ class RunStore:
             raise GenerationError(f"{path}: kind {manifest.get('kind')!r}, not {GENERATION_KIND!r}")
         return manifest
 
-    def load_generation(
-        self,
-        generation: int,
-        *,
-        corpus_fingerprint: Optional[str] = None,
-        dim: Optional[int] = None,
-        verify: bool = True,
-        gpu: bool = True,
-        nprobe: int = 32,
-        ef_search: int = 128,
-    ) -> Generation:
-        """Read, check and load generation ``generation`` into memory.
-
-        Raises:
-            GenerationError: missing or corrupt files (size or sha256 differ from the manifest),
-                or a corpus fingerprint / dim other than the reader expects.
-        """
+    def read_generation_files(self, generation: int, *, corpus_fingerprint: Optional[str] = None,
+                              dim: Optional[int] = None, verify: bool = True,
+                              ) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """The manifest and file contents of ``generation``, checked against the manifest (names,
+        sizes, sha256 with ``verify``), the corpus fingerprint and dim. Raises
+        :class:`GenerationError`."""
         manifest = self.read_generation_manifest(generation)
         where = self.path("index", gen_name(generation))
         if corpus_fingerprint is not None and manifest["corpus_fingerprint"] != corpus_fingerprint:
@@ -436,6 +425,38 @@ class RunStore:
                 raise GenerationError(f"{where}/{fname}: sha256 differs from the manifest "
                                       "(corrupted)")
             data[fname] = blob
+        return manifest, data
+
+    def validate_generation(self, generation: int, corpus_fingerprint: Optional[str] = None
+                            ) -> Optional[str]:
+        """Why ``generation`` is unusable (missing, truncated, corrupted, another corpus), or None
+        when it is intact."""
+        try:
+            self.read_generation_files(generation, corpus_fingerprint=corpus_fingerprint)
+        except GenerationError as e:
+            return str(e)
+        return None
+
+    def load_generation(
+        self,
+        generation: int,
+        *,
+        corpus_fingerprint: Optional[str] = None,
+        dim: Optional[int] = None,
+        verify: bool = True,
+        gpu: bool = True,
+        nprobe: int = 32,
+        ef_search: int = 128,
+    ) -> Generation:
+        """Read, check and load generation ``generation`` into memory.
+
+        Raises:
+            GenerationError: missing or corrupt files (size or sha256 differ from the manifest),
+                or a corpus fingerprint / dim other than the reader expects.
+        """
+        manifest, data = self.read_generation_files(
+            generation, corpus_fingerprint=corpus_fingerprint, dim=dim, verify=verify)
+        where = self.path("index", gen_name(generation))
         try:
             embeddings = array_from_bytes(data["embeddings.npy"], f"{where}/embeddings.npy")
             block_ids = array_from_bytes(data["block_ids.npy"], f"{where}/block_ids.npy")

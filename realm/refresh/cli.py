@@ -29,6 +29,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                             "has no encoder snapshot yet")
     parser.add_argument("--once", action="store_true", help="commit one generation and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process (the trainer that "
+                                                       "spawned the refresher) is gone")
     args, config = parse(parser, argv,
                          lambda a: [override("refresh.corpus", a.corpus)] if a.corpus else [])
     r = config.refresh
@@ -39,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from realm.data.store import BlockStore
     from realm.index.store import RunStore, StoreLockedError
-    from realm.refresh.refresher import Refresher, RefreshSettings
+    from realm.refresh.refresher import Refresher, RefreshSettings, exit_with_parent
     from realm.tracking import Tracker
 
     if r.threads:
@@ -55,6 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
 
     store = RunStore(args.run_dir)
+    if args.parent_pid is not None:
+        exit_with_parent(args.parent_pid, store.release_refresher_lock)
     corpus = BlockStore(r.corpus)
     if args.retriever and rank == 0 and store.latest_encoder() is None:
         from realm.modeling.retriever import Retriever
@@ -69,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       wandb_mode=lg.wandb_mode, run_name="refresher",
                       group=os.path.basename(store.root.rstrip("/")), enabled=rank == 0)
     refresher = Refresher(store, corpus, RefreshSettings.from_config(config), tracker=tracker,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, parent_pid=args.parent_pid)
     try:
         summary = refresher.run(once=args.once)
     except StoreLockedError as e:

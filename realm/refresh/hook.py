@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from realm.index.store import GenerationError, RunStore
-from realm.refresh.supervisor import RefresherSupervisor
+from realm.refresh.supervisor import RefresherFailed, RefresherSupervisor
 from realm.refresh.watcher import IndexWatcher
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,10 @@ class RefreshHook:
         supervisor: A refresher supervisor to start/check/stop (main process), or None when the
             refresher runs elsewhere (``refresh.spawn=false``).
         poll_s, lease_timeout_s, keep_encoders, gpu, nprobe, ef_search: Watcher and store knobs.
-        first_timeout_s: How long to wait for generation 0 at start.
+        first_timeout_s: How long to wait for generation 0 at start (the wait ends sooner, with
+            the refresher's last log lines, when the refresher is dead for good).
+        stale_limit: Staleness in steps beyond which the run warns loudly (0: ten times
+            ``every_steps``); with ``stop_when_stale`` it stops with an error instead.
         publish_after: Publish no snapshot up to this step (the document encoder is held still
             until then, so the index of generation 0 stays exact).
         barrier: Synchronises the processes (``accelerator.wait_for_everyone``) at start.
@@ -55,6 +58,7 @@ class RefreshHook:
                  supervisor: Optional[RefresherSupervisor] = None, poll_s: float = 2.0,
                  lease_timeout_s: float = 600.0, keep_encoders: int = 2, gpu: bool = True,
                  nprobe: int = 32, ef_search: int = 128, first_timeout_s: float = 3600.0,
+                 stale_limit: int = 0, stop_when_stale: bool = False,
                  publish_after: int = 0, barrier: Callable[[], None] = lambda: None,
                  threads: Optional[tuple[int, int]] = None):
         self.store = store
@@ -65,6 +69,9 @@ class RefreshHook:
         self.supervisor = supervisor
         self.keep_encoders = keep_encoders
         self.first_timeout_s = first_timeout_s
+        self.stale_limit = stale_limit or 10 * every_steps
+        self.stop_when_stale = stop_when_stale
+        self._stale_warned_at = 0
         self.publish_after = publish_after
         self.barrier = barrier
         self.threads = threads if threads and threads[1] < threads[0] else None
@@ -101,7 +108,9 @@ class RefreshHook:
                    is_main=accelerator.is_main_process, supervisor=supervisor, poll_s=r.poll_s,
                    lease_timeout_s=i.lease_timeout_s, keep_encoders=r.keep_encoders, gpu=i.gpu,
                    nprobe=i.nprobe, ef_search=i.ef_search, publish_after=publish_after,
-                   barrier=accelerator.wait_for_everyone, threads=threads)
+                   barrier=accelerator.wait_for_everyone, threads=threads,
+                   first_timeout_s=r.first_generation_timeout_s,
+                   stale_limit=r.max_staleness_steps, stop_when_stale=r.stop_when_stale)
         hook.stage = stage
         return hook
 
@@ -128,23 +137,39 @@ class RefreshHook:
                                "the newest", self.resume_generation, e)
         self.watcher.start()
         t0 = time.time()
-        gen = self.watcher.wait_for_first(timeout=self.first_timeout_s)
+        try:
+            gen = self.watcher.wait_for_first(timeout=self.first_timeout_s,
+                                              check=self._check_refresher)
+        except TimeoutError as e:
+            why = f"; {self.supervisor.failure()}" if self.supervisor is not None else ""
+            raise RefresherFailed(f"{e} (refresh.first_generation_timeout_s="
+                                  f"{self.first_timeout_s:g}){why}") from None
         self.generations_used.add(gen.generation)
         logger.info("index generation %d in use (waited %.1fs)", gen.generation, time.time() - t0)
 
-    def close(self, finished: bool = True) -> None:
-        """Stop the watcher; on the main process write DONE (if finished) and stop the refresher."""
-        self.watcher.stop()
-        if self.threads is not None:
-            torch.set_num_threads(self.threads[0])  # not left on the fewer threads
-        if not self.is_main:
+    def _check_refresher(self) -> None:
+        """While waiting for generation 0: restart a dead refresher (within bounds); raise
+        :class:`RefresherFailed` with its last log lines once it is dead for good."""
+        if self.supervisor is None:
             return
-        if finished:
-            self.store.mark_done({"step": self.step})
-            if self.supervisor is not None:
-                self.supervisor.stop(timeout=60)  # it sees DONE and exits
-        elif self.supervisor is not None:
-            self.supervisor.stop(timeout=0)  # interrupted: no DONE (the run resumes later)
+        self.supervisor.check()
+        if self.supervisor.gave_up:
+            raise RefresherFailed(f"no index generation to train with: "
+                                  f"{self.supervisor.failure()}")
+
+    def close(self, finished: bool = True) -> None:
+        """Stop the watcher; on the main process write DONE (if finished) and stop the refresher
+        (also when stopping the watcher or writing DONE fails: no refresher outlives its run)."""
+        try:
+            self.watcher.stop()
+            if self.threads is not None:
+                torch.set_num_threads(self.threads[0])  # not left on the fewer threads
+            if self.is_main and finished:
+                self.store.mark_done({"step": self.step})
+        finally:
+            if self.is_main and self.supervisor is not None:
+                # finished: it sees DONE and exits; interrupted: no DONE (the run resumes later)
+                self.supervisor.stop(timeout=60 if finished else 0)
 
     def publish(self, model, step: int) -> None:
         self.store.publish_encoder(self.retriever_of(model), step, keep=self.keep_encoders,
@@ -160,6 +185,8 @@ class RefreshHook:
                 return  # the first resumed step runs on the checkpoint's generation: reproducible
         if self.watcher.maybe_swap():
             self.generations_used.add(self.watcher.current.generation)
+            if self.supervisor is not None:
+                self.supervisor.reset_budget()
         if self.threads is not None and self.supervisor is not None:
             self.share_cores(self.supervisor.cpu_fraction())
 
@@ -183,7 +210,9 @@ class RefreshHook:
         self.step = step
         current = self.watcher.current
         if current is not None:
-            self.max_staleness_steps = max(self.max_staleness_steps, step - current.encoder_step)
+            staleness = step - current.encoder_step
+            self.max_staleness_steps = max(self.max_staleness_steps, staleness)
+            self._check_staleness(step, staleness)
         if not self.is_main:
             return
         self.store.write_heartbeat(step)
@@ -191,6 +220,23 @@ class RefreshHook:
             self.supervisor.check()
         if step % self.every_steps == 0 and step > self.publish_after:
             self.publish(model, step)
+
+    def _check_staleness(self, step: int, staleness: int) -> None:
+        """Warn loudly (again every ``stale_limit`` steps) when the index in use is older than
+        ``stale_limit`` steps; with ``stop_when_stale``, stop the run."""
+        if staleness <= self.stale_limit:
+            self._stale_warned_at = 0
+            return
+        why = ("" if self.supervisor is None or self.supervisor.alive
+               else f"; {self.supervisor.failure()}")
+        message = (f"the index in use (generation {self.watcher.current.generation}) is "
+                   f"{staleness} steps stale, beyond refresh.max_staleness_steps="
+                   f"{self.stale_limit}: retrieval trains against an old encoder{why}")
+        if self.stop_when_stale:
+            raise RefresherFailed(message + " (refresh.stop_when_stale=true)")
+        if not self._stale_warned_at or step - self._stale_warned_at >= self.stale_limit:
+            self._stale_warned_at = step
+            logger.error("%s", message)
 
     def metrics(self, step: int) -> dict[str, Any]:
         out = self.watcher.metrics(step)

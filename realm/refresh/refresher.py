@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -96,6 +97,33 @@ def _device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def parent_alive(pid: int) -> bool:
+    """Whether ``pid`` is still this process's parent (a dead parent's children are re-parented,
+    so a recycled pid does not fool it)."""
+    return os.getppid() == pid
+
+
+def exit_with_parent(pid: int, on_exit: Callable[[], None],
+                     poll_s: float = 1.0) -> threading.Thread:
+    """A daemon thread that calls ``on_exit`` and ends this process (exit 4) when ``pid`` stops
+    being its parent: a refresher whose trainer was killed (even by ``kill -9``) does not live on
+    holding the run's lock, whatever it is doing. Every commit is atomic, so leaving at any
+    moment leaves the store readable."""
+
+    def watch() -> None:
+        while parent_alive(pid):
+            time.sleep(poll_s)
+        logger.warning("the trainer (pid %d) is gone; the refresher exits", pid)
+        try:
+            on_exit()
+        finally:
+            os._exit(4)
+
+    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 class Refresher:
     """Re-embeds ``corpus`` with each new encoder snapshot of the run and commits generations.
 
@@ -105,10 +133,12 @@ class Refresher:
         settings: Index and loop settings.
         tracker: Metrics (main process); optional.
         progress: Show a progress bar while embedding.
+        parent_pid: The trainer that spawned this refresher: when it is gone, stop (between
+            generations here; :func:`exit_with_parent` also ends an embedding under way).
     """
 
     def __init__(self, store: RunStore, corpus: BlockStore, settings: RefreshSettings,
-                 tracker=None, progress: bool = False):
+                 tracker=None, progress: bool = False, parent_pid: Optional[int] = None):
         self.store = store
         self.corpus = corpus
         self.s = settings
@@ -119,13 +149,18 @@ class Refresher:
         self.owner = f"refresher-{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started = time.time()
         self.committed: list[dict[str, Any]] = []
+        self._validated: set[int] = set()
+        self.parent_pid = parent_pid
 
     # -- the loop -------------------------------------------------------------------------
 
     def finished(self) -> Optional[str]:
-        """Why the refresher should stop now (``"done"``, ``"heartbeat"``), or None."""
+        """Why the refresher should stop now (``"done"``, ``"heartbeat"``, ``"trainer gone"``),
+        or None."""
         if self.store.is_done():
             return "done"
+        if self.parent_pid is not None and not parent_alive(self.parent_pid):
+            return "trainer gone"
         timeout = self.s.heartbeat_timeout_s
         if timeout > 0:
             beat = self.store.read_heartbeat()
@@ -135,14 +170,28 @@ class Refresher:
         return None
 
     def pending_snapshot(self) -> Optional[dict[str, Any]]:
-        """The newest encoder snapshot if it is newer than the one behind ``index/LATEST``."""
+        """The newest encoder snapshot if it is newer than the one behind ``index/LATEST``, or if
+        the generation ``LATEST`` names does not validate (a corrupt generation is not "up to
+        date": it is rebuilt)."""
         snapshot = self.store.latest_encoder()
         if snapshot is None:
             return None
         latest = self.store.read_latest()
-        if latest is not None and int(latest["encoder_step"]) >= snapshot["step"]:
+        if (latest is not None and int(latest["encoder_step"]) >= snapshot["step"]
+                and self._intact(int(latest["generation"]))):
             return None
         return snapshot
+
+    def _intact(self, generation: int) -> bool:
+        """Whether ``generation`` validates (checked once per generation number)."""
+        if generation not in self._validated:
+            why = self.store.validate_generation(generation, self.corpus.fingerprint)
+            if why is not None:
+                logger.warning("index/LATEST names generation %d, which does not validate (%s); "
+                               "re-embedding", generation, why)
+                return False
+            self._validated.add(generation)
+        return True
 
     def run(self, once: bool = False, max_generations: Optional[int] = None) -> dict[str, Any]:
         """Refresh until the run finishes (or after one generation with ``once``)."""

@@ -19,6 +19,11 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER
                  "ACCELERATE_USE_CPU")
 
 
+class RefresherFailed(RuntimeError):
+    """The refresher cannot give the trainer an index (it died for good, or never committed one
+    in time); the message quotes its log."""
+
+
 def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     """This process's environment minus the launcher's rank variables, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
@@ -57,7 +62,9 @@ class RefresherSupervisor:
 
     @property
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "realm.refresh", "--run-dir", self.run_dir, *self.args]
+        # --parent-pid: the refresher exits when this process is gone (no orphan holds the run)
+        return [sys.executable, "-m", "realm.refresh", "--run-dir", self.run_dir,
+                "--parent-pid", str(os.getpid()), *self.args]
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
@@ -97,6 +104,31 @@ class RefresherSupervisor:
             self.start()
             return True
         return False
+
+    def reset_budget(self) -> None:
+        """A generation was committed: the refresher works again, so restarts and backoff start
+        over (a run of days is not stuck on a stale index after its third failure)."""
+        if self.restarts and not self.gave_up:
+            logger.info("refresher committed a generation; restart budget reset (%d used)",
+                        self.restarts)
+            self.restarts = 0
+
+    def tail(self, lines: int = 10) -> str:
+        """The last ``lines`` lines of the refresher's log (for error messages)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 16384))
+                text = f.read().decode(errors="replace")
+        except OSError as e:
+            return f"(cannot read {self.log_path}: {e.strerror or e})"
+        return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+    def failure(self) -> str:
+        """Why the refresher is not running, with the last lines of its log."""
+        exits = ", ".join(str(rc) for rc in self.exits) or "none"
+        return (f"the index refresher died and was restarted {self.restarts} time(s) (exit codes "
+                f"{exits}); the last lines of {self.log_path}:\n{self.tail()}")
 
     def cpu_fraction(self) -> float:
         """Cores the refresher kept busy since the last call (CPU time over wall time; 1.0 is

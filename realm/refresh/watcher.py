@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -89,34 +89,43 @@ class IndexWatcher:
             self._stop.wait(self.poll_s)
 
     def poll_once(self) -> Optional[int]:
-        """Look at ``index/LATEST`` once; load a newer valid generation. Returns its number."""
+        """Look at ``index/LATEST`` once; load a newer valid generation. Returns its number.
+
+        When the generation ``LATEST`` names does not validate, the newest older one that does
+        (and is newer than the one in use) is loaded instead: a corrupt newest generation never
+        leaves the trainer without an index while an intact one is on disk."""
         if self.current is not None:
             self.store.acquire_lease(self.holder, self.current.generation)  # renew
         latest = self.store.read_latest()
         if latest is None:
             return None
-        generation = int(latest["generation"])
-        if generation <= self._newest_held() or generation in self.rejected:
+        newest, held = int(latest["generation"]), self._newest_held()
+        if newest <= held:
             return None
-        # Hold a lease before reading, so garbage collection keeps the files while we load.
-        self.store.acquire_lease(self.holder + "-pending", generation)
-        t0 = time.perf_counter()
-        try:
-            loaded = self.store.load_generation(generation, corpus_fingerprint=self.fingerprint,
-                                                dim=self.dim, **self.load_kwargs)
-        except GenerationError as e:
-            self.rejected[generation] = str(e)
-            self.store.release_lease(self.holder + "-pending")
-            logger.warning("rejected index generation %d, keeping generation %s: %s", generation,
-                           self.current.generation if self.current else None, e)
-            return None
-        self.last_load_s = time.perf_counter() - t0
-        with self._lock:
-            self._pending = loaded
-        self._ready.set()
-        logger.info("index generation %d loaded in %.2fs (encoder step %d); swapping in at the "
-                    "next step", generation, self.last_load_s, loaded.encoder_step)
-        return generation
+        older = sorted((g for g in self.store.generations() if held < g < newest), reverse=True)
+        for generation in [newest, *older]:
+            if generation in self.rejected:
+                continue
+            # Hold a lease before reading, so garbage collection keeps the files while we load.
+            self.store.acquire_lease(self.holder + "-pending", generation)
+            t0 = time.perf_counter()
+            try:
+                loaded = self.store.load_generation(generation, corpus_fingerprint=self.fingerprint,
+                                                    dim=self.dim, **self.load_kwargs)
+            except GenerationError as e:
+                self.rejected[generation] = str(e)
+                self.store.release_lease(self.holder + "-pending")
+                logger.warning("rejected index generation %d, keeping generation %s: %s",
+                               generation, self.current.generation if self.current else None, e)
+                continue
+            self.last_load_s = time.perf_counter() - t0
+            with self._lock:
+                self._pending = loaded
+            self._ready.set()
+            logger.info("index generation %d loaded in %.2fs (encoder step %d); swapping in at "
+                        "the next step", generation, self.last_load_s, loaded.encoder_step)
+            return generation
+        return None
 
     # -- training thread ----------------------------------------------------------------------
 
@@ -131,8 +140,11 @@ class IndexWatcher:
             self.current = loaded
         return loaded
 
-    def wait_for_first(self, timeout: Optional[float] = None) -> Generation:
-        """Block until a generation is available (only at start), then swap it in."""
+    def wait_for_first(self, timeout: Optional[float] = None,
+                       check: Optional[Callable[[], None]] = None) -> Generation:
+        """Block until a generation is available (only at start), then swap it in. ``check`` is
+        called every poll while waiting (e.g. the refresher's supervisor: it raises when the
+        refresher is gone for good, so nobody waits out the whole timeout on a dead process)."""
         if self.current is None:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._pending is None:
@@ -140,6 +152,8 @@ class IndexWatcher:
                     self.poll_once()
                     if self._pending is not None:
                         break
+                if check is not None:
+                    check()
                 wait = self.poll_s if deadline is None else min(self.poll_s,
                                                                 deadline - time.monotonic())
                 if wait <= 0:
