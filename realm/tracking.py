@@ -120,6 +120,37 @@ class Tracker:
             self._wandb.log({STEP_METRIC: step, **{k: v for k, v in record.items()
                                                     if k not in ("step", "time")}})
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after ``step`` (a run resumed from its checkpoint at
+        ``step`` logs them again; a killed run had logged them once already). The file is
+        replaced atomically. Returns the number of records dropped."""
+        if not self.enabled or not os.path.exists(self.path):
+            return 0
+        self._file.close()
+        kept, dropped = [], 0
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    later = json.loads(line).get("step", 0) > step
+                except ValueError:
+                    later = False  # a torn last line of a killed run: not ours to judge; kept
+                    if not line.endswith("\n"):
+                        line += "\n"
+                dropped += later
+                if not later:
+                    kept.append(line)
+        if dropped:
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            logger.info("%s: dropped %d records of steps after %d (logged again on resume)",
+                        self.path, dropped, step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        return dropped
+
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """A small table of examples: a wandb Table, and a JSONL record with the rows."""
         if not self.enabled:

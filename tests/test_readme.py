@@ -54,6 +54,10 @@ def test_readme_main_job_runs(tmp_path):
     # the quarter means are those of the logged records (steps 1-3 and 10-12 of 12)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     records = [r for r in records if "ru_expected" in r]
+    ru = [r["ru_expected"] for r in records]
+    assert summary["mean_ru"] == round(sum(ru) / len(ru), 5)
+    assert summary["final_ru"] == round(ru[-1], 5)
+    assert all(-20.0 < x < 20.0 for x in ru)  # nats a block adds over the null document: finite
     for name, metric in (("ru", "ru_expected"), ("masked_accuracy", "masked_accuracy"),
                          ("masked_accuracy_null", "masked_accuracy_null")):
         last = [r[metric] for r in records if r["step"] > 9]

@@ -478,6 +478,61 @@ class RunStore:
         return Generation(generation=generation, manifest=manifest, index=index,
                           loaded_at=time.time(), embeddings=embeddings)
 
+    # -- resume ------------------------------------------------------------------------------
+
+    def discard_after(self, step: int) -> dict[str, list[int]]:
+        """Put aside what a run killed after its checkpoint at ``step`` left in the future: encoder
+        snapshots of later steps and the generations built from them move to
+        ``discarded/<time>/`` (kept for inspection, never reused), and both ``LATEST`` pointers
+        fall back to the newest entry that remains. A resumed run then trains on exactly what the
+        uninterrupted run had at ``step``.
+
+        Returns:
+            ``{"encoders": [steps moved], "generations": [generations moved]}``.
+        """
+        moved: dict[str, list[int]] = {"encoders": [], "generations": []}
+        future_encoders = [s for s in self.encoder_steps() if s > step]
+        future_gens = []
+        for g in self.generations():
+            try:
+                encoder_step = int(self.read_generation_manifest(g)["encoder_step"])
+            except GenerationError:
+                continue  # incomplete: the refresher's orphan cleanup handles it
+            if encoder_step > step:
+                future_gens.append(g)
+        if not future_encoders and not future_gens:
+            return moved
+        aside = self.path("discarded", f"after-step-{step:06d}-{time.strftime('%Y%m%d-%H%M%S')}")
+        for sub, names, key in (("encoders", [step_name(s) for s in future_encoders], "encoders"),
+                                ("index", [gen_name(g) for g in future_gens], "generations")):
+            for name in names:
+                self.fs.makedirs(f"{aside}/{sub}", exist_ok=True)
+                self.fs.mv(self.path(sub, name), f"{aside}/{sub}/{name}", recursive=True)
+            moved[key] = future_encoders if key == "encoders" else future_gens
+        encoder = self.latest_encoder()
+        if encoder is not None and encoder["step"] > step:
+            remaining = self.encoder_steps()
+            if remaining:
+                self.write_json_atomic(self.path("encoders", LATEST), {
+                    "step": remaining[-1], "path": step_name(remaining[-1]), "time": time.time()})
+            else:
+                self.fs.rm_file(self.path("encoders", LATEST))
+        latest = self.read_latest()
+        if latest is not None and int(latest["generation"]) in future_gens:
+            remaining = [g for g in self.generations() if g < int(latest["generation"])]
+            if remaining:
+                manifest = self.read_generation_manifest(remaining[-1])
+                self.write_json_atomic(self.path("index", LATEST), {
+                    "generation": remaining[-1], "path": gen_name(remaining[-1]),
+                    "encoder_step": int(manifest["encoder_step"]),
+                    "corpus_fingerprint": manifest["corpus_fingerprint"], "time": time.time()})
+            else:
+                self.fs.rm_file(self.path("index", LATEST))
+        logger.warning("resuming at step %d: put aside encoder snapshots %s and index generations "
+                       "%s of a later step (a run killed after its checkpoint made them) in %s",
+                       step, future_encoders, future_gens, aside)
+        return moved
+
     # -- leases and garbage collection ------------------------------------------------------
 
     def acquire_lease(self, holder: str, generation: int, pinned: bool = False) -> None:

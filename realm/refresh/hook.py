@@ -121,8 +121,13 @@ class RefreshHook:
         self.step = self.started_at = step
         if self.is_main:
             self.store.clear_done()  # a finished run resumed with more steps
+            if step > 0:  # resuming: what a run killed after this checkpoint made is put aside
+                self.store.discard_after(step)
             latest = self.store.latest_encoder()
-            if latest is None or latest["step"] < step or (step == 0 and latest["step"] != 0):
+            # a checkpoint that pins a generation resumes on it, publishing nothing the
+            # uninterrupted run did not (else the resumed run would drift from it)
+            if self.resume_generation is None and (
+                    latest is None or latest["step"] < step or (step == 0 and latest["step"] != 0)):
                 self.publish(self.model, step)
             self.store.write_heartbeat(step)
             if self.supervisor is not None:

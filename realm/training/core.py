@@ -271,6 +271,8 @@ def train(
         accelerator.load_state(resumed_from)
         load_training_state(resumed_from, states)
         logger.info("resumed from %s (step %d)", resumed_from, progress.step)
+        # a run killed after this checkpoint logged later steps that are about to run again
+        tracker.truncate_after(progress.step)
 
     micro_per_epoch = len(loader)
     total_micro = s.steps * s.grad_accum

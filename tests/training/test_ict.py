@@ -60,9 +60,10 @@ def test_ict_loss_falls_and_in_batch_accuracy_rises(leads_corpus, tiny_encoder, 
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
     accuracy = [r["in_batch_accuracy"] for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
     assert np.mean(accuracy[-5:]) > np.mean(accuracy[:5]) + 0.05
-    # held-out recall is measured (a 2-layer model on 200 blocks says little about its level;
-    # docs/results.md has the real figures with MiniLM)
-    assert 0.0 <= summary["ict_recall@1"] <= summary["ict_recall@5"] <= summary["ict_recall@20"] <= 1.0
+    # held-out sentences find their source block among the 100 held-out blocks far above
+    # chance (recall@k = k/100 for a retriever that learned nothing; with 100 queries the
+    # binomial sd at k=20 is 0.04). Measured: 0.05 / 0.12 / 0.37 at k = 1 / 5 / 20.
+    assert summary["ict_recall@1"] >= 0.03 and summary["ict_recall@20"] >= 0.28, summary
     reloaded = Retriever.from_pretrained(summary["retriever"])
     assert reloaded.dim == 128 and reloaded.tokenizer is not None
     # the offline dashboard draws an ICT run too: its loss and in-batch accuracy
