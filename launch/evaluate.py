@@ -22,6 +22,8 @@ JSON object (EM/F1, recall@k, counts, seconds).
 """
 
 import argparse
+import os
+import re
 import sys
 import time
 
@@ -121,6 +123,15 @@ def main(argv=None) -> int:
         ks = sorted({int(k) for k in args.k.split(",")})
     except ValueError:
         parser.error(f"--k: expected comma-separated integers, got {args.k!r}")
+    if args.max_block_tokens < 1:
+        parser.error(f"--max-block-tokens: at least 1, got {args.max_block_tokens}")
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        parser.error(f"--limit: at least 1 question, got {args.limit}")
+    for flag in ("retriever", "compare_with"):  # a directory, or a hub id ("org/name")
+        path = getattr(args, flag, None)
+        if (path and path != "bm25" and not os.path.isdir(path)
+                and not re.fullmatch(r"[\w-][\w.-]*(/[\w-][\w.-]*)?", path)):
+            parser.error(f"--{flag.replace('_', '-')}: {path}: no such directory")
 
     from realm.data.qa import QAFormatError, read_qa
     from realm.data.store import BlockStore, CorpusError

@@ -34,7 +34,8 @@ def main(argv=None) -> int:
             from realm.data.store import BlockStore
 
             summary["parquet"] = BlockStore(args.output).to_parquet(args.parquet)
-    except (CorpusFormatError, OutputExistsError, ValueError) as err:
+    except (CorpusFormatError, OutputExistsError, ValueError, OSError) as err:
+        # (OSError: an output under a file, a read-only or full disk; the message names the path)
         print(f"prepare_corpus: error: {err}", file=sys.stderr)
         return 1
     emit_summary(summary)

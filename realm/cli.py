@@ -96,8 +96,11 @@ class Stage:
     flags: tuple[tuple[str, str, str], ...] = ()
 
 
-_INPUT_ERRORS = ("realm.data.qa:QAFormatError", "realm.data.store:CorpusError",
-                 "builtins:ValueError", "builtins:FileNotFoundError")
+#: What every stage reports in one line (``--debug``: a traceback): a missing or malformed input
+#: file or directory, an output path that cannot be made.
+INPUT_ERRORS = ("realm.data.qa:QAFormatError", "realm.data.store:CorpusError",
+                "builtins:FileNotFoundError", "builtins:NotADirectoryError",
+                "builtins:FileExistsError", "builtins:PermissionError")
 
 STAGES: dict[str, Stage] = {
     "pretrain": Stage("REALM pretraining beside the index refresher.",
@@ -110,10 +113,11 @@ STAGES: dict[str, Stage] = {
                        "realm.training.adapt_mlm:run_adapt_mlm", errors=("builtins:ValueError",)),
     "train_retriever": Stage("Supervised retriever training (DPR): BM25-mined positives and hard "
                              "negatives, in-batch negatives from every rank.",
-                             "realm.training.dpr:run_train_retriever", errors=_INPUT_ERRORS),
+                             "realm.training.dpr:run_train_retriever",
+                             errors=("builtins:ValueError",)),
     "finetune_openqa": Stage("Open-QA fine-tuning: fixed index, query encoder and reader "
                              "trained.", "realm.training.openqa:run_finetune",
-                             errors=_INPUT_ERRORS),
+                             errors=("builtins:ValueError",)),
 }
 
 
@@ -145,6 +149,8 @@ def run_stage(
     """
     parser = config_parser(description)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true",
+                        help="a traceback instead of a one-line error for a bad input")
     for flag, _, help_text in flags:
         parser.add_argument(flag, help=help_text)
     parser.set_defaults(config=default_config)
@@ -159,10 +165,15 @@ def run_stage(
 
     args, config = parse(parser, argv, shortcuts)
     run = _resolve(run)
+    from realm.prepare import StageFailed
     from realm.refresh.supervisor import RefresherFailed
+    from realm.training.core import CheckpointError
 
-    # a diverged run; an index refresher that cannot give the run an index
-    errors = tuple(_resolve(e) for e in errors) + (FloatingPointError, RefresherFailed)
+    # bad inputs (their messages name the file, directory or key); a diverged run; an index
+    # refresher that cannot give the run an index; a checkpoint that cannot be written; a
+    # preparation stage (warm start) that failed in its own process
+    errors = tuple(_resolve(e) for e in (*errors, *INPUT_ERRORS)) + (
+        FloatingPointError, RefresherFailed, CheckpointError, StageFailed)
     terminated: list[int] = []
 
     def on_sigterm(signum, frame):  # what schedulers send: the Ctrl-C path, checkpoint and all
@@ -178,6 +189,8 @@ def run_stage(
     try:
         summary = run(config, progress=not args.no_progress)
     except errors as err:
+        if args.debug:
+            raise
         logger.error("%s: %s", parser.prog, err)
         return 1
     except KeyboardInterrupt:

@@ -50,3 +50,17 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def best_effort(fn, *args, what: str, attempts: int = 3, delay_s: float = 0.2, **kwargs):
+    """``fn(*args, **kwargs)``, retried ``attempts`` times on ``OSError``; then a warning and
+    None. For writes a run can live without for a while (heartbeat, leases): a full disk or a
+    flaky mount must not end training over them."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            if attempt == attempts:
+                logger.warning("%s failed %d times (%s); training goes on", what, attempts, e)
+                return None
+            time.sleep(delay_s * attempt)

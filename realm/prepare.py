@@ -86,14 +86,22 @@ def truncated_encoder(encoder: str, layers: Optional[int], cache_dir: str) -> st
     return out
 
 
+class StageFailed(RuntimeError):
+    """A preparation stage run as its own process failed (the message carries its error)."""
+
+
 def _run_warm_start(cmd: list[str], what: str) -> None:
     """Run a warm-start stage as its own process; its last stdout line (the summary) is logged."""
     from realm.refresh.supervisor import child_env
 
     done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{what} failed ({done.returncode}), command {' '.join(cmd)}:\n"
-                           f"{done.stderr[-3000:]}")
+        logger.debug("%s: command %s; its stderr:\n%s", what, " ".join(cmd), done.stderr[-3000:])
+        errors = [line.split(" ERROR ", 1)[1] for line in done.stderr.splitlines()
+                  if " ERROR " in line]
+        # the stage's own one-line error when it gave one, else the end of its output
+        why = errors[-1] if errors else f"command {' '.join(cmd)}:\n{done.stderr[-3000:]}"
+        raise StageFailed(f"{what} failed (exit {done.returncode}): {why}")
     logger.info("%s: %s", what, done.stdout.strip().splitlines()[-1])
 
 

@@ -1,6 +1,7 @@
 """Every launch script answers --help without importing torch; every config-driven stage
 prints its resolved config with --print-config and exits without running."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,39 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(script, tmp_pat
     config = yaml.safe_load(out[:out.index("RESULT")])
     assert config["seed"] == 7 and config["train"]["steps"] == 3
     assert not (tmp_path / "never").exists()
+
+
+BAD_INPUTS = [  # (script, arguments, exit code, what the one line must name)
+    ("pretrain.py", ["pretrain.corpus={tmp}/no-corpus", "train.run_dir={tmp}/run"], 1,
+     "{tmp}/no-corpus: not a corpus directory"),
+    ("ict.py", ["--corpus", "{tmp}/bad-corpus", "train.run_dir={tmp}/run"], 1,
+     "{tmp}/bad-corpus/manifest.json: unreadable manifest"),
+    ("refresh_index.py", ["--run-dir", "{tmp}/run", "--corpus", "{tmp}/no-corpus", "--once"], 1,
+     "{tmp}/no-corpus: not a corpus directory"),
+    ("evaluate.py", ["retrieval", "--retriever", "{tmp}/no-retriever", "--corpus", "{tmp}",
+                     "--qa", "{tmp}/qa.jsonl"], 2, "--retriever: {tmp}/no-retriever: no such"),
+    ("evaluate.py", ["retrieval", "--bm25", "--limit", "0", "--corpus", "{tmp}", "--qa", "q"], 2,
+     "--limit: at least 1"),
+    ("prepare_corpus.py", ["--output", "{tmp}/a-file/corpus", "--input", "{tmp}/leads.jsonl"], 1,
+     "File exists: '{tmp}/a-file'"),
+]
+
+
+@pytest.mark.parametrize("script,args,code,names", BAD_INPUTS,
+                         ids=[f"{s}-{i}" for i, (s, *_) in enumerate(BAD_INPUTS)])
+def test_bad_inputs_get_one_line_naming_the_path(script, args, code, names, tmp_path,
+                                                 shared_data):
+    with open(shared_data / "wikipedia" / "vital_level4_summaries_en.jsonl", encoding="utf-8") as f:
+        (tmp_path / "leads.jsonl").write_text(next(f) + next(f), encoding="utf-8")
+    (tmp_path / "bad-corpus").mkdir()
+    (tmp_path / "bad-corpus" / "manifest.json").write_text('{"kind":')
+    (tmp_path / "a-file").write_text("")
+    argv = [a.format(tmp=tmp_path) for a in args]
+    extra = [] if script == "evaluate.py" else ["--no-progress"]
+    done = subprocess.run([sys.executable, str(REPO / "launch" / script), *argv, *extra],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == code, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and names.format(tmp=tmp_path) in errors[0], done.stderr[-2000:]

@@ -237,8 +237,14 @@ class BlockStore:
         if not os.path.isfile(manifest_path):
             raise CorpusError(f"{self.path}: not a corpus directory (no {MANIFEST}); build one with "
                               "python launch/prepare_corpus.py")
-        with open(manifest_path, encoding="utf-8") as f:
-            self.manifest: dict[str, Any] = json.load(f)
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                self.manifest: dict[str, Any] = json.load(f)
+        except (OSError, ValueError) as e:  # (UnicodeDecodeError and JSONDecodeError included)
+            raise CorpusError(f"{manifest_path}: unreadable manifest ({e}); rebuild the corpus") \
+                from None
+        if not isinstance(self.manifest, dict):
+            raise CorpusError(f"{manifest_path}: not a corpus manifest (a JSON object)")
         if self.manifest.get("kind") != "corpus":
             raise CorpusError(f"{manifest_path}: kind is {self.manifest.get('kind')!r}, not 'corpus'")
         if self.manifest.get("format_version") != FORMAT_VERSION:

@@ -29,6 +29,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                             "has no encoder snapshot yet")
     parser.add_argument("--once", action="store_true", help="commit one generation and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true",
+                        help="a traceback instead of a one-line error for a bad input")
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the trainer that "
                                                        "spawned the refresher) is gone")
     args, config = parse(parser, argv,
@@ -37,6 +39,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not r.corpus:
         parser.exit(2, f"{parser.prog}: config error: refresh.corpus: no corpus directory given "
                        "(--corpus DIR or refresh.corpus=DIR)\n")
+    from realm.data.store import CorpusError
+
+    try:
+        return _run(args, config)
+    except (CorpusError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        if args.debug:
+            raise
+        logger.error("%s: %s", parser.prog, e)  # one line: the message names the path
+        return 1
+
+
+def _run(args, config) -> int:
+    r = config.refresh
     import torch  # (after parsing: --help answers without it)
 
     from realm.data.store import BlockStore

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from realm.index.store import GenerationError, RunStore
+from realm.fsutil import best_effort
 from realm.refresh.supervisor import RefresherFailed, RefresherSupervisor
 from realm.refresh.watcher import IndexWatcher
 
@@ -129,7 +130,7 @@ class RefreshHook:
             if self.resume_generation is None and (
                     latest is None or latest["step"] < step or (step == 0 and latest["step"] != 0)):
                 self.publish(self.model, step)
-            self.store.write_heartbeat(step)
+            best_effort(self.store.write_heartbeat, step, what="the trainer's heartbeat")
             if self.supervisor is not None:
                 self.supervisor.start()
         barrier()
@@ -220,7 +221,7 @@ class RefreshHook:
             self._check_staleness(step, staleness)
         if not self.is_main:
             return
-        self.store.write_heartbeat(step)
+        best_effort(self.store.write_heartbeat, step, what="the trainer's heartbeat")
         if self.supervisor is not None:
             self.supervisor.check()
         if step % self.every_steps == 0 and step > self.publish_after:
@@ -260,8 +261,8 @@ class RefreshHook:
         if current is None:
             return {"generation": None, "step": self.step}
         if self.is_main:
-            self.store.acquire_lease(f"checkpoint-step-{self.step:06d}", current.generation,
-                                     pinned=True)
+            best_effort(self.store.acquire_lease, f"checkpoint-step-{self.step:06d}",
+                        current.generation, pinned=True, what="pinning the checkpoint's generation")
             self._unpin_removed_checkpoints()
         return {"generation": current.generation, "step": self.step}
 

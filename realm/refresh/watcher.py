@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from realm.fsutil import best_effort
 from realm.index.mips import SearchResult
 from realm.index.store import Generation, GenerationError, RunStore
 
@@ -173,8 +174,8 @@ class IndexWatcher:
             new, self._pending = self._pending, None
             old, self.current = self.current, new
             self._ready.clear()
-        self.store.acquire_lease(self.holder, new.generation)
-        self.store.release_lease(self.holder + "-pending")
+        best_effort(self.store.acquire_lease, self.holder, new.generation, what="an index lease")
+        best_effort(self.store.release_lease, self.holder + "-pending", what="an index lease")
         self.last_swap_s = time.perf_counter() - t0
         self.swaps += 1
         logger.info("swapped in index generation %d (was %s)", new.generation,

@@ -11,6 +11,7 @@ renamed into place with a ``manifest.json``, so a crash never leaves one that lo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -442,6 +443,47 @@ def save_checkpoint(accelerator, s: TrainSettings, step: int, config_dict: Optio
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
+    try:
+        _write_checkpoint(accelerator, s, step, config_dict, states, tmp, final)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as "iostream error"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"saving checkpoint step {step} into {tmp} failed: "
+                              f"{disk_problem(root) or e}; the temp directory was removed and "
+                              f"the newest complete checkpoint is kept") from e
+    return final
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (the message names the path and the cause)."""
+
+
+def disk_problem(path: str, low_bytes: int = 64 << 20) -> Optional[str]:
+    """Why files cannot be written under ``path`` ("no space left on the device" with what is
+    free, not writable, or what a 1 MiB probe write fails with), else None."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError as e:
+        return f"{path}: {e.strerror or e}"
+    if usage.free < low_bytes:
+        return f"no space left on the device ({usage.free >> 20} MiB free under {path})"
+    if not os.access(path, os.W_OK):
+        return f"permission denied: {path} is not writable"
+    probe = os.path.join(path, f".write-probe-{os.getpid()}")
+    try:  # torch says only "iostream error": what a plain write of 1 MiB says is clearer
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return f"{e.strerror or e} writing under {path}"
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+    return None
+
+
+def _write_checkpoint(accelerator, s: TrainSettings, step: int, config_dict: Optional[dict],
+                      states: dict[str, Any], tmp: str, final: str) -> None:
     accelerator.save_state(tmp)
     training_state = {name: obj.state_dict() for name, obj in states.items()}  # (every rank)
     accelerator.wait_for_everyone()
@@ -467,4 +509,3 @@ def save_checkpoint(accelerator, s: TrainSettings, step: int, config_dict: Optio
             shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint %s", final)
     accelerator.wait_for_everyone()
-    return final

@@ -565,6 +565,9 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     t0 = time.time()
     p, t, r = config.pretrain, config.train, config.retriever
     corpus_dir = prepare_corpus(config, progress)
+    for path in (corpus_dir, p.examples):  # a bad corpus is named now, not after the warm starts
+        if path:
+            BlockStore(path)
     encoder_name = prepare_encoder(config)
     retriever_dir = prepare_retriever(config, corpus_dir, encoder_name)
     reader_start = prepare_adapted_encoder(config, corpus_dir, p.reader or encoder_name)

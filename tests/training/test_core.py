@@ -223,3 +223,69 @@ def test_checkpoints_hold_no_pickle_and_a_planted_one_is_never_loaded(tmp_path):
     result = run(4)  # the JSON state resumes the run
     assert result["resumed_from"].endswith("step-000002") and result["steps"] == 4
     assert not marker.exists()
+
+
+FULL_DISK = """
+import resource, signal, sys
+from accelerate import Accelerator
+sys.path.insert(0, sys.argv[2])
+from test_core import Regression, TwoParts
+from realm.tracking import Tracker
+from realm.training.core import CheckpointError, TrainSettings, train
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a checkpoint's RNG states do not fit
+settings = TrainSettings(run_dir=sys.argv[1], steps=4, batch_size=8, log_every=1, progress=False,
+                         save_every=2)
+try:
+    train(TwoParts(), Regression(), settings, Accelerator(cpu=True), Tracker(sys.argv[1]))
+except CheckpointError as e:
+    print(e)
+    sys.exit(7)
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_names_the_path_and_leaves_no_temp(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(__file__)
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path), here],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 7, done.stderr[-3000:]
+    message = done.stdout.strip()
+    where = tmp_path / "checkpoints"
+    assert message.startswith(f"saving checkpoint step 2 into {where}/.tmp-step-000002 failed: "
+                              f"File too large writing under {where}"), message
+    assert "the temp directory was removed" in message
+    assert os.listdir(tmp_path / "checkpoints") == []  # no .tmp-step-N left behind
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # steps 1 and 2
+
+
+def test_heartbeat_and_lease_writes_that_fail_never_stop_training(tmp_path, caplog):
+    import errno
+    import logging
+    import types
+
+    from realm.index.store import RunStore
+    from realm.refresh.hook import RefreshHook
+
+    hook = RefreshHook(RunStore(str(tmp_path / "run")), None, lambda m: m, corpus_fingerprint="f",
+                       dim=8, every_steps=100, is_main=True)
+    calls = []
+
+    def full(*args, **kwargs):
+        calls.append(args)
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "HEARTBEAT"))
+
+    hook.store.write_heartbeat = full
+    hook.store.acquire_lease = full
+    hook.watcher.current = types.SimpleNamespace(generation=0, encoder_step=0)
+    with caplog.at_level(logging.WARNING, logger="realm.fsutil"):
+        hook.after_step(1, None)
+        assert hook.state_dict() == {"generation": 0, "step": 1}
+    assert len(calls) == 6  # three tries each
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("heartbeat failed 3 times" in w and "No space left" in w for w in warnings)
+    assert any("pinning the checkpoint's generation failed" in w for w in warnings)
