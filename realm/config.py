@@ -329,6 +329,11 @@ class RefreshConfig:
     max_staleness_steps: int = _doc(
         "The run warns loudly when the index in use is older than this many steps (0: ten times "
         "`every_steps`).", default=0)
+    sync: bool = _doc(
+        "After each snapshot the trainer waits for the generation built from it and swaps it in "
+        "before the next step: a fixed refresh schedule (a resumed run repeats the uninterrupted "
+        "one step for step), at the cost of the trainer idling while the corpus is embedded. "
+        "false: training never waits (REALM's asynchronous refresh).", default=False)
     stop_when_stale: bool = _doc("Stop the run with an error instead of warning when the index "
                                  "goes stale beyond `max_staleness_steps`.", default=False)
     keep_encoders: int = _doc("Newest encoder snapshots kept.", default=2)

@@ -45,6 +45,8 @@ class RefreshHook:
             the refresher's last log lines, when the refresher is dead for good).
         stale_limit: Staleness in steps beyond which the run warns loudly (0: ten times
             ``every_steps``); with ``stop_when_stale`` it stops with an error instead.
+        sync: After each snapshot, wait for the generation built from it and swap it in before
+            the next step (every process): a fixed schedule, reproducible across a resume.
         publish_after: Publish no snapshot up to this step (the document encoder is held still
             until then, so the index of generation 0 stays exact).
         barrier: Synchronises the processes (``accelerator.wait_for_everyone``) at start.
@@ -59,7 +61,7 @@ class RefreshHook:
                  supervisor: Optional[RefresherSupervisor] = None, poll_s: float = 2.0,
                  lease_timeout_s: float = 600.0, keep_encoders: int = 2, gpu: bool = True,
                  nprobe: int = 32, ef_search: int = 128, first_timeout_s: float = 3600.0,
-                 stale_limit: int = 0, stop_when_stale: bool = False,
+                 stale_limit: int = 0, stop_when_stale: bool = False, sync: bool = False,
                  publish_after: int = 0, barrier: Callable[[], None] = lambda: None,
                  threads: Optional[tuple[int, int]] = None):
         self.store = store
@@ -72,6 +74,8 @@ class RefreshHook:
         self.first_timeout_s = first_timeout_s
         self.stale_limit = stale_limit or 10 * every_steps
         self.stop_when_stale = stop_when_stale
+        self.sync = sync
+        self.sync_wait_s = 0.0
         self._stale_warned_at = 0
         self.publish_after = publish_after
         self.barrier = barrier
@@ -111,7 +115,8 @@ class RefreshHook:
                    nprobe=i.nprobe, ef_search=i.ef_search, publish_after=publish_after,
                    barrier=accelerator.wait_for_everyone, threads=threads,
                    first_timeout_s=r.first_generation_timeout_s,
-                   stale_limit=r.max_staleness_steps, stop_when_stale=r.stop_when_stale)
+                   stale_limit=r.max_staleness_steps, stop_when_stale=r.stop_when_stale,
+                   sync=r.sync)
         hook.stage = stage
         return hook
 
@@ -219,13 +224,22 @@ class RefreshHook:
             staleness = step - current.encoder_step
             self.max_staleness_steps = max(self.max_staleness_steps, staleness)
             self._check_staleness(step, staleness)
-        if not self.is_main:
-            return
-        best_effort(self.store.write_heartbeat, step, what="the trainer's heartbeat")
-        if self.supervisor is not None:
-            self.supervisor.check()
-        if step % self.every_steps == 0 and step > self.publish_after:
-            self.publish(model, step)
+        publishing = step % self.every_steps == 0 and step > self.publish_after
+        if self.is_main:
+            best_effort(self.store.write_heartbeat, step, what="the trainer's heartbeat")
+            if self.supervisor is not None:
+                self.supervisor.check()
+            if publishing:
+                self.publish(model, step)
+        if publishing and self.sync:  # every process: the next step reads the new generation
+            t0 = time.time()
+            try:
+                gen = self.watcher.wait_for_encoder(step, timeout=self.first_timeout_s,
+                                                    check=self._check_refresher)
+            except TimeoutError as e:
+                raise RefresherFailed(f"{e} (refresh.sync)") from None
+            self.generations_used.add(gen.generation)
+            self.sync_wait_s += time.time() - t0
 
     def _check_staleness(self, step: int, staleness: int) -> None:
         """Warn loudly (again every ``stale_limit`` steps) when the index in use is older than
@@ -250,6 +264,8 @@ class RefreshHook:
         if self.supervisor is not None:
             out["refresh/restarts"] = self.supervisor.restarts
             out["refresh/alive"] = int(self.supervisor.alive)
+        if self.sync:
+            out["refresh/sync_wait_s"] = round(self.sync_wait_s, 3)
         if self.threads is not None:
             out["train/threads"] = torch.get_num_threads()
             out["train/shared_steps"] = self.shared_steps

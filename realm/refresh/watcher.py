@@ -165,6 +165,29 @@ class IndexWatcher:
                                    f"{timeout}s (is the refresher running?)")
         return self.current
 
+    def wait_for_encoder(self, step: int, timeout: Optional[float] = None,
+                         check: Optional[Callable[[], None]] = None) -> Generation:
+        """Block until a generation built from an encoder snapshot of ``step`` or later is
+        loaded, and swap it in (``refresh.sync``: a fixed refresh schedule). ``check`` as in
+        :meth:`wait_for_first`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._pending is not None:
+                self.maybe_swap()
+            if self.current is not None and self.current.encoder_step >= step:
+                return self.current
+            if self._thread is None:
+                self.poll_once()
+                if self._pending is not None:
+                    continue
+            if check is not None:
+                check()
+            wait = self.poll_s if deadline is None else min(self.poll_s, deadline - time.monotonic())
+            if wait <= 0:
+                raise TimeoutError(f"{self.store.url}: no index generation from the encoder of "
+                                   f"step {step} after {timeout}s (is the refresher running?)")
+            self._ready.wait(wait)
+
     def maybe_swap(self) -> bool:
         """Swap in a loaded newer generation, if any (call between training steps)."""
         if self._pending is None:

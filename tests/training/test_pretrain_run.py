@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,40 +167,39 @@ def test_resume_reproduces_the_next_step(run, spans_corpus, tiny_retriever, tiny
 
 def test_a_run_killed_after_its_checkpoint_resumes_without_drift(spans_corpus, tiny_retriever,
                                                                  tiny_encoder, tmp_path):
-    """Killed at step 20 after its checkpoint at 10, having published a snapshot (step 15) and
-    committed a generation from it: the rerun puts both aside, publishes nothing, logs each step
-    once, and its losses are the uninterrupted run's, step for step."""
-    from realm.data.store import BlockStore
+    """Refresh on a fixed schedule (a snapshot every 5 steps, each generation swapped in before
+    the next step). Killed at step 20 after its checkpoint at 10, the run had published the
+    snapshots of steps 15 and 20 and committed their generations: the rerun puts them aside,
+    publishes nothing at step 10, logs each step once, rebuilds step 15's generation, and its
+    losses are the uninterrupted run's, step for step."""
     from realm.index.store import RunStore
-    from realm.modeling.retriever import Retriever
 
-    args = ("train.steps=20", "train.save_every=10", "refresh.every_steps=1000",
+    args = ("train.steps=20", "train.save_every=10", "refresh.every_steps=5", "refresh.sync=true",
             "logging.wandb=false", "logging.report_every=0")
     whole = tmp_path / "whole"
     _pretrain(whole, spans_corpus, tiny_retriever, tiny_encoder, tmp_path, *args)
     killed = tmp_path / "killed"
     shutil.copytree(whole, killed)
-    shutil.rmtree(killed / "checkpoints" / "step-000020")
+    shutil.rmtree(killed / "checkpoints" / "step-000020")  # killed after step 20, before saving
     (killed / "DONE").unlink()
     store = RunStore(str(killed))
-    store.publish_encoder(Retriever.from_pretrained(tiny_retriever), step=15)
-    corpus = BlockStore(spans_corpus)
-    future = store.commit_generation(
-        np.random.default_rng(0).normal(size=(len(corpus), 16)).astype(np.float32),
-        encoder_step=15, corpus_fingerprint=corpus.fingerprint)
+    assert store.encoder_steps() == [15, 20] and store.read_latest()["encoder_step"] == 20
 
     summary = _pretrain(killed, spans_corpus, tiny_retriever, tiny_encoder, tmp_path, *args)
     assert summary["resumed_from"].endswith("step-000010")
     before = {r["step"]: r for r in _records(whole) if "loss" in r}
     after = [r for r in _records(killed) if "loss" in r]
     assert [r["step"] for r in after] == list(range(1, 21))  # each step once
-    assert {r["index/generation"] for r in after} == {0}
+    # the fixed schedule: steps 1-5 read generation 0, 6-10 generation 1, ... (a record shows
+    # the generation in use after its step: at step 5, the one just swapped in)
+    assert [r["index/generation"] for r in before.values()] == [s // 5 for s in range(1, 21)]
     for r in after[10:]:
+        assert r["index/generation"] == before[r["step"]]["index/generation"], r["step"]
         assert r["loss"] == pytest.approx(before[r["step"]]["loss"], rel=1e-5), r["step"]
-    assert store.encoder_steps() == [0] and store.read_latest()["generation"] == 0
     (aside,) = (killed / "discarded").iterdir()
-    assert (aside / "encoders" / "step-000015").is_dir()
-    assert (aside / "index" / f"gen-{future:06d}").is_dir()
+    assert sorted(p.name for p in (aside / "encoders").iterdir()) == ["step-000015", "step-000020"]
+    assert sorted(p.name for p in (aside / "index").iterdir()) == ["gen-000003", "gen-000004"]
+    assert store.encoder_steps() == [15, 20] and store.read_latest()["generation"] == 4
 
 
 def test_first_generation_is_cached_for_the_next_fresh_run(run):
