@@ -86,3 +86,26 @@ def test_bad_inputs_get_one_line_naming_the_path(script, args, code, names, tmp_
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and names.format(tmp=tmp_path) in errors[0], done.stderr[-2000:]
+
+
+def test_ctrl_c_and_sigterm_take_the_interrupt_path():
+    """Ctrl-C exits 130, a scheduler's SIGTERM 143, both through KeyboardInterrupt (the path that
+    checkpoints: tests/training/test_pretrain_run.py runs it end to end with SIGTERM)."""
+    import signal
+    import time
+
+    from realm.cli import run_stage
+
+    def interrupted(config, progress):
+        raise KeyboardInterrupt
+
+    def terminated(config, progress):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not interrupt the stage")
+
+    assert run_stage("a stage", interrupted, argv=[]) == 130
+    t0 = time.monotonic()
+    assert run_stage("a stage", terminated, argv=[]) == 143
+    assert time.monotonic() - t0 < 10
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back

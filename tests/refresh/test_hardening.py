@@ -47,6 +47,9 @@ def test_a_dead_refresher_ends_the_wait_for_generation_0_quoting_its_log(
     message = str(err.value)
     assert "restarted 1 time" in message and "exit codes 1, 1" in message
     assert "no-such-corpus" in message  # the refresher's own error, quoted from its log
+    # the supervisor gave up after its bounded restarts and says so
+    assert supervisor.gave_up and supervisor.restarts == 1 and supervisor.exits == [1, 1]
+    assert not supervisor.check()
     hook.close(finished=False)
     assert not supervisor.alive
 
