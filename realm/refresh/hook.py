@@ -47,6 +47,9 @@ class RefreshHook:
             ``every_steps``); with ``stop_when_stale`` it stops with an error instead.
         sync: After each snapshot, wait for the generation built from it and swap it in before
             the next step (every process): a fixed schedule, reproducible across a resume.
+        agree: With several processes, the element-wise minimum of a list of ints over all of
+            them (a collective): every process swaps to a new generation at the same step, and
+            starts on the same one, so no step searches two indexes.
         publish_after: Publish no snapshot up to this step (the document encoder is held still
             until then, so the index of generation 0 stays exact).
         barrier: Synchronises the processes (``accelerator.wait_for_everyone``) at start.
@@ -62,6 +65,7 @@ class RefreshHook:
                  lease_timeout_s: float = 600.0, keep_encoders: int = 2, gpu: bool = True,
                  nprobe: int = 32, ef_search: int = 128, first_timeout_s: float = 3600.0,
                  stale_limit: int = 0, stop_when_stale: bool = False, sync: bool = False,
+                 agree: Optional[Callable[[list[int]], list[int]]] = None,
                  publish_after: int = 0, barrier: Callable[[], None] = lambda: None,
                  threads: Optional[tuple[int, int]] = None):
         self.store = store
@@ -76,6 +80,7 @@ class RefreshHook:
         self.stop_when_stale = stop_when_stale
         self.sync = sync
         self.sync_wait_s = 0.0
+        self.agree = agree
         self._stale_warned_at = 0
         self.publish_after = publish_after
         self.barrier = barrier
@@ -116,7 +121,7 @@ class RefreshHook:
                    barrier=accelerator.wait_for_everyone, threads=threads,
                    first_timeout_s=r.first_generation_timeout_s,
                    stale_limit=r.max_staleness_steps, stop_when_stale=r.stop_when_stale,
-                   sync=r.sync)
+                   sync=r.sync, agree=_min_over_processes(accelerator))
         hook.stage = stage
         return hook
 
@@ -155,6 +160,10 @@ class RefreshHook:
             why = f"; {self.supervisor.failure()}" if self.supervisor is not None else ""
             raise RefresherFailed(f"{e} (refresh.first_generation_timeout_s="
                                   f"{self.first_timeout_s:g}){why}") from None
+        if self.agree is not None:  # all start on the newest one any of them loaded
+            newest = -self.agree([-gen.generation])[0]
+            if newest != gen.generation:
+                gen = self.watcher.load(newest)
         self.generations_used.add(gen.generation)
         logger.info("index generation %d in use (waited %.1fs)", gen.generation, time.time() - t0)
 
@@ -194,12 +203,23 @@ class RefreshHook:
             self.start(step, self.barrier)
             if self.resume_generation is not None:
                 return  # the first resumed step runs on the checkpoint's generation: reproducible
-        if self.watcher.maybe_swap():
+        if self._swap():
             self.generations_used.add(self.watcher.current.generation)
             if self.supervisor is not None:
                 self.supervisor.reset_budget()
         if self.threads is not None and self.supervisor is not None:
             self.share_cores(self.supervisor.cpu_fraction())
+
+    def _swap(self) -> bool:
+        """Swap in the loaded newer generation; with several processes only when every one of
+        them holds the same one (one collective per step), so all swap at the same step."""
+        if self.agree is None:
+            return self.watcher.maybe_swap()
+        pending = self.watcher.pending_generation
+        low, minus_high = self.agree([pending, -pending])
+        if low < 0 or low != -minus_high:
+            return False  # someone has nothing new yet, or another generation: swap later
+        return self.watcher.maybe_swap()
 
     def share_cores(self, refresher_cores: float) -> int:
         """Run on fewer threads while the refresher is busy, on all of them otherwise. Busy: it
@@ -266,6 +286,10 @@ class RefreshHook:
             out["refresh/alive"] = int(self.supervisor.alive)
         if self.sync:
             out["refresh/sync_wait_s"] = round(self.sync_wait_s, 3)
+        if self.agree is not None and self.watcher.current is not None:
+            gen = self.watcher.current.generation  # (every process calls metrics: a collective)
+            low, minus_high = self.agree([gen, -gen])
+            out["index/generation_spread"] = -minus_high - low  # 0: all search the same one
         if self.threads is not None:
             out["train/threads"] = torch.get_num_threads()
             out["train/shared_steps"] = self.shared_steps
@@ -297,3 +321,17 @@ class RefreshHook:
             step = int(holder.rsplit("-", 1)[1])
             if step < self.step and holder[len("checkpoint-"):] not in existing:
                 self.store.release_lease(holder)
+
+
+def _min_over_processes(accelerator) -> Optional[Callable[[list[int]], list[int]]]:
+    """Element-wise minimum of a list of ints over the processes (None with one process)."""
+    if accelerator.num_processes == 1:
+        return None
+    import torch.distributed as dist
+
+    def reduce(values: list[int]) -> list[int]:
+        tensor = torch.tensor(values, dtype=torch.int64, device=accelerator.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return [int(v) for v in tensor.tolist()]
+
+    return reduce

@@ -188,6 +188,12 @@ class IndexWatcher:
                                    f"step {step} after {timeout}s (is the refresher running?)")
             self._ready.wait(wait)
 
+    @property
+    def pending_generation(self) -> int:
+        """The loaded generation waiting to be swapped in, or -1."""
+        pending = self._pending
+        return -1 if pending is None else pending.generation
+
     def maybe_swap(self) -> bool:
         """Swap in a loaded newer generation, if any (call between training steps)."""
         if self._pending is None:

@@ -129,6 +129,8 @@ def test_two_cpu_ranks_pretrain_beside_the_refresher(spans_corpus, tiny_retrieve
     assert summary["generations_swapped"] >= 1 and summary["mean_ru"] is not None
     scalars = [r for r in _records(run_dir) if "table" not in r]
     assert [r["step"] for r in scalars] == list(range(1, 11))  # the main rank logs, once a step
+    # agreed swaps: at every step both ranks searched the same generation
+    assert [r["index/generation_spread"] for r in scalars] == [0] * 10
     assert (run_dir / "DONE").exists() and (run_dir / "checkpoints" / "step-000010").exists()
 
 
