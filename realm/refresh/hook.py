@@ -239,11 +239,6 @@ class RefreshHook:
 
     def after_step(self, step: int, model) -> None:
         self.step = step
-        current = self.watcher.current
-        if current is not None:
-            staleness = step - current.encoder_step
-            self.max_staleness_steps = max(self.max_staleness_steps, staleness)
-            self._check_staleness(step, staleness)
         publishing = step % self.every_steps == 0 and step > self.publish_after
         if self.is_main:
             best_effort(self.store.write_heartbeat, step, what="the trainer's heartbeat")
@@ -260,6 +255,12 @@ class RefreshHook:
                 raise RefresherFailed(f"{e} (refresh.sync)") from None
             self.generations_used.add(gen.generation)
             self.sync_wait_s += time.time() - t0
+        # the index the next step reads against this step's encoder (what the logged record shows)
+        current = self.watcher.current
+        if current is not None:
+            staleness = step - current.encoder_step
+            self.max_staleness_steps = max(self.max_staleness_steps, staleness)
+            self._check_staleness(step, staleness)
 
     def _check_staleness(self, step: int, staleness: int) -> None:
         """Warn loudly (again every ``stale_limit`` steps) when the index in use is older than
