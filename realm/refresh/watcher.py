@@ -141,25 +141,31 @@ class IndexWatcher:
             self.current = loaded
         return loaded
 
+    def _wait(self, ready: Callable[[], bool], timeout: Optional[float],
+              check: Optional[Callable[[], None]]) -> bool:
+        """Poll (or let the watcher thread poll) until ``ready()``; ``check()`` every round.
+        Returns False when ``timeout`` ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready():
+            if self._thread is None:
+                self.poll_once()
+                if ready():
+                    break
+            if check is not None:
+                check()
+            wait = self.poll_s if deadline is None else min(self.poll_s, deadline - time.monotonic())
+            if wait <= 0:
+                return False
+            self._ready.wait(wait)
+        return True
+
     def wait_for_first(self, timeout: Optional[float] = None,
                        check: Optional[Callable[[], None]] = None) -> Generation:
         """Block until a generation is available (only at start), then swap it in. ``check`` is
         called every poll while waiting (e.g. the refresher's supervisor: it raises when the
         refresher is gone for good, so nobody waits out the whole timeout on a dead process)."""
         if self.current is None:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while self._pending is None:
-                if self._thread is None:
-                    self.poll_once()
-                    if self._pending is not None:
-                        break
-                if check is not None:
-                    check()
-                wait = self.poll_s if deadline is None else min(self.poll_s,
-                                                                deadline - time.monotonic())
-                if wait <= 0:
-                    break
-                self._ready.wait(wait)
+            self._wait(lambda: self._pending is not None, timeout, check)
             if not self.maybe_swap():
                 raise TimeoutError(f"{self.store.url}: no valid index generation after "
                                    f"{timeout}s (is the refresher running?)")
@@ -170,23 +176,16 @@ class IndexWatcher:
         """Block until a generation built from an encoder snapshot of ``step`` or later is
         loaded, and swap it in (``refresh.sync``: a fixed refresh schedule). ``check`` as in
         :meth:`wait_for_first`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+
+        def ready() -> bool:
             if self._pending is not None:
                 self.maybe_swap()
-            if self.current is not None and self.current.encoder_step >= step:
-                return self.current
-            if self._thread is None:
-                self.poll_once()
-                if self._pending is not None:
-                    continue
-            if check is not None:
-                check()
-            wait = self.poll_s if deadline is None else min(self.poll_s, deadline - time.monotonic())
-            if wait <= 0:
-                raise TimeoutError(f"{self.store.url}: no index generation from the encoder of "
-                                   f"step {step} after {timeout}s (is the refresher running?)")
-            self._ready.wait(wait)
+            return self.current is not None and self.current.encoder_step >= step
+
+        if not self._wait(ready, timeout, check):
+            raise TimeoutError(f"{self.store.url}: no index generation from the encoder of "
+                               f"step {step} after {timeout}s (is the refresher running?)")
+        return self.current
 
     @property
     def pending_generation(self) -> int:
