@@ -270,6 +270,11 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm",
                f"must be >= 0, got {self.max_grad_norm}")
+        _check("://" not in self.run_dir, "train.run_dir",
+               f"{self.run_dir!r} is a URL: training stages write checkpoints, metrics and "
+               "models through the local file system, so the run directory must be a path (on "
+               "several machines, a shared POSIX mount: docs/scaling.md); only "
+               "launch/refresh_index.py --run-dir takes fsspec URLs")
 
 
 @dataclass
@@ -285,7 +290,14 @@ class IndexConfig:
     ef_search: int = _doc("HNSW search breadth (efSearch).", default=128)
     train_size: int = _doc("Embeddings sampled to train IVF/PQ indexes.", default=262144)
     gpu: bool = _doc("Put the index on the GPU(s) when faiss sees any (sharded across "
-                     "several).", default=True)
+                     "several; with `sharding: ranks`, each process's shard on its "
+                     "`LOCAL_RANK` GPU).", default=True)
+    sharding: Literal["replicated", "ranks"] = _doc(
+        "`replicated`: every training process holds the whole index (small corpora). `ranks`: "
+        "each of N processes holds 1/N of every generation and a search gathers the queries, "
+        "searches every shard and merges the top k (one collective per step; exact `Flat` "
+        "gives the unsharded result).", default="replicated"
+    )
     keep_generations: int = _doc(
         "Newest index generations kept by garbage collection (plus any a reader holds).",
         default=2,
@@ -770,6 +782,11 @@ class Config:
                                      metadata={"help": "REALM pretraining."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Training core."})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Metrics."})
+
+    def __post_init__(self) -> None:
+        _check(not (self.index.sharding == "ranks" and self.pretrain.retriever_signal == "bank"),
+               "index.sharding", "ranks holds 1/N of the embeddings on each process; "
+               "pretrain.retriever_signal=bank reads all of them (use replicated)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -65,6 +65,10 @@ BAD_INPUTS = [  # (script, arguments, exit code, what the one line must name)
      "--limit: at least 1"),
     ("prepare_corpus.py", ["--output", "{tmp}/a-file/corpus", "--input", "{tmp}/leads.jsonl"], 1,
      "File exists: '{tmp}/a-file'"),
+    # a URL run directory is refused, never written as a local ./memory:/x
+    ("pretrain.py", ["train.run_dir=memory://x"], 2, "train.run_dir: 'memory://x' is a URL"),
+    ("refresh_index.py", ["--run-dir", "nofs://bucket/run", "--corpus", "{tmp}/no-corpus"], 1,
+     "nofs://bucket/run: no fsspec file system for the scheme 'nofs'"),
 ]
 
 
@@ -86,6 +90,7 @@ def test_bad_inputs_get_one_line_naming_the_path(script, args, code, names, tmp_
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and names.format(tmp=tmp_path) in errors[0], done.stderr[-2000:]
+    assert not any(p.name.startswith(("memory:", "nofs:")) for p in tmp_path.iterdir())
 
 
 def test_ctrl_c_and_sigterm_take_the_interrupt_path():

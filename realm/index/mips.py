@@ -114,6 +114,7 @@ class MipsIndex:
         nprobe: int = 32,
         ef_search: int = 128,
         gpu: bool = True,
+        gpu_device: Optional[int] = None,
         seed: int = 0,
     ) -> "MipsIndex":
         """Index ``embeddings [n, dim]`` (float16 or float32) with ``faiss.index_factory``.
@@ -126,6 +127,8 @@ class MipsIndex:
             nprobe: IVF lists visited per query.
             ef_search: HNSW search breadth.
             gpu: Move the index to the GPU(s) when faiss sees any (else ignored).
+            gpu_device: Put it on this one GPU (a shard on its process's ``LOCAL_RANK`` GPU);
+                None: on all of them, sharded.
             seed: Seed of the training sample.
         """
         import faiss
@@ -150,7 +153,7 @@ class MipsIndex:
         mips = cls(index, block_ids, factory)
         mips.set_search_params(nprobe=nprobe, ef_search=ef_search)
         if gpu and num_gpus() > 0:
-            mips.to_gpus()
+            mips.to_gpus(gpu_device)
         return mips
 
     def set_search_params(self, nprobe: int = 32, ef_search: int = 128) -> None:
@@ -167,23 +170,27 @@ class MipsIndex:
         if hasattr(hnsw, "hnsw"):
             hnsw.hnsw.efSearch = ef_search
 
-    def to_gpus(self) -> None:
-        """Move the index to the GPU (sharded across all of them when there are several)."""
+    def to_gpus(self, device: Optional[int] = None) -> None:
+        """Move the index to the GPU (``device``; None: sharded across all of them when there
+        are several)."""
         import faiss
 
         ngpu = num_gpus()
         if ngpu == 0 or self.on_gpu:
             return
+        if device is not None and not 0 <= device < ngpu:
+            raise ValueError(f"GPU {device} for the index, but faiss sees {ngpu}")
         try:
-            if ngpu == 1:
+            if ngpu == 1 or device is not None:
                 self._gpu_res = faiss.StandardGpuResources()
-                self.index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
+                self.index = faiss.index_cpu_to_gpu(self._gpu_res, device or 0, self.index)
             else:
                 options = faiss.GpuMultipleClonerOptions()
                 options.shard = True
                 self.index = faiss.index_cpu_to_all_gpus(self.index, co=options, ngpu=ngpu)
             self.on_gpu = True
-            logger.info("%s index on %d GPU(s)", self.factory, ngpu)
+            logger.info("%s index on %s", self.factory,
+                        f"GPU {device}" if device is not None else f"{ngpu} GPU(s)")
         except RuntimeError as e:  # e.g. HNSW has no GPU implementation
             logger.warning("%s index stays on the CPU: %s", self.factory, str(e).strip()[:200])
 
@@ -239,14 +246,15 @@ class MipsIndex:
 
     @classmethod
     def from_bytes(cls, data: bytes, block_ids: Optional[np.ndarray] = None,
-                   factory: str = "Flat", gpu: bool = True, **search_params) -> "MipsIndex":
+                   factory: str = "Flat", gpu: bool = True, gpu_device: Optional[int] = None,
+                   **search_params) -> "MipsIndex":
         import faiss
 
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         mips = cls(index, block_ids, factory)
         mips.set_search_params(**search_params)
         if gpu and num_gpus() > 0:
-            mips.to_gpus()
+            mips.to_gpus(gpu_device)
         return mips
 
 

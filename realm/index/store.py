@@ -54,6 +54,10 @@ class GenerationError(ValueError):
     """A generation is missing, incomplete, corrupt, or does not fit the reader's corpus/dim."""
 
 
+class RunDirError(ValueError):
+    """A run directory URL no installed fsspec file system can open."""
+
+
 class StoreLockedError(RuntimeError):
     """Another refresher holds this run directory."""
 
@@ -75,6 +79,9 @@ class Generation:
     index: MipsIndex
     loaded_at: float  # time.time() when loading finished
     embeddings: Optional[np.ndarray] = None  # [n_blocks, dim] float16, rows as in block_ids
+    #: ``(rank, world)`` when this process holds one shard (``index.sharding=ranks``): the
+    #: index and ``embeddings`` are its rows only (``realm.index.sharded``).
+    shard: Optional[tuple[int, int]] = None
     _rows_are_ids: Optional[bool] = field(default=None, repr=False, compare=False)
 
     @property
@@ -85,7 +92,7 @@ class Generation:
         """The index's top-``k`` (MipsIndex.search), with this generation's embeddings as the
         result's ``bank`` when they index blocks ``0..n-1`` in order."""
         found = self.index.search(queries, k, exclude)
-        if self.embeddings is not None and self._in_order():
+        if self.embeddings is not None and self.shard is None and self._in_order():
             found.bank = self.embeddings
         return found
 
@@ -101,6 +108,9 @@ class Generation:
 
         Assumes the generation indexes blocks ``0..n-1`` in order (what the refresher writes).
         """
+        if self.shard is not None:
+            raise ValueError("this process holds one shard of the embeddings "
+                             "(index.sharding=ranks); their rows are not block ids")
         ids = np.asarray(block_ids)
         out = self.embeddings[np.maximum(ids, 0)].astype(np.float32)  # [*S, dim]
         out[ids < 0] = 0.0
@@ -120,7 +130,12 @@ class RunStore:
         from fsspec.implementations.local import LocalFileSystem
 
         self.url = str(run_dir)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        except (ValueError, ImportError) as e:  # unknown scheme, or its backend not installed
+            scheme = self.url.split("://", 1)[0]
+            raise RunDirError(f"run directory {self.url}: no fsspec file system for the scheme "
+                             f"{scheme!r} ({e})") from None
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
         self._lock_fd: Optional[int] = None
@@ -447,8 +462,14 @@ class RunStore:
         gpu: bool = True,
         nprobe: int = 32,
         ef_search: int = 128,
+        shard: Optional[tuple[int, int]] = None,
+        gpu_device: Optional[int] = None,
     ) -> Generation:
         """Read, check and load generation ``generation`` into memory.
+
+        ``shard=(rank, world)`` keeps rows ``shard_range(n_blocks, rank, world)`` only, indexed
+        anew with the generation's factory (``index.sharding=ranks``); ``gpu_device`` puts the
+        index on that one GPU (where faiss sees GPUs and ``gpu``).
 
         Raises:
             GenerationError: missing or corrupt files (size or sha256 differ from the manifest),
@@ -466,7 +487,16 @@ class RunStore:
             raise GenerationError(f"{where}/embeddings.npy: shape {embeddings.shape}, manifest "
                                   f"says ({manifest['n_blocks']}, {manifest['dim']})")
         factory = manifest["index_type"]
-        params = {"nprobe": nprobe, "ef_search": ef_search}
+        params = {"nprobe": nprobe, "ef_search": ef_search, "gpu_device": gpu_device}
+        if shard is not None:
+            from realm.index.sharded import shard_range
+
+            start, end = shard_range(len(embeddings), *shard)
+            embeddings, block_ids = embeddings[start:end].copy(), block_ids[start:end].copy()
+            data.pop("index.faiss", None)  # the whole generation's: each shard builds its own
+            if not len(embeddings):
+                raise GenerationError(f"{where}: {manifest['n_blocks']} blocks cannot be split "
+                                      f"into {shard[1]} shards")
         try:
             if "index.faiss" in data:
                 index = MipsIndex.from_bytes(data["index.faiss"], block_ids, factory, gpu=gpu,
@@ -476,7 +506,7 @@ class RunStore:
         except RuntimeError as e:
             raise GenerationError(f"{where}: faiss cannot read the index ({e})") from None
         return Generation(generation=generation, manifest=manifest, index=index,
-                          loaded_at=time.time(), embeddings=embeddings)
+                          loaded_at=time.time(), embeddings=embeddings, shard=shard)
 
     # -- resume ------------------------------------------------------------------------------
 

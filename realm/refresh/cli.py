@@ -40,10 +40,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.exit(2, f"{parser.prog}: config error: refresh.corpus: no corpus directory given "
                        "(--corpus DIR or refresh.corpus=DIR)\n")
     from realm.data.store import CorpusError
+    from realm.index.store import RunDirError
 
     try:
         return _run(args, config)
-    except (CorpusError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (CorpusError, RunDirError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         if args.debug:
             raise
         logger.error("%s: %s", parser.prog, e)  # one line: the message names the path

@@ -57,6 +57,8 @@ class RefreshHook:
             on while the spawned refresher is busy (it then shares the same cores; a trainer
             whose threads outnumber the free cores stalls at every parallel region). Decided
             before every step (:meth:`share_cores`). None: never changed.
+        shard, gpu_device: ``(rank, world)``: this process holds that shard of every generation
+            (``index.sharding=ranks``), its index on GPU ``gpu_device`` where there is one.
     """
 
     def __init__(self, store: RunStore, model, retriever_of: Callable[[Any], Any], *,
@@ -67,7 +69,8 @@ class RefreshHook:
                  stale_limit: int = 0, stop_when_stale: bool = False, sync: bool = False,
                  agree: Optional[Callable[[list[int]], list[int]]] = None,
                  publish_after: int = 0, barrier: Callable[[], None] = lambda: None,
-                 threads: Optional[tuple[int, int]] = None):
+                 threads: Optional[tuple[int, int]] = None,
+                 shard: Optional[tuple[int, int]] = None, gpu_device: Optional[int] = None):
         self.store = store
         self.model = model
         self.retriever_of = retriever_of
@@ -89,7 +92,9 @@ class RefreshHook:
         self.last_published: Optional[int] = None  # encoder step of the newest snapshot
         self.watcher = IndexWatcher(store, corpus_fingerprint=corpus_fingerprint, dim=dim,
                                     poll_s=poll_s, lease_timeout_s=lease_timeout_s, gpu=gpu,
-                                    nprobe=nprobe, ef_search=ef_search)
+                                    nprobe=nprobe, ef_search=ef_search, shard=shard,
+                                    gpu_device=gpu_device)
+        self.shards = shard[1] if shard else 1
         self.step = 0
         self.resume_generation: Optional[int] = None
         self.generations_used: set[int] = set()
@@ -121,9 +126,22 @@ class RefreshHook:
                    barrier=accelerator.wait_for_everyone, threads=threads,
                    first_timeout_s=r.first_generation_timeout_s,
                    stale_limit=r.max_staleness_steps, stop_when_stale=r.stop_when_stale,
-                   sync=r.sync, agree=_min_over_processes(accelerator))
+                   sync=r.sync, agree=_min_over_processes(accelerator),
+                   **_shard_of(config.index.sharding, accelerator))
         hook.stage = stage
         return hook
+
+    def searcher(self, accelerator) -> Callable[..., Any]:
+        """``search(queries, k, exclude) -> SearchResult`` over the generation in use: the
+        watcher's, or with a shard per process a collective every process calls once per step
+        (:class:`realm.index.sharded.ShardedSearch`)."""
+        if self.watcher.load_kwargs["shard"] is None:
+            return self.watcher.search
+        from realm.index.sharded import ShardedSearch, torch_gather
+
+        gather = (torch_gather(accelerator.device) if accelerator.num_processes > 1
+                  else lambda tensor: [tensor])
+        return ShardedSearch(lambda: self.watcher.current, gather, accelerator.process_index)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -322,6 +340,15 @@ class RefreshHook:
             step = int(holder.rsplit("-", 1)[1])
             if step < self.step and holder[len("checkpoint-"):] not in existing:
                 self.store.release_lease(holder)
+
+
+def _shard_of(sharding: str, accelerator) -> dict[str, Any]:
+    """The watcher's ``shard`` and ``gpu_device`` for ``index.sharding`` on this process."""
+    if sharding != "ranks":
+        return {}
+    on_gpu = accelerator.device.type == "cuda"
+    return {"shard": (accelerator.process_index, accelerator.num_processes),
+            "gpu_device": accelerator.local_process_index if on_gpu else None}
 
 
 def _min_over_processes(accelerator) -> Optional[Callable[[list[int]], list[int]]]:

@@ -37,17 +37,21 @@ class IndexWatcher:
         poll_s: Seconds between looks at ``index/LATEST``.
         lease_timeout_s: Lease lifetime; leases are renewed every poll.
         gpu, nprobe, ef_search: Index placement and search breadth.
+        shard: ``(rank, world)``: hold that shard of every generation (``index.sharding=ranks``).
+        gpu_device: The one GPU its index goes to (None: all of them).
     """
 
     def __init__(self, store: RunStore, *, corpus_fingerprint: Optional[str], dim: Optional[int],
                  poll_s: float = 2.0, lease_timeout_s: float = 600.0, gpu: bool = True,
-                 nprobe: int = 32, ef_search: int = 128, verify: bool = True):
+                 nprobe: int = 32, ef_search: int = 128, verify: bool = True,
+                 shard: Optional[tuple[int, int]] = None, gpu_device: Optional[int] = None):
         self.store = store
         self.fingerprint = corpus_fingerprint
         self.dim = dim
         self.poll_s = poll_s
         self.lease_timeout_s = lease_timeout_s
-        self.load_kwargs = {"gpu": gpu, "nprobe": nprobe, "ef_search": ef_search, "verify": verify}
+        self.load_kwargs = {"gpu": gpu, "nprobe": nprobe, "ef_search": ef_search, "verify": verify,
+                            "shard": shard, "gpu_device": gpu_device}
         self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.current: Optional[Generation] = None
         self._pending: Optional[Generation] = None

@@ -354,7 +354,7 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
                                        corpus_fingerprint=store.fingerprint, dim=retriever.dim,
                                        cpu_threads=cpu_threads(t.threads),
                                        stage="train_retriever")
-        index_negatives = IndexNegatives(hook.watcher.search, store, dataset.answers,
+        index_negatives = IndexNegatives(hook.searcher(accelerator), store, dataset.answers,
                                          d.hard_negatives, d.index_search, special,
                                          r.max_query_tokens, d.regex, config.seed)
     task = DPRTask(dataset, store, special, accelerator, evaluate if dev_qa else None,

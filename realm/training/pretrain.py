@@ -525,7 +525,7 @@ class FirstGenerationCache:
     def after_step(self, step: int, model: nn.Module) -> None:
         current = self.watcher.current
         if (os.path.exists(self.path) or current is None or current.encoder_step != 0
-                or current.embeddings is None):
+                or current.embeddings is None or current.shard is not None):
             return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         tmp = f"{self.path}.tmp-{os.getpid()}.npy"
@@ -622,7 +622,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
             config, accelerator, model, lambda m: accelerator.unwrap_model(m).retriever,
             corpus_fingerprint=store.fingerprint, dim=retriever.dim,
             cpu_threads=cpu_threads(t.threads), publish_after=p.retriever_hold_steps)
-        searcher = hook.watcher.search
+        searcher = hook.searcher(accelerator)
         first = FirstGenerationCache(
             FirstGenerationCache.key_path(p.cache_dir, retriever_dir, store.fingerprint, config),
             hook.watcher)
@@ -689,6 +689,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
         "final_ru": round(ru[-1], 5) if ru else None,
         **quarters,
         "generations_swapped": len(hook.generations_used) if hook else 0,
+        "index_shards": hook.shards if hook else 0,
         "max_staleness_steps": hook.max_staleness_steps if hook else 0,
         "world_size": world_size, "precision": precision or "fp32",
         "examples_per_s": result["examples_per_s"], "resumed_from": result["resumed_from"],

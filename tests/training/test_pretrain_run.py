@@ -27,7 +27,15 @@ def _env(tmp_path):
 
 def _pretrain(run_dir, corpus, retriever, encoder, tmp_path, *extra, timeout=300,
               launcher=(sys.executable,)):
-    cmd = [*launcher, str(REPO / "launch" / "pretrain.py"), "--no-progress",
+    cmd = _pretrain_cmd(run_dir, corpus, retriever, encoder, tmp_path, *extra, launcher=launcher)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(tmp_path))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "terminate called" not in done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _pretrain_cmd(run_dir, corpus, retriever, encoder, tmp_path, *extra, launcher):
+    return [*launcher, str(REPO / "launch" / "pretrain.py"), "--no-progress",
            f"pretrain.corpus={corpus}", f"pretrain.retriever={retriever}",
            f"pretrain.encoder={encoder}", "pretrain.encoder_layers=null", "pretrain.k=3",
            "pretrain.mlm_steps=0",  # (the MLM adaptation has its own tests)
@@ -38,10 +46,6 @@ def _pretrain(run_dir, corpus, retriever, encoder, tmp_path, *extra, timeout=300
            "train.warmup_steps=2", "train.precision=fp32", "refresh.every_steps=5",
            "refresh.poll_s=0.1", "refresh.threads=1", "logging.log_every=1",
            "logging.wandb=true", "logging.wandb_mode=offline", "logging.report_every=20", *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(tmp_path))
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "terminate called" not in done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _records(run_dir):
@@ -132,6 +136,55 @@ def test_two_cpu_ranks_pretrain_beside_the_refresher(spans_corpus, tiny_retrieve
     # agreed swaps: at every step both ranks searched the same generation
     assert [r["index/generation_spread"] for r in scalars] == [0] * 10
     assert (run_dir / "DONE").exists() and (run_dir / "checkpoints" / "step-000010").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_on_localhost_with_a_sharded_index(spans_corpus, tiny_retriever,
+                                                        tiny_encoder, tmp_path):
+    """docs/scaling.md's multi-node recipe on one host: two "machines" of one CPU process each
+    (``--num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1``) sharing the run
+    directory, each holding half of every index generation (``index.sharding=ranks``)."""
+    port = _free_port()
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                "--main_process_port", str(port), "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--machine_rank"]
+    run_dir = tmp_path / "run"
+    args = ("train.steps=12", "logging.wandb=false", "logging.report_every=0",
+            "index.sharding=ranks", "refresh.every_steps=4", "refresh.sync=true")
+    second = subprocess.Popen(
+        _pretrain_cmd(run_dir, spans_corpus, tiny_retriever, tiny_encoder, tmp_path, *args,
+                      launcher=[*launcher, "1"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    try:
+        summary = _pretrain(run_dir, spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
+                            *args, launcher=[*launcher, "0"])
+        out, err = second.communicate(timeout=120)
+    finally:
+        second.kill()
+    assert second.returncode == 0, err[-4000:]
+    assert summary["world_size"] == 2 and summary["index_shards"] == 2
+    assert summary["steps"] == 12 and summary["generations_swapped"] >= 2
+    scalars = [r for r in _records(run_dir) if "table" not in r]
+    assert [r["index/generation_spread"] for r in scalars] == [0] * 12
+    # the synchronous schedule: generation g (from the encoder of step 4g) from step 4g + 1 on
+    assert [r["index/generation"] for r in scalars] == [s // 4 for s in range(1, 13)]
+
+
+def test_a_sharded_index_with_one_process_is_one_shard(spans_corpus, tiny_retriever, tiny_encoder,
+                                                       tmp_path):
+    summary = _pretrain(tmp_path / "run", spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
+                        "train.steps=3", "index.sharding=ranks", "logging.wandb=false",
+                        "logging.report_every=0")
+    assert summary["index_shards"] == 1 and summary["world_size"] == 1
+    assert summary["steps"] == 3 and summary["mean_ru"] is not None
 
 
 def test_examples_table_shows_retrieved_titles_and_null(run):
