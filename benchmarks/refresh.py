@@ -3,11 +3,12 @@
     python benchmarks/refresh.py --corpus runs/corpus/leads --retriever runs/ict_minilm/retriever
 
 1. **Swap stall.** A training-like loop on the main thread (query-encoder forward + backward,
-   MIPS top-k with exclusion over the index in use, optimizer step) runs ``--steps`` steps with
-   no new generations, then ``--steps`` steps while a separate committer process commits a new
-   generation every ``--swap-every`` steps' worth of time, which the watcher thread loads and the
-   loop swaps in. Reported: median and max step time of both phases and their ratios, and the
-   time of the ``maybe_swap()`` calls that swapped (the part of a step a swap adds).
+   MIPS top-k with exclusion over the index in use, optimizer step) runs blocks of
+   ``2 * --swap-every`` steps that alternate between no new generations and a new generation
+   every ``--swap-every`` steps (a separate committer process commits it, the watcher thread
+   loads it, the loop swaps it in), ``--steps`` steps of each, so that both share whatever else
+   the machine does. Reported: median and max step time of both and their ratios, and the time
+   of the ``maybe_swap()`` calls that swapped (the part of a step a swap adds).
 2. **Refresh throughput and latency.** A refresher process (as the trainer's supervisor spawns
    it) embeds the whole corpus for a freshly published encoder snapshot; latency is snapshot
    published -> generation swapped in by this process's watcher. Throughput (blocks/s from the
@@ -45,23 +46,25 @@ from realm.training.ict import load_retriever  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def committer(run_dir: str, emb_path: str, fingerprint: str, interval: float, count: int) -> None:
-    """(Child process) commit ``count`` generations, one every ``interval`` seconds."""
+def committer(run_dir: str, emb_path: str, fingerprint: str) -> None:
+    """(Child process) commit a new generation for every line read from stdin; answer "done"."""
     store = RunStore(run_dir)
     emb = np.load(emb_path)
     print("ready", flush=True)
-    for i in range(count):
-        time.sleep(interval)
-        store.commit_generation(emb * (1 + 0.01 * i), encoder_step=i + 1,
+    for i, _ in enumerate(sys.stdin, start=1):
+        store.commit_generation(emb * (1 + 0.01 * i), encoder_step=i,
                                 corpus_fingerprint=fingerprint, extra={"encoder_time": time.time()})
         store.gc_generations(keep=2)
+        print("done", flush=True)
 
 
-def training_loop(retriever, watcher, queries, steps, k, batch) -> tuple[list, list]:
+def training_loop(retriever, watcher, queries, steps, k, batch,
+                  before_step=lambda step: None) -> tuple[list, list]:
     """Step times, and the time of each ``maybe_swap()`` that swapped (on this thread)."""
     optimizer = torch.optim.AdamW(retriever.query_encoder.parameters(), lr=1e-5)
     times, swap_times = [], []
     for step in range(steps):
+        before_step(step)
         t0 = time.perf_counter()
         if watcher.maybe_swap():
             swap_times.append(time.perf_counter() - t0)
@@ -83,6 +86,9 @@ def rows_to_inputs(rows):
 
 
 def swap_stall(args, retriever, store_blocks: BlockStore, workdir: str) -> dict:
+    """Blocks of ``2 * swap_every`` steps alternate between "no swaps" and "swaps" (a commit
+    requested every ``swap_every`` steps, loaded by the watcher thread, swapped in by the loop),
+    so both conditions share the machine's drift; ``--steps`` steps of each."""
     run_dir = os.path.join(workdir, "swap")
     store = RunStore(run_dir)
     n = len(store_blocks)
@@ -96,23 +102,33 @@ def swap_stall(args, retriever, store_blocks: BlockStore, workdir: str) -> dict:
                            poll_s=0.2).start()
     watcher.wait_for_first(timeout=60)
     queries = [store_blocks.body_ids(i)[:32] for i in range(0, n, max(1, n // 512))]
-    training_loop(retriever, watcher, queries, 3, args.k, args.batch)  # warm up
-    base, _ = training_loop(retriever, watcher, queries, args.steps, args.k, args.batch)
-    interval = statistics.median(base) * args.swap_every
-    count = max(1, args.steps // args.swap_every - 1)
     proc = subprocess.Popen([sys.executable, __file__, "--committer", run_dir, emb_path,
-                             store_blocks.fingerprint, str(interval), str(count)],
+                             store_blocks.fingerprint],
                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
-                            stdout=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"  # imports done: they would skew the phase
+    training_loop(retriever, watcher, queries, args.warmup, args.k, args.batch)  # warm up
+    block = 2 * args.swap_every
+    blocks = 2 * max(1, args.steps // block)
+    phase_of = ["swaps" if (step // block) % 2 else "none" for step in range(blocks * block)]
+
+    def before_step(step: int) -> None:
+        if phase_of[step] == "swaps" and step % args.swap_every == 0:
+            proc.stdin.write("commit\n")  # the committer works beside the loop
+            proc.stdin.flush()
+
     swaps_before = watcher.swaps
-    with_swaps, swap_times = training_loop(retriever, watcher, queries, args.steps, args.k,
-                                           args.batch)
+    times, swap_times = training_loop(retriever, watcher, queries, len(phase_of), args.k,
+                                      args.batch, before_step)
+    proc.stdin.close()
     proc.wait()
     swaps = watcher.swaps - swaps_before
     watcher.stop()
+    base = [t for t, phase in zip(times, phase_of) if phase == "none"]
+    with_swaps = [t for t, phase in zip(times, phase_of) if phase == "swaps"]
     return {
-        "steps": args.steps, "swaps": swaps, "blocks": n, "swap_every_steps": args.swap_every,
+        "steps_each": len(base), "swaps": swaps, "blocks": n, "swap_every_steps": args.swap_every,
+        "interleaved_blocks_of_steps": block,
         "median_step_s_no_swaps": round(statistics.median(base), 4),
         "median_step_s_swaps": round(statistics.median(with_swaps), 4),
         "max_step_s_no_swaps": round(max(base), 4), "max_step_s_swaps": round(max(with_swaps), 4),
@@ -169,14 +185,15 @@ def refresh_latency(args, retriever_dir: str, store_blocks: BlockStore, workdir:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--committer":
-        run_dir, emb, fp, interval, count = sys.argv[2:7]
-        committer(run_dir, emb, fp, float(interval), int(count))
+        committer(*sys.argv[2:5])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", required=True)
     parser.add_argument("--retriever", required=True, help="saved retriever directory")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--swap-every", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="untimed steps first (allocator and thread pools settle)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)

@@ -173,7 +173,7 @@ def run_stage(
     # refresher that cannot give the run an index; a checkpoint that cannot be written; a
     # preparation stage (warm start) that failed in its own process
     errors = tuple(_resolve(e) for e in (*errors, *INPUT_ERRORS)) + (
-        FloatingPointError, RefresherFailed, CheckpointError, StageFailed)
+        FloatingPointError, RefresherFailed, CheckpointError, StageFailed, ConfigError)
     terminated: list[int] = []
 
     def on_sigterm(signum, frame):  # what schedulers send: the Ctrl-C path, checkpoint and all

@@ -20,6 +20,7 @@ import difflib
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -248,8 +249,10 @@ class TrainConfig:
     weight_decay: float = _doc("AdamW weight decay (not on biases and LayerNorm).", default=0.01)
     warmup_steps: int = _doc("Linear warmup steps, then linear decay to 0.", default=100)
     max_grad_norm: float = _doc("Gradient clipping norm; 0 disables.", default=1.0)
-    precision: Literal["auto", "fp32", "bf16"] = _doc(
-        "`auto`: bf16 autocast where the device runs it fast, else fp32.", default="auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _doc(
+        "`auto`: what `accelerate launch --mixed_precision bf16|fp16` asked for, else bf16 "
+        "autocast where the device runs it fast, else fp32. `fp16` (CUDA only) trains with "
+        "accelerate's loss scaling.", default="auto"
     )
     eval_every: int = _doc("Evaluate every this many steps (0: only at the end).", default=200)
     save_every: int = _doc("Checkpoint every this many steps (0: only at the end).", default=500)
@@ -358,6 +361,12 @@ class RefreshConfig:
                         "machine, leave the trainer some cores.", default=0)
     device: str = _doc("Device of the refresher's encoder (`auto`: a GPU if any, else CPU; "
                        "or e.g. `cuda:1`).", default="auto")
+    devices: list[str] = _doc(
+        "Devices of the spawned refresher, one process each: e.g. `[cuda:2, cuda:3]` embeds on "
+        "GPUs no trainer process uses, each process a shard of the corpus, one atomic commit "
+        "(launched with torchrun); `[cpu, cpu]`: two CPU processes. A device that does not "
+        "exist stops the run before training starts. Empty: one process on `device`.",
+        default_factory=list)
     share_cores: bool = _doc(
         "A trainer on the CPU that spawned its refresher runs on `train.threads` less the "
         "refresher's `threads` (at least 1) while the refresher is busy, and on all of them "
@@ -375,6 +384,11 @@ class RefreshConfig:
         _check(self.poll_s > 0, "refresh.poll_s", f"must be > 0, got {self.poll_s}")
         _check(self.first_generation_timeout_s > 0, "refresh.first_generation_timeout_s",
                f"must be > 0, got {self.first_generation_timeout_s}")
+        for device in self.devices:
+            _check(re.fullmatch(r"cpu|cuda(:\d+)?", str(device)) is not None, "refresh.devices",
+                   f"{device!r} is not a device (cpu, cuda or cuda:N)")
+        _check(len({str(d).split(":")[0] for d in self.devices}) <= 1, "refresh.devices",
+               f"all cpu or all cuda, got {self.devices}")
 
 
 @dataclass
@@ -591,6 +605,10 @@ class RetrieverTrainingConfig:
         "`hard_negatives`) are the training data instead of `train_qa` mined with BM25.",
         default=None
     )
+    triplets_with_questions: bool = _doc(
+        "With `triplets`: train on the LM's queries and on `train_qa`'s questions (BM25-mined) "
+        "together, shuffled into one set (DRAMA-style data plus the human questions).",
+        default=False)
     positive_search: int = _doc(
         "BM25 blocks searched per question for its positive (DPR's distant supervision: the "
         "best-ranked block whose text holds an answer; with a gold_passage, the best-ranked such "

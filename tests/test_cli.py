@@ -67,6 +67,8 @@ BAD_INPUTS = [  # (script, arguments, exit code, what the one line must name)
      "File exists: '{tmp}/a-file'"),
     # a URL run directory is refused, never written as a local ./memory:/x
     ("pretrain.py", ["train.run_dir=memory://x"], 2, "train.run_dir: 'memory://x' is a URL"),
+    ("pretrain.py", ["refresh.devices=[cuda:99]", "train.run_dir={tmp}/run"], 1,
+     "refresh.devices: cuda:99 does not exist"),
     ("refresh_index.py", ["--run-dir", "nofs://bucket/run", "--corpus", "{tmp}/no-corpus"], 1,
      "nofs://bucket/run: no fsspec file system for the scheme 'nofs'"),
 ]

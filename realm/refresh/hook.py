@@ -17,7 +17,7 @@ import torch
 
 from realm.index.store import GenerationError, RunStore
 from realm.fsutil import best_effort
-from realm.refresh.supervisor import RefresherFailed, RefresherSupervisor
+from realm.refresh.supervisor import RefresherFailed, RefresherSupervisor, placement
 from realm.refresh.watcher import IndexWatcher
 
 logger = logging.getLogger(__name__)
@@ -113,9 +113,10 @@ class RefreshHook:
         r, i, t = config.refresh, config.index, config.train
         supervisor, threads = None, None
         if r.spawn and accelerator.is_main_process:
+            processes, env, overrides = placement(r.devices)
             supervisor = RefresherSupervisor(
-                t.run_dir, ["--config", os.path.join(t.run_dir, "config.yaml"), "--no-progress"],
-                max_restarts=r.max_restarts)
+                t.run_dir, ["--config", os.path.join(t.run_dir, "config.yaml"), "--no-progress",
+                            *overrides], max_restarts=r.max_restarts, env=env, processes=processes)
             if accelerator.device.type == "cpu" and r.share_cores:
                 threads = (cpu_threads, max(1, cpu_threads - (r.threads or cpu_threads)))
         hook = cls(RunStore(t.run_dir), model, retriever_of,

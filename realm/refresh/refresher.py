@@ -98,9 +98,17 @@ def _device(name: str) -> torch.device:
 
 
 def parent_alive(pid: int) -> bool:
-    """Whether ``pid`` is still this process's parent (a dead parent's children are re-parented,
-    so a recycled pid does not fool it)."""
-    return os.getppid() == pid
+    """Whether ``pid`` is still this process's parent, or its parent's (a refresher of several
+    processes runs under torchrun): a dead parent's children are re-parented, so a recycled pid
+    does not fool it."""
+    if os.getppid() == pid:
+        return True
+    import psutil
+
+    try:
+        return psutil.Process(os.getppid()).ppid() == pid
+    except psutil.Error:
+        return False
 
 
 def exit_with_parent(pid: int, on_exit: Callable[[], None],

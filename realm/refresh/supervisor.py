@@ -31,6 +31,41 @@ def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     return env
 
 
+def check_devices(devices: Sequence[str]) -> None:
+    """Raise :class:`realm.config.ConfigError` naming a device of ``refresh.devices`` that this
+    machine does not have (before training starts, not when the refresher first runs)."""
+    import torch
+
+    from realm.config import ConfigError
+
+    count = torch.cuda.device_count()
+    for device in devices:
+        if device == "cpu":
+            continue
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            raise ConfigError(f"refresh.devices: {device} does not exist (this machine has "
+                              f"{count} CUDA device{'s' if count != 1 else ''})")
+
+
+def placement(devices: Sequence[str]) -> tuple[int, dict[str, str], list[str]]:
+    """``refresh.devices`` as ``(processes, environment, config overrides)`` of the spawned
+    refresher. Several GPUs: each torchrun process sees its own as ``cuda:LOCAL_RANK``
+    (``CUDA_VISIBLE_DEVICES``, read through the trainer's own, if set)."""
+    devices = list(devices)
+    if not devices:
+        return 1, {}, []
+    if len(devices) == 1:
+        return 1, {}, [f"refresh.device={devices[0]}"]
+    if devices[0] == "cpu":
+        return len(devices), {"CUDA_VISIBLE_DEVICES": ""}, ["refresh.device=cpu"]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = visible.split(",") if visible else None
+    indexes = [int(d.split(":")[1]) if ":" in d else 0 for d in devices]
+    chosen = [names[i] if names else str(i) for i in indexes]
+    return len(devices), {"CUDA_VISIBLE_DEVICES": ",".join(chosen)}, ["refresh.device=auto"]
+
+
 class RefresherSupervisor:
     """Runs ``python -m realm.refresh --run-dir RUN_DIR ...`` as a child of the trainer.
 
@@ -44,12 +79,16 @@ class RefresherSupervisor:
         max_restarts: Restarts allowed after the first start.
         log_path: File that receives the child's stdout and stderr (appended).
         env: Extra environment variables for the child (e.g. ``CUDA_VISIBLE_DEVICES``).
+        processes: Refresher processes (several: launched with torchrun, each embedding a
+            shard of the corpus; :func:`placement`).
     """
 
     def __init__(self, run_dir: str, args: Sequence[str] = (), *, max_restarts: int = 3,
-                 log_path: Optional[str] = None, env: Optional[dict[str, str]] = None):
+                 log_path: Optional[str] = None, env: Optional[dict[str, str]] = None,
+                 processes: int = 1):
         self.run_dir = run_dir
         self.args = list(args)
+        self.processes = processes
         self.max_restarts = max_restarts
         self.log_path = log_path or os.path.join(run_dir, "refresher.log")
         self.env = env or {}
@@ -63,7 +102,11 @@ class RefresherSupervisor:
     @property
     def command(self) -> list[str]:
         # --parent-pid: the refresher exits when this process is gone (no orphan holds the run)
-        return [sys.executable, "-m", "realm.refresh", "--run-dir", self.run_dir,
+        launcher = [sys.executable]
+        if self.processes > 1:  # (--standalone: a free rendezvous port on this machine)
+            launcher += ["-m", "torch.distributed.run", "--standalone",
+                         f"--nproc_per_node={self.processes}"]
+        return [*launcher, "-m", "realm.refresh", "--run-dir", self.run_dir,
                 "--parent-pid", str(os.getpid()), *self.args]
 
     def start(self) -> None:
@@ -139,10 +182,14 @@ class RefresherSupervisor:
             self._cpu_mark = None
             return 0.0
         try:
-            times = psutil.Process(self.proc.pid).cpu_times()
+            proc = psutil.Process(self.proc.pid)
+            busy = 0.0
+            for p in [proc, *proc.children(recursive=True)]:  # (torchrun: its workers)
+                times = p.cpu_times()
+                busy += times.user + times.system
         except psutil.Error:  # it exited just now
             return 0.0
-        mark = (self.proc.pid, times.user + times.system, time.monotonic())
+        mark = (self.proc.pid, busy, time.monotonic())
         last, self._cpu_mark = self._cpu_mark, mark
         if last is None or last[0] != mark[0] or mark[2] <= last[2]:
             return 0.0

@@ -2,9 +2,11 @@
 
 A watcher thread polls the pointer, loads and validates each new generation in the background
 (checksums, corpus fingerprint, dim) and parks it; the training loop calls :meth:`maybe_swap`
-between steps, which only replaces a reference. A training step never waits for the refresher;
-only the first generation is awaited at start (:meth:`wait_for_first`). A rejected generation is
-logged and counted, and the old one stays in use.
+between steps, which only replaces a reference: the lease files that follow a swap are written,
+and the old generation is freed, by the watcher thread (woken by the swap), which also runs at a
+lower CPU priority than the training thread where the OS allows it. A training step never waits
+for the refresher; only the first generation is awaited at start (:meth:`wait_for_first`). A
+rejected generation is logged and counted, and the old one stays in use.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ from realm.index.mips import SearchResult
 from realm.index.store import Generation, GenerationError, RunStore
 
 logger = logging.getLogger(__name__)
+
+
+def lower_priority(niceness: int = 10) -> bool:
+    """Lower the calling thread's CPU priority (Linux: a thread id is a valid ``setpriority``
+    target), so that background loading yields the cores to the training thread. Returns
+    whether it could."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+        return True
+    except (AttributeError, OSError):  # not Linux, or not allowed
+        return False
 
 
 class IndexWatcher:
@@ -58,6 +72,9 @@ class IndexWatcher:
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a swap happened: write its leases now
+        self._pending_lease: Optional[int] = None  # generation the "-pending" lease holds
+        self._retired: list[Generation] = []  # swapped out, freed by the watcher thread
         self._thread: Optional[threading.Thread] = None
         self.rejected: dict[int, str] = {}
         self.swaps = 0
@@ -74,6 +91,7 @@ class IndexWatcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
         self.store.release_lease(self.holder)
@@ -85,13 +103,28 @@ class IndexWatcher:
         return max(held, default=-1)
 
     def _loop(self) -> None:
+        lower_priority()
         while not self._stop.is_set():
             try:
                 self.poll_once()
             except Exception:  # keep watching: a flaky read must not end hot swapping
                 self.poll_errors += 1
                 logger.exception("index watcher: poll failed; will retry")
-            self._stop.wait(self.poll_s)
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def _update_leases(self) -> None:
+        """Renew the lease on the generation in use; once a swap put the pending one in use,
+        drop its "-pending" lease and free what was swapped out (the work a swap leaves)."""
+        with self._lock:
+            current, retired, self._retired = self.current, self._retired, []
+        del retired  # (the last reference to a swapped-out index: freed on this thread)
+        if current is None:
+            return
+        self.store.acquire_lease(self.holder, current.generation)  # renew (or move, after a swap)
+        if self._pending_lease is not None and self._pending_lease <= current.generation:
+            self.store.release_lease(self.holder + "-pending")
+            self._pending_lease = None
 
     def poll_once(self) -> Optional[int]:
         """Look at ``index/LATEST`` once; load a newer valid generation. Returns its number.
@@ -99,8 +132,7 @@ class IndexWatcher:
         When the generation ``LATEST`` names does not validate, the newest older one that does
         (and is newer than the one in use) is loaded instead: a corrupt newest generation never
         leaves the trainer without an index while an intact one is on disk."""
-        if self.current is not None:
-            self.store.acquire_lease(self.holder, self.current.generation)  # renew
+        self._update_leases()
         latest = self.store.read_latest()
         if latest is None:
             return None
@@ -113,6 +145,7 @@ class IndexWatcher:
                 continue
             # Hold a lease before reading, so garbage collection keeps the files while we load.
             self.store.acquire_lease(self.holder + "-pending", generation)
+            self._pending_lease = generation
             t0 = time.perf_counter()
             try:
                 loaded = self.store.load_generation(generation, corpus_fingerprint=self.fingerprint,
@@ -120,6 +153,7 @@ class IndexWatcher:
             except GenerationError as e:
                 self.rejected[generation] = str(e)
                 self.store.release_lease(self.holder + "-pending")
+                self._pending_lease = None
                 logger.warning("rejected index generation %d, keeping generation %s: %s",
                                generation, self.current.generation if self.current else None, e)
                 continue
@@ -198,7 +232,9 @@ class IndexWatcher:
         return -1 if pending is None else pending.generation
 
     def maybe_swap(self) -> bool:
-        """Swap in a loaded newer generation, if any (call between training steps)."""
+        """Swap in a loaded newer generation, if any (call between training steps). Only a
+        reference changes here; the watcher thread, woken, moves the leases and frees the old
+        generation (without a watcher thread, that happens here)."""
         if self._pending is None:
             return False
         t0 = time.perf_counter()
@@ -206,12 +242,16 @@ class IndexWatcher:
             new, self._pending = self._pending, None
             old, self.current = self.current, new
             self._ready.clear()
-        best_effort(self.store.acquire_lease, self.holder, new.generation, what="an index lease")
-        best_effort(self.store.release_lease, self.holder + "-pending", what="an index lease")
+            if old is not None:
+                self._retired.append(old)
+        del old
+        if self._thread is None:
+            best_effort(self._update_leases, what="an index lease")
+        else:
+            self._wake.set()
         self.last_swap_s = time.perf_counter() - t0
         self.swaps += 1
-        logger.info("swapped in index generation %d (was %s)", new.generation,
-                    old.generation if old else None)
+        logger.info("swapped in index generation %d", new.generation)
         return True
 
     def search(self, queries: np.ndarray, k: int, exclude=None) -> SearchResult:

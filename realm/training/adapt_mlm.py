@@ -154,7 +154,7 @@ def run_adapt_mlm(config, progress: bool = True) -> dict[str, Any]:
     from realm.config import save_config
     from realm.prepare import prepare_corpus, truncated_encoder
     from realm.tracking import Tracker
-    from realm.training.core import TrainSettings, autocast_dtype, train
+    from realm.training.core import TrainSettings, train, training_precision
     from realm.training.ict import _shutdown
 
     t0 = time.time()
@@ -164,7 +164,7 @@ def run_adapt_mlm(config, progress: bool = True) -> dict[str, Any]:
         progress)
     encoder_name = truncated_encoder(m.encoder, m.encoder_layers, config.pretrain.cache_dir)
     use_cpu = not torch.cuda.is_available()
-    precision = autocast_dtype(t.precision, torch.device("cpu" if use_cpu else "cuda"))
+    precision = training_precision(t.precision, torch.device("cpu" if use_cpu else "cuda"))
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision or "no",
                               gradient_accumulation_steps=t.grad_accum)
     set_seed(config.seed)

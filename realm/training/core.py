@@ -145,9 +145,28 @@ def cpu_threads(requested: int = 0) -> int:
     return max(1, (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
 
 
+def training_precision(precision: str, device: torch.device) -> Optional[str]:
+    """The mixed precision a training stage gives its ``Accelerator``: ``train.precision``, or
+    for ``auto`` the one ``accelerate launch --mixed_precision bf16|fp16`` asked for
+    (``ACCELERATE_MIXED_PRECISION``; ``no`` leaves the choice to ``auto``), else bf16 where the
+    device runs it fast. fp16 (with loss scaling, by accelerate) needs a CUDA device."""
+    from realm.config import ConfigError
+
+    if precision == "auto":
+        asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        precision = asked if asked in ("bf16", "fp16") else "auto"
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("train.precision: fp16 (or accelerate's --mixed_precision fp16) "
+                              "needs a CUDA device; on the CPU use bf16 or fp32")
+        return "fp16"
+    return autocast_dtype(precision, device)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[str]:
-    """``"bf16"`` when asked for or (``auto``) when the device runs bf16 fast, else ``None``."""
-    if precision == "fp32":
+    """``"bf16"`` when asked for or (``auto``) when the device runs bf16 fast, else ``None``
+    (fp32; also for ``fp16``, which only training stages run: :func:`training_precision`)."""
+    if precision in ("fp32", "fp16"):
         return None
     if precision == "bf16":
         return "bf16"

@@ -302,8 +302,12 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
     from realm.training.ict import _shutdown, check_tokenizer, load_retriever, weights_in_sync
     from realm.training.openqa import prepare_qa_stage
 
+    from realm.refresh.supervisor import check_devices
+
     t0 = time.time()
     d, t, r = config.retriever_training, config.train, config.retriever
+    if d.negatives == "index":
+        check_devices(config.refresh.devices)
     corpus_dir, store, train_qa, dev_qa, accelerator, precision = prepare_qa_stage(
         config, d, "retriever_training", progress)
     retriever = load_retriever(r.encoder, r.dim, r.pooling, r.encoder_layers,
@@ -314,24 +318,31 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
     special = special_ids(retriever.tokenizer)
 
     t_mine = time.time()
-    if d.triplets:  # DRAMA-style: queries, positives and distractors labelled by an LM
-        from realm.data.augment import read_triplets
-
-        train_qa, pairs = read_triplets(d.triplets, store, d.hard_negatives, config.seed)
-        logger.info("%d training queries from %s", len(train_qa), d.triplets)
-    else:
+    pairs = None
+    if not d.triplets or d.triplets_with_questions:  # DPR: BM25-mined positives and negatives
         ranked = BM25Searcher(store).search_texts([ex.question for ex in train_qa],
                                                   min(d.positive_search, len(store)))
         pairs = mine_pairs(store, train_qa, ranked, d.hard_negatives, d.regex, config.seed,
                            progress and accelerator.is_main_process)
+        logger.info("%d of %d training questions have an answer in their top %d BM25 blocks (%d "
+                    "in their gold article); the others are left out (%.1f s)",
+                    int((pairs.positive >= 0).sum()), len(train_qa), d.positive_search,
+                    int(pairs.from_gold.sum()), time.time() - t_mine)
+    if d.triplets:  # DRAMA-style: queries, positives and distractors labelled by an LM
+        from realm.data.augment import read_triplets
+
+        queries, augmented = read_triplets(d.triplets, store, d.hard_negatives, config.seed)
+        logger.info("%d training queries from %s", len(queries), d.triplets)
+        if not len(queries):
+            raise ValueError(f"retriever_training.triplets: {d.triplets} holds no triplets")
+        if pairs is None:
+            train_qa, pairs = queries, augmented
+        else:  # beside the human questions
+            train_qa = [*train_qa, *queries]
+            pairs = TrainingPairs(*(np.concatenate([getattr(pairs, f), getattr(augmented, f)])
+                                    for f in ("positive", "negatives", "from_gold")))
     dataset = PairDataset(train_qa, pairs, retriever.tokenizer, r.max_query_tokens)
     mine_s = time.time() - t_mine
-    if not d.triplets:
-        logger.info("%d of %d training questions have an answer in their top %d BM25 blocks (%d "
-                    "in their gold article); the others are left out (%.1f s)", len(dataset),
-                    len(train_qa), d.positive_search, int(pairs.from_gold.sum()), mine_s)
-    if d.triplets and not len(dataset):
-        raise ValueError(f"retriever_training.triplets: {d.triplets} holds no triplets")
     if not len(dataset):
         raise ValueError(f"retriever_training.train_qa: no question of {d.train_qa} has an answer "
                          f"in its top {d.positive_search} BM25 blocks of {corpus_dir}")

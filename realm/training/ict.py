@@ -20,7 +20,7 @@ from realm.index.mips import build_index, search
 from realm.losses import gather_with_grad, in_batch_nce
 from realm.modeling.retriever import Retriever, build_block_inputs, build_query_inputs
 from realm.tracking import Tracker
-from realm.training.core import TrainSettings, autocast_dtype, train
+from realm.training.core import TrainSettings, train, training_precision
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
         raise ValueError("ict.corpus: no corpus directory given (build one with prepare_corpus.py)")
     t = config.train
     use_cpu = not torch.cuda.is_available()
-    precision = autocast_dtype(t.precision, torch.device("cpu" if use_cpu else "cuda"))
+    precision = training_precision(t.precision, torch.device("cpu" if use_cpu else "cuda"))
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision or "no",
                               gradient_accumulation_steps=t.grad_accum)
     set_seed(config.seed)

@@ -702,7 +702,7 @@ def prepare_qa_stage(config, section, name: str, progress: bool = True):
 
     from realm.data.qa import read_qa
     from realm.prepare import prepare_corpus
-    from realm.training.core import autocast_dtype
+    from realm.training.core import training_precision
 
     if not section.train_qa and not getattr(section, "triplets", None):
         raise ValueError(f"{name}.train_qa: no training questions given")
@@ -712,7 +712,7 @@ def prepare_qa_stage(config, section, name: str, progress: bool = True):
     dev_qa = read_qa(section.dev_qa, regex=section.regex) if section.dev_qa else []
     t = config.train
     use_cpu = not torch.cuda.is_available()
-    precision = autocast_dtype(t.precision, torch.device("cpu" if use_cpu else "cuda"))
+    precision = training_precision(t.precision, torch.device("cpu" if use_cpu else "cuda"))
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision or "no",
                               gradient_accumulation_steps=t.grad_accum)
     set_seed(config.seed)

@@ -558,12 +558,15 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     from realm.index.store import RunStore
     from realm.refresh.hook import RefreshHook
     from realm.tracking import Tracker, read_metrics
-    from realm.training.core import (TrainSettings, autocast_dtype, checkpoints, cpu_threads,
-                                     train)
+    from realm.training.core import (TrainSettings, checkpoints, cpu_threads, train,
+                                     training_precision)
     from realm.training.ict import _shutdown, check_tokenizer
+
+    from realm.refresh.supervisor import check_devices
 
     t0 = time.time()
     p, t, r = config.pretrain, config.train, config.retriever
+    check_devices(config.refresh.devices)  # (before minutes of preparation)
     corpus_dir = prepare_corpus(config, progress)
     for path in (corpus_dir, p.examples):  # a bad corpus is named now, not after the warm starts
         if path:
@@ -583,7 +586,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     prepare_s = time.time() - t0
 
     use_cpu = not torch.cuda.is_available()
-    precision = autocast_dtype(t.precision, torch.device("cpu" if use_cpu else "cuda"))
+    precision = training_precision(t.precision, torch.device("cpu" if use_cpu else "cuda"))
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision or "no",
                               gradient_accumulation_steps=t.grad_accum)
     is_main = accelerator.is_main_process

@@ -91,6 +91,18 @@ def test_augment_writes_labelled_triplets_resumes_and_trains_dpr(smollm2, leads_
         "train.eval_every=0", "train.save_every=0", "logging.wandb=false"]), progress=False)
     assert summary["train_questions_with_positive"] == len(redone) and summary["steps"] == 2
     assert summary["triplets"] == str(out) and np.isfinite(summary["final_loss"])
+    # DRAMA-style data beside human questions (BM25-mined): both in one training set
+    qa = tmp_path / "qa.jsonl"
+    titles = [store.title(b) for b in range(3)]
+    qa.write_text("".join(json.dumps({"question": f"what is {t}?", "answers": [t]}) + "\n"
+                          for t in titles))
+    both = run_train_retriever(load_config(overrides=[
+        f"retriever_training.corpus={leads_corpus}", f"retriever_training.triplets={out}",
+        "retriever_training.triplets_with_questions=true", f"retriever_training.train_qa={qa}",
+        f"retriever.encoder={tiny_encoder}", "retriever.dim=16", "retriever.max_block_tokens=128",
+        f"train.run_dir={tmp_path / 'dpr-both'}", "train.steps=1", "train.batch_size=2",
+        "train.eval_every=0", "train.save_every=0", "logging.wandb=false"]), progress=False)
+    assert both["train_questions_with_positive"] == len(redone) + 3
 
 
 def test_triplets_over_another_corpus_are_refused(tmp_path, leads_corpus):

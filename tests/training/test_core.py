@@ -289,3 +289,27 @@ def test_heartbeat_and_lease_writes_that_fail_never_stop_training(tmp_path, capl
     warnings = [r.getMessage() for r in caplog.records]
     assert any("heartbeat failed 3 times" in w and "No space left" in w for w in warnings)
     assert any("pinning the checkpoint's generation failed" in w for w in warnings)
+
+
+def test_precision_from_accelerate_launch_and_the_config(monkeypatch):
+    """``train.precision=auto`` takes what ``accelerate launch --mixed_precision bf16|fp16`` set
+    (``no``: auto's own choice); an explicit config value wins; fp16 needs CUDA."""
+    import pytest
+
+    from realm.config import ConfigError
+    from realm.training.core import autocast_dtype, training_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert training_precision("auto", cpu) == "bf16"
+    assert training_precision("fp32", cpu) is None
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert training_precision("auto", cpu) == autocast_dtype("auto", cpu)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert training_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ConfigError, match="fp16.*needs a CUDA device"):
+        training_precision("fp16", cpu)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="fp16.*needs a CUDA device"):
+        training_precision("auto", cpu)
+    assert training_precision("fp16", torch.device("cuda")) == "fp16"  # (no device touched)

@@ -149,13 +149,13 @@ def _free_port() -> int:
 def test_two_machines_on_localhost_with_a_sharded_index(spans_corpus, tiny_retriever,
                                                         tiny_encoder, tmp_path):
     """docs/scaling.md's multi-node recipe on one host: two "machines" of one CPU process each
-    (``--num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1``) sharing the run
-    directory, each holding half of every index generation (``index.sharding=ranks``)."""
+    (configs/accelerate/two_machines.yaml: ``num_machines: 2``, ``main_process_ip: 127.0.0.1``;
+    ``--machine_rank 0|1``) sharing the run directory, each holding half of every index
+    generation (``index.sharding=ranks``)."""
     port = _free_port()
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
-                "--main_process_port", str(port), "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--machine_rank"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "configs" / "accelerate" / "two_machines.yaml"),
+                "--main_process_port", str(port), "--dynamo_backend", "no", "--machine_rank"]
     run_dir = tmp_path / "run"
     args = ("train.steps=12", "logging.wandb=false", "logging.report_every=0",
             "index.sharding=ranks", "refresh.every_steps=4", "refresh.sync=true")
@@ -178,13 +178,22 @@ def test_two_machines_on_localhost_with_a_sharded_index(spans_corpus, tiny_retri
     assert [r["index/generation"] for r in scalars] == [s // 4 for s in range(1, 13)]
 
 
-def test_a_sharded_index_with_one_process_is_one_shard(spans_corpus, tiny_retriever, tiny_encoder,
-                                                       tmp_path):
-    summary = _pretrain(tmp_path / "run", spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
-                        "train.steps=3", "index.sharding=ranks", "logging.wandb=false",
+def test_one_process_one_shard_and_a_refresher_of_two_processes(spans_corpus, tiny_retriever,
+                                                                tiny_encoder, tmp_path):
+    """``index.sharding=ranks`` with one process holds one shard (the whole index);
+    ``refresh.devices=[cpu, cpu]`` spawns the refresher as two torchrun processes, each
+    embedding half of the corpus, one commit per generation."""
+    run_dir = tmp_path / "run"
+    summary = _pretrain(run_dir, spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
+                        "train.steps=6", "index.sharding=ranks", "refresh.devices=[cpu, cpu]",
+                        "refresh.every_steps=3", "refresh.sync=true", "logging.wandb=false",
                         "logging.report_every=0")
     assert summary["index_shards"] == 1 and summary["world_size"] == 1
-    assert summary["steps"] == 3 and summary["mean_ru"] is not None
+    assert summary["steps"] == 6 and summary["generations_swapped"] == 3
+    log = (run_dir / "refresher.log").read_text()
+    refresher = [json.loads(line) for line in log.splitlines() if line.startswith('{"run_dir"')]
+    assert refresher and refresher[-1]["processes"] == 2
+    assert refresher[-1]["generations"] == [1, 2] or refresher[-1]["generations"][-1] == 2
 
 
 def test_examples_table_shows_retrieved_titles_and_null(run):
