@@ -462,6 +462,10 @@ class PretrainConfig:
         "log-softmax are never built, and the predictions are computed chunked without "
         "gradients. 0 builds them (the plain path, kept for benchmarks/pretrain_memory.py).",
         default=8192)
+    rerank_candidates: int = _doc(
+        "Re-ranking against a stale index (Atlas's retrieve_with_rerank): search this many "
+        "blocks (>= k), re-embed them with the current document encoder (no gradient) and read "
+        "the best k by the fresh scores. 0: the index's top k as they are.", default=0)
     gradient_checkpointing: bool = _doc(
         "Recompute the knowledge-augmented encoder's layer activations in the backward pass "
         "instead of keeping them (transformers' gradient checkpointing): less memory for "
@@ -553,6 +557,9 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.k > 0, "pretrain.k", f"must be > 0, got {self.k}")
+        _check(self.rerank_candidates == 0 or self.rerank_candidates >= self.k,
+               "pretrain.rerank_candidates",
+               f"must be 0 or >= pretrain.k ({self.k}), got {self.rerank_candidates}")
         _check(self.encoder_layers is None or self.encoder_layers > 0, "pretrain.encoder_layers",
                f"must be > 0 or null, got {self.encoder_layers}")
         _check(self.retriever_lr_scale >= 0, "pretrain.retriever_lr_scale",

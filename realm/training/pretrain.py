@@ -113,6 +113,9 @@ class REALM(nn.Module):
             product over the masked tokens. ``token`` (the released REALM code): the marginal
             per masked token, averaged over the batch's tokens
             (:func:`realm.losses.realm_token_marginal_loss`).
+        rerank_candidates: Retrieve this many blocks (>= k) from the (stale) index, re-embed
+            them with the current document encoder (no gradient) and keep the best k by the
+            fresh scores (Atlas's ``retrieve_with_rerank``); 0: the index's top k as they are.
     """
 
     def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder,
@@ -121,8 +124,13 @@ class REALM(nn.Module):
                  max_joined_tokens: int = 352, exclude_source: bool = True,
                  source_only: bool = False, other_weight: float = 1.0,
                  retriever_signal: str = "marginal", min_ru: float = 0.0,
-                 freeze_reader: bool = False, marginal: str = "example", vocab_chunk: int = 0):
+                 freeze_reader: bool = False, marginal: str = "example", vocab_chunk: int = 0,
+                 rerank_candidates: int = 0):
         super().__init__()
+        if rerank_candidates and rerank_candidates < k:
+            raise ValueError(f"rerank_candidates ({rerank_candidates}) must be 0 or >= k ({k})")
+        self.rerank_candidates = rerank_candidates
+        self.rerank_changed: Optional[float] = None  # share of the top k re-ranking replaced
         encoder.vocab_chunk = vocab_chunk
         if marginal not in ("example", "token"):
             raise ValueError(f"marginal must be 'example' or 'token', got {marginal!r}")
@@ -153,6 +161,34 @@ class REALM(nn.Module):
             self.encoder.requires_grad_(False)
             self.encoder.eval()
 
+    @torch.no_grad()
+    def _rerank(self, found: SearchResult, q_reps: torch.Tensor, device) -> SearchResult:
+        """The best k of the L searched blocks by the current document encoder's scores."""
+        cls_id, sep_id, pad_id = self.special
+        ids = found.block_ids  # [B, L]
+        empty = np.zeros(0, np.int64)
+        flat = [int(b) for b in ids.reshape(-1)]
+        p_in = build_block_inputs(
+            [self.store.title_ids(b) if b >= 0 else empty for b in flat],
+            [self.store.body_ids(b) if b >= 0 else empty for b in flat], cls_id, sep_id, pad_id,
+            max_length=self.max_block_tokens + 3)
+        was_training = self.retriever.training
+        self.retriever.eval()
+        try:
+            p_reps = self.retriever.encode_blocks(*(t.to(device) for t in p_in)).p_reps
+        finally:
+            self.retriever.train(was_training)
+        fresh = torch.einsum("bd,bld->bl", q_reps.float(),
+                             p_reps.float().view(*ids.shape, -1)).cpu().numpy()  # [B, L]
+        fresh[ids < 0] = -np.inf
+        order = np.argsort(-fresh, axis=1, kind="stable")[:, : self.k]
+        top = np.take_along_axis(ids, order, axis=1)
+        stale = ids[:, : self.k]
+        kept = [len(set(a[a >= 0]) & set(b[b >= 0])) for a, b in zip(top, stale)]
+        self.rerank_changed = 1.0 - float(np.sum(kept)) / max(1, int((stale >= 0).sum()))
+        return SearchResult(scores=np.take_along_axis(fresh, order, axis=1).astype(np.float32),
+                            block_ids=top)
+
     def train(self, mode: bool = True) -> "REALM":
         """As nn.Module's; a frozen reader stays in eval mode (no dropout in its signal)."""
         super().train(mode)
@@ -171,7 +207,10 @@ class REALM(nn.Module):
                                   max_length=self.max_query_tokens + 2)
         q_reps = self.retriever.encode_queries(*(t.to(device) for t in q_in)).q_reps  # [B, dim]
         exclude = batch.block_ids.numpy() if self.exclude_source else None
-        found = searcher(q_reps.detach().float().cpu().numpy(), self.k, exclude)
+        fetch = max(self.k, self.rerank_candidates)
+        found = searcher(q_reps.detach().float().cpu().numpy(), fetch, exclude)
+        if fetch > self.k:
+            found = self._rerank(found, q_reps.detach(), device)
         ids = found.block_ids  # [B, k], -1 where the index had fewer
         valid = torch.from_numpy(ids >= 0).to(device)  # [B, k]
         # 2. the k retrieved blocks + the null document, re-scored with grad
@@ -434,7 +473,11 @@ class PretrainTask:
             out, mlm_logits=None, log_p_z=out.log_p_z.detach(), loss=None,
             log_p_y_given_z=out.log_p_y_given_z.detach(),
             retrieval_logits=out.retrieval_logits.detach()), batch)
-        return out.loss, realm_metrics(out, batch)
+        metrics = realm_metrics(out, batch)
+        changed = getattr(model, "module", model).rerank_changed
+        if changed is not None:  # how much of the stale index's top k re-ranking replaced
+            metrics["rerank_changed"] = changed
+        return out.loss, metrics
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return {}
@@ -608,7 +651,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
                   source_only=p.source_only, other_weight=p.reader_warmup_other_weight,
                   retriever_signal=p.retriever_signal, min_ru=p.retriever_min_ru,
                   freeze_reader=p.reader_lr_scale == 0 and not p.source_only,
-                  marginal=p.marginal, vocab_chunk=p.vocab_chunk)
+                  marginal=p.marginal, vocab_chunk=p.vocab_chunk,
+                  rerank_candidates=p.rerank_candidates)
     if p.gradient_checkpointing:
         encoder.mlm.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})

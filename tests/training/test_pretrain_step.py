@@ -471,3 +471,34 @@ def test_vocabulary_chunked_step_is_the_same_step(setup, tiny_retriever, tiny_en
     for (name, p), q in zip(plain.named_parameters(), lean.parameters()):
         if p.grad is not None:
             assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_rerank_recovers_the_fresh_top_k_from_a_stale_index(setup):
+    """``rerank_candidates``: from a stale index (here: random vectors), searching every block and
+    re-scoring them with the current document encoder reads exactly the fresh index's top k."""
+    model, _, dataset = setup
+    model.retriever.eval()
+    emb, _ = embed_blocks(model.retriever, model.store, model.special, max_block_tokens=64,
+                          progress=False)  # the blocks as the step reads them
+    model.retriever.train()
+    index = MipsIndex.build(emb)
+    n = index.ntotal
+    stale = MipsIndex.build(np.random.default_rng(0).standard_normal((n, index.dim))
+                            .astype(np.float32))
+    reranking = REALM(model.retriever, model.encoder, model.store, model.special, k=4,
+                      max_query_tokens=32, max_block_tokens=64, max_joined_tokens=100,
+                      rerank_candidates=n)
+    batch = collate_mlm([dataset[i] for i in range(6)])
+    fresh = []
+
+    def stale_search(q, k, exclude):
+        fresh.append(index.search(q, 4, exclude=exclude).block_ids)  # what a fresh index reads
+        return stale.search(q, k, exclude=exclude)
+
+    out = reranking(batch, stale_search)
+    for got, want in zip(out.block_ids.numpy(), fresh[0]):
+        assert set(got.tolist()) == set(want.tolist())
+    assert reranking.rerank_changed > 0.5  # the random index's own top 4 were mostly wrong
+    with pytest.raises(ValueError, match="rerank_candidates \\(2\\) must be 0 or >= k \\(4\\)"):
+        REALM(model.retriever, model.encoder, model.store, model.special, k=4,
+              rerank_candidates=2)
