@@ -49,10 +49,10 @@ def torch_gather(device: Optional[torch.device] = None) -> Gather:
 
 
 def merge_top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the ``k`` best of candidates from several shards.
+    """Per row, the ``k`` best candidates (from several shards, or re-scored ones).
 
     Args:
-        scores: ``[n, c]`` float32, -inf for no candidate (shards side by side, each best first).
+        scores: ``[n, c]`` float32, -inf for no candidate (e.g. shards side by side).
         ids: ``[n, c]`` int64 block ids, -1 for no candidate.
 
     Returns:
@@ -67,7 +67,7 @@ class ShardedSearch:
     """The searcher of a process that holds one shard of the generation in use.
 
     Every process must call it the same number of times, in the same order (once per step in
-    pretraining): each call is three collectives.
+    pretraining): each call is four or five all-gathers.
 
     Args:
         current: Returns the generation in use (its index holds this process's shard, with

@@ -164,6 +164,8 @@ class REALM(nn.Module):
     @torch.no_grad()
     def _rerank(self, found: SearchResult, q_reps: torch.Tensor, device) -> SearchResult:
         """The best k of the L searched blocks by the current document encoder's scores."""
+        from realm.index.sharded import merge_top_k
+
         cls_id, sep_id, pad_id = self.special
         ids = found.block_ids  # [B, L]
         empty = np.zeros(0, np.int64)
@@ -181,13 +183,11 @@ class REALM(nn.Module):
         fresh = torch.einsum("bd,bld->bl", q_reps.float(),
                              p_reps.float().view(*ids.shape, -1)).cpu().numpy()  # [B, L]
         fresh[ids < 0] = -np.inf
-        order = np.argsort(-fresh, axis=1, kind="stable")[:, : self.k]
-        top = np.take_along_axis(ids, order, axis=1)
+        scores, top = merge_top_k(fresh.astype(np.float32), ids, self.k)
         stale = ids[:, : self.k]
         kept = [len(set(a[a >= 0]) & set(b[b >= 0])) for a, b in zip(top, stale)]
         self.rerank_changed = 1.0 - float(np.sum(kept)) / max(1, int((stale >= 0).sum()))
-        return SearchResult(scores=np.take_along_axis(fresh, order, axis=1).astype(np.float32),
-                            block_ids=top)
+        return SearchResult(scores=scores, block_ids=top)
 
     def train(self, mode: bool = True) -> "REALM":
         """As nn.Module's; a frozen reader stays in eval mode (no dropout in its signal)."""
