@@ -94,6 +94,7 @@ class RefreshHook:
                                     poll_s=poll_s, lease_timeout_s=lease_timeout_s, gpu=gpu,
                                     nprobe=nprobe, ef_search=ef_search, shard=shard,
                                     gpu_device=gpu_device)
+        self.shard = shard
         self.shards = shard[1] if shard else 1
         self.step = 0
         self.resume_generation: Optional[int] = None
@@ -136,7 +137,7 @@ class RefreshHook:
         """``search(queries, k, exclude) -> SearchResult`` over the generation in use: the
         watcher's, or with a shard per process a collective every process calls once per step
         (:class:`realm.index.sharded.ShardedSearch`)."""
-        if self.watcher.load_kwargs["shard"] is None:
+        if self.shard is None:
             return self.watcher.search
         from realm.index.sharded import ShardedSearch, torch_gather
 

@@ -31,6 +31,11 @@ def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     return env
 
 
+def _cuda_index(device: str) -> int:
+    """``cuda:N`` -> N; ``cuda`` -> 0."""
+    return int(device.split(":")[1]) if ":" in device else 0
+
+
 def check_devices(devices: Sequence[str]) -> None:
     """Raise :class:`realm.config.ConfigError` naming a device of ``refresh.devices`` that this
     machine does not have (before training starts, not when the refresher first runs)."""
@@ -42,8 +47,7 @@ def check_devices(devices: Sequence[str]) -> None:
     for device in devices:
         if device == "cpu":
             continue
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= count:
+        if _cuda_index(device) >= count:
             raise ConfigError(f"refresh.devices: {device} does not exist (this machine has "
                               f"{count} CUDA device{'s' if count != 1 else ''})")
 
@@ -61,8 +65,7 @@ def placement(devices: Sequence[str]) -> tuple[int, dict[str, str], list[str]]:
         return len(devices), {"CUDA_VISIBLE_DEVICES": ""}, ["refresh.device=cpu"]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     names = visible.split(",") if visible else None
-    indexes = [int(d.split(":")[1]) if ":" in d else 0 for d in devices]
-    chosen = [names[i] if names else str(i) for i in indexes]
+    chosen = [names[i] if names else str(i) for i in map(_cuda_index, devices)]
     return len(devices), {"CUDA_VISIBLE_DEVICES": ",".join(chosen)}, ["refresh.device=auto"]
 
 
