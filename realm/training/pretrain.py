@@ -180,8 +180,9 @@ class REALM(nn.Module):
             p_reps = self.retriever.encode_blocks(*(t.to(device) for t in p_in)).p_reps
         finally:
             self.retriever.train(was_training)
-        fresh = torch.einsum("bd,bld->bl", q_reps.float(),
-                             p_reps.float().view(*ids.shape, -1)).cpu().numpy()  # [B, L]
+        with torch.autocast(device.type, enabled=False):  # (under bf16 autocast: fp32 scores)
+            fresh = torch.einsum("bd,bld->bl", q_reps.float(),
+                                 p_reps.float().view(*ids.shape, -1)).cpu().numpy()  # [B, L]
         fresh[ids < 0] = -np.inf
         scores, top = merge_top_k(fresh.astype(np.float32), ids, self.k)
         stale = ids[:, : self.k]

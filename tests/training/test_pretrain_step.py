@@ -502,3 +502,24 @@ def test_rerank_recovers_the_fresh_top_k_from_a_stale_index(setup):
     with pytest.raises(ValueError, match="rerank_candidates \\(2\\) must be 0 or >= k \\(4\\)"):
         REALM(model.retriever, model.encoder, model.store, model.special, k=4,
               rerank_candidates=2)
+
+
+def test_rerank_under_bf16_autocast(setup):
+    """The training core runs the step under autocast: re-ranking's scores stay fp32 there (numpy
+    has no bfloat16) and each example keeps k distinct blocks of the L searched."""
+    model, index, dataset = setup
+    reranking = REALM(model.retriever, model.encoder, model.store, model.special, k=4,
+                      max_query_tokens=32, max_block_tokens=64, max_joined_tokens=100,
+                      rerank_candidates=12)
+    batch = collate_mlm([dataset[i] for i in range(4)])
+    searched = []
+
+    def search(q, k, exclude):
+        searched.append(index.search(q, k, exclude=exclude).block_ids)
+        return index.search(q, k, exclude=exclude)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = reranking(batch, search)
+    assert torch.isfinite(out.loss)
+    for got, pool in zip(out.block_ids.numpy(), searched[0]):
+        assert len(set(got.tolist())) == 4 and set(got.tolist()) <= set(pool.tolist())
