@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 
@@ -64,7 +65,7 @@ from realm.index.mips import MipsIndex  # noqa: E402
 from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder  # noqa: E402
 from realm.modeling.retriever import Retriever  # noqa: E402
 from realm.prepare import prepare_corpus, prepare_encoder, prepare_retriever  # noqa: E402
-from realm.training.pretrain import REALM, PretrainTask  # noqa: E402
+from realm.training.pretrain import REALM, PretrainTask, RetrievalPrefetch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "pretrain.yaml")
@@ -268,6 +269,92 @@ def pretrain_run(name: str, paths: dict, args, workdir: str, every_steps: int,
     return out
 
 
+def prefetch_split(paths: dict, store: BlockStore, index: MipsIndex, dataset: MLMDataset, config,
+                   batches: list[list[int]], warmup: int, bf16: bool) -> dict:
+    """The same steps of a fresh model with retrieval inline and with ``RetrievalPrefetch``
+    (``pretrain.prefetch``), interleaved in blocks of 5 steps so that both share the machine's
+    state; what retrieval costs the training thread in each."""
+    collated = [dataset_collate(dataset, ids) for ids in batches]
+    out = {}
+    models, tasks, timers, times = {}, {}, {}, {"inline": [], "prefetch": []}
+    for mode in ("inline", "prefetch"):
+        torch.manual_seed(config.seed)
+        model = build_model(paths, store, config).train()
+        timer = Timer()
+        search = timer.wrap(lambda q, k, exclude: index.search(q, k, exclude=exclude), "search")
+        prefetcher = RetrievalPrefetch(search, lambda: torch.autocast("cpu", dtype=torch.bfloat16,
+                                                                      enabled=bf16))
+        if mode == "inline":
+            prefetcher.close()
+            prefetcher = None
+        assemble = model.assemble
+
+        def timed_assemble(*a, _assemble=assemble, _timer=timer, **kw):  # training thread only
+            if threading.current_thread() is not threading.main_thread():
+                return _assemble(*a, **kw)
+            t0 = time.perf_counter()
+            try:
+                return _assemble(*a, **kw)
+            finally:
+                _timer.add("assemble", t0)
+        model.assemble = timed_assemble
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
+        models[mode], tasks[mode], timers[mode] = (model, optimizer), PretrainTask(
+            dataset, search, prefetcher), timer
+    n = len(collated)
+    for start in range(0, n, 5):
+        for mode in ("inline", "prefetch"):
+            (model, optimizer), task, timer = models[mode], tasks[mode], timers[mode]
+            for i in range(start, min(n, start + 5)):
+                t0 = time.perf_counter()
+                if task.prefetch is not None and i + 1 < n:
+                    t = time.perf_counter()
+                    task.prefetch(model, collated[i + 1])
+                    timer.add("submit", t)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss, _ = task.loss(model, collated[i])
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if i >= warmup:
+                    times[mode].append(time.perf_counter() - t0)
+                elif i == warmup - 1:
+                    timer.seconds.clear()
+    for mode in ("inline", "prefetch"):
+        task, timer, steps = tasks[mode], timers[mode], len(times[mode])
+        s = dict(timer.seconds)
+        row = {"median_step_s": round(statistics.median(times[mode]), 4),
+               "mean_step_s": round(sum(times[mode]) / steps, 4),
+               # what retrieval costs the training thread: inline search and assembly, and with
+               # prefetch the submit plus any wait for the prefetch thread (copy, result)
+               "training_thread_retrieval_s_per_step": round(
+                   (s.get("search", 0.0) * (mode == "inline") + s.get("assemble", 0.0)
+                    + s.get("submit", 0.0)) / steps
+                   + (task.prefetcher.waited_s / steps if task.prefetcher else 0.0), 5)}
+        if mode == "inline":
+            row["search_s_per_step"] = round(s.get("search", 0.0) / steps, 5)
+            row["assemble_s_per_step"] = round(s.get("assemble", 0.0) / steps, 5)
+        else:
+            summary = task.prefetcher.summary()
+            row.update({"submit_s_per_step": round(s.get("submit", 0.0) / steps, 5),
+                        "prefetch_thread_s_per_batch": summary["work_s_per_batch"],
+                        "hits": summary["hits"], "misses": summary["misses"]})
+            task.prefetcher.close()
+        out[mode] = row
+    out["retrieval_on_training_thread_inline_over_prefetch"] = round(
+        out["inline"]["training_thread_retrieval_s_per_step"]
+        / max(out["prefetch"]["training_thread_retrieval_s_per_step"], 1e-9), 2)
+    out["step_prefetch_over_inline_median"] = round(
+        out["prefetch"]["median_step_s"] / out["inline"]["median_step_s"], 3)
+    return out
+
+
+def dataset_collate(dataset: MLMDataset, ids: list[int]):
+    from realm.data.mlm import collate_mlm
+
+    return collate_mlm([dataset[j] for j in ids])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", help="corpus directory (default: the cached pretraining one)")
@@ -315,7 +402,7 @@ def main() -> None:
            "batch_size": args.batch_size, "threads": args.threads,
            "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
 
-    if "anatomy" in args.parts:
+    if "anatomy" in args.parts or "prefetch" in args.parts:
         retriever_model = Retriever.from_pretrained(paths["retriever"])
         emb, stats = embed_blocks(retriever_model, store, special_ids(retriever_model.tokenizer),
                                   max_block_tokens=config.retriever.max_block_tokens,
@@ -328,6 +415,13 @@ def main() -> None:
         order = np.random.default_rng(config.seed).permutation(len(dataset))
         n = args.warmup + args.steps
         batches = [order[i * args.batch_size:(i + 1) * args.batch_size].tolist() for i in range(n)]
+        if "prefetch" in args.parts:
+            logger.info("retrieval inline against prefetched")
+            out["prefetch"] = {"loadavg_1m_before": round(os.getloadavg()[0], 2),
+                               **prefetch_split(paths, store, index, dataset, config, batches,
+                                                args.warmup, out["mkldnn_bf16"]),
+                               "loadavg_1m_after": round(os.getloadavg()[0], 2)}
+    if "anatomy" in args.parts:
         runs = {"loadavg_1m_before": round(os.getloadavg()[0], 2)}
         for bf16 in (False, True):
             logger.info("step anatomy, %s", "bf16" if bf16 else "fp32")

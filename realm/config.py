@@ -466,6 +466,12 @@ class PretrainConfig:
         "Re-ranking against a stale index (Atlas's retrieve_with_rerank): search this many "
         "blocks (>= k), re-embed them with the current document encoder (no gradient) and read "
         "the best k by the fresh scores. 0: the index's top k as they are.", default=0)
+    prefetch: bool = _doc(
+        "Search and assemble the inputs of the next batch on a background thread while this "
+        "step runs (retrieval off the critical path). The search then uses the query encoder "
+        "of the step before (one optimizer step older, no dropout); the scores that get the "
+        "gradient are recomputed with the current weights. Not with `index.sharding: ranks` "
+        "(its search is a collective).", default=False)
     gradient_checkpointing: bool = _doc(
         "Recompute the knowledge-augmented encoder's layer activations in the backward pass "
         "instead of keeping them (transformers' gradient checkpointing): less memory for "
@@ -812,6 +818,9 @@ class Config:
         _check(not (self.index.sharding == "ranks" and self.pretrain.retriever_signal == "bank"),
                "index.sharding", "ranks holds 1/N of the embeddings on each process; "
                "pretrain.retriever_signal=bank reads all of them (use replicated)")
+        _check(not (self.index.sharding == "ranks" and self.pretrain.prefetch),
+               "pretrain.prefetch", "searches on a background thread; index.sharding=ranks "
+               "makes the search a collective every process calls in step (use one of them)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

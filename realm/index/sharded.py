@@ -76,6 +76,9 @@ class ShardedSearch:
         rank: This process's place among them.
     """
 
+    #: every process must call it, in the same order (no background-thread searches)
+    collective = True
+
     def __init__(self, current: Callable[[], object], gather: Gather, rank: int):
         self.current = current
         self.gather = gather

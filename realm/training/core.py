@@ -48,6 +48,11 @@ class Task(Protocol):
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Evaluation metrics; called on every process (gather inside if needed)."""
 
+    #: Optional: ``prefetch(model, batch)`` is called with the next batch after each step's
+    #: ``before_step`` hooks and before its loss, so that work for it can overlap the step (the
+    #: core then reads one batch ahead); absent or None: nothing is read ahead.
+    prefetch: Optional[Callable[[torch.nn.Module, Any], None]]
+
 
 @dataclasses.dataclass
 class TrainSettings:
@@ -220,6 +225,24 @@ def _lr_lambda(warmup: int, total: int, hold: int = 0) -> Callable[[int], float]
     return f
 
 
+def _with_next(loader, enabled: bool):
+    """``(batch, next batch or None)`` pairs; without ``enabled``, next is always None and
+    nothing is read ahead of its step."""
+    if not enabled:
+        for batch in loader:
+            yield batch, None
+        return
+    it = iter(loader)
+    current = next(it, _END)
+    while current is not _END:
+        upcoming = next(it, _END)
+        yield current, (None if upcoming is _END else upcoming)
+        current = upcoming
+
+
+_END = object()
+
+
 def train(
     model: torch.nn.Module,
     task: Task,
@@ -304,6 +327,7 @@ def train(
     bar = tqdm(total=s.steps, initial=progress.step, desc="train", unit="step",
                disable=not (s.progress and accelerator.is_main_process), mininterval=1.0)
     t_loop = time.perf_counter()
+    prefetch = getattr(task, "prefetch", None)  # prefetch(model, next_batch), or None
     model.train()
     micro_in_step = 0
     try:
@@ -315,12 +339,14 @@ def train(
             sampler.set_epoch(progress.epoch)  # (a skipping loader may not pass it down)
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(progress.epoch)
-            for batch in epoch_loader:
+            for batch, upcoming in _with_next(epoch_loader, enabled=prefetch is not None):
                 progress.batch_in_epoch += 1
                 if micro_in_step == 0:
                     for hook in hooks:
                         if hasattr(hook, "before_step"):
                             hook.before_step(progress.step)
+                if upcoming is not None:  # its work overlaps this step (after the swap above)
+                    prefetch(model, upcoming)
                 micro_in_step += 1
                 with accelerator.accumulate(model):
                     with accelerator.autocast():

@@ -15,10 +15,13 @@ that takes part; the index search runs inside it on detached query embeddings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import time
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -197,7 +200,33 @@ class REALM(nn.Module):
             self.encoder.eval()
         return self
 
-    def forward(self, batch: MLMBatch, searcher: Searcher) -> REALMOutput:
+    def search(self, batch: MLMBatch, q_reps: torch.Tensor, searcher: Searcher) -> SearchResult:
+        """The index's top ``max(k, rerank_candidates)`` for detached query embeddings, each
+        example's source block excluded where it comes from the indexed corpus."""
+        exclude = batch.block_ids.numpy() if self.exclude_source else None
+        return searcher(q_reps.detach().float().cpu().numpy(),
+                        max(self.k, self.rerank_candidates), exclude)
+
+    def assemble(self, batch: MLMBatch, ids: np.ndarray) -> "Assembled":
+        """The step's inputs for the retrieved ``ids`` ``[B, k]`` (-1: none): the k blocks and
+        the null document for the document encoder, and the B * (k + 1) joined sequences."""
+        cls_id, sep_id, pad_id = self.special
+        empty = np.zeros(0, np.int64)
+        titles = [[self.store.title_ids(int(b)) if b >= 0 else empty for b in row] for row in ids]
+        bodies = [[self.store.body_ids(int(b)) if b >= 0 else empty for b in row] for row in ids]
+        flat_t = [t for row in titles for t in row] + [empty]  # the null block last, once
+        flat_b = [b for row in bodies for b in row] + [empty]
+        blocks = build_block_inputs(flat_t, flat_b, cls_id, sep_id, pad_id,
+                                    max_length=self.max_block_tokens + 3)
+        joined = build_joined_inputs(batch.query_ids, titles, bodies, cls_id, sep_id, pad_id,
+                                     max_length=self.max_joined_tokens,
+                                     mask_positions=batch.mask_positions, append_null=True)
+        return Assembled(ids, blocks, joined)
+
+    def forward(self, batch: MLMBatch, searcher: Searcher,
+                prefetched: Optional["Prefetched"] = None) -> REALMOutput:
+        """One step's loss. ``prefetched``: the batch's search (and, without re-ranking, its
+        assembled inputs) done ahead by :class:`RetrievalPrefetch`; None searches here."""
         if self.source_only:
             return self._read_own_blocks(batch)
         device = next(self.parameters()).device
@@ -208,23 +237,17 @@ class REALM(nn.Module):
                                   max_length=self.max_query_tokens + 2)
         q_reps = self.retriever.encode_queries(*(t.to(device) for t in q_in)).q_reps  # [B, dim]
         exclude = batch.block_ids.numpy() if self.exclude_source else None
-        fetch = max(self.k, self.rerank_candidates)
-        found = searcher(q_reps.detach().float().cpu().numpy(), fetch, exclude)
-        if fetch > self.k:
+        found = prefetched.found if prefetched else self.search(batch, q_reps, searcher)
+        assembled = prefetched.assembled if prefetched else None
+        if self.rerank_candidates > self.k:
             found = self._rerank(found, q_reps.detach(), device)
+            assembled = None  # (the re-ranked blocks are known only now)
         ids = found.block_ids  # [B, k], -1 where the index had fewer
+        if assembled is None:
+            assembled = self.assemble(batch, ids)
         valid = torch.from_numpy(ids >= 0).to(device)  # [B, k]
         # 2. the k retrieved blocks + the null document, re-scored with grad
-        titles = [[self.store.title_ids(int(b)) if b >= 0 else np.zeros(0, np.int64)
-                   for b in row] for row in ids]
-        bodies = [[self.store.body_ids(int(b)) if b >= 0 else np.zeros(0, np.int64)
-                   for b in row] for row in ids]
-        empty = np.zeros(0, np.int64)
-        flat_t = [t for row in titles for t in row] + [empty]  # the null block last, once
-        flat_b = [b for row in bodies for b in row] + [empty]
-        p_in = build_block_inputs(flat_t, flat_b, cls_id, sep_id, pad_id,
-                                  max_length=self.max_block_tokens + 3)
-        p_reps = self.retriever.encode_blocks(*(t.to(device) for t in p_in)).p_reps
+        p_reps = self.retriever.encode_blocks(*(t.to(device) for t in assembled.blocks)).p_reps
         dim = p_reps.shape[-1]
         retrieved = p_reps[:-1].view(n, self.k, dim)  # [B, k, dim]
         null = p_reps[-1]  # [dim]
@@ -233,9 +256,7 @@ class REALM(nn.Module):
         null_score = (q_reps @ null)[:, None]  # [B, 1]
         retrieval_logits = torch.cat([scores, null_score], dim=1)  # [B, k + 1], null last
         # 3. one encoder pass over all B * (k + 1) joined sequences
-        joined = build_joined_inputs(batch.query_ids, titles, bodies, cls_id, sep_id, pad_id,
-                                     max_length=self.max_joined_tokens,
-                                     mask_positions=batch.mask_positions, append_null=True)
+        joined = assembled.joined
         out = self.encoder(joined.input_ids.to(device), joined.attention_mask.to(device),
                            joined.token_type_ids.to(device), joined.mask_positions.to(device),
                            labels=batch.target_ids.to(device),
@@ -393,6 +414,149 @@ class REALM(nn.Module):
                            null_predictions=null_predictions.cpu())
 
 
+@dataclass
+class Assembled:
+    """A step's inputs for its retrieved blocks (:meth:`REALM.assemble`)."""
+
+    block_ids: np.ndarray  # [B, k]
+    blocks: Any  # EncoderInputs of the B * k blocks + the null document (last)
+    joined: Any  # JoinedInputs: B * (k + 1) query-block sequences
+
+
+@dataclass
+class Prefetched:
+    """A batch's retrieval done ahead of its step (:class:`RetrievalPrefetch`)."""
+
+    found: SearchResult
+    assembled: Optional[Assembled]  # None with re-ranking (it needs the step's encoder)
+    seconds: float  # on the prefetch thread
+
+
+class RetrievalPrefetch:
+    """Search and input assembly for the next batch on a background thread, during this step.
+
+    The training core calls ``submit(model, next_batch)`` after the step's swap and before its
+    forward. One worker thread then (1) copies the query encoder's weights into a private copy,
+    while the step's forward reads the same weights; the step waits for that copy
+    (:meth:`wait_for_copy`, called after its forward) before its backward and optimizer update
+    change them; (2) embeds the next batch's queries with the copy (eval mode: no dropout; the
+    step's autocast), searches the generation in use, and assembles the block and joined inputs
+    (not with re-ranking, which needs the next step's document encoder). The next step's
+    ``take(batch)`` waits for the result.
+
+    Which weights search: batch t + 1 is searched with the query encoder of step t, one
+    optimizer step older than the weights that embed its queries for the scores that get the
+    gradient (inline, without prefetch, the search uses those same-step weights, with dropout).
+    REALM's index is already many steps stale, so one step more is small beside it. A batch with
+    nothing prefetched (the first of a run, of an epoch, of a resumed run) is searched inline.
+    The searcher must be local to the process: a sharded search is a collective and is refused.
+    """
+
+    def __init__(self, searcher: Searcher, autocast: Optional[Callable[[], Any]] = None):
+        if getattr(searcher, "collective", False):
+            raise ValueError("pretrain.prefetch searches on a background thread; a sharded search "
+                             "(index.sharding=ranks) is a collective every process calls in "
+                             "step: use one or the other")
+        self.searcher = searcher
+        self.autocast = autocast
+        self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix="realm-prefetch")
+        self._copy: Optional[nn.Module] = None  # used by one job at a time (one worker)
+        # (batch, future, weights copied), oldest first: the batch about to be read, the next
+        self._pending: list[tuple[MLMBatch, Any, threading.Event]] = []
+        self.waited_s = self.last_wait_s = 0.0  # training-thread time waiting for the thread
+        self.work_s = 0.0  # prefetch-thread time
+        self.hits = self.misses = 0
+
+    def _snapshot(self, live: nn.Module) -> nn.Module:
+        import copy
+
+        if self._copy is None:
+            self._copy = copy.deepcopy(live).eval().requires_grad_(False)
+        else:
+            with torch.no_grad():
+                for mine, theirs in zip(self._copy.state_dict().values(),
+                                        live.state_dict().values()):
+                    mine.copy_(theirs)
+        return self._copy
+
+    def submit(self, model: "REALM", batch: MLMBatch) -> None:
+        """Start the batch's retrieval (after the current batch's, which the step takes next;
+        older unclaimed ones are dropped)."""
+        model = getattr(model, "module", model)
+        while len(self._pending) > 1:
+            self._drop(self._pending.pop(0))
+        copied = threading.Event()
+        job = self._pool.submit(self._work, model, batch, copied)
+        self._pending.append((batch, job, copied))
+
+    def wait_for_copy(self) -> None:
+        """Block until every submitted job holds its copy of the weights (before they change)."""
+        t0 = time.perf_counter()
+        for _, _, copied in self._pending:
+            copied.wait()
+        self.waited_s += time.perf_counter() - t0
+
+    def _work(self, model: "REALM", batch: MLMBatch, copied: threading.Event) -> Prefetched:
+        t0 = time.perf_counter()
+        try:
+            query_encoder = self._snapshot(model.retriever.query_encoder)
+        finally:
+            copied.set()
+        cls_id, sep_id, pad_id = model.special
+        device = next(query_encoder.parameters()).device
+        q_in = build_query_inputs(batch.query_ids, cls_id, sep_id, pad_id,
+                                  max_length=model.max_query_tokens + 2)
+        with torch.no_grad(), (self.autocast() if self.autocast else contextlib.nullcontext()):
+            q_reps = query_encoder(*(t.to(device) for t in q_in))
+        found = model.search(batch, q_reps, self.searcher)
+        assembled = (None if model.rerank_candidates > model.k
+                     else model.assemble(batch, found.block_ids))
+        return Prefetched(found, assembled, time.perf_counter() - t0)
+
+    def take(self, batch: MLMBatch) -> Optional[Prefetched]:
+        """The prefetched retrieval of ``batch`` (waiting for it), or None if it was not."""
+        mine = next((i for i, entry in enumerate(self._pending) if entry[0] is batch), None)
+        if mine is None:
+            self.misses += 1
+            self.last_wait_s = 0.0
+            return None
+        for entry in self._pending[:mine]:  # submitted before it and never claimed
+            self._drop(entry)
+        job = self._pending[mine][1]
+        del self._pending[: mine + 1]
+        t0 = time.perf_counter()
+        result = job.result()
+        self.last_wait_s = time.perf_counter() - t0
+        self.waited_s += self.last_wait_s
+        self.work_s += result.seconds
+        self.hits += 1
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        """Batches prefetched / searched inline, and seconds per prefetched batch: the
+        training thread's wait and the prefetch thread's work (what the overlap hid)."""
+        n = max(1, self.hits)
+        return {"hits": self.hits, "misses": self.misses,
+                "wait_s_per_batch": round(self.waited_s / n, 5),
+                "work_s_per_batch": round(self.work_s / n, 5)}
+
+    @staticmethod
+    def _drop(entry: tuple[MLMBatch, Any, threading.Event]) -> None:
+        entry[1].cancel()
+        try:
+            entry[1].result()
+        except futures.CancelledError:
+            entry[2].set()  # (never started: nothing to copy)
+        except Exception:  # noqa: BLE001 (an unclaimed batch's failure is nobody's)
+            pass
+
+    def close(self) -> None:
+        for entry in self._pending:
+            self._drop(entry)
+        self._pending = []
+        self._pool.shutdown(wait=True)
+
+
 def marginal_predictions(out: REALMOutput) -> torch.Tensor:
     """``argmax_y Σ_z p(z|x) p(y_j|z, x)`` at each masked position, ``[B, max_masked]`` (CPU):
     computed in the forward (:meth:`KnowledgeAugmentedEncoder.predictions`)."""
@@ -457,9 +621,13 @@ class PretrainTask:
         searcher: Index search over the generation in use (the refresh hook's watcher).
     """
 
-    def __init__(self, dataset: MLMDataset, searcher: Searcher):
+    def __init__(self, dataset: MLMDataset, searcher: Searcher,
+                 prefetcher: Optional[RetrievalPrefetch] = None):
         self.dataset = dataset
         self.searcher = searcher
+        self.prefetcher = prefetcher
+        # the training core calls it with the next batch before each step (None: no lookahead)
+        self.prefetch = prefetcher.submit if prefetcher is not None else None
         self.last: Optional[tuple[REALMOutput, MLMBatch]] = None  # for the examples table
 
     def train_dataset(self) -> MLMDataset:
@@ -469,7 +637,10 @@ class PretrainTask:
         return collate_mlm(examples)
 
     def loss(self, model: nn.Module, batch: MLMBatch) -> tuple[torch.Tensor, dict[str, Any]]:
-        out = model(batch, self.searcher)
+        prefetched = self.prefetcher.take(batch) if self.prefetcher is not None else None
+        out = model(batch, self.searcher, prefetched)
+        if self.prefetcher is not None:  # the next batch's copy of the weights is taken
+            self.prefetcher.wait_for_copy()  # before backward and the optimizer change them
         self.last = (dataclasses.replace(  # (the logits are not kept: the predictions are)
             out, mlm_logits=None, log_p_z=out.log_p_z.detach(), loss=None,
             log_p_y_given_z=out.log_p_y_given_z.detach(),
@@ -478,6 +649,9 @@ class PretrainTask:
         changed = getattr(model, "module", model).rerank_changed
         if changed is not None:  # how much of the stale index's top k re-ranking replaced
             metrics["rerank_changed"] = changed
+        if self.prefetcher is not None:  # the training thread's wait for the prefetch thread
+            metrics["prefetch/hit"] = float(prefetched is not None)
+            metrics["prefetch/wait_s"] = self.prefetcher.last_wait_s
         return out.loss, metrics
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -677,7 +851,9 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
         if accelerator.is_main_process and not checkpoints(t.run_dir):
             first.seed(RunStore(t.run_dir), store.fingerprint, config.index.factory)
         accelerator.wait_for_everyone()
-    task = PretrainTask(dataset, searcher)
+    prefetcher = (RetrievalPrefetch(searcher, accelerator.autocast)
+                  if p.prefetch and not (p.null_only or p.source_only) else None)
+    task = PretrainTask(dataset, searcher, prefetcher)
     tracker = Tracker.from_config(config, enabled=accelerator.is_main_process)
     hooks: list[Any] = [hook] if hook else []
     if hook is not None and accelerator.is_main_process:
@@ -695,6 +871,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
         betas={"retriever.": (p.retriever_momentum, 0.999)} if p.retriever_momentum != 0.9 else None)
     world_size = accelerator.num_processes
     finished = False
+    prefetch_stats = None
     try:
         result = train(model, task, settings, accelerator, tracker, hooks=hooks,
                        config_dict=config.to_dict())
@@ -708,10 +885,13 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
                                               overwrite=True, metadata=meta)
         accelerator.wait_for_everyone()
     finally:
+        if prefetcher is not None:
+            prefetcher.close()
+            prefetch_stats = prefetcher.summary()
         if hook is not None:
             hook.close(finished=finished)
         tracker.close()
-        del model, task, hooks
+        del model, task, hooks, prefetcher
         _shutdown(accelerator)
     # (not accelerator.is_main_process: after _shutdown that would start a new process group)
     if is_main and config.logging.report_every:  # the dashboard, with the last steps too
@@ -738,6 +918,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
         **quarters,
         "generations_swapped": len(hook.generations_used) if hook else 0,
         "index_shards": hook.shards if hook else 0,
+        **({"prefetch": prefetch_stats} if prefetch_stats else {}),
         "max_staleness_steps": hook.max_staleness_steps if hook else 0,
         "world_size": world_size, "precision": precision or "fp32",
         "examples_per_s": result["examples_per_s"], "resumed_from": result["resumed_from"],

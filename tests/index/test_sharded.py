@@ -119,3 +119,16 @@ def test_bank_signal_with_a_sharded_index_is_refused():
         load_config(None, ["index.sharding=ranks", "pretrain.retriever_signal=bank"])
     with pytest.raises(ConfigError, match="index.sharding"):
         load_config(None, ["index.sharding=everywhere"])
+
+
+def test_prefetch_with_a_sharded_index_is_refused():
+    """A sharded search is a collective: no background-thread search beside it, in the config
+    and in the prefetcher itself."""
+    from realm.config import ConfigError, load_config
+    from realm.index.sharded import ShardedSearch
+    from realm.training.pretrain import RetrievalPrefetch
+
+    with pytest.raises(ConfigError, match="pretrain.prefetch.*sharding=ranks"):
+        load_config(None, ["index.sharding=ranks", "pretrain.prefetch=true"])
+    with pytest.raises(ValueError, match="collective"):
+        RetrievalPrefetch(ShardedSearch(lambda: None, lambda t: [t], 0))

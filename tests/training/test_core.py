@@ -313,3 +313,20 @@ def test_precision_from_accelerate_launch_and_the_config(monkeypatch):
     with pytest.raises(ConfigError, match="fp16.*needs a CUDA device"):
         training_precision("auto", cpu)
     assert training_precision("fp16", torch.device("cuda")) == "fp16"  # (no device touched)
+
+
+def test_reading_one_batch_ahead_only_when_asked():
+    from realm.training.core import _with_next
+
+    assert list(_with_next([1, 2, 3], enabled=True)) == [(1, 2), (2, 3), (3, None)]
+    assert list(_with_next([1, 2, 3], enabled=False)) == [(1, None), (2, None), (3, None)]
+    assert list(_with_next([], enabled=True)) == []
+    pulled = []
+
+    def source():
+        for i in range(3):
+            pulled.append(i)
+            yield i
+
+    for batch, _ in _with_next(source(), enabled=False):
+        assert pulled[-1] == batch  # nothing read ahead of its step

@@ -196,6 +196,23 @@ def test_one_process_one_shard_and_a_refresher_of_two_processes(spans_corpus, ti
     assert refresher[-1]["generations"] == [1, 2] or refresher[-1]["generations"][-1] == 2
 
 
+def test_prefetch_and_rerank_in_a_run(spans_corpus, tiny_retriever, tiny_encoder, tmp_path):
+    """``pretrain.prefetch``: every batch after a run's (and an epoch's) first is searched and
+    assembled on the prefetch thread during the step before; with re-ranking beside it (its
+    blocks are re-scored in the step), under bf16 autocast as the core runs the step."""
+    run_dir = tmp_path / "run"
+    summary = _pretrain(run_dir, spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
+                        "train.steps=6", "pretrain.prefetch=true", "pretrain.rerank_candidates=6",
+                        "train.precision=bf16", "refresh.every_steps=3", "logging.wandb=false",
+                        "logging.report_every=0")
+    stats = summary["prefetch"]
+    assert summary["steps"] == 6 and stats["hits"] + stats["misses"] == 6
+    assert stats["hits"] >= 4 and stats["work_s_per_batch"] > 0
+    records = [r for r in _records(run_dir) if "loss" in r]
+    assert [r["prefetch/hit"] for r in records][:2] == [0.0, 1.0]
+    assert all(0 <= r["rerank_changed"] <= 1 for r in records)
+
+
 def test_examples_table_shows_retrieved_titles_and_null(run):
     _, run_dir, _ = run
     tables = [r for r in _records(run_dir) if r.get("table") == "examples"]

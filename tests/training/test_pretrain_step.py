@@ -12,7 +12,7 @@ from realm.index.store import Generation
 from realm.losses import realm_marginal_loss
 from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, build_joined_inputs
 from realm.modeling.retriever import Retriever
-from realm.training.pretrain import REALM, PretrainTask, realm_metrics
+from realm.training.pretrain import REALM, PretrainTask, RetrievalPrefetch, realm_metrics
 
 
 @pytest.fixture(scope="module")
@@ -523,3 +523,46 @@ def test_rerank_under_bf16_autocast(setup):
     assert torch.isfinite(out.loss)
     for got, pool in zip(out.block_ids.numpy(), searched[0]):
         assert len(set(got.tolist())) == 4 and set(got.tolist()) <= set(pool.tolist())
+
+
+def test_prefetched_retrieval_is_the_inline_one_with_the_same_weights(setup):
+    """``RetrievalPrefetch``: the next batch's search and inputs, made on the prefetch thread
+    with a copy of the query encoder taken before the step's update, are what the step would have made
+    itself (eval mode, same weights); a later change to the weights reaches the next copy, not
+    the one in flight; an unsubmitted batch is searched inline."""
+    model, index, dataset = setup
+    model.eval()
+    prefetcher = RetrievalPrefetch(index.search)
+    try:
+        batch = collate_mlm([dataset[i] for i in range(4)])
+        prefetcher.submit(model, batch)
+        ahead = prefetcher.take(batch)
+        assert ahead is not None and ahead.assembled is not None
+        inline = model(batch, index.search)
+        prefetched = model(batch, index.search, ahead)
+        np.testing.assert_array_equal(prefetched.block_ids.numpy(), inline.block_ids.numpy())
+        assert torch.allclose(prefetched.loss, inline.loss, atol=1e-6)
+        torch.testing.assert_close(prefetched.retrieval_logits, inline.retrieval_logits)
+
+        live = model.retriever.query_encoder
+        with torch.no_grad():  # an optimizer step's worth of change
+            saved = [p.clone() for p in live.parameters()]
+            for p in live.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        # the core's order: the next batch is submitted before the current one is taken
+        other = collate_mlm([dataset[i] for i in range(4, 8)])
+        third = collate_mlm([dataset[i] for i in range(8, 12)])
+        prefetcher.submit(model, other)
+        prefetcher.submit(model, third)
+        prefetcher.wait_for_copy()  # (as the step does before its optimizer update)
+        for mine, theirs in zip(prefetcher._copy.parameters(), live.parameters()):
+            assert torch.equal(mine, theirs)
+        assert prefetcher.take(batch) is None  # taken already: searched inline
+        assert prefetcher.take(other) is not None and prefetcher.take(third) is not None
+        assert prefetcher.summary()["hits"] == 3 and prefetcher.summary()["misses"] == 1
+        with torch.no_grad():
+            for p, q in zip(live.parameters(), saved):
+                p.copy_(q)
+    finally:
+        prefetcher.close()
+        model.train()
