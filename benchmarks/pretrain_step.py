@@ -1,4 +1,5 @@
-"""The REALM pretraining step: anatomy fp32 vs bf16, and the trainer with the refresher on vs off.
+"""The REALM pretraining step: anatomy fp32 vs bf16, the trainer with the refresher on vs off, and
+retrieval inline vs prefetched.
 
     python benchmarks/pretrain_step.py [--corpus DIR] [--retriever DIR] [--encoder DIR]
 
@@ -30,6 +31,12 @@ corpus, the truncated encoder and the ICT warm-started retriever default to the 
    Pick ``--every-steps`` so that one re-embedding takes less time than that many steps, or no
    step is idle. ``--within-run RUN_DIR ...`` does only this split, for finished runs (with
    ``logging.log_every`` > 1 the unit is the interval between two log records).
+
+3. **Prefetch** (``--parts prefetch``). The same steps of two fresh models, one searching inline
+   and one with ``RetrievalPrefetch`` (``pretrain.prefetch``: the next batch's search and input
+   assembly on a worker thread during the step), interleaved in blocks of 5 steps (bf16 where
+   fast). Reported: retrieval work left on the training thread (inline: search + assembly;
+   prefetch: submit + waits for the worker), the worker's seconds a batch, and the step medians.
 
 The 1-minute load average before and after each part is recorded: other jobs sharing the cores
 slow every step, so compare figures taken under similar load. Prints one JSON object on stdout;
