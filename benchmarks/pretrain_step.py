@@ -65,7 +65,7 @@ import torch  # noqa: E402
 
 from realm.cli import override  # noqa: E402
 from realm.config import load_config  # noqa: E402
-from realm.data.mlm import MLMDataset  # noqa: E402
+from realm.data.mlm import MLMDataset, collate_mlm  # noqa: E402
 from realm.data.store import BlockStore  # noqa: E402
 from realm.index.embed import embed_blocks, special_ids  # noqa: E402
 from realm.index.mips import MipsIndex  # noqa: E402
@@ -281,7 +281,7 @@ def prefetch_split(paths: dict, store: BlockStore, index: MipsIndex, dataset: ML
     """The same steps of a fresh model with retrieval inline and with ``RetrievalPrefetch``
     (``pretrain.prefetch``), interleaved in blocks of 5 steps so that both share the machine's
     state; what retrieval costs the training thread in each."""
-    collated = [dataset_collate(dataset, ids) for ids in batches]
+    collated = [collate_mlm([dataset[j] for j in ids]) for ids in batches]
     out = {}
     models, tasks, timers, times = {}, {}, {}, {"inline": [], "prefetch": []}
     for mode in ("inline", "prefetch"):
@@ -289,11 +289,8 @@ def prefetch_split(paths: dict, store: BlockStore, index: MipsIndex, dataset: ML
         model = build_model(paths, store, config).train()
         timer = Timer()
         search = timer.wrap(lambda q, k, exclude: index.search(q, k, exclude=exclude), "search")
-        prefetcher = RetrievalPrefetch(search, lambda: torch.autocast("cpu", dtype=torch.bfloat16,
-                                                                      enabled=bf16))
-        if mode == "inline":
-            prefetcher.close()
-            prefetcher = None
+        prefetcher = (RetrievalPrefetch(search, lambda: torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=bf16)) if mode == "prefetch" else None)
         assemble = model.assemble
 
         def timed_assemble(*a, _assemble=assemble, _timer=timer, **kw):  # training thread only
@@ -354,12 +351,6 @@ def prefetch_split(paths: dict, store: BlockStore, index: MipsIndex, dataset: ML
     out["step_prefetch_over_inline_median"] = round(
         out["prefetch"]["median_step_s"] / out["inline"]["median_step_s"], 3)
     return out
-
-
-def dataset_collate(dataset: MLMDataset, ids: list[int]):
-    from realm.data.mlm import collate_mlm
-
-    return collate_mlm([dataset[j] for j in ids])
 
 
 def main() -> None:

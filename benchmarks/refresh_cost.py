@@ -65,7 +65,7 @@ def run_cell(every: int, rerank: int, args, overrides: list[str]) -> dict:
     summary = last_json(done.stdout)
     refresher = [r for r in read_jsonl(os.path.join(run_dir, "refresher", "metrics.jsonl"))
                  if r.get("refresh/generation", 0) > 0]
-    records = read_metrics_records(run_dir)
+    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     changed = [r["rerank_changed"] for r in records if "rerank_changed" in r]
     trainer_s = summary["seconds"] - summary["prepare_s"]
     refresher_s = sum(r["refresh/total_s"] for r in refresher)
@@ -92,10 +92,6 @@ def run_cell(every: int, rerank: int, args, overrides: list[str]) -> dict:
         cell.update({key: value for key, value in result.items() if "recall@" in key})
     print(json.dumps(cell), file=sys.stderr, flush=True)
     return cell
-
-
-def read_metrics_records(run_dir: str) -> list[dict]:
-    return read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def main() -> None:

@@ -171,12 +171,9 @@ class REALM(nn.Module):
 
         cls_id, sep_id, pad_id = self.special
         ids = found.block_ids  # [B, L]
-        empty = np.zeros(0, np.int64)
-        flat = [int(b) for b in ids.reshape(-1)]
-        p_in = build_block_inputs(
-            [self.store.title_ids(b) if b >= 0 else empty for b in flat],
-            [self.store.body_ids(b) if b >= 0 else empty for b in flat], cls_id, sep_id, pad_id,
-            max_length=self.max_block_tokens + 3)
+        titles, bodies = self._texts(ids.reshape(1, -1))
+        p_in = build_block_inputs(titles[0], bodies[0], cls_id, sep_id, pad_id,
+                                  max_length=self.max_block_tokens + 3)
         was_training = self.retriever.training
         self.retriever.eval()
         try:
@@ -207,13 +204,19 @@ class REALM(nn.Module):
         return searcher(q_reps.detach().float().cpu().numpy(),
                         max(self.k, self.rerank_candidates), exclude)
 
+    def _texts(self, ids: np.ndarray) -> tuple[list, list]:
+        """Title and body word pieces of each block id ``[B, n]`` (-1: empty), as nested lists."""
+        empty = np.zeros(0, np.int64)
+        titles = [[self.store.title_ids(int(b)) if b >= 0 else empty for b in row] for row in ids]
+        bodies = [[self.store.body_ids(int(b)) if b >= 0 else empty for b in row] for row in ids]
+        return titles, bodies
+
     def assemble(self, batch: MLMBatch, ids: np.ndarray) -> "Assembled":
         """The step's inputs for the retrieved ``ids`` ``[B, k]`` (-1: none): the k blocks and
         the null document for the document encoder, and the B * (k + 1) joined sequences."""
         cls_id, sep_id, pad_id = self.special
         empty = np.zeros(0, np.int64)
-        titles = [[self.store.title_ids(int(b)) if b >= 0 else empty for b in row] for row in ids]
-        bodies = [[self.store.body_ids(int(b)) if b >= 0 else empty for b in row] for row in ids]
+        titles, bodies = self._texts(ids)
         flat_t = [t for row in titles for t in row] + [empty]  # the null block last, once
         flat_b = [b for row in bodies for b in row] + [empty]
         blocks = build_block_inputs(flat_t, flat_b, cls_id, sep_id, pad_id,
@@ -221,7 +224,7 @@ class REALM(nn.Module):
         joined = build_joined_inputs(batch.query_ids, titles, bodies, cls_id, sep_id, pad_id,
                                      max_length=self.max_joined_tokens,
                                      mask_positions=batch.mask_positions, append_null=True)
-        return Assembled(ids, blocks, joined)
+        return Assembled(blocks, joined)
 
     def forward(self, batch: MLMBatch, searcher: Searcher,
                 prefetched: Optional["Prefetched"] = None) -> REALMOutput:
@@ -418,7 +421,6 @@ class REALM(nn.Module):
 class Assembled:
     """A step's inputs for its retrieved blocks (:meth:`REALM.assemble`)."""
 
-    block_ids: np.ndarray  # [B, k]
     blocks: Any  # EncoderInputs of the B * k blocks + the null document (last)
     joined: Any  # JoinedInputs: B * (k + 1) query-block sequences
 
