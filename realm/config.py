@@ -221,6 +221,11 @@ class MLMConfig:
     max_tokens: int = _doc("Word pieces per segment, special tokens included.", default=128)
     holdout_blocks: int = _doc("Blocks held out for the masked-token accuracy and loss.",
                                default=256)
+    copy_head: bool = _doc(
+        "Give the reader a copy head: a pointer over the block's word pieces mixed with the "
+        "masked LM, p(y|z,x) = (1 - g) p_vocab(y) + g copy(y) (a pointer-generator; the null "
+        "document has nothing to copy). Trained here on the second segment, then in pretraining.",
+        default=False)
 
     def __post_init__(self) -> None:
         _check(0 < self.mask_prob < 1, "mlm.mask_prob", f"must be in (0, 1), got {self.mask_prob}")

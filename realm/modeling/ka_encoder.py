@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_KIND = "knowledge_augmented_encoder"
 FORMAT_VERSION = 2
 MODEL_DIR = "."  # format 1: "model"
+COPY_HEAD_FILE = "copy_head.safetensors"  # beside the masked LM; transformers ignores it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +198,8 @@ class KnowledgeAugmentedOutput:
         hidden: On the vocabulary-chunked path (``vocab_chunk``): the decoder inputs at the
             masked positions, ``[B, k + 1, M, hidden]``, and ``logits`` is None;
             ``normalizer``: the logsumexp over the vocabulary, ``[B, k + 1, M]``.
+        copy: With a copy head: its gate and attention (:class:`CopyScores`); ``logits`` are
+            then the vocabulary part only, and ``token_log_probs`` the mixture's.
     """
 
     logits: Optional[torch.Tensor]
@@ -204,6 +207,7 @@ class KnowledgeAugmentedOutput:
     log_probs_of_targets: Optional[torch.Tensor] = None
     hidden: Optional[torch.Tensor] = None
     normalizer: Optional[torch.Tensor] = None
+    copy: Optional["CopyScores"] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +284,8 @@ def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 @torch.no_grad()
 def chunked_predictions(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         log_p_z: torch.Tensor, chunk: int = 8192,
-                        normalizer: Optional[torch.Tensor] = None
+                        normalizer: Optional[torch.Tensor] = None,
+                        copy: Optional["CopyScores"] = None,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The marginal prediction ``argmax_y Σ_z p(z|x) p(y|z,x)`` and the last candidate's own
     prediction (the null document's), vocabulary in chunks.
@@ -291,6 +296,10 @@ def chunked_predictions(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         log_p_z: ``[B, C]`` retrieval log-probabilities.
         normalizer: ``[B, C, M]`` logsumexp over the vocabulary, when already known (one pass
             over the vocabulary fewer).
+        copy: The copy head's scores, if any: the marginal is then over the mixtures
+            ``(1 - λ) p_vocab + λ copy``. A word's mixture exceeds its vocabulary part only if
+            some block holds it, so the argmax is the better of the vocabulary part's argmax
+            and the exact mixture's best over the words the blocks hold.
 
     Returns:
         ``([B, M], [B, M])`` word ids.
@@ -303,12 +312,15 @@ def chunked_predictions(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
             for start in range(0, w.shape[0], chunk):
                 logits = h @ w[start: start + chunk].T + b[start: start + chunk]
                 lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+        log_w = log_p_z.float()[:, :, None].expand(lse.shape)  # [B, C, M]
+        if copy is not None:
+            log_w = log_w + torch.log1p(-copy.gate)
         best = torch.full(h.shape[:1] + h.shape[2:3], float("-inf"), device=h.device)  # [B, M]
         arg = torch.zeros_like(best, dtype=torch.long)
         null_best, null_arg = best.clone(), arg.clone()
         for start in range(0, w.shape[0], chunk):
             logits = h @ w[start: start + chunk].T + b[start: start + chunk]  # [B, C, M, c]
-            marginal = torch.logsumexp(log_p_z[:, :, None, None].float() + logits
+            marginal = torch.logsumexp(log_w[..., None] + logits
                                        - lse[..., None], dim=1)  # [B, M, c]
             value, index = marginal.max(dim=-1)
             better = value > best
@@ -317,7 +329,111 @@ def chunked_predictions(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
             better = value > null_best
             null_best = torch.where(better, value, null_best)
             null_arg = torch.where(better, index + start, null_arg)
+        if copy is not None:  # the exact mixture of every word the batch's blocks hold
+            words, where = torch.unique(copy.source_ids, return_inverse=True)  # [U], [B, C, L]
+            vocab = torch.exp(torch.einsum("bcmh,uh->bcmu", h, w[words]) + b[words]
+                              - lse[..., None])  # [B, C, M, U]
+            copied = torch.zeros_like(vocab).scatter_add_(
+                -1, where[:, :, None, :].expand(copy.attention.shape), copy.attention)
+            p_z = torch.exp(log_p_z.float())[:, :, None, None]
+            mixture = (p_z * ((1 - copy.gate)[..., None] * vocab
+                              + copy.gate[..., None] * copied)).sum(dim=1)  # [B, M, U]
+            value, index = mixture.max(dim=-1)
+            better = torch.log(value) > best
+            arg = torch.where(better, words[index], arg)
     return arg, null_arg
+
+
+# ---------------------------------------------------------------------------------------------
+# The copy head: p(y|z, x) may copy a word piece of the block
+
+
+@dataclass
+class CopyScores:
+    """What the copy head computed at each masked position of each candidate.
+
+    Attributes:
+        gate: ``λ``, the probability of copying, ``[B, k + 1, M]`` float32 (0 on candidates
+            with no block tokens: the null document).
+        attention: Where it copies from, ``[B, k + 1, M, L]`` float32 (rows sum to 1 over
+            the block's tokens, 0 elsewhere).
+        source_ids: The word pieces it attends over, ``[B, k + 1, L]`` (the joined inputs).
+    """
+
+    gate: torch.Tensor
+    attention: torch.Tensor
+    source_ids: torch.Tensor
+
+
+class CopyHead(nn.Module):
+    """A pointer over the block's word pieces, mixed with the masked LM (pointer-generator).
+
+    ``p(y_j|z, x) = (1 - λ) p_vocab(y_j) + λ Σ_{t in z: z_t = y_j} a_t``, with ``a`` the
+    attention of the masked position's final hidden state (projected) over the final hidden
+    states of the block's title and body (token type 1, separators left out), and ``λ = σ(w · h_j + b)``; the null
+    document has no tokens, so ``λ = 0`` and its score is the masked LM's alone. The attention
+    makes copying a span the block holds cheap for a small reader, which a 2-layer encoder
+    adapted for 100 steps does not learn by itself (docs/results.md). It is trained with the
+    rest of the reader (MLM adaptation in the reader's layout, then REALM's marginal loss).
+
+    Args:
+        hidden_size: The encoder's hidden size.
+        gate_bias: Initial gate bias (``σ(-2) ≈ 0.12``: the masked LM first).
+    """
+
+    def __init__(self, hidden_size: int, gate_bias: float = -2.0):
+        super().__init__()
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.gate = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.query.weight, std=0.02)
+        nn.init.zeros_(self.query.bias)
+        nn.init.normal_(self.gate.weight, std=0.02)
+        nn.init.constant_(self.gate.bias, gate_bias)
+
+    def forward(self, picked: torch.Tensor, states: torch.Tensor, source_ids: torch.Tensor,
+                support: torch.Tensor) -> CopyScores:
+        """Gate and attention.
+
+        Args:
+            picked: Hidden states at the masked positions, ``[B, C, M, H]``.
+            states: Hidden states of every position, ``[B, C, L, H]``.
+            source_ids: Word pieces, ``[B, C, L]``.
+            support: True on the block's tokens, ``[B, C, L]``.
+        """
+        with torch.autocast(picked.device.type, enabled=False):
+            picked, states = picked.float(), states.float()
+            query = self.query(picked)  # [B, C, M, H]
+            scores = torch.einsum("bcmh,bclh->bcml", query, states) / picked.shape[-1] ** 0.5
+            scores = scores.masked_fill(~support[:, :, None, :], -1e4)
+            attention = torch.softmax(scores, dim=-1) * support[:, :, None, :]  # [B, C, M, L]
+            has_block = support.any(dim=-1)  # [B, C]
+            gate = torch.sigmoid(self.gate(picked).squeeze(-1)).clamp(max=1 - 1e-6)
+            gate = gate * has_block[:, :, None]  # [B, C, M]
+        return CopyScores(gate, attention, source_ids)
+
+
+def copy_mixture(token_log_probs: torch.Tensor, copy: CopyScores, targets: torch.Tensor
+                 ) -> torch.Tensor:
+    """``log((1 - λ) p_vocab(y) + λ copy(y))`` from the masked LM's ``log p_vocab(y)``
+    ``[B, C, M]`` and the targets ``[B, C, M]``; ``log p_vocab(y)`` where ``λ`` is 0."""
+    match = copy.source_ids[:, :, None, :] == targets[..., None]  # [B, C, M, L]
+    mass = (copy.attention * match).sum(dim=-1)  # [B, C, M]
+    gate = copy.gate
+    mixed = torch.logaddexp(torch.log1p(-gate) + token_log_probs.float(),
+                            torch.log(gate.clamp(min=1e-12)) + torch.log(mass.clamp(min=1e-12)))
+    return torch.where(gate > 0, mixed, token_log_probs.float())
+
+
+@torch.no_grad()
+def copy_predictions(log_p_vocab: torch.Tensor, copy: CopyScores, log_p_z: torch.Tensor
+                     ) -> torch.Tensor:
+    """``argmax_y Σ_z p(z|x) [(1 - λ) p_vocab(y) + λ copy(y)]`` at each masked position,
+    ``[B, M]``, from the vocabulary log-probabilities ``[B, C, M, V]``."""
+    probs = torch.exp(log_p_vocab.float()) * (1 - copy.gate)[..., None]  # [B, C, M, V]
+    index = copy.source_ids[:, :, None, :].expand(*copy.attention.shape)  # [B, C, M, L]
+    probs = probs.scatter_add(-1, index, copy.attention * copy.gate[..., None])
+    marginal = (torch.exp(log_p_z.float())[:, :, None, None] * probs).sum(dim=1)  # [B, M, V]
+    return marginal.argmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +482,15 @@ class KnowledgeAugmentedEncoder(nn.Module):
         #: (:func:`target_log_probs`), never building the ``[B, k + 1, M, vocab]`` logits
         #: (``logits`` is then None and ``hidden`` holds the decoder inputs). 0: the logits.
         self.vocab_chunk = 0
+        #: A pointer over the block's word pieces (:class:`CopyHead`), or None.
+        self.copy_head: Optional[CopyHead] = None
+
+    def add_copy_head(self) -> CopyHead:
+        """Give the reader a new :class:`CopyHead` (kept if it has one)."""
+        if self.copy_head is None:
+            self.copy_head = CopyHead(self.config.hidden_size).to(
+                next(self.mlm.parameters()).device)
+        return self.copy_head
 
     def decoder_parts(self) -> Optional[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
         """``(transform, weight, bias)`` of a BERT-style head (transform, then a linear decoder),
@@ -385,11 +510,14 @@ class KnowledgeAugmentedEncoder(nn.Module):
         with torch.no_grad():
             if out.logits is not None:
                 log_probs = torch.log_softmax(out.logits.float(), dim=-1)  # [B, k + 1, M, V]
+                if out.copy is not None:  # the last candidate's own: λ is 0 on the null one
+                    return (copy_predictions(log_probs, out.copy, log_p_z),
+                            out.logits[:, -1].argmax(dim=-1))
                 marginal = torch.logsumexp(log_p_z[:, :, None, None].float() + log_probs, dim=1)
                 return marginal.argmax(dim=-1), out.logits[:, -1].argmax(dim=-1)
             _, weight, bias = self.decoder_parts()
             return chunked_predictions(out.hidden, weight, bias, log_p_z, self.vocab_chunk,
-                                       normalizer=out.normalizer)
+                                       normalizer=out.normalizer, copy=out.copy)
 
     @property
     def config(self) -> PretrainedConfig:
@@ -513,6 +641,18 @@ class KnowledgeAugmentedEncoder(nn.Module):
             batch, num_candidates, max_masked, states.shape[-1]
         )  # [B, k + 1, M, hidden|vocab]
         picked = states.gather(2, index)  # [B, k + 1, M, hidden|vocab]
+        copy = None
+        if self.copy_head is not None and token_type_ids is not None:
+            if head is None:
+                raise ValueError(f"a copy head needs a separable masked-LM head; "
+                                 f"{type(self.mlm).__name__} has none")
+            shape = (batch, num_candidates, seq_len)
+            # the block's word pieces: the second segment without its separators (each row,
+            # right-padded, ends in [SEP]); none in the null document's [CLS] x [SEP] [SEP]
+            last = input_ids.gather(1, (attention_mask.sum(1, keepdim=True) - 1).clamp(min=0))
+            support = ((token_type_ids == 1) & attention_mask.bool() & (input_ids != last)
+                       ).view(shape)
+            copy = self.copy_head(picked, states, input_ids.view(shape), support)
         parts = self.decoder_parts() if labels is not None and self.vocab_chunk else None
         if parts is not None:  # the lean path: never the [B, k + 1, M, vocab] logits
             transform, weight, bias = parts
@@ -520,23 +660,28 @@ class KnowledgeAugmentedEncoder(nn.Module):
             targets = labels[:, None, :].expand(batch, num_candidates, max_masked)
             token_log_probs, normalizer = target_log_probs(
                 hidden, weight, bias, targets, self.vocab_chunk, with_normalizer=True)
+            if copy is not None:
+                token_log_probs = copy_mixture(token_log_probs, copy, targets)
             if label_mask is not None:
                 token_log_probs = token_log_probs.masked_fill(~label_mask.bool()[:, None, :], 0.0)
             return KnowledgeAugmentedOutput(logits=None, token_log_probs=token_log_probs,
                                             log_probs_of_targets=token_log_probs.sum(dim=-1),
-                                            hidden=hidden, normalizer=normalizer)
+                                            hidden=hidden, normalizer=normalizer, copy=copy)
         logits = head(picked) if head is not None else picked  # [B, k + 1, M, vocab]
         if labels is None:
-            return KnowledgeAugmentedOutput(logits=logits)
+            return KnowledgeAugmentedOutput(logits=logits, copy=copy)
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # [B, k + 1, M, vocab]
         targets = labels[:, None, :, None].expand(batch, num_candidates, max_masked, 1)
         token_log_probs = log_probs.gather(-1, targets).squeeze(-1)  # [B, k + 1, M]
+        if copy is not None:
+            token_log_probs = copy_mixture(token_log_probs, copy, targets.squeeze(-1))
         if label_mask is not None:
             token_log_probs = token_log_probs.masked_fill(~label_mask.bool()[:, None, :], 0.0)
         return KnowledgeAugmentedOutput(
             logits=logits,
             token_log_probs=token_log_probs,
             log_probs_of_targets=token_log_probs.sum(dim=-1),  # [B, k + 1]
+            copy=copy,
         )
 
     # -- persistence ----------------------------------------------------------------------
@@ -566,6 +711,11 @@ class KnowledgeAugmentedEncoder(nn.Module):
             self.mlm.save_pretrained(tmp / MODEL_DIR)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / MODEL_DIR))
+            if self.copy_head is not None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().cpu().contiguous()
+                           for k, v in self.copy_head.state_dict().items()}, tmp / COPY_HEAD_FILE)
             fields = {
                 "base_checkpoint": self.base_checkpoint,
                 "model_type": getattr(self.config, "model_type", None),
@@ -576,6 +726,7 @@ class KnowledgeAugmentedEncoder(nn.Module):
                 "tied_embeddings": self.output_embeddings.weight is self.input_embeddings.weight,
                 "model": MODEL_DIR,
                 "tokenizer": MODEL_DIR if tokenizer is not None else None,
+                "copy_head": COPY_HEAD_FILE if self.copy_head is not None else None,
             }
             _write_manifest(tmp, MANIFEST_KIND, FORMAT_VERSION, fields, metadata)
         logger.info("saved knowledge-augmented encoder to %s", target)
@@ -606,6 +757,10 @@ class KnowledgeAugmentedEncoder(nn.Module):
             mlm, tokenizer=tokenizer, base_checkpoint=manifest.get("base_checkpoint"),
             head_initialised=bool(manifest.get("head_initialised")),
         )
+        if manifest.get("copy_head"):
+            from safetensors.torch import load_file
+
+            encoder.add_copy_head().load_state_dict(load_file(directory / manifest["copy_head"]))
         if device is not None:
             encoder.to(device)
         logger.info("loaded knowledge-augmented encoder from %s", directory)

@@ -11,6 +11,8 @@ gradient is not noise. This stage gives any encoder checkpoint that head::
   (80% ``[MASK]``, 10% random, 10% kept), optionally one salient span instead;
 - the vocabulary logits only at the masked positions (the decoder over every position and
   30,522 words is most of a step's cost otherwise);
+- optionally (``mlm.copy_head``) a pointer over the second segment's word pieces
+  (:class:`realm.modeling.ka_encoder.CopyHead`), trained with the rest;
 - held-out masked-token accuracy and loss before and after, and a few fill-in examples.
 
 The output, ``run_dir/encoder/``, is a knowledge-augmented encoder directory that is also a plain
@@ -59,7 +61,9 @@ def masked_lm_scores(encoder: KnowledgeAugmentedEncoder, batch: MaskedSequenceBa
     mask = batch.target_mask.to(device)  # [B, M]
     n = mask.sum().clamp(min=1)
     loss = -out.token_log_probs[:, 0].sum() / n  # token_log_probs [B, 1, M], 0 on padding
-    hits = (out.logits[:, 0].argmax(-1) == batch.target_ids.to(device)) & mask  # [B, M]
+    predicted = out.logits[:, 0].argmax(-1) if out.copy is None else encoder.predictions(
+        out, torch.zeros(len(mask), 1, device=device))[0]  # [B, M] (with copying)
+    hits = (predicted == batch.target_ids.to(device)) & mask  # [B, M]
     return loss, hits.sum(), mask.sum()
 
 
@@ -170,6 +174,8 @@ def run_adapt_mlm(config, progress: bool = True) -> dict[str, Any]:
     set_seed(config.seed)
     store = BlockStore(corpus)
     encoder = load_ka_encoder(encoder_name)
+    if m.copy_head:
+        encoder.add_copy_head()  # (trained on the second segment: the reader's layout)
     tokenizer = encoder.tokenizer
     if tokenizer is None:
         raise ValueError(f"mlm.encoder={m.encoder!r} has no tokenizer saved with it")

@@ -344,3 +344,109 @@ def test_chunked_encoder_scores_predicts_and_trains_as_the_logits_do():
     log_p_z = torch.log_softmax(torch.tensor([[0.3, -1.0, 0.5], [2.0, 0.0, -0.5]]), dim=-1)
     for a, b in zip(plain.predictions(outs[0], log_p_z), lean.predictions(outs[1], log_p_z)):
         assert torch.equal(a, b)
+
+
+# -- the copy head ----------------------------------------------------------------------------
+
+
+def copy_ka() -> KnowledgeAugmentedEncoder:
+    ka = tiny_ka()
+    torch.manual_seed(1)
+    ka.add_copy_head()
+    with torch.no_grad():  # attention that is not uniform, a gate that is not the default
+        ka.copy_head.query.weight.normal_(std=0.5)
+        ka.copy_head.gate.bias.fill_(-0.5)
+    return ka.eval()
+
+
+def test_copy_head_mixes_a_pointer_over_the_block_with_the_masked_lm_by_hand():
+    ka = copy_ka()
+    # query 0's first target (30) occurs in its first block's body only; 42 in no block
+    with torch.no_grad():
+        j, labels, out = _forward(ka, labels=((30, 41), (35, 0)))
+        states = ka.mlm.bert(input_ids=j.input_ids, attention_mask=j.attention_mask,
+                             token_type_ids=j.token_type_ids).last_hidden_state  # [6, L, H]
+        vocab = torch.log_softmax(ka.mlm.cls(states), -1)  # [6, L, V]
+    head = ka.copy_head
+    for b in range(2):
+        for c in range(3):
+            row = b * 3 + c
+            block = [t for t in range(j.input_ids.shape[1])
+                     if j.token_type_ids[row, t] == 1 and j.input_ids[row, t] != SEP]
+            for m in range(2):
+                if not j.position_mask[b, m]:
+                    assert float(out.token_log_probs[b, c, m]) == 0.0
+                    continue
+                pos, y = int(j.mask_positions[b, m]), int(labels[b, m])
+                p_vocab = float(torch.exp(vocab[row, pos, y]))
+                if c == 2:  # the null document: nothing to copy, the masked LM alone
+                    assert float(out.copy.gate[b, c, m]) == 0.0
+                    expected = p_vocab
+                else:
+                    h = states[row, pos]
+                    scores = torch.stack([head.query(h) @ states[row, t] for t in block])
+                    attention = torch.softmax(scores / 32 ** 0.5, 0).detach()
+                    mass = sum(float(a) for a, t in zip(attention, block)
+                               if int(j.input_ids[row, t]) == y)
+                    gate = float(torch.sigmoid(head.gate(h)))
+                    expected = (1 - gate) * p_vocab + gate * mass
+                assert abs(float(out.token_log_probs[b, c, m]) - np.log(expected)) < 1e-4
+    # copying helps exactly where the block holds the target (query 0: 30, query 1: 35, both in
+    # their first block), with attention spread evenly over the block
+    with torch.no_grad():
+        ka.copy_head.query.weight.zero_()
+        _, _, out = _forward(ka, labels=((30, 41), (35, 0)))
+        _, _, plain = _forward(tiny_ka(), labels=((30, 41), (35, 0)))
+    gain = out.token_log_probs - plain.token_log_probs  # the same encoder weights
+    assert float(gain[0, 0, 0]) > 0.5 and float(gain[1, 0, 0]) > 0.5  # 30 and 35 in block 0
+    assert float(gain[0, 1, 0]) < 0 and float(gain[0, 2, 0]) == 0.0  # not in it / null
+
+
+@pytest.mark.parametrize("vocab_chunk", [0, 16])
+def test_copy_head_predictions_are_the_argmax_of_the_mixture(vocab_chunk):
+    ka = copy_ka()
+    ka.vocab_chunk = vocab_chunk  # 16: the vocabulary in chunks, never the logits
+    with torch.no_grad():
+        j, labels, out = _forward(ka, labels=((30, 41), (35, 0)))
+        states = ka.mlm.bert(input_ids=j.input_ids, attention_mask=j.attention_mask,
+                             token_type_ids=j.token_type_ids).last_hidden_state
+    assert (out.logits is None) == bool(vocab_chunk)
+    log_p_z = torch.log_softmax(torch.tensor([[0.5, -0.3, 0.1], [2.0, 0.0, -1.0]]), -1)
+    predicted, null_predicted = ka.predictions(out, log_p_z)
+    ka.vocab_chunk = 0
+    with torch.no_grad():
+        _, _, full = _forward(ka, labels=((30, 41), (35, 0)))
+    torch.testing.assert_close(out.token_log_probs, full.token_log_probs)
+    for b in range(2):
+        for m in range(2):
+            mixture = torch.zeros(64)
+            for c in range(3):
+                row = b * 3 + c
+                pos = int(j.mask_positions[b, m])
+                p = torch.softmax(ka.mlm.cls(states[row, pos]), -1) * (1 - out.copy.gate[b, c, m])
+                for t in range(j.input_ids.shape[1]):
+                    p[int(j.input_ids[row, t])] += (out.copy.gate[b, c, m]
+                                                    * out.copy.attention[b, c, m, t])
+                mixture += float(torch.exp(log_p_z[b, c])) * p
+            assert int(predicted[b, m]) == int(mixture.argmax())
+            null_row = torch.softmax(ka.mlm.cls(states[b * 3 + 2, int(j.mask_positions[b, m])]), -1)
+            assert int(null_predicted[b, m]) == int(null_row.argmax())
+
+
+def test_copy_head_trains_and_survives_save_load(tmp_path):
+    ka = copy_ka().train()
+    _, _, out = _forward(ka, labels=((30, 41), (35, 0)))
+    realm_marginal_loss(torch.zeros(2, 3), out.log_probs_of_targets)[0].backward()
+    assert ka.copy_head.query.weight.grad.abs().sum() > 0
+    assert ka.copy_head.gate.weight.grad.abs().sum() > 0
+    ka.eval()
+    path = ka.save_pretrained(tmp_path / "ka")
+    assert read_manifest(path, kind="knowledge_augmented_encoder")["copy_head"] == \
+        "copy_head.safetensors"
+    loaded = KnowledgeAugmentedEncoder.from_pretrained(path).eval()
+    assert loaded.copy_head is not None
+    with torch.no_grad():
+        _, _, a = _forward(ka, labels=((30, 41), (35, 0)))
+        _, _, b = _forward(loaded, labels=((30, 41), (35, 0)))
+    assert torch.allclose(a.log_probs_of_targets, b.log_probs_of_targets, atol=1e-6)
+    BertForMaskedLM.from_pretrained(path)  # still a plain masked LM (the head file beside it)

@@ -150,6 +150,28 @@ def test_pretraining_caches_the_adaptation_and_rebuilds_it_when_its_key_changes(
     assert prepare_adapted_encoder(off, leads_corpus, tiny_encoder) == tiny_encoder
 
 
+def test_a_copy_head_is_adapted_in_the_readers_layout_cached_under_its_own_key(
+        leads_corpus, tiny_encoder, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from realm.modeling.ka_encoder import CopyHead, KnowledgeAugmentedEncoder
+    from realm.prepare import prepare_adapted_encoder
+
+    config = _config(tmp_path, leads_corpus, tiny_encoder, "mlm.copy_head=true",
+                     "mlm.neighbour_prob=0.7", "mlm.random_prob=0.15", "pretrain.mlm_steps=8")
+    out = prepare_adapted_encoder(config, leads_corpus, tiny_encoder)
+    assert "copy_head.safetensors" in json.loads(Path(out, "manifest.json").read_text())["files"]
+    encoder = KnowledgeAugmentedEncoder.from_pretrained(out)
+    fresh = CopyHead(encoder.config.hidden_size)
+    assert encoder.copy_head is not None  # and trained: its gate moved off the initial bias
+    assert float(encoder.copy_head.gate.bias) != float(fresh.gate.bias)
+    AutoModelForMaskedLM.from_pretrained(out)  # still a plain masked LM beside the head file
+    plain = prepare_adapted_encoder(_config(tmp_path, leads_corpus, tiny_encoder,
+                                            "mlm.neighbour_prob=0.7", "mlm.random_prob=0.15",
+                                            "pretrain.mlm_steps=8"), leads_corpus, tiny_encoder)
+    assert plain != out and KnowledgeAugmentedEncoder.from_pretrained(plain).copy_head is None
+
+
 def test_a_killed_adaptation_leaves_nothing_that_looks_complete(leads_corpus, tiny_encoder,
                                                                tmp_path):
     run_dir = tmp_path / "run"
