@@ -236,7 +236,7 @@ def prepare_adapted_encoder(config, corpus: str, encoder: str) -> str:
     key = _digest(["adapt-mlm", os.path.abspath(encoder) if os.path.exists(encoder) else encoder,
                    os.path.abspath(corpus), steps, p.mlm_batch_size, p.mlm_lr, m.mask_prob,
                    m.salient_span_prob, m.neighbour_prob, m.random_prob, m.max_tokens,
-                   m.holdout_blocks, *(["copy-head"] if m.copy_head else []),
+                   m.holdout_blocks, *(["copy-head-2"] if m.copy_head else []),
                    config.train.precision, config.seed])
     run_dir = os.path.join(p.cache_dir, f"mlm-{key}")
     out = os.path.join(run_dir, "encoder")

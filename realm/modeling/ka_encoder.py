@@ -370,8 +370,10 @@ class CopyHead(nn.Module):
 
     ``p(y_j|z, x) = (1 - λ) p_vocab(y_j) + λ Σ_{t in z: z_t = y_j} a_t``, with ``a`` the
     attention of the masked position's final hidden state (projected) over the final hidden
-    states of the block's title and body (token type 1, separators left out), and ``λ = σ(w · h_j + b)``; the null
-    document has no tokens, so ``λ = 0`` and its score is the masked LM's alone. The attention
+    states of the block's title and body (token type 1, separators left out), and
+    ``λ = σ(w · [h_j; Σ_t a_t s_t; max_t score_t] + b)``: the gate sees what the attention found
+    and how well it matched, so it can copy where the block holds the word and not elsewhere
+    (retrieved blocks mostly do not). The null document has no tokens, so ``λ = 0`` and its score is the masked LM's alone. The attention
     makes copying a span the block holds cheap for a small reader, which a 2-layer encoder
     adapted for 100 steps does not learn by itself (docs/results.md). It is trained with the
     rest of the reader (MLM adaptation in the reader's layout, then REALM's marginal loss).
@@ -384,7 +386,7 @@ class CopyHead(nn.Module):
     def __init__(self, hidden_size: int, gate_bias: float = -2.0):
         super().__init__()
         self.query = nn.Linear(hidden_size, hidden_size)
-        self.gate = nn.Linear(hidden_size, 1)
+        self.gate = nn.Linear(2 * hidden_size + 1, 1)  # [h; attended states; best match score]
         nn.init.normal_(self.query.weight, std=0.02)
         nn.init.zeros_(self.query.bias)
         nn.init.normal_(self.gate.weight, std=0.02)
@@ -407,7 +409,10 @@ class CopyHead(nn.Module):
             scores = scores.masked_fill(~support[:, :, None, :], -1e4)
             attention = torch.softmax(scores, dim=-1) * support[:, :, None, :]  # [B, C, M, L]
             has_block = support.any(dim=-1)  # [B, C]
-            gate = torch.sigmoid(self.gate(picked).squeeze(-1)).clamp(max=1 - 1e-6)
+            context = torch.einsum("bcml,bclh->bcmh", attention, states)
+            best = scores.max(dim=-1, keepdim=True).values.clamp(min=-10.0)  # [B, C, M, 1]
+            gate = torch.sigmoid(self.gate(torch.cat([picked, context, best], dim=-1))
+                                 .squeeze(-1)).clamp(max=1 - 1e-6)
             gate = gate * has_block[:, :, None]  # [B, C, M]
         return CopyScores(gate, attention, source_ids)
 

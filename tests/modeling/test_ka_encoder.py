@@ -388,7 +388,9 @@ def test_copy_head_mixes_a_pointer_over_the_block_with_the_masked_lm_by_hand():
                     attention = torch.softmax(scores / 32 ** 0.5, 0).detach()
                     mass = sum(float(a) for a, t in zip(attention, block)
                                if int(j.input_ids[row, t]) == y)
-                    gate = float(torch.sigmoid(head.gate(h)))
+                    context = (attention[:, None] * states[row, block]).sum(0)
+                    best = torch.max(scores / 32 ** 0.5).clamp(min=-10.0).reshape(1)
+                    gate = float(torch.sigmoid(head.gate(torch.cat([h, context, best]))))
                     expected = (1 - gate) * p_vocab + gate * mass
                 assert abs(float(out.token_log_probs[b, c, m]) - np.log(expected)) < 1e-4
     # copying helps exactly where the block holds the target (query 0: 30, query 1: 35, both in
@@ -431,6 +433,9 @@ def test_copy_head_predictions_are_the_argmax_of_the_mixture(vocab_chunk):
             assert int(predicted[b, m]) == int(mixture.argmax())
             null_row = torch.softmax(ka.mlm.cls(states[b * 3 + 2, int(j.mask_positions[b, m])]), -1)
             assert int(null_predicted[b, m]) == int(null_row.argmax())
+    vocab_only = torch.logsumexp(log_p_z[:, :, None, None]
+                                 + torch.log_softmax(full.logits, -1), dim=1).argmax(-1)
+    assert not torch.equal(predicted, vocab_only)  # copying changed some predictions
 
 
 def test_copy_head_trains_and_survives_save_load(tmp_path):
