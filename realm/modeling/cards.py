@@ -39,7 +39,9 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "model = AutoModelForMaskedLM.from_pretrained(\"DIR\")\n"
         "tokenizer = AutoTokenizer.from_pretrained(\"DIR\")\n```\n\nWith realm: "
         "`realm.modeling.ka_encoder.load_ka_encoder(\"DIR\")`; as a pretraining reader: "
-        "`pretrain.reader=DIR`.",
+        "`pretrain.reader=DIR`. Where the manifest lists `copy_head.safetensors`, the reader "
+        "also copies word pieces from the block (`mlm.copy_head`); transformers loads the masked "
+        "LM without it.",
     ),
     "span_reader": (
         "Open-QA span reader",
