@@ -390,7 +390,7 @@ def test_copy_head_mixes_a_pointer_over_the_block_with_the_masked_lm_by_hand():
                                if int(j.input_ids[row, t]) == y)
                     context = (attention[:, None] * states[row, block]).sum(0)
                     best = torch.max(scores / 32 ** 0.5).clamp(min=-10.0).reshape(1)
-                    gate = float(torch.sigmoid(head.gate(torch.cat([h, context, best]))))
+                    gate = float(torch.sigmoid(head.gate(torch.cat([h, context, best]))).detach())
                     expected = (1 - gate) * p_vocab + gate * mass
                 assert abs(float(out.token_log_probs[b, c, m]) - np.log(expected)) < 1e-4
     # copying helps exactly where the block holds the target (query 0: 30, query 1: 35, both in
