@@ -556,6 +556,7 @@ class PretrainConfig:
     )
     ict_steps: int = _doc("Steps of the ICT warm start when no retriever is given.", default=100)
     ict_batch_size: int = _doc("Batch of the ICT warm start.", default=32)
+    ict_lr: float = _doc("Peak learning rate of the ICT warm start.", default=1e-4)
     null_only: bool = _doc(
         "Control run: no retrieval, the null document alone (k is ignored).", default=False
     )
@@ -596,6 +597,7 @@ class PretrainConfig:
         _check(self.vocab_chunk >= 0, "pretrain.vocab_chunk",
                f"must be >= 0 (0: build the logits), got {self.vocab_chunk}")
         _check(self.mlm_lr > 0, "pretrain.mlm_lr", f"must be > 0, got {self.mlm_lr}")
+        _check(self.ict_lr > 0, "pretrain.ict_lr", f"must be > 0, got {self.ict_lr}")
         for key in ("max_joined_tokens", "ict_steps", "ict_batch_size",
                     "reader_warmup_batch_size", "mlm_batch_size"):
             _check(getattr(self, key) > 0, f"pretrain.{key}",

@@ -117,7 +117,7 @@ def prepare_retriever(config, corpus: str, encoder: str) -> str:
     if p.retriever:
         return p.retriever
     key = _digest([os.path.abspath(corpus), encoder, r.dim, r.pooling, r.max_query_tokens,
-                   r.max_block_tokens, p.ict_steps, p.ict_batch_size, config.seed])
+                   r.max_block_tokens, p.ict_steps, p.ict_batch_size, p.ict_lr, config.seed])
     run_dir = os.path.join(p.cache_dir, f"ict-{key}")
     out = os.path.join(run_dir, "retriever")
     if _is_main() and not os.path.exists(os.path.join(out, "manifest.json")):
@@ -128,7 +128,7 @@ def prepare_retriever(config, corpus: str, encoder: str) -> str:
                f"retriever.max_query_tokens={r.max_query_tokens}",
                f"retriever.max_block_tokens={r.max_block_tokens}",
                f"train.steps={p.ict_steps}", f"train.batch_size={p.ict_batch_size}",
-               f"train.warmup_steps={max(1, p.ict_steps // 10)}", "train.lr=1e-4",
+               f"train.warmup_steps={max(1, p.ict_steps // 10)}", f"train.lr={p.ict_lr}",
                f"train.precision={config.train.precision}", "train.eval_every=0",
                f"train.save_every={p.ict_steps}", override("train.run_dir", run_dir),
                f"seed={config.seed}", "ict.holdout_blocks=0", "logging.log_every=10",
