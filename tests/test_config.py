@@ -201,6 +201,7 @@ def test_wrong_type_names_the_key(override, fragments):
         ("data.min_text_chars=0", ["data.min_text_chars:", "must be >= 1"]),
         ("spans.spacy_model=' '", ["spans.spacy_model:", "must not be empty"]),
         ("pretrain.reader_lr_scale=-1", ["pretrain.reader_lr_scale:", "must be >= 0"]),
+        ("pretrain.ict_lr=0", ["pretrain.ict_lr:", "must be > 0, got 0"]),
     ],
 )
 def test_impossible_value_names_the_key(override, fragments):

@@ -79,6 +79,9 @@ def test_readme_main_job_runs(tmp_path):
 
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["pretrain"]
     assert resolved["reader"].endswith("/encoder") and "/mlm-" in resolved["reader"]  # from it
+    # the warm start ran at the default's ICT learning rate (pretrain.ict_lr), not a fixed one
+    (ict_config,) = (tmp_path / "cache").glob("ict-*/config.yaml")
+    assert yaml.safe_load(ict_config.read_text())["train"]["lr"] == resolved["ict_lr"] == 3e-4
     assert (tmp_path / "run" / "checkpoints" / "step-000012" / "manifest.json").exists()
 
 
