@@ -688,7 +688,9 @@ class OpenQAConfig:
         "`bm25`; `dpr`: a DPR retriever trained first on `train_qa` over the corpus (the "
         "`retriever` and `retriever_training` sections, `dpr_steps` x `dpr_batch_size`; cached "
         "in `pretrain.cache_dir`); a retriever directory (launch/ict.py: ORQA-style; "
-        "launch/train_retriever.py: DPR), or a REALM pretraining run directory (its retriever/). "
+        "launch/train_retriever.py: DPR), a REALM pretraining run directory (its retriever/), or a "
+        "transformers checkpoint (zero-shot, built as the `retriever` section says: `dim`, "
+        "`pooling`; e.g. sentence-transformers/all-MiniLM-L6-v2). "
         "The document index is built once from its document encoder and stays fixed.",
         default="bm25"
     )

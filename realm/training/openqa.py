@@ -726,7 +726,7 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     from realm.hub import run_part
     from realm.tracking import Tracker
     from realm.training.core import TrainSettings, train
-    from realm.training.ict import _shutdown, check_tokenizer
+    from realm.training.ict import _shutdown, check_tokenizer, load_retriever
     from realm.prepare import (_digest, prepare_dpr_retriever, prepare_qa_reader,
                                truncated_encoder)
 
@@ -755,12 +755,24 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     if o.retriever == "bm25":
         index = BM25Index(store)
     else:
+        r = config.retriever
         retriever_dir = (prepare_dpr_retriever(config, corpus_dir) if o.retriever == "dpr"
                          else run_part(o.retriever, "retriever"))
-        retriever = Retriever.from_pretrained(retriever_dir)
+        manifest = os.path.join(retriever_dir, "manifest.json")
+        if os.path.isfile(manifest):
+            retriever, source = Retriever.from_pretrained(retriever_dir), sha256_file(manifest)
+        else:  # a transformers checkpoint: zero-shot, as the `retriever` section builds it
+            if os.path.isdir(retriever_dir) and not os.path.isfile(
+                    os.path.join(retriever_dir, "config.json")):
+                raise ValueError(f"openqa.retriever: {o.retriever} is neither a retriever "
+                                 f"directory, a run directory with a retriever/, nor a "
+                                 f"transformers checkpoint (no manifest.json, no config.json)")
+            retriever = load_retriever(retriever_dir, r.dim, r.pooling, r.encoder_layers,
+                                       config.pretrain.cache_dir)
+            source, retriever_dir = ["zero-shot", o.retriever, r.dim, r.pooling,
+                                     r.encoder_layers], None
         check_tokenizer(retriever.tokenizer, store)
-        key = _digest([sha256_file(os.path.join(retriever_dir, "manifest.json")), store.fingerprint,
-                       config.retriever.max_block_tokens, config.refresh.precision])
+        key = _digest([source, store.fingerprint, r.max_block_tokens, config.refresh.precision])
         cache = os.path.join(config.pretrain.cache_dir, f"openqa-index-{key}.npy")
         if accelerator.is_main_process:
             document_embeddings(retriever, store, config.retriever.max_block_tokens, cache,

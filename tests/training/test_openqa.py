@@ -389,3 +389,46 @@ def test_retrieval_temperature_softens_p_z_and_shared_normalization_compares_blo
     with pytest.raises(ValueError, match="normalization"):
         OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer,
                     normalization="global")
+
+
+def test_a_fine_tune_reads_with_a_zero_shot_retriever_from_a_checkpoint(squad_tiny, tiny_encoder,
+                                                                         tmp_path):
+    """`openqa.retriever=CHECKPOINT` (e.g. sentence-transformers/all-MiniLM-L6-v2): encoders built
+    as the `retriever` section says, the index embedded once from the untrained document encoder
+    and cached; a directory that is none of the known kinds is refused by name."""
+    from safetensors.torch import load_file
+
+    from realm.config import load_config
+    from realm.training.openqa import run_finetune
+
+    cache = tmp_path / "cache"
+    args = [f"openqa.corpus={squad_tiny / 'corpus'}", f"openqa.train_qa={squad_tiny / 'qa.jsonl'}",
+            f"openqa.dev_qa={squad_tiny / 'qa.jsonl'}", "openqa.k=2",
+            "openqa.max_joined_tokens=200", "openqa.reader_layers=2",
+            "openqa.positive_steps=2", "openqa.eval_limit=0", "retriever.dim=16",
+            "retriever.max_block_tokens=160", f"pretrain.cache_dir={cache}",
+            "train.steps=2", "train.batch_size=2", "train.eval_every=0", "train.save_every=0",
+            "logging.wandb=false"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "finetune_openqa.py"), "--no-progress",
+         f"openqa.retriever={tiny_encoder}", f"train.run_dir={tmp_path / 'run'}", *args],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["retriever"] == tiny_encoder and summary["retriever_dir"] is None
+    assert summary["dev"]["questions"] == 12
+    (index,) = cache.glob("openqa-index-*.npy")
+    n_blocks = len(BlockStore(str(squad_tiny / "corpus")))
+    assert np.load(index).shape == (n_blocks, 16)
+    saved = Retriever.from_pretrained(tmp_path / "run" / "model" / "retriever")
+    assert saved.dim == 16
+    # the index stays fixed: the saved document encoder is the checkpoint's, untouched
+    doc = load_file(str(tmp_path / "run" / "model" / "retriever" / "doc_encoder" /
+                        "model.safetensors"))
+    base = load_file(str(Path(tiny_encoder) / "model.safetensors"))
+    shared = [k for k in base if k in doc]
+    assert shared and all(torch.equal(doc[k], base[k]) for k in shared)
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(ValueError, match="not-a-model.*neither a retriever directory"):
+        run_finetune(load_config(None, [*args, f"openqa.retriever={tmp_path / 'not-a-model'}",
+                                        f"train.run_dir={tmp_path / 'b'}"]), progress=False)
