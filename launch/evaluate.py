@@ -8,6 +8,7 @@
     python launch/evaluate.py ict --retriever DIR --corpus DIR [--holdout 500 --seed 0]
     python launch/evaluate.py title-recall --retriever DIR --queries DIR --corpus DIR --k 1,5,20 \
         [--compare-with BEFORE_DIR]
+    python launch/evaluate.py compare BEFORE/predictions-dev.jsonl AFTER/predictions-dev.jsonl
 
 Each mode has its own help (`python launch/evaluate.py retrieval --help`). `--retriever` takes a
 saved retriever directory, a run directory (pretraining, ICT, DPR: its `retriever/`) or any
@@ -18,7 +19,9 @@ predictions (question, prediction, gold, retrieved titles and scores) as jsonl, 
 beside the model. `title-recall --compare-with` also scores a second retriever (e.g. the warm
 start of a pretraining run) on the same queries and reports, per k, the queries each one hits
 that the other misses and the exact sign test's p-value (`paired`). The last stdout line is one
-JSON object (EM/F1, recall@k, counts, seconds).
+JSON object (EM/F1, recall@k, counts, seconds). `compare` reads two Open-QA predictions files of
+the same questions and reports each one's EM and F1 and the questions each answers exactly that the
+other does not, with the sign test's p-value.
 """
 
 import argparse
@@ -106,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-with", metavar="RETRIEVER_DIR",
                    help="a second retriever scored on the same queries; reports the paired "
                         "difference (gained, lost, sign-test p-value)")
+    p = sub.add_parser("compare", help="two Open-QA predictions files: paired exact match",
+                       description="Two predictions-*.jsonl of the same questions (evaluate.py "
+                                   "openqa, or a fine-tune's predictions-dev.jsonl): EM and F1 "
+                                   "of each, questions gained / lost, exact sign test.")
+    p.add_argument("before", help="predictions of the baseline")
+    p.add_argument("after", help="predictions of the system compared with it")
     return parser
 
 
@@ -113,6 +122,16 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging("INFO")
+    if args.mode == "compare":
+        from realm.evaluation.retrieval import compare_predictions
+
+        try:
+            report = compare_predictions(args.before, args.after)
+        except (OSError, ValueError) as err:
+            print(f"evaluate: error: {err}", file=sys.stderr)
+            return 1
+        emit_summary({"mode": "compare", "before": args.before, "after": args.after, **report})
+        return 0
     if args.mode != "openqa" and args.bm25 == bool(args.retriever):
         parser.error(f"{args.mode}: give exactly one of --retriever DIR or --bm25")
     if getattr(args, "fuse_bm25", False) and not args.retriever:

@@ -77,6 +77,50 @@ def paired_recall(before: np.ndarray, after: np.ndarray,
     return out
 
 
+def compare_predictions(before: str, after: str) -> dict[str, object]:
+    """Two Open-QA systems' ``predictions-*.jsonl`` (``launch/evaluate.py openqa``, or a
+    fine-tune's ``predictions-dev.jsonl``) on the same questions: exact match and F1 of each,
+    and per question the exact-match gains and losses with the exact sign test of :func:`paired_recall`.
+
+    Raises:
+        ValueError: A file has a line that is not a prediction record (named by file and line),
+            or the files hold different questions or a different order (the first difference
+            is named).
+    """
+    import json
+
+    def read(path: str) -> list[dict]:
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    rows.append({"question": row["question"],
+                                 "exact_match": bool(row["exact_match"]),
+                                 "f1": float(row["f1"])})
+                except (ValueError, KeyError, TypeError) as err:
+                    raise ValueError(f"{path}:{n}: not a prediction record "
+                                     f"(question, exact_match, f1): {err}") from None
+        return rows
+
+    a, b = read(before), read(after)
+    if len(a) != len(b):
+        raise ValueError(f"{before} holds {len(a)} predictions, {after} {len(b)}")
+    for n, (x, y) in enumerate(zip(a, b), 1):
+        if x["question"] != y["question"]:
+            raise ValueError(f"{before}:{n} and {after}:{n} are different questions "
+                             f"({x['question']!r}, {y['question']!r})")
+    if not a:
+        raise ValueError(f"{before}: no predictions")
+    em = paired_recall(np.array([r["exact_match"] for r in a], dtype=bool)[:, None],
+                       np.array([r["exact_match"] for r in b], dtype=bool)[:, None], [1])["1"]
+    return {"questions": len(a), "exact_match": em,
+            "f1": {"before": round(float(np.mean([r["f1"] for r in a])), 4),
+                   "after": round(float(np.mean([r["f1"] for r in b])), 4)}}
+
+
 def answer_hits(
     retrieved_texts: Sequence[Sequence[str]],
     answers: Sequence[Sequence[str]],

@@ -183,3 +183,39 @@ def test_retrieval_compare_with_reports_the_paired_sign_test(squad_slice, tiny_r
                                                                abs=1e-3)
     assert paired["gold"]["5"]["lost"] > paired["gold"]["5"]["gained"]  # BM25 wins here
     assert paired["gold"]["5"]["p_value"] < 0.01
+
+
+def test_compare_reports_paired_exact_match_and_refuses_other_questions(tmp_path):
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"question": q, "prediction": "x", "gold": ["x"],
+                                            "exact_match": em, "f1": f1}) + "\n"
+                                for q, em, f1 in rows))
+        return str(path)
+
+    questions = [f"q{i}?" for i in range(6)]
+    before = write("a.jsonl", [(q, i == 0, 1.0 if i == 0 else 0.0) for i, q in enumerate(questions)])
+    # after: keeps q0, gains q1-q3 (one with partial F1 only: no gain), loses nothing
+    after = write("b.jsonl", [(q, i in (0, 1, 2, 3), 1.0 if i < 4 else 0.5)
+                              for i, q in enumerate(questions)])
+
+    def compare(*paths):
+        return subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), "compare",
+                               *paths], capture_output=True, text=True, timeout=60)
+
+    done = compare(before, after)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["questions"] == 6
+    assert out["exact_match"] == {"before": round(1 / 6, 4), "after": round(4 / 6, 4),
+                                  "gained": 3, "lost": 0, "p_value": 0.25}  # 2 * (1/2)^3
+    assert out["f1"] == {"before": round(1 / 6, 4), "after": round(5 / 6, 4)}
+    swapped = json.loads(compare(after, before).stdout.strip().splitlines()[-1])
+    assert (swapped["exact_match"]["gained"], swapped["exact_match"]["lost"]) == (0, 3)
+    other = write("c.jsonl", [("another?", False, 0.0)] + [(q, False, 0.0) for q in questions[1:]])
+    bad = compare(before, other)
+    assert bad.returncode == 1 and f"{other}:1" in bad.stderr and "different questions" in bad.stderr
+    broken = tmp_path / "d.jsonl"
+    broken.write_text(open(before).read() + '{"question": "q6?"}\n')
+    bad = compare(str(broken), after)
+    assert bad.returncode == 1 and f"{broken}:7" in bad.stderr and "Traceback" not in bad.stderr
