@@ -775,11 +775,11 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
         key = _digest([source, store.fingerprint, r.max_block_tokens, config.refresh.precision])
         cache = os.path.join(config.pretrain.cache_dir, f"openqa-index-{key}.npy")
         if accelerator.is_main_process:
-            document_embeddings(retriever, store, config.retriever.max_block_tokens, cache,
-                                progress, config.refresh.precision)
+            document_embeddings(retriever, store, r.max_block_tokens, cache, progress,
+                                config.refresh.precision)
         accelerator.wait_for_everyone()
-        index = DenseIndex(document_embeddings(retriever, store, config.retriever.max_block_tokens,
-                                               cache, progress, config.refresh.precision))
+        index = DenseIndex(document_embeddings(retriever, store, r.max_block_tokens, cache,
+                                               progress, config.refresh.precision))
     model = OpenQAModel(retriever, reader, index, store, reader.tokenizer, k=o.k,
                         max_question_tokens=o.max_question_tokens,
                         max_joined_tokens=o.max_joined_tokens, regex=o.regex,
