@@ -769,8 +769,13 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
                                  f"transformers checkpoint (no manifest.json, no config.json)")
             retriever = load_retriever(retriever_dir, r.dim, r.pooling, r.encoder_layers,
                                        config.pretrain.cache_dir)
+            # the projection is new (seeded), so the index is keyed on its values too: another
+            # seed's cached index would not match this query encoder
+            projection = retriever.doc_encoder.projection.state_dict()
             source, retriever_dir = ["zero-shot", o.retriever, r.dim, r.pooling,
-                                     r.encoder_layers], None
+                                     r.encoder_layers,
+                                     _digest([projection[k].float().flatten().tolist()
+                                              for k in sorted(projection)])], None
         check_tokenizer(retriever.tokenizer, store)
         key = _digest([source, store.fingerprint, r.max_block_tokens, config.refresh.precision])
         cache = os.path.join(config.pretrain.cache_dir, f"openqa-index-{key}.npy")

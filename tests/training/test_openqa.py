@@ -428,6 +428,20 @@ def test_a_fine_tune_reads_with_a_zero_shot_retriever_from_a_checkpoint(squad_ti
     base = load_file(str(Path(tiny_encoder) / "model.safetensors"))
     shared = [k for k in base if k in doc]
     assert shared and all(torch.equal(doc[k], base[k]) for k in shared)
+    # another seed draws another projection: it must not read the first seed's cached index
+    done = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "finetune_openqa.py"), "--no-progress", "seed=1",
+         f"openqa.retriever={tiny_encoder}", f"train.run_dir={tmp_path / 'run1'}", *args],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list(cache.glob("openqa-index-*.npy"))) == 2
+    saved1 = Retriever.from_pretrained(tmp_path / "run1" / "model" / "retriever")
+    fresh = document_embeddings(saved1, BlockStore(str(squad_tiny / "corpus")), 160,
+                                progress=False, precision="fp32")
+    index1 = np.load(tmp_path / "run1" / "model" / "doc_embeddings.npy")
+    cosine = (fresh * index1).sum(1) / (np.linalg.norm(fresh, axis=1) *
+                                        np.linalg.norm(index1, axis=1))
+    assert cosine.min() > 0.99, cosine.min()  # its index is its own document encoder's
     (tmp_path / "not-a-model").mkdir()
     with pytest.raises(ValueError, match="not-a-model.*neither a retriever directory"):
         run_finetune(load_config(None, [*args, f"openqa.retriever={tmp_path / 'not-a-model'}",
