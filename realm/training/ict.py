@@ -186,16 +186,21 @@ def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
     }
 
 
-def weights_in_sync(model: torch.nn.Module, accelerator) -> bool:
-    """Whether every process holds bit-identical parameters (a DDP sanity check)."""
+def parameters_sha256(module: torch.nn.Module) -> str:
+    """A digest of a module's parameter values (in fp32)."""
     import hashlib
 
+    sha = hashlib.sha256()
+    for p in module.parameters():
+        sha.update(p.detach().float().cpu().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def weights_in_sync(model: torch.nn.Module, accelerator) -> bool:
+    """Whether every process holds bit-identical parameters (a DDP sanity check)."""
     from accelerate.utils import gather_object
 
-    sha = hashlib.sha256()
-    for p in accelerator.unwrap_model(model).parameters():
-        sha.update(p.detach().float().cpu().numpy().tobytes())
-    digests = gather_object([sha.hexdigest()])
+    digests = gather_object([parameters_sha256(accelerator.unwrap_model(model))])
     return len(set(digests)) == 1
 
 

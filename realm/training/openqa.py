@@ -726,7 +726,8 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
     from realm.hub import run_part
     from realm.tracking import Tracker
     from realm.training.core import TrainSettings, train
-    from realm.training.ict import _shutdown, check_tokenizer, load_retriever
+    from realm.training.ict import (_shutdown, check_tokenizer, load_retriever,
+                                   parameters_sha256)
     from realm.prepare import (_digest, prepare_dpr_retriever, prepare_qa_reader,
                                truncated_encoder)
 
@@ -771,11 +772,9 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
                                        config.pretrain.cache_dir)
             # the projection is new (seeded), so the index is keyed on its values too: another
             # seed's cached index would not match this query encoder
-            projection = retriever.doc_encoder.projection.state_dict()
             source, retriever_dir = ["zero-shot", o.retriever, r.dim, r.pooling,
                                      r.encoder_layers,
-                                     _digest([projection[k].float().flatten().tolist()
-                                              for k in sorted(projection)])], None
+                                     parameters_sha256(retriever.doc_encoder.projection)], None
         check_tokenizer(retriever.tokenizer, store)
         key = _digest([source, store.fingerprint, r.max_block_tokens, config.refresh.precision])
         cache = os.path.join(config.pretrain.cache_dir, f"openqa-index-{key}.npy")
