@@ -137,7 +137,8 @@ class OpenQA:
                 evidence = [{"title": m.store.title(int(b)), "block": int(b),
                              "score": round(float(s), 4),
                              "answer_here": bool(pred["prediction"]) and has_answer(
-                                 m.store.text(int(b)), [pred["prediction"]])}
+                                 f"{m.store.title(int(b))} {m.store.text(int(b))}",
+                                 [pred["prediction"]])}
                             for b, s in zip(ids[i], logits[i].tolist()) if b >= 0]
                 results.append({"question": batch.questions[i], "answer": pred["prediction"],
                                 "probability": round(float(np.exp(pred["score"])), 4),

@@ -138,6 +138,20 @@ def test_answer_api_and_cli_agree_with_evaluation(squad_tiny, finetuned, caplog)
     assert len(one["evidence"]) == 2 and {"title", "block", "score"} <= set(one["evidence"][0])
     store = BlockStore(str(squad_tiny / "corpus"))
     assert one["answer_block"] in {e["title"] for e in one["evidence"]}
+    # a block is marked where its title or body (both are read) holds the answer: a span read
+    # from a title whose words are not in its body ("Henri Matisse" over "Henri Emile Benoit
+    # Matisse ...") marks the block it came from
+    titled = next(b for b in range(len(store)) if store.title(b).lower() not in store.text(b).lower())
+    read_spans, marked = qa.model.best_spans, {}
+    for span in (store.title(titled), "qwzx vbnk"):  # in a title; in no block
+        qa.model.best_spans = lambda out: [{"prediction": span, "block": titled, "score": -1.0}
+                                           for _ in range(out.span_logits.shape[0])]
+        try:
+            evidence = qa.answer(span, k=len(store))["evidence"]
+        finally:
+            qa.model.best_spans = read_spans
+        marked[span] = {e["block"] for e in evidence if e["answer_here"]}
+    assert titled in marked[store.title(titled)] and not marked["qwzx vbnk"]
     assert one["answer"] in store.text(one["evidence"][0]["block"]) + store.title(
         one["evidence"][0]["block"]) or one["answer"] in store.text(
         one["evidence"][1]["block"]) + store.title(one["evidence"][1]["block"])
