@@ -5,7 +5,7 @@
     accelerate launch launch/finetune_openqa.py openqa.retriever=runs/signal openqa.reader=runs/signal
 
 With no --config, configs/openqa_squad.yaml (next to this script) is used: SQuAD-open from
-../shared/data/squad_open, BM25 retrieval, a 2-layer copy of the offline MiniLM as the reader.
+../shared/data/squad_open, BM25 retrieval, the offline 6-layer MiniLM as the reader.
 `openqa.retriever` takes `bm25`, an ICT retriever directory (the ORQA baseline) or a REALM
 pretraining run directory; `openqa.reader` a pretraining run directory or any checkpoint.
 Re-running the same command resumes from the newest checkpoint. Writes run_dir/model/ (read by

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from realm.data.store import BlockStore
+from realm.modeling.modes import eval_mode
 from realm.modeling.retriever import (Retriever, build_block_inputs, build_query_inputs,
                                       length_bucketed_batches)
 
@@ -66,29 +67,27 @@ def embed_blocks(
     lengths = np.minimum(store.lengths()[ids], max_block_tokens) + 3  # [CLS] [SEP] [SEP]
     device = next(retriever.parameters()).device
     out = np.zeros((len(ids), retriever.dim), dtype=np.float32)
-    was_training = retriever.training
-    retriever.eval()
     cls_id, sep_id, pad_id = special
     t0 = time.perf_counter()
     bar = tqdm(total=len(ids), desc="embed blocks", unit=" blocks", disable=not progress,
                mininterval=1.0)
     done, last_log = 0, t0
-    for batch in length_bucketed_batches(lengths, max_tokens=max_tokens_per_batch):
-        rows = ids[batch]
-        inputs = build_block_inputs([store.title_ids(int(i)) for i in rows],
-                                    [store.body_ids(int(i)) for i in rows],
-                                    cls_id, sep_id, pad_id, max_length=max_block_tokens + 3)
-        with _autocast(bf16, device):
-            reps = retriever.encode_blocks(*(t.to(device) for t in inputs)).p_reps  # [b, dim]
-        out[batch] = reps.float().cpu().numpy()
-        bar.update(len(batch))
-        done += len(batch)
-        if log_every_s and time.perf_counter() - last_log >= log_every_s:
-            last_log = time.perf_counter()
-            logger.info("embedded %d/%d blocks (%.1f blocks/s)", done, len(ids),
-                        done / (last_log - t0))
+    with eval_mode(retriever):
+        for batch in length_bucketed_batches(lengths, max_tokens=max_tokens_per_batch):
+            rows = ids[batch]
+            inputs = build_block_inputs([store.title_ids(int(i)) for i in rows],
+                                        [store.body_ids(int(i)) for i in rows],
+                                        cls_id, sep_id, pad_id, max_length=max_block_tokens + 3)
+            with _autocast(bf16, device):
+                reps = retriever.encode_blocks(*(t.to(device) for t in inputs)).p_reps  # [b, d]
+            out[batch] = reps.float().cpu().numpy()
+            bar.update(len(batch))
+            done += len(batch)
+            if log_every_s and time.perf_counter() - last_log >= log_every_s:
+                last_log = time.perf_counter()
+                logger.info("embedded %d/%d blocks (%.1f blocks/s)", done, len(ids),
+                            done / (last_log - t0))
     bar.close()
-    retriever.train(was_training)
     seconds = time.perf_counter() - t0
     return out, {"blocks_per_s": len(ids) / max(seconds, 1e-9), "seconds": seconds}
 
@@ -104,16 +103,14 @@ def embed_queries(
 ) -> np.ndarray:
     """Query-encoder embeddings of pre-tokenized queries, ``[n, dim]`` float32."""
     device = next(retriever.parameters()).device
-    was_training = retriever.training
-    retriever.eval()
     cls_id, sep_id, pad_id = special
     lengths = np.array([min(len(q), max_query_tokens) + 2 for q in queries])
     out = np.zeros((len(queries), retriever.dim), dtype=np.float32)
-    for batch in length_bucketed_batches(lengths, batch_size):
-        inputs = build_query_inputs([queries[i] for i in batch], cls_id, sep_id, pad_id,
-                                    max_length=max_query_tokens + 2)
-        with _autocast(bf16, device):
-            reps = retriever.encode_queries(*(t.to(device) for t in inputs)).q_reps  # [b, dim]
-        out[batch] = reps.float().cpu().numpy()
-    retriever.train(was_training)
+    with eval_mode(retriever):
+        for batch in length_bucketed_batches(lengths, batch_size):
+            inputs = build_query_inputs([queries[i] for i in batch], cls_id, sep_id, pad_id,
+                                        max_length=max_query_tokens + 2)
+            with _autocast(bf16, device):
+                reps = retriever.encode_queries(*(t.to(device) for t in inputs)).q_reps
+            out[batch] = reps.float().cpu().numpy()  # [b, dim]
     return out

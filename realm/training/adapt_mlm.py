@@ -37,6 +37,7 @@ from realm.data.mlm import (BlockMLMDataset, MaskedSequenceBatch, collate_masked
                             continuation_pieces, mlm_text_blocks)
 from realm.data.store import BlockStore
 from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, load_ka_encoder
+from realm.modeling.modes import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,8 @@ def fill_mask(encoder: KnowledgeAugmentedEncoder, tokenizer, texts: Sequence[str
               ) -> list[dict[str, Any]]:
     """Top predictions for the first ``[MASK]`` of each text."""
     rows = []
-    was_training = encoder.training
-    encoder.eval()
     device = next(encoder.parameters()).device
-    with torch.no_grad():
+    with eval_mode(encoder), torch.no_grad():
         for text in texts:
             enc = tokenizer(text, return_tensors="pt")
             where = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero()
@@ -84,7 +83,6 @@ def fill_mask(encoder: KnowledgeAugmentedEncoder, tokenizer, texts: Sequence[str
                              None, where.T.to(device)).logits  # [1, 1, 1, vocab]
             best = logits[0, 0, 0].float().topk(top).indices.tolist()
             rows.append({"text": text, "top": tokenizer.convert_ids_to_tokens(best)})
-    encoder.train(was_training)
     return rows
 
 
@@ -117,10 +115,8 @@ class AdaptMLMTask:
         """Held-out masked-token accuracy and loss (per target token)."""
         if self.holdout is None or not len(self.holdout):
             return {}
-        was_training = model.training
-        model.eval()
         total_loss, hits, count = 0.0, 0, 0
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for start in range(0, len(self.holdout), self.eval_batch_size):
                 batch = self.collate([self.holdout[i] for i in
                                       range(start, min(len(self.holdout),
@@ -129,7 +125,6 @@ class AdaptMLMTask:
                 total_loss += float(loss) * int(n)
                 hits += int(h)
                 count += int(n)
-        model.train(was_training)
         return {"heldout_masked_accuracy": hits / max(1, count),
                 "heldout_loss": total_loss / max(1, count)}
 

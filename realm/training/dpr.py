@@ -37,6 +37,7 @@ from realm.data.qa import QAExample
 from realm.data.store import BlockStore
 from realm.evaluation.answers import _contains_run, compile_answer_pattern, dpr_tokens
 from realm.losses import gather_with_grad, in_batch_nce
+from realm.modeling.modes import eval_mode
 from realm.modeling.retriever import Retriever, build_block_inputs, build_query_inputs
 
 logger = logging.getLogger(__name__)
@@ -281,14 +282,10 @@ def dev_recall(retriever: Retriever, store: BlockStore, questions: Sequence[QAEx
     """Answer recall@k of ``questions`` with ``retriever`` over every block of ``store``."""
     from realm.evaluation.run import DenseSearcher, qa_retrieval
 
-    was_training = retriever.training
-    retriever.eval()
-    try:
+    with eval_mode(retriever):
         searcher = DenseSearcher(retriever, store, max_block_tokens, max_query_tokens,
                                  progress=progress, precision=precision)
         return qa_retrieval(searcher, store, list(questions), ks, regex=regex)
-    finally:
-        retriever.train(was_training)
 
 
 def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from realm.evaluation.answers import compile_answer_pattern, exact_match, f1_sco
 from realm.evaluation.retrieval import recall_at_k
 from realm.losses import span_log_probs, span_marginal_loss
 from realm.modeling.ka_encoder import build_joined_inputs
+from realm.modeling.modes import eval_mode
 from realm.modeling.reader import MANIFEST_KIND as READER_KIND
 from realm.modeling.reader import SpanReader, answer_span_mask, occurrences
 from realm.modeling.retriever import (Retriever, _atomic_directory, _write_manifest,
@@ -443,27 +444,30 @@ def find_positives(model: OpenQAModel, dataset: QADataset, search_k: int = 20,
     out = Positives(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, np.int64),
                     np.full((n, negatives), -1, np.int64))
     bar = tqdm(total=n, desc="positive blocks", unit="q", disable=not progress, mininterval=1.0)
-    for lo in range(0, n, batch_size):
-        batch = collate_qa([dataset[i] for i in range(lo, min(lo + batch_size, n))])
-        ids, _ = model.retrieve(batch, min(search_k, len(model.store)))
-        for i, row in enumerate(ids):
-            q, found_negatives = lo + i, []
-            for block in (int(b) for b in row):
-                if model.regex:
-                    hit = has_answer(f"{model.store.title(block)} {model.store.text(block)}",
-                                     batch.answers[i], regex=True)
-                    start, length = -1, 0
-                else:  # an answer longer than the reader's longest span cannot be learned
-                    answers = [a for a in batch.answer_ids[i]
-                               if len(a) <= model.reader.max_span_tokens]
-                    start, length = _find_answer(model.store.body_ids(block), answers)
-                    hit = start >= 0 or _find_answer(model.store.title_ids(block), answers)[0] >= 0
-                if hit and out.positive[q] < 0:
-                    out.positive[q], out.answer_start[q], out.answer_length[q] = block, start, length
-                elif not hit and len(found_negatives) < negatives:
-                    found_negatives.append(block)
-            out.negatives[q, : len(found_negatives)] = found_negatives
-        bar.update(len(ids))
+    with eval_mode(model):  # the query encoder's dropout off, as in evaluation
+        for lo in range(0, n, batch_size):
+            batch = collate_qa([dataset[i] for i in range(lo, min(lo + batch_size, n))])
+            ids, _ = model.retrieve(batch, min(search_k, len(model.store)))
+            for i, row in enumerate(ids):
+                q, found_negatives = lo + i, []
+                for block in (int(b) for b in row):
+                    if model.regex:
+                        hit = has_answer(f"{model.store.title(block)} {model.store.text(block)}",
+                                         batch.answers[i], regex=True)
+                        start, length = -1, 0
+                    else:  # an answer longer than the reader's longest span cannot be learned
+                        answers = [a for a in batch.answer_ids[i]
+                                   if len(a) <= model.reader.max_span_tokens]
+                        start, length = _find_answer(model.store.body_ids(block), answers)
+                        hit = (start >= 0
+                               or _find_answer(model.store.title_ids(block), answers)[0] >= 0)
+                    if hit and out.positive[q] < 0:
+                        out.positive[q], out.answer_start[q] = block, start
+                        out.answer_length[q] = length
+                    elif not hit and len(found_negatives) < negatives:
+                        found_negatives.append(block)
+                out.negatives[q, : len(found_negatives)] = found_negatives
+            bar.update(len(ids))
     bar.close()
     return out
 
@@ -506,38 +510,36 @@ def evaluate_openqa(model: OpenQAModel, examples: Sequence[QAExample], recall_ks
     The reader reads the top ``model.k`` blocks; recall is measured on the top ``max(recall_ks)``.
     """
     t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    dataset = QADataset(examples, model.tokenizer, model.max_question_tokens, model.regex)
-    k_read = model.k
-    k_max = min(max(max(recall_ks), k_read), len(model.store))
-    device = next(model.reader.parameters()).device
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
-                else torch.autocast(device.type, enabled=False))
-    records, hits = [], []
-    bar = tqdm(total=len(dataset), desc="evaluate", unit="q", disable=not progress,
-               mininterval=1.0)
-    for lo in range(0, len(dataset), batch_size):
-        batch = collate_qa([dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))])
-        with autocast:
-            ids, logits = model.retrieve(batch, k_max)
-            out = model(batch, ids[:, :k_read], logits[:, :k_read], with_loss=False)
-        for i, pred in enumerate(model.best_spans(out)):
-            ex = examples[lo + i]
-            texts = [model.store.text(int(b)) for b in ids[i]]
-            hits.append([has_answer(t, ex.answers, regex=model.regex) for t in texts])
-            records.append({
-                "question": ex.question, "prediction": pred["prediction"], "gold": ex.answers,
-                "exact_match": exact_match(pred["prediction"], ex.answers, regex=model.regex),
-                "f1": 0.0 if model.regex else f1_score(pred["prediction"], ex.answers),
-                "retrieved": [{"title": model.store.title(int(b)), "block": int(b),
-                               "score": round(float(s), 4)}
-                              for b, s in zip(ids[i][:k_read], logits[i][:k_read].tolist())],
-                "answer_block": model.store.title(pred["block"]),
-            })
-        bar.update(len(batch.questions))
-    bar.close()
-    model.train(was_training)
+    with eval_mode(model):
+        dataset = QADataset(examples, model.tokenizer, model.max_question_tokens, model.regex)
+        k_read = model.k
+        k_max = min(max(max(recall_ks), k_read), len(model.store))
+        device = next(model.reader.parameters()).device
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
+                    else torch.autocast(device.type, enabled=False))
+        records, hits = [], []
+        bar = tqdm(total=len(dataset), desc="evaluate", unit="q", disable=not progress,
+                   mininterval=1.0)
+        for lo in range(0, len(dataset), batch_size):
+            batch = collate_qa([dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))])
+            with autocast:
+                ids, logits = model.retrieve(batch, k_max)
+                out = model(batch, ids[:, :k_read], logits[:, :k_read], with_loss=False)
+            for i, pred in enumerate(model.best_spans(out)):
+                ex = examples[lo + i]
+                texts = [model.store.text(int(b)) for b in ids[i]]
+                hits.append([has_answer(t, ex.answers, regex=model.regex) for t in texts])
+                records.append({
+                    "question": ex.question, "prediction": pred["prediction"], "gold": ex.answers,
+                    "exact_match": exact_match(pred["prediction"], ex.answers, regex=model.regex),
+                    "f1": 0.0 if model.regex else f1_score(pred["prediction"], ex.answers),
+                    "retrieved": [{"title": model.store.title(int(b)), "block": int(b),
+                                   "score": round(float(s), 4)}
+                                  for b, s in zip(ids[i][:k_read], logits[i][:k_read].tolist())],
+                    "answer_block": model.store.title(pred["block"]),
+                })
+            bar.update(len(batch.questions))
+        bar.close()
     seconds = time.perf_counter() - t0
     ks = sorted({k for k in list(recall_ks) + [k_read] if k <= k_max})
     report: dict[str, Any] = {

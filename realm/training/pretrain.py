@@ -37,6 +37,7 @@ from realm.losses import (expected_retrieval_utility, null_probability, realm_ma
                           top1_retrieval_utility)
 from realm.modeling.ka_encoder import (KnowledgeAugmentedEncoder, build_joined_inputs,
                                        load_ka_encoder)
+from realm.modeling.modes import eval_mode
 from realm.modeling.retriever import Retriever, build_block_inputs, build_query_inputs
 from realm.prepare import (_digest, prepare_adapted_encoder, prepare_corpus, prepare_encoder,
                            prepare_reader, prepare_retriever)
@@ -174,12 +175,8 @@ class REALM(nn.Module):
         titles, bodies = self._texts(ids.reshape(1, -1))
         p_in = build_block_inputs(titles[0], bodies[0], cls_id, sep_id, pad_id,
                                   max_length=self.max_block_tokens + 3)
-        was_training = self.retriever.training
-        self.retriever.eval()
-        try:
+        with eval_mode(self.retriever):
             p_reps = self.retriever.encode_blocks(*(t.to(device) for t in p_in)).p_reps
-        finally:
-            self.retriever.train(was_training)
         with torch.autocast(device.type, enabled=False):  # (under bf16 autocast: fp32 scores)
             fresh = torch.einsum("bd,bld->bl", q_reps.float(),
                                  p_reps.float().view(*ids.shape, -1)).cpu().numpy()  # [B, L]
