@@ -18,10 +18,10 @@ import time
 import numpy as np
 import torch
 
-from realm.data.mlm import BlockMLMDataset, collate_masked_sequences, continuation_pieces
+from realm.data.mlm_adapt import BlockMLMDataset, collate_masked_sequences, continuation_pieces
 from realm.data.store import BlockStore
-from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder
-from realm.prepare import truncated_encoder
+from realm.modeling.readers.mlm import KnowledgeAugmentedEncoder
+from realm.training.prepare import truncated_encoder
 from realm.training.adapt_mlm import masked_lm_scores
 
 

@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from realm.data.augment import LanguageModel
+    from realm.training.augment import LanguageModel
     from realm.data.store import BlockStore
 
     store = BlockStore(args.corpus)

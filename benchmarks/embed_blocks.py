@@ -2,7 +2,7 @@
 
     python benchmarks/embed_blocks.py --corpus runs/corpus/leads [--limit N] [--bf16-limit N]
 
-The pipeline (``realm.index.embed.embed_blocks``: block store reads, [CLS] title [SEP] body [SEP]
+The pipeline (``realm.modeling.embed.embed_blocks``: block store reads, [CLS] title [SEP] body [SEP]
 assembly, length-bucketed padding, projection, copy out) is timed over the corpus; then, in the
 same process, the document encoder alone runs over random token tensors of exactly the batch
 shapes the pipeline used. ``ratio`` = pipeline blocks/s / bare blocks/s (1.0: the pipeline adds
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from realm.data.store import BlockStore
-from realm.index.embed import embed_blocks, special_ids
-from realm.modeling.retriever import length_bucketed_batches
+from realm.modeling.embed import embed_blocks, special_ids
+from realm.modeling.inputs import length_bucketed_batches
 from realm.training.ict import load_retriever
 
 

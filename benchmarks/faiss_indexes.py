@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from realm.data.store import BlockStore
-from realm.index.embed import embed_blocks, special_ids
+from realm.modeling.embed import embed_blocks, special_ids
 from realm.index.mips import MipsIndex, exact_recall
-from realm.training.core import autocast_dtype
+from realm.precision import autocast_dtype
 from realm.training.ict import load_retriever
 
 FACTORIES = ["Flat", "HNSW32", "IVF1024,Flat", "IVF1024,PQ32"]

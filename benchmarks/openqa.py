@@ -38,12 +38,15 @@ from realm.config import load_config  # noqa: E402
 from realm.data.qa import read_qa  # noqa: E402
 from realm.data.store import BlockStore  # noqa: E402
 from realm.hub import run_part  # noqa: E402
-from realm.modeling.reader import SpanReader  # noqa: E402
+from realm.modeling.span_reader import SpanReader  # noqa: E402
 from realm.modeling.retriever import Retriever  # noqa: E402
-from realm.training.openqa import (BM25Index, DenseIndex, OpenQAModel, OpenQATask,  # noqa: E402
-                                   QADataset, collate_qa,
-                                   document_embeddings, evaluate_openqa, find_positives)
-from realm.prepare import prepare_corpus, truncated_encoder  # noqa: E402
+from realm.data.qa import QADataset, collate_qa  # noqa: E402
+from realm.evaluate.openqa import evaluate_openqa  # noqa: E402
+from realm.modeling.openqa import OpenQAModel  # noqa: E402
+from realm.retrieval.fixed import BM25Index, DenseIndex, document_embeddings  # noqa: E402
+from realm.training.openqa import OpenQATask  # noqa: E402
+from realm.training.positives import find_positives  # noqa: E402
+from realm.training.prepare import prepare_corpus, truncated_encoder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

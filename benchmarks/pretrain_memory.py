@@ -36,8 +36,8 @@ def one_step(batch: int, k: int, masked: int, seq: int, layers: int, chunk: int,
     import torch
 
     from realm.losses import realm_marginal_loss
-    from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder
-    from realm.prepare import truncated_encoder
+    from realm.modeling.readers.mlm import KnowledgeAugmentedEncoder
+    from realm.training.prepare import truncated_encoder
 
     torch.manual_seed(0)
     encoder = KnowledgeAugmentedEncoder.from_checkpoint(

@@ -67,12 +67,14 @@ from realm.cli import override  # noqa: E402
 from realm.config import load_config  # noqa: E402
 from realm.data.mlm import MLMDataset, collate_mlm  # noqa: E402
 from realm.data.store import BlockStore  # noqa: E402
-from realm.index.embed import embed_blocks, special_ids  # noqa: E402
+from realm.modeling.embed import embed_blocks, special_ids  # noqa: E402
 from realm.index.mips import MipsIndex  # noqa: E402
-from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder  # noqa: E402
+from realm.modeling.readers.mlm import KnowledgeAugmentedEncoder  # noqa: E402
 from realm.modeling.retriever import Retriever  # noqa: E402
-from realm.prepare import prepare_corpus, prepare_encoder, prepare_retriever  # noqa: E402
-from realm.training.pretrain import REALM, PretrainTask, RetrievalPrefetch  # noqa: E402
+from realm.training.prepare import prepare_corpus, prepare_encoder, prepare_retriever  # noqa: E402
+from realm.modeling.realm import REALM  # noqa: E402
+from realm.training.pretrain import PretrainTask  # noqa: E402
+from realm.training.prefetch import RetrievalPrefetch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "pretrain.yaml")

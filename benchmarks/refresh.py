@@ -37,9 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from embed_blocks import bare_forward  # noqa: E402
 
 from realm.data.store import BlockStore  # noqa: E402
-from realm.index.embed import special_ids  # noqa: E402
-from realm.index.store import RunStore  # noqa: E402
-from realm.modeling.retriever import Retriever, build_query_inputs  # noqa: E402
+from realm.modeling.embed import special_ids  # noqa: E402
+from realm.refresh.rundir import RunStore
+from realm.modeling.retriever import Retriever
+from realm.modeling.inputs import build_query_inputs
 from realm.refresh.watcher import IndexWatcher  # noqa: E402
 from realm.training.ict import load_retriever  # noqa: E402
 

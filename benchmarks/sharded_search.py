@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from realm.index.sharded import ShardedSearch, torch_gather
-from realm.index.store import RunStore
+from realm.refresh.rundir import RunStore
 
 
 def _embeddings(n: int, dim: int) -> np.ndarray:

@@ -40,10 +40,10 @@ def main() -> None:
 
     from realm.data.qa import read_qa
     from realm.data.store import BlockStore
-    from realm.evaluation.run import BM25Searcher
-    from realm.index.embed import special_ids
+    from realm.evaluate.run import BM25Searcher
+    from realm.modeling.embed import special_ids
     from realm.modeling.retriever import Retriever
-    from realm.prepare import truncated_encoder
+    from realm.training.prepare import truncated_encoder
     from realm.training.dpr import DPRTask, PairDataset, mine_pairs
 
     accelerator = Accelerator(cpu=True)

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     logging.getLogger("realm.qa").setLevel(logging.WARNING)
     try:
         from realm.qa import OpenQA, read_questions
-        from realm.training.openqa import write_predictions
+        from realm.evaluate.openqa import write_predictions
 
         t0 = time.perf_counter()
         qa = OpenQA.from_pretrained(args.model, corpus=args.corpus)

@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     setup_logging()
-    from realm.data.augment import augment_queries
-    from realm.data.store import CorpusError
+    from realm.training.augment import augment_queries
+    from realm.errors import CorpusError
 
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")

@@ -2,7 +2,7 @@
 
     accelerate launch launch/finetune_openqa.py                       # configs/openqa_squad.yaml
     accelerate launch launch/finetune_openqa.py --config configs/X.yaml [key=value ...]
-    accelerate launch launch/finetune_openqa.py openqa.retriever=runs/signal openqa.reader=runs/signal
+    accelerate launch launch/finetune_openqa.py openqa.retriever=runs/pretrain openqa.reader=runs/pretrain
 
 With no --config, configs/openqa_squad.yaml (next to this script) is used: SQuAD-open from
 ../shared/data/squad_open, BM25 retrieval, the offline 6-layer MiniLM as the reader.

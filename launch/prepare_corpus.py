@@ -12,8 +12,9 @@ The last stdout line is a JSON summary (articles, blocks, spans, skipped records
 import sys
 
 from realm.cli import config_parser, emit_summary, override, parse
-from realm.data.build import OutputExistsError, build_corpus
-from realm.data.readers import CorpusFormatError
+from realm.errors import OutputExistsError
+from realm.data.build import build_corpus
+from realm.errors import CorpusFormatError
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,8 @@
 """realm: REALM-style retrieval-augmented language-model pretraining."""
 
-__version__ = "0.1.0"
+from realm.version import __version__
+
+__all__ = ["OpenQA", "__version__"]
 
 
 def __getattr__(name):  # ``from realm import OpenQA`` without importing torch for ``import realm``

@@ -10,7 +10,9 @@ import os
 import sys
 from typing import Any, Callable, Optional, Sequence
 
-from realm.config import Config, ConfigError, load_config
+from realm.config import Config, load_config, override
+from realm.errors import (CheckpointError, ConfigError, CorpusError, QAFormatError, RefresherFailed,
+                          StageFailed)
 
 logger = logging.getLogger("realm")
 
@@ -53,11 +55,6 @@ def parse(
     return args, config
 
 
-def override(key: str, value: Any) -> str:
-    """A ``key=value`` override whose value is taken as is (``#``, ``:`` or ``null`` in a path)."""
-    return f"{key}={json.dumps(value)}"  # a JSON string is a YAML double-quoted scalar
-
-
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, level),
@@ -98,9 +95,8 @@ class Stage:
 
 #: What every stage reports in one line (``--debug``: a traceback): a missing or malformed input
 #: file or directory, an output path that cannot be made.
-INPUT_ERRORS = ("realm.data.qa:QAFormatError", "realm.data.store:CorpusError",
-                "builtins:FileNotFoundError", "builtins:NotADirectoryError",
-                "builtins:FileExistsError", "builtins:PermissionError")
+INPUT_ERRORS = (QAFormatError, CorpusError, FileNotFoundError, NotADirectoryError,
+                FileExistsError, PermissionError)
 
 STAGES: dict[str, Stage] = {
     "pretrain": Stage("REALM pretraining beside the index refresher.",
@@ -124,7 +120,7 @@ STAGES: dict[str, Stage] = {
 def stage_main(name: str, argv: Optional[Sequence[str]] = None,
                default_config: Optional[str] = None) -> int:
     """The ``main`` of the training stage ``name`` (:data:`STAGES`): what its launch script and
-    its ``python -m realm.training.X`` run."""
+    its ``python -m realm STAGE`` run."""
     stage = STAGES[name]
     return run_stage(stage.description, stage.run, argv, default_config, errors=stage.errors,
                      on_interrupt=stage.on_interrupt, flags=stage.flags)
@@ -165,10 +161,6 @@ def run_stage(
 
     args, config = parse(parser, argv, shortcuts)
     run = _resolve(run)
-    from realm.prepare import StageFailed
-    from realm.refresh.supervisor import RefresherFailed
-    from realm.training.core import CheckpointError
-
     # bad inputs (their messages name the file, directory or key); a diverged run; an index
     # refresher that cannot give the run an index; a checkpoint that cannot be written; a
     # preparation stage (warm start) that failed in its own process

@@ -253,3 +253,16 @@ def push_to_hub(directory: str, repo_id: str, private: bool = False,
     except Exception as err:  # network, auth, permissions: say what failed, keep the type name
         raise RuntimeError(f"push_to_hub {repo_id}: {type(err).__name__}: {err}") from err
     return f"https://huggingface.co/{repo_id}"
+
+
+def has_trained_mlm_head(name_or_path: str) -> bool:
+    """Whether a checkpoint holds masked-LM head weights (a saved knowledge-augmented encoder
+    always does; a transformers checkpoint when loading finds every head tensor)."""
+    if os.path.exists(os.path.join(name_or_path, "manifest.json")):
+        return True
+    from transformers import AutoModelForMaskedLM
+
+    mlm, info = load_pretrained(AutoModelForMaskedLM.from_pretrained,
+                                resolve_model_path(name_or_path), "masked LM (head check)")
+    prefix = mlm.base_model_prefix + "."
+    return not any(not k.startswith(prefix) for k in info["missing_keys"])

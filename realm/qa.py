@@ -14,6 +14,7 @@ given; a missing corpus, or one whose fingerprint differs, is an error naming bo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Optional, Sequence
@@ -21,14 +22,19 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from realm.artifacts import read_manifest
+from realm.data.qa import QADataset, QAExample, collate_qa
+from realm.data.store import BlockStore
+from realm.errors import CorpusMismatchError
+from realm.metrics import has_answer
+from realm.retrieval.fixed import MANIFEST_KIND, load_openqa_model
+
 logger = logging.getLogger(__name__)
 
 
 def read_questions(path: str) -> list[str]:
     """The ``question`` field of every record of a jsonl file (answers are not needed); a bad
     line is an error naming ``path:line``."""
-    import json
-
     questions = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -45,17 +51,13 @@ def read_questions(path: str) -> list[str]:
     return questions
 
 
-class CorpusMismatchError(ValueError):
-    """The corpus given (or named by the model) is missing or not the one the model indexes."""
-
-
 class OpenQA:
     """A fine-tuned retriever + reader over its corpus, answering free-text questions.
 
     Build it with :meth:`from_pretrained`.
 
     Args:
-        model: The loaded :class:`realm.training.openqa.OpenQAModel`.
+        model: The loaded :class:`realm.modeling.openqa.OpenQAModel`.
         directory: The model directory it came from.
     """
 
@@ -75,10 +77,6 @@ class OpenQA:
             FileNotFoundError: No model there.
             CorpusMismatchError: The corpus is missing or is not the one the model indexes.
         """
-        from realm.data.store import BlockStore
-        from realm.modeling.retriever import read_manifest
-        from realm.training.openqa import MANIFEST_KIND, load_openqa_model
-
         directory = os.fspath(directory)
         if (not os.path.isfile(os.path.join(directory, "manifest.json"))
                 and os.path.isfile(os.path.join(directory, "model", "manifest.json"))):
@@ -113,10 +111,6 @@ class OpenQA:
         Raises:
             ValueError: An empty (or blank) question.
         """
-        from realm.data.qa import QAExample
-        from realm.evaluation.answers import has_answer
-        from realm.training.openqa import QADataset, collate_qa
-
         m = self.model
         for i, q in enumerate(questions):
             if not isinstance(q, str) or not q.strip():

@@ -103,20 +103,6 @@ def spans_corpus(shared_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def enwiki_head(shared_data, tmp_path_factory):
-    """The first 100 articles of the 2015 Wikipedia dump (42 share a title with a lead section),
-    as a .jsonl.gz like the whole file."""
-    import gzip
-    import itertools
-
-    path = tmp_path_factory.mktemp("enwiki-head") / "articles.jsonl.gz"
-    with gzip.open(shared_data / "wikipedia" / "enwiki2015_first30k_articles.jsonl.gz", "rb") as f, \
-            gzip.open(path, "wb") as out:
-        out.writelines(itertools.islice(f, 100))
-    return str(path)
-
-
-@pytest.fixture(scope="session")
 def make_squad_slice(shared_data):
     """``make(out, n_passages, questions, max_block_tokens)``: the first ``n_passages`` SQuAD-open
     passages built into ``out/corpus`` (no spans), and ``out/qa.jsonl`` with the training
@@ -159,3 +145,9 @@ def smollm2(tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     return path
+
+
+@pytest.fixture(scope="session")
+def squad_tiny(make_squad_slice, tmp_path_factory):
+    """20 Super Bowl 50 passages and 12 training questions whose answers are in them."""
+    return make_squad_slice(tmp_path_factory.mktemp("squad-tiny"), 20, slice(None, 60, 5), 160)

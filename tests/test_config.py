@@ -8,17 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from realm.config import (
-    NUMERIC_LABELS,
-    Config,
-    ConfigError,
-    DataConfig,
-    SpansConfig,
-    config_reference,
-    load_config,
-    parse_override,
-    save_config,
-)
+from realm.config import (NUMERIC_LABELS, Config, DataConfig, SpansConfig, config_reference,
+    load_config, parse_override, save_config)
+from realm.errors import ConfigError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED_CONFIGS = sorted(CONFIGS_DIR.glob("*.yaml"))
@@ -210,7 +202,7 @@ def test_impossible_value_names_the_key(override, fragments):
         assert fragment in message
 
 
-@pytest.mark.parametrize("only", ["null_only", "source_only"])
+@pytest.mark.parametrize("only", ["null_only"])
 def test_frozen_reader_with_nothing_else_to_train_is_refused(only):
     message = _error([f"pretrain.{only}=true", "pretrain.reader_lr_scale=0"])
     assert message.startswith("pretrain.reader_lr_scale:") and "nothing to train" in message
@@ -247,6 +239,18 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
     assert message.startswith(f"{path}: unknown key 'data.max_block_tokenz'")
     assert "did you mean 'max_block_tokens'" in message
     assert ", ".join(_names(DataConfig)) in message
+
+
+def test_removed_key_is_refused_in_one_line_saying_so(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("pretrain:\n  k: 4\n  reader_warmup_steps: 1000\n")
+    assert _error(path=path) == (f"{path}: pretrain.reader_warmup_steps was removed "
+                                 "(research, see research/README.md)")
+    assert _error(["pretrain.source_only=true"]) == (
+        "pretrain.source_only was removed (research, see research/README.md)")
+    message = _error(["pretrain.retriever_signal=bank"])
+    assert message.startswith("pretrain.retriever_signal: 'bank' was removed (research")
+    assert "\n" not in message and message.endswith("valid values: marginal, relative, positive")
 
 
 def test_bad_value_in_file_names_file_and_key(tmp_path):

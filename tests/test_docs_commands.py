@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 CONFIG_STAGES = {"pretrain", "ict", "adapt_mlm", "train_retriever", "finetune_openqa",
-                 "prepare_corpus", "refresh_index", "prepare_wiki_signal"}
+                 "prepare_corpus", "refresh_index"}
 COMMAND = re.compile(r"^(?:accelerate launch(?: --\S+(?: \d+)?)* |python )launch/([a-z_]+)\.py"
                      r"(.*)$")
 
@@ -77,7 +77,7 @@ def test_evaluate_commands_parse(doc, script, args, evaluate_parser, capsys):
         parsed = evaluate_parser.parse_args(args)
     except SystemExit:
         pytest.fail(f"{doc}: launch/evaluate.py {' '.join(args)}\n{capsys.readouterr().err}")
-    assert parsed.mode in ("openqa", "retrieval", "ict", "title-recall", "compare")
+    assert parsed.mode in ("openqa", "retrieval", "ict", "compare")
 
 
 def test_quickstart_python_snippet_reads_a_block_store(leads_corpus, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from realm.index.store import RunStore
+from realm.refresh.rundir import RunStore
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -62,8 +62,9 @@ def test_fp16_trains_with_loss_scaling(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
     from realm.tracking import Tracker, read_metrics
-    from realm.training.core import TrainSettings, train, training_precision
-    from realm.training.ict import _shutdown
+    from realm.training.core import TrainSettings, train
+    from realm.precision import training_precision
+    from realm.training.accelerator import shutdown
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_precision
     precision = training_precision("auto", torch.device("cuda"))
@@ -78,14 +79,14 @@ def test_fp16_trains_with_loss_scaling(tmp_path, monkeypatch):
         train(model, _SumOfInputs(), settings, accelerator, tracker)
     finally:
         tracker.close()
-        _shutdown(accelerator)
+        shutdown(accelerator)
     losses = [r["loss"] for r in read_metrics(str(tmp_path)) if "loss" in r]
     assert len(losses) == 20 and all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
 def test_refresher_devices_are_checked_and_placed():
-    from realm.config import ConfigError
+    from realm.errors import ConfigError
     from realm.refresh.supervisor import check_devices, placement
 
     count = torch.cuda.device_count()

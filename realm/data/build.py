@@ -21,12 +21,12 @@ import os
 import shutil
 import time
 import uuid
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from realm import __version__
+from realm.version import __version__
 from realm.config import DataConfig, SpansConfig
 from realm.data.blocks import BlockedArticle, block_article, tokenizer_sha256, word_piece_encoder
 from realm.data.readers import Article, CorpusReader
@@ -34,22 +34,9 @@ from realm.data.spans import SpanFinder, align_spans
 from realm.data.store import FORMAT_VERSION, MANIFEST, BlockStoreWriter
 from realm.fsutil import fsync_dir, pid_alive, sha256_file
 from realm.hub import load_tokenizer, resolve_model_path
+from realm.errors import OutputExistsError
 
 logger = logging.getLogger(__name__)
-
-
-class SpanFilter(Protocol):
-    """Decides which salient spans a corpus keeps (e.g. :class:`realm.data.signal.SameTitleSpans`)."""
-
-    #: Names the filter and its parameters; part of the corpus fingerprint.
-    key: str
-
-    def keep(self, title: str, tokens: np.ndarray) -> bool:
-        """Keep a span of the article ``title`` whose word pieces are ``tokens``."""
-
-
-class OutputExistsError(FileExistsError):
-    """The output directory holds something other than this exact corpus."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,10 +66,9 @@ def _spacy_version(model: str) -> Optional[str]:
         return None
 
 
-def build_fingerprint(data: DataConfig, spans: SpansConfig, input_fp: dict, tokenizer_sha: str,
-                      span_filter: Optional[str] = None) -> str:
-    """What the output depends on: inputs, tokenizer, and the parameters that change it (the
-    span filter's key among them, when there is one)."""
+def build_fingerprint(data: DataConfig, spans: SpansConfig, input_fp: dict,
+                      tokenizer_sha: str) -> str:
+    """What the output depends on: inputs, tokenizer, and the parameters that change it."""
     params = dataclasses.asdict(data)
     for key in ("input", "tokenizer", "chunk_articles"):  # content-hashed or output-neutral
         params.pop(key)
@@ -93,8 +79,6 @@ def build_fingerprint(data: DataConfig, spans: SpansConfig, input_fp: dict, toke
         span_params["spacy_version"] = _spacy_version(spans.spacy_model)
     else:
         span_params = {"enabled": False}
-    if span_filter is not None:
-        span_params["filter"] = span_filter
     blob = json.dumps(
         {"format_version": FORMAT_VERSION, "input": input_fp, "tokenizer": tokenizer_sha,
          "data": params, "spans": span_params},
@@ -179,7 +163,6 @@ def build_corpus(
     overwrite: bool = False,
     config_yaml: Optional[str] = None,
     progress: bool = True,
-    span_filter: Optional[SpanFilter] = None,
 ) -> dict[str, Any]:
     """Build (or reuse) the corpus directory ``output``.
 
@@ -190,8 +173,6 @@ def build_corpus(
         overwrite: Replace an existing corpus built from other inputs or parameters.
         config_yaml: The resolved run config, saved as ``config.yaml`` in the corpus.
         progress: Show a progress bar.
-        span_filter: Keeps a salient span only when it returns True (its ``key`` is part of the
-            fingerprint; spans it drops are counted as ``spans_filtered_out``).
 
     Returns:
         The summary: counts (articles, blocks, spans, skipped records), seconds, fingerprint,
@@ -209,8 +190,7 @@ def build_corpus(
     tokenizer = load_tokenizer(data.tokenizer)
     backend = word_piece_encoder(tokenizer)
     tokenizer_sha = tokenizer_sha256(tokenizer)
-    fingerprint = build_fingerprint(data, spans, input_fingerprint(reader.path), tokenizer_sha,
-                                    span_filter.key if span_filter is not None else None)
+    fingerprint = build_fingerprint(data, spans, input_fingerprint(reader.path), tokenizer_sha)
 
     output = os.path.abspath(output)
     existing = _existing_manifest(output)
@@ -230,8 +210,7 @@ def build_corpus(
                        f".{os.path.basename(output)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         writer = BlockStoreWriter(tmp, tokenizer.vocab_size)
-        counts, timings = _run_pipeline(reader, backend, data, spans, writer, progress,
-                                        span_filter)
+        counts, timings = _run_pipeline(reader, backend, data, spans, writer, progress)
         files = writer.close()
         if writer.n_blocks == 0:
             raise ValueError(f"{reader.path}: no blocks were produced (every record was skipped)")
@@ -245,8 +224,7 @@ def build_corpus(
             "tokenizer": {"name": data.tokenizer, "path": resolve_model_path(data.tokenizer),
                           "vocab_size": tokenizer.vocab_size, "sha256": tokenizer_sha},
             "token_dtype": writer.token_dtype.str,
-            "params": {"data": dataclasses.asdict(data), "spans": dataclasses.asdict(spans),
-                       **({"span_filter": span_filter.key} if span_filter is not None else {})},
+            "params": {"data": dataclasses.asdict(data), "spans": dataclasses.asdict(spans)},
             "label_names": writer.label_names,
             "counts": {
                 "records": reader.stats.records,
@@ -258,7 +236,6 @@ def build_corpus(
                 "sentences": counts["sentences"],
                 "block_sentences": writer.n_sentences,
                 "spans_dropped_misaligned": counts["misaligned"],
-                "spans_filtered_out": counts["filtered_out"],
                 "skipped_bad": reader.stats.skipped_bad,
                 "skipped_short": reader.stats.skipped_short,
                 "skipped_no_tokens": counts["no_tokens"],
@@ -299,7 +276,6 @@ def _summary(manifest: dict[str, Any], output: str, reused: bool, seconds: float
         "tokens": c["tokens"],
         "spans": c["spans"],
         "spans_by_label": c["spans_by_label"],
-        "spans_filtered_out": c.get("spans_filtered_out", 0),  # (absent from older manifests)
         "skipped_bad": c["skipped_bad"],
         "skipped_short": c["skipped_short"],
         "skipped_no_tokens": c["skipped_no_tokens"],
@@ -308,7 +284,7 @@ def _summary(manifest: dict[str, Any], output: str, reused: bool, seconds: float
 
 
 def _run_pipeline(reader, backend, data: DataConfig, spans_cfg: SpansConfig,
-                  writer: BlockStoreWriter, progress: bool, span_filter: Optional[SpanFilter] = None,
+                  writer: BlockStoreWriter, progress: bool,
                   ) -> tuple[collections.Counter, dict[str, float]]:
     counts = collections.Counter()
     timings = collections.Counter()
@@ -350,12 +326,6 @@ def _run_pipeline(reader, backend, data: DataConfig, spans_cfg: SpansConfig,
         aligned, dropped = align_spans(found, blocked.token_starts, blocked.token_ends,
                                        blocked.block_tokens)
         counts["misaligned"] += dropped
-        if span_filter is not None:
-            starts = blocked.block_tokens[:, 0]
-            kept = [s for s in aligned if span_filter.keep(
-                article.title, blocked.token_ids[starts[s[0]] + s[1]: starts[s[0]] + s[2]])]
-            counts["filtered_out"] += len(aligned) - len(kept)
-            aligned = kept
         writer.add_article(article.id, article.title, blocked.title_ids, article.text,
                            blocked.token_ids, blocked.block_tokens, blocked.block_chars, aligned,
                            blocked.sentence_tokens)

@@ -26,15 +26,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
+from realm.errors import CorpusFormatError
 
 logger = logging.getLogger(__name__)
 
 PACKAGE_WIKI_LEADS = "package:wiki-leads"
 _MAX_EXAMPLES = 20  # bad records remembered (for the manifest) beyond the count
-
-
-class CorpusFormatError(ValueError):
-    """A corpus file or record is malformed. The message names the file and line or field."""
 
 
 @dataclass

@@ -28,6 +28,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from realm.fsutil import sha256_file
+from realm.errors import CorpusError
+from realm.data.blocks import tokenizer_sha256
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -200,10 +202,6 @@ class BlockStoreWriter:
     @property
     def label_names(self) -> list[str]:
         return sorted(self.labels, key=self.labels.get)  # type: ignore[arg-type]
-
-
-class CorpusError(ValueError):
-    """A corpus directory is missing, incomplete or corrupt. The message names the file."""
 
 
 @dataclass
@@ -407,3 +405,15 @@ class BlockStore:
                 os.unlink(tmp)
         return path
 
+
+def check_tokenizer(tokenizer, store: "BlockStore", what: str = "retriever") -> None:
+    """An encoder (the retriever unless ``what`` says otherwise) must read the word pieces the
+    corpus was cut into; the error names the corpus, its tokenizer and the encoder's."""
+    sha = tokenizer_sha256(tokenizer)
+    want = store.manifest["tokenizer"]["sha256"]
+    if sha != want:
+        raise ValueError(
+            f"{store.path}: the corpus was tokenized with {store.tokenizer_name!r}, which differs "
+            f"from the {what}'s tokenizer {tokenizer.name_or_path!r}; rebuild the corpus with "
+            f"data.tokenizer set to the {what}'s checkpoint"
+        )

@@ -51,12 +51,9 @@ class SearchResult:
 
     scores: np.ndarray     # [n_queries, k] float32, best first
     block_ids: np.ndarray  # [n_queries, k] int64 block ids (rows of the block store)
-    #: The searched vectors, ``[n_blocks, dim]`` with row i = block i, where the searcher keeps
-    #: them (an index generation does); None otherwise.
-    bank: Optional[np.ndarray] = None
 
 
-def _exclusion_matrix(exclude, n: int) -> Optional[np.ndarray]:
+def exclusion_matrix(exclude, n: int) -> Optional[np.ndarray]:
     """``exclude`` (None, [n] ids, [n, m] ids, or n lists) as an int64 ``[n, m]`` matrix, -1 padded."""
     if exclude is None:
         return None
@@ -214,7 +211,7 @@ class MipsIndex:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [n, {self.dim}], got {queries.shape}")
         n = len(queries)
-        excl = _exclusion_matrix(exclude, n)
+        excl = exclusion_matrix(exclude, n)
         extra = 0 if excl is None else int((excl >= 0).sum(axis=1).max(initial=0))
         fetch = min(k + extra, self.ntotal)
         scores, pos = self.index.search(queries, fetch)  # [n, fetch]

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from realm.index.mips import SearchResult, _exclusion_matrix
+from realm.index.mips import SearchResult, exclusion_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class ShardedSearch:
             raise RuntimeError("no index generation in use yet (call wait_for_first)")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n, dim = queries.shape
-        excl = _exclusion_matrix(exclude, n)
+        excl = exclusion_matrix(exclude, n)
         width = 0 if excl is None else excl.shape[1]
         # 1. sizes, and the generation each process searches (they must agree)
         sizes = torch.stack(self.gather(torch.tensor([n, width, generation.generation, k],

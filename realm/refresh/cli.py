@@ -39,8 +39,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not r.corpus:
         parser.exit(2, f"{parser.prog}: config error: refresh.corpus: no corpus directory given "
                        "(--corpus DIR or refresh.corpus=DIR)\n")
-    from realm.data.store import CorpusError
-    from realm.index.store import RunDirError
+    from realm.errors import CorpusError
+    from realm.errors import RunDirError
 
     try:
         return _run(args, config)
@@ -56,7 +56,8 @@ def _run(args, config) -> int:
     import torch  # (after parsing: --help answers without it)
 
     from realm.data.store import BlockStore
-    from realm.index.store import RunStore, StoreLockedError
+    from realm.refresh.rundir import RunStore
+    from realm.errors import StoreLockedError
     from realm.refresh.refresher import Refresher, RefreshSettings, exit_with_parent
     from realm.tracking import Tracker
 

@@ -15,9 +15,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from realm.index.store import GenerationError, RunStore
+from realm.errors import GenerationError
+from realm.refresh.rundir import RunStore
 from realm.fsutil import best_effort
-from realm.refresh.supervisor import RefresherFailed, RefresherSupervisor, placement
+from realm.index.sharded import ShardedSearch, torch_gather
+from realm.errors import RefresherFailed
+from realm.refresh.supervisor import RefresherSupervisor, placement
 from realm.refresh.watcher import IndexWatcher
 
 logger = logging.getLogger(__name__)
@@ -139,8 +142,6 @@ class RefreshHook:
         (:class:`realm.index.sharded.ShardedSearch`)."""
         if self.shard is None:
             return self.watcher.search
-        from realm.index.sharded import ShardedSearch, torch_gather
-
         gather = (torch_gather(accelerator.device) if accelerator.num_processes > 1
                   else lambda tensor: [tensor])
         return ShardedSearch(lambda: self.watcher.current, gather, accelerator.process_index)

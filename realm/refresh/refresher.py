@@ -27,11 +27,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from realm.data.store import BlockStore
+from realm.data.store import BlockStore, check_tokenizer
+from realm.modeling.retriever import Retriever
+from realm.precision import autocast_dtype
 from realm.fsutil import failpoint
-from realm.index.embed import embed_blocks, special_ids
+from realm.modeling.embed import embed_blocks, special_ids
 from realm.index.mips import MipsIndex, array_from_bytes, array_to_bytes
-from realm.index.store import GenerationError, RunStore
+from realm.errors import GenerationError
+from realm.refresh.rundir import RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -250,10 +253,6 @@ class Refresher:
 
     def refresh(self, snapshot: dict[str, Any]) -> Optional[dict[str, Any]]:
         """Embed the corpus with ``snapshot``'s document encoder and commit a generation."""
-        from realm.modeling.retriever import Retriever
-        from realm.training.core import autocast_dtype
-        from realm.training.ict import check_tokenizer
-
         t_start = time.perf_counter()
         step = snapshot["step"]
         with self.store.local_encoder(snapshot["path"]) as path:
@@ -329,7 +328,7 @@ class Refresher:
             return None
         parts = [array_from_bytes(self.store.fs.cat_file(f"{stage}/rank-{r:05d}.npy"),
                                   f"{stage}/rank-{r:05d}.npy") for r in range(self.dist.world)]
-        self.store._remove_dir(stage)
+        self.store.remove_dir(stage)
         out = np.concatenate(parts)
         if len(out) != len(self.corpus):
             raise GenerationError(f"shards hold {len(out)} rows for {len(self.corpus)} blocks")

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from realm.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -17,11 +19,6 @@ logger = logging.getLogger(__name__)
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                  "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID",
                  "ACCELERATE_USE_CPU")
-
-
-class RefresherFailed(RuntimeError):
-    """The refresher cannot give the trainer an index (it died for good, or never committed one
-    in time); the message quotes its log."""
 
 
 def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
@@ -37,11 +34,9 @@ def _cuda_index(device: str) -> int:
 
 
 def check_devices(devices: Sequence[str]) -> None:
-    """Raise :class:`realm.config.ConfigError` naming a device of ``refresh.devices`` that this
+    """Raise :class:`realm.errors.ConfigError` naming a device of ``refresh.devices`` that this
     machine does not have (before training starts, not when the refresher first runs)."""
     import torch
-
-    from realm.config import ConfigError
 
     count = torch.cuda.device_count()
     for device in devices:

@@ -23,7 +23,9 @@ import numpy as np
 
 from realm.fsutil import best_effort
 from realm.index.mips import SearchResult
-from realm.index.store import Generation, GenerationError, RunStore
+from realm.index.generations import Generation
+from realm.refresh.rundir import RunStore
+from realm.errors import GenerationError
 
 logger = logging.getLogger(__name__)
 

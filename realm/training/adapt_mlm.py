@@ -12,13 +12,13 @@ gradient is not noise. This stage gives any encoder checkpoint that head::
 - the vocabulary logits only at the masked positions (the decoder over every position and
   30,522 words is most of a step's cost otherwise);
 - optionally (``mlm.copy_head``) a pointer over the second segment's word pieces
-  (:class:`realm.modeling.ka_encoder.CopyHead`), trained with the rest;
+  (:class:`realm.modeling.readers.copy.CopyHead`), trained with the rest;
 - held-out masked-token accuracy and loss before and after, and a few fill-in examples.
 
 The output, ``run_dir/encoder/``, is a knowledge-augmented encoder directory that is also a plain
 transformers masked-LM directory (``AutoModelForMaskedLM.from_pretrained``,
 ``AutoTokenizer.from_pretrained``). Pretraining runs this stage by itself (cached) when its
-encoder has no trained head (``pretrain.mlm_steps``, :func:`realm.prepare.prepare_adapted_encoder`).
+encoder has no trained head (``pretrain.mlm_steps``, :func:`realm.training.prepare.prepare_adapted_encoder`).
 """
 
 from __future__ import annotations
@@ -32,12 +32,17 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from realm.config import save_config
 from realm.data.ict import split_holdout
-from realm.data.mlm import (BlockMLMDataset, MaskedSequenceBatch, collate_masked_sequences,
-                            continuation_pieces, mlm_text_blocks)
-from realm.data.store import BlockStore
-from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, load_ka_encoder
+from realm.data.mlm_adapt import (BlockMLMDataset, MaskedSequenceBatch,
+                                  collate_masked_sequences, continuation_pieces, mlm_text_blocks)
+from realm.data.store import BlockStore, check_tokenizer
+from realm.modeling.readers.mlm import KnowledgeAugmentedEncoder, load_ka_encoder
 from realm.modeling.modes import eval_mode
+from realm.tracking import Tracker
+from realm.training.accelerator import make_accelerator, shutdown
+from realm.training.core import TrainSettings, train
+from realm.training.prepare import prepare_corpus, truncated_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -129,44 +134,16 @@ class AdaptMLMTask:
                 "heldout_loss": total_loss / max(1, count)}
 
 
-def has_trained_mlm_head(name_or_path: str) -> bool:
-    """Whether a checkpoint holds masked-LM head weights (a saved knowledge-augmented encoder
-    always does; a transformers checkpoint when loading finds every head tensor)."""
-    if os.path.exists(os.path.join(name_or_path, "manifest.json")):
-        return True
-    from transformers import AutoModelForMaskedLM
-
-    from realm.hub import load_pretrained, resolve_model_path
-
-    mlm, info = load_pretrained(AutoModelForMaskedLM.from_pretrained,
-                                resolve_model_path(name_or_path), "masked LM (head check)")
-    prefix = mlm.base_model_prefix + "."
-    return not any(not k.startswith(prefix) for k in info["missing_keys"])
-
-
 def run_adapt_mlm(config, progress: bool = True) -> dict[str, Any]:
     """The MLM adaptation stage: train ``mlm.encoder`` as a masked LM on ``mlm.corpus``; save
     ``run_dir/encoder/``; report held-out accuracy and loss before and after."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from realm.config import save_config
-    from realm.prepare import prepare_corpus, truncated_encoder
-    from realm.tracking import Tracker
-    from realm.training.core import TrainSettings, train, training_precision
-    from realm.training.ict import _shutdown
-
     t0 = time.time()
     m, t = config.mlm, config.train
     corpus = m.corpus or prepare_corpus(
         dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, corpus=None)),
         progress)
     encoder_name = truncated_encoder(m.encoder, m.encoder_layers, config.pretrain.cache_dir)
-    use_cpu = not torch.cuda.is_available()
-    precision = training_precision(t.precision, torch.device("cpu" if use_cpu else "cuda"))
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision or "no",
-                              gradient_accumulation_steps=t.grad_accum)
-    set_seed(config.seed)
+    accelerator, precision = make_accelerator(t, config.seed)
     store = BlockStore(corpus)
     encoder = load_ka_encoder(encoder_name)
     if m.copy_head:
@@ -210,7 +187,7 @@ def run_adapt_mlm(config, progress: bool = True) -> dict[str, Any]:
     finally:
         tracker.close()
         del model
-        _shutdown(accelerator)
+        shutdown(accelerator)
     r4 = (lambda d: {k: round(v, 4) for k, v in d.items()})
     return {
         "stage": "adapt_mlm", "run_dir": t.run_dir, "encoder": out_dir, "corpus": corpus,
@@ -227,21 +204,7 @@ def run_adapt_mlm(config, progress: bool = True) -> dict[str, Any]:
 def check_vocabulary(encoder: KnowledgeAugmentedEncoder, tokenizer, store: BlockStore,
                      name: str) -> None:
     """The encoder's vocabulary must be the corpus tokenizer's; an error names both."""
-    from realm.training.ict import check_tokenizer
-
     if encoder.config.vocab_size < len(tokenizer):
         raise ValueError(f"{name}: its vocabulary has {encoder.config.vocab_size} entries but its "
                          f"tokenizer {len(tokenizer)}")
     check_tokenizer(tokenizer, store, what=f"encoder {name!r}")
-
-
-def main(argv=None, default_config: Optional[str] = None) -> int:
-    """``launch/adapt_mlm.py`` and ``python -m realm.training.adapt_mlm`` (how pretraining's
-    cached preparation runs it)."""
-    from realm.cli import stage_main
-
-    return stage_main("adapt_mlm", argv, default_config)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

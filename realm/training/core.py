@@ -5,21 +5,16 @@ rest: AdamW with linear warmup/decay, gradient accumulation, bf16 autocast where
 it, clipping, periodic logging/evaluation/checkpoints, and exact resume (model, optimizer,
 scheduler, RNG and data position) through ``accelerator.save_state``/``load_state``.
 
-Checkpoints are directories ``run_dir/checkpoints/step-000100/``, written to a temporary name and
-renamed into place with a ``manifest.json``, so a crash never leaves one that looks complete.
+Checkpoints (``run_dir/checkpoints/step-000100/``, written atomically) are
+:mod:`realm.training.checkpoint`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
-import json
 import logging
 import math
 import os
-import re
-import shutil
 import time
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
@@ -27,12 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from realm import __version__
 from realm.tracking import Tracker
+from realm.precision import cpu_threads
+from realm.training.checkpoint import checkpoints, load_training_state, save_checkpoint
 
 logger = logging.getLogger(__name__)
-
-_CKPT = re.compile(r"^step-(\d{6,})$")
 
 
 class Task(Protocol):
@@ -126,58 +120,6 @@ class _Progress:
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key, value in state.items():
             setattr(self, key, int(value))
-
-
-def checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints of a run, oldest first: ``(step, path)``."""
-    root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        m = _CKPT.match(name)
-        if m and os.path.isfile(os.path.join(root, name, "manifest.json")):
-            found.append((int(m.group(1)), os.path.join(root, name)))
-    return sorted(found)
-
-
-def cpu_threads(requested: int = 0) -> int:
-    """CPU threads for one training process: ``requested``, or with 0 the cores this process
-    may run on divided among the processes launched on this machine (``LOCAL_WORLD_SIZE``)."""
-    if requested > 0:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
-
-
-def training_precision(precision: str, device: torch.device) -> Optional[str]:
-    """The mixed precision a training stage gives its ``Accelerator``: ``train.precision``, or
-    for ``auto`` the one ``accelerate launch --mixed_precision bf16|fp16`` asked for
-    (``ACCELERATE_MIXED_PRECISION``; ``no`` leaves the choice to ``auto``), else bf16 where the
-    device runs it fast. fp16 (with loss scaling, by accelerate) needs a CUDA device."""
-    from realm.config import ConfigError
-
-    if precision == "auto":
-        asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        precision = asked if asked in ("bf16", "fp16") else "auto"
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("train.precision: fp16 (or accelerate's --mixed_precision fp16) "
-                              "needs a CUDA device; on the CPU use bf16 or fp32")
-        return "fp16"
-    return autocast_dtype(precision, device)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> Optional[str]:
-    """``"bf16"`` when asked for or (``auto``) when the device runs bf16 fast, else ``None``
-    (fp32; also for ``fp16``, which only training stages run: :func:`training_precision`)."""
-    if precision in ("fp32", "fp16"):
-        return None
-    if precision == "bf16":
-        return "bf16"
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else None
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
@@ -451,106 +393,3 @@ def _evaluate(task: Task, model: torch.nn.Module, tracker: Tracker, step: int) -
     if metrics:
         tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     return metrics
-
-
-#: The JSON file of a checkpoint holding the training state accelerate does not save (the
-#: scheduler, the data position, hook state such as the pinned index generation).
-TRAINING_STATE = "training_state.json"
-
-def load_training_state(checkpoint: str, states: dict[str, Any]) -> None:
-    """Load :data:`TRAINING_STATE` of ``checkpoint`` into ``states``' objects (JSON only).
-
-    Raises:
-        ValueError: the checkpoint has no such file (one from an older realm keeps this state
-            as pickles, which are never loaded), or it lacks an entry.
-    """
-    path = os.path.join(checkpoint, TRAINING_STATE)
-    if not os.path.isfile(path):
-        raise ValueError(f"{checkpoint}: no {TRAINING_STATE}; a checkpoint whose training state "
-                         "is pickled (an older realm) is not loaded, since unpickling a run "
-                         "directory's files can run code. Start the run afresh.")
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-    for name, obj in states.items():
-        if name not in saved:
-            raise ValueError(f"{path}: no state for {name!r} (saved: {sorted(saved)})")
-        obj.load_state_dict(saved[name])
-
-
-def save_checkpoint(accelerator, s: TrainSettings, step: int, config_dict: Optional[dict],
-                    states: dict[str, Any]) -> str:
-    """``accelerator.save_state`` into ``checkpoints/step-S`` atomically, with the training state
-    as JSON (:data:`TRAINING_STATE`); keep the newest K."""
-    root = os.path.join(s.run_dir, "checkpoints")
-    final = os.path.join(root, f"step-{step:06d}")
-    tmp = os.path.join(root, f".tmp-step-{step:06d}")
-    if accelerator.is_main_process:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        _write_checkpoint(accelerator, s, step, config_dict, states, tmp, final)
-    except (OSError, RuntimeError) as e:  # torch reports a full disk as "iostream error"
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"saving checkpoint step {step} into {tmp} failed: "
-                              f"{disk_problem(root) or e}; the temp directory was removed and "
-                              f"the newest complete checkpoint is kept") from e
-    return final
-
-
-class CheckpointError(OSError):
-    """A checkpoint could not be written (the message names the path and the cause)."""
-
-
-def disk_problem(path: str, low_bytes: int = 64 << 20) -> Optional[str]:
-    """Why files cannot be written under ``path`` ("no space left on the device" with what is
-    free, not writable, or what a 1 MiB probe write fails with), else None."""
-    try:
-        usage = shutil.disk_usage(path)
-    except OSError as e:
-        return f"{path}: {e.strerror or e}"
-    if usage.free < low_bytes:
-        return f"no space left on the device ({usage.free >> 20} MiB free under {path})"
-    if not os.access(path, os.W_OK):
-        return f"permission denied: {path} is not writable"
-    probe = os.path.join(path, f".write-probe-{os.getpid()}")
-    try:  # torch says only "iostream error": what a plain write of 1 MiB says is clearer
-        with open(probe, "wb") as f:
-            f.write(b"\0" * (1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        return f"{e.strerror or e} writing under {path}"
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(probe)
-    return None
-
-
-def _write_checkpoint(accelerator, s: TrainSettings, step: int, config_dict: Optional[dict],
-                      states: dict[str, Any], tmp: str, final: str) -> None:
-    accelerator.save_state(tmp)
-    training_state = {name: obj.state_dict() for name, obj in states.items()}  # (every rank)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, TRAINING_STATE), "w", encoding="utf-8") as f:
-            json.dump(training_state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        manifest = {
-            "kind": "checkpoint", "step": step, "realm_version": __version__,
-            "num_processes": accelerator.num_processes,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": config_dict,
-        }
-        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        for _, old in checkpoints(s.run_dir)[:-max(1, s.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
-        logger.info("checkpoint %s", final)
-    accelerator.wait_for_everyone()

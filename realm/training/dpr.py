@@ -33,12 +33,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from realm.config import save_config
+from realm.data.pairs import TrainingPairs, fill_random, read_triplets
 from realm.data.qa import QAExample
-from realm.data.store import BlockStore
-from realm.evaluation.answers import _contains_run, compile_answer_pattern, dpr_tokens
+from realm.data.store import BlockStore, check_tokenizer
+from realm.evaluate.run import BM25Searcher, DenseSearcher, qa_retrieval
 from realm.losses import gather_with_grad, in_batch_nce
+from realm.metrics import compile_answer_pattern, contains_run, dpr_tokens
+from realm.modeling.embed import embed_queries, special_ids
+from realm.modeling.inputs import build_block_inputs, build_query_inputs
 from realm.modeling.modes import eval_mode
-from realm.modeling.retriever import Retriever, build_block_inputs, build_query_inputs
+from realm.modeling.retriever import Retriever
+from realm.precision import cpu_threads
+from realm.refresh.hook import RefreshHook
+from realm.refresh.supervisor import check_devices
+from realm.tracking import Tracker
+from realm.training.accelerator import shutdown
+from realm.training.core import TrainSettings, train
+from realm.training.checkpoint import checkpoints
+from realm.training.ict import load_retriever, weights_in_sync
+from realm.training.openqa import prepare_qa_stage
 
 logger = logging.getLogger(__name__)
 
@@ -63,37 +77,9 @@ class AnswerMatcher:
             run = self._answers.get(answer)
             if run is None:
                 run = self._answers[answer] = dpr_tokens(answer)
-            if run and _contains_run(tokens, run):
+            if run and contains_run(tokens, run):
                 return True
         return False
-
-
-@dataclasses.dataclass
-class TrainingPairs:
-    """Mined training data, one row per question.
-
-    Attributes:
-        positive: Block id, ``-1`` where no searched block holds an answer, ``[N]``.
-        negatives: Hard negatives (random blocks where too few were found), ``[N, n]``.
-        from_gold: The positive is a block of the question's gold article, ``[N]``.
-    """
-
-    positive: np.ndarray
-    negatives: np.ndarray
-    from_gold: np.ndarray
-
-
-def fill_random(negatives: list[int], n: int, positive: int, n_blocks: int,
-                rng: np.random.Generator) -> int:
-    """Append random blocks (never ``positive``, no repeats) until ``negatives`` holds ``n``;
-    returns how many were added."""
-    added = 0
-    while len(negatives) < n and n_blocks > 1:
-        block = int(rng.integers(n_blocks))
-        if block != positive and block not in negatives:
-            negatives.append(block)
-            added += 1
-    return added
 
 
 def mine_pairs(store: BlockStore, questions: Sequence[QAExample], ranked: np.ndarray,
@@ -181,8 +167,6 @@ class IndexNegatives:
 
     def __call__(self, retriever: Retriever, query_ids: Sequence[np.ndarray],
                  positives: Sequence[int], rows: Sequence[int]) -> np.ndarray:
-        from realm.index.embed import embed_queries
-
         queries = embed_queries(retriever, query_ids, self.special, self.max_query_tokens)
         ranked = self.search(queries, min(self.search_k, len(self.store))).block_ids
         out = np.full((len(rows), self.n), -1, np.int64)
@@ -280,8 +264,6 @@ def dev_recall(retriever: Retriever, store: BlockStore, questions: Sequence[QAEx
                regex: bool = False, progress: bool = False, precision: str = "auto"
                ) -> dict[str, Any]:
     """Answer recall@k of ``questions`` with ``retriever`` over every block of ``store``."""
-    from realm.evaluation.run import DenseSearcher, qa_retrieval
-
     with eval_mode(retriever):
         searcher = DenseSearcher(retriever, store, max_block_tokens, max_query_tokens,
                                  progress=progress, precision=precision)
@@ -290,17 +272,6 @@ def dev_recall(retriever: Retriever, store: BlockStore, questions: Sequence[QAEx
 
 def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
     """The DPR stage (see the module docstring); returns the summary."""
-    from realm.config import save_config
-    from realm.evaluation.run import BM25Searcher
-    from realm.index.embed import special_ids
-    from realm.tracking import Tracker
-    from realm.refresh.hook import RefreshHook
-    from realm.training.core import TrainSettings, cpu_threads, train
-    from realm.training.ict import _shutdown, check_tokenizer, load_retriever, weights_in_sync
-    from realm.training.openqa import prepare_qa_stage
-
-    from realm.refresh.supervisor import check_devices
-
     t0 = time.time()
     d, t, r = config.retriever_training, config.train, config.retriever
     if d.negatives == "index":
@@ -326,8 +297,6 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
                     int((pairs.positive >= 0).sum()), len(train_qa), d.positive_search,
                     int(pairs.from_gold.sum()), time.time() - t_mine)
     if d.triplets:  # DRAMA-style: queries, positives and distractors labelled by an LM
-        from realm.data.augment import read_triplets
-
         queries, augmented = read_triplets(d.triplets, store, d.hard_negatives, config.seed)
         logger.info("%d training queries from %s", len(queries), d.triplets)
         if not len(queries):
@@ -401,7 +370,7 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
             hook.close(finished=finished)
         tracker.close()
         del task
-        _shutdown(accelerator)
+        shutdown(accelerator)
     return {
         "stage": "train_retriever", "run_dir": t.run_dir, "retriever": out_dir,
         "corpus": corpus_dir, "triplets": d.triplets, "steps": result["steps"],
@@ -422,17 +391,4 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
 
 
 def _has_checkpoint(t) -> bool:
-    from realm.training.core import checkpoints
-
     return bool(checkpoints(t.run_dir))
-
-
-def main(argv=None, default_config: Optional[str] = None) -> int:
-    """``launch/train_retriever.py``; see :data:`realm.cli.STAGES`."""
-    from realm.cli import stage_main
-
-    return stage_main("train_retriever", argv, default_config)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from typing import Any, Optional
@@ -11,16 +10,18 @@ import numpy as np
 import torch
 
 from realm.config import Config, save_config
-from realm.data.blocks import tokenizer_sha256
 from realm.data.ict import ICTDataset, ICTExample, held_out_queries, ict_blocks, split_holdout
-from realm.data.store import BlockStore
-from realm.evaluation.retrieval import recall_at_k
-from realm.index.embed import embed_blocks, embed_queries, special_ids
+from realm.data.store import BlockStore, check_tokenizer
+from realm.metrics import recall_at_k
+from realm.modeling.embed import embed_blocks, embed_queries, special_ids
 from realm.index.mips import build_index, search
 from realm.losses import gather_with_grad, in_batch_nce
-from realm.modeling.retriever import Retriever, build_block_inputs, build_query_inputs
+from realm.modeling.retriever import Retriever
+from realm.modeling.inputs import build_block_inputs, build_query_inputs
 from realm.tracking import Tracker
-from realm.training.core import TrainSettings, train, training_precision
+from realm.training.core import TrainSettings, train
+from realm.training.accelerator import make_accelerator, shutdown
+from realm.training.prepare import truncated_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -37,23 +38,8 @@ def load_retriever(encoder: str, dim: int, pooling: str, layers: Optional[int] =
         encoder = os.path.join(encoder, "retriever")
     if os.path.isfile(os.path.join(encoder, "manifest.json")):
         return Retriever.from_pretrained(encoder)
-    from realm.prepare import truncated_encoder
-
     return Retriever.from_checkpoint(truncated_encoder(encoder, layers, cache_dir), dim=dim,
                                      pooling=pooling)
-
-
-def check_tokenizer(tokenizer, store: BlockStore, what: str = "retriever") -> None:
-    """An encoder (the retriever unless ``what`` says otherwise) must read the word pieces the
-    corpus was cut into; the error names the corpus, its tokenizer and the encoder's."""
-    sha = tokenizer_sha256(tokenizer)
-    want = store.manifest["tokenizer"]["sha256"]
-    if sha != want:
-        raise ValueError(
-            f"{store.path}: the corpus was tokenized with {store.tokenizer_name!r}, which differs "
-            f"from the {what}'s tokenizer {tokenizer.name_or_path!r}; rebuild the corpus with "
-            f"data.tokenizer set to the {what}'s checkpoint"
-        )
 
 
 class ICTTask:
@@ -130,17 +116,11 @@ def ict_recall(retriever: Retriever, store: BlockStore, queries: list[ICTExample
 
 def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
     """The ICT stage: train the retriever on ``config.ict.corpus`` and save it to run_dir/retriever."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     if not config.ict.corpus:
         raise ValueError("ict.corpus: no corpus directory given (build one with prepare_corpus.py)")
     t = config.train
-    use_cpu = not torch.cuda.is_available()
-    precision = training_precision(t.precision, torch.device("cpu" if use_cpu else "cuda"))
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision or "no",
-                              gradient_accumulation_steps=t.grad_accum)
-    set_seed(config.seed)
+    accelerator, precision = make_accelerator(t, config.seed)
     store = BlockStore(config.ict.corpus)
     r = config.retriever
     retriever = load_retriever(r.encoder, r.dim, r.pooling, r.encoder_layers,
@@ -174,7 +154,7 @@ def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
         accelerator.wait_for_everyone()
     finally:
         tracker.close()
-        _shutdown(accelerator)
+        shutdown(accelerator)
     return {
         "stage": "ict", "retriever": out_dir, "steps": result["steps"],
         "final_loss": round(result["final_loss"], 5), "world_size": world_size,
@@ -202,28 +182,3 @@ def weights_in_sync(model: torch.nn.Module, accelerator) -> bool:
 
     digests = gather_object([parameters_sha256(accelerator.unwrap_model(model))])
     return len(set(digests)) == 1
-
-
-def _shutdown(accelerator) -> None:
-    """Leave no live references or process group behind (avoids aborts at interpreter exit)."""
-    accelerator.free_memory()
-    gc.collect()
-    accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    # accelerate keeps its state in process-wide singletons; forget it so that a later stage in
-    # the same process (a notebook, a test, pretraining after ICT) may choose other settings.
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def main(argv=None, default_config: Optional[str] = None) -> int:
-    """``python -m realm.training.ict`` (what ``launch/ict.py`` and the cached warm start run)."""
-    from realm.cli import stage_main
-
-    return stage_main("ict", argv, default_config)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

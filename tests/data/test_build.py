@@ -13,9 +13,11 @@ import pytest
 
 from realm.config import DataConfig, SpansConfig
 from realm.data.blocks import word_piece_encoder
-from realm.data.build import OutputExistsError, build_corpus
+from realm.errors import OutputExistsError
+from realm.data.build import build_corpus
 from realm.data.spans import date_spans, load_ner
-from realm.data.store import BlockStore, CorpusError
+from realm.data.store import BlockStore
+from realm.errors import CorpusError
 from realm.hub import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,7 +2,10 @@
 
 import pytest
 
-from realm.data.qa import QAFormatError, read_qa
+from realm.errors import QAFormatError
+from realm.data.qa import BlockTexts, read_qa
+from realm.data.store import BlockStore
+from realm.hub import load_tokenizer
 
 
 def _write(tmp_path, text, name="qa.jsonl"):
@@ -64,3 +67,17 @@ def test_hf_dataset_offline_is_a_clear_error():
         read_qa("hf:no_such_dataset_xyz:validation")
     with pytest.raises(QAFormatError, match="expected hf:NAME"):
         read_qa("hf:nq_open")
+
+
+def test_regex_answers_map_to_token_aligned_spans(squad_tiny):
+    store = BlockStore(str(squad_tiny / "corpus"))
+    tok = load_tokenizer(store.manifest["tokenizer"]["path"])
+    texts = BlockTexts(store, tok)
+    block = next(i for i in range(len(store)) if "Denver Broncos" in store.text(i))
+    body = store.body_ids(block)
+    spans = texts.regex_spans(block, 2, len(body), [r"denver\s+broncos"], max_width=10)
+    assert spans
+    for start, w in spans:
+        assert texts.span_text(block, 2, start, start + w) == "Denver Broncos"
+        assert tok.decode(body[start: start + w + 1].tolist()) == "denver broncos"
+    assert texts.regex_spans(block, 2, len(body), [r"enver"], max_width=10) == []  # mid-word

@@ -15,13 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from realm.data.readers import (
-    PACKAGE_WIKI_LEADS,
-    CorpusFormatError,
-    CorpusReader,
-    detect_format,
-    wiki_leads_path,
-)
+from realm.data.readers import PACKAGE_WIKI_LEADS, CorpusReader, detect_format, wiki_leads_path
+from realm.errors import CorpusFormatError
 
 REPO = Path(__file__).resolve().parents[2]
 VITAL = "wikipedia/vital_level4_summaries_en.jsonl"

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from realm.index.sharded import ShardedSearch, merge_top_k, shard_range, torch_gather
-from realm.index.store import RunStore
+from realm.refresh.rundir import RunStore
 
 N_BLOCKS, DIM, K = 101, 16, 5
 
@@ -98,13 +98,12 @@ def test_one_process_holds_one_shard_the_whole_index(tmp_path):
     queries = rng.standard_normal((3, DIM)).astype(np.float32)
     found = ShardedSearch(lambda: generation, lambda t: [t], 0)(queries, 4)
     np.testing.assert_array_equal(found.block_ids, whole.search(queries, 4).block_ids)
-    assert found.bank is None  # a shard has no whole bank to offer
     with pytest.raises(ValueError, match="one shard"):
         generation.embeddings_of(np.array([0]))
 
 
 def test_more_shards_than_blocks_is_an_error_naming_the_generation(tmp_path):
-    from realm.index.store import GenerationError
+    from realm.errors import GenerationError
 
     store = RunStore(str(tmp_path / "run"))
     store.commit_generation(np.ones((1, DIM), np.float16), encoder_step=0, corpus_fingerprint="fp")
@@ -112,11 +111,10 @@ def test_more_shards_than_blocks_is_an_error_naming_the_generation(tmp_path):
         store.load_generation(0, corpus_fingerprint="fp", gpu=False, shard=(1, 2))
 
 
-def test_bank_signal_with_a_sharded_index_is_refused():
-    from realm.config import ConfigError, load_config
+def test_unknown_sharding_is_refused():
+    from realm.errors import ConfigError
+    from realm.config import load_config
 
-    with pytest.raises(ConfigError, match="index.sharding.*bank"):
-        load_config(None, ["index.sharding=ranks", "pretrain.retriever_signal=bank"])
     with pytest.raises(ConfigError, match="index.sharding"):
         load_config(None, ["index.sharding=everywhere"])
 
@@ -124,9 +122,10 @@ def test_bank_signal_with_a_sharded_index_is_refused():
 def test_prefetch_with_a_sharded_index_is_refused():
     """A sharded search is a collective: no background-thread search beside it, in the config
     and in the prefetcher itself."""
-    from realm.config import ConfigError, load_config
+    from realm.errors import ConfigError
+    from realm.config import load_config
     from realm.index.sharded import ShardedSearch
-    from realm.training.pretrain import RetrievalPrefetch
+    from realm.training.prefetch import RetrievalPrefetch
 
     with pytest.raises(ConfigError, match="pretrain.prefetch.*sharding=ranks"):
         load_config(None, ["index.sharding=ranks", "pretrain.prefetch=true"])

@@ -6,8 +6,10 @@ import torch
 
 from realm.config import load_config
 from realm.data.store import BlockStore
-from realm.index.embed import special_ids
-from realm.modeling.retriever import Retriever, build_block_inputs, pool
+from realm.modeling.embed import special_ids
+from realm.modeling.retriever import Retriever
+from realm.modeling.inputs import build_block_inputs
+from realm.modeling.embedder import pool
 from realm.tracking import read_metrics
 from realm.training.ict import run_ict
 

@@ -109,7 +109,7 @@ def test_new_head_decoder_is_tied_to_the_input_embeddings():
 
 
 def test_checkpoint_without_mlm_head_gets_a_tied_head_and_says_so(tiny_encoder, caplog):
-    with caplog.at_level(logging.INFO, logger="realm.modeling.ka_encoder"):
+    with caplog.at_level(logging.INFO, logger="realm.modeling.readers.mlm"):
         ka = KnowledgeAugmentedEncoder.from_checkpoint(tiny_encoder)
     assert ka.head_initialised and ka.tokenizer is not None
     assert ka.mlm.cls.predictions.decoder.weight is ka.mlm.bert.embeddings.word_embeddings.weight
@@ -130,7 +130,7 @@ def test_checkpoint_with_mlm_head_keeps_its_trained_weights(tmp_path, caplog):
         mlm.cls.predictions.decoder.weight.normal_()
         mlm.cls.predictions.transform.dense.weight.fill_(0.5)
     mlm.save_pretrained(tmp_path / "mlm")
-    with caplog.at_level(logging.INFO, logger="realm.modeling.ka_encoder"):
+    with caplog.at_level(logging.INFO, logger="realm.modeling.readers.mlm"):
         ka = KnowledgeAugmentedEncoder.from_checkpoint(str(tmp_path / "mlm"), with_tokenizer=False)
     assert not ka.head_initialised
     assert not any("no masked-LM head" in r.getMessage() for r in caplog.records)
@@ -304,7 +304,7 @@ def test_deliberate_partial_loads_log_one_line_not_a_load_report(capfd, caplog):
 
 
 def test_target_log_probs_and_their_gradients_equal_the_log_softmax():
-    from realm.modeling.ka_encoder import target_log_probs
+    from realm.modeling.readers.target_logprobs import target_log_probs
 
     torch.manual_seed(0)
     h = torch.randn(9, 6, requires_grad=True)

@@ -7,7 +7,8 @@ import torch
 
 from realm.data.store import BlockStore
 from realm.modeling.modes import eval_mode
-from realm.modeling.retriever import Retriever, build_query_inputs
+from realm.modeling.retriever import Retriever
+from realm.modeling.inputs import build_query_inputs
 
 
 def test_eval_mode_restores_each_module_not_the_outer_flag():
@@ -29,7 +30,7 @@ def test_embedding_blocks_leaves_a_loaded_retriever_deterministic(tiny_retriever
     """A retriever from from_pretrained (its backbones in eval mode) embeds the index; its query
     embeddings afterwards are those before (the Open-QA positive-block search ran right after a
     cold index build with the query encoder's dropout on)."""
-    from realm.index.embed import embed_blocks, embed_queries, special_ids
+    from realm.modeling.embed import embed_blocks, embed_queries, special_ids
 
     retriever = Retriever.from_pretrained(tiny_retriever)
     assert retriever.training and not any(

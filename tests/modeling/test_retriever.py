@@ -417,7 +417,7 @@ def test_saved_encoders_are_sentence_transformers_that_embed_as_realm_does(tiny_
     from sentence_transformers import SentenceTransformer
     from transformers import AutoTokenizer
 
-    from realm.index.embed import embed_queries, special_ids
+    from realm.modeling.embed import embed_queries, special_ids
 
     torch.manual_seed(0)
     Retriever.from_checkpoint(tiny_encoder, dim=24, pooling=pooling).save_pretrained(

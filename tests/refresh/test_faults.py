@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from realm.data.store import BlockStore
-from realm.index.store import RunStore
+from realm.refresh.rundir import RunStore
 from realm.refresh.watcher import IndexWatcher
 
 from .conftest import (child_env, publish, refresher_cmd, run, start, summary, wait_for_log)
@@ -115,7 +115,7 @@ def test_write_error_is_clear_and_commits_nothing(leads_corpus, tiny_retriever, 
 
 READER = textwrap.dedent("""
     import sys, time
-    from realm.index.store import RunStore
+    from realm.refresh.rundir import RunStore
     from realm.refresh.watcher import IndexWatcher
     w = IndexWatcher(RunStore(sys.argv[1]), corpus_fingerprint=None, dim=None, poll_s=0.1)
     print("holding", w.wait_for_first(timeout=30).generation, flush=True)

@@ -15,11 +15,12 @@ import psutil
 import pytest
 
 from realm.data.store import BlockStore
-from realm.index.store import RunStore
+from realm.refresh.rundir import RunStore
 from realm.modeling.retriever import Retriever
 from realm.refresh.hook import RefreshHook
 from realm.refresh.refresher import Refresher, RefreshSettings
-from realm.refresh.supervisor import RefresherFailed, RefresherSupervisor
+from realm.errors import RefresherFailed
+from realm.refresh.supervisor import RefresherSupervisor
 from realm.refresh.watcher import IndexWatcher
 
 from .conftest import child_env, publish, refresher_cmd, run, summary, wait_for

@@ -8,14 +8,15 @@ import torch
 
 from realm.data.ict import ict_blocks
 from realm.data.store import BlockStore
-from realm.index.embed import special_ids
-from realm.index.store import RunStore
+from realm.modeling.embed import special_ids
+from realm.refresh.rundir import RunStore
 from realm.modeling.retriever import Retriever
 from realm.refresh.hook import RefreshHook
 from realm.refresh.supervisor import RefresherSupervisor
 from realm.tracking import Tracker, read_metrics
 from realm.training.core import TrainSettings, train
-from realm.training.ict import ICTTask, _shutdown
+from realm.training.ict import ICTTask
+from realm.training.accelerator import shutdown
 
 from .conftest import child_env, refresher_cmd
 
@@ -46,7 +47,7 @@ def _train(run_dir, corpus, retriever_dir, steps, save_every, monkeypatch):
     finally:
         hook.close(finished=True)
         tracker.close()
-        _shutdown(accelerator)
+        shutdown(accelerator)
     return result, hook
 
 

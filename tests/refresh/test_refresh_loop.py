@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from realm.index.store import RunStore
+from realm.refresh.rundir import RunStore
 from realm.refresh.supervisor import RefresherSupervisor
 from realm.refresh.watcher import IndexWatcher
 

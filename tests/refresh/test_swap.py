@@ -10,7 +10,7 @@ import weakref
 import numpy as np
 import pytest
 
-from realm.index.store import RunStore
+from realm.refresh.rundir import RunStore
 from realm.refresh.watcher import IndexWatcher
 
 
@@ -84,7 +84,8 @@ def test_refresher_placement_on_devices(monkeypatch):
     each see their own GPU (through the trainer's own CUDA_VISIBLE_DEVICES)."""
     import torch
 
-    from realm.config import ConfigError, load_config
+    from realm.errors import ConfigError
+    from realm.config import load_config
     from realm.refresh.supervisor import RefresherSupervisor, check_devices, placement
 
     assert placement([]) == (1, {}, [])

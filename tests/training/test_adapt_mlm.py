@@ -56,7 +56,7 @@ def test_mlm_loss_falls_on_real_text(adapted):
 def test_output_loads_with_plain_transformers_and_stays_tied(adapted):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder
+    from realm.modeling.readers.mlm import KnowledgeAugmentedEncoder
 
     summary, _ = adapted
     out = Path(summary["encoder"])
@@ -107,7 +107,7 @@ def test_vocabulary_other_than_the_corpus_is_refused_with_both_names(leads_corpu
 
 
 def test_a_corpus_with_no_text_to_mask_is_an_error_naming_it():
-    from realm.data.mlm import mlm_text_blocks
+    from realm.data.mlm_adapt import mlm_text_blocks
 
     class Empty:
         path = "/data/empty-corpus"
@@ -131,7 +131,7 @@ def _config(tmp_path, corpus, encoder, *overrides):
 
 def test_pretraining_caches_the_adaptation_and_rebuilds_it_when_its_key_changes(
         leads_corpus, tiny_encoder, tmp_path):
-    from realm.prepare import prepare_adapted_encoder
+    from realm.training.prepare import prepare_adapted_encoder
 
     config = _config(tmp_path, leads_corpus, tiny_encoder)
     first = prepare_adapted_encoder(config, leads_corpus, tiny_encoder)
@@ -154,8 +154,9 @@ def test_a_copy_head_is_adapted_in_the_readers_layout_cached_under_its_own_key(
         leads_corpus, tiny_encoder, tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    from realm.modeling.ka_encoder import CopyHead, KnowledgeAugmentedEncoder
-    from realm.prepare import prepare_adapted_encoder
+    from realm.modeling.readers.copy import CopyHead
+    from realm.modeling.readers.mlm import KnowledgeAugmentedEncoder
+    from realm.training.prepare import prepare_adapted_encoder
 
     config = _config(tmp_path, leads_corpus, tiny_encoder, "mlm.copy_head=true",
                      "mlm.neighbour_prob=0.7", "mlm.random_prob=0.15", "pretrain.mlm_steps=8")

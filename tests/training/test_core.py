@@ -4,7 +4,7 @@ import torch
 
 from realm.tracking import Tracker, read_metrics
 from realm.training.core import TrainSettings, _lr_lambda, _param_groups, train
-from realm.training.ict import _shutdown
+from realm.training.accelerator import shutdown
 
 
 class TwoParts(torch.nn.Module):
@@ -62,7 +62,7 @@ def test_held_part_waits_then_trains(tmp_path):
         train(model, Regression(), settings, accelerator, tracker, hooks=[snaps])
     finally:
         tracker.close()
-        _shutdown(accelerator)
+        shutdown(accelerator)
     assert all(torch.equal(w, start) for w in snaps.retriever[:5])  # steps 1-5: held
     assert not torch.equal(snaps.retriever[5], start)  # step 6 moves it
     assert not torch.equal(snaps.reader[0], snaps.reader[1])  # the reader trains from the start
@@ -104,7 +104,7 @@ def test_a_part_can_have_its_own_adam_betas():
 def test_cpu_threads_share_the_cores_among_the_local_processes(monkeypatch):
     import os
 
-    from realm.training.core import cpu_threads
+    from realm.precision import cpu_threads
 
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -136,7 +136,7 @@ def test_the_core_trains_on_train_threads(tmp_path):
         train(TwoParts(), Regression(), settings, accelerator, tracker, hooks=[threads])
     finally:
         tracker.close()
-        _shutdown(accelerator)
+        shutdown(accelerator)
         torch.set_num_threads(before)
     assert threads.seen == [want] * 3
 
@@ -171,7 +171,7 @@ def test_a_non_finite_loss_stops_the_run_before_stepping_or_saving(tmp_path):
             train(model, Diverging(), settings, accelerator, tracker, hooks=[snapshots])
     finally:
         tracker.close()
-        _shutdown(accelerator)
+        shutdown(accelerator)
     assert len(snapshots.reader) == 2  # two steps taken, the third never
     assert torch.equal(model.reader.weight, snapshots.reader[-1])
     assert torch.isfinite(model.reader.weight).all()
@@ -196,7 +196,7 @@ def test_checkpoints_hold_no_pickle_and_a_planted_one_is_never_loaded(tmp_path):
             return train(TwoParts(), Regression(), settings, accelerator, tracker)
         finally:
             tracker.close()
-            _shutdown(accelerator)
+            shutdown(accelerator)
 
     run(2)
     ckpt = tmp_path / "checkpoints" / "step-000002"
@@ -231,7 +231,8 @@ from accelerate import Accelerator
 sys.path.insert(0, sys.argv[2])
 from test_core import Regression, TwoParts
 from realm.tracking import Tracker
-from realm.training.core import CheckpointError, TrainSettings, train
+from realm.errors import CheckpointError
+from realm.training.core import TrainSettings, train
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a checkpoint's RNG states do not fit
 settings = TrainSettings(run_dir=sys.argv[1], steps=4, batch_size=8, log_every=1, progress=False,
@@ -268,7 +269,7 @@ def test_heartbeat_and_lease_writes_that_fail_never_stop_training(tmp_path, capl
     import logging
     import types
 
-    from realm.index.store import RunStore
+    from realm.refresh.rundir import RunStore
     from realm.refresh.hook import RefreshHook
 
     hook = RefreshHook(RunStore(str(tmp_path / "run")), None, lambda m: m, corpus_fingerprint="f",
@@ -296,8 +297,8 @@ def test_precision_from_accelerate_launch_and_the_config(monkeypatch):
     (``no``: auto's own choice); an explicit config value wins; fp16 needs CUDA."""
     import pytest
 
-    from realm.config import ConfigError
-    from realm.training.core import autocast_dtype, training_precision
+    from realm.errors import ConfigError
+    from realm.precision import autocast_dtype, training_precision
 
     cpu = torch.device("cpu")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")

@@ -14,8 +14,8 @@ import torch
 from realm.config import load_config
 from realm.data.qa import QAExample, read_qa
 from realm.data.store import BlockStore
-from realm.evaluation.answers import has_answer
-from realm.evaluation.run import BM25Searcher
+from realm.metrics import has_answer
+from realm.evaluate.run import BM25Searcher
 from realm.losses import in_batch_nce
 from realm.modeling.retriever import Retriever
 from realm.tracking import read_metrics
@@ -167,7 +167,7 @@ def test_two_ranks_gather_every_passage_and_end_equal(squad_dpr, tiny_encoder, t
 
 def test_openqa_retriever_dpr_is_prepared_once_and_cached(squad_dpr, tiny_encoder, tmp_path):
     """`openqa.retriever=dpr`: a DPR retriever trained on the Open-QA questions, cached by key."""
-    from realm.prepare import prepare_dpr_retriever
+    from realm.training.prepare import prepare_dpr_retriever
     from realm.training.openqa import run_finetune
 
     cache = tmp_path / "cache"
@@ -199,7 +199,7 @@ def test_openqa_retriever_dpr_is_prepared_once_and_cached(squad_dpr, tiny_encode
 
 
 def test_index_negatives_are_the_best_ranked_blocks_without_an_answer(squad_dpr, tiny_retriever):
-    from realm.index.embed import embed_blocks, special_ids
+    from realm.modeling.embed import embed_blocks, special_ids
     from realm.index.mips import SearchResult, build_index, search
     from realm.training.dpr import IndexNegatives
 
@@ -215,7 +215,7 @@ def test_index_negatives_are_the_best_ranked_blocks_without_an_answer(squad_dpr,
                            len(store), special, 48)
     positives = [0, 1, 2, 3, 4, 5]
     negatives = mined(retriever, ids, positives, range(6))
-    from realm.index.embed import embed_queries
+    from realm.modeling.embed import embed_queries
 
     ranked = search(index, embed_queries(retriever, ids, special, 48), len(store))[1]
     for row, (q, positive) in enumerate(zip(qa, positives)):

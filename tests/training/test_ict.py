@@ -16,7 +16,7 @@ from realm.data.ict import ICTDataset, ict_blocks
 from realm.data.store import BlockStore
 from realm.modeling.retriever import Retriever
 from realm.tracking import read_metrics
-from realm.training.core import checkpoints
+from realm.training.checkpoint import checkpoints
 from realm.training.ict import run_ict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,7 +113,7 @@ def test_retriever_with_another_tokenizer_is_refused(leads_corpus):
     from tokenizers import normalizers
 
     from realm.hub import load_tokenizer
-    from realm.training.ict import check_tokenizer
+    from realm.data.store import check_tokenizer
 
     store = BlockStore(leads_corpus)
     same = load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")

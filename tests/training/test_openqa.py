@@ -10,23 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from realm.data.qa import QAExample, read_qa
+from realm.data.qa import read_qa
 from realm.data.store import BlockStore
-from realm.hub import load_tokenizer
-from realm.modeling.reader import SpanReader
+from realm.evaluate.openqa import evaluate_openqa
+from realm.modeling.openqa import OpenQAModel
+from realm.modeling.span_reader import SpanReader
 from realm.modeling.retriever import Retriever
-from realm.training.openqa import (BM25Index, BlockTexts, DenseIndex, OpenQAModel, QADataset,
-                                   collate_qa, document_embeddings, evaluate_openqa,
-                                   find_positives, positive_windows)
+from realm.retrieval.fixed import BM25Index, document_embeddings
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(scope="module")
-def squad_tiny(make_squad_slice, tmp_path_factory):
-    """20 Super Bowl 50 passages and 12 training questions whose answers are in them."""
-    return make_squad_slice(tmp_path_factory.mktemp("squad-tiny"), 20, slice(None, 60, 5), 160)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +174,8 @@ def test_answer_api_and_cli_agree_with_evaluation(squad_tiny, finetuned, caplog)
 
 def test_a_model_whose_corpus_is_missing_or_changed_is_refused(squad_tiny, finetuned, tmp_path,
                                                               make_squad_slice):
-    from realm.qa import CorpusMismatchError, OpenQA
+    from realm.errors import CorpusMismatchError
+    from realm.qa import OpenQA
 
     run, _ = finetuned
     with pytest.raises(CorpusMismatchError, match="holds no corpus"):
@@ -209,7 +203,7 @@ def test_a_fine_tune_starts_from_a_cached_warm_start_or_a_trained_reader(squad_t
     from safetensors.torch import load_file
 
     from realm.config import load_config, save_config
-    from realm.prepare import prepare_qa_reader
+    from realm.training.prepare import prepare_qa_reader
 
     run, _ = finetuned
     cache = tmp_path / "cache"
@@ -242,7 +236,7 @@ def test_a_fine_tune_starts_from_a_cached_warm_start_or_a_trained_reader(squad_t
     assert not all(torch.allclose(v, start[k], atol=1e-3)
                    for k, v in fresh.scorer.state_dict().items())
     # cached: asked again, nothing runs
-    monkeypatch.setattr("realm.prepare._run_warm_start", lambda *a: pytest.fail("ran again"))
+    monkeypatch.setattr("realm.training.prepare._run_warm_start", lambda *a: pytest.fail("ran again"))
     parent = load_config(warm_yaml, [f"openqa.reader_warm_start={warm_yaml}",
                                      f"pretrain.cache_dir={cache}"])
     assert Path(prepare_qa_reader(parent)).resolve() == reader_dir.resolve()
@@ -259,150 +253,9 @@ def test_a_fine_tune_starts_from_a_cached_warm_start_or_a_trained_reader(squad_t
 
 
 def exact_match_of(prediction, answers):
-    from realm.evaluation.answers import exact_match
+    from realm.metrics import exact_match
 
     return exact_match(prediction, answers)
-
-
-def test_dense_step_trains_the_query_encoder_not_the_index(squad_tiny, tiny_encoder):
-    store = BlockStore(str(squad_tiny / "corpus"))
-    torch.manual_seed(0)
-    retriever = Retriever.from_checkpoint(tiny_encoder, dim=16, pooling="mean")
-    reader = SpanReader.from_checkpoint(tiny_encoder, max_span_tokens=5, span_hidden=8)
-    emb = document_embeddings(retriever, store, 160, progress=False, precision="fp32")
-    model = OpenQAModel(retriever, reader, DenseIndex(emb), store, reader.tokenizer, k=8,
-                        max_joined_tokens=200)
-    qa = read_qa(str(squad_tiny / "qa.jsonl"))
-    batch = collate_qa([QADataset(qa, reader.tokenizer, 48)[i] for i in range(6)])
-    out = model(batch)
-    assert out.block_ids.shape == (6, 8) and out.retrieval_logits.shape == (6, 8)
-    assert out.has_answer.any()  # 8 of the ~25 blocks: some question finds its answer
-    out.loss.backward()
-    q_grad = sum(p.grad.abs().sum() for p in retriever.query_encoder.parameters()
-                 if p.grad is not None)
-    assert float(q_grad) > 0
-    assert all(not p.requires_grad for p in retriever.doc_encoder.parameters())
-    assert all(p.grad is not None for p in reader.scorer.parameters())
-    # answers are matched in the word pieces of the blocks actually read
-    for i in range(6):
-        block_has = out.answer_mask[i].flatten(1).any(dim=1)  # [k]
-        for j in range(8):
-            text = store.title(int(out.block_ids[i, j])) + " " + store.text(int(out.block_ids[i, j]))
-            if block_has[j]:
-                assert any(a.lower() in text.lower() for a in batch.answers[i])
-
-
-def test_regex_answers_map_to_token_aligned_spans(squad_tiny):
-    store = BlockStore(str(squad_tiny / "corpus"))
-    tok = load_tokenizer(store.manifest["tokenizer"]["path"])
-    texts = BlockTexts(store, tok)
-    block = next(i for i in range(len(store)) if "Denver Broncos" in store.text(i))
-    body = store.body_ids(block)
-    spans = texts.regex_spans(block, 2, len(body), [r"denver\s+broncos"], max_width=10)
-    assert spans
-    for start, w in spans:
-        assert texts.span_text(block, 2, start, start + w) == "Denver Broncos"
-        assert tok.decode(body[start: start + w + 1].tolist()) == "denver broncos"
-    assert texts.regex_spans(block, 2, len(body), [r"enver"], max_width=10) == []  # mid-word
-
-
-def test_regex_answers_mark_their_spans_in_training(squad_tiny, tiny_encoder):
-    store = BlockStore(str(squad_tiny / "corpus"))
-    torch.manual_seed(0)
-    reader = SpanReader.from_checkpoint(tiny_encoder, max_span_tokens=6, span_hidden=8)
-    model = OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer, k=3,
-                        max_joined_tokens=200, regex=True)
-    qa = [QAExample("Which team won Super Bowl 50?", [r"Denver\s+Broncos|Broncos"])]
-    batch = collate_qa([QADataset(qa, reader.tokenizer, 48, regex=True)[0]])
-    out = model(batch)
-    assert out.has_answer.all() and torch.isfinite(out.loss)
-    found = torch.nonzero(out.answer_mask[0])  # [n, 3]: block, start, width
-    assert len(found)
-    for j, start, w in found.tolist():
-        segment = int(out.segment_ids[0, j, start])
-        offset = out.title_start[0, j] if segment == 1 else out.body_start[0, j]
-        text = model.texts.span_text(int(out.block_ids[0, j]), segment, start - offset,
-                                     start - offset + w)
-        assert text in ("Denver Broncos", "Broncos")
-
-
-def test_positive_blocks_hold_the_answer_and_negatives_do_not(squad_tiny, tiny_encoder):
-    """The reader's warm-up data (DPR): the best-ranked block with an answer, windows around it."""
-    store = BlockStore(str(squad_tiny / "corpus"))
-    torch.manual_seed(0)
-    reader = SpanReader.from_checkpoint(tiny_encoder, max_span_tokens=6, span_hidden=8)
-    model = OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer, k=3,
-                        max_joined_tokens=200)
-    qa = read_qa(str(squad_tiny / "qa.jsonl"))
-    qa.append(QAExample("Who painted the Mona Lisa?", ["Leonardo da Vinci"]))  # not in the slice
-    dataset = QADataset(qa, reader.tokenizer, 48)
-    found = find_positives(model, dataset, search_k=10, negatives=2, progress=False)
-    assert found.positive[-1] == -1 and (found.positive[:-1] >= 0).all()
-    for i, ex in enumerate(qa[:-1]):
-        pos = int(found.positive[i])
-        assert any(a.lower() in f"{store.title(pos)} {store.text(pos)}".lower()
-                   for a in ex.answers)
-        for neg in found.negatives[i]:
-            if neg >= 0:
-                text = f"{store.title(int(neg))} {store.text(int(neg))}".lower()
-                assert not any(a.lower() in text for a in ex.answers), (ex.answers, neg)
-        # the positive is the best-ranked block with an answer
-        ids, _ = model.index.search_texts([ex.question], 10)
-        assert pos == next(int(b) for b in ids[0]
-                           if any(a.lower() in f"{store.title(int(b))} {store.text(int(b))}".lower()
-                                  for a in ex.answers))
-    keep = np.flatnonzero(found.positive >= 0)
-    sub = found.subset(keep)
-    assert len(sub.positive) == len(qa) - 1 and (sub.positive >= 0).all()
-    # windows: 24 body word pieces; the positive's holds its answer, all stay inside the body
-    rng = np.random.default_rng(0)
-    blocks, windows = positive_windows(sub, list(range(len(keep))), store, 24, rng)
-    assert blocks.shape == (len(keep), 3) and windows.shape == (len(keep), 3, 2)
-    assert (blocks[:, 0] == sub.positive).all()
-    for i in range(len(keep)):
-        for j in range(3):
-            start, length = windows[i, j]
-            assert 0 <= start and start + length <= len(store.body_ids(int(blocks[i, j])))
-        if sub.answer_start[i] >= 0:
-            start, length = windows[i, 0]
-            a0, a_len = sub.answer_start[i], sub.answer_length[i]
-            assert start <= a0 and a0 + a_len <= start + length
-    # read through those windows: the answer is found in the positive, the loss is finite
-    batch = collate_qa([QADataset([qa[i] for i in keep], reader.tokenizer, 48)[i]
-                        for i in range(4)])
-    out = model(batch, blocks[:4], torch.zeros(4, 3), windows=windows[:4])
-    assert out.span_logits.shape[1] == 3 and out.span_logits.shape[2] <= 48 + 24 + 20
-    assert out.answer_mask[:, 0].flatten(1).any(dim=1).all() and torch.isfinite(out.loss)
-    assert not out.answer_mask[:, 1:].any()
-    # a prediction cut from a window maps back to the block's text
-    for pred, row in zip(model.best_spans(out), blocks[:4]):
-        assert pred["prediction"] in store.text(pred["block"]) + store.title(pred["block"])
-
-
-def test_retrieval_temperature_softens_p_z_and_shared_normalization_compares_blocks(
-        squad_tiny, tiny_encoder):
-    store = BlockStore(str(squad_tiny / "corpus"))
-    torch.manual_seed(0)
-    reader = SpanReader.from_checkpoint(tiny_encoder, max_span_tokens=6, span_hidden=8)
-    qa = read_qa(str(squad_tiny / "qa.jsonl"))[:4]
-    batch = collate_qa([QADataset(qa, reader.tokenizer, 48)[i] for i in range(4)])
-    sharp = OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer, k=4,
-                        max_joined_tokens=200, retrieval_temperature=1.0)
-    soft = OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer, k=4,
-                       max_joined_tokens=200, retrieval_temperature=8.0)
-    with torch.no_grad():
-        out = sharp(batch)
-    p_sharp = torch.softmax(sharp.prior_logits(out), -1)
-    p_soft = torch.softmax(soft.prior_logits(out), -1)
-    assert torch.allclose(soft.prior_logits(out), out.retrieval_logits / 8.0)
-    assert (p_soft.max(-1).values < p_sharp.max(-1).values).all()
-    assert (p_soft[:, -1] > p_sharp[:, -1]).all()  # the 4th block gets a say
-    with pytest.raises(ValueError, match="temperature"):
-        OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer,
-                    retrieval_temperature=0.0)
-    with pytest.raises(ValueError, match="normalization"):
-        OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer,
-                    normalization="global")
 
 
 def test_a_fine_tune_reads_with_a_zero_shot_retriever_from_a_checkpoint(squad_tiny, tiny_encoder,

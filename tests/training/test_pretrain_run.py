@@ -253,7 +253,7 @@ def test_a_run_killed_after_its_checkpoint_resumes_without_drift(spans_corpus, t
     snapshots of steps 15 and 20 and committed their generations: the rerun puts them aside,
     publishes nothing at step 10, logs each step once, rebuilds step 15's generation, and its
     losses are the uninterrupted run's, step for step."""
-    from realm.index.store import RunStore
+    from realm.refresh.rundir import RunStore
 
     args = ("train.steps=20", "train.save_every=10", "refresh.every_steps=5", "refresh.sync=true",
             "logging.wandb=false", "logging.report_every=0")
@@ -372,68 +372,25 @@ def _interrupt_and_resume(proc, cmd, run_dir, tmp_path, signum):
     assert summary["steps"] == stopped_at + 3
 
 
-def test_reading_warm_up_trains_the_reader_first_and_is_cached(
-        spans_corpus, leads_corpus, tiny_retriever, tiny_encoder, tmp_path):
-    """``pretrain.reader_warmup_steps``: a source-only run of its own, whose reader starts the
-    pretraining (here the null-only control, which gets the same warm-up)."""
+def test_a_given_reader_starts_the_run_and_a_zero_reader_lr_holds_it_fixed(
+        spans_corpus, tiny_retriever, tiny_encoder, tmp_path):
+    """``pretrain.reader``: the knowledge-augmented encoder starts from that directory (the
+    resolved config names it); ``pretrain.reader_lr_scale=0``: the run reads with it, fixed."""
     import torch
     import yaml
 
-    from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder
+    from realm.modeling.readers.mlm import KnowledgeAugmentedEncoder
 
-    warm = ["pretrain.null_only=true", "pretrain.reader_warmup_steps=6",
-            "pretrain.reader_warmup_batch_size=3", "train.steps=4", "logging.wandb=false"]
+    start = tmp_path / "reader"
+    KnowledgeAugmentedEncoder.from_checkpoint(tiny_encoder).save_pretrained(start)
     summary = _pretrain(tmp_path / "run", spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
-                        *warm)
-    assert summary["steps"] == 4
-    (warm_dir,) = (tmp_path / "cache").glob("reader-*/")
-    with open(tmp_path / "run" / "config.yaml", encoding="utf-8") as f:
-        resolved = yaml.safe_load(f)["pretrain"]  # starts from the warmed-up reader, as it is
-    assert resolved["reader"] == str(warm_dir / "encoder") and resolved["reader_warmup_steps"] == 0
-    records = _records(warm_dir)
-    assert [r["step"] for r in records] == list(range(1, 7))
-    assert all(r["loss"] > 0 and "own_over_other" in r and "p_null" not in r for r in records)
-    with open(warm_dir / "config.yaml", encoding="utf-8") as f:
-        pretrain = yaml.safe_load(f)["pretrain"]
-    assert pretrain["source_only"] and pretrain["k"] == 1 and pretrain["corpus"] == spans_corpus
-    # the warm-up moved the reader, not the retriever
-    before = KnowledgeAugmentedEncoder.from_checkpoint(tiny_encoder).input_embeddings.weight
-    after = KnowledgeAugmentedEncoder.from_pretrained(warm_dir / "encoder").input_embeddings.weight
-    assert not torch.equal(before, after)
-    from realm.modeling.retriever import Retriever
-
-    for a, b in zip(Retriever.from_pretrained(tiny_retriever).parameters(),
-                    Retriever.from_pretrained(warm_dir / "retriever").parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # asked again, the cached warm-up is reused as it is
-    stamp = (warm_dir / "encoder" / "manifest.json").stat().st_mtime_ns
-    _pretrain(tmp_path / "run2", spans_corpus, tiny_retriever, tiny_encoder, tmp_path, *warm)
-    assert (warm_dir / "encoder" / "manifest.json").stat().st_mtime_ns == stamp
-    assert len(list((tmp_path / "cache").glob("reader-*/"))) == 1
-    # a warm-up can start from a given reader (here the warmed-up one) and read other examples
-    # than the run's: a new cache entry. Here the run after it (with retrieval) holds the reader
-    # fixed: the warm-up still trains it, the run does not.
-    fixed = [w for w in warm if w != "pretrain.null_only=true"] + ["pretrain.reader_lr_scale=0"]
-    summary = _pretrain(tmp_path / "run3", spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
-                        *fixed, f"pretrain.reader={warm_dir / 'encoder'}",
-                        "pretrain.reader_warmup_other_weight=0", "pretrain.spanless_blocks=skip",
-                        f"pretrain.reader_warmup_examples={leads_corpus}")
+                        "train.steps=4", "logging.wandb=false", f"pretrain.reader={start}",
+                        "pretrain.reader_lr_scale=0")
     assert summary["steps"] == 4 and summary["mean_ru"] is not None
-    (again,) = set((tmp_path / "cache").glob("reader-*/")) - {warm_dir}
-    with open(again / "config.yaml", encoding="utf-8") as f:
-        pretrain = yaml.safe_load(f)["pretrain"]
-    assert pretrain["encoder"] == str(warm_dir / "encoder")
-    assert pretrain["corpus"] == leads_corpus  # the warm-up read these; the run read its own
-    assert pretrain["reader_lr_scale"] == 1.0
-    # the run skips spanless blocks; its warm-up reads them (reader_warmup_spanless_blocks)
-    assert pretrain["spanless_blocks"] == "fallback"
-    with open(tmp_path / "run3" / "config.yaml", encoding="utf-8") as f:
-        assert yaml.safe_load(f)["pretrain"]["spanless_blocks"] == "skip"
-    warmed = KnowledgeAugmentedEncoder.from_pretrained(again / "encoder")
-    assert not torch.equal(after, warmed.input_embeddings.weight)  # the warm-up trained it
-    final = KnowledgeAugmentedEncoder.from_pretrained(tmp_path / "run3" / "encoder")
-    for a, b in zip(warmed.parameters(), final.parameters()):  # the run did not
+    with open(tmp_path / "run" / "config.yaml", encoding="utf-8") as f:
+        assert yaml.safe_load(f)["pretrain"]["reader"] == str(start)
+    given = KnowledgeAugmentedEncoder.from_pretrained(start)
+    final = KnowledgeAugmentedEncoder.from_pretrained(tmp_path / "run" / "encoder")
+    for a, b in zip(given.parameters(), final.parameters()):  # the run did not train it
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert all("loss_null" in r for r in _records(tmp_path / "run3") if "ru_expected" in r)
-    assert pretrain["reader_warmup_other_weight"] == 0
-    assert "own_over_other" not in _records(again)[-1]
+    assert all("loss_null" in r for r in _records(tmp_path / "run") if "ru_expected" in r)

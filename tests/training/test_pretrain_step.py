@@ -6,13 +6,15 @@ import torch
 
 from realm.data.mlm import MLMDataset, collate_mlm
 from realm.data.store import BlockStore
-from realm.index.embed import embed_blocks, special_ids
+from realm.modeling.embed import embed_blocks, special_ids
 from realm.index.mips import MipsIndex
-from realm.index.store import Generation
 from realm.losses import realm_marginal_loss
-from realm.modeling.ka_encoder import KnowledgeAugmentedEncoder, build_joined_inputs
+from realm.modeling.readers.mlm import KnowledgeAugmentedEncoder
 from realm.modeling.retriever import Retriever
-from realm.training.pretrain import REALM, PretrainTask, RetrievalPrefetch, realm_metrics
+from realm.modeling.realm import REALM
+from realm.training.pretrain import PretrainTask
+from realm.training.prefetch import RetrievalPrefetch
+from realm.modeling.realm_metrics import realm_metrics
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_token_marginal_is_the_released_codes_loss_on_the_same_reads(setup):
 
 def _token_reads(model, batch, out):
     """``log p(y_j|z, x)`` of the candidates ``out`` read, ``[B, k + 1, M]``."""
-    from realm.modeling.ka_encoder import build_joined_inputs
+    from realm.modeling.inputs import build_joined_inputs
 
     cls_id, sep_id, pad_id = model.special
     ids = out.block_ids.numpy()
@@ -146,9 +148,6 @@ def test_frozen_reader_passes_the_retriever_the_same_gradient_and_takes_none(set
     for name in retriever:
         torch.testing.assert_close(got[name], reference[name], rtol=1e-4, atol=1e-8)
     assert sum(float(g.abs().sum()) for g in got.values()) > 0
-    with pytest.raises(ValueError, match="source_only"):
-        REALM(model.retriever, frozen.encoder, model.store, model.special, k=1,
-              exclude_source=False, source_only=True, freeze_reader=True)
 
 
 def test_null_document_metrics_are_what_the_null_only_control_scores(setup):
@@ -194,7 +193,7 @@ def test_examples_from_another_corpus_exclude_nothing(setup):
     assert out.block_ids.shape == (3, 4) and out.retrieval_logits.shape == (3, 5)
 
 
-@pytest.mark.parametrize("signal", ["marginal", "relative", "in_batch"])
+@pytest.mark.parametrize("signal", ["marginal", "relative", "positive"])
 def test_null_only_control_trains_on_the_null_document_alone(setup, signal):
     """(Whatever the retriever signal: the control is run with the same overrides.)"""
     from realm.training.pretrain import _null_searcher
@@ -216,74 +215,13 @@ def test_null_only_control_trains_on_the_null_document_alone(setup, signal):
     assert set(metrics) == {"loss", "masked_accuracy", "fallback_examples"}
 
 
-def test_source_only_reads_each_example_beside_its_own_block(setup):
-    model, _, dataset = setup
-    warm = REALM(model.retriever, model.encoder, model.store, model.special, k=1,
-                 max_query_tokens=32, max_block_tokens=64, max_joined_tokens=100,
-                 exclude_source=False, source_only=True)
-    warm.eval()  # (compared with a direct computation below: no dropout)
-    batch = collate_mlm([dataset[i] for i in range(5)])
-
-    def no_search(q, k, exclude):
-        raise AssertionError("the reading warm-up searches nothing")
-
-    out = warm(batch, no_search)
-    own = batch.block_ids.numpy()
-    ids = out.block_ids.numpy()
-    np.testing.assert_array_equal(ids[:, 0], own)  # first its own block, then another one
-    assert ids.shape == (5, 2) and (ids[:, 1] != own).all() and (ids[:, 1] >= 0).all()
-    assert ids[:, 1].max() < len(model.store)
-    np.testing.assert_array_equal(warm(batch, no_search).block_ids.numpy(), ids)  # reproducible
-    # each read is the example joined with that (unmasked) block, then with the null document
-    # (an empty block, as in every pretraining batch); the loss is the sum of the three
-    cls_id, sep_id, pad_id = model.special
-    store = model.store
-    joined = build_joined_inputs(
-        batch.query_ids, [[store.title_ids(int(b)) for b in row] for row in ids],
-        [[store.body_ids(int(b)) for b in row] for row in ids], cls_id, sep_id, pad_id,
-        max_length=100, mask_positions=batch.mask_positions, append_null=True)
-    assert (joined.input_ids[2::3] != pad_id).sum(1).tolist() == [  # [CLS] x [SEP] [SEP]
-        len(q) + 3 for q in batch.query_ids]
-    direct = model.encoder(joined.input_ids, joined.attention_mask, joined.token_type_ids,
-                           joined.mask_positions, labels=batch.target_ids,
-                           label_mask=batch.target_mask).log_probs_of_targets  # [5, 3]
-    torch.testing.assert_close(out.log_p_y_given_z, direct, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out.loss, -direct.sum(1).mean(), rtol=1e-4, atol=1e-4)
-    warm.zero_grad(set_to_none=True)  # (the module fixture's model kept earlier tests' grads)
-    out.loss.backward()  # the reader alone learns: the retriever takes no part
-    assert any(p.grad is not None for p in warm.encoder.parameters())
-    assert all(p.grad is None for p in warm.retriever.parameters())
-    metrics = realm_metrics(out, batch)
-    assert set(metrics) == {"loss", "masked_accuracy", "fallback_examples", "own_over_other",
-                            "own_over_null", "other_over_null", "loss_null"}
-    gain = (direct[:, 0] - direct[:, 1]).detach().mean()
-    assert metrics["own_over_other"] == pytest.approx(float(gain),
-                                                      rel=1e-4, abs=1e-4)
-    over_null = (direct[:, 0] - direct[:, 2]).detach().mean()
-    assert metrics["own_over_null"] == pytest.approx(float(over_null), rel=1e-4, abs=1e-4)
-    # other_weight=0: the own block alone (copying only), the same read of it
-    copy = REALM(model.retriever, model.encoder, model.store, model.special, k=1,
-                 max_query_tokens=32, max_block_tokens=64, max_joined_tokens=100,
-                 exclude_source=False, source_only=True, other_weight=0.0)
-    alone = copy(batch, no_search)
-    np.testing.assert_array_equal(alone.block_ids.numpy(), own[:, None])
-    torch.testing.assert_close(alone.log_p_y_given_z, direct[:, [0, 2]], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(alone.loss, -(direct[:, 0] + direct[:, 2]).mean(), rtol=1e-4,
-                               atol=1e-4)
-    assert "own_over_other" not in realm_metrics(alone, batch)
-    for bad in ({"k": 2, "exclude_source": False}, {"k": 1, "exclude_source": True}):
-        with pytest.raises(ValueError, match="source_only"):
-            REALM(model.retriever, model.encoder, model.store, model.special, source_only=True,
-                  **bad)
-
-
 def _grads(model, loss) -> dict:
     model.zero_grad(set_to_none=True)
     loss.backward(retain_graph=True)  # (a direct computation may go through the graph again)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _steps_under(setup, signals, searcher=None) -> dict:
+def _steps_under(setup, signals) -> dict:
     """One step's loss and gradients on the same batch under each retriever signal (eval mode:
     no dropout, so every pass sees the same network)."""
     model, index, dataset = setup
@@ -293,7 +231,7 @@ def _steps_under(setup, signals, searcher=None) -> dict:
         runs = {}
         for signal in signals:
             model.retriever_signal = signal
-            out = model(batch, searcher or (lambda q, k, e: index.search(q, k, exclude=e)))
+            out = model(batch, lambda q, k, e: index.search(q, k, exclude=e))
             runs[signal] = (out, _grads(model, out.loss))
     finally:
         model.retriever_signal = "marginal"
@@ -346,101 +284,6 @@ def test_relative_retriever_signal_ranks_the_retrieved_blocks_only(setup, signal
     assert any(not torch.allclose(got[n], marginal[n], rtol=1e-3, atol=1e-9) for n in retriever)
     with pytest.raises(ValueError, match="retriever_signal"):
         REALM(model.retriever, model.encoder, model.store, (0, 0, 0), retriever_signal="ranked")
-
-
-def test_centered_signal_ranks_blocks_against_their_popularity(setup):
-    q = torch.randn(3, 5)
-    blocks = torch.randn(3, 2, 5)
-    valid = torch.tensor([[True, True], [True, False], [True, True]])
-    got = REALM._block_popularity(q, blocks, torch.einsum("bd,bkd->bk", q, blocks), valid)
-    for b in range(3):
-        for j in range(2):
-            direct = sum(q[o] @ blocks[b, j] for o in range(3) if o != b) / 2
-            torch.testing.assert_close(got[b, j], direct if valid[b, j] else torch.tensor(0.0))
-    runs = _steps_under(setup, ["relative", "centered"])
-    _same_reader_step(runs, "relative", "centered")
-    rel, cen = runs["relative"][1], runs["centered"][1]
-    assert any(not torch.allclose(cen[n], rel[n], rtol=1e-3, atol=1e-9)
-               for n in rel if n.startswith("retriever."))
-
-
-def test_in_batch_signal_ranks_own_helpful_blocks_against_the_batch(setup):
-    q = torch.randn(2, 3)
-    blocks = torch.randn(2, 2, 3)
-    valid = torch.tensor([[True, True], [True, False]])
-    own = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    null = torch.tensor([[0.5], [-1.0]])
-    scores, target = REALM._with_batch_negatives(q, blocks, valid, own, null)
-    flat = blocks.reshape(4, 3)
-    for b in range(2):
-        for c in range(4):
-            expected = q[b] @ flat[c] if valid.reshape(-1)[c] else torch.tensor(-1e4)
-            torch.testing.assert_close(scores[b, c], expected)
-            mine = c // 2 == b
-            assert target[b, c] == (own[b, c % 2] if mine else null[b, 0])
-    _same_reader_step(_steps_under(setup, ["positive", "in_batch"]), "positive", "in_batch")
-
-
-def test_bank_signal_ranks_the_candidates_against_the_whole_corpus(setup):
-    """`bank`: as `positive`, over all blocks: each block not read scored from the searched
-    generation's embeddings and read as the null document; the reader's step is REALM's."""
-    model, index, dataset = setup
-    emb = index.index.reconstruct_n(0, index.ntotal).astype(np.float16)  # as a generation stores
-    generation = Generation(generation=0, manifest={}, index=index, loaded_at=0.0, embeddings=emb)
-    searched = {}
-
-    def searcher(q, k, exclude):
-        searched["q"], searched["exclude"] = q, exclude
-        return generation.search(q, k, exclude)
-
-    assert generation.search(np.zeros((1, index.dim), np.float32), 2).bank is emb
-    runs = _steps_under(setup, ["marginal", "bank"], searcher)
-    _same_reader_step(runs, "marginal", "bank")
-    out, got = runs["bank"]
-    # the rest of the corpus, block by block: every block neither retrieved nor the source
-    q = torch.from_numpy(searched["q"])
-    rest = []
-    for b in range(len(q)):
-        skip = set(out.block_ids[b].tolist()) | {int(searched["exclude"][b])}
-        others = [z for z in range(len(emb)) if z not in skip]
-        assert len(others) == len(emb) - 5
-        rest.append(torch.logsumexp(q[b] @ torch.from_numpy(emb[others]).float().T, dim=0))
-    rest_direct = torch.stack(rest)[:, None]  # [B, 1], a constant here: q is the searched copy
-    got_rest = model._corpus_rest(q, generation.search(searched["q"], 4, searched["exclude"]),
-                                  out.block_ids.numpy(), searched["exclude"])
-    torch.testing.assert_close(got_rest, rest_direct, rtol=1e-4, atol=1e-4)
-    # the gradient: the query encoder's through the rest needs the graph, so compare the whole
-    # retriever gradient with the direct loss built on the marginal pass's outputs and a rest
-    # recomputed from its (with-grad) query embeddings
-    marginal_out = runs["marginal"][0]
-    lpy = marginal_out.log_p_y_given_z
-    assert (out.block_ids == marginal_out.block_ids).all()
-    model.zero_grad(set_to_none=True)
-    batch = collate_mlm([dataset[i] for i in range(4)])
-    model.eval()
-    try:
-        from realm.modeling.retriever import build_query_inputs
-        q_in = build_query_inputs(batch.query_ids, *model.special,
-                                  max_length=model.max_query_tokens + 2)
-        q_grad = model.retriever.encode_queries(*q_in).q_reps
-    finally:
-        model.train()
-    rest_grad = model._corpus_rest(q_grad, generation.search(searched["q"], 4, searched["exclude"]),
-                                   out.block_ids.numpy(), searched["exclude"])
-    torch.testing.assert_close(rest_grad, rest_direct, rtol=1e-4, atol=1e-4)
-    target = torch.maximum(lpy[:, :-1], lpy[:, -1:]).detach()  # as `positive`
-    rank = realm_marginal_loss(torch.cat([marginal_out.retrieval_logits, rest_grad], 1),
-                               torch.cat([target, lpy[:, -1:], lpy[:, -1:]], 1).detach())[0]
-    expected = _grads(model, realm_marginal_loss(marginal_out.retrieval_logits.detach(), lpy)[0]
-                      + rank)
-    assert got.keys() == expected.keys()
-    for name in got:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-7)
-    marginal = runs["marginal"][1]
-    assert any(not torch.allclose(got[n], marginal[n], rtol=1e-3, atol=1e-9)
-               for n in got if n.startswith("retriever.query_encoder"))
-    with pytest.raises(ValueError, match="searched embeddings"):
-        _steps_under(setup, ["bank"])  # a bare index returns no bank
 
 
 def test_vocabulary_chunked_step_is_the_same_step(setup, tiny_retriever, tiny_encoder):

@@ -1,0 +1,67 @@
+"""Every error realm raises across files, in one place (the CLI reports these in one line).
+
+Input errors name the file, line, field or key; run errors say what failed and where.
+"""
+
+from __future__ import annotations
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: configuration, corpora, question files, model directories
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is wrong. The message names the key."""
+
+
+class CorpusFormatError(ValueError):
+    """A corpus file or record is malformed. The message names the file and line or field."""
+
+
+class CorpusError(ValueError):
+    """A corpus directory is missing, incomplete or corrupt. The message names the file."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory holds something other than this exact corpus."""
+
+
+class QAFormatError(ValueError):
+    """A QA record is malformed; the message names the file and line."""
+
+
+class CorpusMismatchError(ValueError):
+    """The corpus given (or named by the model) is missing or not the one the model indexes."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories and index generations
+
+
+class GenerationError(ValueError):
+    """A generation is missing, incomplete, corrupt, or does not fit the reader's corpus/dim."""
+
+
+class RunDirError(ValueError):
+    """A run directory URL no installed fsspec file system can open."""
+
+
+class StoreLockedError(RuntimeError):
+    """Another refresher holds this run directory."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+class RefresherFailed(RuntimeError):
+    """The refresher cannot give the trainer an index (it died for good, or never committed one
+    in time); the message quotes its log."""
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (the message names the path and the cause)."""
+
+
+class StageFailed(RuntimeError):
+    """A preparation stage run as its own process failed (the message carries its error)."""

@@ -1,0 +1,2 @@
+"""Evaluation runners: retrievers and Open-QA models over question sets (metrics in
+:mod:`realm.metrics`)."""

@@ -1,0 +1,82 @@
+"""Open-QA evaluation: exact match, F1 and answer recall@k of a fine-tuned model on questions,
+with one prediction record per question (written as jsonl by :func:`write_predictions`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from realm.data.qa import QADataset, QAExample, collate_qa
+from realm.metrics import exact_match, f1_score, has_answer, recall_at_k
+from realm.modeling.modes import eval_mode
+from realm.modeling.openqa import OpenQAModel
+
+
+@torch.no_grad()
+def evaluate_openqa(model: OpenQAModel, examples: Sequence[QAExample], recall_ks: Sequence[int],
+                    batch_size: int = 16, bf16: bool = False,
+                    progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """EM, F1 and answer recall@k of the retrieval, with one prediction record per question.
+
+    The reader reads the top ``model.k`` blocks; recall is measured on the top ``max(recall_ks)``.
+    """
+    t0 = time.perf_counter()
+    with eval_mode(model):
+        dataset = QADataset(examples, model.tokenizer, model.max_question_tokens, model.regex)
+        k_read = model.k
+        k_max = min(max(max(recall_ks), k_read), len(model.store))
+        device = next(model.reader.parameters()).device
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
+                    else torch.autocast(device.type, enabled=False))
+        records, hits = [], []
+        bar = tqdm(total=len(dataset), desc="evaluate", unit="q", disable=not progress,
+                   mininterval=1.0)
+        for lo in range(0, len(dataset), batch_size):
+            batch = collate_qa([dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))])
+            with autocast:
+                ids, logits = model.retrieve(batch, k_max)
+                out = model(batch, ids[:, :k_read], logits[:, :k_read], with_loss=False)
+            for i, pred in enumerate(model.best_spans(out)):
+                ex = examples[lo + i]
+                texts = [model.store.text(int(b)) for b in ids[i]]
+                hits.append([has_answer(t, ex.answers, regex=model.regex) for t in texts])
+                records.append({
+                    "question": ex.question, "prediction": pred["prediction"], "gold": ex.answers,
+                    "exact_match": exact_match(pred["prediction"], ex.answers, regex=model.regex),
+                    "f1": 0.0 if model.regex else f1_score(pred["prediction"], ex.answers),
+                    "retrieved": [{"title": model.store.title(int(b)), "block": int(b),
+                                   "score": round(float(s), 4)}
+                                  for b, s in zip(ids[i][:k_read], logits[i][:k_read].tolist())],
+                    "answer_block": model.store.title(pred["block"]),
+                })
+            bar.update(len(batch.questions))
+        bar.close()
+    seconds = time.perf_counter() - t0
+    ks = sorted({k for k in list(recall_ks) + [k_read] if k <= k_max})
+    report: dict[str, Any] = {
+        "exact_match": round(float(np.mean([r["exact_match"] for r in records])), 4),
+        "f1": None if model.regex else round(float(np.mean([r["f1"] for r in records])), 4),
+    }
+    report.update({f"answer_recall@{k}": round(v, 4)
+                   for k, v in recall_at_k(np.array(hits, dtype=bool), ks).items()})
+    report.update({"questions": len(records), "k": k_read, "seconds": round(seconds, 2),
+                   "questions_per_s": round(len(records) / max(seconds, 1e-9), 2)})
+    return report, records
+
+
+def write_predictions(records: Sequence[dict[str, Any]], path: str) -> None:
+    """Predictions as jsonl, written to a temporary name and renamed (complete or absent)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

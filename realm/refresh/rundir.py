@@ -1,0 +1,277 @@
+"""The run directory that the trainer and the refresher share (a local path or fsspec URL)::
+
+    encoders/step-000500/        immutable retriever snapshot (Retriever.save_pretrained)
+    encoders/LATEST              {"step": 500, "path": "step-000500", ...}: the newest snapshot
+    index/...                    index generations, their pointer and leases
+                                 (realm.index.generations)
+    index/.refresher.lock        one refresher per run (flock on local disks)
+    heartbeat.json               the trainer's last step and time
+    DONE                         the trainer has finished
+
+:class:`RunStore` adds these to :class:`~realm.index.generations.GenerationStore`, and is the
+one class callers construct: ``RunStore(run_dir)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
+import time
+from typing import Any, Iterator, Optional
+
+from realm.errors import GenerationError, StoreLockedError
+from realm.index.generations import GEN_PATTERN, LATEST, MANIFEST, GenerationStore, gen_name
+
+logger = logging.getLogger(__name__)
+
+STEP_PATTERN = re.compile(r"^step-(\d{6,})$")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+class RunStore(GenerationStore):
+    """Versioned artifacts of one run on shared storage (local path or fsspec URL): index
+    generations, encoder snapshots, the trainer's heartbeat and DONE marker, the refresher lock.
+
+    Args:
+        run_dir: Local directory or fsspec URL of the run.
+        storage_options: Passed to fsspec for remote file systems.
+    """
+
+    def __init__(self, run_dir: str, storage_options: Optional[dict] = None):
+        super().__init__(run_dir, storage_options)
+        self._lock_fd: Optional[int] = None
+
+    # -- trainer liveness -----------------------------------------------------------------
+
+    def write_heartbeat(self, step: int) -> None:
+        self.write_json_atomic(self.path("heartbeat.json"),
+                               {"step": int(step), "time": time.time(), "pid": os.getpid(),
+                                "host": socket.gethostname()})
+
+    def read_heartbeat(self) -> Optional[dict[str, Any]]:
+        try:
+            return self.read_json(self.path("heartbeat.json"))
+        except (ValueError, OSError):
+            return None
+
+    def mark_done(self, info: Optional[dict] = None) -> None:
+        self.write_json_atomic(self.path("DONE"), {"time": time.time(), **(info or {})})
+
+    def is_done(self) -> bool:
+        return self.fs.exists(self.path("DONE"))
+
+    def clear_done(self) -> None:
+        """The run goes on (a finished run resumed with more steps): refreshers keep working."""
+        if self.is_done():
+            self.fs.rm_file(self.path("DONE"))
+
+    # -- encoder snapshots ----------------------------------------------------------------
+
+    def publish_encoder(self, retriever, step: int, metadata: Optional[dict] = None,
+                        keep: int = 2) -> str:
+        """Save ``retriever`` as ``encoders/step-S/`` and point ``encoders/LATEST`` at it.
+
+        Older snapshots beyond the newest ``keep`` are removed afterwards.
+        """
+        name = step_name(step)
+        target = self.path("encoders", name)
+        meta = {"step": int(step), **(metadata or {})}
+        t0 = time.perf_counter()
+        if self.fs.exists(self.path("encoders", name, MANIFEST)):
+            logger.info("encoder snapshot %s exists; re-pointing LATEST", target)
+        elif self.local:
+            retriever.save_pretrained(target, metadata=meta, overwrite=True)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, name)
+                retriever.save_pretrained(local, metadata=meta)
+                files = sorted((os.path.relpath(os.path.join(d, f), local)
+                                for d, _, fs in os.walk(local) for f in fs),
+                               key=lambda rel: rel == MANIFEST)  # manifest last
+                for rel in files:
+                    self.fs.put_file(os.path.join(local, rel), f"{target}/{rel}")
+        self.write_json_atomic(self.path("encoders", LATEST),
+                               {"step": int(step), "path": name, "time": time.time()})
+        logger.info("published encoder snapshot %s in %.1fs", name, time.perf_counter() - t0)
+        self._gc_encoders(keep)
+        return target
+
+    def encoder_steps(self) -> list[int]:
+        return self.numbered("encoders", STEP_PATTERN)
+
+    def latest_encoder(self) -> Optional[dict[str, Any]]:
+        """``{"step", "path"}`` of the newest published snapshot, or None."""
+        try:
+            pointer = self.read_json(self.path("encoders", LATEST))
+        except ValueError:
+            return None
+        if pointer is None:
+            return None
+        step = int(pointer["step"])
+        if pointer.get("path") != step_name(step):  # only the name the store itself writes
+            raise ValueError(f"{self.path('encoders', LATEST)}: names {pointer.get('path')!r} for "
+                             f"step {step}, not {step_name(step)!r}: refused as corrupt")
+        return {"step": step, "path": self.path("encoders", pointer["path"]),
+                "time": pointer.get("time")}
+
+    @contextlib.contextmanager
+    def local_encoder(self, path: str) -> Iterator[str]:
+        """A local directory holding the snapshot at ``path`` (a download on remote stores)."""
+        if self.local:
+            yield path
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            self.fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
+            yield tmp
+
+    def _gc_encoders(self, keep: int) -> None:
+        steps = self.encoder_steps()
+        pointer = self.latest_encoder()
+        protect = {pointer["step"]} if pointer else set()
+        index = self.read_latest()
+        if index is not None:
+            protect.add(int(index.get("encoder_step", -1)))
+        for step in steps[:-keep] if keep > 0 else []:
+            if step not in protect:
+                self.remove_dir(self.path("encoders", step_name(step)))
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def discard_after(self, step: int) -> dict[str, list[int]]:
+        """Put aside what a run killed after its checkpoint at ``step`` left in the future: encoder
+        snapshots of later steps and the generations built from them move to
+        ``discarded/<time>/`` (kept for inspection, never reused), and both ``LATEST`` pointers
+        fall back to the newest entry that remains. A resumed run then trains on exactly what the
+        uninterrupted run had at ``step``.
+
+        Returns:
+            ``{"encoders": [steps moved], "generations": [generations moved]}``.
+        """
+        moved: dict[str, list[int]] = {"encoders": [], "generations": []}
+        future_encoders = [s for s in self.encoder_steps() if s > step]
+        future_gens = []
+        for g in self.generations():
+            try:
+                encoder_step = int(self.read_generation_manifest(g)["encoder_step"])
+            except GenerationError:
+                continue  # incomplete: the refresher's orphan cleanup handles it
+            if encoder_step > step:
+                future_gens.append(g)
+        if not future_encoders and not future_gens:
+            return moved
+        aside = self.path("discarded", f"after-step-{step:06d}-{time.strftime('%Y%m%d-%H%M%S')}")
+        for sub, names, key in (("encoders", [step_name(s) for s in future_encoders], "encoders"),
+                                ("index", [gen_name(g) for g in future_gens], "generations")):
+            for name in names:
+                self.fs.makedirs(f"{aside}/{sub}", exist_ok=True)
+                self.fs.mv(self.path(sub, name), f"{aside}/{sub}/{name}", recursive=True)
+            moved[key] = future_encoders if key == "encoders" else future_gens
+        encoder = self.latest_encoder()
+        if encoder is not None and encoder["step"] > step:
+            remaining = self.encoder_steps()
+            if remaining:
+                self.write_json_atomic(self.path("encoders", LATEST), {
+                    "step": remaining[-1], "path": step_name(remaining[-1]), "time": time.time()})
+            else:
+                self.fs.rm_file(self.path("encoders", LATEST))
+        latest = self.read_latest()
+        if latest is not None and int(latest["generation"]) in future_gens:
+            remaining = [g for g in self.generations() if g < int(latest["generation"])]
+            if remaining:
+                manifest = self.read_generation_manifest(remaining[-1])
+                self.write_json_atomic(self.path("index", LATEST), {
+                    "generation": remaining[-1], "path": gen_name(remaining[-1]),
+                    "encoder_step": int(manifest["encoder_step"]),
+                    "corpus_fingerprint": manifest["corpus_fingerprint"], "time": time.time()})
+            else:
+                self.fs.rm_file(self.path("index", LATEST))
+        logger.warning("resuming at step %d: put aside encoder snapshots %s and index generations "
+                       "%s of a later step (a run killed after its checkpoint made them) in %s",
+                       step, future_encoders, future_gens, aside)
+        return moved
+
+    def clean_orphans(self) -> list[str]:
+        """Remove what a killed writer left: temp directories, trash, generations past LATEST.
+
+        Call only while holding the refresher lock.
+        """
+        latest = self.read_latest()
+        current = int(latest["generation"]) if latest else -1
+        removed = []
+        try:
+            paths = self.fs.ls(self.path("index"), detail=False)
+        except FileNotFoundError:
+            return removed
+        for p in paths:
+            name = os.path.basename(p.rstrip("/"))
+            m = GEN_PATTERN.match(name)
+            if (name.startswith(".gen-") or name.startswith(".trash-")
+                    or (m and int(m.group(1)) > current)):
+                self.remove_dir(p)
+                removed.append(name)
+        if removed:
+            logger.warning("removed orphaned index files from a killed writer: %s", removed)
+        return removed
+
+    # -- one refresher per run ---------------------------------------------------------------
+
+    def acquire_refresher_lock(self, owner: str, stale_s: float = 120.0) -> None:
+        """Become the run's refresher, or raise :class:`StoreLockedError`.
+
+        On local disks an ``flock`` (released by the kernel when the process dies, even by
+        ``kill -9``); on object stores a lease object refreshed by :meth:`touch_refresher_lock`
+        and taken over when older than ``stale_s``.
+        """
+        info = {"owner": owner, "pid": os.getpid(), "host": socket.gethostname(),
+                "time": time.time()}
+        if self.local:
+            import fcntl
+
+            os.makedirs(self.path("index"), exist_ok=True)
+            fd = os.open(self.path("index", ".refresher.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise StoreLockedError(f"{self.url}: another refresher holds "
+                                       f"index/.refresher.lock ({holder or 'unknown'})") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            self._lock_fd = fd
+            return
+        path = self.path("index", "REFRESHER")
+        current = self.read_json(path)
+        if current and current.get("owner") != owner and time.time() - current["time"] < stale_s:
+            raise StoreLockedError(f"{self.url}: refresher {current['owner']} holds index/REFRESHER")
+        self.fs.pipe_file(path, json.dumps(info).encode())
+        time.sleep(0.05)
+        if (self.read_json(path) or {}).get("owner") != owner:  # lost a simultaneous write
+            raise StoreLockedError(f"{self.url}: another refresher took index/REFRESHER")
+        self._lock_owner = owner
+
+    def touch_refresher_lock(self) -> None:
+        if not self.local and getattr(self, "_lock_owner", None):
+            self.fs.pipe_file(self.path("index", "REFRESHER"), json.dumps(
+                {"owner": self._lock_owner, "pid": os.getpid(), "host": socket.gethostname(),
+                 "time": time.time()}).encode())
+
+    def release_refresher_lock(self) -> None:
+        if self._lock_fd is not None:
+            import fcntl
+
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        elif getattr(self, "_lock_owner", None):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path("index", "REFRESHER"))
+            self._lock_owner = None

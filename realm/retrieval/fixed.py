@@ -1,0 +1,141 @@
+"""The retrieval floor of Open-QA: fixed indexes over a corpus, and fine-tuned models on disk.
+
+REALM's Open-QA fine-tuning (Guu et al. 2020, section 3.4) keeps the document index fixed: every
+block is embedded once by the (pretrained) document encoder (:func:`document_embeddings`) and
+searched exactly (:class:`DenseIndex`), or BM25 ranks ``title + text`` (:class:`BM25Index`, scores
+are constants). A fine-tuned model is a directory ``model/`` (manifest, retriever, reader and the
+fixed document embeddings) written by :func:`save_openqa_model` and read, over its corpus, by
+:func:`load_openqa_model`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from realm.artifacts import atomic_directory, read_manifest, write_manifest
+from realm.data.store import BlockStore, check_tokenizer
+from realm.index.mips import build_index
+from realm.index.mips import search as mips_search
+from realm.modeling.embed import embed_blocks, special_ids
+from realm.modeling.openqa import OpenQAModel
+from realm.modeling.span_reader import SpanReader
+from realm.modeling.retriever import Retriever
+from realm.precision import autocast_dtype
+from realm.retrieval.bm25 import BM25Retriever
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_KIND = "openqa_model"
+FORMAT_VERSION = 1
+EMBEDDINGS_FILE = "doc_embeddings.npy"
+
+
+def block_bm25(store: BlockStore) -> BM25Retriever:
+    """BM25 (bm25s) over ``title + text`` of every block of ``store``."""
+    texts = [f"{store.title(i)} {store.text(i)}" for i in range(len(store))]
+    return BM25Retriever.build(texts)
+
+
+class DenseIndex:
+    """Exact inner-product search over fixed document embeddings ``[n_blocks, dim]``."""
+
+    def __init__(self, embeddings: np.ndarray):
+        self.embeddings = torch.from_numpy(np.ascontiguousarray(embeddings, np.float32))
+        self.index = build_index(self.embeddings.numpy())
+
+    def search(self, q_reps: torch.Tensor, k: int) -> tuple[np.ndarray, torch.Tensor]:
+        """Top-``k`` block ids ``[B, k]`` and their scores ``q . e`` ``[B, k]`` (with grad)."""
+        ids = mips_search(self.index, q_reps.detach().float().cpu().numpy(), k)[1]  # [B, k]
+        docs = self.embeddings[torch.from_numpy(ids)].to(q_reps.device)  # [B, k, dim]
+        return ids, torch.einsum("bd,bkd->bk", q_reps.float(), docs)  # [B, k]
+
+
+class BM25Index:
+    """BM25 (bm25s) over ``title + text`` of every block; scores are constants."""
+
+    def __init__(self, store: BlockStore):
+        self.bm25 = block_bm25(store)
+
+    def search_texts(self, questions: Sequence[str], k: int) -> tuple[np.ndarray, torch.Tensor]:
+        scores, ids = self.bm25.search(list(questions), k)  # [B, k] each
+        return ids, torch.from_numpy(np.ascontiguousarray(scores, np.float32))
+
+
+def document_embeddings(retriever: Retriever, store: BlockStore, max_block_tokens: int,
+                        cache: Optional[str] = None, progress: bool = True,
+                        precision: str = "auto") -> np.ndarray:
+    """The fixed index's embeddings: every block through the document encoder (cached)."""
+    if cache and os.path.isfile(cache):
+        emb = np.load(cache)
+        if emb.shape == (len(store), retriever.dim):
+            logger.info("document embeddings from %s", cache)
+            return emb
+    device = next(retriever.parameters()).device
+    bf16 = autocast_dtype(precision, device) == "bf16"
+    emb, stats = embed_blocks(retriever, store, special_ids(retriever.tokenizer),
+                              max_block_tokens=max_block_tokens, progress=progress, bf16=bf16)
+    logger.info("embedded %d blocks for the fixed index in %.1f s (%.0f blocks/s)", len(store),
+                stats["seconds"], stats["blocks_per_s"])
+    if cache:
+        os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+        tmp = f"{cache}.tmp-{os.getpid()}.npy"
+        np.save(tmp, emb)
+        os.replace(tmp, cache)
+    return emb
+
+
+def save_openqa_model(model: OpenQAModel, directory: str, settings: dict[str, Any],
+                      metadata: Optional[dict[str, Any]] = None) -> Path:
+    """``directory``: manifest, ``retriever/`` and document embeddings (dense), ``reader/``."""
+    with atomic_directory(Path(directory), overwrite=True) as tmp:
+        model.reader.save_pretrained(tmp / "reader")
+        if model.reader.tokenizer is not None:  # AutoTokenizer.from_pretrained(directory)
+            model.reader.tokenizer.save_pretrained(str(tmp))
+        if model.dense:
+            model.retriever.save_pretrained(tmp / "retriever")
+            np.save(tmp / EMBEDDINGS_FILE, model.index.embeddings.numpy())
+        fields = {"retrieval": "dense" if model.dense else "bm25",
+                  "corpus": {"path": str(model.store.path),
+                             "fingerprint": model.store.fingerprint},
+                  **settings}
+        write_manifest(tmp, MANIFEST_KIND, FORMAT_VERSION, fields, metadata)
+    logger.info("saved the Open-QA model to %s", directory)
+    return Path(directory)
+
+
+def load_openqa_model(directory: str, store: BlockStore, max_block_tokens: int = 288,
+                      progress: bool = True, precision: str = "auto") -> OpenQAModel:
+    """A model saved by :func:`save_openqa_model`, over ``store``.
+
+    The saved document embeddings are used when ``store`` is the corpus they were made from;
+    any other corpus is embedded with the saved document encoder.
+    """
+    manifest = read_manifest(directory, kind=MANIFEST_KIND)
+    reader = SpanReader.from_pretrained(os.path.join(directory, "reader"))
+    retriever = None
+    if manifest["retrieval"] == "dense":
+        retriever = Retriever.from_pretrained(os.path.join(directory, "retriever"))
+        check_tokenizer(retriever.tokenizer, store)
+        if manifest["corpus"]["fingerprint"] == store.fingerprint:
+            index = DenseIndex(np.load(os.path.join(directory, EMBEDDINGS_FILE)))
+        else:
+            logger.info("%s is not the corpus the model was fine-tuned on: embedding it",
+                        store.path)
+            index = DenseIndex(document_embeddings(retriever, store, max_block_tokens,
+                                                   progress=progress, precision=precision))
+    else:
+        index = BM25Index(store)
+    check_tokenizer(reader.tokenizer, store)
+    return OpenQAModel(retriever, reader, index, store, reader.tokenizer, k=manifest["k"],
+                       max_question_tokens=manifest["max_question_tokens"],
+                       max_joined_tokens=manifest["max_joined_tokens"],
+                       regex=manifest.get("regex", False),
+                       # models saved before these existed were trained and read this way
+                       normalization=manifest.get("normalization", "block"),
+                       retrieval_temperature=manifest.get("retrieval_temperature", 1.0))
