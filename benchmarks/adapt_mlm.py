@@ -21,7 +21,7 @@ import torch
 from realm.data.mlm_adapt import BlockMLMDataset, collate_masked_sequences, continuation_pieces
 from realm.data.store import BlockStore
 from realm.modeling.readers.mlm import KnowledgeAugmentedEncoder
-from realm.training.prepare import truncated_encoder
+from realm.hub import truncated_encoder
 from realm.training.adapt_mlm import masked_lm_scores
 
 

@@ -20,7 +20,7 @@ import torch
 from realm.data.store import BlockStore
 from realm.modeling.embed import embed_blocks, special_ids
 from realm.modeling.inputs import length_bucketed_batches
-from realm.training.ict import load_retriever
+from realm.modeling.retriever import load_retriever
 
 
 def bare_forward(retriever, store, ids, max_block_tokens, max_tokens, bf16) -> float:

@@ -24,7 +24,7 @@ from realm.data.store import BlockStore
 from realm.modeling.embed import embed_blocks, special_ids
 from realm.index.mips import MipsIndex, exact_recall
 from realm.precision import autocast_dtype
-from realm.training.ict import load_retriever
+from realm.modeling.retriever import load_retriever
 
 FACTORIES = ["Flat", "HNSW32", "IVF1024,Flat", "IVF1024,PQ32"]
 

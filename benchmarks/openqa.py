@@ -4,7 +4,7 @@
 
 Sizes (k, token limits, batch, lr, the reader checkpoint and its layers, the QA files and the
 corpus) come from ``configs/openqa_squad.yaml`` unless overridden (``key=value`` after the flags);
-the corpus is built into ``pretrain.cache_dir`` if missing (run from the repo root).
+the corpus is built into ``cache_dir`` if missing (run from the repo root).
 
 1. **Fine-tuning step**, both phases: ``OpenQAModel`` + ``OpenQATask.loss`` on the training
    questions, one AdamW step after another on the same batches, first in fp32, then under
@@ -46,7 +46,8 @@ from realm.modeling.openqa import OpenQAModel  # noqa: E402
 from realm.retrieval.fixed import BM25Index, DenseIndex, document_embeddings  # noqa: E402
 from realm.training.openqa import OpenQATask  # noqa: E402
 from realm.training.positives import find_positives  # noqa: E402
-from realm.training.prepare import prepare_corpus, truncated_encoder  # noqa: E402
+from realm.training.prepare import prepare_corpus
+from realm.hub import truncated_encoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +56,7 @@ def build_model(config, store, seed: int, retriever_src: str, index):
     o = config.openqa
     torch.manual_seed(seed)
     reader = SpanReader.from_checkpoint(
-        truncated_encoder(o.reader, o.reader_layers, config.pretrain.cache_dir),
+        truncated_encoder(o.reader, o.reader_layers, config.cache_dir),
         o.max_span_tokens, o.span_hidden, scorer=o.span_scorer, seed=seed)
     retriever = None if retriever_src == "bm25" else Retriever.from_pretrained(retriever_src)
     return OpenQAModel(retriever, reader, index, store, reader.tokenizer, k=o.k,
@@ -124,7 +125,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     config = load_config(args.config, args.overrides)
     o = config.openqa
-    corpus = o.corpus or prepare_corpus(config, progress=False)
+    corpus = prepare_corpus(config, progress=False)
     store = BlockStore(corpus)
     retriever_src = args.retriever or o.retriever
     if retriever_src == "bm25":

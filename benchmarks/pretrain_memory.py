@@ -37,7 +37,7 @@ def one_step(batch: int, k: int, masked: int, seq: int, layers: int, chunk: int,
 
     from realm.losses import realm_marginal_loss
     from realm.modeling.readers.mlm import KnowledgeAugmentedEncoder
-    from realm.training.prepare import truncated_encoder
+    from realm.hub import truncated_encoder
 
     torch.manual_seed(0)
     encoder = KnowledgeAugmentedEncoder.from_checkpoint(

@@ -232,7 +232,7 @@ def pretrain_run(name: str, paths: dict, args, workdir: str, every_steps: int,
     """``launch/pretrain.py`` as a child process; per-step times from its ``metrics.jsonl``."""
     run_dir = os.path.join(workdir, name)
     cmd = [sys.executable, os.path.join(REPO, "launch", "pretrain.py"), "--config", CONFIG,
-           "--no-progress", override("pretrain.corpus", paths["corpus"]),
+           "--no-progress", override("corpus", paths["corpus"]),
            override("pretrain.retriever", paths["retriever"]),
            override("pretrain.encoder", paths["encoder"]), "pretrain.encoder_layers=null",
            f"pretrain.k={args.k}", f"train.batch_size={args.batch_size}",
@@ -396,7 +396,8 @@ def main() -> None:
     retriever = args.retriever or prepare_retriever(config, corpus, encoder)
     paths = {k: os.path.abspath(v) for k, v in
              (("corpus", corpus), ("encoder", encoder), ("retriever", retriever))}
-    config = dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, **paths))
+    config = dataclasses.replace(config, corpus=paths["corpus"], pretrain=dataclasses.replace(
+        config.pretrain, encoder=paths["encoder"], retriever=paths["retriever"]))
     store = BlockStore(paths["corpus"])
     out = {"benchmark": "pretrain_step", **paths, "blocks": len(store), "k": args.k,
            "batch_size": args.batch_size, "threads": args.threads,

@@ -42,7 +42,7 @@ from realm.refresh.rundir import RunStore
 from realm.modeling.retriever import Retriever
 from realm.modeling.inputs import build_query_inputs
 from realm.refresh.watcher import IndexWatcher  # noqa: E402
-from realm.training.ict import load_retriever  # noqa: E402
+from realm.modeling.retriever import load_retriever
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,7 +5,7 @@ steps x re-ranking L candidates. Prints one JSON object (one row per cell).
         [--out runs/refresh-cost] [--qa ../shared/data/openqa_leads/dev.jsonl] [key=value ...]
 
 Every cell is the main job (``configs/pretrain.yaml``: its corpus, ICT warm start, MLM-adapted
-reader and generation 0 come from the shared ``pretrain.cache_dir``, so only the first cell
+reader and generation 0 come from the shared ``cache_dir``, so only the first cell
 prepares them) run for ``--steps`` steps with ``refresh.every_steps`` = N (``never``: generation
 0 for the whole run) and ``pretrain.rerank_candidates`` = L (L = ``pretrain.k``: no re-ranking).
 Extra ``key=value`` overrides go to every cell. Cells run one after another in fresh processes.

@@ -40,10 +40,10 @@ def main() -> None:
 
     from realm.data.qa import read_qa
     from realm.data.store import BlockStore
-    from realm.evaluate.run import BM25Searcher
+    from realm.retrieval.search import BM25Searcher
     from realm.modeling.embed import special_ids
     from realm.modeling.retriever import Retriever
-    from realm.training.prepare import truncated_encoder
+    from realm.hub import truncated_encoder
     from realm.training.dpr import DPRTask, PairDataset, mine_pairs
 
     accelerator = Accelerator(cpu=True)
@@ -51,8 +51,8 @@ def main() -> None:
     n_batches = max(args.steps, args.bf16_steps) + 1
     want = n_batches * args.batch_size
     questions = read_qa(args.qa, limit=6 * want)
-    ranked = BM25Searcher(store).search_texts([q.question for q in questions],
-                                              min(100, len(store)))
+    ranked = BM25Searcher(store).search([q.question for q in questions],
+                                        min(100, len(store))).block_ids
     pairs = mine_pairs(store, questions, ranked, args.hard_negatives, progress=False)
     encoder = truncated_encoder(args.encoder, args.layers, args.cache_dir)
     retriever = Retriever.from_checkpoint(encoder, dim=128, pooling="mean")

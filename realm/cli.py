@@ -98,22 +98,25 @@ class Stage:
 INPUT_ERRORS = (QAFormatError, CorpusError, FileNotFoundError, NotADirectoryError,
                 FileExistsError, PermissionError)
 
+#: Every stage reads the one knowledge corpus: ``--corpus DIR`` is ``corpus=DIR``.
+CORPUS_FLAG = ("--corpus", "corpus", "knowledge corpus directory (sets corpus)")
+
 STAGES: dict[str, Stage] = {
     "pretrain": Stage("REALM pretraining beside the index refresher.",
                       "realm.training.pretrain:run_pretrain",
-                      on_interrupt=" (the refresher is stopped)"),
+                      on_interrupt=" (the refresher is stopped)", flags=(CORPUS_FLAG,)),
     "ict": Stage("ICT warm start of the retriever (Inverse Cloze Task).",
-                 "realm.training.ict:run_ict",
-                 flags=(("--corpus", "ict.corpus", "corpus directory (sets ict.corpus)"),)),
+                 "realm.training.ict:run_ict", flags=(CORPUS_FLAG,)),
     "adapt_mlm": Stage("MLM adaptation: continue an encoder as a BERT-style masked LM.",
-                       "realm.training.adapt_mlm:run_adapt_mlm", errors=("builtins:ValueError",)),
+                       "realm.training.adapt_mlm:run_adapt_mlm", errors=("builtins:ValueError",),
+                       flags=(CORPUS_FLAG,)),
     "train_retriever": Stage("Supervised retriever training (DPR): BM25-mined positives and hard "
                              "negatives, in-batch negatives from every rank.",
                              "realm.training.dpr:run_train_retriever",
-                             errors=("builtins:ValueError",)),
+                             errors=("builtins:ValueError",), flags=(CORPUS_FLAG,)),
     "finetune_openqa": Stage("Open-QA fine-tuning: fixed index, query encoder and reader "
                              "trained.", "realm.training.openqa:run_finetune",
-                             errors=("builtins:ValueError",)),
+                             errors=("builtins:ValueError",), flags=(CORPUS_FLAG,)),
 }
 
 

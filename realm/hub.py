@@ -15,8 +15,11 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
+
+from realm.cache import build_once
 
 logger = logging.getLogger(__name__)
 
@@ -266,3 +269,26 @@ def has_trained_mlm_head(name_or_path: str) -> bool:
                                 resolve_model_path(name_or_path), "masked LM (head check)")
     prefix = mlm.base_model_prefix + "."
     return not any(not k.startswith(prefix) for k in info["missing_keys"])
+
+
+def truncated_encoder(encoder: str, layers: Optional[int], cache_dir: str) -> str:
+    """``encoder`` itself (``layers`` None), or a cached copy of its first ``layers`` layers."""
+    if not layers:
+        return encoder
+    # named, not keyed: the model's name and the layer count are all that changes the copy
+    name = re.sub(r"[^A-Za-z0-9]+", "-", encoder).strip("-")
+    out = os.path.join(cache_dir, f"encoder-{name}-L{layers}")
+
+    def build() -> None:
+        from transformers import AutoModel
+
+        model, _ = load_pretrained(AutoModel.from_pretrained, resolve_model_path(encoder),
+                                   f"first {layers} layers of", num_hidden_layers=layers)
+        tmp = f"{out}.tmp-{os.getpid()}"
+        model.save_pretrained(tmp)
+        load_tokenizer(encoder).save_pretrained(tmp)
+        os.replace(tmp, out)  # config.json appears only with a complete copy
+        logger.info("cached the first %d layers of %s in %s", layers, encoder, out)
+
+    build_once(os.path.join(out, "config.json"), build, "the truncated encoder")
+    return out

@@ -125,7 +125,7 @@ class OpenQA:
         results = []
         for lo in range(0, len(examples), batch_size):
             batch = collate_qa([data[i] for i in range(lo, min(lo + batch_size, len(data)))])
-            ids, logits = m.retrieve(batch, k_read)
+            logits, ids = m.retrieve(batch, k_read)
             out = m(batch, ids, logits, with_loss=False)
             for i, pred in enumerate(m.best_spans(out)):
                 evidence = [{"title": m.store.title(int(b)), "block": int(b),

@@ -151,3 +151,13 @@ def smollm2(tmp_path_factory):
 def squad_tiny(make_squad_slice, tmp_path_factory):
     """20 Super Bowl 50 passages and 12 training questions whose answers are in them."""
     return make_squad_slice(tmp_path_factory.mktemp("squad-tiny"), 20, slice(None, 60, 5), 160)
+
+
+@pytest.fixture(params=["local", "memory"])
+def run_dir_url(request, tmp_path):
+    """A run directory on the local disk, then on fsspec's in-memory object store."""
+    if request.param == "local":
+        return str(tmp_path / "run")
+    import uuid
+
+    return f"memory://run-{uuid.uuid4().hex[:8]}"

@@ -52,8 +52,16 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(script, tmp_pat
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("script", [s for s in STAGES if s != "prepare_corpus.py"])
+def test_corpus_flag_sets_the_top_level_corpus(script, tmp_path):
+    extra = ["--run-dir", str(tmp_path / "never")] if script == "refresh_index.py" else []
+    out, (code, _) = _probe(script, "--print-config", *extra, "--corpus", str(tmp_path / "c"))
+    assert code in ("0", "None")
+    assert yaml.safe_load(out[:out.index("RESULT")])["corpus"] == str(tmp_path / "c")
+
+
 BAD_INPUTS = [  # (script, arguments, exit code, what the one line must name)
-    ("pretrain.py", ["pretrain.corpus={tmp}/no-corpus", "train.run_dir={tmp}/run"], 1,
+    ("pretrain.py", ["corpus={tmp}/no-corpus", "train.run_dir={tmp}/run"], 1,
      "{tmp}/no-corpus: not a corpus directory"),
     ("ict.py", ["--corpus", "{tmp}/bad-corpus", "train.run_dir={tmp}/run"], 1,
      "{tmp}/bad-corpus/manifest.json: unreadable manifest"),

@@ -253,6 +253,33 @@ def test_removed_key_is_refused_in_one_line_saying_so(tmp_path):
     assert "\n" not in message and message.endswith("valid values: marginal, relative, positive")
 
 
+OLD_CORPUS_KEYS = [(f"{section}.corpus", "corpus") for section in (
+    "pretrain", "ict", "refresh", "openqa", "retriever_training", "mlm")]
+
+
+@pytest.mark.parametrize("old,new", [*OLD_CORPUS_KEYS, ("pretrain.cache_dir", "cache_dir")])
+def test_replaced_key_is_refused_in_one_line_naming_the_new_key(old, new, tmp_path):
+    line = f"{old} was replaced by the top-level key {new}"
+    assert _error([f"{old}=somewhere"]) == line
+    section, name = old.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"seed: 1\n{section}:\n  {name}: somewhere\n")
+    assert _error(path=path) == f"{path}: {line}"
+
+
+def test_corpus_and_cache_dir_overrides_land_at_the_top_level(tmp_path):
+    config = load_config(overrides=["corpus=runs/corpus/leads", "cache_dir=/tmp/realm-cache"])
+    assert (config.corpus, config.cache_dir) == ("runs/corpus/leads", "/tmp/realm-cache")
+    assert Config().corpus is None and Config().cache_dir == "runs/cache"
+    for section in ("pretrain", "ict", "refresh", "openqa", "retriever_training", "mlm"):
+        assert "corpus" not in _names(type(getattr(config, section))), section
+    assert "cache_dir" not in _names(type(config.pretrain))
+    path = tmp_path / "new.yaml"
+    path.write_text("corpus: runs/corpus/leads\ncache_dir: /tmp/realm-cache\n")
+    assert load_config(path) == config
+    assert load_config(save_config(config, tmp_path)) == config
+
+
 def test_bad_value_in_file_names_file_and_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("spans:\n  n_process: 0\n")
@@ -269,7 +296,7 @@ def test_override_error_is_not_blamed_on_the_file(tmp_path):
 @pytest.mark.parametrize(
     "body, fragment",
     [
-        ("- data\n- spans\n", "the top level must be a mapping of seed, data"),
+        ("- data\n- spans\n", "the top level must be a mapping of seed, corpus, cache_dir, data"),
         ("7\n", "the top level must be a mapping"),
         ("data: [\n", "not valid YAML"),
     ],

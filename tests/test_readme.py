@@ -36,7 +36,7 @@ def test_readme_main_job_runs(tmp_path):
     argv = shlex.split(job)
     assert argv[:3] == ["accelerate", "launch", "launch/pretrain.py"]
     argv[0] = str(Path(sys.executable).parent / "accelerate")
-    argv += [f"train.run_dir={tmp_path / 'run'}", f"pretrain.cache_dir={tmp_path / 'cache'}",
+    argv += [f"train.run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
              "data.max_articles=60", "pretrain.encoder_layers=1", "pretrain.ict_steps=4",
              "pretrain.ict_batch_size=8", "pretrain.mlm_steps=4", "pretrain.mlm_batch_size=8",
              "mlm.holdout_blocks=8", "train.steps=12", "train.save_every=6",

@@ -124,6 +124,14 @@ REMOVED_KEYS: dict[str, str] = {
         "reader_warmup_spanless_blocks", "reader_warmup_examples", "source_only")},
 }
 
+#: Keys that moved, with the key that replaced them: a config that still names one is refused
+#: with one line naming the new key.
+REPLACED_KEYS: dict[str, str] = {
+    **{f"{section}.corpus": "corpus" for section in (
+        "pretrain", "ict", "refresh", "openqa", "retriever_training", "mlm")},
+    "pretrain.cache_dir": "cache_dir",
+}
+
 #: Values of a key that the product no longer has (the key itself stays).
 REMOVED_VALUES: dict[tuple[str, Any], str] = {
     ("pretrain.retriever_signal", value): _RESEARCH for value in ("centered", "in_batch", "bank")
@@ -135,6 +143,10 @@ def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
     key = f"{prefix}.{name}" if prefix else name
     if key in REMOVED_KEYS:
         return ConfigError(f"{key} was removed ({REMOVED_KEYS[key]})")
+    if key in REPLACED_KEYS:
+        new = REPLACED_KEYS[key]
+        where = "the top-level key" if "." not in new else "the key"
+        return ConfigError(f"{key} was replaced by {where} {new}")
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"unknown key {key!r}{hint}; valid keys here: {', '.join(names)}")

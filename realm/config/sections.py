@@ -115,7 +115,7 @@ class RetrieverConfig:
     )
     encoder_layers: Optional[int] = doc(
         "Keep only the first N layers of `encoder` when the DPR or ICT stage starts from a "
-        "checkpoint (a cut copy is cached in `pretrain.cache_dir`; DRAMA prunes its LLM). null "
+        "checkpoint (a cut copy is cached in `cache_dir`; DRAMA prunes its LLM). null "
         "keeps all.", default=None
     )
     max_query_tokens: int = doc("Query word pieces kept (special tokens excluded).", default=64)
@@ -137,8 +137,6 @@ class RetrieverConfig:
 class ICTConfig:
     """Inverse Cloze Task warm start of the retriever (``launch/ict.py``)."""
 
-    corpus: Optional[str] = doc("Corpus directory (from prepare_corpus.py) to draw from.",
-                                 default=None)
     remove_prob: float = doc("Probability the query sentence is removed from its block.",
                               default=0.9)
     min_query_tokens: int = doc("Shortest sentence (word pieces) used as a query.", default=5)
@@ -158,9 +156,6 @@ class MLMConfig:
     """MLM adaptation of an encoder (``launch/adapt_mlm.py``): the BERT-style masked LM that the
     knowledge-augmented encoder starts from when its checkpoint has no trained head."""
 
-    corpus: Optional[str] = doc(
-        "Corpus directory (prepare_corpus.py) whose blocks are masked. null: build the `data` "
-        "section's corpus into `pretrain.cache_dir`.", default=None)
     encoder: str = doc("Checkpoint to continue as a masked LM (a new head, decoder tied to the "
                         "word embeddings, when it has none).", default=DEFAULT_ENCODER)
     encoder_layers: Optional[int] = doc(
@@ -287,10 +282,6 @@ class IndexConfig:
 class RefreshConfig:
     """The index refresher (``launch/refresh_index.py``) and the trainer's side of it."""
 
-    corpus: Optional[str] = doc(
-        "Corpus directory (from prepare_corpus.py) whose blocks are embedded; pretraining "
-        "fills it in from its own corpus.", default=None
-    )
     spawn: bool = doc("The trainer spawns the refresher as a child process and supervises it; "
                        "false: run it yourself against the same run directory.", default=True)
     every_steps: int = doc("The trainer publishes an encoder snapshot every this many steps.",

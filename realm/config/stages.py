@@ -18,16 +18,10 @@ from realm.config.sections import (DataConfig, ICTConfig, IndexConfig, MLMConfig
 class PretrainConfig:
     """REALM pretraining (``launch/pretrain.py``)."""
 
-    corpus: Optional[str] = doc(
-        "Knowledge corpus: the blocks the index holds (prepare_corpus.py). null: build the `data` "
-        "section's corpus into `cache_dir` (the built-in default: lead sections of the installed "
-        "package).",
-        default=None,
-    )
     examples: Optional[str] = doc(
-        "Corpus the masked examples x are drawn from. null: the knowledge corpus itself, and the "
-        "block an example came from is excluded from its retrieval (REALM). A separate corpus "
-        "excludes nothing.",
+        "Corpus the masked examples x are drawn from. null: the knowledge corpus (`corpus`) "
+        "itself, and the block an example came from is excluded from its retrieval (REALM). A "
+        "separate corpus excludes nothing.",
         default=None,
     )
     retriever: Optional[str] = doc(
@@ -139,8 +133,6 @@ class PretrainConfig:
         "Log a table of a few examples (masked text, gold span, retrieved titles with p(z|x), "
         "prediction) every this many steps; 0: never.", default=50
     )
-    cache_dir: str = doc("Where built corpora, truncated encoders and warm starts are cached.",
-                          default="runs/cache")
 
     def __post_init__(self) -> None:
         check(self.k > 0, "pretrain.k", f"must be > 0, got {self.k}")
@@ -176,9 +168,6 @@ class RetrieverTrainingConfig:
     """Supervised retriever training from question-passage pairs (``launch/train_retriever.py``,
     DPR: Karpukhin et al. 2020)."""
 
-    corpus: Optional[str] = doc(
-        "Corpus directory (prepare_corpus.py) the passages come from. null: build the `data` "
-        "section's corpus into `pretrain.cache_dir`.", default=None)
     train_qa: Optional[str] = doc(
         "Training questions: jsonl {question, answers[, gold_passage]} or hf:NAME[/CONFIG]:SPLIT.",
         default=None)
@@ -240,10 +229,6 @@ class RetrieverTrainingConfig:
 class OpenQAConfig:
     """Open-QA fine-tuning and evaluation (``launch/finetune_openqa.py``)."""
 
-    corpus: Optional[str] = doc(
-        "Knowledge corpus directory (prepare_corpus.py). null: build the `data` section's corpus "
-        "into `pretrain.cache_dir`.", default=None
-    )
     train_qa: Optional[str] = doc(
         "Training questions: jsonl {question, answers} (or NQ-open `answer`), or "
         "hf:NAME[/CONFIG]:SPLIT.", default=None
@@ -254,7 +239,7 @@ class OpenQAConfig:
     retriever: str = doc(
         "`bm25`; `dpr`: a DPR retriever trained first on `train_qa` over the corpus (the "
         "`retriever` and `retriever_training` sections, `dpr_steps` x `dpr_batch_size`; cached "
-        "in `pretrain.cache_dir`); a retriever directory (launch/ict.py: ORQA-style; "
+        "in `cache_dir`); a retriever directory (launch/ict.py: ORQA-style; "
         "launch/train_retriever.py: DPR), a REALM pretraining run directory (its retriever/), or a "
         "transformers checkpoint (zero-shot, built as the `retriever` section says: `dim`, "
         "`pooling`; e.g. sentence-transformers/all-MiniLM-L6-v2). "
@@ -272,13 +257,13 @@ class OpenQAConfig:
     )
     reader_warm_start: Optional[str] = doc(
         "An Open-QA config (e.g. configs/openqa_squad.yaml) fine-tuned first as it stands, "
-        "without its dev evaluation, and cached in `pretrain.cache_dir`: the reader (encoder and "
+        "without its dev evaluation, and cached in `cache_dir`: the reader (encoder and "
         "span scorer) starts from the reader it trains instead of from `reader`. null: none.",
         default=None
     )
     reader_layers: Optional[int] = doc(
         "Keep only the first N layers of a `reader` checkpoint (a truncated copy is cached in "
-        "`pretrain.cache_dir`; a saved encoder or run directory is taken whole). null keeps all.",
+        "`cache_dir`; a saved encoder or run directory is taken whole). null keeps all.",
         default=None
     )
     k: int = doc("Blocks the reader reads per question (REALM: 5).", default=5)
@@ -371,6 +356,12 @@ class Config:
     """Everything a run can be told. Entry scripts use the sections they need."""
 
     seed: int = doc("Random seed.", default=0)
+    corpus: Optional[str] = doc(
+        "Knowledge corpus directory (launch/prepare_corpus.py) that every stage reads. null: "
+        "build the `data` section's corpus into `cache_dir`.", default=None)
+    cache_dir: str = doc(
+        "Where built corpora, truncated encoders, warm starts and first index generations are "
+        "cached.", default="runs/cache")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Corpus building."})
     spans: SpansConfig = field(default_factory=SpansConfig, metadata={"help": "Salient spans."})
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig,

@@ -284,6 +284,8 @@ class MLMBatch:
         block_ids: Source blocks, ``[B]``.
         labels: Entity label of each example's span, or None.
         n_fallback: Examples whose salient-span masking fell back to a random span.
+        query_starts: Offset of each query window within its block's body, ``[B]`` (readers
+            that read the block's text map the window through it); None: not known.
     """
 
     query_ids: list[np.ndarray]
@@ -293,6 +295,7 @@ class MLMBatch:
     block_ids: torch.Tensor
     labels: list[Optional[str]]
     n_fallback: int
+    query_starts: Optional[torch.Tensor] = None
 
 
 def collate_mlm(examples: Sequence[MLMExample]) -> MLMBatch:
@@ -306,4 +309,5 @@ def collate_mlm(examples: Sequence[MLMExample]) -> MLMBatch:
         block_ids=torch.tensor([e.block_id for e in examples], dtype=torch.int64),  # [B]
         labels=[e.label for e in examples],
         n_fallback=sum(e.fallback for e in examples),
+        query_starts=torch.tensor([e.query_start for e in examples], dtype=torch.int64),  # [B]
     )

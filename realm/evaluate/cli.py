@@ -22,12 +22,12 @@ from realm.data.store import BlockStore
 from realm.errors import CorpusError, QAFormatError
 from realm.evaluate.args import parse_args
 from realm.evaluate.openqa import evaluate_openqa, write_predictions
-from realm.evaluate.run import (BM25Searcher, DenseSearcher, FusionSearcher, ict_retrieval,
-                                qa_retrieval)
+from realm.retrieval.search import BM25Searcher, DenseSearcher, FusionSearcher
+from realm.evaluate.run import ict_retrieval, qa_retrieval
 from realm.metrics import compare_predictions, paired_recall
 from realm.precision import autocast_dtype
 from realm.retrieval.fixed import load_openqa_model
-from realm.training.ict import load_retriever
+from realm.modeling.retriever import load_retriever
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

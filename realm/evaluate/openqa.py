@@ -40,7 +40,7 @@ def evaluate_openqa(model: OpenQAModel, examples: Sequence[QAExample], recall_ks
         for lo in range(0, len(dataset), batch_size):
             batch = collate_qa([dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))])
             with autocast:
-                ids, logits = model.retrieve(batch, k_max)
+                logits, ids = model.retrieve(batch, k_max)
                 out = model(batch, ids[:, :k_read], logits[:, :k_read], with_loss=False)
             for i, pred in enumerate(model.best_spans(out)):
                 ex = examples[lo + i]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import time
@@ -12,101 +11,12 @@ import numpy as np
 
 from realm.data.ict import held_out_queries, ict_blocks, split_holdout
 from realm.data.qa import QAExample
-from realm.data.store import BlockStore, check_tokenizer
+from realm.data.store import BlockStore
 from realm.hub import load_tokenizer
-from realm.index.mips import build_index
-from realm.index.mips import search as mips_search
 from realm.metrics import answer_hits, gold_hits, recall_at_k
-from realm.modeling.embed import embed_blocks, embed_queries, special_ids
-from realm.precision import autocast_dtype
-from realm.retrieval.fixed import block_bm25
+from realm.retrieval.search import DenseSearcher
 
 logger = logging.getLogger(__name__)
-
-
-class DenseSearcher:
-    """Embeds every block with the document encoder once; exact inner-product search.
-
-    ``precision``: ``auto`` (bf16 autocast where the device runs it fast, as the refresher does),
-    ``bf16`` or ``fp32``.
-    """
-
-    def __init__(self, retriever, store: BlockStore, max_block_tokens: int = 288,
-                 max_query_tokens: int = 64, progress: bool = True,
-                 precision: str = "auto") -> None:
-        check_tokenizer(retriever.tokenizer, store)
-        self.retriever, self.store = retriever, store
-        self.special = special_ids(retriever.tokenizer)
-        self.max_query_tokens = max_query_tokens
-        device = next(retriever.parameters()).device
-        self.bf16 = autocast_dtype(precision, device) == "bf16"
-        reps, self.embed_stats = embed_blocks(retriever, store, self.special,
-                                              max_block_tokens=max_block_tokens, progress=progress,
-                                              bf16=self.bf16)
-        self.index = build_index(reps)
-
-    def search_ids(self, queries: Sequence[Sequence[int]], k: int) -> np.ndarray:
-        return self._search(queries, k)[1]
-
-    def _search(self, queries: Sequence[Sequence[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = embed_queries(self.retriever, queries, self.special, self.max_query_tokens,
-                          bf16=self.bf16)
-        return mips_search(self.index, q, k)
-
-    def search_texts(self, texts: Sequence[str], k: int) -> np.ndarray:
-        return self.search_texts_scored(texts, k)[1]
-
-    def search_texts_scored(self, texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Inner products and block ids of the top ``k`` blocks, ``[n, k]`` each."""
-        tok = self.retriever.tokenizer
-        return self._search([tok(t, add_special_tokens=False)["input_ids"] for t in texts], k)
-
-
-class BM25Searcher:
-    """BM25 (bm25s) over ``title + text`` of every block."""
-
-    def __init__(self, store: BlockStore) -> None:
-        self.bm25 = block_bm25(store)
-
-    def search_texts(self, texts: Sequence[str], k: int) -> np.ndarray:
-        return self.search_texts_scored(texts, k)[1]
-
-    def search_texts_scored(self, texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """BM25 scores and block ids of the top ``k`` blocks, ``[n, k]`` each."""
-        scores, ids = self.bm25.search(list(texts), k)
-        return np.asarray(scores), np.asarray(ids)
-
-
-class FusionSearcher:
-    """Reciprocal rank fusion (Cormack et al. 2009) of several searchers, e.g. BM25 and a dense
-    retriever: each ranks its top ``depth`` blocks, a block scores ``sum 1 / (k_rrf + rank)``
-    over the rankings it appears in (rank from 1), and the fused top k are returned. RRF needs
-    no score calibration between BM25 and inner products, and no weight to tune.
-    """
-
-    def __init__(self, searchers: Sequence[Any], depth: int = 100, k_rrf: int = 60) -> None:
-        if len(searchers) < 2:
-            raise ValueError("fusion needs at least two searchers")
-        self.searchers, self.depth, self.k_rrf = list(searchers), depth, k_rrf
-
-    def search_texts(self, texts: Sequence[str], k: int) -> np.ndarray:
-        return self.search_texts_scored(texts, k)[1]
-
-    def search_texts_scored(self, texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Fused scores and block ids, ``[n, k]`` each (-1 / 0 where fewer were found)."""
-        depth = max(self.depth, k)
-        rankings = [s.search_texts_scored(texts, depth)[1] for s in self.searchers]
-        scores = np.zeros((len(texts), k), np.float64)
-        ids = np.full((len(texts), k), -1, np.int64)
-        for q in range(len(texts)):
-            fused: dict[int, float] = collections.defaultdict(float)
-            for ranking in rankings:
-                for rank, block in enumerate(int(b) for b in ranking[q] if b >= 0):
-                    fused[block] += 1.0 / (self.k_rrf + rank + 1)
-            best = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-            ids[q, : len(best)] = [b for b, _ in best]
-            scores[q, : len(best)] = [s for _, s in best]
-        return scores, ids
 
 
 def qa_retrieval(searcher, store: BlockStore, qa: list[QAExample], ks: Sequence[int],
@@ -118,7 +28,7 @@ def qa_retrieval(searcher, store: BlockStore, qa: list[QAExample], ks: Sequence[
     paired comparisons."""
     t0 = time.perf_counter()
     k_max = min(max(ks), len(store))
-    scores, ids = searcher.search_texts_scored([ex.question for ex in qa], k_max)  # [n, k]
+    scores, ids = searcher.search([ex.question for ex in qa], k_max)  # [n, k] each
     if run_file:
         write_trec_run(run_file, [ex.id or str(n) for n, ex in enumerate(qa)], ids, scores,
                        run_name)
@@ -173,7 +83,7 @@ def ict_retrieval(searcher, store: BlockStore, holdout: int, seed: int, ks: Sequ
     held, queries = ict_sentences(store, holdout, seed, n)
     k_max = min(max(ks), len(store))
     if isinstance(searcher, DenseSearcher):
-        ids = searcher.search_ids([q.query_ids for q in queries], k_max)
+        ids = searcher.search_tokens([q.query_ids for q in queries], k_max).block_ids
     else:  # BM25 needs the sentence as text: cut it from the block text by token offsets
         tok = load_tokenizer(store.manifest["tokenizer"]["path"])
         texts = []
@@ -184,7 +94,7 @@ def ict_retrieval(searcher, store: BlockStore, holdout: int, seed: int, ks: Sequ
             start = next(j for j in range(len(body)) if body[j:j + len(q.query_ids)] == q.query_ids.tolist())
             offs = enc["offset_mapping"]
             texts.append(text[offs[start][0]: offs[start + len(q.query_ids) - 1][1]])
-        ids = searcher.search_texts(texts, k_max)
+        ids = searcher.search(texts, k_max).block_ids
     hits = ids == np.array([q.block_id for q in queries])[:, None]
     ks = [k for k in ks if k <= k_max]
     report = {"queries": len(queries), "blocks": len(store)}

@@ -11,8 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -31,11 +30,27 @@ def build_index(embeddings: np.ndarray, factory: str = "Flat"):  # -> faiss.Inde
     return index
 
 
-def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` ``(scores [n, k] float32, ids [n, k] int64)``; ``k`` is capped at the index size."""
+class SearchResult(NamedTuple):
+    """The one return type of every search in realm (:mod:`realm.retrieval.search`): top-k
+    neighbours per query, best first; missing results (fewer than k candidates) have id -1.
+    Unpacks as ``scores, block_ids = result``.
+
+    Attributes:
+        scores: ``[n_queries, k]`` float32 (a tensor with grad where the searcher scores with the
+            live query encoder, e.g. a fixed dense index during Open-QA fine-tuning).
+        block_ids: ``[n_queries, k]`` int64 block ids (rows of the block store).
+    """
+
+    scores: Any
+    block_ids: np.ndarray
+
+
+def search(index, queries: np.ndarray, k: int) -> SearchResult:
+    """Top-``k`` of a faiss ``index`` (scores ``[n, k]`` float32, ids ``[n, k]`` int64, as the
+    index numbers its rows); ``k`` is capped at the index size."""
     k = min(k, index.ntotal)
     scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return scores, ids
+    return SearchResult(scores, ids)
 
 
 def num_gpus() -> int:
@@ -43,14 +58,6 @@ def num_gpus() -> int:
     import faiss
 
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-
-
-@dataclass
-class SearchResult:
-    """Top-k neighbours per query. Missing results (fewer than k candidates) have id -1."""
-
-    scores: np.ndarray     # [n_queries, k] float32, best first
-    block_ids: np.ndarray  # [n_queries, k] int64 block ids (rows of the block store)
 
 
 def exclusion_matrix(exclude, n: int) -> Optional[np.ndarray]:

@@ -84,7 +84,7 @@ class ShardedSearch:
         self.gather = gather
         self.rank = rank
 
-    def __call__(self, queries: np.ndarray, k: int, exclude=None) -> SearchResult:
+    def search(self, queries: np.ndarray, k: int, exclude=None) -> SearchResult:
         generation = self.current()
         if generation is None:
             raise RuntimeError("no index generation in use yet (call wait_for_first)")
@@ -119,6 +119,8 @@ class ShardedSearch:
         cand_ids = ids[:, mine].permute(1, 0, 2).reshape(n, -1).numpy()
         top_scores, top_ids = merge_top_k(cand_scores, cand_ids, k)
         return SearchResult(scores=top_scores, block_ids=top_ids)
+
+    __call__ = search  # REALM and the index negatives take the search as a callable
 
 
 __all__ = ["ShardedSearch", "shard_range", "merge_top_k", "torch_gather", "Gather"]

@@ -30,6 +30,7 @@ from realm.losses import span_log_probs, span_marginal_loss
 from realm.modeling.embed import special_ids
 from realm.modeling.inputs import build_joined_inputs, build_query_inputs
 from realm.modeling.span_reader import SpanReader, answer_span_mask
+from realm.index.mips import SearchResult
 from realm.modeling.retriever import Retriever
 
 
@@ -112,10 +113,11 @@ class OpenQAModel(nn.Module):
     def dense(self) -> bool:
         return self.retriever is not None
 
-    def retrieve(self, batch: QABatch, k: int) -> tuple[np.ndarray, torch.Tensor]:
-        """Top-``k`` blocks ``[B, k]`` and their retrieval logits ``[B, k]``."""
+    def retrieve(self, batch: QABatch, k: int) -> SearchResult:
+        """Top-``k`` blocks: retrieval logits ``[B, k]`` (a tensor; with grad to the query encoder
+        over a dense index) and block ids ``[B, k]``."""
         if not self.dense:
-            return self.index.search_texts(batch.questions, k)
+            return self.index.search(batch.questions, k)
         device = next(self.retriever.parameters()).device
         cls_id, sep_id, pad_id = self.special
         q_in = build_query_inputs(batch.question_ids, cls_id, sep_id, pad_id,
@@ -133,7 +135,7 @@ class OpenQAModel(nn.Module):
         """
         device = next(self.reader.parameters()).device
         if ids is None:
-            ids, logits = self.retrieve(batch, self.k)
+            logits, ids = self.retrieve(batch, self.k)
         n, k = ids.shape
         cls_id, sep_id, pad_id = self.special
         titles = [[self.store.title_ids(int(b)) for b in row] for row in ids]

@@ -220,7 +220,7 @@ class REALM(nn.Module):
         blocks = build_block_inputs(flat_t, flat_b, cls_id, sep_id, pad_id,
                                     max_length=self.max_block_tokens + 3)
         reader_inputs = self.encoder.build_inputs(batch, titles, bodies, self.special,
-                                                  self.max_joined_tokens)
+                                                  self.max_joined_tokens, block_ids=ids)
         return Assembled(blocks, reader_inputs)
 
     def retrieve(self, batch: MLMBatch, q_reps: torch.Tensor, searcher: Optional[Searcher],

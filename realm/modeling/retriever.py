@@ -33,7 +33,7 @@ from transformers import PretrainedConfig
 
 from realm.artifacts import (atomic_directory, load_saved_tokenizer, read_manifest, save_tokenizer,
                              write_manifest)
-from realm.hub import load_tokenizer
+from realm.hub import load_tokenizer, truncated_encoder
 from realm.modeling.embedder import Embedder, Pooling
 
 logger = logging.getLogger(__name__)
@@ -319,3 +319,17 @@ def build_retriever(
     return Retriever.from_checkpoint(
         name_or_path, dim, pooling, share_weights=share_weights, **kwargs
     )
+
+
+def load_retriever(encoder: str, dim: int, pooling: str, layers: Optional[int] = None,
+                   cache_dir: str = "runs/cache") -> Retriever:
+    """A saved retriever directory as is, a run directory's (ICT, pretraining: its
+    ``retriever/``), else fresh encoders from a transformers checkpoint (its first ``layers``
+    layers, a cut copy cached in ``cache_dir``, when given)."""
+    if (not os.path.isfile(os.path.join(encoder, "manifest.json"))
+            and os.path.isfile(os.path.join(encoder, "retriever", "manifest.json"))):
+        encoder = os.path.join(encoder, "retriever")
+    if os.path.isfile(os.path.join(encoder, "manifest.json")):
+        return Retriever.from_pretrained(encoder)
+    return Retriever.from_checkpoint(truncated_encoder(encoder, layers, cache_dir), dim=dim,
+                                     pooling=pooling)

@@ -24,7 +24,7 @@ logger = logging.getLogger("realm.refresh")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = config_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", required=True, help="run directory (path or fsspec URL)")
-    parser.add_argument("--corpus", help="corpus directory (sets refresh.corpus)")
+    parser.add_argument("--corpus", help="corpus directory (sets corpus)")
     parser.add_argument("--retriever", help="saved retriever to publish as step 0 if the run "
                                             "has no encoder snapshot yet")
     parser.add_argument("--once", action="store_true", help="commit one generation and exit")
@@ -34,11 +34,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the trainer that "
                                                        "spawned the refresher) is gone")
     args, config = parse(parser, argv,
-                         lambda a: [override("refresh.corpus", a.corpus)] if a.corpus else [])
-    r = config.refresh
-    if not r.corpus:
-        parser.exit(2, f"{parser.prog}: config error: refresh.corpus: no corpus directory given "
-                       "(--corpus DIR or refresh.corpus=DIR)\n")
+                         lambda a: [override("corpus", a.corpus)] if a.corpus else [])
+    if not config.corpus:  # (the trainer fills it in; the refresher builds no corpus)
+        parser.exit(2, f"{parser.prog}: config error: corpus: no corpus directory given "
+                       "(--corpus DIR or corpus=DIR)\n")
     from realm.errors import CorpusError
     from realm.errors import RunDirError
 
@@ -76,7 +75,7 @@ def _run(args, config) -> int:
     store = RunStore(args.run_dir)
     if args.parent_pid is not None:
         exit_with_parent(args.parent_pid, store.release_refresher_lock)
-    corpus = BlockStore(r.corpus)
+    corpus = BlockStore(config.corpus)
     if args.retriever and rank == 0 and store.latest_encoder() is None:
         from realm.modeling.retriever import Retriever
 
@@ -105,7 +104,7 @@ def _run(args, config) -> int:
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if rank == 0:
-        emit_summary({"run_dir": store.url, "corpus": r.corpus, "blocks": len(corpus),
+        emit_summary({"run_dir": store.url, "corpus": config.corpus, "blocks": len(corpus),
                       "processes": refresher.dist.world, **summary})
     return 0
 

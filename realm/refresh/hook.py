@@ -112,7 +112,7 @@ class RefreshHook:
                     stage: str = "pretrain") -> "RefreshHook":
         """The hook a training stage runs with: ``config.refresh`` and ``config.index`` knobs;
         with ``refresh.spawn`` the main process supervises the refresher, which reads
-        ``train.run_dir/config.yaml`` (saved by the stage, ``refresh.corpus`` filled in).
+        ``train.run_dir/config.yaml`` (saved by the stage, ``corpus`` filled in).
         ``cpu_threads``: the trainer's threads on the CPU (fewer while the refresher embeds)."""
         r, i, t = config.refresh, config.index, config.train
         supervisor, threads = None, None

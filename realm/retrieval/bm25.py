@@ -19,6 +19,8 @@ from typing import Any, Optional, Sequence, Union
 import bm25s
 import numpy as np
 
+from realm.index.mips import SearchResult
+
 logger = logging.getLogger(__name__)
 # bm25s sets its own logger to DEBUG ("Building index from IDs objects" at every build): keep its
 # chatter below the user's INFO
@@ -86,7 +88,7 @@ class BM25Retriever:
         """Number of indexed passages."""
         return self.num_docs
 
-    def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: Sequence[str], k: int) -> SearchResult:
         """Top-k passages per query, best first.
 
         Args:
@@ -94,8 +96,8 @@ class BM25Retriever:
             k: Results per query. Clamped (with a warning) to the corpus size when larger.
 
         Returns:
-            ``(scores, indices)``: float32 ``[n_queries, k]`` BM25 scores in descending order and
-            int64 ``[n_queries, k]`` passage indices. A query with no corpus word scores 0
+            :class:`~realm.index.mips.SearchResult`: float32 ``[n_queries, k]`` BM25 scores in
+            descending order and int64 ``[n_queries, k]`` passage indices. A query with no corpus word scores 0
             everywhere (its indices are then arbitrary).
 
         Raises:
@@ -103,7 +105,7 @@ class BM25Retriever:
         """
         k = self._clamp_k(k)
         if len(queries) == 0:
-            return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
+            return SearchResult(np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64))
         query_tokens = bm25s.tokenize(
             list(queries),
             stopwords=self.stopwords,
@@ -113,7 +115,8 @@ class BM25Retriever:
         )
         # With no corpus given, bm25s returns (document indices, scores), each [n_queries, k].
         indices, scores = self.model.retrieve(query_tokens, k=k, show_progress=False)
-        return scores.astype(np.float32, copy=False), indices.astype(np.int64, copy=False)
+        return SearchResult(scores.astype(np.float32, copy=False),
+                            indices.astype(np.int64, copy=False))
 
     def _clamp_k(self, k: int) -> int:
         if k < 1:

@@ -20,26 +20,20 @@ import torch
 
 from realm.artifacts import atomic_directory, read_manifest, write_manifest
 from realm.data.store import BlockStore, check_tokenizer
-from realm.index.mips import build_index
+from realm.index.mips import SearchResult, build_index
 from realm.index.mips import search as mips_search
 from realm.modeling.embed import embed_blocks, special_ids
 from realm.modeling.openqa import OpenQAModel
 from realm.modeling.span_reader import SpanReader
 from realm.modeling.retriever import Retriever
 from realm.precision import autocast_dtype
-from realm.retrieval.bm25 import BM25Retriever
+from realm.retrieval.search import block_bm25
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_KIND = "openqa_model"
 FORMAT_VERSION = 1
 EMBEDDINGS_FILE = "doc_embeddings.npy"
-
-
-def block_bm25(store: BlockStore) -> BM25Retriever:
-    """BM25 (bm25s) over ``title + text`` of every block of ``store``."""
-    texts = [f"{store.title(i)} {store.text(i)}" for i in range(len(store))]
-    return BM25Retriever.build(texts)
 
 
 class DenseIndex:
@@ -49,11 +43,12 @@ class DenseIndex:
         self.embeddings = torch.from_numpy(np.ascontiguousarray(embeddings, np.float32))
         self.index = build_index(self.embeddings.numpy())
 
-    def search(self, q_reps: torch.Tensor, k: int) -> tuple[np.ndarray, torch.Tensor]:
-        """Top-``k`` block ids ``[B, k]`` and their scores ``q . e`` ``[B, k]`` (with grad)."""
-        ids = mips_search(self.index, q_reps.detach().float().cpu().numpy(), k)[1]  # [B, k]
+    def search(self, q_reps: torch.Tensor, k: int) -> SearchResult:
+        """Top-``k`` blocks: scores ``q . e`` ``[B, k]`` (a tensor with grad to the query
+        encoder) and block ids ``[B, k]``."""
+        ids = mips_search(self.index, q_reps.detach().float().cpu().numpy(), k).block_ids  # [B, k]
         docs = self.embeddings[torch.from_numpy(ids)].to(q_reps.device)  # [B, k, dim]
-        return ids, torch.einsum("bd,bkd->bk", q_reps.float(), docs)  # [B, k]
+        return SearchResult(torch.einsum("bd,bkd->bk", q_reps.float(), docs), ids)  # [B, k]
 
 
 class BM25Index:
@@ -62,9 +57,10 @@ class BM25Index:
     def __init__(self, store: BlockStore):
         self.bm25 = block_bm25(store)
 
-    def search_texts(self, questions: Sequence[str], k: int) -> tuple[np.ndarray, torch.Tensor]:
+    def search(self, questions: Sequence[str], k: int) -> SearchResult:
+        """Top-``k`` blocks: BM25 scores ``[B, k]`` (a float32 tensor) and block ids ``[B, k]``."""
         scores, ids = self.bm25.search(list(questions), k)  # [B, k] each
-        return ids, torch.from_numpy(np.ascontiguousarray(scores, np.float32))
+        return SearchResult(torch.from_numpy(np.ascontiguousarray(scores, np.float32)), ids)
 
 
 def document_embeddings(retriever: Retriever, store: BlockStore, max_block_tokens: int,

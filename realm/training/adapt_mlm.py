@@ -23,7 +23,6 @@ encoder has no trained head (``pretrain.mlm_steps``, :func:`realm.training.prepa
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -42,7 +41,8 @@ from realm.modeling.modes import eval_mode
 from realm.tracking import Tracker
 from realm.training.accelerator import make_accelerator, shutdown
 from realm.training.core import TrainSettings, train
-from realm.training.prepare import prepare_corpus, truncated_encoder
+from realm.training.prepare import prepare_corpus
+from realm.hub import truncated_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +135,13 @@ class AdaptMLMTask:
 
 
 def run_adapt_mlm(config, progress: bool = True) -> dict[str, Any]:
-    """The MLM adaptation stage: train ``mlm.encoder`` as a masked LM on ``mlm.corpus``; save
-    ``run_dir/encoder/``; report held-out accuracy and loss before and after."""
+    """The MLM adaptation stage: train ``mlm.encoder`` as a masked LM on ``corpus`` (or the
+    ``data`` section's corpus, built into ``cache_dir``); save ``run_dir/encoder/``; report
+    held-out accuracy and loss before and after."""
     t0 = time.time()
     m, t = config.mlm, config.train
-    corpus = m.corpus or prepare_corpus(
-        dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, corpus=None)),
-        progress)
-    encoder_name = truncated_encoder(m.encoder, m.encoder_layers, config.pretrain.cache_dir)
+    corpus = prepare_corpus(config, progress)
+    encoder_name = truncated_encoder(m.encoder, m.encoder_layers, config.cache_dir)
     accelerator, precision = make_accelerator(t, config.seed)
     store = BlockStore(corpus)
     encoder = load_ka_encoder(encoder_name)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from realm.data.pairs import MANIFEST_FILE, TRIPLETS_FILE, read_done
 from realm.data.store import BlockStore
-from realm.evaluate.run import BM25Searcher, DenseSearcher
+from realm.retrieval.search import BM25Searcher, DenseSearcher
 from realm.hub import load_tokenizer, resolve_model_path, run_part
 from realm.modeling.retriever import Retriever
 
@@ -224,7 +224,8 @@ def augment_queries(corpus: str, output: str, llm: str = "smollm2", limit: Optio
             written_qs = lm.write_questions([(store.title(b), store.text(b)) for b in chunk],
                                             max_new_tokens)
             queries += [(b, "llm", q) for b, q in zip(chunk, written_qs) if q]
-        ranked = searcher.search_texts([q for _, _, q in queries], min(candidates, len(store)))
+        ranked = searcher.search([q for _, _, q in queries],
+                                 min(candidates, len(store))).block_ids
         records = []
         for (source, kind, query), row in zip(queries, ranked):
             found = [int(z) for z in row if z >= 0]

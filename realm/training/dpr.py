@@ -37,7 +37,8 @@ from realm.config import save_config
 from realm.data.pairs import TrainingPairs, fill_random, read_triplets
 from realm.data.qa import QAExample
 from realm.data.store import BlockStore, check_tokenizer
-from realm.evaluate.run import BM25Searcher, DenseSearcher, qa_retrieval
+from realm.retrieval.search import BM25Searcher, DenseSearcher
+from realm.evaluate.run import qa_retrieval
 from realm.losses import gather_with_grad, in_batch_nce
 from realm.metrics import compile_answer_pattern, contains_run, dpr_tokens
 from realm.modeling.embed import embed_queries, special_ids
@@ -51,7 +52,8 @@ from realm.tracking import Tracker
 from realm.training.accelerator import shutdown
 from realm.training.core import TrainSettings, train
 from realm.training.checkpoint import checkpoints
-from realm.training.ict import load_retriever, weights_in_sync
+from realm.modeling.retriever import load_retriever
+from realm.training.ict import weights_in_sync
 from realm.training.openqa import prepare_qa_stage
 
 logger = logging.getLogger(__name__)
@@ -278,8 +280,7 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
         check_devices(config.refresh.devices)
     corpus_dir, store, train_qa, dev_qa, accelerator, precision = prepare_qa_stage(
         config, d, "retriever_training", progress)
-    retriever = load_retriever(r.encoder, r.dim, r.pooling, r.encoder_layers,
-                               config.pretrain.cache_dir)
+    retriever = load_retriever(r.encoder, r.dim, r.pooling, r.encoder_layers, config.cache_dir)
     if retriever.tokenizer is None:
         raise ValueError(f"retriever.encoder={r.encoder!r} has no tokenizer saved with it")
     check_tokenizer(retriever.tokenizer, store)
@@ -288,8 +289,8 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
     t_mine = time.time()
     pairs = None
     if not d.triplets or d.triplets_with_questions:  # DPR: BM25-mined positives and negatives
-        ranked = BM25Searcher(store).search_texts([ex.question for ex in train_qa],
-                                                  min(d.positive_search, len(store)))
+        ranked = BM25Searcher(store).search([ex.question for ex in train_qa],
+                                            min(d.positive_search, len(store))).block_ids
         pairs = mine_pairs(store, train_qa, ranked, d.hard_negatives, d.regex, config.seed,
                            progress and accelerator.is_main_process)
         logger.info("%d of %d training questions have an answer in their top %d BM25 blocks (%d "
@@ -325,8 +326,7 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
                             r.max_query_tokens, d.regex, progress, config.refresh.precision)
     hook, index_negatives = None, None
     if d.negatives == "index":  # ANCE: the refresher keeps the model's own index fresh
-        config = dataclasses.replace(config, refresh=dataclasses.replace(config.refresh,
-                                                                         corpus=corpus_dir))
+        config = dataclasses.replace(config, corpus=corpus_dir)
         hook = RefreshHook.from_config(config, accelerator, retriever, accelerator.unwrap_model,
                                        corpus_fingerprint=store.fingerprint, dim=retriever.dim,
                                        cpu_threads=cpu_threads(t.threads),

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,30 +17,16 @@ from realm.metrics import recall_at_k
 from realm.modeling.embed import embed_blocks, embed_queries, special_ids
 from realm.index.mips import build_index, search
 from realm.losses import gather_with_grad, in_batch_nce
-from realm.modeling.retriever import Retriever
+from realm.modeling.retriever import Retriever, load_retriever
 from realm.modeling.inputs import build_block_inputs, build_query_inputs
 from realm.tracking import Tracker
 from realm.training.core import TrainSettings, train
 from realm.training.accelerator import make_accelerator, shutdown
-from realm.training.prepare import truncated_encoder
+from realm.training.prepare import prepare_corpus
 
 logger = logging.getLogger(__name__)
 
 EVAL_KS = (1, 5, 20)
-
-
-def load_retriever(encoder: str, dim: int, pooling: str, layers: Optional[int] = None,
-                   cache_dir: str = "runs/cache") -> Retriever:
-    """A saved retriever directory as is, a run directory's (ICT, pretraining: its
-    ``retriever/``), else fresh encoders from a transformers checkpoint (its first ``layers``
-    layers, a cut copy cached in ``cache_dir``, when given)."""
-    if (not os.path.isfile(os.path.join(encoder, "manifest.json"))
-            and os.path.isfile(os.path.join(encoder, "retriever", "manifest.json"))):
-        encoder = os.path.join(encoder, "retriever")
-    if os.path.isfile(os.path.join(encoder, "manifest.json")):
-        return Retriever.from_pretrained(encoder)
-    return Retriever.from_checkpoint(truncated_encoder(encoder, layers, cache_dir), dim=dim,
-                                     pooling=pooling)
 
 
 class ICTTask:
@@ -115,16 +102,15 @@ def ict_recall(retriever: Retriever, store: BlockStore, queries: list[ICTExample
 
 
 def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
-    """The ICT stage: train the retriever on ``config.ict.corpus`` and save it to run_dir/retriever."""
-
-    if not config.ict.corpus:
-        raise ValueError("ict.corpus: no corpus directory given (build one with prepare_corpus.py)")
+    """The ICT stage: train the retriever on ``corpus`` (or the ``data`` section's corpus, built
+    into ``cache_dir``) and save it to run_dir/retriever."""
     t = config.train
+    corpus = prepare_corpus(config, progress)  # (before the accelerator: it waits on rank 0)
+    config = dataclasses.replace(config, corpus=corpus)  # (saved resolved)
     accelerator, precision = make_accelerator(t, config.seed)
-    store = BlockStore(config.ict.corpus)
+    store = BlockStore(corpus)
     r = config.retriever
-    retriever = load_retriever(r.encoder, r.dim, r.pooling, r.encoder_layers,
-                               config.pretrain.cache_dir)
+    retriever = load_retriever(r.encoder, r.dim, r.pooling, r.encoder_layers, config.cache_dir)
     if retriever.tokenizer is None:
         raise ValueError(f"retriever.encoder={r.encoder!r} has no tokenizer saved with it")
     check_tokenizer(retriever.tokenizer, store)
@@ -156,7 +142,7 @@ def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
         tracker.close()
         shutdown(accelerator)
     return {
-        "stage": "ict", "retriever": out_dir, "steps": result["steps"],
+        "stage": "ict", "retriever": out_dir, "corpus": corpus, "steps": result["steps"],
         "final_loss": round(result["final_loss"], 5), "world_size": world_size,
         "negatives_per_query": t.batch_size * world_size - 1,
         "precision": precision or "fp32", "resumed_from": result["resumed_from"],

@@ -34,10 +34,11 @@ from realm.retrieval.fixed import BM25Index, DenseIndex, document_embeddings, sa
 from realm.tracking import Tracker
 from realm.training.accelerator import make_accelerator, shutdown
 from realm.training.core import TrainSettings, train
-from realm.training.ict import load_retriever, parameters_sha256
+from realm.modeling.retriever import load_retriever
+from realm.training.ict import parameters_sha256
 from realm.training.positives import Positives, find_positives, positive_windows
-from realm.training.prepare import (prepare_corpus, prepare_dpr_retriever, prepare_qa_reader,
-                                    truncated_encoder)
+from realm.training.prepare import prepare_corpus, prepare_dpr_retriever, prepare_qa_reader
+from realm.hub import truncated_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ def span_reader_dir(path: str) -> Optional[str]:
 
 
 def prepare_qa_stage(config, section, name: str, progress: bool = True):
-    """What a stage that trains on questions starts from: the corpus (``section.corpus``, or the
-    ``data`` section's built into ``pretrain.cache_dir``), the training and dev questions, and
+    """What a stage that trains on questions starts from: the corpus (``corpus``, or the
+    ``data`` section's built into ``cache_dir``), the training and dev questions, and
     the accelerator (seeded). A section with ``triplets`` may have no ``train_qa``.
 
     Returns:
@@ -117,7 +118,7 @@ def prepare_qa_stage(config, section, name: str, progress: bool = True):
     """
     if not section.train_qa and not getattr(section, "triplets", None):
         raise ValueError(f"{name}.train_qa: no training questions given")
-    corpus_dir = section.corpus or prepare_corpus(config, progress)
+    corpus_dir = prepare_corpus(config, progress)
     store = BlockStore(corpus_dir)
     train_qa = read_qa(section.train_qa, regex=section.regex) if section.train_qa else []
     dev_qa = read_qa(section.dev_qa, regex=section.regex) if section.dev_qa else []
@@ -145,7 +146,7 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
         reader_source = o.reader
         if not os.path.isdir(o.reader) or os.path.isfile(os.path.join(o.reader, "config.json")):
             # a checkpoint (not a saved encoder or a run directory): maybe cut to its first layers
-            reader_source = truncated_encoder(o.reader, o.reader_layers, config.pretrain.cache_dir)
+            reader_source = truncated_encoder(o.reader, o.reader_layers, config.cache_dir)
         reader = SpanReader.from_checkpoint(reader_source, o.max_span_tokens, o.span_hidden,
                                             scorer=o.span_scorer, seed=config.seed)
     check_tokenizer(reader.tokenizer, store)
@@ -166,7 +167,7 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
                                  f"directory, a run directory with a retriever/, nor a "
                                  f"transformers checkpoint (no manifest.json, no config.json)")
             retriever = load_retriever(retriever_dir, r.dim, r.pooling, r.encoder_layers,
-                                       config.pretrain.cache_dir)
+                                       config.cache_dir)
             # the projection is new (seeded), so the index is keyed on its values too: another
             # seed's cached index would not match this query encoder
             source, retriever_dir = ["zero-shot", o.retriever, r.dim, r.pooling,
@@ -174,7 +175,7 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
                                      parameters_sha256(retriever.doc_encoder.projection)], None
         check_tokenizer(retriever.tokenizer, store)
         key = digest([source, store.fingerprint, r.max_block_tokens, config.refresh.precision])
-        cache = os.path.join(config.pretrain.cache_dir, f"openqa-index-{key}.npy")
+        cache = os.path.join(config.cache_dir, f"openqa-index-{key}.npy")
         if accelerator.is_main_process:
             document_embeddings(retriever, store, r.max_block_tokens, cache, progress,
                                 config.refresh.precision)

@@ -68,7 +68,7 @@ def find_positives(model: OpenQAModel, dataset: QADataset, search_k: int = 20,
     with eval_mode(model):  # the query encoder's dropout off, as in evaluation
         for lo in range(0, n, batch_size):
             batch = collate_qa([dataset[i] for i in range(lo, min(lo + batch_size, n))])
-            ids, _ = model.retrieve(batch, min(search_k, len(model.store)))
+            ids = model.retrieve(batch, min(search_k, len(model.store))).block_ids
             for i, row in enumerate(ids):
                 q, found_negatives = lo + i, []
                 for block in (int(b) for b in row):

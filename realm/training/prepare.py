@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import subprocess
 import sys
 from typing import Optional
@@ -21,26 +20,27 @@ from typing import Optional
 from realm.cache import build_once, cache_path, is_main, wait_for
 from realm.config import load_config, override, save_config
 from realm.data.build import build_corpus
-from realm.errors import StageFailed
-from realm.hub import has_trained_mlm_head, load_pretrained, load_tokenizer, resolve_model_path
+from realm.errors import ConfigError, StageFailed
+from realm.hub import has_trained_mlm_head, truncated_encoder
 from realm.refresh.supervisor import child_env
 
 logger = logging.getLogger(__name__)
 
 
 def prepare_corpus(config, progress: bool = True) -> str:
-    """``pretrain.corpus``, or the ``data`` section's corpus built once into the cache."""
-    if config.pretrain.corpus:
-        return config.pretrain.corpus
+    """``corpus``, or the ``data`` section's corpus built once into ``cache_dir``."""
+    if config.corpus:
+        return config.corpus
     if not config.data.input:
-        raise ValueError("pretrain.corpus: no corpus given and data.input is empty")
-    out = cache_path(config.pretrain.cache_dir, "corpus",
+        raise ConfigError("corpus: no corpus directory given and data.input is empty (set "
+                          "corpus=DIR, a launch/prepare_corpus.py output, or data.input=FILE)")
+    out = cache_path(config.cache_dir, "corpus",
                      [dataclasses.asdict(config.data), dataclasses.asdict(config.spans)])
     # not build_once: build_corpus runs every time, since it also checks that a built corpus
     # still matches its input file (the key names the input's path, not its content)
     if is_main():
         if not os.path.exists(os.path.join(out, "manifest.json")):
-            logger.info("building the pretraining corpus from %s into %s", config.data.input, out)
+            logger.info("building the knowledge corpus from %s into %s", config.data.input, out)
         build_corpus(config.data, config.spans, out, progress=progress)  # a no-op when built
     wait_for(os.path.join(out, "manifest.json"), "the corpus")
     return out
@@ -49,30 +49,7 @@ def prepare_corpus(config, progress: bool = True) -> str:
 def prepare_encoder(config) -> str:
     """``pretrain.encoder``, or a copy of it cut to its first ``encoder_layers`` layers (cached)."""
     p = config.pretrain
-    return truncated_encoder(p.encoder, p.encoder_layers, p.cache_dir)
-
-
-def truncated_encoder(encoder: str, layers: Optional[int], cache_dir: str) -> str:
-    """``encoder`` itself (``layers`` None), or a cached copy of its first ``layers`` layers."""
-    if not layers:
-        return encoder
-    # named, not keyed: the model's name and the layer count are all that changes the copy
-    name = re.sub(r"[^A-Za-z0-9]+", "-", encoder).strip("-")
-    out = os.path.join(cache_dir, f"encoder-{name}-L{layers}")
-
-    def build() -> None:
-        from transformers import AutoModel
-
-        model, _ = load_pretrained(AutoModel.from_pretrained, resolve_model_path(encoder),
-                                   f"first {layers} layers of", num_hidden_layers=layers)
-        tmp = f"{out}.tmp-{os.getpid()}"
-        model.save_pretrained(tmp)
-        load_tokenizer(encoder).save_pretrained(tmp)
-        os.replace(tmp, out)  # config.json appears only with a complete copy
-        logger.info("cached the first %d layers of %s in %s", layers, encoder, out)
-
-    build_once(os.path.join(out, "config.json"), build, "the truncated encoder")
-    return out
+    return truncated_encoder(p.encoder, p.encoder_layers, config.cache_dir)
 
 
 def _run_warm_start(cmd: list[str], what: str) -> None:
@@ -97,7 +74,7 @@ def prepare_retriever(config, corpus: str, encoder: str) -> str:
     p, r = config.pretrain, config.retriever
     if p.retriever:
         return p.retriever
-    run_dir = cache_path(p.cache_dir, "ict", [
+    run_dir = cache_path(config.cache_dir, "ict", [
         os.path.abspath(corpus), encoder, r.dim, r.pooling, r.max_query_tokens,
         r.max_block_tokens, p.ict_steps, p.ict_batch_size, p.ict_lr, config.seed])
     out = os.path.join(run_dir, "retriever")
@@ -105,7 +82,8 @@ def prepare_retriever(config, corpus: str, encoder: str) -> str:
     def build() -> None:
         logger.info("no retriever given: ICT warm start (%d steps) into %s", p.ict_steps, run_dir)
         cmd = [sys.executable, "-m", "realm", "ict", "--no-progress",
-               override("ict.corpus", corpus), override("retriever.encoder", encoder),
+               override("corpus", corpus), override("cache_dir", config.cache_dir),
+               override("retriever.encoder", encoder),
                f"retriever.dim={r.dim}", f"retriever.pooling={r.pooling}",
                f"retriever.max_query_tokens={r.max_query_tokens}",
                f"retriever.max_block_tokens={r.max_block_tokens}",
@@ -132,7 +110,7 @@ def prepare_dpr_retriever(config, corpus: str) -> str:
     """
     o, d, r = config.openqa, config.retriever_training, config.retriever
     train_qa = d.train_qa or o.train_qa
-    run_dir = cache_path(config.pretrain.cache_dir, "dpr", [
+    run_dir = cache_path(config.cache_dir, "dpr", [
         "dpr", os.path.abspath(corpus),
         os.path.abspath(train_qa) if os.path.exists(train_qa) else train_qa,
         os.path.abspath(r.encoder) if os.path.exists(r.encoder) else r.encoder, r.dim,
@@ -144,16 +122,15 @@ def prepare_dpr_retriever(config, corpus: str) -> str:
     def build() -> None:
         steps = o.dpr_steps
         dpr = dataclasses.replace(
-            config,
-            retriever_training=dataclasses.replace(d, corpus=corpus, train_qa=train_qa,
-                                                   dev_qa=None, regex=o.regex,
-                                                   evaluate_before=False),
+            config, corpus=corpus,
+            retriever_training=dataclasses.replace(d, train_qa=train_qa, dev_qa=None,
+                                                   regex=o.regex, evaluate_before=False),
             train=dataclasses.replace(config.train, run_dir=run_dir, steps=steps,
                                       batch_size=o.dpr_batch_size, lr=o.dpr_lr, grad_accum=1,
                                       warmup_steps=max(1, steps // 10), eval_every=0,
                                       save_every=max(1, steps // 3)),
             logging=dataclasses.replace(config.logging, wandb=False))
-        path = save_config(dpr, config.pretrain.cache_dir, f"{os.path.basename(run_dir)}.yaml")
+        path = save_config(dpr, config.cache_dir, f"{os.path.basename(run_dir)}.yaml")
         logger.info("openqa.retriever=dpr: training a DPR retriever (%d steps) into %s", steps,
                     run_dir)
         cmd = [sys.executable, "-m", "realm", "train_retriever", "--no-progress", "--config", path]
@@ -165,7 +142,7 @@ def prepare_dpr_retriever(config, corpus: str) -> str:
 
 def prepare_qa_reader(config) -> Optional[str]:
     """The span reader that ``openqa.reader_warm_start`` (an Open-QA config, e.g.
-    ``configs/openqa_squad.yaml``) fine-tunes, cached in ``pretrain.cache_dir``; None when no warm
+    ``configs/openqa_squad.yaml``) fine-tunes, cached in ``cache_dir``; None when no warm
     start is asked for.
 
     The warm start is that config's own fine-tune as it stands (its corpus, questions, retriever,
@@ -179,14 +156,13 @@ def prepare_qa_reader(config) -> Optional[str]:
     if warm.openqa.reader_warm_start:
         raise ValueError(f"openqa.reader_warm_start: {source} asks for a warm start of its own; "
                          f"chained warm starts are not supported")
-    cache_dir = config.pretrain.cache_dir
+    cache_dir = config.cache_dir
     run_dir = cache_path(cache_dir, "qa-reader", ["qa-reader", warm.to_dict()])
     out = os.path.join(run_dir, "model", "reader")
 
     def build() -> None:
         fine_tune = dataclasses.replace(
-            warm, openqa=dataclasses.replace(warm.openqa, dev_qa=None),
-            pretrain=dataclasses.replace(warm.pretrain, cache_dir=cache_dir),
+            warm, cache_dir=cache_dir, openqa=dataclasses.replace(warm.openqa, dev_qa=None),
             train=dataclasses.replace(warm.train, run_dir=run_dir),
             logging=dataclasses.replace(warm.logging, wandb=False))
         path = save_config(fine_tune, cache_dir, f"{os.path.basename(run_dir)}.yaml")
@@ -202,7 +178,7 @@ def prepare_qa_reader(config) -> Optional[str]:
 def prepare_adapted_encoder(config, corpus: str, encoder: str) -> str:
     """``encoder`` when it has a trained masked-LM head (or ``pretrain.mlm_steps`` is 0), else
     its MLM adaptation on ``corpus`` (:mod:`realm.training.adapt_mlm`), cached in
-    ``pretrain.cache_dir`` under a key of everything that changes the result.
+    ``cache_dir`` under a key of everything that changes the result.
 
     The adaptation runs as its own process; its output directory appears only when complete, and
     a killed adaptation resumes from its checkpoint when asked again.
@@ -212,7 +188,7 @@ def prepare_adapted_encoder(config, corpus: str, encoder: str) -> str:
         return encoder
     m = config.mlm
     steps = p.mlm_steps
-    run_dir = cache_path(p.cache_dir, "mlm", [
+    run_dir = cache_path(config.cache_dir, "mlm", [
         "adapt-mlm", os.path.abspath(encoder) if os.path.exists(encoder) else encoder,
         os.path.abspath(corpus), steps, p.mlm_batch_size, p.mlm_lr, m.mask_prob,
         m.salient_span_prob, m.neighbour_prob, m.random_prob, m.max_tokens,
@@ -222,14 +198,14 @@ def prepare_adapted_encoder(config, corpus: str, encoder: str) -> str:
 
     def build() -> None:
         adapt = dataclasses.replace(
-            config,
-            mlm=dataclasses.replace(m, corpus=corpus, encoder=encoder, encoder_layers=None),
+            config, corpus=corpus,
+            mlm=dataclasses.replace(m, encoder=encoder, encoder_layers=None),
             train=dataclasses.replace(config.train, run_dir=run_dir, steps=steps,
                                       batch_size=p.mlm_batch_size, lr=p.mlm_lr, grad_accum=1,
                                       warmup_steps=max(1, steps // 10), eval_every=0,
                                       save_every=max(1, steps // 4)),
             logging=dataclasses.replace(config.logging, wandb=False))
-        path = save_config(adapt, p.cache_dir, f"{os.path.basename(run_dir)}.yaml")
+        path = save_config(adapt, config.cache_dir, f"{os.path.basename(run_dir)}.yaml")
         logger.info("%s has no trained masked-LM head: MLM adaptation (%d steps) into %s",
                     encoder, steps, run_dir)
         cmd = [sys.executable, "-m", "realm", "adapt_mlm", "--no-progress", "--config", path]

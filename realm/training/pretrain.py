@@ -214,9 +214,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     reader_name = prepare_adapted_encoder(config, corpus_dir, p.reader or encoder_name)
     config = dataclasses.replace(
         # the resolved config starts from the adapted reader, adaptation done (relaunchable as is)
-        config, pretrain=dataclasses.replace(p, corpus=corpus_dir, retriever=retriever_dir,
-                                             reader=reader_name, mlm_steps=0),
-        refresh=dataclasses.replace(config.refresh, corpus=corpus_dir))
+        config, corpus=corpus_dir,
+        pretrain=dataclasses.replace(p, retriever=retriever_dir, reader=reader_name, mlm_steps=0))
     p = config.pretrain
     prepare_s = time.time() - t0
 
@@ -255,7 +254,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
             cpu_threads=cpu_threads(t.threads), publish_after=p.retriever_hold_steps)
         searcher = hook.searcher(accelerator)
         first = FirstGenerationCache(
-            FirstGenerationCache.key_path(p.cache_dir, retriever_dir, store.fingerprint, config),
+            FirstGenerationCache.key_path(config.cache_dir, retriever_dir, store.fingerprint, config),
             hook.watcher)
         if accelerator.is_main_process and not checkpoints(t.run_dir):
             first.seed(RunStore(t.run_dir), store.fingerprint, config.index.factory)

@@ -14,19 +14,8 @@ from realm.data.mlm import (
     pad_ragged,
     span_length_distribution,
 )
-from realm.data.store import BlockStore
 
 MASK = 103  # [MASK] in the MiniLM (BERT uncased) vocabulary
-
-
-@pytest.fixture(scope="module")
-def spans_store(spans_corpus):
-    return BlockStore(spans_corpus)
-
-
-@pytest.fixture(scope="module")
-def leads_store(leads_corpus):
-    return BlockStore(leads_corpus)
 
 
 def _check_lines_up(store, ex, max_query_tokens):

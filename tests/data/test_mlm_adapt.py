@@ -5,17 +5,6 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from realm.data.store import BlockStore
-
-
-@pytest.fixture(scope="module")
-def spans_store(spans_corpus):
-    return BlockStore(spans_corpus)
-
-
-@pytest.fixture(scope="module")
-def leads_store(leads_corpus):
-    return BlockStore(leads_corpus)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 
 from realm.errors import QAFormatError
 from realm.data.qa import read_qa
+from realm.index.mips import SearchResult
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -129,21 +130,21 @@ class _Fixed:
     def __init__(self, rankings):
         self.rankings = np.asarray(rankings, np.int64)
 
-    def search_texts_scored(self, texts, k):
+    def search(self, texts, k):
         ids = self.rankings[: len(texts), :k]
-        return -np.arange(ids.shape[1], dtype=float)[None].repeat(len(ids), 0), ids
+        return SearchResult(-np.arange(ids.shape[1], dtype=float)[None].repeat(len(ids), 0), ids)
 
 
 def test_reciprocal_rank_fusion_arithmetic():
-    from realm.evaluate.run import FusionSearcher
+    from realm.retrieval.search import FusionSearcher
 
     a = _Fixed([[1, 2, 3, -1]])
     b = _Fixed([[3, 4, 1, 2]])
-    scores, ids = FusionSearcher([a, b], depth=4, k_rrf=60).search_texts_scored(["q"], 4)
+    scores, ids = FusionSearcher([a, b], depth=4, k_rrf=60).search(["q"], 4)
     # block 1: 1/61 + 1/63; block 3: 1/63 + 1/61 (a tie, the smaller id first); 2: 1/62 + 1/64
     assert ids[0].tolist() == [1, 3, 2, 4]
     assert scores[0, 0] == pytest.approx(1 / 61 + 1 / 63) and scores[0, 3] == pytest.approx(1 / 62)
-    same = FusionSearcher([a, a], depth=4).search_texts_scored(["q"], 3)[1]
+    same = FusionSearcher([a, a], depth=4).search(["q"], 3)[1]
     assert same[0].tolist() == [1, 2, 3]  # fusing a ranking with itself keeps it
     with pytest.raises(ValueError, match="two"):
         FusionSearcher([a])

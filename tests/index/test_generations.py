@@ -2,7 +2,6 @@
 
 import json
 import os
-import uuid
 
 import numpy as np
 import pytest
@@ -11,11 +10,9 @@ from realm.errors import GenerationError
 from realm.index.generations import GenerationStore as RunStore
 
 
-@pytest.fixture(params=["local", "memory"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return RunStore(str(tmp_path / "run"))
-    return RunStore(f"memory://run-{uuid.uuid4().hex[:8]}")  # fsspec's in-memory object store
+@pytest.fixture
+def store(run_dir_url):
+    return RunStore(run_dir_url)
 
 
 def _emb(n=64, dim=8, seed=0):

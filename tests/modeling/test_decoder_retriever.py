@@ -33,9 +33,9 @@ def test_a_decoder_only_retriever_trains_with_ict_and_pools_its_end_of_text(
                  SpansConfig(enabled=False), corpus, progress=False)
     run = tmp_path / "ict"
     summary = run_ict(load_config(overrides=[
-        f"ict.corpus={corpus}", f"retriever.encoder={smollm2}", "retriever.encoder_layers=2",
+        f"corpus={corpus}", f"retriever.encoder={smollm2}", "retriever.encoder_layers=2",
         "retriever.pooling=last", "retriever.dim=32", "retriever.max_block_tokens=48",
-        f"pretrain.cache_dir={tmp_path / 'cache'}", f"train.run_dir={run}", "train.steps=3",
+        f"cache_dir={tmp_path / 'cache'}", f"train.run_dir={run}", "train.steps=3",
         "train.batch_size=4", "train.lr=1e-4", "train.warmup_steps=1", "train.eval_every=0",
         "train.save_every=0", "ict.holdout_blocks=0", "logging.log_every=1",
         "logging.wandb=false"]), progress=False)

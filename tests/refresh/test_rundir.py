@@ -1,7 +1,6 @@
 """The run directory: orphan cleanup, the refresher lock, encoder snapshots, pointer checks."""
 
 import os
-import uuid
 
 import numpy as np
 import pytest
@@ -10,11 +9,9 @@ from realm.errors import GenerationError, StoreLockedError
 from realm.refresh.rundir import RunStore
 
 
-@pytest.fixture(params=["local", "memory"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return RunStore(str(tmp_path / "run"))
-    return RunStore(f"memory://run-{uuid.uuid4().hex[:8]}")  # fsspec's in-memory object store
+@pytest.fixture
+def store(run_dir_url):
+    return RunStore(run_dir_url)
 
 
 def _emb(n=64, dim=8, seed=0):

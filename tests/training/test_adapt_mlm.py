@@ -23,8 +23,8 @@ def _env(tmp_path):
 
 def _adapt_cmd(run_dir, corpus, encoder, tmp_path, *extra):
     return [sys.executable, str(REPO / "launch" / "adapt_mlm.py"), "--no-progress",
-            f"mlm.corpus={corpus}", f"mlm.encoder={encoder}", "mlm.encoder_layers=null",
-            "mlm.holdout_blocks=40", "mlm.max_tokens=64", f"pretrain.cache_dir={tmp_path / 'c'}",
+            f"corpus={corpus}", f"mlm.encoder={encoder}", "mlm.encoder_layers=null",
+            "mlm.holdout_blocks=40", "mlm.max_tokens=64", f"cache_dir={tmp_path / 'c'}",
             f"train.run_dir={run_dir}", "train.batch_size=16", "train.lr=5e-3",
             "train.warmup_steps=2", "train.precision=fp32", "train.eval_every=0",
             "train.save_every=10", "logging.log_every=5", *extra]
@@ -123,7 +123,7 @@ def test_a_corpus_with_no_text_to_mask_is_an_error_naming_it():
 def _config(tmp_path, corpus, encoder, *overrides):
     from realm.config import load_config
 
-    return load_config(overrides=[f"pretrain.cache_dir={tmp_path / 'cache'}",
+    return load_config(overrides=[f"cache_dir={tmp_path / 'cache'}",
                                   "pretrain.mlm_steps=6", "pretrain.mlm_batch_size=8",
                                   "mlm.holdout_blocks=8", "mlm.max_tokens=48",
                                   "train.precision=fp32", *overrides])

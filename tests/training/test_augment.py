@@ -86,7 +86,7 @@ def test_augment_writes_labelled_triplets_resumes_and_trains_dpr(smollm2, leads_
     assert list(pairs.positive) == [r["positive"] for r in redone]
     assert list(pairs.negatives[:, 0]) == [r["negatives"][0] for r in redone]
     summary = run_train_retriever(load_config(overrides=[
-        f"retriever_training.corpus={leads_corpus}", f"retriever_training.triplets={out}",
+        f"corpus={leads_corpus}", f"retriever_training.triplets={out}",
         f"retriever.encoder={tiny_encoder}", "retriever.dim=16", "retriever.max_block_tokens=128",
         f"train.run_dir={tmp_path / 'dpr'}", "train.steps=2", "train.batch_size=2",
         "train.eval_every=0", "train.save_every=0", "logging.wandb=false"]), progress=False)
@@ -98,7 +98,7 @@ def test_augment_writes_labelled_triplets_resumes_and_trains_dpr(smollm2, leads_
     qa.write_text("".join(json.dumps({"question": f"what is {t}?", "answers": [t]}) + "\n"
                           for t in titles))
     both = run_train_retriever(load_config(overrides=[
-        f"retriever_training.corpus={leads_corpus}", f"retriever_training.triplets={out}",
+        f"corpus={leads_corpus}", f"retriever_training.triplets={out}",
         "retriever_training.triplets_with_questions=true", f"retriever_training.train_qa={qa}",
         f"retriever.encoder={tiny_encoder}", "retriever.dim=16", "retriever.max_block_tokens=128",
         f"train.run_dir={tmp_path / 'dpr-both'}", "train.steps=1", "train.batch_size=2",

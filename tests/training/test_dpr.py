@@ -15,7 +15,7 @@ from realm.config import load_config
 from realm.data.qa import QAExample, read_qa
 from realm.data.store import BlockStore
 from realm.metrics import has_answer
-from realm.evaluate.run import BM25Searcher
+from realm.retrieval.search import BM25Searcher
 from realm.losses import in_batch_nce
 from realm.modeling.retriever import Retriever
 from realm.tracking import read_metrics
@@ -36,7 +36,7 @@ def test_mined_pairs_follow_dprs_rules(squad_dpr):
     qa = read_qa(str(squad_dpr / "qa.jsonl"))
     qa.append(QAExample("Who wrote Hamlet?", ["zzqx never in the corpus"]))
     qa.append(QAExample(qa[0].question, qa[0].answers))  # the same question without a gold passage
-    ranked = BM25Searcher(store).search_texts([q.question for q in qa], 20)
+    ranked = BM25Searcher(store).search([q.question for q in qa], 20).block_ids
     pairs = mine_pairs(store, qa, ranked, hard_negatives=2, seed=0, progress=False)
     assert pairs.positive[-2] == -1  # no block holds the answer: left out
     assert pairs.negatives.shape == (len(qa), 2) and (pairs.negatives >= 0).all()
@@ -82,7 +82,7 @@ def test_hard_negatives_are_extra_columns_of_the_nce():
 
 
 def _overrides(squad, encoder, run_dir, **extra):
-    base = {"retriever_training.corpus": str(squad / "corpus"),
+    base = {"corpus": str(squad / "corpus"),
             "retriever_training.train_qa": str(squad / "qa.jsonl"),
             "retriever_training.dev_qa": str(squad / "qa.jsonl"),
             "retriever_training.positive_search": 20, "retriever_training.recall_ks": "[1,5]",
@@ -171,13 +171,13 @@ def test_openqa_retriever_dpr_is_prepared_once_and_cached(squad_dpr, tiny_encode
     from realm.training.openqa import run_finetune
 
     cache = tmp_path / "cache"
-    overrides = [f"openqa.corpus={squad_dpr / 'corpus'}", f"openqa.train_qa={squad_dpr / 'qa.jsonl'}",
+    overrides = [f"corpus={squad_dpr / 'corpus'}", f"openqa.train_qa={squad_dpr / 'qa.jsonl'}",
                  f"openqa.dev_qa={squad_dpr / 'qa.jsonl'}", "openqa.retriever=dpr",
                  "openqa.dpr_steps=4", "openqa.dpr_batch_size=4", f"openqa.reader={tiny_encoder}",
                  "openqa.k=2", "openqa.max_joined_tokens=200", "openqa.positive_steps=2",
                  "openqa.recall_ks=[1,2]", f"retriever.encoder={tiny_encoder}", "retriever.dim=16",
                  "retriever.max_block_tokens=160", "retriever_training.positive_search=20",
-                 f"pretrain.cache_dir={cache}", f"train.run_dir={tmp_path / 'openqa'}",
+                 f"cache_dir={cache}", f"train.run_dir={tmp_path / 'openqa'}",
                  "train.steps=2", "train.batch_size=4", "train.save_every=0",
                  "logging.wandb=false"]
     config = load_config(overrides=overrides)

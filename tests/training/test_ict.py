@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _overrides(corpus, encoder, run_dir, **extra):
-    base = {"ict.corpus": corpus, "retriever.encoder": encoder, "train.run_dir": str(run_dir),
+    base = {"corpus": corpus, "retriever.encoder": encoder, "train.run_dir": str(run_dir),
             "train.batch_size": 16, "train.lr": 5e-3, "train.warmup_steps": 2,
             "train.eval_every": 0, "train.save_every": 0, "ict.holdout_blocks": 50,
             "logging.log_every": 1, "retriever.max_block_tokens": 128}

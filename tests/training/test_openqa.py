@@ -27,12 +27,12 @@ def finetuned(squad_tiny):
     """`launch/finetune_openqa.py` on those questions (BM25, a 2-layer MiniLM reader)."""
     run = squad_tiny / "run"
     cmd = [sys.executable, str(REPO / "launch" / "finetune_openqa.py"), "--no-progress",
-           f"openqa.corpus={squad_tiny / 'corpus'}", f"openqa.train_qa={squad_tiny / 'qa.jsonl'}",
+           f"corpus={squad_tiny / 'corpus'}", f"openqa.train_qa={squad_tiny / 'qa.jsonl'}",
            f"openqa.dev_qa={squad_tiny / 'qa.jsonl'}", "openqa.k=2", "openqa.max_joined_tokens=200",
            # both phases: 24 steps beside positive blocks, then 12 over the top k
            "openqa.reader_layers=2", "openqa.positive_steps=24",
            "openqa.recall_ks=[1,2,5]", "openqa.eval_limit=0",
-           f"pretrain.cache_dir={squad_tiny / 'cache'}", f"train.run_dir={run}",
+           f"cache_dir={squad_tiny / 'cache'}", f"train.run_dir={run}",
            "train.steps=36", "train.batch_size=4", "train.lr=3e-4", "train.warmup_steps=4",
            "train.eval_every=0", "train.save_every=0", "logging.wandb=false",
            "logging.log_every=4"]
@@ -210,10 +210,10 @@ def test_a_fine_tune_starts_from_a_cached_warm_start_or_a_trained_reader(squad_t
     # the warm start: the fixture's own config (its dev questions included), 4 big steps
     warm = load_config(run / "config.yaml", ["train.steps=4", "openqa.positive_steps=4",
                                              "train.lr=1e-2",
-                                             f"pretrain.cache_dir={squad_tiny / 'cache'}"])
+                                             f"cache_dir={squad_tiny / 'cache'}"])
     warm_yaml = save_config(warm, tmp_path, "warm.yaml")
     common = [sys.executable, str(REPO / "launch" / "finetune_openqa.py"), "--no-progress",
-              "--config", warm_yaml, f"pretrain.cache_dir={cache}", "train.steps=2",
+              "--config", warm_yaml, f"cache_dir={cache}", "train.steps=2",
               "openqa.positive_steps=2", "train.lr=1e-12", "openqa.eval_limit=0"]
     done = subprocess.run(common + [f"openqa.reader_warm_start={warm_yaml}",
                                     f"train.run_dir={tmp_path / 'a'}"],
@@ -238,7 +238,7 @@ def test_a_fine_tune_starts_from_a_cached_warm_start_or_a_trained_reader(squad_t
     # cached: asked again, nothing runs
     monkeypatch.setattr("realm.training.prepare._run_warm_start", lambda *a: pytest.fail("ran again"))
     parent = load_config(warm_yaml, [f"openqa.reader_warm_start={warm_yaml}",
-                                     f"pretrain.cache_dir={cache}"])
+                                     f"cache_dir={cache}"])
     assert Path(prepare_qa_reader(parent)).resolve() == reader_dir.resolve()
     chained = save_config(parent, tmp_path, "chained.yaml")
     with pytest.raises(ValueError, match="chained"):
@@ -248,7 +248,7 @@ def test_a_fine_tune_starts_from_a_cached_warm_start_or_a_trained_reader(squad_t
 
     with pytest.raises(ValueError, match="span_scorer=start_end"):
         run_finetune(load_config(warm_yaml, [f"openqa.reader={run}", "openqa.span_scorer=mlp",
-                                             f"pretrain.cache_dir={cache}",
+                                             f"cache_dir={cache}",
                                              f"train.run_dir={tmp_path / 'b'}"]), progress=False)
 
 
@@ -269,11 +269,11 @@ def test_a_fine_tune_reads_with_a_zero_shot_retriever_from_a_checkpoint(squad_ti
     from realm.training.openqa import run_finetune
 
     cache = tmp_path / "cache"
-    args = [f"openqa.corpus={squad_tiny / 'corpus'}", f"openqa.train_qa={squad_tiny / 'qa.jsonl'}",
+    args = [f"corpus={squad_tiny / 'corpus'}", f"openqa.train_qa={squad_tiny / 'qa.jsonl'}",
             f"openqa.dev_qa={squad_tiny / 'qa.jsonl'}", "openqa.k=2",
             "openqa.max_joined_tokens=200", "openqa.reader_layers=2",
             "openqa.positive_steps=2", "openqa.eval_limit=0", "retriever.dim=16",
-            "retriever.max_block_tokens=160", f"pretrain.cache_dir={cache}",
+            "retriever.max_block_tokens=160", f"cache_dir={cache}",
             "train.steps=2", "train.batch_size=2", "train.eval_every=0", "train.save_every=0",
             "logging.wandb=false"]
     done = subprocess.run(

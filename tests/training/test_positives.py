@@ -32,7 +32,7 @@ def test_positive_blocks_hold_the_answer_and_negatives_do_not(squad_tiny, tiny_e
                 text = f"{store.title(int(neg))} {store.text(int(neg))}".lower()
                 assert not any(a.lower() in text for a in ex.answers), (ex.answers, neg)
         # the positive is the best-ranked block with an answer
-        ids, _ = model.index.search_texts([ex.question], 10)
+        _, ids = model.index.search([ex.question], 10)
         assert pos == next(int(b) for b in ids[0]
                            if any(a.lower() in f"{store.title(int(b))} {store.text(int(b))}".lower()
                                   for a in ex.answers))

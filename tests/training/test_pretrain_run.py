@@ -36,11 +36,11 @@ def _pretrain(run_dir, corpus, retriever, encoder, tmp_path, *extra, timeout=300
 
 def _pretrain_cmd(run_dir, corpus, retriever, encoder, tmp_path, *extra, launcher):
     return [*launcher, str(REPO / "launch" / "pretrain.py"), "--no-progress",
-           f"pretrain.corpus={corpus}", f"pretrain.retriever={retriever}",
+           f"corpus={corpus}", f"pretrain.retriever={retriever}",
            f"pretrain.encoder={encoder}", "pretrain.encoder_layers=null", "pretrain.k=3",
            "pretrain.mlm_steps=0",  # (the MLM adaptation has its own tests)
            "pretrain.max_joined_tokens=96", "pretrain.table_every=10",
-           f"pretrain.cache_dir={tmp_path / 'cache'}", "retriever.max_query_tokens=24",
+           f"cache_dir={tmp_path / 'cache'}", "retriever.max_query_tokens=24",
            "retriever.max_block_tokens=64", f"train.run_dir={run_dir}", f"train.steps={STEPS}",
            "train.batch_size=4", "train.save_every=5", "train.keep_checkpoints=10",
            "train.warmup_steps=2", "train.precision=fp32", "refresh.every_steps=5",
@@ -307,10 +307,10 @@ def test_ctrl_c_stops_trainer_and_refresher_and_leaves_a_resumable_checkpoint(
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--no-progress",
-           f"pretrain.corpus={spans_corpus}", f"pretrain.retriever={tiny_retriever}",
+           f"corpus={spans_corpus}", f"pretrain.retriever={tiny_retriever}",
            f"pretrain.encoder={tiny_encoder}", "pretrain.k=2", "pretrain.max_joined_tokens=96",
            "pretrain.mlm_steps=0",
-           f"pretrain.cache_dir={run[2] / 'cache'}",  # the module run cached its generation 0
+           f"cache_dir={run[2] / 'cache'}",  # the module run cached its generation 0
            "retriever.max_query_tokens=24", "retriever.max_block_tokens=64",
            f"train.run_dir={run_dir}", "train.steps=100000", "train.batch_size=2",
            "train.save_every=0", "train.precision=fp32", "refresh.every_steps=5",

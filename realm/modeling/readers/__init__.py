@@ -3,7 +3,9 @@
 :class:`Reader` is the interface REALM calls (``build_inputs``, ``read``, ``predict``;
 :mod:`realm.modeling.readers.base`); the masked-LM knowledge-augmented encoder
 (:class:`KnowledgeAugmentedEncoder`, :mod:`realm.modeling.readers.mlm`) is its first
-implementation. :func:`load_reader` loads a saved reader by its manifest's kind.
+implementation; a transformers causal LM reading the blocks' cased text
+(:class:`CausalLMReader`, :mod:`realm.modeling.readers.causal_lm`) is the second.
+:func:`load_reader` loads a saved reader by its manifest's kind.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import json
 import os
 
 from realm.modeling.readers.base import Reader, ReaderOutput
+from realm.modeling.readers.causal_lm import MANIFEST_KIND as CAUSAL_LM_KIND
+from realm.modeling.readers.causal_lm import CausalLMReader
 from realm.modeling.readers.mlm import (MANIFEST_KIND, KnowledgeAugmentedEncoder,
                                         KnowledgeAugmentedOutput)
 
 #: Saved reader directories by their manifest's ``kind``.
-READERS: dict[str, type[Reader]] = {MANIFEST_KIND: KnowledgeAugmentedEncoder}
+READERS: dict[str, type[Reader]] = {MANIFEST_KIND: KnowledgeAugmentedEncoder,
+                                     CAUSAL_LM_KIND: CausalLMReader}
 
 
 def load_reader(path: str) -> Reader:
@@ -31,5 +36,5 @@ def load_reader(path: str) -> Reader:
     return KnowledgeAugmentedEncoder.from_checkpoint(path)
 
 
-__all__ = ["READERS", "KnowledgeAugmentedEncoder", "KnowledgeAugmentedOutput", "Reader",
-           "ReaderOutput", "load_reader"]
+__all__ = ["READERS", "CausalLMReader", "KnowledgeAugmentedEncoder", "KnowledgeAugmentedOutput",
+           "Reader", "ReaderOutput", "load_reader"]

