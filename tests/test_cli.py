@@ -84,6 +84,7 @@ BAD_INPUTS = [  # (script, arguments, exit code, what the one line must name)
 
 @pytest.mark.parametrize("script,args,code,names", BAD_INPUTS,
                          ids=[f"{s}-{i}" for i, (s, *_) in enumerate(BAD_INPUTS)])
+@pytest.mark.slow
 def test_bad_inputs_get_one_line_naming_the_path(script, args, code, names, tmp_path,
                                                  shared_data):
     with open(shared_data / "wikipedia" / "vital_level4_summaries_en.jsonl", encoding="utf-8") as f:

@@ -55,6 +55,7 @@ def test_the_docs_have_commands_to_check():
 @pytest.mark.parametrize("doc,script,args",
                          [c for c in COMMANDS if c[1] in CONFIG_STAGES],
                          ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.slow
 def test_stage_commands_resolve_their_config(doc, script, args, tmp_path):
     if script == "refresh_index" and "--run-dir" not in args:
         args = [*args, "--run-dir", str(tmp_path / "run")]

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from realm.config import reference_markdown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +32,7 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says():
     assert "pytest" in commands and "pytest" in [line.strip() for line in ci]
 
 
+@pytest.mark.slow
 def test_readme_main_job_runs(tmp_path):
     """`accelerate launch launch/pretrain.py`, as written, on a slice: every stage of it runs."""
     (job,) = [c for c in _quickstart_commands() if "launch/" in c]

@@ -189,6 +189,7 @@ def test_a_truncated_file_is_caught_on_open_without_verify(built, tmp_path):
         BlockStore(copy)
 
 
+@pytest.mark.slow
 def test_killed_build_leaves_nothing_complete_looking(shared_data, tmp_path):
     out = tmp_path / "big"
     cmd = [sys.executable, str(REPO / "launch" / "prepare_corpus.py"), "--no-progress",
@@ -220,6 +221,7 @@ def test_killed_build_leaves_nothing_complete_looking(shared_data, tmp_path):
     assert BlockStore(out, verify=True).manifest["counts"]["articles"] == 30
 
 
+@pytest.mark.slow
 def test_blocks_export_to_datasets_and_parquet(built, tmp_path):
     """BlockStore.to_dataset() is the store, block for block; the Parquet export (the API and
     prepare_corpus.py --parquet) loads back with datasets as the same table."""

@@ -398,6 +398,7 @@ def bad_jsonl(tmp_path, vital_lines) -> Path:
     return _write_lines(tmp_path / "bad.jsonl", lines)
 
 
+@pytest.mark.slow
 def test_cli_bad_line_exits_1_and_writes_nothing(tmp_path, bad_jsonl):
     out = tmp_path / "corpus"
     result = _prepare("--input", str(bad_jsonl), "--output", str(out),

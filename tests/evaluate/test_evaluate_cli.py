@@ -28,6 +28,7 @@ def _run(*args):
                           env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_bm25_and_dense_reports(squad_slice, tiny_encoder):
     bm25 = _run("retrieval", "--bm25", "--corpus", str(squad_slice / "corpus"),
                 "--qa", str(squad_slice / "qa.jsonl"), "--k", "1,5,20")
@@ -44,6 +45,7 @@ def test_bm25_and_dense_reports(squad_slice, tiny_encoder):
     assert d["gold_recall@20"] < b["gold_recall@20"]  # an untrained 2-layer model vs BM25
 
 
+@pytest.mark.slow
 def test_trec_run_file_is_the_ranking_behind_the_recall(squad_slice, tmp_path):
     """`retrieval --run-file` writes `QID Q0 BLOCK RANK SCORE RUN` lines that trec_eval reads:
     20 per question, ranks 1..20, scores not increasing, and the figures recomputed from it
@@ -88,6 +90,7 @@ def test_each_mode_has_its_own_help():
     assert openqa.returncode == 2 and "--model" in openqa.stderr
 
 
+@pytest.mark.slow
 def test_retrieval_accepts_a_run_directory(squad_slice, tiny_retriever, tmp_path):
     """`--retriever RUN_DIR` (a pretraining or ICT run) reads the run's `retriever/`."""
     run_dir = tmp_path / "run"
@@ -103,6 +106,7 @@ def test_retrieval_accepts_a_run_directory(squad_slice, tiny_retriever, tmp_path
         k: v for k, v in b.items() if "recall" in k}
 
 
+@pytest.mark.slow
 def test_ict_mode_bm25_finds_whole_sentences(squad_slice):
     out = _run("ict", "--bm25", "--corpus", str(squad_slice / "corpus"), "--holdout", "30", "--k", "1,5")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -110,6 +114,7 @@ def test_ict_mode_bm25_finds_whole_sentences(squad_slice):
     assert r["queries"] == 30 and r["ict_recall@5"] > 0.8  # the sentence is in its block
 
 
+@pytest.mark.slow
 def test_bad_qa_file_names_the_line(squad_slice, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q1", "answers": ["a"]}\n{"question": "q2", "answers": []}\n')
@@ -150,6 +155,7 @@ def test_reciprocal_rank_fusion_arithmetic():
         FusionSearcher([a])
 
 
+@pytest.mark.slow
 def test_fusion_of_bm25_and_a_retriever_from_the_cli(squad_slice, tiny_retriever):
     args = ("--corpus", str(squad_slice / "corpus"), "--qa", str(squad_slice / "qa.jsonl"),
             "--k", "1,5,20")
@@ -165,6 +171,7 @@ def test_fusion_of_bm25_and_a_retriever_from_the_cli(squad_slice, tiny_retriever
     assert bad.returncode == 2 and "--fuse-bm25" in bad.stderr
 
 
+@pytest.mark.slow
 def test_retrieval_compare_with_reports_the_paired_sign_test(squad_slice, tiny_retriever):
     """`retrieval --compare-with bm25` scores both on the same questions: per k, questions
     gained and lost, and the sign test; the figures agree with the two separate runs."""
@@ -187,6 +194,7 @@ def test_retrieval_compare_with_reports_the_paired_sign_test(squad_slice, tiny_r
     assert paired["gold"]["5"]["p_value"] < 0.01
 
 
+@pytest.mark.slow
 def test_compare_reports_paired_exact_match_and_refuses_other_questions(tmp_path):
     def write(name, rows):
         path = tmp_path / name

@@ -48,6 +48,7 @@ def test_k_past_the_index_size_pads_with_minus_one():
     assert np.isneginf(result.scores[0, 2:]).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory", ["HNSW16", "IVF8,Flat", "IVF8,PQ8"])
 def test_trained_factories_round_trip_and_recall(vectors, factory):
     base, queries = vectors

@@ -1,6 +1,7 @@
 """A decoder-only retriever (DRAMA's backbone): SmolLM2's first layers, last-token pooling, over
 a corpus cut with SmolLM2's tokenizer."""
 
+import pytest
 import numpy as np
 import torch
 
@@ -20,6 +21,7 @@ def test_last_token_pooling_reads_the_last_real_token():
     assert torch.equal(pool(hidden, mask, "last"), torch.stack([hidden[0, 1], hidden[1, 3]]))
 
 
+@pytest.mark.slow
 def test_a_decoder_only_retriever_trains_with_ict_and_pools_its_end_of_text(
         smollm2, shared_data, tmp_path):
     from realm.config import DataConfig, SpansConfig

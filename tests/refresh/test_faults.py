@@ -17,6 +17,10 @@ from realm.refresh.watcher import IndexWatcher
 from .conftest import (child_env, publish, refresher_cmd, run, start, summary, wait_for_log)
 
 
+#: end-to-end runs of the stage: the full suite (`pytest`) runs them, the fast tier does not
+pytestmark = pytest.mark.slow
+
+
 def _first_generation(run_dir, corpus, retriever):
     done = run(refresher_cmd(run_dir, corpus, "--retriever", retriever, "--once"))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -33,6 +33,7 @@ def _hook(run_dir, retriever_dir, corpus_fp, supervisor=None, **kw):
                        poll_s=0.1, **kw)
 
 
+@pytest.mark.slow
 def test_a_dead_refresher_ends_the_wait_for_generation_0_quoting_its_log(
         tiny_retriever, corpus_fp, tmp_path, monkeypatch):
     for key, value in child_env().items():
@@ -71,6 +72,7 @@ def _corrupt(store, generation):
         f.write(data[:-8] + b"\x00" * 8)
 
 
+@pytest.mark.slow
 def test_a_corrupt_newest_generation_falls_back_and_is_rebuilt(leads_corpus, tiny_retriever,
                                                               corpus_fp, tmp_path):
     run_dir = tmp_path / "run"
@@ -116,6 +118,7 @@ def _gone(pid):
         return True
 
 
+@pytest.mark.slow
 def test_a_refresher_whose_trainer_is_killed_exits_and_frees_the_run(leads_corpus,
                                                                      tiny_retriever, tmp_path):
     run_dir = tmp_path / "run"

@@ -4,6 +4,7 @@ import os
 import time
 import types
 
+import pytest
 import torch
 
 from realm.data.ict import ict_blocks
@@ -58,6 +59,7 @@ class TrainingPace:
         time.sleep(0.4)
 
 
+@pytest.mark.slow
 def test_hook_publishes_swaps_and_checkpoints_the_generation(leads_corpus, tiny_retriever,
                                                             tmp_path, monkeypatch):
     run_dir = str(tmp_path / "run")
@@ -80,6 +82,7 @@ def test_hook_publishes_swaps_and_checkpoints_the_generation(leads_corpus, tiny_
     assert leases["checkpoint-step-000012"]["generation"] in store.generations()
 
 
+@pytest.mark.slow
 def test_resume_loads_the_checkpointed_generation(leads_corpus, tiny_retriever, tmp_path,
                                                   monkeypatch):
     run_dir = str(tmp_path / "run")

@@ -5,6 +5,7 @@ import os
 import sys
 import time
 
+import pytest
 import numpy as np
 
 from realm.refresh.rundir import RunStore
@@ -12,6 +13,10 @@ from realm.refresh.supervisor import RefresherSupervisor
 from realm.refresh.watcher import IndexWatcher
 
 from .conftest import child_env, publish, refresher_cmd, run, summary
+
+
+#: end-to-end runs of the stage: the full suite (`pytest`) runs them, the fast tier does not
+pytestmark = pytest.mark.slow
 
 
 def test_supervised_refresher_hot_swaps_restarts_and_stops(leads_corpus, tiny_retriever,

@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+#: end-to-end runs of the stage: the full suite (`pytest`) runs them, the fast tier does not
+pytestmark = pytest.mark.slow
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 

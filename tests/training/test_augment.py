@@ -15,6 +15,10 @@ from realm.data.pairs import read_triplets
 from realm.data.store import BlockStore
 from realm.training.dpr import run_train_retriever
 
+#: end-to-end runs of the stage: the full suite (`pytest`) runs them, the fast tier does not
+pytestmark = pytest.mark.slow
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 

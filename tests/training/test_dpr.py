@@ -21,6 +21,10 @@ from realm.modeling.retriever import Retriever
 from realm.tracking import read_metrics
 from realm.training.dpr import AnswerMatcher, mine_pairs, run_train_retriever
 
+#: end-to-end runs of the stage: the full suite (`pytest`) runs them, the fast tier does not
+pytestmark = pytest.mark.slow
+
+
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 

@@ -50,6 +50,7 @@ def test_ict_examples_remove_the_query_sentence(leads_corpus):
     assert any(removed[i].query_ids.tolist() != kept[i].query_ids.tolist() for i in range(20))
 
 
+@pytest.mark.slow
 def test_ict_loss_falls_and_in_batch_accuracy_rises(leads_corpus, tiny_encoder, tmp_path):
     config = load_config(overrides=_overrides(leads_corpus, tiny_encoder, tmp_path / "run",
                                               **{"train.steps": 40, "train.eval_every": 40,
@@ -93,6 +94,7 @@ def test_resume_continues_exactly(leads_corpus, tiny_encoder, tmp_path):
     assert second["final_loss"] == pytest.approx(first["final_loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_two_ranks_share_negatives_and_end_equal(leads_corpus, tiny_encoder, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

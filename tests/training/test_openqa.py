@@ -18,6 +18,10 @@ from realm.modeling.span_reader import SpanReader
 from realm.modeling.retriever import Retriever
 from realm.retrieval.fixed import BM25Index, document_embeddings
 
+#: end-to-end runs of the stage: the full suite (`pytest`) runs them, the fast tier does not
+pytestmark = pytest.mark.slow
+
+
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 

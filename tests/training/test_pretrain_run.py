@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+#: end-to-end runs of the stage: the full suite (`pytest`) runs them, the fast tier does not
+pytestmark = pytest.mark.slow
+
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 40
 
