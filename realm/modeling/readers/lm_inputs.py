@@ -98,6 +98,31 @@ def find_window(body: np.ndarray, window: np.ndarray) -> int:
     return int(hits[0]) if len(hits) else -1
 
 
+def body_offsets(text: str, body: np.ndarray, encoding: Any) -> Optional[np.ndarray]:
+    """Character offsets ``[n, 2]`` of the store's word pieces ``body`` in ``text``, from the
+    re-tokenized ``encoding`` (ids and offsets); None where they disagree.
+
+    A block cut inside a word starts with continuation pieces (``##orn``), which the text
+    re-tokenizes differently (``or ##n``): only that first word may differ, and its pieces then
+    all span it. Everywhere else the ids must be the store's.
+    """
+    ids = np.asarray(encoding.ids, np.int64)
+    offsets = np.asarray(encoding.offsets, np.int64).reshape(-1, 2)  # [n_ids, 2]
+    if np.array_equal(ids, body):
+        return offsets
+    shift = len(ids) - len(body)
+    k = len(body)  # the first body index from which body and ids agree to the end
+    while k > 0 and k - 1 + shift >= 0 and body[k - 1] == ids[k - 1 + shift]:
+        k -= 1
+    if k == len(body) or k + shift <= 0:
+        return None
+    head_end = int(offsets[k + shift - 1, 1])  # the text's pieces before the agreement end here
+    if any(c.isspace() for c in text[:head_end].strip()):
+        return None  # more than the first word differs
+    head = np.tile(np.array([[0, head_end]], np.int64), (k, 1))  # [k, 2]
+    return np.concatenate([head, offsets[k + shift:]])
+
+
 def span_texts(batch: MLMBatch, store: BlockStore, encoder: Any, name: str) -> list[SpanText]:
     """Each example's window and masked span in its block's cased text.
 
@@ -116,13 +141,13 @@ def span_texts(batch: MLMBatch, store: BlockStore, encoder: Any, name: str) -> l
         text = store.text(block_id)
         body = np.asarray(store.body_ids(block_id), np.int64)
         encoding = encoder.encode(text, add_special_tokens=False)
-        if not np.array_equal(np.asarray(encoding.ids, np.int64), body):
+        offsets = body_offsets(text, body, encoding)  # [n_tokens, 2]
+        if offsets is None:
             raise ValueError(
                 f"masked example {i} (block {block_id} of {store.path}): the corpus tokenizer "
                 f"{name!r} cuts the block's text into word pieces that differ from the store's "
                 f"(cut by {store.tokenizer_name!r}); the reader maps spans to text through the "
                 f"tokenizer the corpus was built with")
-        offsets = np.asarray(encoding.offsets, np.int64).reshape(-1, 2)  # [n_tokens, 2]
         positions = np.asarray(batch.mask_positions[i], np.int64)
         n = int(batch.target_mask[i].sum())
         window = np.asarray(batch.query_ids[i], np.int64).copy()

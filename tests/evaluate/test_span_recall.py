@@ -1,0 +1,40 @@
+"""Held-out span recall: the held-out sentences, and recall@k against a direct computation."""
+
+import numpy as np
+import torch
+
+from realm.data.store import BlockStore
+from realm.evaluate.span_recall import HeldOutSpans, holds_run, span_recall
+from realm.modeling.embed import embed_blocks, embed_queries, special_ids
+from realm.modeling.retriever import Retriever
+
+
+def test_held_out_spans_are_fixed_one_per_block_each_with_its_span(spans_corpus):
+    store = BlockStore(spans_corpus)
+    held = HeldOutSpans.draw(store, 103, 20, 32, seed=0)
+    again = HeldOutSpans.draw(store, 103, 20, 32, seed=0)
+    assert len(held.examples) == 20 and len(set(held.blocks.tolist())) == 20
+    assert np.array_equal(held.blocks, again.blocks)
+    assert [e.block_id for e in held.examples] == held.blocks.tolist()
+    for e in held.examples:  # a salient span, masked, from its own block
+        assert e.masking == "salient_span" and len(e.target_ids) > 0
+        assert holds_run(store, e.block_id, np.asarray(e.target_ids, np.int64))
+
+
+def test_span_recall_equals_a_direct_computation(spans_corpus, tiny_retriever):
+    store = BlockStore(spans_corpus)
+    held = HeldOutSpans.draw(store, 103, 30, 32, seed=1)
+    torch.manual_seed(0)
+    retriever = Retriever.from_pretrained(tiny_retriever)
+    k = 5
+    got = span_recall(retriever, store, held, k, 64, 32, precision="fp32")
+    special = special_ids(retriever.tokenizer)
+    with torch.no_grad():
+        blocks, _ = embed_blocks(retriever, store, special, max_block_tokens=64, progress=False)
+        queries = embed_queries(retriever, [e.query_ids for e in held.examples], special, 32)
+    scores = queries @ blocks.T  # [n, n_blocks]
+    scores[np.arange(len(held.examples)), held.blocks] = -np.inf  # own block left out
+    top = np.argsort(-scores, axis=1)[:, :k]
+    want = np.mean([any(holds_run(store, int(b), np.asarray(e.target_ids)) for b in row)
+                    for e, row in zip(held.examples, top)])
+    assert 0 <= got <= 1 and got == want
