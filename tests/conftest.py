@@ -184,7 +184,13 @@ def lm_tokenizer(tmp_path_factory):
     return load_tokenizer(str(path))
 
 
-def make_tiny_lm(tokenizer, seed: int = 0):
+@pytest.fixture(scope="session")
+def make_tiny_lm():
+    """A builder of random 2-layer Llamas (hidden 32) over a tokenizer's vocabulary."""
+    return _tiny_lm
+
+
+def _tiny_lm(tokenizer, seed: int = 0):
     """A random 2-layer Llama (hidden 32) over the tokenizer's vocabulary."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_lm  # (tests/conftest.py: a random 2-layer Llama)
 from realm.data.blocks import word_piece_encoder
 from realm.data.mlm import MLMDataset, collate_mlm
 from realm.data.store import BlockStore
@@ -33,14 +32,19 @@ def spans(spans_corpus):
     return store, tok, batch, ids
 
 
-def make_reader(lm_tokenizer, store, **kwargs):
-    kwargs.setdefault("precision", "fp32")
-    return CausalLMReader(make_tiny_lm(lm_tokenizer), lm_tokenizer, store=store, **kwargs)
+@pytest.fixture(scope="module")
+def make_reader(lm_tokenizer, make_tiny_lm):
+    """``make_reader(store, **kwargs)``: a reader over a random tiny Llama (tests/conftest.py)."""
+    def build(store, **kwargs):
+        kwargs.setdefault("precision", "fp32")
+        return CausalLMReader(make_tiny_lm(lm_tokenizer), lm_tokenizer, store=store, **kwargs)
+
+    return build
 
 
-def test_scores_equal_a_hand_written_forward(lm_tokenizer, spans):
+def test_scores_equal_a_hand_written_forward(make_reader, lm_tokenizer, spans):
     store, _, batch, ids = spans
-    reader = make_reader(lm_tokenizer, store)
+    reader = make_reader(store)
     inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
     out = reader.read(inputs, batch)
     n, c = len(batch.target_ids), ids.shape[1] + 1
@@ -68,9 +72,9 @@ def test_scores_equal_a_hand_written_forward(lm_tokenizer, spans):
                                rtol=0, atol=0.1)
 
 
-def test_targets_only_logits_equal_the_full_logits(lm_tokenizer, spans):
+def test_targets_only_logits_equal_the_full_logits(make_reader, lm_tokenizer, spans):
     store, _, batch, ids = spans
-    reader = make_reader(lm_tokenizer, store)
+    reader = make_reader(store)
     inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
     with torch.no_grad():
         full = reader.lm(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
@@ -79,10 +83,10 @@ def test_targets_only_logits_equal_the_full_logits(lm_tokenizer, spans):
     torch.testing.assert_close(got, full.gather(1, index), rtol=1e-5, atol=1e-5)
 
 
-def test_offsets_map_spans_to_the_exact_cased_text(lm_tokenizer, spans, leads_corpus):
+def test_offsets_map_spans_to_the_exact_cased_text(make_reader, lm_tokenizer, spans, leads_corpus):
     store, corpus_tok, batch, ids = spans
     encoder = word_piece_encoder(corpus_tok)
-    reader = make_reader(lm_tokenizer, store)
+    reader = make_reader(store)
     inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
     cased = 0
     for i, s in enumerate(inputs.spans):
@@ -104,7 +108,7 @@ def test_offsets_map_spans_to_the_exact_cased_text(lm_tokenizer, spans, leads_co
     dataset = MLMDataset(leads, tok.mask_token_id, masking="random_token", max_query_tokens=32,
                          mask_prob=0.2, seed=0)
     batch = collate_mlm([dataset[i] for i in range(6)])
-    got = make_reader(lm_tokenizer, leads).build_inputs(
+    got = make_reader(leads).build_inputs(
         batch, None, None, None, 160, block_ids=np.full((6, 1), -1)).spans
     for i, s in enumerate(got):  # the word pieces inside the span's characters: first..last
         first = int(batch.query_starts[i]) + int(batch.mask_positions[i].min())
@@ -115,9 +119,9 @@ def test_offsets_map_spans_to_the_exact_cased_text(lm_tokenizer, spans, leads_co
         assert inside.tolist() == list(range(first, last + 1))
 
 
-def test_the_null_document_is_a_template_not_an_empty_prompt(lm_tokenizer, spans):
+def test_the_null_document_is_a_template_not_an_empty_prompt(make_reader, lm_tokenizer, spans):
     store, _, batch, ids = spans
-    reader = make_reader(lm_tokenizer, store)
+    reader = make_reader(store)
     inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
     c = ids.shape[1] + 1
     decode = lambda row: lm_tokenizer.decode(  # noqa: E731
@@ -143,9 +147,9 @@ def test_the_null_document_is_a_template_not_an_empty_prompt(lm_tokenizer, spans
         reader.build_inputs(batch, None, None, None, 12, block_ids=ids)
 
 
-def test_blank_layout_reads_the_whole_sentence(lm_tokenizer, spans):
+def test_blank_layout_reads_the_whole_sentence(make_reader, lm_tokenizer, spans):
     store, _, batch, ids = spans
-    reader = make_reader(lm_tokenizer, store, layout="blank")
+    reader = make_reader(store, layout="blank")
     inputs = reader.build_inputs(batch, None, None, None, 200, block_ids=ids)
     s, c = inputs.spans[0], ids.shape[1] + 1
     null = lm_tokenizer.decode(inputs.input_ids[c - 1][inputs.attention_mask[c - 1].bool()])
@@ -155,7 +159,7 @@ def test_blank_layout_reads_the_whole_sentence(lm_tokenizer, spans):
     assert torch.isfinite(reader.read(inputs, batch).log_p_y_given_z).all()
 
 
-def test_frozen_reader_takes_no_gradient_and_the_retriever_learns(lm_tokenizer, leads_corpus,
+def test_frozen_reader_takes_no_gradient_and_the_retriever_learns(make_reader, lm_tokenizer, leads_corpus,
                                                                   tiny_retriever):
     from realm.index.mips import MipsIndex
     from realm.modeling.embed import embed_blocks, special_ids
@@ -172,7 +176,7 @@ def test_frozen_reader_takes_no_gradient_and_the_retriever_learns(lm_tokenizer, 
     batch = collate_mlm([dataset[i] for i in range(4)])
     search = lambda q, k, e: index.search(q, k, exclude=e)  # noqa: E731
     for mode in ("frozen", "full"):
-        reader = make_reader(lm_tokenizer, store, mode=mode)
+        reader = make_reader(store, mode=mode)
         model = REALM(retriever, reader, store, special, k=3, max_query_tokens=32,
                       max_block_tokens=64, max_joined_tokens=128)
         model.train()
@@ -191,13 +195,13 @@ def test_frozen_reader_takes_no_gradient_and_the_retriever_learns(lm_tokenizer, 
         else:
             assert reader.lm.training and sum(float(g.abs().sum()) for g in lm_grads) > 0
     with pytest.raises(NotImplementedError, match="lora"):
-        make_reader(lm_tokenizer, store, mode="lora")
+        make_reader(store, mode="lora")
 
 
-def test_a_tokenizer_whose_offsets_disagree_with_the_store_names_the_example(lm_tokenizer,
+def test_a_tokenizer_whose_offsets_disagree_with_the_store_names_the_example(make_reader, lm_tokenizer,
                                                                             spans):
     store, _, batch, ids = spans
-    reader = make_reader(lm_tokenizer, store, corpus_tokenizer=lm_tokenizer)
+    reader = make_reader(store, corpus_tokenizer=lm_tokenizer)
     block = int(batch.block_ids[0])
     with pytest.raises(ValueError, match=rf"example 0 \(block {block} .*"
                                          rf"{lm_tokenizer.name_or_path}.*"
@@ -207,7 +211,7 @@ def test_a_tokenizer_whose_offsets_disagree_with_the_store_names_the_example(lm_
         reader.build_inputs(batch, None, None, None, 160)
 
 
-def test_predictions_are_span_exact_match(lm_tokenizer, spans):
+def test_predictions_are_span_exact_match(make_reader, lm_tokenizer, spans):
     """A row is the example's word pieces where the greedy tokens reproduce the span (the
     terminator aside) under the most probable candidate / the null document, else -1."""
     _, _, batch, _ = spans
@@ -223,7 +227,7 @@ def test_predictions_are_span_exact_match(lm_tokenizer, spans):
                               target_ids=target_ids)
     out = ReaderOutput(torch.zeros(b, c), torch.zeros(b, c, m), details=details)
     log_p_z = torch.log_softmax(torch.tensor([[0., 5., 0.], [0., 0., 5.], [0., 5., 0.]]), 1)
-    reader = make_reader(lm_tokenizer, None)
+    reader = make_reader(None)
     predicted, null = reader.predict(out, log_p_z)
     miss = torch.full_like(target_ids[0], -1)
     for got, want in [(predicted, [target_ids[0], target_ids[1], miss]),
@@ -231,11 +235,11 @@ def test_predictions_are_span_exact_match(lm_tokenizer, spans):
         torch.testing.assert_close(got, torch.stack(want))
 
 
-def test_save_and_load_a_transformers_directory(lm_tokenizer, spans, tmp_path):
+def test_save_and_load_a_transformers_directory(make_reader, lm_tokenizer, spans, tmp_path):
     from transformers import AutoModelForCausalLM
 
     store, _, batch, ids = spans
-    reader = make_reader(lm_tokenizer, store, layout="blank")
+    reader = make_reader(store, layout="blank")
     path = reader.save_pretrained(tmp_path / "reader", metadata={"step": 3})
     assert isinstance(AutoModelForCausalLM.from_pretrained(path), type(reader.lm))
     loaded = load_reader(str(path))

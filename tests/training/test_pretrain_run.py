@@ -404,14 +404,13 @@ def test_a_given_reader_starts_the_run_and_a_zero_reader_lr_holds_it_fixed(
 
 
 def test_a_causal_lm_reader_reads_the_run_frozen_and_the_retriever_learns(
-        spans_corpus, tiny_retriever, tiny_encoder, lm_tokenizer, tmp_path):
+        spans_corpus, tiny_retriever, tiny_encoder, lm_tokenizer, make_tiny_lm, tmp_path):
     """``pretrain.reader_type=causal_lm``: a causal LM (here a random 2-layer Llama with
     SmolLM2's tokenizer) scores the spans; frozen, it leaves the run as it came, the retriever
     trains, and the run's ``encoder/`` loads with ``AutoModelForCausalLM``."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from conftest import make_tiny_lm
     from realm.modeling.retriever import Retriever
 
     lm_dir = tmp_path / "tiny-lm"
