@@ -35,10 +35,12 @@ class HeldOutSpans:
     @classmethod
     def draw(cls, store: BlockStore, mask_id: int, n: int, max_query_tokens: int,
              seed: int = 0) -> "HeldOutSpans":
-        """``n`` blocks with a salient span, at random (``seed``), one masked sentence each."""
+        """``n`` blocks with a salient span (at most a fifth of them, so that training keeps the
+        rest), at random (``seed``), one masked sentence each."""
         candidates = mlm_blocks(store, with_spans=True)  # blocks with a salient span
         rng = np.random.default_rng(seed + 7919)  # (not the training sampler's stream)
-        blocks = np.sort(rng.choice(candidates, size=min(n, len(candidates)), replace=False))
+        size = min(n, len(candidates) // 5)
+        blocks = np.sort(rng.choice(candidates, size=size, replace=False))
         dataset = MLMDataset(store, mask_id, block_ids=blocks, masking="salient_span",
                              max_query_tokens=max_query_tokens, seed=seed)
         return cls([dataset[i] for i in range(len(dataset))], blocks.astype(np.int64))

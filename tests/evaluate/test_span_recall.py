@@ -3,6 +3,7 @@
 import numpy as np
 import torch
 
+from realm.data.mlm import mlm_blocks
 from realm.data.store import BlockStore
 from realm.evaluate.span_recall import HeldOutSpans, holds_run, span_recall
 from realm.modeling.embed import embed_blocks, embed_queries, special_ids
@@ -11,9 +12,11 @@ from realm.modeling.retriever import Retriever
 
 def test_held_out_spans_are_fixed_one_per_block_each_with_its_span(spans_corpus):
     store = BlockStore(spans_corpus)
-    held = HeldOutSpans.draw(store, 103, 20, 32, seed=0)
-    again = HeldOutSpans.draw(store, 103, 20, 32, seed=0)
-    assert len(held.examples) == 20 and len(set(held.blocks.tolist())) == 20
+    held = HeldOutSpans.draw(store, 103, 8, 32, seed=0)
+    again = HeldOutSpans.draw(store, 103, 8, 32, seed=0)
+    assert len(held.examples) == 8 and len(set(held.blocks.tolist())) == 8
+    with_spans = mlm_blocks(store, with_spans=True)
+    assert len(HeldOutSpans.draw(store, 103, 1000, 32).examples) == len(with_spans) // 5
     assert np.array_equal(held.blocks, again.blocks)
     assert [e.block_id for e in held.examples] == held.blocks.tolist()
     for e in held.examples:  # a salient span, masked, from its own block
@@ -23,7 +26,7 @@ def test_held_out_spans_are_fixed_one_per_block_each_with_its_span(spans_corpus)
 
 def test_span_recall_equals_a_direct_computation(spans_corpus, tiny_retriever):
     store = BlockStore(spans_corpus)
-    held = HeldOutSpans.draw(store, 103, 30, 32, seed=1)
+    held = HeldOutSpans.draw(store, 103, 30, 32, seed=1)  # (a fifth of the blocks: 11)
     torch.manual_seed(0)
     retriever = Retriever.from_pretrained(tiny_retriever)
     k = 5
