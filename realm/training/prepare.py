@@ -65,6 +65,24 @@ def _run_warm_start(cmd: list[str], what: str) -> None:
     logger.info("%s: %s", what, done.stdout.strip().splitlines()[-1])
 
 
+def _warm_start_train(train, run_dir: str, steps: int, batch_size: int, lr: float,
+                      saves: int):
+    """The ``train`` section of a warm start run as its own stage: ``steps`` at ``lr`` (a tenth
+    of them warm-up), one micro-batch a step, no evaluation, ``saves`` checkpoints."""
+    return dataclasses.replace(train, run_dir=run_dir, steps=steps, batch_size=batch_size,
+                               lr=lr, grad_accum=1, warmup_steps=max(1, steps // 10),
+                               eval_every=0, save_every=max(1, steps // saves))
+
+
+def _spawn_stage(stage: str, config, run_dir: str, what: str) -> None:
+    """Run ``python -m realm STAGE`` on ``config`` (wandb off), saved beside ``run_dir`` in the
+    cache, as its own process (:func:`_run_warm_start`)."""
+    config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, wandb=False))
+    path = save_config(config, config.cache_dir, f"{os.path.basename(run_dir)}.yaml")
+    _run_warm_start([sys.executable, "-m", "realm", stage, "--no-progress", "--config", path],
+                    what)
+
+
 def prepare_retriever(config, corpus: str, encoder: str) -> str:
     """``pretrain.retriever``, or an ICT warm start of ``encoder`` on ``corpus`` (cached).
 
@@ -125,16 +143,11 @@ def prepare_dpr_retriever(config, corpus: str) -> str:
             config, corpus=corpus,
             retriever_training=dataclasses.replace(d, train_qa=train_qa, dev_qa=None,
                                                    regex=o.regex, evaluate_before=False),
-            train=dataclasses.replace(config.train, run_dir=run_dir, steps=steps,
-                                      batch_size=o.dpr_batch_size, lr=o.dpr_lr, grad_accum=1,
-                                      warmup_steps=max(1, steps // 10), eval_every=0,
-                                      save_every=max(1, steps // 3)),
-            logging=dataclasses.replace(config.logging, wandb=False))
-        path = save_config(dpr, config.cache_dir, f"{os.path.basename(run_dir)}.yaml")
+            train=_warm_start_train(config.train, run_dir, steps, o.dpr_batch_size, o.dpr_lr,
+                                    saves=3))
         logger.info("openqa.retriever=dpr: training a DPR retriever (%d steps) into %s", steps,
                     run_dir)
-        cmd = [sys.executable, "-m", "realm", "train_retriever", "--no-progress", "--config", path]
-        _run_warm_start(cmd, "the DPR retriever")
+        _spawn_stage("train_retriever", dpr, run_dir, "the DPR retriever")
 
     build_once(os.path.join(out, "manifest.json"), build, "the DPR retriever")
     return out
@@ -163,13 +176,10 @@ def prepare_qa_reader(config) -> Optional[str]:
     def build() -> None:
         fine_tune = dataclasses.replace(
             warm, cache_dir=cache_dir, openqa=dataclasses.replace(warm.openqa, dev_qa=None),
-            train=dataclasses.replace(warm.train, run_dir=run_dir),
-            logging=dataclasses.replace(warm.logging, wandb=False))
-        path = save_config(fine_tune, cache_dir, f"{os.path.basename(run_dir)}.yaml")
+            train=dataclasses.replace(warm.train, run_dir=run_dir))
         logger.info("openqa.reader_warm_start: fine-tuning a reader with %s (%d steps) into %s",
                     source, fine_tune.train.steps, run_dir)
-        cmd = [sys.executable, "-m", "realm", "finetune_openqa", "--no-progress", "--config", path]
-        _run_warm_start(cmd, "the reader's warm start")
+        _spawn_stage("finetune_openqa", fine_tune, run_dir, "the reader's warm start")
 
     build_once(os.path.join(out, "manifest.json"), build, "the warm-started reader")
     return out
@@ -200,16 +210,11 @@ def prepare_adapted_encoder(config, corpus: str, encoder: str) -> str:
         adapt = dataclasses.replace(
             config, corpus=corpus,
             mlm=dataclasses.replace(m, encoder=encoder, encoder_layers=None),
-            train=dataclasses.replace(config.train, run_dir=run_dir, steps=steps,
-                                      batch_size=p.mlm_batch_size, lr=p.mlm_lr, grad_accum=1,
-                                      warmup_steps=max(1, steps // 10), eval_every=0,
-                                      save_every=max(1, steps // 4)),
-            logging=dataclasses.replace(config.logging, wandb=False))
-        path = save_config(adapt, config.cache_dir, f"{os.path.basename(run_dir)}.yaml")
+            train=_warm_start_train(config.train, run_dir, steps, p.mlm_batch_size, p.mlm_lr,
+                                    saves=4))
         logger.info("%s has no trained masked-LM head: MLM adaptation (%d steps) into %s",
                     encoder, steps, run_dir)
-        cmd = [sys.executable, "-m", "realm", "adapt_mlm", "--no-progress", "--config", path]
-        _run_warm_start(cmd, "the MLM adaptation")
+        _spawn_stage("adapt_mlm", adapt, run_dir, "the MLM adaptation")
 
     build_once(os.path.join(out, "manifest.json"), build, "the MLM-adapted encoder")
     return out
