@@ -116,6 +116,43 @@ def realm_token_marginal_loss(
     return -(per_token * mask).sum() / mask.sum().clamp(min=1), log_p_z
 
 
+def pdist_loss(scores: torch.Tensor, log_p_y_given_z: torch.Tensor, num_targets: torch.Tensor,
+               valid: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Atlas's perplexity distillation (PDist): ``KL(p_reader || p_retriever)`` over each
+    example's retrieved blocks.
+
+    The reader's posterior over the ``k`` blocks is ``softmax_z(log p(y|z, x) / |y| / τ)`` (the
+    mean log-probability of a target token, so long spans weigh no more than short ones; no
+    gradient), the retriever's ``softmax_z f(x, z)``; blocks that are not ``valid`` (fewer found)
+    take part in neither.
+
+    Args:
+        scores: ``f(x, z)`` of the retrieved blocks, ``[B, k]``.
+        log_p_y_given_z: ``log p(y|z, x)`` of the same blocks, ``[B, k]`` (detached here).
+        num_targets: Target tokens each example's ``log p(y|z, x)`` sums over, ``[B]``.
+        valid: True where a block was found, ``[B, k]`` bool.
+        temperature: ``τ`` of the reader's posterior (smaller: sharper).
+
+    Returns:
+        The batch mean of the KL divergence (float32); 0 for a batch with no valid block.
+    """
+    if scores.shape != log_p_y_given_z.shape or scores.shape != valid.shape or scores.dim() != 2:
+        raise ValueError(f"expected three [B, k] tensors, got {tuple(scores.shape)}, "
+                         f"{tuple(log_p_y_given_z.shape)} and {tuple(valid.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    per_token = log_p_y_given_z.detach().float() / num_targets.float().clamp(min=1)[:, None]
+    target_logits = (per_token / temperature).masked_fill(~valid, float("-inf"))  # [B, k]
+    rows = valid.any(dim=1)  # [B]: examples with at least one block
+    if not rows.any():
+        return scores.sum() * 0.0
+    log_target = torch.log_softmax(target_logits[rows], dim=-1)  # [R, k]
+    log_retriever = torch.log_softmax(scores[rows].float().masked_fill(~valid[rows], -1e4), -1)
+    kl = torch.where(valid[rows], log_target.exp() * (log_target - log_retriever),
+                     torch.zeros_like(log_retriever))  # [R, k]
+    return kl.sum(dim=1).mean()
+
+
 def retrieval_utility(log_p_y_given_z: torch.Tensor, null_index: int = -1) -> torch.Tensor:
     """Retrieval utility ``RU(z, x) = log p(y|z, x) - log p(y|∅, x)`` of each retrieved block.
 

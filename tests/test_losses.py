@@ -9,6 +9,7 @@ from realm.losses import (
     expected_retrieval_utility,
     in_batch_nce,
     null_probability,
+    pdist_loss,
     realm_marginal_loss,
     retrieval_entropy,
     retrieval_utility,
@@ -234,3 +235,26 @@ def test_span_marginal_loss_shared_normalization_equals_brute_force():
     assert s.grad[:, 1:][valid[:, 1:]].abs().sum() > 0
     with pytest.raises(ValueError, match="normalization"):
         span_marginal_loss(r, s, valid, answer, normalization="global")
+
+
+def test_pdist_loss_equals_direct_computation():
+    """KL(softmax(log p(y|z, x) / |y| / τ) || softmax(f)) over the found blocks, batch mean;
+    gradients reach the scores only."""
+    torch.manual_seed(0)
+    scores = torch.randn(3, 4, requires_grad=True)
+    log_p_y = -torch.rand(3, 4, requires_grad=True) * 10
+    counts = torch.tensor([2, 5, 1])
+    valid = torch.tensor([[True] * 4, [True, True, True, False], [False] * 4])
+    loss = pdist_loss(scores, log_p_y, counts, valid, temperature=0.5)
+    total = 0.0
+    for b in range(2):  # the third example has no block: left out of the mean
+        m = valid[b]
+        target = torch.softmax(log_p_y[b, m].detach() / counts[b] / 0.5, 0)
+        retriever = torch.log_softmax(scores[b, m], 0)
+        total = total + (target * (target.log() - retriever)).sum()
+    torch.testing.assert_close(loss, total / 2)
+    loss.backward()
+    assert scores.grad is not None and log_p_y.grad is None
+    assert torch.all(scores.grad[2] == 0) and scores.grad[1, 3] == 0
+    with pytest.raises(ValueError, match="temperature"):
+        pdist_loss(scores, log_p_y, counts, valid, temperature=0)

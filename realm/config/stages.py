@@ -50,7 +50,7 @@ class PretrainConfig:
         "one keeps p(z|x) from collapsing onto noise before the reader learns to use z).",
         default=1.0,
     )
-    retriever_signal: Literal["marginal", "relative", "positive"] = doc(
+    retriever_signal: Literal["marginal", "relative", "positive", "pdist"] = doc(
         "What the retriever learns from. `marginal` (REALM): the gradient of the marginal loss "
         "over the k retrieved blocks and the null document. `relative`: the reader's gradient is "
         "the same, but the query and document encoders learn only how the k retrieved blocks "
@@ -58,9 +58,21 @@ class PretrainConfig:
         "document's score gets no gradient, so the shared step toward it that a reader which "
         "trusts wrong blocks produces is gone. `positive`: as `relative`, with a block that "
         "reads worse than the null document counted as the null document (only retrieval "
-        "utility above 0 ranks). The loss value is REALM's in every case.",
+        "utility above 0 ranks). `pdist` (Atlas's perplexity distillation): the KL divergence "
+        "from the reader's length-normalised posterior over the k blocks, "
+        "softmax(log p(y|z,x) / |y| / pdist_temperature), to the retriever's. In every signal but "
+        "`marginal` the retriever's target is detached (EMDR2-style). The loss value is REALM's "
+        "in every case.",
         default="marginal",
     )
+    pdist_temperature: float = doc(
+        "Temperature of `retriever_signal: pdist`'s reader posterior (per-token nats; smaller "
+        "is sharper).", default=1.0)
+    signal_control: Literal["none", "shuffled"] = doc(
+        "`shuffled`: the control run in which the retriever's target log p(y|z,x) is permuted "
+        "at random among each example's retrieved blocks (the same steps and loss without the "
+        "reader's information; a gain that survives it is not the reader's). `none`: the real "
+        "signal.", default="none")
     vocab_chunk: int = doc(
         "Score the masked targets over the vocabulary in chunks of this many words (the "
         "target log-probability as logsumexp minus the gathered target logit, each chunk's "
@@ -158,6 +170,8 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         check(self.k > 0, "pretrain.k", f"must be > 0, got {self.k}")
+        check(self.pdist_temperature > 0, "pretrain.pdist_temperature",
+              f"must be > 0, got {self.pdist_temperature}")
         check(self.rerank_candidates == 0 or self.rerank_candidates >= self.k,
                "pretrain.rerank_candidates",
                f"must be 0 or >= pretrain.k ({self.k}), got {self.rerank_candidates}")

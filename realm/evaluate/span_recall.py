@@ -59,6 +59,18 @@ def span_recall(retriever: Retriever, store: BlockStore, held: HeldOutSpans, k: 
     out when the examples come from ``store`` itself) hold their masked span."""
     if not held.examples:
         return float("nan")
+    return float(np.mean(span_hits(retriever, store, held, k, max_block_tokens,
+                                   max_query_tokens, precision, examples_store)))
+
+
+def span_hits(retriever: Retriever, store: BlockStore, held: HeldOutSpans, k: int,
+              max_block_tokens: int, max_query_tokens: int, precision: str = "auto",
+              examples_store: Optional[BlockStore] = None) -> np.ndarray:
+    """Per held-out example, whether its top ``k`` blocks hold its span: ``[n]`` bool, in
+    ``held``'s order (two retrievers' hits pair up for a sign test,
+    :func:`realm.metrics.paired_recall`)."""
+    if not held.examples:
+        return np.zeros(0, dtype=bool)
     device = next(retriever.parameters()).device
     bf16 = autocast_dtype(precision, device) == "bf16"
     special = special_ids(retriever.tokenizer)
@@ -70,6 +82,5 @@ def span_recall(retriever: Retriever, store: BlockStore, held: HeldOutSpans, k: 
     index = MipsIndex.build(emb)
     own = examples_store is None or examples_store is store
     found = index.search(queries, k, exclude=held.blocks if own else None).block_ids  # [n, k]
-    hits = [any(b >= 0 and holds_run(store, int(b), np.asarray(e.target_ids, np.int64))
-                for b in row) for e, row in zip(held.examples, found)]
-    return float(np.mean(hits))
+    return np.array([any(b >= 0 and holds_run(store, int(b), np.asarray(e.target_ids, np.int64))
+                         for b in row) for e, row in zip(held.examples, found)], dtype=bool)

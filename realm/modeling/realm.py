@@ -30,14 +30,16 @@ from realm.data.mlm import MLMBatch
 from realm.data.store import BlockStore
 from realm.index.mips import SearchResult
 from realm.index.sharded import merge_top_k
-from realm.losses import realm_marginal_loss, realm_token_marginal_loss
+from realm.losses import pdist_loss, realm_marginal_loss, realm_token_marginal_loss
 from realm.modeling.inputs import EncoderInputs, build_block_inputs, build_query_inputs
 from realm.modeling.modes import eval_mode
 from realm.modeling.readers.base import Reader
 from realm.modeling.retriever import Retriever
 
 #: How the retriever learns from the masked-LM signal (see :class:`REALM`).
-RETRIEVER_SIGNALS = ("marginal", "relative", "positive")
+RETRIEVER_SIGNALS = ("marginal", "relative", "positive", "pdist")
+#: The retriever's target as the reader gives it, or shuffled among the blocks (a control).
+SIGNAL_CONTROLS = ("none", "shuffled")
 
 #: ``searcher(query_embeddings [B, dim] float32, k, exclude [B]) -> SearchResult``
 Searcher = Callable[[np.ndarray, int, np.ndarray], SearchResult]
@@ -117,7 +119,12 @@ class REALM(nn.Module):
             the null document's (a block that hurts ranks like one that does nothing; with
             ``min_ru`` > 0, so does one whose retrieval utility is at most ``min_ru``; an example
             none of whose blocks reads better than that gives the retriever no gradient).
-            The loss value is REALM's in every case.
+            ``pdist`` (Atlas's perplexity distillation): the retriever's distribution over the
+            ``k`` blocks is pulled toward the reader's length-normalised posterior
+            (:func:`realm.losses.pdist_loss`, temperature ``pdist_temperature``).
+            The loss value is REALM's in every case; in every signal but ``marginal`` the
+            retriever's target ``p(y|z, x)`` is detached (EMDR2-style), so a reader that trains
+            learns from the marginal alone.
         freeze_reader: The reader does not train (no gradient, eval mode):
             the retriever learns from a fixed reader.
         marginal: ``example`` (the paper): ``-log Σ_z p(z|x) p(y|z, x)`` with ``p(y|z, x)`` the
@@ -129,6 +136,11 @@ class REALM(nn.Module):
         rerank_candidates: Retrieve this many blocks (>= k) from the (stale) index, re-embed
             them with the current document encoder (no gradient) and keep the best k by the
             fresh scores (Atlas's ``retrieve_with_rerank``); 0: the index's top k as they are.
+        pdist_temperature: ``τ`` of ``pdist``'s reader posterior.
+        signal_control: ``none``, or ``shuffled``: the control in which the retriever's target
+            ``p(y|z, x)`` is permuted at random among each example's retrieved blocks (the
+            same steps and loss, without the reader's information); the reader's loss is not.
+        seed: Seeds the control's permutations.
     """
 
     def __init__(self, retriever: Retriever, encoder: Reader,
@@ -137,7 +149,8 @@ class REALM(nn.Module):
                  max_joined_tokens: int = 352, exclude_source: bool = True,
                  retriever_signal: str = "marginal", min_ru: float = 0.0,
                  freeze_reader: bool = False, marginal: str = "example", vocab_chunk: int = 0,
-                 rerank_candidates: int = 0):
+                 rerank_candidates: int = 0, pdist_temperature: float = 1.0,
+                 signal_control: str = "none", seed: int = 0):
         super().__init__()
         if rerank_candidates and rerank_candidates < k:
             raise ValueError(f"rerank_candidates ({rerank_candidates}) must be 0 or >= k ({k})")
@@ -161,6 +174,12 @@ class REALM(nn.Module):
         self.exclude_source = exclude_source
         self.retriever_signal = retriever_signal
         self.min_ru = min_ru
+        if signal_control not in SIGNAL_CONTROLS:
+            raise ValueError(f"signal_control must be one of {SIGNAL_CONTROLS}, got "
+                             f"{signal_control!r}")
+        self.signal_control = signal_control
+        self.shuffle_generator = torch.Generator().manual_seed(seed)
+        self.pdist_temperature = pdist_temperature
         self.freeze_reader = freeze_reader
         if freeze_reader:
             self.encoder.requires_grad_(False)
@@ -259,6 +278,18 @@ class REALM(nn.Module):
             assembled = self.assemble(batch, found.block_ids)
         return Retrieved(found, assembled)
 
+    def shuffle(self, log_p_y: torch.Tensor, token_log_probs: torch.Tensor, valid: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shuffled-signal control: ``log p(y|z, x)`` ``[B, k + 1]`` (and its tokens'
+        ``[B, k + 1, M]``) permuted at random among each example's found blocks (``valid``
+        ``[B, k]``, found ones first); the null document keeps its own."""
+        n, k = valid.shape
+        keys = torch.rand(n, k, generator=self.shuffle_generator).to(valid.device)
+        order = torch.argsort(keys.masked_fill(~valid, 2.0), dim=1)  # found blocks among selves
+        order = torch.cat([order, torch.full((n, 1), k, device=valid.device)], dim=1)  # [B, k+1]
+        return (log_p_y.gather(1, order),
+                token_log_probs.gather(1, order[:, :, None].expand_as(token_log_probs)))
+
     def forward(self, batch: MLMBatch, searcher: Searcher,
                 prefetched: Optional[Retrieved] = None) -> REALMOutput:
         """One step's loss. ``prefetched``: the batch's search (and, without re-ranking, its
@@ -288,23 +319,36 @@ class REALM(nn.Module):
         out = self.encoder.read(assembled.reader_inputs, batch)
         log_p_y = out.log_p_y_given_z  # [B, k + 1]
 
-        def marginal_loss(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        token_mask = (out.target_mask if out.target_mask is not None
+                      else batch.target_mask).to(device)  # [B, M], in the reader's tokens
+
+        def marginal_loss(logits: torch.Tensor, log_p_y: torch.Tensor, token_log_probs: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
             if self.marginal == "token":  # per masked token, averaged (the released code)
-                return realm_token_marginal_loss(logits, out.token_log_probs,
-                                                 batch.target_mask.to(device))
+                return realm_token_marginal_loss(logits, token_log_probs, token_mask)
             return realm_marginal_loss(logits, log_p_y)  # per example (the paper)
 
-        if self.retriever_signal != "marginal" and self.k > 0:  # (k = 0: the null-only control)
-            # the reader sees p(z|x) as a constant; the retriever sees p(y|z, x) as one and
-            # only the k retrieved blocks, so no step moves every query toward the null document
-            loss, log_p_z = marginal_loss(retrieval_logits.detach())
-            target, null = log_p_y[:, :-1].detach(), log_p_y[:, -1:].detach()
-            if self.retriever_signal == "positive":  # hurting is nothing
-                target = torch.where(target - null > self.min_ru, target, null)
-            rank_loss, _ = realm_marginal_loss(scores, target)
-            loss = loss + (rank_loss - rank_loss.detach())
+        if self.k == 0 or (self.retriever_signal == "marginal" and self.signal_control == "none"):
+            # REALM's joint gradient (k = 0: the null-only control)
+            loss, log_p_z = marginal_loss(retrieval_logits, log_p_y, out.token_log_probs)
         else:
-            loss, log_p_z = marginal_loss(retrieval_logits)
+            # the reader sees p(z|x) as a constant; the retriever sees p(y|z, x) as one
+            loss, log_p_z = marginal_loss(retrieval_logits.detach(), log_p_y, out.token_log_probs)
+            target, token_target = log_p_y.detach(), out.token_log_probs.detach()
+            if self.signal_control == "shuffled":  # the control: the reader's information gone
+                target, token_target = self.shuffle(target, token_target, valid)
+            if self.retriever_signal == "marginal":
+                rank_loss, _ = marginal_loss(retrieval_logits, target, token_target)
+            elif self.retriever_signal == "pdist":
+                rank_loss = pdist_loss(scores, target[:, :-1], token_mask.sum(1), valid,
+                                       self.pdist_temperature)
+            else:  # relative, positive: only the k retrieved blocks rank, null held out
+                blocks_target, null = target[:, :-1], target[:, -1:]
+                if self.retriever_signal == "positive":  # hurting is nothing
+                    blocks_target = torch.where(blocks_target - null > self.min_ru,
+                                                blocks_target, null)
+                rank_loss, _ = realm_marginal_loss(scores, blocks_target)
+            loss = loss + (rank_loss - rank_loss.detach())  # the value stays REALM's
         predictions, null_predictions = self.encoder.predict(out, log_p_z.detach())
         return REALMOutput(retrieval_logits=retrieval_logits, log_p_y_given_z=log_p_y,
                            mlm_logits=out.logits, block_ids=torch.from_numpy(ids),

@@ -25,8 +25,9 @@ from realm.config import save_config
 from realm.data.mlm import MLMBatch, MLMDataset, collate_mlm, mlm_blocks
 from realm.data.store import BlockStore, check_tokenizer
 from realm.fsutil import sha256_file
-from realm.evaluate.span_recall import HeldOutSpans, span_recall
+from realm.evaluate.span_recall import HeldOutSpans, span_hits
 from realm.index.mips import SearchResult
+from realm.metrics import paired_recall
 from realm.modeling.embed import special_ids
 from realm.modeling.readers import CausalLMReader, load_reader
 from realm.modeling.realm import REALM, REALMOutput, Searcher
@@ -244,7 +245,9 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
                   freeze_reader=p.reader_lr_scale == 0 or (p.reader_type == "causal_lm"
                                                            and p.lm_mode == "frozen"),
                   marginal=p.marginal, vocab_chunk=p.vocab_chunk,
-                  rerank_candidates=p.rerank_candidates)
+                  rerank_candidates=p.rerank_candidates,
+                  pdist_temperature=p.pdist_temperature, signal_control=p.signal_control,
+                  seed=config.seed)
     if p.gradient_checkpointing:
         encoder.enable_gradient_checkpointing()
     held = (HeldOutSpans.draw(examples_store, retriever.tokenizer.mask_token_id,
@@ -319,10 +322,16 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     records = read_metrics(t.run_dir) if is_main else []
     recall: dict[str, Optional[float]] = {}
     if is_main and held is not None and not p.null_only:
-        for name, path in (("start", retriever_dir), ("end", os.path.join(t.run_dir, "retriever"))):
-            recall[f"span_recall_{name}"] = round(span_recall(
-                Retriever.from_pretrained(path), store, held, p.k, r.max_block_tokens,
-                r.max_query_tokens, config.refresh.precision, examples_store), 4)
+        hits = {name: span_hits(Retriever.from_pretrained(path), store, held, p.k,
+                                r.max_block_tokens, r.max_query_tokens, config.refresh.precision,
+                                examples_store)
+                for name, path in (("start", retriever_dir),
+                                   ("end", os.path.join(t.run_dir, "retriever")))}
+        if len(held.examples):  # paired on the same sentences: gained, lost, sign test
+            paired = paired_recall(hits["start"][:, None], hits["end"][:, None], [1])["1"]
+            recall = {"span_recall_start": paired["before"], "span_recall_end": paired["after"],
+                      "span_recall_gained": paired["gained"], "span_recall_lost": paired["lost"],
+                      "span_recall_p": paired["p_value"]}
     ru = [x["ru_expected"] for x in records if "ru_expected" in x]
     quarters = quarter_means(records, t.steps, {
         "ru": "ru_expected", "masked_accuracy": "masked_accuracy",

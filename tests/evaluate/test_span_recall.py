@@ -5,7 +5,7 @@ import torch
 
 from realm.data.mlm import mlm_blocks
 from realm.data.store import BlockStore
-from realm.evaluate.span_recall import HeldOutSpans, holds_run, span_recall
+from realm.evaluate.span_recall import HeldOutSpans, holds_run, span_hits, span_recall
 from realm.modeling.embed import embed_blocks, embed_queries, special_ids
 from realm.modeling.retriever import Retriever
 
@@ -38,6 +38,8 @@ def test_span_recall_equals_a_direct_computation(spans_corpus, tiny_retriever):
     scores = queries @ blocks.T  # [n, n_blocks]
     scores[np.arange(len(held.examples)), held.blocks] = -np.inf  # own block left out
     top = np.argsort(-scores, axis=1)[:, :k]
-    want = np.mean([any(holds_run(store, int(b), np.asarray(e.target_ids)) for b in row)
-                    for e, row in zip(held.examples, top)])
-    assert 0 <= got <= 1 and got == want
+    want = [any(holds_run(store, int(b), np.asarray(e.target_ids)) for b in row)
+            for e, row in zip(held.examples, top)]
+    assert 0 <= got <= 1 and got == np.mean(want)
+    hits = span_hits(retriever, store, held, k, 64, 32, precision="fp32")  # per sentence, paired
+    assert hits.dtype == bool and hits.tolist() == want

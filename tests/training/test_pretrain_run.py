@@ -73,6 +73,12 @@ def test_run_swaps_generations_and_writes_its_run_directory(run):
     # held-out span recall of the warm start and of the final retriever (pretrain.k = 3)
     assert summary["span_recall_examples"] > 0
     assert 0 <= summary["span_recall_start"] <= 1 and 0 <= summary["span_recall_end"] <= 1
+    # paired on the same sentences: what the end hits that the start missed, and the reverse
+    n = summary["span_recall_examples"]
+    gained, lost = summary["span_recall_gained"], summary["span_recall_lost"]
+    assert round(summary["span_recall_end"] - summary["span_recall_start"], 4) == round(
+        (gained - lost) / n, 4)
+    assert 0 < summary["span_recall_p"] <= 1
     for name in ("config.yaml", "metrics.jsonl", "index/LATEST", "encoders/LATEST", "DONE",
                  f"checkpoints/step-{STEPS:06d}/manifest.json", "retriever/manifest.json",
                  "encoder/manifest.json", "refresher.log"):

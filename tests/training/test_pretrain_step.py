@@ -8,7 +8,7 @@ from realm.data.mlm import MLMDataset, collate_mlm
 from realm.data.store import BlockStore
 from realm.modeling.embed import embed_blocks, special_ids
 from realm.index.mips import MipsIndex
-from realm.losses import realm_marginal_loss
+from realm.losses import pdist_loss, realm_marginal_loss
 from realm.modeling.readers.mlm import KnowledgeAugmentedEncoder
 from realm.modeling.retriever import Retriever
 from realm.modeling.realm import REALM
@@ -284,6 +284,61 @@ def test_relative_retriever_signal_ranks_the_retrieved_blocks_only(setup, signal
     assert any(not torch.allclose(got[n], marginal[n], rtol=1e-3, atol=1e-9) for n in retriever)
     with pytest.raises(ValueError, match="retriever_signal"):
         REALM(model.retriever, model.encoder, model.store, (0, 0, 0), retriever_signal="ranked")
+
+
+def test_pdist_signal_distills_the_readers_posterior_into_the_retriever(setup):
+    """`pdist`: REALM's loss value and reader gradient; the retriever's gradient is that of the
+    KL from the reader's length-normalised posterior over the k blocks to the retriever's."""
+    model = setup[0]
+    model.pdist_temperature = 0.5
+    try:
+        runs = _steps_under(setup, ["marginal", "pdist"])
+    finally:
+        model.pdist_temperature = 1.0
+    _same_reader_step(runs, "marginal", "pdist")
+    out, marginal = runs["marginal"]
+    batch = collate_mlm([setup[2][i] for i in range(4)])
+    valid = out.block_ids >= 0
+    expected = _grads(model, realm_marginal_loss(out.retrieval_logits.detach(),
+                                                 out.log_p_y_given_z)[0]
+                      + pdist_loss(out.retrieval_logits[:, :-1], out.log_p_y_given_z[:, :-1],
+                                   batch.target_mask.sum(1), valid, 0.5))
+    got = runs["pdist"][1]
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-8)
+    retriever = [n for n in got if n.startswith("retriever.")]
+    assert any(not torch.allclose(got[n], marginal[n], rtol=1e-3, atol=1e-9) for n in retriever)
+
+
+def test_shuffled_control_permutes_the_retrievers_target_only(setup):
+    """`signal_control: shuffled`: the loss value and the reader's gradient stay REALM's; the
+    retriever learns from log p(y|z, x) permuted among each example's blocks (null kept)."""
+    model = setup[0]
+    runs = _steps_under(setup, ["marginal"])
+    out, marginal = runs["marginal"]
+    model.signal_control = "shuffled"
+    model.shuffle_generator.manual_seed(3)
+    try:
+        shuffled = _steps_under(setup, ["marginal"])["marginal"]
+    finally:
+        model.signal_control = "none"
+    _same_reader_step({"a": runs["marginal"], "b": shuffled}, "a", "b")
+    # the permutation the control drew, redrawn from the same seed
+    model.shuffle_generator.manual_seed(3)
+    valid = out.block_ids >= 0
+    target, _ = model.shuffle(out.log_p_y_given_z.detach(),
+                              torch.zeros(*out.log_p_y_given_z.shape, 1), valid)
+    assert torch.equal(target[:, -1], out.log_p_y_given_z[:, -1].detach())  # null kept
+    assert torch.equal(target.sort(1).values, out.log_p_y_given_z.detach().sort(1).values)
+    assert not torch.equal(target, out.log_p_y_given_z.detach())
+    expected = _grads(model, realm_marginal_loss(out.retrieval_logits.detach(),
+                                                 out.log_p_y_given_z)[0]
+                      + realm_marginal_loss(out.retrieval_logits, target)[0])
+    for name, grad in shuffled[1].items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="signal_control"):
+        REALM(model.retriever, model.encoder, model.store, (0, 0, 0), signal_control="sorted")
 
 
 def test_vocabulary_chunked_step_is_the_same_step(setup, tiny_retriever, tiny_encoder):

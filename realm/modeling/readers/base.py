@@ -46,12 +46,16 @@ class ReaderOutput:
             them; None where it did not (e.g. the vocabulary-chunked path).
         details: The reader's own output, which its :meth:`Reader.predict` reads (for the
             masked-LM reader: its :class:`~realm.modeling.readers.mlm.KnowledgeAugmentedOutput`).
+        target_mask: True on the real targets of ``token_log_probs``, ``[B, M]``, where they are
+            not the batch's word pieces (a reader that scores in its own tokens); None: the
+            batch's ``target_mask``.
     """
 
     log_p_y_given_z: torch.Tensor
     token_log_probs: torch.Tensor
     logits: Optional[torch.Tensor] = None
     details: Any = None
+    target_mask: Optional[torch.Tensor] = None
 
 
 class Reader(nn.Module, abc.ABC):
