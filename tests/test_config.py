@@ -194,6 +194,8 @@ def test_wrong_type_names_the_key(override, fragments):
         ("spans.spacy_model=' '", ["spans.spacy_model:", "must not be empty"]),
         ("pretrain.reader_lr_scale=-1", ["pretrain.reader_lr_scale:", "must be >= 0"]),
         ("pretrain.ict_lr=0", ["pretrain.ict_lr:", "must be > 0, got 0"]),
+        ("pretrain.lm_lora_rank=0", ["pretrain.lm_lora_rank:", "must be > 0, got 0"]),
+        ("pretrain.lm_lora_alpha=-1", ["pretrain.lm_lora_alpha:", "must be > 0"]),
     ],
 )
 def test_impossible_value_names_the_key(override, fragments):
@@ -207,6 +209,14 @@ def test_frozen_reader_with_nothing_else_to_train_is_refused(only):
     message = _error([f"pretrain.{only}=true", "pretrain.reader_lr_scale=0"])
     assert message.startswith("pretrain.reader_lr_scale:") and "nothing to train" in message
     assert load_config(None, ["pretrain.reader_lr_scale=0"]).pretrain.reader_lr_scale == 0
+
+
+def test_lm_mode_lora_parses_with_its_adapter_shape():
+    p = load_config(None, ["pretrain.reader_type=causal_lm", "pretrain.lm_mode=lora",
+                           "pretrain.lm_lora_rank=4", "pretrain.lm_lora_alpha=8"]).pretrain
+    assert (p.lm_mode, p.lm_lora_rank, p.lm_lora_alpha) == ("lora", 4, 8.0)
+    assert (Config().pretrain.lm_lora_rank, Config().pretrain.lm_lora_alpha) == (8, 16.0)
+    assert _error(["pretrain.lm_mode=qlora"]).endswith("valid values: frozen, lora, full")
 
 
 def test_invalid_literal_lists_valid_values():
@@ -250,7 +260,7 @@ def test_removed_key_is_refused_in_one_line_saying_so(tmp_path):
         "pretrain.source_only was removed (research, see research/README.md)")
     message = _error(["pretrain.retriever_signal=bank"])
     assert message.startswith("pretrain.retriever_signal: 'bank' was removed (research")
-    assert "\n" not in message and message.endswith("valid values: marginal, relative, positive")
+    assert "\n" not in message and message.endswith("valid values: marginal, relative, positive, pdist")
 
 
 OLD_CORPUS_KEYS = [(f"{section}.corpus", "corpus") for section in (

@@ -148,10 +148,18 @@ class PretrainConfig:
         "How the causal LM reads: `prefix` (the block, then the sentence up to the span, then the "
         "span and one terminator token, scored) or `blank` (fill in the blank with the right "
         "context).", default="prefix")
-    lm_mode: Literal["frozen", "full"] = doc(
+    lm_mode: Literal["frozen", "lora", "full"] = doc(
         "`frozen`: the LM is not trained (bf16 inference where fast; REALM's gradient reaches "
-        "the retriever alone); `full`: every weight trains at `reader_lr_scale` x `train.lr`.",
+        "the retriever alone); `lora`: a LoRA adapter (`lm_lora_rank`, `lm_lora_alpha`) on the "
+        "attention projections (q_proj, k_proj, v_proj, o_proj) trains at `reader_lr_scale` x "
+        "`train.lr`, the base weights stay frozen, and the run's `encoder/` holds the merged "
+        "weights with the adapter in `encoder/adapter/`; `full`: every weight trains at "
+        "`reader_lr_scale` x `train.lr`.",
         default="frozen")
+    lm_lora_rank: int = doc("Rank of `lm_mode: lora`'s adapter.", default=8)
+    lm_lora_alpha: float = doc(
+        "Scale of `lm_mode: lora`'s adapter: its update is (lm_lora_alpha / lm_lora_rank) B A.",
+        default=16.0)
     ict_steps: int = doc("Steps of the ICT warm start when no retriever is given.", default=100)
     ict_batch_size: int = doc("Batch of the ICT warm start.", default=32)
     ict_lr: float = doc("Peak learning rate of the ICT warm start.", default=1e-4)
@@ -192,6 +200,10 @@ class PretrainConfig:
         check(self.table_every >= 0, "pretrain.table_every",
                f"must be >= 0, got {self.table_every}")
         check(self.mlm_steps >= 0, "pretrain.mlm_steps", f"must be >= 0, got {self.mlm_steps}")
+        check(self.lm_lora_rank > 0, "pretrain.lm_lora_rank",
+              f"must be > 0, got {self.lm_lora_rank}")
+        check(self.lm_lora_alpha > 0, "pretrain.lm_lora_alpha",
+              f"must be > 0, got {self.lm_lora_alpha}")
         check(self.vocab_chunk >= 0, "pretrain.vocab_chunk",
                f"must be >= 0 (0: build the logits), got {self.vocab_chunk}")
         check(self.mlm_lr > 0, "pretrain.mlm_lr", f"must be > 0, got {self.mlm_lr}")

@@ -233,7 +233,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     encoder = (CausalLMReader.from_checkpoint(reader_name, store=store,
                                               examples_store=examples_store,
                                               layout=p.lm_layout, mode=p.lm_mode,
-                                              precision=t.precision)
+                                              lora_rank=p.lm_lora_rank,
+                                              lora_alpha=p.lm_lora_alpha, precision=t.precision)
                if p.reader_type == "causal_lm" else load_reader(reader_name))
     if encoder.tokenizer is not None:  # (a reader of another vocabulary reads nonsense)
         check_tokenizer(encoder.tokenizer, store, what=f"reader {reader_name!r}")

@@ -3,6 +3,8 @@ scores are a plain transformers forward's, its spans are the store's cased text,
 document is a template, and a frozen reader takes no gradient."""
 
 import importlib.util
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -175,7 +177,7 @@ def test_frozen_reader_takes_no_gradient_and_the_retriever_learns(make_reader, l
                          max_query_tokens=32, seed=0)
     batch = collate_mlm([dataset[i] for i in range(4)])
     search = lambda q, k, e: index.search(q, k, exclude=e)  # noqa: E731
-    for mode in ("frozen", "full"):
+    for mode in ("frozen", "lora", "full"):
         reader = make_reader(store, mode=mode)
         model = REALM(retriever, reader, store, special, k=3, max_query_tokens=32,
                       max_block_tokens=64, max_joined_tokens=128)
@@ -194,8 +196,8 @@ def test_frozen_reader_takes_no_gradient_and_the_retriever_learns(make_reader, l
             assert not lm_grads and not any(p.requires_grad for p in reader.parameters())
         else:
             assert reader.lm.training and sum(float(g.abs().sum()) for g in lm_grads) > 0
-    with pytest.raises(NotImplementedError, match="lora"):
-        make_reader(store, mode="lora")
+        if mode == "lora":  # the adapter's weights alone
+            assert all("lora_" in n for n, p in reader.named_parameters() if p.grad is not None)
 
 
 def test_a_tokenizer_whose_offsets_disagree_with_the_store_names_the_example(make_reader, lm_tokenizer,
@@ -278,3 +280,126 @@ def test_a_block_cut_inside_a_word_maps_its_first_word_whole():
     other = body.copy()
     other[2] = tok.convert_tokens_to_ids("horn")
     assert body_offsets(text, other, encoder.encode(text, add_special_tokens=False)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# lora mode: a peft adapter on the attention projections
+
+
+def _one_step(reader, inputs, batch, lr=1e-2):
+    """One AdamW step on -sum log p(y|z, x) over the reader's trainable weights."""
+    optimizer = torch.optim.AdamW([p for p in reader.parameters() if p.requires_grad], lr=lr)
+    (-reader.read(inputs, batch).log_p_y_given_z.sum()).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_lora_trains_the_adapter_alone(make_reader, spans):
+    store, _, batch, ids = spans
+    reader = make_reader(store, mode="lora", lora_rank=4)
+    trainable = [n for n, p in reader.named_parameters() if p.requires_grad]
+    # 2 layers x (q, k, v, o) x (A, B)
+    assert len(trainable) == 16 and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert reader.lora.rank == 4 and reader.lora.targets == ("k_proj", "o_proj", "q_proj",
+                                                             "v_proj")
+    # scored_logits reaches the base model's decoder, with the adapters inside it
+    decoder = reader.lm.get_decoder()
+    assert decoder is reader.base_lm.get_decoder()
+    assert type(decoder.layers[0].self_attn.q_proj).__module__.startswith("peft.")
+    assert reader.lm.get_output_embeddings() is reader.base_lm.get_output_embeddings()
+    inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
+    out = reader.read(inputs, batch)
+    assert out.log_p_y_given_z.requires_grad
+    (-out.log_p_y_given_z.sum()).backward()
+    grads = {n: p.grad for n, p in reader.named_parameters() if p.grad is not None}
+    assert set(grads) <= set(trainable)
+    # B starts at 0, so A's first gradient is 0 and B's is not
+    assert sum(float(g.abs().sum()) for n, g in grads.items() if ".lora_B." in n) > 0
+
+
+def test_a_new_adapter_scores_as_its_base_until_it_trains(make_reader, spans):
+    store, _, batch, ids = spans
+    base, reader = make_reader(store), make_reader(store, mode="lora")
+    inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
+    expected = base.read(inputs, batch).log_p_y_given_z
+    torch.testing.assert_close(reader.read(inputs, batch).log_p_y_given_z.detach(), expected,
+                               rtol=0, atol=0)
+    frozen = {n: p.detach().clone() for n, p in reader.named_parameters() if not p.requires_grad}
+    _one_step(reader, inputs, batch)
+    assert not torch.allclose(reader.read(inputs, batch).log_p_y_given_z, expected)
+    for n, p in reader.named_parameters():  # the base weights did not move
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_a_saved_lora_reader_opens_merged_and_continues_its_adapter(lm_tokenizer, make_tiny_lm,
+                                                                    spans, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    store, _, batch, ids = spans
+    base_dir = tmp_path / "base"
+    make_tiny_lm(lm_tokenizer).save_pretrained(base_dir)
+    lm_tokenizer.save_pretrained(base_dir)
+    reader = CausalLMReader.from_checkpoint(str(base_dir), store=store, mode="lora",
+                                            precision="fp32", lora_alpha=8)
+    inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
+    _one_step(reader, inputs, batch)
+    with torch.no_grad():
+        expected = reader.read(inputs, batch).log_p_y_given_z
+    path = reader.save_pretrained(tmp_path / "reader")
+    # saving merged a copy: the reader still trains its adapter and scores the same
+    assert reader.lm.get_decoder().layers[0].self_attn.q_proj.merged is False
+    torch.testing.assert_close(reader.read(inputs, batch).log_p_y_given_z.detach(), expected,
+                               rtol=0, atol=0)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["mode"] == "lora" and manifest["adapter"] == "adapter"
+    assert manifest["lora"] == {"rank": 8, "alpha": 8.0, "dropout": 0.0,
+                                "targets": ["k_proj", "o_proj", "q_proj", "v_proj"]}
+    assert manifest["base_checkpoint"] == str(base_dir)
+    assert manifest["architecture"] == "LlamaForCausalLM"
+    # the ecosystem's loaders: the merged weights, and the adapter on its base
+    row = dict(input_ids=inputs.input_ids[:4], attention_mask=inputs.attention_mask[:4])
+    with torch.no_grad():
+        want = reader.lm(**row).logits
+        merged = AutoModelForCausalLM.from_pretrained(path)
+        assert type(merged).__name__ == "LlamaForCausalLM"
+        torch.testing.assert_close(merged(**row).logits, want, rtol=1e-4, atol=1e-4)
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
+                                            path / "adapter")
+        torch.testing.assert_close(adapted(**row).logits, want, rtol=1e-5, atol=1e-5)
+    # load_reader: the merged weights, frozen, for inference
+    loaded = load_reader(str(path))
+    assert loaded.mode == "frozen" and loaded.lora is None
+    assert not any(p.requires_grad for p in loaded.parameters())
+    loaded.attach(store)
+    loaded.precision = "fp32"
+    torch.testing.assert_close(loaded.read(inputs, batch).log_p_y_given_z, expected,
+                               rtol=1e-4, atol=1e-4)
+    # mode="lora": the same adapter on the recorded base, trainable
+    again = CausalLMReader.from_pretrained(path, mode="lora", store=store, precision="fp32")
+    assert again.mode == "lora" and again.lora == reader.lora
+    trained = dict(reader.named_parameters())
+    for n, p in again.named_parameters():
+        assert p.requires_grad == ("lora_" in n), n
+        if p.requires_grad:
+            assert torch.equal(p, trained[n]), n
+    torch.testing.assert_close(again.read(inputs, batch).log_p_y_given_z.detach(), expected,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rank=4"):  # another adapter shape is not this adapter
+        CausalLMReader.from_pretrained(path, mode="lora", lora_rank=4)
+    # the base gone: continuing names it; the merged weights still open
+    shutil.rmtree(base_dir)
+    with pytest.raises(ConfigError, match=f"base checkpoint.*{base_dir}.*does not resolve"):
+        CausalLMReader.from_pretrained(path, mode="lora")
+    assert CausalLMReader.from_pretrained(path).mode == "frozen"
+
+
+def test_lora_targets_the_model_lacks_are_named(make_reader, spans):
+    store = spans[0]
+    with pytest.raises(ConfigError, match=r"LoRA on .*LlamaForCausalLM.*c_attn.*q_proj"):
+        make_reader(store, mode="lora", lora_targets=["c_attn"])
+    reader = make_reader(store, mode="lora", lora_targets=["q_proj", "c_attn"])  # some: those
+    assert reader.lora.targets == ("q_proj",)
+    assert {n.split(".")[-4] for n, p in reader.named_parameters() if p.requires_grad} == \
+        {"q_proj"}

