@@ -74,10 +74,16 @@ def test_scores_equal_a_hand_written_forward(make_reader, lm_tokenizer, spans):
                                rtol=0, atol=0.1)
 
 
-def test_targets_only_logits_equal_the_full_logits(make_reader, lm_tokenizer, spans):
+@pytest.mark.parametrize("length_groups", [1, 4, 1000])
+def test_targets_only_logits_equal_the_full_logits(make_reader, lm_tokenizer, spans,
+                                                   length_groups):
+    """Whether the rows go through the LM at once or in groups of similar length, each cut to
+    its longest row (1000: a row a forward)."""
     store, _, batch, ids = spans
-    reader = make_reader(store)
+    reader = make_reader(store, length_groups=length_groups)
     inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
+    lengths = inputs.attention_mask.sum(1)
+    assert lengths.min() < lengths.max()  # (rows of different lengths: groups cut padding)
     with torch.no_grad():
         full = reader.lm(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
         got = reader.scored_logits(inputs.input_ids, inputs.attention_mask, inputs.positions)

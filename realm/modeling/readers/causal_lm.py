@@ -103,6 +103,7 @@ class CausalLMReader(Reader):
             ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``. An ``lm`` that already carries a
             LoRA adapter (a peft model) keeps it; the four ``lora_*`` must then describe it.
         null_title, null_body: The null document's template.
+        length_groups: Forwards the rows are split into by length (:meth:`scored_logits`).
 
     ``tokenizer`` stays None: the reader reads text, not the corpus's word pieces, so the
     pretraining stage's vocabulary check does not apply; the LM's tokenizer is ``lm_tokenizer``.
@@ -114,8 +115,12 @@ class CausalLMReader(Reader):
                  precision: str = "auto", base_checkpoint: Optional[str] = None,
                  lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
                  lora_targets: Optional[Sequence[str]] = None,
-                 null_title: str = NULL_TITLE, null_body: str = NULL_BODY):
+                 null_title: str = NULL_TITLE, null_body: str = NULL_BODY,
+                 length_groups: int = 4):
         super().__init__()
+        if length_groups < 1:
+            raise ValueError(f"length_groups must be >= 1, got {length_groups}")
+        self.length_groups = length_groups
         if mode not in MODES:
             raise ValueError(f"reader mode must be one of {MODES}, got {mode!r}")
         if lm.get_output_embeddings() is None:
@@ -225,8 +230,27 @@ class CausalLMReader(Reader):
 
     def scored_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       positions: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits at ``positions`` ``[N, M]`` of the rows ``[N, L]`` only (the base
-        model's hidden states there, through the LM head): ``[N, M, vocab]``."""
+        """Vocabulary logits at ``positions`` ``[N, M]`` of the right-padded rows ``[N, L]``
+        only (the base model's hidden states there, through the LM head): ``[N, M, vocab]``.
+
+        The rows go through the LM in ``length_groups`` forwards of rows of similar length,
+        each cut to its longest row, so that short rows do not pay for the longest one's
+        padding (the same logits; right padding never reaches a real token)."""
+        lengths = attention_mask.sum(dim=1)  # [N]
+        groups = min(self.length_groups, len(lengths))
+        if groups <= 1:
+            return self.group_logits(input_ids, attention_mask, positions)
+        order = torch.argsort(lengths, descending=True)  # [N]
+        parts = []
+        for rows in torch.tensor_split(order, groups):
+            width = int(lengths[rows].max())
+            parts.append(self.group_logits(input_ids[rows, :width],
+                                           attention_mask[rows, :width], positions[rows]))
+        return torch.cat(parts)[torch.argsort(order)]  # [N, M, vocab], rows in their order
+
+    def group_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`scored_logits` of one forward: ``[N, M, vocab]``."""
         states = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        use_cache=False).last_hidden_state  # [N, L, hidden]
         index = positions[:, :, None].expand(-1, -1, states.shape[-1])  # [N, M, hidden]
