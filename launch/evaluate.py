@@ -6,6 +6,8 @@
     python launch/evaluate.py retrieval --retriever RUN_DIR --compare-with WARM_START_DIR|bm25 \
         --corpus DIR --qa FILE         # paired: questions gained / lost, sign test
     python launch/evaluate.py ict --retriever DIR --corpus DIR [--holdout 500 --seed 0]
+    python launch/evaluate.py spans --retriever RUN/retriever --compare-with WARM_START_DIR \
+        --corpus DIR --k 4 --max-block-tokens 64 [--examples 500 --seed 0]   # held-out spans
     python launch/evaluate.py compare BEFORE/predictions-dev.jsonl AFTER/predictions-dev.jsonl
 
 Each mode has its own help (`python launch/evaluate.py retrieval --help`). `--retriever` takes a

@@ -73,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the run")
     p.add_argument("--limit", type=int, help="the first N held-out sentences only")
 
+    p = sub.add_parser("spans", parents=[common, searcher],
+                       help="held-out span recall@k of a pretraining run's retriever",
+                       description="The held-out masked sentences of a pretraining run "
+                                   "(pretrain.span_recall_examples, drawn from the corpus with the "
+                                   "run's seed; their blocks never trained on) -> a top-k block, "
+                                   "own block excluded, that holds the span: recall@k, and with "
+                                   "--compare-with the paired sign test on the same sentences.")
+    p.add_argument("--examples", type=int, default=500,
+                   help="pretrain.span_recall_examples of the run (at most a fifth of the "
+                        "blocks with a span are drawn)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the run")
+    p.add_argument("--max-query-tokens", type=int, default=32,
+                   help="retriever.max_query_tokens of the run")
+    p.add_argument("--compare-with", metavar="RETRIEVER_DIR",
+                   help="a second retriever (e.g. the run's warm start) on the same sentences")
+
     p = sub.add_parser("compare", help="two Open-QA predictions files: paired exact match",
                        description="Two predictions-*.jsonl of the same questions (evaluate.py "
                                    "openqa, or a fine-tune's predictions-dev.jsonl): EM and F1 "

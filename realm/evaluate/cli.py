@@ -24,7 +24,8 @@ from realm.evaluate.args import parse_args
 from realm.evaluate.openqa import evaluate_openqa, write_predictions
 from realm.retrieval.search import BM25Searcher, DenseSearcher, FusionSearcher
 from realm.evaluate.run import ict_retrieval, qa_retrieval
-from realm.metrics import compare_predictions, paired_recall
+from realm.evaluate.span_recall import HeldOutSpans, span_hit_ranks
+from realm.metrics import compare_predictions, paired_recall, recall_at_k
 from realm.precision import autocast_dtype
 from realm.retrieval.fixed import load_openqa_model
 from realm.modeling.retriever import load_retriever
@@ -80,6 +81,8 @@ def _retrieval(args: argparse.Namespace, ks: list[int], t0: float) -> int:
                 ks_in = [k for k in ks if k <= hits["answer"].shape[1]]
                 report["paired"] = {"before": args.compare_with, **{
                     kind: paired_recall(before[kind], hits[kind], ks_in) for kind in hits}}
+        elif args.mode == "spans":
+            report = held_out_spans(args, store, ks)
         else:
             report = ict_retrieval(searcher, store, args.holdout, args.seed, ks, args.limit)
     except (QAFormatError, CorpusError, ValueError) as err:
@@ -90,6 +93,28 @@ def _retrieval(args: argparse.Namespace, ks: list[int], t0: float) -> int:
                   "precision": precision, **report,
                   "seconds": round(time.perf_counter() - t0, 2)})
     return 0
+
+
+def held_out_spans(args: argparse.Namespace, store: BlockStore, ks: list[int]) -> dict:
+    """``spans``: span recall@k of ``--retriever`` on the run's held-out masked sentences
+    (:mod:`realm.evaluate.span_recall`), paired with ``--compare-with``'s."""
+    if args.bm25:
+        raise ValueError("spans: give --retriever DIR (held-out span recall is of a dense "
+                         "retriever)")
+
+    def ranks(path: str):
+        retriever = load_retriever(path, args.dim, args.pooling)
+        held = HeldOutSpans.draw(store, retriever.tokenizer.mask_token_id, args.examples,
+                                 args.max_query_tokens, args.seed)
+        return span_hit_ranks(retriever, store, held, max(ks), args.max_block_tokens,
+                              args.max_query_tokens, args.precision), len(held.examples)
+
+    hits, n = ranks(args.retriever)
+    report: dict = {"examples": n, "span_recall": recall_at_k(hits, ks)}
+    if args.compare_with:
+        before, _ = ranks(args.compare_with)
+        report["paired"] = {"before": args.compare_with, **paired_recall(before, hits, ks)}
+    return report
 
 
 def _openqa(args: argparse.Namespace, ks: list[int], t0: float) -> int:

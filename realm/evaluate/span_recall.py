@@ -69,8 +69,18 @@ def span_hits(retriever: Retriever, store: BlockStore, held: HeldOutSpans, k: in
     """Per held-out example, whether its top ``k`` blocks hold its span: ``[n]`` bool, in
     ``held``'s order (two retrievers' hits pair up for a sign test,
     :func:`realm.metrics.paired_recall`)."""
+    return span_hit_ranks(retriever, store, held, k, max_block_tokens, max_query_tokens,
+                          precision, examples_store).any(axis=1)
+
+
+def span_hit_ranks(retriever: Retriever, store: BlockStore, held: HeldOutSpans, k: int,
+                   max_block_tokens: int, max_query_tokens: int, precision: str = "auto",
+                   examples_store: Optional[BlockStore] = None) -> np.ndarray:
+    """Per held-out example and rank, whether the block found there holds its span:
+    ``[n, k]`` bool (the hit matrix :func:`realm.metrics.recall_at_k` and
+    :func:`realm.metrics.paired_recall` read)."""
     if not held.examples:
-        return np.zeros(0, dtype=bool)
+        return np.zeros((0, k), dtype=bool)
     device = next(retriever.parameters()).device
     bf16 = autocast_dtype(precision, device) == "bf16"
     special = special_ids(retriever.tokenizer)
@@ -82,5 +92,5 @@ def span_hits(retriever: Retriever, store: BlockStore, held: HeldOutSpans, k: in
     index = MipsIndex.build(emb)
     own = examples_store is None or examples_store is store
     found = index.search(queries, k, exclude=held.blocks if own else None).block_ids  # [n, k]
-    return np.array([any(b >= 0 and holds_run(store, int(b), np.asarray(e.target_ids, np.int64))
-                         for b in row) for e, row in zip(held.examples, found)], dtype=bool)
+    return np.array([[b >= 0 and holds_run(store, int(b), np.asarray(e.target_ids, np.int64))
+                      for b in row] for e, row in zip(held.examples, found)], dtype=bool)

@@ -1,6 +1,7 @@
 """Held-out span recall: the held-out sentences, and recall@k against a direct computation."""
 
 import numpy as np
+import pytest
 import torch
 
 from realm.data.mlm import mlm_blocks
@@ -43,3 +44,33 @@ def test_span_recall_equals_a_direct_computation(spans_corpus, tiny_retriever):
     assert 0 <= got <= 1 and got == np.mean(want)
     hits = span_hits(retriever, store, held, k, 64, 32, precision="fp32")  # per sentence, paired
     assert hits.dtype == bool and hits.tolist() == want
+
+
+@pytest.mark.slow
+def test_evaluate_spans_mode_reports_the_runs_held_out_recall_paired(spans_corpus, tiny_retriever):
+    """`launch/evaluate.py spans`: the same held-out sentences as the run draws, recall@k equal
+    to span_recall's, and a retriever paired with itself gains and loses nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    launch = Path(__file__).resolve().parents[2] / "launch" / "evaluate.py"
+    out = subprocess.run(
+        [sys.executable, str(launch), "spans", "--retriever", tiny_retriever,
+         "--compare-with", tiny_retriever, "--corpus", str(spans_corpus), "--examples", "30",
+         "--seed", "1", "--k", "1,5", "--max-block-tokens", "64", "--precision", "fp32",
+         "--no-progress"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    store = BlockStore(spans_corpus)
+    retriever = Retriever.from_pretrained(tiny_retriever)
+    held = HeldOutSpans.draw(store, retriever.tokenizer.mask_token_id, 30, 32, seed=1)
+    assert report["examples"] == len(held.examples)
+    for k in (1, 5):
+        want = span_recall(retriever, store, held, k, 64, 32, precision="fp32")
+        assert report["span_recall"][str(k)] == pytest.approx(want)
+        cell = report["paired"][str(k)]
+        assert (cell["gained"], cell["lost"], cell["p_value"]) == (0, 0, 1.0)
