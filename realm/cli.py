@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from realm.config import Config, load_config, override
 from realm.errors import (CheckpointError, ConfigError, CorpusError, QAFormatError, RefresherFailed,
-                          StageFailed)
+                          ResumeError, RunDirError, StageFailed, StoreLockedError)
 
 logger = logging.getLogger("realm")
 
@@ -62,6 +62,9 @@ def setup_logging(level: str = "INFO") -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # faiss's loader logs every CPU-feature build it tries ("Could not load library ...
+    # ModuleNotFoundError") at INFO: noise above a run's one error line
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def emit_summary(summary: dict[str, Any]) -> None:
@@ -143,8 +146,10 @@ def run_stage(
     the main process. ``run`` and ``errors`` may be ``"module:attribute"`` strings, imported
     only after the command line is parsed (``--help`` stays fast).
 
-    Returns 0; 1 for one of ``errors`` (logged, e.g. a bad input file); 130 on Ctrl-C, after
-    ``run`` has left its checkpoint (``on_interrupt`` is added to the message).
+    Returns 0; 1 for one of ``errors`` (logged, e.g. a bad input file), 2 for a
+    :class:`ConfigError` found while running (as for one found while parsing); 130 on Ctrl-C
+    (143 on SIGTERM), after ``run`` has left its checkpoint (``on_interrupt`` is added to the
+    message).
     """
     parser = config_parser(description)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -166,9 +171,11 @@ def run_stage(
     run = _resolve(run)
     # bad inputs (their messages name the file, directory or key); a diverged run; an index
     # refresher that cannot give the run an index; a checkpoint that cannot be written; a
-    # preparation stage (warm start) that failed in its own process
+    # preparation stage (warm start) that failed in its own process; a run directory another
+    # trainer holds, or that cannot be written; a checkpoint that cannot be resumed safely
     errors = tuple(_resolve(e) for e in (*errors, *INPUT_ERRORS)) + (
-        FloatingPointError, RefresherFailed, CheckpointError, StageFailed, ConfigError)
+        FloatingPointError, RefresherFailed, CheckpointError, StageFailed, ConfigError,
+        StoreLockedError, RunDirError, ResumeError)
     terminated: list[int] = []
 
     def on_sigterm(signum, frame):  # what schedulers send: the Ctrl-C path, checkpoint and all
@@ -187,7 +194,7 @@ def run_stage(
         if args.debug:
             raise
         logger.error("%s: %s", parser.prog, err)
-        return 1
+        return 2 if isinstance(err, ConfigError) else 1
     except KeyboardInterrupt:
         logger.warning("%s%s; re-run the same command to resume from the newest checkpoint "
                        "in %s", "terminated (SIGTERM)" if terminated else "interrupted",

@@ -43,11 +43,19 @@ class GenerationError(ValueError):
 
 
 class RunDirError(ValueError):
-    """A run directory URL no installed fsspec file system can open."""
+    """A run directory cannot be opened (a URL no installed fsspec file system can open) or
+    written."""
 
 
 class StoreLockedError(RuntimeError):
-    """Another refresher holds this run directory."""
+    """Another process (a trainer, or a refresher) holds this run directory's lock; the message
+    names its pid and host."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed safely: it was made from another corpus, model shape or
+    stage; a file of it is planted, malformed or unreadable; or the installed loaders would
+    unpickle it. The message names the file or both sides."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,10 +75,15 @@ BAD_INPUTS = [  # (script, arguments, exit code, what the one line must name)
      "File exists: '{tmp}/a-file'"),
     # a URL run directory is refused, never written as a local ./memory:/x
     ("pretrain.py", ["train.run_dir=memory://x"], 2, "train.run_dir: 'memory://x' is a URL"),
-    ("pretrain.py", ["refresh.devices=[cuda:99]", "train.run_dir={tmp}/run"], 1,
+    ("pretrain.py", ["refresh.devices=[cuda:99]", "train.run_dir={tmp}/run"], 2,
      "refresh.devices: cuda:99 does not exist"),
     ("refresh_index.py", ["--run-dir", "nofs://bucket/run", "--corpus", "{tmp}/no-corpus"], 1,
      "nofs://bucket/run: no fsspec file system for the scheme 'nofs'"),
+    # a factory faiss cannot parse: before any preparation, not after three refresher restarts
+    ("pretrain.py", ["index.factory=Bogus", "train.run_dir={tmp}/run"], 2,
+     "index.factory='Bogus' is not a faiss factory string"),
+    ("refresh_index.py", ["--run-dir", "{tmp}/run", "--corpus", "{tmp}/no-corpus",
+                          "index.factory=Bogus"], 2, "index.factory='Bogus'"),
 ]
 
 

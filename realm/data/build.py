@@ -291,6 +291,19 @@ def _run_pipeline(reader, backend, data: DataConfig, spans_cfg: SpansConfig,
     bar = tqdm(unit=" articles", desc="prepare_corpus", disable=not progress, mininterval=1.0,
                smoothing=0.05)
 
+    finder = (SpanFinder(spans_cfg.spacy_model, spans_cfg.keeps, spans_cfg.date_regex,
+                         spans_cfg.batch_size, spans_cfg.n_process) if spans_cfg.enabled else None)
+    max_chars = finder.max_chars if finder is not None else None
+
+    def too_long(article: Article, blocked: BlockedArticle) -> bool:
+        """A sentence longer than spaCy reads is a bad record (named, or skipped)."""
+        longest = max((int(e - s) for s, e in blocked.sentences), default=0)
+        if max_chars is None or longest <= max_chars:
+            return False
+        reader.reject(f"{article.where}: a sentence of {longest} characters, longer than the "
+                      f"{max_chars} spaCy reads (spans.spacy_model={spans_cfg.spacy_model})")
+        return True
+
     def blocked_articles() -> Iterator[tuple[Article, BlockedArticle]]:
         articles = iter(reader)
         while True:
@@ -313,6 +326,8 @@ def _run_pipeline(reader, backend, data: DataConfig, spans_cfg: SpansConfig,
                 if len(blocked.block_tokens) == 0:
                     counts["no_tokens"] += 1
                     logger.warning("%s: text has no word pieces; skipped", article.where)
+                    continue
+                if too_long(article, blocked):
                     continue
                 counts["sentences"] += len(blocked.sentences)
                 out.append((article, blocked))
@@ -337,8 +352,6 @@ def _run_pipeline(reader, backend, data: DataConfig, spans_cfg: SpansConfig,
         for article, blocked in blocked_articles():
             finish(article, blocked, [])
     else:
-        finder = SpanFinder(spans_cfg.spacy_model, spans_cfg.keeps, spans_cfg.date_regex,
-                            spans_cfg.batch_size, spans_cfg.n_process)
         pending: dict[int, _Pending] = {}
         order: collections.deque[int] = collections.deque()
 

@@ -170,7 +170,9 @@ class CorpusReader:
 
     # -- record rules ---------------------------------------------------------------------------
 
-    def _fail(self, message: str) -> None:
+    def reject(self, message: str) -> None:
+        """A bad record: raise :class:`CorpusFormatError` with ``message`` (which names the file
+        and line), or with ``on_bad_record="skip"`` log and count it (the caller skips it)."""
         if self.on_bad_record == "error":
             raise CorpusFormatError(message)
         self.stats.bad(message)
@@ -179,21 +181,21 @@ class CorpusReader:
     def _validate(self, where: str, default_id: str, record: object) -> Optional[Article]:
         self.stats.records += 1
         if isinstance(record, CorpusFormatError):  # a line that could not even be parsed
-            self._fail(str(record))
+            self.reject(str(record))
             return None
         if not isinstance(record, dict):
-            self._fail(f"{where}: expected an object with title and text, got {type(record).__name__}")
+            self.reject(f"{where}: expected an object with title and text, got {type(record).__name__}")
             return None
         for key in ("title", "text"):
             value = record.get(key)
             if value is None:
-                self._fail(f"{where}: field {key!r} is missing")
+                self.reject(f"{where}: field {key!r} is missing")
                 return None
             if not isinstance(value, str):
-                self._fail(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+                self.reject(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
                 return None
             if not value.strip():
-                self._fail(f"{where}: field {key!r} is empty")
+                self.reject(f"{where}: field {key!r} is empty")
                 return None
         text = record["text"]
         if len(text.strip()) < self.min_text_chars:

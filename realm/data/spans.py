@@ -130,6 +130,11 @@ class SpanFinder:
         self.batch_size = batch_size
         self.n_process = n_process
 
+    @property
+    def max_chars(self) -> int:
+        """The longest text the pipeline reads (spaCy's ``max_length``)."""
+        return int(self.nlp.max_length)
+
     def pipe(self, sentences: Iterable[tuple[str, object]]) -> Iterator[tuple[list[tuple[int, int, str]], object]]:
         """For each ``(sentence_text, context)``: the kept spans in sentence coordinates, context."""
         docs = self.nlp.pipe(

@@ -10,12 +10,35 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import time
 from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from realm.errors import ConfigError
+
 logger = logging.getLogger(__name__)
+
+
+def check_factory(factory: str, dim: int):  # -> faiss.Index (empty)
+    """The empty faiss index ``factory`` makes for ``dim``-d vectors (inner product).
+
+    Called by the stages before anything runs, so that a bad ``index.factory`` is one line at
+    once, not a refresher that fails after the warm starts.
+
+    Raises:
+        ConfigError: faiss cannot parse ``factory`` for ``dim`` (its reason quoted).
+    """
+    import faiss
+
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        why = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", why)  # faiss's C++ location
+        raise ConfigError(f"index.factory={factory!r} is not a faiss factory string for "
+                          f"{dim}-d vectors (retriever.dim): {why}") from None
 
 
 def build_index(embeddings: np.ndarray, factory: str = "Flat"):  # -> faiss.Index
@@ -135,16 +158,10 @@ class MipsIndex:
                 None: on all of them, sharded.
             seed: Seed of the training sample.
         """
-        import faiss
-
         if embeddings.ndim != 2 or len(embeddings) == 0:
             raise ValueError(f"embeddings must be a non-empty [n, dim] array, got {embeddings.shape}")
         n, dim = embeddings.shape
-        try:
-            index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as e:
-            raise ValueError(f"index.factory={factory!r} is not a valid faiss factory string: "
-                             f"{str(e).strip().splitlines()[-1]}") from None
+        index = check_factory(factory, dim)
         if not index.is_trained:
             rows = np.random.default_rng(seed).permutation(n)[:train_size] if n > train_size \
                 else np.arange(n)

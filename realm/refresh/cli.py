@@ -38,11 +38,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not config.corpus:  # (the trainer fills it in; the refresher builds no corpus)
         parser.exit(2, f"{parser.prog}: config error: corpus: no corpus directory given "
                        "(--corpus DIR or corpus=DIR)\n")
-    from realm.errors import CorpusError
-    from realm.errors import RunDirError
+    from realm.errors import ConfigError, CorpusError, RunDirError
+    from realm.index.mips import check_factory
 
     try:
+        check_factory(config.index.factory, config.retriever.dim)
         return _run(args, config)
+    except ConfigError as e:
+        if args.debug:
+            raise
+        logger.error("%s: config error: %s", parser.prog, e)
+        return 2
     except (CorpusError, RunDirError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         if args.debug:
             raise

@@ -25,6 +25,7 @@ import time
 from typing import Any, Iterator, Optional
 
 from realm.errors import GenerationError, StoreLockedError
+from realm.fsutil import FileLock
 from realm.index.generations import GEN_PATTERN, LATEST, MANIFEST, GenerationStore, gen_name
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class RunStore(GenerationStore):
 
     def __init__(self, run_dir: str, storage_options: Optional[dict] = None):
         super().__init__(run_dir, storage_options)
-        self._lock_fd: Optional[int] = None
+        self._lock: Optional[FileLock] = None  # the refresher lock on local disks
 
     # -- trainer liveness -----------------------------------------------------------------
 
@@ -230,24 +231,12 @@ class RunStore(GenerationStore):
         ``kill -9``); on object stores a lease object refreshed by :meth:`touch_refresher_lock`
         and taken over when older than ``stale_s``.
         """
+        if self.local:
+            self._lock = FileLock(self.path("index", ".refresher.lock"), "another refresher")
+            self._lock.acquire(owner=owner)
+            return
         info = {"owner": owner, "pid": os.getpid(), "host": socket.gethostname(),
                 "time": time.time()}
-        if self.local:
-            import fcntl
-
-            os.makedirs(self.path("index"), exist_ok=True)
-            fd = os.open(self.path("index", ".refresher.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-                os.close(fd)
-                raise StoreLockedError(f"{self.url}: another refresher holds "
-                                       f"index/.refresher.lock ({holder or 'unknown'})") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode(), 0)
-            self._lock_fd = fd
-            return
         path = self.path("index", "REFRESHER")
         current = self.read_json(path)
         if current and current.get("owner") != owner and time.time() - current["time"] < stale_s:
@@ -265,12 +254,8 @@ class RunStore(GenerationStore):
                  "time": time.time()}).encode())
 
     def release_refresher_lock(self) -> None:
-        if self._lock_fd is not None:
-            import fcntl
-
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None and self._lock.held:
+            self._lock.release()
         elif getattr(self, "_lock_owner", None):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self.path("index", "REFRESHER"))

@@ -1,13 +1,30 @@
-"""The one accelerator factory every training stage uses, and its clean shutdown."""
+"""The one accelerator factory every training stage uses, and its clean shutdown.
+
+The factory also takes the run directory's trainer lock (``train.run_dir/.trainer.lock``, held
+by the main process until :func:`shutdown` or its death): one trainer per run directory.
+"""
 
 from __future__ import annotations
 
 import gc
+import logging
+import os
+import sys
 from typing import Optional
 
 import torch
 
+from realm.errors import RunDirError, StoreLockedError
+from realm.fsutil import FileLock
 from realm.precision import training_precision
+
+logger = logging.getLogger(__name__)
+
+#: The trainer lock of a run directory (an ``flock``; the file names the holder).
+TRAINER_LOCK = ".trainer.lock"
+
+#: Locks held by this process: ``id(accelerator) -> (run_dir, lock)`` (released by shutdown).
+HELD: dict[int, tuple[str, FileLock]] = {}
 
 
 def make_accelerator(train, seed: int):
@@ -27,11 +44,56 @@ def make_accelerator(train, seed: int):
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision or "no",
                               gradient_accumulation_steps=train.grad_accum)
     set_seed(seed)
+    lock = lock_run_dir(accelerator, train.run_dir)
+    if lock is not None:
+        HELD[id(accelerator)] = (os.path.realpath(train.run_dir), lock)
     return accelerator, precision
 
 
+def lock_run_dir(accelerator, run_dir: str) -> Optional[FileLock]:
+    """Take ``run_dir``'s trainer lock on the main process (returned; None elsewhere).
+
+    Every process learns the outcome (a broadcast), so that all of them stop together when the
+    main one is refused; none waits for a main process that has gone.
+
+    Raises:
+        StoreLockedError: Another live trainer holds the run directory (its pid and host named).
+        RunDirError: The run directory cannot be written.
+    """
+    lock, refused = None, None
+    if accelerator.is_main_process:
+        path = os.path.realpath(run_dir)
+        for key, (held_dir, held) in list(HELD.items()):
+            if held_dir == path:  # an earlier stage of this process that never shut down
+                held.release()
+                del HELD[key]
+        lock = FileLock(os.path.join(run_dir, TRAINER_LOCK), "another trainer")
+        try:
+            lock.acquire(argv=" ".join(sys.argv))
+        except StoreLockedError as e:
+            lock, refused = None, ("locked", f"{e}: one trainer per train.run_dir (wait for it "
+                                             "to finish, or choose another train.run_dir)")
+        except OSError as e:
+            lock, refused = None, ("unwritable", f"train.run_dir={run_dir}: cannot write "
+                                                 f"{TRAINER_LOCK} there: {e.strerror or e}")
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refused = broadcast_object_list([refused])[0]
+    if refused is not None:
+        kind, message = refused
+        raise (StoreLockedError if kind == "locked" else RunDirError)(message)
+    if lock is not None:
+        logger.info("holding %s", lock.path)
+    return lock
+
+
 def shutdown(accelerator) -> None:
-    """Leave no live references or process group behind (avoids aborts at interpreter exit)."""
+    """Leave no live references or process group behind (avoids aborts at interpreter exit),
+    and release the run directory's trainer lock."""
+    _, lock = HELD.pop(id(accelerator), (None, None))
+    if lock is not None:
+        lock.release()
     accelerator.free_memory()
     gc.collect()
     accelerator.end_training()

@@ -174,7 +174,9 @@ def run_adapt_mlm(config, progress: bool = True) -> dict[str, Any]:
     out_dir = os.path.join(t.run_dir, "encoder")
     model = encoder
     try:
-        result = train(model, task, settings, accelerator, tracker, config_dict=config.to_dict())
+        result = train(model, task, settings, accelerator, tracker, config_dict=config.to_dict(),
+                       origin={"stage": "adapt_mlm", "corpus": corpus,
+                               "corpus_fingerprint": store.fingerprint})
         unwrapped = accelerator.unwrap_model(model)
         after = result["last_eval"] or task.evaluate(unwrapped)
         fills = fill_mask(unwrapped, tokenizer, FILL_IN)

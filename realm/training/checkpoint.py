@@ -4,21 +4,28 @@ Each is written to a temporary name and renamed into place with a ``manifest.jso
 never leaves one that looks complete; the training state accelerate does not save is JSON
 (:data:`TRAINING_STATE`), never a pickle. A failed save raises
 :class:`realm.errors.CheckpointError` saying what is wrong with the disk (:func:`disk_problem`).
+
+The manifest records what the run was made from (``origin``: stage, corpus fingerprint, a digest
+of the model's parameter shapes); :func:`resume_checkpoint` refuses a checkpoint of another
+origin, one whose files would be unpickled by the installed loaders (:data:`SAFE_LOADERS`), and
+planted pickles, each with a :class:`realm.errors.ResumeError` in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import logging
 import os
 import re
 import shutil
-from typing import Any, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol
 
+from realm.cache import digest
 from realm.version import __version__
-from realm.errors import CheckpointError
+from realm.errors import CheckpointError, ResumeError
 
 logger = logging.getLogger(__name__)
 
@@ -59,21 +66,182 @@ def load_training_state(checkpoint: str, states: dict[str, Any]) -> None:
     """
     path = os.path.join(checkpoint, TRAINING_STATE)
     if not os.path.isfile(path):
-        raise ValueError(f"{checkpoint}: no {TRAINING_STATE}; a checkpoint whose training state "
-                         "is pickled (an older realm) is not loaded, since unpickling a run "
-                         "directory's files can run code. Start the run afresh.")
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+        raise ResumeError(f"{checkpoint}: no {TRAINING_STATE}; a checkpoint whose training state "
+                          "is pickled (an older realm) is not loaded, since unpickling a run "
+                          "directory's files can run code. Start the run afresh.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ResumeError(f"{path}: malformed JSON ({e}); remove this checkpoint to resume from "
+                          "the one before, or set train.resume=false") from None
+    if not isinstance(saved, dict):
+        raise ResumeError(f"{path}: expected an object of states, got {type(saved).__name__}")
     for name, obj in states.items():
         if name not in saved:
-            raise ValueError(f"{path}: no state for {name!r} (saved: {sorted(saved)})")
-        obj.load_state_dict(saved[name])
+            raise ResumeError(f"{path}: no state for {name!r} (saved: {sorted(saved)})")
+        try:
+            obj.load_state_dict(saved[name])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ResumeError(f"{path}: the state of {name!r} does not load "
+                              f"({type(e).__name__}: {e})") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: what is refused before anything is loaded
+
+#: The lowest versions whose loaders never unpickle a checkpoint's files: ``torch.load``
+#: defaults to ``weights_only`` from torch 2.6, and accelerate reads ``optimizer.bin``,
+#: ``sampler.bin`` and ``random_states_*.pkl`` through its own ``weights_only`` loader from 1.1.0.
+#: setup.cfg's floors (tests/training/test_resume.py keeps the two equal).
+SAFE_LOADERS = {"torch": "2.6", "accelerate": "1.1.0"}
+
+
+def installed_version(package: str) -> str:
+    return importlib.metadata.version(package)
+
+
+def check_loaders(checkpoint: str) -> None:
+    """Refuse to resume when an installed loader could unpickle the checkpoint's files.
+
+    Raises:
+        ResumeError: naming each package below :data:`SAFE_LOADERS` and the checkpoint.
+    """
+    from packaging.version import Version
+
+    old = [f"{name} {installed_version(name)} (needs >= {floor})"
+           for name, floor in SAFE_LOADERS.items()
+           if Version(installed_version(name)).release < Version(floor).release]
+    if old:
+        raise ResumeError(f"{checkpoint}: not resumed with {', '.join(old)}: these versions "
+                          "unpickle a checkpoint's optimizer and RNG files, and unpickling a run "
+                          "directory's files can run code; upgrade them (pip install "
+                          + " ".join(f"'{n}>={v}'" for n, v in SAFE_LOADERS.items()) + ")")
+
+
+def model_origin(model) -> dict[str, Any]:
+    """``{"model_shapes": digest, "model_tensors": n}`` of a model's state dict (names and
+    shapes; what a checkpoint of it must match)."""
+    shapes = sorted((name, list(t.shape)) for name, t in model.state_dict().items())
+    return {"model_shapes": digest(shapes), "model_tensors": len(shapes)}
+
+
+def check_origin(checkpoint: str, saved: dict[str, Any], origin: dict[str, Any], model) -> None:
+    """Refuse a checkpoint made by another stage, from another corpus or for a model of other
+    parameter shapes (keys missing on either side are not compared).
+
+    Raises:
+        ResumeError: naming what the checkpoint was made from and what this run is.
+    """
+    def differs(key: str) -> bool:
+        return bool(saved.get(key)) and bool(origin.get(key)) and saved[key] != origin[key]
+
+    advice = "use another train.run_dir, or train.resume=false to start this one afresh"
+    if differs("stage"):
+        raise ResumeError(f"{checkpoint} was made by stage {saved['stage']!r}, this run is "
+                          f"{origin['stage']!r}: not resumed; {advice}")
+    if differs("corpus_fingerprint"):
+        raise ResumeError(
+            f"{checkpoint} was made from corpus {saved.get('corpus', '?')} (fingerprint "
+            f"{saved['corpus_fingerprint']}), this run reads {origin.get('corpus', '?')} "
+            f"(fingerprint {origin['corpus_fingerprint']}): not resumed; {advice}")
+    if differs("model_shapes"):
+        raise ResumeError(
+            f"{checkpoint} holds a model of other parameter shapes ({saved['model_shapes']}, "
+            f"{saved.get('model_tensors', '?')} tensors) than this run's "
+            f"({origin['model_shapes']}, {origin.get('model_tensors', '?')} tensors)"
+            f"{shape_difference(checkpoint, model)}: not resumed; {advice}")
+
+
+def shape_difference(checkpoint: str, model) -> str:
+    """``; first difference: NAME [a] there, [b] here`` from the header of the checkpoint's
+    ``model.safetensors`` (nothing is loaded); empty when it cannot tell."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(checkpoint, "model.safetensors"), "pt") as f:
+            there = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # no such file, or a header it cannot read: the digests say enough
+        return ""
+    here = {name: list(t.shape) for name, t in model.state_dict().items()}
+    for name in sorted(set(there) | set(here)):
+        if name in there and name in here and there[name] != here[name]:
+            return f"; first difference: {name} {there[name]} there, {here[name]} here"
+    only = sorted(set(there) ^ set(here))
+    if only:
+        side = "there" if only[0] in there else "here"
+        return f"; first difference: {only[0]} only {side}"
+    return ""
+
+
+@contextlib.contextmanager
+def rng_skips() -> Iterator[list[str]]:
+    """Collect accelerate's "Could not load random states" (an INFO line it logs when it skips
+    a checkpoint's RNG file) during ``load_state``; other records pass as they would."""
+    target = logging.getLogger("accelerate.checkpointing")
+    level = target.level
+    shown = target.getEffectiveLevel()
+    seen: list[str] = []
+
+    def watch(record: logging.LogRecord) -> bool:
+        if "Could not load random states" in record.getMessage():
+            seen.append(record.getMessage())
+            return False
+        return record.levelno >= shown
+
+    target.addFilter(watch)
+    target.setLevel(min(shown, logging.INFO))
+    try:
+        yield seen
+    finally:
+        target.removeFilter(watch)
+        target.setLevel(level)
+
+
+def resume_checkpoint(accelerator, checkpoint: str, states: dict[str, Any],
+                      origin: dict[str, Any], model) -> None:
+    """Load ``checkpoint`` into the prepared objects (``accelerator.load_state``) and ``states``
+    (:data:`TRAINING_STATE`), after refusing what is unsafe: planted pickles, loaders that would
+    unpickle (:func:`check_loaders`), another origin (:func:`check_origin`). An RNG state that
+    cannot be read is a warning: the run resumes, but not exactly.
+
+    Raises:
+        ResumeError: in one line naming the checkpoint (and both origins where they differ).
+    """
+    pickles = sorted(f for f in os.listdir(checkpoint) if f.startswith("custom_checkpoint_"))
+    if pickles:  # realm writes none: refused, never unpickled
+        raise ResumeError(f"{checkpoint}: holds {', '.join(pickles)}, pickles realm never "
+                          "writes (an older realm's checkpoint, or planted); not loaded, since "
+                          "unpickling can run code. Remove them or start the run afresh.")
+    check_loaders(checkpoint)
+    path = os.path.join(checkpoint, "manifest.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        saved = manifest.get("origin") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise ResumeError(f"{path}: malformed ({e}); remove this checkpoint to resume from the "
+                          "one before, or set train.resume=false") from None
+    check_origin(checkpoint, saved, origin, model)
+    with rng_skips() as skipped:
+        try:
+            accelerator.load_state(checkpoint)
+        except Exception as e:  # a truncated or planted file: one line, --debug has the rest
+            why = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ResumeError(f"{checkpoint}: cannot be loaded ({type(e).__name__}: {why}); "
+                              "remove it to resume from the checkpoint before, or set "
+                              "train.resume=false") from e
+    if skipped:
+        logger.warning("%s: random_states_%d.pkl could not be read (accelerate skipped it): the "
+                       "run resumes, but not exactly (dropout and masking draw other numbers "
+                       "than the uninterrupted run)", checkpoint, accelerator.process_index)
+    load_training_state(checkpoint, states)
 
 
 def save_checkpoint(accelerator, s: CheckpointSettings, step: int, config_dict: Optional[dict],
-                    states: dict[str, Any]) -> str:
+                    states: dict[str, Any], origin: Optional[dict[str, Any]] = None) -> str:
     """``accelerator.save_state`` into ``checkpoints/step-S`` atomically, with the training state
-    as JSON (:data:`TRAINING_STATE`); keep the newest K."""
+    as JSON (:data:`TRAINING_STATE`) and ``origin`` in the manifest; keep the newest K."""
     root = os.path.join(s.run_dir, "checkpoints")
     final = os.path.join(root, f"step-{step:06d}")
     tmp = os.path.join(root, f".tmp-step-{step:06d}")
@@ -82,7 +250,7 @@ def save_checkpoint(accelerator, s: CheckpointSettings, step: int, config_dict: 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        _write_checkpoint(accelerator, s, step, config_dict, states, tmp, final)
+        _write_checkpoint(accelerator, s, step, config_dict, states, tmp, final, origin or {})
     except (OSError, RuntimeError) as e:  # torch reports a full disk as "iostream error"
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"saving checkpoint step {step} into {tmp} failed: "
@@ -117,7 +285,8 @@ def disk_problem(path: str, low_bytes: int = 64 << 20) -> Optional[str]:
 
 
 def _write_checkpoint(accelerator, s: CheckpointSettings, step: int, config_dict: Optional[dict],
-                      states: dict[str, Any], tmp: str, final: str) -> None:
+                      states: dict[str, Any], tmp: str, final: str,
+                      origin: dict[str, Any]) -> None:
     accelerator.save_state(tmp)
     training_state = {name: obj.state_dict() for name, obj in states.items()}  # (every rank)
     accelerator.wait_for_everyone()
@@ -128,7 +297,7 @@ def _write_checkpoint(accelerator, s: CheckpointSettings, step: int, config_dict
             os.fsync(f.fileno())
         manifest = {
             "kind": "checkpoint", "step": step, "realm_version": __version__,
-            "num_processes": accelerator.num_processes,
+            "num_processes": accelerator.num_processes, "origin": origin,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": config_dict,
         }

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
@@ -24,7 +23,8 @@ from tqdm.auto import tqdm
 
 from realm.tracking import Tracker
 from realm.precision import cpu_threads
-from realm.training.checkpoint import checkpoints, load_training_state, save_checkpoint
+from realm.training.checkpoint import (checkpoints, model_origin, resume_checkpoint,
+                                      save_checkpoint)
 
 logger = logging.getLogger(__name__)
 
@@ -193,12 +193,16 @@ def train(
     tracker: Tracker,
     hooks: Sequence[Any] = (),
     config_dict: Optional[dict] = None,
+    origin: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``task`` for ``settings.steps`` optimizer steps (resuming if possible).
 
     Hooks are objects with any of ``before_step(step)``, ``after_step(step, model)``,
     ``metrics(step) -> dict`` (merged into each logged record), ``state_dict()/load_state_dict()``
-    (saved in checkpoints), called on every process.
+    (saved in checkpoints), called on every process. ``origin`` (``stage``,
+    ``corpus_fingerprint``, ``corpus``) goes into each checkpoint's manifest with a digest of the
+    model's parameter shapes; a checkpoint of another origin is not resumed
+    (:func:`realm.training.checkpoint.resume_checkpoint`).
 
     Returns:
         ``{"steps", "final_loss", "resumed_from", "seconds", "examples_per_s", "last_eval",
@@ -246,18 +250,19 @@ def train(
 
     resumed_from = None
     found = checkpoints(s.run_dir) if s.resume else []
+    origin = {**(origin or {}), **model_origin(accelerator.unwrap_model(model))}
     if found:
         resumed_from = found[-1][1]
-        pickles = sorted(f for f in os.listdir(resumed_from) if f.startswith("custom_checkpoint_"))
-        if pickles:  # realm writes none: refused, never unpickled
-            raise ValueError(f"{resumed_from}: holds {', '.join(pickles)}, pickles realm never "
-                             "writes (an older realm's checkpoint, or planted); not loaded, since "
-                             "unpickling can run code. Remove them or start the run afresh.")
-        accelerator.load_state(resumed_from)
-        load_training_state(resumed_from, states)
+        resume_checkpoint(accelerator, resumed_from, states, origin,
+                          accelerator.unwrap_model(model))
         logger.info("resumed from %s (step %d)", resumed_from, progress.step)
-        # a run killed after this checkpoint logged later steps that are about to run again
-        tracker.truncate_after(progress.step)
+    # a run killed after its checkpoint (or before its first one) logged later steps that are
+    # about to run again: they go (on a fresh start, every record of the earlier run)
+    dropped = tracker.truncate_after(progress.step)
+    if dropped and not found:
+        logger.warning("%s/metrics.jsonl held %d records of an earlier run that left no "
+                       "checkpoint%s: removed (this run starts at step 0)", s.run_dir, dropped,
+                       "" if s.resume else " to resume (train.resume=false)")
 
     micro_per_epoch = len(loader)
     total_micro = s.steps * s.grad_accum
@@ -333,7 +338,7 @@ def train(
                     last_eval = _evaluate(task, model, tracker, progress.step)
                 if s.save_every and progress.step % s.save_every == 0 and progress.step < s.steps:
                     last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict,
-                                                states)
+                                                states, origin)
                 if progress.step >= s.steps:
                     break
             else:
@@ -344,13 +349,13 @@ def train(
     except KeyboardInterrupt:
         bar.close()
         _save_on_interrupt(accelerator, s, progress, micro_in_step, last_ckpt, config_dict,
-                           states)
+                           states, origin)
         raise
     bar.close()
     if s.eval_every:
         if not last_eval or s.steps % s.eval_every:
             last_eval = _evaluate(task, model, tracker, progress.step)
-    last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict, states)
+    last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict, states, origin)
     elapsed = time.perf_counter() - t_loop
     return {
         "steps": progress.step,
@@ -368,7 +373,7 @@ def train(
 
 def _save_on_interrupt(accelerator, s: TrainSettings, progress: _Progress, micro_in_step: int,
                        last_ckpt: Optional[str], config_dict: Optional[dict],
-                       states: dict[str, Any]) -> None:
+                       states: dict[str, Any], origin: dict[str, Any]) -> None:
     """Ctrl-C: checkpoint the last completed step, so re-running the command resumes there.
 
     The micro-batches of an unfinished step are handed back to the data position (their partial
@@ -380,7 +385,7 @@ def _save_on_interrupt(accelerator, s: TrainSettings, progress: _Progress, micro
     if last_ckpt and last_ckpt.endswith(f"step-{progress.step:06d}"):
         return
     progress.batch_in_epoch = max(0, progress.batch_in_epoch - micro_in_step)
-    path = save_checkpoint(accelerator, s, progress.step, config_dict, states)
+    path = save_checkpoint(accelerator, s, progress.step, config_dict, states, origin)
     logger.warning("interrupted at step %d: saved %s (re-run the same command to resume)",
                    progress.step, path)
 

@@ -41,6 +41,7 @@ from realm.retrieval.search import BM25Searcher, DenseSearcher
 from realm.evaluate.run import qa_retrieval
 from realm.losses import gather_with_grad, in_batch_nce
 from realm.metrics import compile_answer_pattern, contains_run, dpr_tokens
+from realm.index.mips import check_factory
 from realm.modeling.embed import embed_queries, special_ids
 from realm.modeling.inputs import build_block_inputs, build_query_inputs
 from realm.modeling.modes import eval_mode
@@ -278,6 +279,7 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
     d, t, r = config.retriever_training, config.train, config.retriever
     if d.negatives == "index":
         check_devices(config.refresh.devices)
+        check_factory(config.index.factory, r.dim)
     corpus_dir, store, train_qa, dev_qa, accelerator, precision = prepare_qa_stage(
         config, d, "retriever_training", progress)
     retriever = load_retriever(r.encoder, r.dim, r.pooling, r.encoder_layers, config.cache_dir)
@@ -347,7 +349,9 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
     finished = False
     try:
         result = train(retriever, task, settings, accelerator, tracker,
-                       hooks=[hook] if hook else [], config_dict=config.to_dict())
+                       hooks=[hook] if hook else [], config_dict=config.to_dict(),
+                       origin={"stage": "train_retriever", "corpus": corpus_dir,
+                               "corpus_fingerprint": store.fingerprint})
         finished = True
         in_sync = weights_in_sync(retriever, accelerator)
         out_dir = os.path.join(t.run_dir, "retriever")

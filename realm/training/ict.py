@@ -130,7 +130,9 @@ def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
     settings = TrainSettings.from_config(config, progress)
     world_size = accelerator.num_processes
     try:
-        result = train(retriever, task, settings, accelerator, tracker, config_dict=config.to_dict())
+        result = train(retriever, task, settings, accelerator, tracker, config_dict=config.to_dict(),
+                       origin={"stage": "ict", "corpus": corpus,
+                               "corpus_fingerprint": store.fingerprint})
         in_sync = weights_in_sync(retriever, accelerator)
         out_dir = os.path.join(t.run_dir, "retriever")
         if accelerator.is_main_process:

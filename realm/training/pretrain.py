@@ -26,7 +26,7 @@ from realm.data.mlm import MLMBatch, MLMDataset, collate_mlm, mlm_blocks
 from realm.data.store import BlockStore, check_tokenizer
 from realm.fsutil import sha256_file
 from realm.evaluate.span_recall import HeldOutSpans, span_hits
-from realm.index.mips import SearchResult
+from realm.index.mips import SearchResult, check_factory
 from realm.metrics import paired_recall
 from realm.modeling.embed import special_ids
 from realm.modeling.readers import CausalLMReader, load_reader
@@ -208,6 +208,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     t0 = time.time()
     p, t, r = config.pretrain, config.train, config.retriever
     check_devices(config.refresh.devices)  # (before minutes of preparation)
+    if not p.null_only:
+        check_factory(config.index.factory, r.dim)
     corpus_dir = prepare_corpus(config, progress)
     for path in (corpus_dir, p.examples):  # a bad corpus is named now, not after the warm starts
         if path:
@@ -298,7 +300,9 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     prefetch_stats = None
     try:
         result = train(model, task, settings, accelerator, tracker, hooks=hooks,
-                       config_dict=config.to_dict())
+                       config_dict=config.to_dict(),
+                       origin={"stage": "pretrain", "corpus": corpus_dir,
+                               "corpus_fingerprint": store.fingerprint})
         finished = True
         if accelerator.is_main_process:
             meta = {"stage": "pretrain", "steps": result["steps"]}

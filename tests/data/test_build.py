@@ -255,3 +255,22 @@ def test_blocks_export_to_datasets_and_parquet(built, tmp_path):
     again = datasets.load_dataset("parquet", data_files=str(tmp_path / "cli.parquet"),
                                   split="train", cache_dir=str(tmp_path / "hf"))
     assert again["text"] == ds["text"]
+
+
+def test_a_record_too_long_for_spacy_is_named_or_skipped(tmp_path):
+    from realm.errors import CorpusFormatError
+
+    src = tmp_path / "long.jsonl"
+    with open(src, "w", encoding="utf-8") as f:  # one "sentence" past spaCy's 1,000,000 chars
+        for title, text in (("Paris", "Paris is in France."), ("Long", "lorem ipsum " * 90_000),
+                            ("Berlin", "Berlin is in Germany.")):
+            f.write(json.dumps({"title": title, "text": text}) + "\n")
+    with pytest.raises(CorpusFormatError, match=f"{src}:2: a sentence of 1079999 characters, "
+                                                "longer than the 1000000 spaCy reads"):
+        build_corpus(DataConfig(input=str(src)), SpansConfig(), str(tmp_path / "a"),
+                     progress=False)
+    assert not (tmp_path / "a").exists()
+    summary = build_corpus(DataConfig(input=str(src), on_bad_record="skip"), SpansConfig(),
+                           str(tmp_path / "b"), progress=False)
+    assert summary["articles"] == 2 and summary["skipped_bad"] == 1
+    assert BlockStore(tmp_path / "b").title(0) == "Paris"

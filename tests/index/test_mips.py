@@ -71,3 +71,13 @@ def test_bad_factory_and_query_shape_are_named(vectors):
 
 def test_exact_recall_counts_overlap():
     assert exact_recall(np.array([[1, 2, 3]]), np.array([[3, 2, 9]])) == pytest.approx(2 / 3)
+
+
+def test_a_factory_faiss_cannot_build_is_a_config_error_in_one_line():
+    from realm.errors import ConfigError
+    from realm.index.mips import check_factory
+
+    assert check_factory("IVF4,Flat", 16).d == 16
+    with pytest.raises(ConfigError, match=r"index.factory='PQ7' .* 16-d vectors") as bad:
+        check_factory("PQ7", 16)  # a dimension PQ7 cannot split
+    assert "\n" not in str(bad.value) and ".cpp" not in str(bad.value)

@@ -151,7 +151,8 @@ class Dying(RefresherSupervisor):
         return [sys.executable, "-c", "raise SystemExit(7)"]
 
 
-def test_the_restart_budget_starts_over_after_a_committed_generation(tmp_path, monkeypatch):
+def test_the_restart_budget_starts_over_when_the_hook_swaps_in_a_generation(tmp_path,
+                                                                           monkeypatch):
     from realm.refresh import supervisor as module
 
     clock = itertools.count(0, 100)  # every look at the clock: the backoff has passed
@@ -161,8 +162,14 @@ def test_the_restart_budget_starts_over_after_a_committed_generation(tmp_path, m
     supervisor.proc.wait()
     supervisor.check()  # the backoff has passed: restart 1 of 1
     assert supervisor.restarts == 1
-    supervisor.reset_budget()  # the restarted refresher committed a generation
-    assert supervisor.restarts == 0
+    # the restarted refresher committed a generation: the trainer's hook swaps it in
+    hook = RefreshHook(RunStore(str(tmp_path / "run")), None, lambda m: m, corpus_fingerprint="f",
+                       dim=8, every_steps=2, is_main=True, supervisor=supervisor)
+    hook.started_at = 0  # (started: no first-generation wait)
+    hook.watcher.maybe_swap = lambda: True
+    hook.watcher.current = types.SimpleNamespace(generation=1, encoder_step=0)
+    hook.before_step(1)
+    assert supervisor.restarts == 0 and hook.generations_used == {1}
     supervisor.proc.wait()
     supervisor.check()
     assert supervisor.restarts == 1 and not supervisor.gave_up  # restarted, not given up

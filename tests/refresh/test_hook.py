@@ -83,17 +83,34 @@ def test_hook_publishes_swaps_and_checkpoints_the_generation(leads_corpus, tiny_
 
 
 @pytest.mark.slow
-def test_resume_loads_the_checkpointed_generation(leads_corpus, tiny_retriever, tmp_path,
-                                                  monkeypatch):
+def test_resume_starts_on_the_pinned_generation_then_swaps_and_sets_the_future_aside(
+        leads_corpus, tiny_retriever, tmp_path, monkeypatch):
+    """At resume a newer generation than the pinned one is in index/LATEST (so starting on the
+    pinned one is a choice, not the only option), and one built from an encoder of a step after
+    the checkpoint (what a run killed after it left): the first resumed step runs on the pinned
+    generation, a later one swaps to the newer, and the future one is set aside, never used."""
+    import numpy as np
+
     run_dir = str(tmp_path / "run")
     _train(run_dir, leads_corpus, tiny_retriever, 6, 6, monkeypatch)
-    pinned = RunStore(run_dir).leases()["checkpoint-step-000006"]["generation"]
+    store, corpus = RunStore(run_dir), BlockStore(leads_corpus)
+    pinned = store.leases()["checkpoint-step-000006"]["generation"]
+    rows = np.random.default_rng(0).standard_normal((len(corpus), 16)).astype(np.float32)
+    newer = store.commit_generation(rows, encoder_step=6, corpus_fingerprint=corpus.fingerprint)
+    store.publish_encoder(Retriever.from_pretrained(tiny_retriever), 9)
+    future = store.commit_generation(rows, encoder_step=9, corpus_fingerprint=corpus.fingerprint)
+    assert pinned < newer < future == store.read_latest()["generation"]
     os.remove(os.path.join(run_dir, "DONE"))  # continue the run for more steps
     result, hook = _train(run_dir, leads_corpus, tiny_retriever, 9, 6, monkeypatch)
     assert result["resumed_from"].endswith("step-000006") and hook.started_at == 6
-    assert pinned in hook.generations_used
-    first = [r for r in read_metrics(run_dir) if "index/generation" in r and r["step"] == 7]
-    assert first and first[-1]["index/generation"] == pinned  # exactly the pinned one
+    used = {r["step"]: r["index/generation"] for r in read_metrics(run_dir)
+            if "index/generation" in r and r["step"] > 6}
+    assert used[7] == pinned  # the pinned one, though a newer one was there
+    assert newer in set(used.values()) - {used[7]}  # a resumed step really swapped
+    assert future not in used.values() and future not in hook.generations_used
+    aside = list((tmp_path / "run" / "discarded").glob("after-step-000006-*"))
+    assert len(aside) == 1 and (aside[0] / "encoders" / "step-000009").is_dir()
+    assert (aside[0] / "index" / f"gen-{future:06d}").is_dir()
 
 
 def test_no_snapshot_while_the_encoders_are_held(tmp_path):

@@ -361,6 +361,12 @@ def _interrupt_and_resume(proc, cmd, run_dir, tmp_path, signum):
     # a fresh run from the same retriever and corpus starts on the cached generation 0
     gen0 = json.loads((run_dir / "index" / "gen-000000" / "manifest.json").read_text())
     assert gen0["encoder_step"] == 0 and gen0["seeded_from"].endswith(".npy")
+    # a second trainer on the same run directory is refused in one line, naming the first
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(tmp_path))
+    errors = [line for line in second.stderr.splitlines() if "error" in line.lower()]
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert len(errors) == 1 and f"another trainer holds it (pid {proc.pid} on host" in errors[0]
+    assert proc.poll() is None  # the first goes on
     os.killpg(proc.pid, signum)  # what Ctrl-C (or a scheduler) does
     out, _ = proc.communicate(timeout=120)
     want = 130 if signum == signal.SIGINT else 143
@@ -383,6 +389,8 @@ def _interrupt_and_resume(proc, cmd, run_dir, tmp_path, signum):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["resumed_from"].endswith(f"step-{stopped_at:06d}")
     assert summary["steps"] == stopped_at + 3
+    steps = [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, stopped_at + 4))  # every step's record, once
 
 
 def test_a_given_reader_starts_the_run_and_a_zero_reader_lr_holds_it_fixed(

@@ -464,3 +464,16 @@ def test_prefetched_retrieval_is_the_inline_one_with_the_same_weights(setup):
     finally:
         prefetcher.close()
         model.train()
+
+
+def test_a_bogus_index_factory_stops_the_stage_before_anything_runs(tmp_path):
+    from realm.config import load_config
+    from realm.errors import ConfigError
+    from realm.training.pretrain import run_pretrain
+
+    config = load_config(None, ["index.factory=Bogus", f"corpus={tmp_path}/no-corpus",
+                                f"train.run_dir={tmp_path}/run"])
+    with pytest.raises(ConfigError, match=r"index.factory='Bogus' is not a faiss factory string "
+                                          r"for 128-d vectors .*: could not parse index string"):
+        run_pretrain(config, progress=False)
+    assert not (tmp_path / "run").exists()  # (nor a corpus, warm start or refresher)
