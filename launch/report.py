@@ -17,16 +17,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a run directory (a stage's train.run_dir)")
     parser.add_argument("--output", help="report directory (default RUN_DIR/report)")
+    parser.add_argument("--debug", action="store_true", help="a traceback instead of one line")
     args = parser.parse_args(argv)
     import os
 
+    from realm.fsutil import output_problem
+
+    problem = output_problem(args.output, directory=True) if args.output else None
+    if problem:  # before drawing anything
+        parser.error(f"--output {args.output}: {problem}")
     from realm.cli import emit_summary, setup_logging
+    from realm.errors import RunDirError, WriteError
     from realm.report import write_report
 
     setup_logging("INFO")
     try:
         page = write_report(args.run_dir, args.output)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, RunDirError, WriteError) as err:
+        if args.debug:
+            raise
         print(f"report: error: {err}", file=sys.stderr)
         return 1
     images = sorted(f for f in os.listdir(os.path.dirname(page)) if f.endswith(".png"))

@@ -11,8 +11,8 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 from realm.config import Config, load_config, override
-from realm.errors import (CheckpointError, ConfigError, CorpusError, QAFormatError, RefresherFailed,
-                          ResumeError, RunDirError, StageFailed, StoreLockedError)
+from realm.errors import (ConfigError, CorpusError, QAFormatError, RefresherFailed, ResumeError,
+                          RunDirError, StageFailed, StoreLockedError, WriteError)
 
 logger = logging.getLogger("realm")
 
@@ -170,11 +170,12 @@ def run_stage(
     args, config = parse(parser, argv, shortcuts)
     run = _resolve(run)
     # bad inputs (their messages name the file, directory or key); a diverged run; an index
-    # refresher that cannot give the run an index; a checkpoint that cannot be written; a
+    # refresher that cannot give the run an index; a checkpoint, encoder snapshot or metrics
+    # record that cannot be written (a full disk: WriteError, CheckpointError among them); a
     # preparation stage (warm start) that failed in its own process; a run directory another
     # trainer holds, or that cannot be written; a checkpoint that cannot be resumed safely
     errors = tuple(_resolve(e) for e in (*errors, *INPUT_ERRORS)) + (
-        FloatingPointError, RefresherFailed, CheckpointError, StageFailed, ConfigError,
+        FloatingPointError, RefresherFailed, WriteError, StageFailed, ConfigError,
         StoreLockedError, RunDirError, ResumeError)
     terminated: list[int] = []
 

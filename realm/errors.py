@@ -44,7 +44,8 @@ class GenerationError(ValueError):
 
 class RunDirError(ValueError):
     """A run directory cannot be opened (a URL no installed fsspec file system can open) or
-    written."""
+    written, or a file the run keeps there is malformed (a pointer naming a path the store never
+    writes, a ``metrics.jsonl`` line that is not UTF-8 JSON). The message names the file."""
 
 
 class StoreLockedError(RuntimeError):
@@ -67,7 +68,12 @@ class RefresherFailed(RuntimeError):
     in time); the message quotes its log."""
 
 
-class CheckpointError(OSError):
+class WriteError(OSError):
+    """Files could not be written (a full disk, permissions, a file-size limit): the message
+    names the path, the cause (:func:`realm.fsutil.write_failure`) and what was kept."""
+
+
+class CheckpointError(WriteError):
     """A checkpoint could not be written (the message names the path and the cause)."""
 
 

@@ -1,16 +1,21 @@
-"""Small file-system helpers for crash-safe artifacts (fsync, content hashes)."""
+"""Small file-system helpers for crash-safe artifacts (fsync, content hashes, locks) and for
+saying in one line why a write failed (:func:`write_errors`) or cannot succeed
+(:func:`output_problem`)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from realm.errors import StoreLockedError
+from realm.errors import StoreLockedError, WriteError
 
 logger = logging.getLogger(__name__)
 
@@ -133,3 +138,100 @@ def describe_holder(text: str) -> str:
         return f"pid {int(info['pid'])} on host {info['host']} since {since}"
     except (ValueError, KeyError, TypeError):
         return text or "holder unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Failed writes, in one line
+
+
+def existing_parent(path: str) -> str:
+    """``path`` if it exists, else the nearest directory above it that does."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def disk_problem(path: str, low_bytes: int = 64 << 20) -> Optional[str]:
+    """Why files cannot be written under ``path`` ("no space left on the device" with what is
+    free, not writable, or what a 1 MiB probe write fails with), else None."""
+    path = existing_parent(path)
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError as e:
+        return f"{path}: {e.strerror or e}"
+    if usage.free < low_bytes:
+        return f"no space left on the device ({usage.free >> 20} MiB free under {path})"
+    if not os.access(path, os.W_OK):
+        return f"permission denied: {path} is not writable"
+    probe = os.path.join(path, f".write-probe-{os.getpid()}")
+    try:  # torch says only "iostream error": what a plain write of 1 MiB says is clearer
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return f"{e.strerror or e} writing under {path}"
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+    return None
+
+
+def write_failure(path: Optional[str], err: BaseException) -> str:
+    """Why a write under ``path`` failed, in words: a full disk (``ENOSPC``, a quota) says so
+    with what is free; else what :func:`disk_problem` finds, else ``err``'s own words. ``path``
+    None (an object store): ``err``'s words only."""
+    words = (err.strerror if isinstance(err, OSError) and err.strerror else str(err)) or \
+        type(err).__name__
+    if path is None:
+        return words
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = existing_parent(path)
+        try:
+            free = f"{shutil.disk_usage(where).free >> 20} MiB free under {where}"
+        except OSError:
+            free = where
+        return f"no space left on the device ({free})"
+    return disk_problem(path) or words
+
+
+@contextlib.contextmanager
+def write_errors(what: str, where: Optional[str], kept: str = "") -> Iterator[None]:
+    """Writes inside that fail end in one :class:`WriteError` line: ``"{what} failed: {cause};
+    {kept}"`` (the cause from :func:`write_failure` under ``where``; None for an object store).
+
+    Every ``OSError`` is such a failure; another exception only when the disk under ``where``
+    shows a problem (torch and safetensors report a full disk in their own words), else it
+    propagates as it is. The original error is the new one's ``__cause__`` (``--debug``).
+    """
+    tail = f"; {kept}" if kept else ""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(f"{what} failed: {write_failure(where, e)}{tail}") from e
+    except Exception as e:
+        problem = disk_problem(where) if where is not None else None
+        if problem is None:
+            raise
+        raise WriteError(f"{what} failed: {problem}{tail}") from e
+
+
+def output_problem(path: str, directory: bool = False) -> Optional[str]:
+    """Why ``path`` cannot be made as an output file (a ``directory`` with ``directory``), or
+    None: a regular file stands where a directory must be, the path is of the other kind, or
+    the nearest existing directory above it is not writable. For command lines to check their
+    output flags before any work."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and not directory:
+        return f"{path} is a directory, not a file"
+    if os.path.exists(path) and directory and not os.path.isdir(path):
+        return f"{path} is a regular file, not a directory"
+    parent = existing_parent(os.path.dirname(path))
+    if not os.path.isdir(parent):
+        return f"{parent} is a regular file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None

@@ -94,7 +94,7 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         return []
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a garbled line: skipped below
         for line in f:
             line = line.strip()
             if line:
@@ -118,6 +118,7 @@ def write_report(run_dir: str, output: Optional[str] = None, max_other: int = 24
 
     Raises:
         FileNotFoundError: ``run_dir`` has no ``metrics.jsonl`` (names the file).
+        RunDirError: a line of it is not UTF-8 JSON (names the file and the line).
     """
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(metrics_path):

@@ -6,6 +6,7 @@ time a wandb tracker is built, so the library never needs it to import.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -13,6 +14,9 @@ import os
 import time
 import uuid
 from typing import Any, Optional
+
+from realm.errors import RunDirError
+from realm.fsutil import write_errors
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +85,7 @@ class Tracker:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "ab", buffering=0)
         if wandb:
             import wandb as wandb_lib  # lazy: only runs that ask for wandb pay for it
 
@@ -114,11 +118,29 @@ class Tracker:
             return
         record = {"step": step, "time": round(time.time(), 3)}
         record.update({k: _clean(v) for k, v in metrics.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._append(record)
         if self._wandb is not None:
             self._wandb.log({STEP_METRIC: step, **{k: v for k, v in record.items()
                                                     if k not in ("step", "time")}})
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """One line, written whole or not at all (a failed write is cut back off the file).
+
+        Raises:
+            WriteError: the line cannot be written (a full disk...), in one line naming the file.
+        """
+        data = memoryview((json.dumps(record) + "\n").encode())
+        fd = self._file.fileno()
+        with write_errors(f"appending a record of step {record.get('step')} to {self.path}",
+                          self.run_dir, "the records before it are kept"):
+            size = os.fstat(fd).st_size
+            try:
+                while data:
+                    data = data[self._file.write(data):]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
 
     def truncate_after(self, step: int) -> int:
         """Drop the records of steps after ``step`` (a run resumed from its checkpoint at
@@ -128,36 +150,42 @@ class Tracker:
             return 0
         self._file.close()
         kept, dropped = [], 0
-        with open(self.path, encoding="utf-8") as f:
+        with open(self.path, "rb") as f:
             for line in f:
                 try:
                     later = json.loads(line).get("step", 0) > step
-                except ValueError:
+                except (ValueError, AttributeError, TypeError):
                     later = False  # a torn last line of a killed run: not ours to judge; kept
-                    if not line.endswith("\n"):
-                        line += "\n"
+                    if not line.endswith(b"\n"):
+                        line += b"\n"
                 dropped += later
                 if not later:
                     kept.append(line)
         if dropped:
             tmp = f"{self.path}.tmp-{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            with write_errors(f"cutting {self.path} back to step {step}", self.run_dir,
+                              "the file is unchanged"):
+                try:
+                    with open(tmp, "wb") as f:
+                        f.writelines(kept)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
             logger.info("%s: dropped %d records of steps after %d (logged again on resume)",
                         self.path, dropped, step)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "ab", buffering=0)
         return dropped
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """A small table of examples: a wandb Table, and a JSONL record with the rows."""
         if not self.enabled:
             return
-        self._file.write(json.dumps({"step": step, "table": name, "columns": columns,
-                                     "rows": [[_clean(v) for v in r] for r in rows]}) + "\n")
-        self._file.flush()
+        self._append({"step": step, "table": name, "columns": columns,
+                      "rows": [[_clean(v) for v in r] for r in rows]})
         if self._wandb is not None:
             import wandb as wandb_lib
 
@@ -174,6 +202,30 @@ class Tracker:
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    """The scalar records of a run's ``metrics.jsonl`` (tables left out)."""
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [r for r in map(json.loads, f) if "table" not in r]
+    """The scalar records of a run's ``metrics.jsonl`` (tables left out; a last line torn by a
+    kill mid-write too).
+
+    Raises:
+        RunDirError: a line is not UTF-8 or not a JSON record (the message names file and line).
+    """
+    path = os.path.join(run_dir, "metrics.jsonl")
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    records = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise RunDirError(f"{path}: line {n} is not UTF-8 ({e.reason} at byte {e.start}): "
+                              "not a metrics file realm wrote") from None
+        except ValueError as e:
+            if n == len(lines) and not raw.endswith(b"\n"):
+                break  # torn by a kill mid-write
+            raise RunDirError(f"{path}: line {n} is not a JSON record ({e})") from None
+        if not isinstance(record, dict):
+            raise RunDirError(f"{path}: line {n} is not a JSON object")
+        if "table" not in record:
+            records.append(record)
+    return records

@@ -48,6 +48,9 @@ MANIFEST = "manifest.json"
 GEN_PATTERN = re.compile(r"^gen-(\d{6,})$")
 #: The files a generation directory holds (its manifest lists no others).
 GENERATION_FILES = frozenset({"embeddings.npy", "block_ids.npy", "index.faiss"})
+#: What every reader of a generation's manifest relies on (one missing: refused as corrupt).
+MANIFEST_KEYS = ("generation", "encoder_step", "corpus_fingerprint", "dim", "n_blocks",
+                 "index_type", "files")
 
 
 def gen_name(generation: int) -> str:
@@ -279,8 +282,14 @@ class GenerationStore:
             raise GenerationError(f"{path}: unreadable manifest ({e})") from None
         if manifest is None:
             raise GenerationError(f"{path}: missing (generation {generation} is not complete)")
+        if not isinstance(manifest, dict):
+            raise GenerationError(f"{path}: not a JSON object: refused as corrupt")
         if manifest.get("kind") != GENERATION_KIND:
             raise GenerationError(f"{path}: kind {manifest.get('kind')!r}, not {GENERATION_KIND!r}")
+        missing = [key for key in MANIFEST_KEYS if key not in manifest]
+        if missing:
+            raise GenerationError(f"{path}: lacks {', '.join(map(repr, missing))}: refused as "
+                                  "corrupt")
         return manifest
 
     def read_generation_files(self, generation: int, *, corpus_fingerprint: Optional[str] = None,

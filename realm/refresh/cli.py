@@ -38,7 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not config.corpus:  # (the trainer fills it in; the refresher builds no corpus)
         parser.exit(2, f"{parser.prog}: config error: corpus: no corpus directory given "
                        "(--corpus DIR or corpus=DIR)\n")
-    from realm.errors import ConfigError, CorpusError, RunDirError
+    from realm.errors import ConfigError, CorpusError, RunDirError, WriteError
     from realm.index.mips import check_factory
 
     try:
@@ -49,7 +49,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         logger.error("%s: config error: %s", parser.prog, e)
         return 2
-    except (CorpusError, RunDirError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (CorpusError, RunDirError, WriteError, FileNotFoundError, NotADirectoryError,
+            PermissionError) as e:
         if args.debug:
             raise
         logger.error("%s: %s", parser.prog, e)  # one line: the message names the path

@@ -170,8 +170,8 @@ class RefreshHook:
                 self.watcher.load(self.resume_generation)
                 logger.info("resumed with index generation %d", self.resume_generation)
             except GenerationError as e:
-                logger.warning("the checkpoint's index generation %d is gone (%s); waiting for "
-                               "the newest", self.resume_generation, e)
+                logger.warning("the checkpoint's index generation %d is gone or corrupt (%s); "
+                               "waiting for the newest", self.resume_generation, e)
         self.watcher.start()
         t0 = time.time()
         try:

@@ -30,7 +30,7 @@ import torch
 from realm.data.store import BlockStore, check_tokenizer
 from realm.modeling.retriever import Retriever
 from realm.precision import autocast_dtype
-from realm.fsutil import failpoint
+from realm.fsutil import failpoint, write_errors
 from realm.modeling.embed import embed_blocks, special_ids
 from realm.index.mips import MipsIndex, array_from_bytes, array_to_bytes
 from realm.errors import GenerationError
@@ -289,16 +289,15 @@ class Refresher:
         timings = {"load_encoder_s": round(load_s, 3), "embed_s": round(embed_wall, 3),
                    "embed_shard_s": round(embed_s, 3), "build_s": round(build_s, 3)}
         blocks_per_s = n / max(embed_wall, 1e-9)
-        try:
+        with write_errors(f"writing an index generation under {self.store.path('index')}",
+                          self.store.path("index") if self.store.local else None,
+                          "nothing was committed (index/LATEST is unchanged)"):
             generation = self.store.commit_generation(
                 embeddings, encoder_step=step, corpus_fingerprint=self.corpus.fingerprint,
                 factory=self.s.factory, index_bytes=index_bytes, timings=timings,
                 extra={"encoder_time": snapshot.get("time"), "refresher": self.owner,
                        "processes": self.dist.world, "precision": "bf16" if bf16 else "fp32",
                        "device": str(self.device), "blocks_per_s": round(blocks_per_s, 2)})
-        except OSError as e:
-            raise OSError(e.errno, f"writing an index generation under {self.store.path('index')} "
-                                   f"failed, nothing was committed: {e.strerror or e}") from e
         commit_s = time.perf_counter() - t0
         self.store.gc_generations(self.s.keep_generations, self.s.lease_timeout_s)
         total_s = time.perf_counter() - t_start

@@ -24,8 +24,8 @@ import tempfile
 import time
 from typing import Any, Iterator, Optional
 
-from realm.errors import GenerationError, StoreLockedError
-from realm.fsutil import FileLock
+from realm.errors import GenerationError, RunDirError, StoreLockedError
+from realm.fsutil import FileLock, write_errors
 from realm.index.generations import GEN_PATTERN, LATEST, MANIFEST, GenerationStore, gen_name
 
 logger = logging.getLogger(__name__)
@@ -81,26 +81,33 @@ class RunStore(GenerationStore):
         """Save ``retriever`` as ``encoders/step-S/`` and point ``encoders/LATEST`` at it.
 
         Older snapshots beyond the newest ``keep`` are removed afterwards.
+
+        Raises:
+            WriteError: the snapshot cannot be written (a full disk...): one line naming it and
+                the cause; no partial snapshot is left and ``LATEST`` is unchanged.
         """
         name = step_name(step)
         target = self.path("encoders", name)
         meta = {"step": int(step), **(metadata or {})}
         t0 = time.perf_counter()
-        if self.fs.exists(self.path("encoders", name, MANIFEST)):
-            logger.info("encoder snapshot %s exists; re-pointing LATEST", target)
-        elif self.local:
-            retriever.save_pretrained(target, metadata=meta, overwrite=True)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, name)
-                retriever.save_pretrained(local, metadata=meta)
-                files = sorted((os.path.relpath(os.path.join(d, f), local)
-                                for d, _, fs in os.walk(local) for f in fs),
-                               key=lambda rel: rel == MANIFEST)  # manifest last
-                for rel in files:
-                    self.fs.put_file(os.path.join(local, rel), f"{target}/{rel}")
-        self.write_json_atomic(self.path("encoders", LATEST),
-                               {"step": int(step), "path": name, "time": time.time()})
+        with write_errors(f"publishing encoder snapshot {target}",
+                          self.path("encoders") if self.local else None,
+                          "nothing was published (encoders/LATEST is unchanged)"):
+            if self.fs.exists(self.path("encoders", name, MANIFEST)):
+                logger.info("encoder snapshot %s exists; re-pointing LATEST", target)
+            elif self.local:
+                retriever.save_pretrained(target, metadata=meta, overwrite=True)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = os.path.join(tmp, name)
+                    retriever.save_pretrained(local, metadata=meta)
+                    files = sorted((os.path.relpath(os.path.join(d, f), local)
+                                    for d, _, fs in os.walk(local) for f in fs),
+                                   key=lambda rel: rel == MANIFEST)  # manifest last
+                    for rel in files:
+                        self.fs.put_file(os.path.join(local, rel), f"{target}/{rel}")
+            self.write_json_atomic(self.path("encoders", LATEST),
+                                   {"step": int(step), "path": name, "time": time.time()})
         logger.info("published encoder snapshot %s in %.1fs", name, time.perf_counter() - t0)
         self._gc_encoders(keep)
         return target
@@ -109,17 +116,29 @@ class RunStore(GenerationStore):
         return self.numbered("encoders", STEP_PATTERN)
 
     def latest_encoder(self) -> Optional[dict[str, Any]]:
-        """``{"step", "path"}`` of the newest published snapshot, or None."""
+        """``{"step", "path"}`` of the newest published snapshot, or None.
+
+        Raises:
+            RunDirError: ``encoders/LATEST`` names a path the store never writes (``../x``), or
+                lacks its step: refused as corrupt, in one line naming the file.
+        """
+        where = self.path("encoders", LATEST)
         try:
-            pointer = self.read_json(self.path("encoders", LATEST))
+            pointer = self.read_json(where)
         except ValueError:
             return None
         if pointer is None:
             return None
-        step = int(pointer["step"])
+        try:
+            step = int(pointer["step"])
+        except (KeyError, TypeError, ValueError):
+            raise RunDirError(f"{where}: no integer 'step' in {pointer!r}: refused as corrupt; "
+                              "delete it and re-run (the trainer publishes a new snapshot)") \
+                from None
         if pointer.get("path") != step_name(step):  # only the name the store itself writes
-            raise ValueError(f"{self.path('encoders', LATEST)}: names {pointer.get('path')!r} for "
-                             f"step {step}, not {step_name(step)!r}: refused as corrupt")
+            raise RunDirError(f"{where}: names {pointer.get('path')!r} for step {step}, not "
+                              f"{step_name(step)!r}: refused as corrupt; delete it and re-run "
+                              "(the trainer publishes a new snapshot)")
         return {"step": step, "path": self.path("encoders", pointer["path"]),
                 "time": pointer.get("time")}
 

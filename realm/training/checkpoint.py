@@ -3,7 +3,8 @@
 Each is written to a temporary name and renamed into place with a ``manifest.json``, so a crash
 never leaves one that looks complete; the training state accelerate does not save is JSON
 (:data:`TRAINING_STATE`), never a pickle. A failed save raises
-:class:`realm.errors.CheckpointError` saying what is wrong with the disk (:func:`disk_problem`).
+:class:`realm.errors.CheckpointError` saying what is wrong with the disk
+(:func:`realm.fsutil.write_failure`, the words of every failed write).
 
 The manifest records what the run was made from (``origin``: stage, corpus fingerprint, a digest
 of the model's parameter shapes); :func:`resume_checkpoint` refuses a checkpoint of another
@@ -26,6 +27,7 @@ from typing import Any, Iterator, Optional, Protocol
 from realm.cache import digest
 from realm.version import __version__
 from realm.errors import CheckpointError, ResumeError
+from realm.fsutil import write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -254,34 +256,9 @@ def save_checkpoint(accelerator, s: CheckpointSettings, step: int, config_dict: 
     except (OSError, RuntimeError) as e:  # torch reports a full disk as "iostream error"
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"saving checkpoint step {step} into {tmp} failed: "
-                              f"{disk_problem(root) or e}; the temp directory was removed and "
+                              f"{write_failure(root, e)}; the temp directory was removed and "
                               f"the newest complete checkpoint is kept") from e
     return final
-
-
-def disk_problem(path: str, low_bytes: int = 64 << 20) -> Optional[str]:
-    """Why files cannot be written under ``path`` ("no space left on the device" with what is
-    free, not writable, or what a 1 MiB probe write fails with), else None."""
-    try:
-        usage = shutil.disk_usage(path)
-    except OSError as e:
-        return f"{path}: {e.strerror or e}"
-    if usage.free < low_bytes:
-        return f"no space left on the device ({usage.free >> 20} MiB free under {path})"
-    if not os.access(path, os.W_OK):
-        return f"permission denied: {path} is not writable"
-    probe = os.path.join(path, f".write-probe-{os.getpid()}")
-    try:  # torch says only "iostream error": what a plain write of 1 MiB says is clearer
-        with open(probe, "wb") as f:
-            f.write(b"\0" * (1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        return f"{e.strerror or e} writing under {path}"
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(probe)
-    return None
 
 
 def _write_checkpoint(accelerator, s: CheckpointSettings, step: int, config_dict: Optional[dict],
