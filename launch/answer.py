@@ -1,10 +1,13 @@
 """Ask a fine-tuned Open-QA model (launch/finetune_openqa.py's model/ directory) questions.
 
     python launch/answer.py --model runs/openqa-squad/model "who wrote hamlet"
+    python launch/answer.py --model runs/rag-leads/model "who painted the mona lisa"
     python launch/answer.py --model RUN/model --qa questions.jsonl --output answers.jsonl
 
-Prints, for each question, the answer, its probability and the titles (and retrieval scores) of
-the blocks it read; with --qa, writes one JSON record per question to --output. The last stdout
+Either kind of model: a span reader (the answer is cut from a block) or a RAG generator (the
+answer is written after the blocks). Prints, for each question, the answer, its probability and
+the blocks it read: retrieval score, p(block | question, answer) and title (`*` where the block
+holds the answer); with --qa, writes one JSON record per question to --output. The last stdout
 line is a JSON summary. The corpus is the one the model's manifest names (--corpus to point
 elsewhere; a different corpus is refused).
 """
@@ -23,12 +26,19 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="where --qa's answers go (jsonl)")
     parser.add_argument("--corpus", help="the corpus directory, if not where the model says")
     parser.add_argument("--k", type=int, help="blocks read per question (default: the model's)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="a generator's precision: bf16 where the CPU runs it fast (auto)")
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
     args = parser.parse_args(argv)
     if not args.questions and not args.qa:
         parser.error("give questions, or --qa FILE")
     if args.qa and not args.output:
         parser.error("--qa needs --output FILE.jsonl")
+    from realm.fsutil import output_problem
+
+    problem = output_problem(args.output) if args.output else None
+    if problem:  # before loading the model and answering
+        parser.error(f"--output {args.output}: {problem}")
     from realm.cli import emit_summary, setup_logging
 
     setup_logging("WARNING")
@@ -38,7 +48,7 @@ def main(argv=None) -> int:
         from realm.evaluate.openqa import write_predictions
 
         t0 = time.perf_counter()
-        qa = OpenQA.from_pretrained(args.model, corpus=args.corpus)
+        qa = OpenQA.from_pretrained(args.model, corpus=args.corpus, precision=args.precision)
         questions = list(args.questions)
         if args.qa:
             questions += read_questions(args.qa)
@@ -51,7 +61,8 @@ def main(argv=None) -> int:
     for r in results[: len(args.questions)]:
         print(f"Q: {r['question']}\nA: {r['answer']}  (p = {r['probability']:.3f})")
         for e in r["evidence"]:
-            print(f"   {e['score']:8.3f}  {e['title']}{'  *' if e['answer_here'] else ''}")
+            print(f"   {e['score']:8.3f}  p={e['probability']:.2f}  {e['title']}"
+                  f"{'  *' if e['answer_here'] else ''}")
     if args.qa:
         write_predictions(results[len(args.questions):], args.output)
     seconds = time.perf_counter() - t0

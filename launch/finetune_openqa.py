@@ -1,8 +1,13 @@
-"""Open-QA fine-tuning: the document index fixed, the query encoder and the span reader trained.
+"""Open-QA fine-tuning: the document index fixed, the query encoder and the reader trained.
 
     accelerate launch launch/finetune_openqa.py                       # configs/openqa_squad.yaml
     accelerate launch launch/finetune_openqa.py --config configs/X.yaml [key=value ...]
     accelerate launch launch/finetune_openqa.py openqa.retriever=runs/pretrain openqa.reader=runs/pretrain
+    accelerate launch launch/finetune_openqa.py --config configs/rag_leads.yaml   # RAG
+
+The reader is a span reader (`openqa.reader_type: extractive`, the default) or a generator
+(`generative`: RAG, `openqa.generator`, `configs/rag_leads.yaml`, `configs/rag_squad.yaml`;
+`train.steps=0` is zero-shot RAG, `openqa.closed_book=true` the generator without retrieval).
 
 With no --config, configs/openqa_squad.yaml (next to this script) is used: SQuAD-open from
 ../shared/data/squad_open, BM25 retrieval, the offline 6-layer MiniLM as the reader.

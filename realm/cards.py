@@ -62,10 +62,33 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "--model DIR \"who wrote hamlet\"`; evaluate: `python launch/evaluate.py openqa "
         "--model DIR --corpus CORPUS --qa FILE`.",
     ),
+    "openqa_model/generative": (
+        "Open-QA system (RAG): retriever, generator and the corpus index",
+        "A retriever (`retriever/`, with the document embeddings of the corpus its manifest "
+        "names; or BM25) and a causal-LM generator (`generator/`) that writes the answer after "
+        "each of the top k blocks (RAG, Lewis et al. 2020): ask it questions.",
+        "```python\nfrom realm import OpenQA\nqa = OpenQA.from_pretrained(\"DIR\")\n"
+        "print(qa.answer(\"who wrote hamlet\"))   # the answer and the blocks it read\n```\n\n"
+        "The generator alone: `AutoModelForCausalLM.from_pretrained(\"DIR/generator\")`. From "
+        "the shell: `python launch/answer.py --model DIR \"who wrote hamlet\"`; evaluate: "
+        "`python launch/evaluate.py openqa --model DIR --corpus CORPUS --qa FILE`.",
+    ),
+    "rag_generator": (
+        "RAG generator (causal LM)",
+        "A transformers causal LM that writes answers after `title\\nbody\\n\\nQuestion: q"
+        "\\nAnswer:` (the weights merged where a LoRA adapter trained; the adapter itself in "
+        "`adapter/`).",
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "model = AutoModelForCausalLM.from_pretrained(\"DIR\")\n"
+        "tokenizer = AutoTokenizer.from_pretrained(\"DIR\")\n```\n\nWith realm: "
+        "`realm.modeling.rag.RAGGenerator.from_pretrained(\"DIR\")`; where `adapter/` is listed, "
+        "`peft.PeftModel.from_pretrained(base, \"DIR/adapter\")` opens the adapter on its base.",
+    ),
 }
 
 _SHOWN = ("base_checkpoint", "model_type", "architecture", "hidden_size", "dim", "pooling",
-          "vocab_size", "k", "span_scorer", "max_span_tokens", "retriever_kind")
+          "vocab_size", "k", "span_scorer", "max_span_tokens", "retriever_kind", "reader_type",
+          "retrieval", "mode", "rag_loss", "decoding", "generator_source")
 
 
 def _value(v: Any) -> str:
@@ -78,7 +101,8 @@ def _value(v: Any) -> str:
 
 def model_card(kind: str, fields: dict[str, Any], metadata: Optional[dict[str, Any]]) -> str:
     """The card's Markdown for a directory of ``kind`` (unknown kinds get a plain card)."""
-    title, what, load = KINDS.get(kind, (kind.replace("_", " "), "", ""))
+    variant = f"{kind}/{fields.get('reader_type')}"  # e.g. a generative Open-QA model
+    title, what, load = KINDS.get(variant) or KINDS.get(kind, (kind.replace("_", " "), "", ""))
     metadata = metadata or {}
     lines = [f"# {title}", "", "Written by realm (REALM-style "
              "retrieval-augmented pretraining).", ""]

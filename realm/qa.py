@@ -4,11 +4,13 @@
     qa = OpenQA.from_pretrained("runs/openqa-squad/model")
     qa.answer("who wrote hamlet")
     # {"question": ..., "answer": "William Shakespeare", "probability": 0.41, "score": -0.89,
-    #  "evidence": [{"title": "Hamlet", "block": 1234, "score": 17.2, "answer_here": True}, ...]}
+    #  "answer_block": "Hamlet", "evidence": [{"title": "Hamlet", "block": 1234, "score": 17.2,
+    #                                          "probability": 0.93, "answer_here": True}, ...]}
 
-The model directory (``launch/finetune_openqa.py``'s ``model/``) is self-describing: the reader,
-the query encoder with the fixed document embeddings (or BM25), and the corpus it indexes, with
-that corpus's fingerprint. The corpus is read from the path the manifest names unless another is
+The model directory (``launch/finetune_openqa.py``'s ``model/``) is self-describing: the reader
+(a span reader, or a RAG generator that writes the answer after each block read), the query
+encoder with the fixed document embeddings (or BM25), and the corpus it indexes, with that
+corpus's fingerprint. The corpus is read from the path the manifest names unless another is
 given; a missing corpus, or one whose fingerprint differs, is an error naming both.
 """
 
@@ -27,6 +29,7 @@ from realm.data.qa import QADataset, QAExample, collate_qa
 from realm.data.store import BlockStore
 from realm.errors import CorpusMismatchError
 from realm.metrics import has_answer
+from realm.modeling.rag import GenerativeOpenQAModel
 from realm.retrieval.fixed import MANIFEST_KIND, load_openqa_model
 
 logger = logging.getLogger(__name__)
@@ -52,12 +55,14 @@ def read_questions(path: str) -> list[str]:
 
 
 class OpenQA:
-    """A fine-tuned retriever + reader over its corpus, answering free-text questions.
+    """A fine-tuned retriever + reader (extractive or generative) over its corpus, answering
+    free-text questions.
 
     Build it with :meth:`from_pretrained`.
 
     Args:
-        model: The loaded :class:`realm.modeling.openqa.OpenQAModel`.
+        model: The loaded :class:`realm.modeling.openqa.OpenQAModel` or
+            :class:`realm.modeling.rag.GenerativeOpenQAModel`.
         directory: The model directory it came from.
     """
 
@@ -66,15 +71,19 @@ class OpenQA:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, corpus: Optional[str] = None,
-                        progress: bool = False) -> "OpenQA":
-        """Load a model directory written by Open-QA fine-tuning.
+                        progress: bool = False, precision: str = "auto") -> "OpenQA":
+        """Load a model directory written by Open-QA fine-tuning (either kind of reader).
 
         Args:
             directory: The ``model/`` directory (or a fine-tuning run directory holding one).
             corpus: The corpus directory; None: the one the model's manifest names.
+            precision: A generative model's generator (and the document encoder, when it
+                embeds another corpus): ``auto`` (bf16 where the device runs it fast),
+                ``bf16`` or ``fp32``.
 
         Raises:
             FileNotFoundError: No model there.
+            ValueError: A saved directory of another kind (the message names it).
             CorpusMismatchError: The corpus is missing or is not the one the model indexes.
         """
         directory = os.fspath(directory)
@@ -95,7 +104,7 @@ class OpenQA:
                 f"{directory} indexes the corpus {named['path']} (fingerprint "
                 f"{named['fingerprint']}), but {path} is another corpus (fingerprint "
                 f"{store.fingerprint})")
-        model = load_openqa_model(directory, store, progress=progress, precision="fp32")
+        model = load_openqa_model(directory, store, progress=progress, precision=precision)
         return cls(model, directory)
 
     def answer(self, question: str, k: Optional[int] = None) -> dict[str, Any]:
@@ -108,35 +117,78 @@ class OpenQA:
                      batch_size: int = 32) -> list[dict[str, Any]]:
         """Answer many questions, ``batch_size`` at a time.
 
+        Each answer: ``question``, ``answer``, ``score`` (its log-probability), ``probability``,
+        ``answer_block`` (the title of the block it came from, or that explains it best) and
+        ``evidence``: the blocks read, best first by retrieval score, each with ``title``,
+        ``block``, ``score`` (retrieval), ``probability`` (``p(z|x, y)``: the block's share of
+        the answer) and ``answer_here`` (its title or text holds the answer).
+
         Raises:
-            ValueError: An empty (or blank) question.
+            ValueError: An empty (or blank) question, or one too long for a generative model's
+                generator (the message names it).
         """
         m = self.model
         for i, q in enumerate(questions):
             if not isinstance(q, str) or not q.strip():
                 raise ValueError(f"question {i} is empty")
-            n = len(m.tokenizer(q, add_special_tokens=False)["input_ids"])
-            if n > m.max_question_tokens:
-                logger.warning("question %d has %d word pieces: cut to the model's %d", i, n,
-                               m.max_question_tokens)
-        k_read = k or m.k
-        examples = [QAExample(question=q.strip(), answers=["-"]) for q in questions]
-        data = QADataset(examples, m.tokenizer, m.max_question_tokens)
+            if m.tokenizer is not None:
+                n = len(m.tokenizer(q, add_special_tokens=False)["input_ids"])
+                if n > m.max_question_tokens:
+                    logger.warning("question %d has %d word pieces: cut to the model's %d", i, n,
+                                   m.max_question_tokens)
+        questions = [q.strip() for q in questions]
+        generative = isinstance(m, GenerativeOpenQAModel)
+        if generative:  # every question must fit in the generator's rows with its answer
+            m.generator.prompts.prompt_ids(questions, [[None]] * len(questions),
+                                           [m.max_answer_tokens] * len(questions))
         results = []
-        for lo in range(0, len(examples), batch_size):
-            batch = collate_qa([data[i] for i in range(lo, min(lo + batch_size, len(data)))])
-            logits, ids = m.retrieve(batch, k_read)
-            out = m(batch, ids, logits, with_loss=False)
-            for i, pred in enumerate(m.best_spans(out)):
-                evidence = [{"title": m.store.title(int(b)), "block": int(b),
-                             "score": round(float(s), 4),
-                             "answer_here": bool(pred["prediction"]) and has_answer(
-                                 f"{m.store.title(int(b))} {m.store.text(int(b))}",
-                                 [pred["prediction"]])}
-                            for b, s in zip(ids[i], logits[i].tolist()) if b >= 0]
-                results.append({"question": batch.questions[i], "answer": pred["prediction"],
-                                "probability": round(float(np.exp(pred["score"])), 4),
-                                "score": round(pred["score"], 4),
-                                "answer_block": m.store.title(pred["block"]),
+        for lo in range(0, len(questions), batch_size):
+            chunk = questions[lo: lo + batch_size]
+            answers = (self._generate(chunk, k) if generative else self._extract(chunk, k))
+            for question, (answer, score, block, evidence) in zip(chunk, answers):
+                for e in evidence:
+                    e["title"] = m.store.title(e["block"])
+                    e["answer_here"] = bool(answer) and has_answer(
+                        f"{m.store.title(e['block'])} {m.store.text(e['block'])}", [answer])
+                results.append({"question": question, "answer": answer,
+                                "probability": round(float(np.exp(score)), 4),
+                                "score": round(score, 4),
+                                "answer_block": None if block is None else m.store.title(block),
                                 "evidence": evidence})
         return results
+
+    def _extract(self, questions: list[str], k: Optional[int]) -> list[tuple]:
+        """The extractive model's ``(answer, score, block, evidence)`` of each question."""
+        m = self.model
+        data = QADataset([QAExample(question=q, answers=["-"]) for q in questions], m.tokenizer,
+                         m.max_question_tokens)
+        batch = collate_qa([data[i] for i in range(len(data))])
+        logits, ids = m.retrieve(batch, k or m.k)
+        out = m(batch, ids, logits, with_loss=False)
+        preds = m.best_spans(out)
+        posteriors = m.answer_posteriors(out, preds)  # [B, k]
+        return [(pred["prediction"], pred["score"], pred["block"],
+                 _evidence(ids[i], logits[i], posteriors[i]))
+                for i, pred in enumerate(preds)]
+
+    def _generate(self, questions: list[str], k: Optional[int]) -> list[tuple]:
+        """The generative model's ``(answer, score, block, evidence)`` of each question."""
+        m = self.model
+        logits, ids = m.retrieve(questions, k or m.k)
+        decoded, _ = m.generate(questions, ids, logits)
+        out = []
+        for i, answer in enumerate(decoded.answers):
+            evidence = [] if m.closed_book else _evidence(ids[i], logits[i], decoded.posteriors[i])
+            block = (None if m.closed_book
+                     else int(ids[i][int(decoded.posteriors[i].argmax())]))
+            out.append((answer, float(decoded.scores[i]), block, evidence))
+        return out
+
+
+def _evidence(ids: np.ndarray, logits: torch.Tensor, posteriors: torch.Tensor
+              ) -> list[dict[str, Any]]:
+    """The blocks read (ids ``[k]``, retrieval logits ``[k]``, ``p(z|x, y)`` ``[k]``) as
+    evidence records (``title`` and ``answer_here`` are filled in by the caller)."""
+    return [{"title": "", "block": int(b), "score": round(float(s), 4),
+             "probability": round(float(p), 4)}
+            for b, s, p in zip(ids, logits.tolist(), posteriors.tolist()) if b >= 0]

@@ -78,7 +78,7 @@ def test_evaluate_commands_parse(doc, script, args, evaluate_parser, capsys):
         parsed = evaluate_parser.parse_args(args)
     except SystemExit:
         pytest.fail(f"{doc}: launch/evaluate.py {' '.join(args)}\n{capsys.readouterr().err}")
-    assert parsed.mode in ("openqa", "retrieval", "ict", "compare")
+    assert parsed.mode in ("openqa", "retrieval", "ict", "spans", "compare")
 
 
 def test_quickstart_python_snippet_reads_a_block_store(leads_corpus, tmp_path):

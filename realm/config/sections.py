@@ -203,7 +203,8 @@ class TrainConfig:
     """The shared training core (ICT, pretraining, fine-tuning)."""
 
     run_dir: str = doc("Run directory: config, metrics, checkpoints, outputs.", default="runs/ict")
-    steps: int = doc("Optimizer steps.", default=1000)
+    steps: int = doc("Optimizer steps (0 only for zero-shot RAG: `openqa.reader_type: "
+                     "generative` evaluates the generator untrained).", default=1000)
     batch_size: int = doc("Examples per micro-batch per process.", default=32)
     grad_accum: int = doc("Micro-batches per optimizer step.", default=1)
     lr: float = doc("Peak learning rate (AdamW).", default=2e-5)
@@ -227,9 +228,10 @@ class TrainConfig:
                         default=True)
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum", "keep_checkpoints"):
+        for key in ("batch_size", "grad_accum", "keep_checkpoints"):
             check(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
-        for key in ("warmup_steps", "eval_every", "save_every", "num_workers", "threads"):
+        # 0 steps (zero-shot RAG) is checked by the whole Config, which knows the stage
+        for key in ("steps", "warmup_steps", "eval_every", "save_every", "num_workers", "threads"):
             check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         check(self.max_grad_norm >= 0, "train.max_grad_norm",
@@ -266,13 +268,19 @@ class IndexConfig:
         "Newest index generations kept by garbage collection (plus any a reader holds).",
         default=2,
     )
+    shard_blocks: int = doc(
+        "Rows of each float16 embeddings shard file of a generation: the refresher commits "
+        "(and, restarted, resumes) a generation shard by shard, and with `sharding: ranks` a "
+        "process reads only the shards of its rows (whole shards when there are at least as "
+        "many as processes).", default=131072,
+    )
     lease_timeout_s: float = doc(
         "A reader's lease on a generation lapses when not renewed for this long.", default=600.0
     )
 
     def __post_init__(self) -> None:
         check(bool(self.factory.strip()), "index.factory", "must not be empty")
-        for key in ("nprobe", "ef_search", "train_size", "keep_generations"):
+        for key in ("nprobe", "ef_search", "train_size", "keep_generations", "shard_blocks"):
             check(getattr(self, key) > 0, f"index.{key}", f"must be > 0, got {getattr(self, key)}")
         check(self.lease_timeout_s > 0, "index.lease_timeout_s",
                f"must be > 0, got {self.lease_timeout_s}")

@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from realm.config.fields import DEFAULT_ENCODER, check, doc
+from realm.config.openqa import OpenQAConfig
 from realm.config.sections import (DataConfig, ICTConfig, IndexConfig, MLMConfig, RefreshConfig,
                                    RetrieverConfig, SpansConfig, TrainConfig)
 
@@ -276,107 +277,6 @@ class RetrieverTrainingConfig:
 
 
 @dataclass
-class OpenQAConfig:
-    """Open-QA fine-tuning and evaluation (``launch/finetune_openqa.py``)."""
-
-    train_qa: Optional[str] = doc(
-        "Training questions: jsonl {question, answers} (or NQ-open `answer`), or "
-        "hf:NAME[/CONFIG]:SPLIT.", default=None
-    )
-    dev_qa: Optional[str] = doc("Questions evaluated during and after training (never a test "
-                                 "set); null: none.", default=None)
-    regex: bool = doc("Answers are regular expressions (CuratedTREC).", default=False)
-    retriever: str = doc(
-        "`bm25`; `dpr`: a DPR retriever trained first on `train_qa` over the corpus (the "
-        "`retriever` and `retriever_training` sections, `dpr_steps` x `dpr_batch_size`; cached "
-        "in `cache_dir`); a retriever directory (launch/ict.py: ORQA-style; "
-        "launch/train_retriever.py: DPR), a REALM pretraining run directory (its retriever/), or a "
-        "transformers checkpoint (zero-shot, built as the `retriever` section says: `dim`, "
-        "`pooling`; e.g. sentence-transformers/all-MiniLM-L6-v2). "
-        "The document index is built once from its document encoder and stays fixed.",
-        default="bm25"
-    )
-    dpr_steps: int = doc("`retriever: dpr`: training steps of the DPR retriever.", default=150)
-    dpr_batch_size: int = doc("`retriever: dpr`: questions per DPR step.", default=8)
-    dpr_lr: float = doc("`retriever: dpr`: learning rate of the DPR retriever.", default=3.0e-5)
-    reader: str = doc(
-        "Encoder the reader starts from: a REALM pretraining run directory (its encoder/), a "
-        "knowledge-augmented encoder directory, or a transformers checkpoint; or a fine-tuned "
-        "reader (an Open-QA run or model directory), span scorer and all.",
-        default=DEFAULT_ENCODER,
-    )
-    reader_warm_start: Optional[str] = doc(
-        "An Open-QA config (e.g. configs/openqa_squad.yaml) fine-tuned first as it stands, "
-        "without its dev evaluation, and cached in `cache_dir`: the reader (encoder and "
-        "span scorer) starts from the reader it trains instead of from `reader`. null: none.",
-        default=None
-    )
-    reader_layers: Optional[int] = doc(
-        "Keep only the first N layers of a `reader` checkpoint (a truncated copy is cached in "
-        "`cache_dir`; a saved encoder or run directory is taken whole). null keeps all.",
-        default=None
-    )
-    k: int = doc("Blocks the reader reads per question (REALM: 5).", default=5)
-    recall_ks: list[int] = doc("Cut-offs of the answer recall@k reported by evaluation.",
-                                default_factory=lambda: [1, 5, 20])
-    max_question_tokens: int = doc("Question word pieces kept.", default=48)
-    max_joined_tokens: int = doc("Word pieces of `[CLS] q [SEP] title [SEP] body [SEP]` kept.",
-                                  default=320)
-    max_span_tokens: int = doc("Longest answer span (word pieces).", default=10)
-    span_scorer: str = doc(
-        "`start_end`: BERT's start and end logits (score = start(h_i) + end(h_j)); `mlp`: "
-        "REALM's MLP over [h_start; h_end].", default="start_end")
-    span_hidden: int = doc("Hidden width of the span MLP over [h_start; h_end] (`mlp`).",
-                            default=256)
-    normalization: str = doc(
-        "`shared`: one span softmax over all blocks read with p(z|x) as its prior (Clark & "
-        "Gardner's shared normalisation: span scores of different blocks are comparable); "
-        "`block`: REALM's p(z|x) p(s|z, x), the span softmax within each block.",
-        default="shared")
-    retrieval_temperature: float = doc(
-        "p(z|x) = softmax(f(x, z) / T). BM25 scores differ by several points between neighbours "
-        "(one-hot at T = 1).", default=1.0)
-    positive_steps: int = doc(
-        "Steps of the reader's warm-up (DPR's reader training): each question read beside its "
-        "best-ranked block with an answer (a window around it) and `positive_negatives` blocks "
-        "without, before the steps over the top k.", default=0)
-    positive_search: int = doc(
-        "Blocks searched for each training question's positive; questions with no answer in "
-        "them (nor in the top k) are left out of training.", default=20)
-    positive_negatives: int = doc("Retrieved blocks without an answer read beside the positive.",
-                                   default=1)
-    positive_window: Optional[int] = doc(
-        "Body word pieces of each block read in the warm-up (the positive's window holds its "
-        "answer); null: whole blocks.", default=100)
-    train_query_encoder: bool = doc("Fine-tune the query encoder (the index stays fixed).",
-                                     default=True)
-    eval_limit: int = doc("Dev questions evaluated at each `train.eval_every` (0: all); the "
-                           "final evaluation uses all.", default=200)
-    eval_batch_size: int = doc("Questions per evaluation batch.", default=16)
-
-    def __post_init__(self) -> None:
-        for key in ("k", "max_question_tokens", "max_joined_tokens", "max_span_tokens",
-                    "span_hidden", "eval_batch_size", "retrieval_temperature", "positive_search",
-                    "dpr_steps", "dpr_batch_size", "dpr_lr"):
-            check(getattr(self, key) > 0, f"openqa.{key}", f"must be > 0, got {getattr(self, key)}")
-        check(self.eval_limit >= 0, "openqa.eval_limit", f"must be >= 0, got {self.eval_limit}")
-        check(self.span_scorer in ("start_end", "mlp"), "openqa.span_scorer",
-               f"must be start_end or mlp, got {self.span_scorer!r}")
-        check(self.normalization in ("shared", "block"), "openqa.normalization",
-               f"must be shared or block, got {self.normalization!r}")
-        check(self.positive_steps >= 0 and self.positive_negatives >= 0,
-               "openqa.positive_steps", "positive_steps and positive_negatives must be >= 0")
-        check(self.positive_window is None or self.positive_window > 0,
-               "openqa.positive_window", f"must be > 0 or null, got {self.positive_window}")
-        check(self.reader_layers is None or self.reader_layers > 0, "openqa.reader_layers",
-               f"must be > 0 or null, got {self.reader_layers}")
-        check(bool(self.recall_ks) and all(k > 0 for k in self.recall_ks), "openqa.recall_ks",
-               f"must be positive integers, got {self.recall_ks}")
-        check(self.max_question_tokens + 4 < self.max_joined_tokens, "openqa.max_joined_tokens",
-               f"must exceed max_question_tokens + 4 ({self.max_question_tokens + 4})")
-
-
-@dataclass
 class LoggingConfig:
     """Metrics (a JSONL file always, wandb when enabled, main process only) and log level."""
 
@@ -432,6 +332,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Metrics."})
 
     def __post_init__(self) -> None:
+        check(self.train.steps > 0 or self.openqa.reader_type == "generative", "train.steps",
+              f"must be > 0 (0 only for zero-shot RAG, openqa.reader_type=generative), got "
+              f"{self.train.steps}")
         check(not (self.index.sharding == "ranks" and self.pretrain.prefetch),
                "pretrain.prefetch", "searches on a background thread; index.sharding=ranks "
                "makes the search a collective every process calls in step (use one of them)")

@@ -12,6 +12,8 @@ import os
 import re
 from typing import Optional, Sequence
 
+from realm.fsutil import output_problem
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per evaluation, each with its own flags and help."""
@@ -37,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("openqa", parents=[common], help="EM/F1 of a fine-tuned Open-QA model",
                        description="EM, F1 and answer recall of a fine-tuned Open-QA model "
-                                   "(launch/finetune_openqa.py's RUN/model); writes predictions.")
+                                   "(launch/finetune_openqa.py's RUN/model: a span reader or a "
+                                   "RAG generator, which writes its answers by the decoding it "
+                                   "was configured with); writes predictions.")
     p.add_argument("--model", required=True, help="the fine-tuned model directory (RUN/model)")
     p.add_argument("--qa", required=True, help="QA jsonl ({question, answers})")
     p.add_argument("--regex", action="store_true", help="answers are regular expressions")
@@ -46,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="questions per batch")
     p.add_argument("--read", type=int, default=None,
                    help="blocks the reader reads per question (default: the model's k)")
+    p.add_argument("--decoding", choices=["greedy", "beam", "thorough", "fast"],
+                   help="a generative model's decoding (default: the one it was trained with)")
+    p.add_argument("--beam-size", type=int, default=None,
+                   help="a generative model's beams (beam, thorough, fast; default: its own)")
 
     p = sub.add_parser("retrieval", parents=[common, searcher],
                        help="answer recall@k of a retriever or BM25 on a QA file",
@@ -126,4 +134,9 @@ def parse_args(argv: Optional[Sequence[str]] = None
         if (path and path != "bm25" and not os.path.isdir(path)
                 and not re.fullmatch(r"[\w-][\w.-]*(/[\w-][\w.-]*)?", path)):
             parser.error(f"--{flag.replace('_', '-')}: {path}: no such directory")
+    for flag in ("run_file", "predictions"):  # outputs: checked before any work
+        path = getattr(args, flag, None)
+        problem = output_problem(path) if path else None
+        if problem:
+            parser.error(f"--{flag.replace('_', '-')} {path}: {problem}")
     return parser, args, ks

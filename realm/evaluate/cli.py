@@ -133,6 +133,17 @@ def _openqa(args: argparse.Namespace, ks: list[int], t0: float) -> int:
             print(f"evaluate: error: --read must be >= 1, got {args.read}", file=sys.stderr)
             return 1
         model.k = args.read
+    generative = getattr(model, "reader_type", "extractive") == "generative"
+    if (args.decoding or args.beam_size) and not generative:
+        print("evaluate: error: --decoding and --beam-size are for a generative model; "
+              f"{args.model} reads spans", file=sys.stderr)
+        return 1
+    if args.beam_size is not None and args.beam_size < 1:
+        print(f"evaluate: error: --beam-size must be >= 1, got {args.beam_size}", file=sys.stderr)
+        return 1
+    if generative:
+        model.decoding = args.decoding or model.decoding
+        model.beam_size = args.beam_size or model.beam_size
     bf16 = autocast_dtype(args.precision, torch.device("cpu")) == "bf16"
     report, records = evaluate_openqa(model, qa, ks, args.batch_size, bf16,
                                       progress=not args.no_progress)
@@ -140,8 +151,13 @@ def _openqa(args: argparse.Namespace, ks: list[int], t0: float) -> int:
     path = args.predictions or os.path.join(os.path.dirname(os.path.abspath(args.model)),
                                             f"predictions-{name}.jsonl")
     write_predictions(records, path)
-    emit_summary({"mode": "openqa", "model": args.model, "retrieval":
-                  "dense" if model.dense else "bm25", "corpus": args.corpus, "qa": args.qa,
+    retrieval = ("none" if getattr(model, "closed_book", False)
+                 else "dense" if model.dense else "bm25")
+    emit_summary({"mode": "openqa", "model": args.model,
+                  "reader_type": "generative" if generative else "extractive",
+                  **({"decoding": model.decoding, "beam_size": model.beam_size}
+                     if generative else {}),
+                  "retrieval": retrieval, "corpus": args.corpus, "qa": args.qa,
                   "precision": "bf16" if bf16 else "fp32", **report, "predictions": path,
                   "total_seconds": round(time.perf_counter() - t0, 2)})
     return 0

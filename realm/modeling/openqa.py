@@ -18,7 +18,7 @@ text. The fixed indexes, and saving and loading a fine-tuned model, are in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ class OpenQAOutput:
         body_offset: Word piece of the body read first (a window's start; else 0), ``[B, k]``.
         answer_mask: Spans matching an answer, same shape as ``span_logits``.
         has_answer: Questions with an answer span among their blocks, ``[B]``.
+        input_ids: The joined word pieces read, ``[B, k, seq_len]``.
     """
 
     block_ids: np.ndarray
@@ -62,6 +63,47 @@ class OpenQAOutput:
     answer_mask: Optional[torch.Tensor] = None
     has_answer: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
+    input_ids: Optional[np.ndarray] = None
+
+
+def retrieve_blocks(retriever: Optional[Retriever], index, questions: Sequence[str],
+                    question_ids: Optional[Sequence[Sequence[int]]], k: int,
+                    special: tuple[int, int, int], max_question_tokens: int) -> SearchResult:
+    """The top ``k`` blocks of each question over a fixed index, for every Open-QA model.
+
+    Args:
+        retriever: The dense retriever whose document encoder built ``index``; None: ``index``
+            is BM25 and searches the question texts.
+        index: :class:`realm.retrieval.fixed.DenseIndex` or
+            :class:`realm.retrieval.fixed.BM25Index`.
+        questions: ``B`` question texts.
+        question_ids: Their word pieces (no special tokens; dense only).
+        k: Blocks per question.
+        special: ``(cls_id, sep_id, pad_id)`` of the retriever's tokenizer.
+        max_question_tokens: Word pieces of a question kept.
+
+    Returns:
+        Retrieval logits ``[B, k]`` (a tensor; with grad to the query encoder over a dense index,
+        constants from BM25) and block ids ``[B, k]``.
+    """
+    if retriever is None:
+        return index.search(list(questions), k)
+    device = next(retriever.parameters()).device
+    cls_id, sep_id, pad_id = special
+    q_in = build_query_inputs(list(question_ids), cls_id, sep_id, pad_id,
+                              max_length=max_question_tokens + 2)
+    q_reps = retriever.encode_queries(*(t.to(device) for t in q_in)).q_reps  # [B, dim]
+    return index.search(q_reps, k)
+
+
+def freeze_for_fixed_index(retriever: Retriever, train_query_encoder: bool) -> None:
+    """The index is fixed: the document encoder never trains (unless it is the query encoder
+    too), and DDP must not wait for gradients it never gets; the query encoder trains only if
+    ``train_query_encoder``."""
+    if not retriever.share_weights:
+        retriever.doc_encoder.requires_grad_(False)
+    if not train_query_encoder:
+        retriever.query_encoder.requires_grad_(False)
 
 
 class OpenQAModel(nn.Module):
@@ -102,12 +144,7 @@ class OpenQAModel(nn.Module):
         self.max_question_tokens, self.max_joined_tokens = max_question_tokens, max_joined_tokens
         self.special = special_ids(tokenizer)
         if retriever is not None:
-            # the index is fixed: the document encoder never trains (unless it is the query
-            # encoder too), and DDP must not wait for gradients it never gets
-            if not retriever.share_weights:
-                retriever.doc_encoder.requires_grad_(False)
-            if not train_query_encoder:
-                retriever.query_encoder.requires_grad_(False)
+            freeze_for_fixed_index(retriever, train_query_encoder)
 
     @property
     def dense(self) -> bool:
@@ -116,14 +153,8 @@ class OpenQAModel(nn.Module):
     def retrieve(self, batch: QABatch, k: int) -> SearchResult:
         """Top-``k`` blocks: retrieval logits ``[B, k]`` (a tensor; with grad to the query encoder
         over a dense index) and block ids ``[B, k]``."""
-        if not self.dense:
-            return self.index.search(batch.questions, k)
-        device = next(self.retriever.parameters()).device
-        cls_id, sep_id, pad_id = self.special
-        q_in = build_query_inputs(batch.question_ids, cls_id, sep_id, pad_id,
-                                  max_length=self.max_question_tokens + 2)
-        q_reps = self.retriever.encode_queries(*(t.to(device) for t in q_in)).q_reps  # [B, dim]
-        return self.index.search(q_reps, k)
+        return retrieve_blocks(self.retriever, self.index, batch.questions, batch.question_ids,
+                               k, self.special, self.max_question_tokens)
 
     def forward(self, batch: QABatch, ids: Optional[np.ndarray] = None,
                 logits: Optional[torch.Tensor] = None, with_loss: bool = True,
@@ -160,7 +191,8 @@ class OpenQAModel(nn.Module):
             span_logits=out.span_logits.view(n, k, seq_len, width),
             span_mask=out.span_mask.view(n, k, seq_len, width),
             segment_ids=segments.view(n, k, seq_len), title_start=title_start,
-            body_start=body_start, body_offset=offset)
+            body_start=body_start, body_offset=offset,
+            input_ids=joined.input_ids.numpy().reshape(n, k, seq_len))
         if with_loss:
             answer = self._answer_mask(batch, result, joined.input_ids.numpy())
             result.answer_mask = torch.from_numpy(answer).to(device)
@@ -219,3 +251,27 @@ class OpenQAModel(nn.Module):
             preds.append({"prediction": text, "block": block,
                           "score": float(joint[i, flat_index].detach())})
         return preds
+
+    def answer_posteriors(self, out: OpenQAOutput, predictions: Sequence[dict[str, Any]]
+                          ) -> torch.Tensor:
+        """``p(z|x, y)`` ``[B, k]`` of each question's predicted answer y (:meth:`best_spans`):
+        each block's share of ``p(z, s|x)`` summed over its spans whose word pieces are y's (the
+        block of the best span alone where y's word pieces are found nowhere)."""
+        n, k, seq_len, width = out.span_logits.shape
+        valid = out.span_mask.reshape(n, k, seq_len, width)
+        joint = span_log_probs(self.prior_logits(out), out.span_logits.reshape(n, k, -1),
+                               valid.reshape(n, k, -1), self.normalization).detach().cpu()
+        valid = valid.cpu().numpy()
+        posteriors = torch.zeros(n, k)
+        for i, pred in enumerate(predictions):
+            ids = np.asarray(self.tokenizer(pred["prediction"], add_special_tokens=False)[
+                "input_ids"], np.int64)
+            match = torch.from_numpy(np.stack([
+                answer_span_mask(out.input_ids[i, j], valid[i, j], [ids]) for j in range(k)
+            ]).reshape(k, -1))  # [k, L * W]
+            if not bool(match.any()):
+                posteriors[i, list(out.block_ids[i]).index(pred["block"])] = 1.0
+                continue
+            mass = torch.logsumexp(joint[i].masked_fill(~match, -float("inf")), dim=-1)  # [k]
+            posteriors[i] = torch.softmax(mass, dim=-1)
+        return posteriors

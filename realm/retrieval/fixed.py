@@ -3,9 +3,9 @@
 REALM's Open-QA fine-tuning (Guu et al. 2020, section 3.4) keeps the document index fixed: every
 block is embedded once by the (pretrained) document encoder (:func:`document_embeddings`) and
 searched exactly (:class:`DenseIndex`), or BM25 ranks ``title + text`` (:class:`BM25Index`, scores
-are constants). A fine-tuned model is a directory ``model/`` (manifest, retriever, reader and the
-fixed document embeddings) written by :func:`save_openqa_model` and read, over its corpus, by
-:func:`load_openqa_model`.
+are constants). A fine-tuned model is a directory ``model/`` (manifest, retriever, the fixed
+document embeddings, and a span reader or a RAG generator) written by :func:`save_openqa_model`
+and read, over its corpus, by :func:`load_openqa_model`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from realm.index.mips import SearchResult, build_index
 from realm.index.mips import search as mips_search
 from realm.modeling.embed import embed_blocks, special_ids
 from realm.modeling.openqa import OpenQAModel
+from realm.modeling.rag import GenerativeOpenQAModel, RAGGenerator
 from realm.modeling.span_reader import SpanReader
 from realm.modeling.retriever import Retriever
 from realm.precision import autocast_dtype
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_KIND = "openqa_model"
 FORMAT_VERSION = 1
 EMBEDDINGS_FILE = "doc_embeddings.npy"
+#: Where a generative model keeps its generator (a transformers causal-LM directory).
+GENERATOR_DIR = "generator"
 
 
 class DenseIndex:
@@ -86,17 +89,28 @@ def document_embeddings(retriever: Retriever, store: BlockStore, max_block_token
     return emb
 
 
-def save_openqa_model(model: OpenQAModel, directory: str, settings: dict[str, Any],
-                      metadata: Optional[dict[str, Any]] = None) -> Path:
-    """``directory``: manifest, ``retriever/`` and document embeddings (dense), ``reader/``."""
+def save_openqa_model(model: OpenQAModel | GenerativeOpenQAModel, directory: str,
+                      settings: dict[str, Any], metadata: Optional[dict[str, Any]] = None) -> Path:
+    """``directory``: manifest and model card, ``retriever/`` and document embeddings (dense),
+    and ``reader/`` (extractive) or ``generator/`` (generative: a transformers causal-LM
+    directory, with ``adapter/`` where its LoRA adapter trained)."""
+    generative = isinstance(model, GenerativeOpenQAModel)
     with atomic_directory(Path(directory), overwrite=True) as tmp:
-        model.reader.save_pretrained(tmp / "reader")
-        if model.reader.tokenizer is not None:  # AutoTokenizer.from_pretrained(directory)
-            model.reader.tokenizer.save_pretrained(str(tmp))
+        if generative:
+            model.generator.save_pretrained(tmp / GENERATOR_DIR, metadata=metadata)
+            tokenizer = model.generator.tokenizer
+        else:
+            model.reader.save_pretrained(tmp / "reader")
+            tokenizer = model.reader.tokenizer
+        if tokenizer is not None:  # AutoTokenizer.from_pretrained(directory)
+            tokenizer.save_pretrained(str(tmp))
         if model.dense:
             model.retriever.save_pretrained(tmp / "retriever")
             np.save(tmp / EMBEDDINGS_FILE, model.index.embeddings.numpy())
-        fields = {"retrieval": "dense" if model.dense else "bm25",
+        retrieval = ("none" if generative and model.closed_book
+                     else "dense" if model.dense else "bm25")
+        fields = {"reader_type": "generative" if generative else "extractive",
+                  "retrieval": retrieval,
                   "corpus": {"path": str(model.store.path),
                              "fingerprint": model.store.fingerprint},
                   **settings}
@@ -105,28 +119,51 @@ def save_openqa_model(model: OpenQAModel, directory: str, settings: dict[str, An
     return Path(directory)
 
 
+def _load_retrieval(directory: str, manifest: dict[str, Any], store: BlockStore,
+                    max_block_tokens: int, progress: bool, precision: str
+                    ) -> tuple[Optional[Retriever], Any]:
+    """The saved retriever (None for BM25 and closed book) and its index over ``store``."""
+    if manifest["retrieval"] == "none":
+        return None, None
+    if manifest["retrieval"] != "dense":
+        return None, BM25Index(store)
+    retriever = Retriever.from_pretrained(os.path.join(directory, "retriever"))
+    check_tokenizer(retriever.tokenizer, store)
+    if manifest["corpus"]["fingerprint"] == store.fingerprint:
+        return retriever, DenseIndex(np.load(os.path.join(directory, EMBEDDINGS_FILE)))
+    logger.info("%s is not the corpus the model was fine-tuned on: embedding it", store.path)
+    return retriever, DenseIndex(document_embeddings(retriever, store, max_block_tokens,
+                                                     progress=progress, precision=precision))
+
+
 def load_openqa_model(directory: str, store: BlockStore, max_block_tokens: int = 288,
-                      progress: bool = True, precision: str = "auto") -> OpenQAModel:
-    """A model saved by :func:`save_openqa_model`, over ``store``.
+                      progress: bool = True, precision: str = "auto"
+                      ) -> OpenQAModel | GenerativeOpenQAModel:
+    """A model saved by :func:`save_openqa_model` (extractive or generative), over ``store``.
 
     The saved document embeddings are used when ``store`` is the corpus they were made from;
-    any other corpus is embedded with the saved document encoder.
+    any other corpus is embedded with the saved document encoder. A generative model's
+    generator loads frozen (its merged weights), bf16 where ``precision`` says so.
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no manifest.
+        ValueError: ``directory`` is a saved model of another kind (the message names it).
     """
     manifest = read_manifest(directory, kind=MANIFEST_KIND)
+    retriever, index = _load_retrieval(directory, manifest, store, max_block_tokens, progress,
+                                       precision)
+    if manifest.get("reader_type", "extractive") == "generative":
+        generator = RAGGenerator.from_pretrained(os.path.join(directory, GENERATOR_DIR),
+                                                 mode="frozen", precision=precision)
+        return GenerativeOpenQAModel(
+            retriever, generator, index, store, k=manifest["k"],
+            max_question_tokens=manifest["max_question_tokens"], rag_loss=manifest["rag_loss"],
+            decoding=manifest["decoding"], beam_size=manifest["beam_size"],
+            max_answer_tokens=manifest["max_answer_tokens"],
+            max_train_answers=manifest["max_train_answers"],
+            closed_book=manifest["retrieval"] == "none", regex=manifest.get("regex", False),
+            retrieval_temperature=manifest.get("retrieval_temperature", 1.0))
     reader = SpanReader.from_pretrained(os.path.join(directory, "reader"))
-    retriever = None
-    if manifest["retrieval"] == "dense":
-        retriever = Retriever.from_pretrained(os.path.join(directory, "retriever"))
-        check_tokenizer(retriever.tokenizer, store)
-        if manifest["corpus"]["fingerprint"] == store.fingerprint:
-            index = DenseIndex(np.load(os.path.join(directory, EMBEDDINGS_FILE)))
-        else:
-            logger.info("%s is not the corpus the model was fine-tuned on: embedding it",
-                        store.path)
-            index = DenseIndex(document_embeddings(retriever, store, max_block_tokens,
-                                                   progress=progress, precision=precision))
-    else:
-        index = BM25Index(store)
     check_tokenizer(reader.tokenizer, store)
     return OpenQAModel(retriever, reader, index, store, reader.tokenizer, k=manifest["k"],
                        max_question_tokens=manifest["max_question_tokens"],

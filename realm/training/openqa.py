@@ -5,6 +5,8 @@ reader of :class:`realm.modeling.openqa.OpenQAModel` train on the span-marginal 
 each question's positive block (:mod:`realm.training.positives`), then over the top k retrieved
 blocks. The run writes ``model/`` (read by ``launch/evaluate.py openqa --model`` and
 :class:`realm.qa.OpenQA`) and the dev predictions (:mod:`realm.evaluate.openqa`).
+``openqa.reader_type: generative`` trains a RAG generator instead (:mod:`realm.training.rag`);
+what both readers share is in :mod:`realm.training.openqa_setup`.
 """
 
 from __future__ import annotations
@@ -19,25 +21,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from realm.cache import digest
 from realm.config import save_config
-from realm.data.qa import QABatch, QADataset, QAExample, collate_qa, read_qa
-from realm.data.store import BlockStore, check_tokenizer
-from realm.evaluate.openqa import evaluate_openqa, write_predictions
-from realm.fsutil import sha256_file
-from realm.hub import run_part
+from realm.data.qa import QABatch, QADataset, QAExample, collate_qa
+from realm.data.store import check_tokenizer
 from realm.modeling.openqa import OpenQAModel
 from realm.modeling.span_reader import MANIFEST_KIND as READER_KIND
 from realm.modeling.span_reader import SpanReader
-from realm.modeling.retriever import Retriever
-from realm.retrieval.fixed import BM25Index, DenseIndex, document_embeddings, save_openqa_model
+from realm.retrieval.fixed import save_openqa_model
 from realm.tracking import Tracker
-from realm.training.accelerator import make_accelerator, shutdown
+from realm.training.accelerator import shutdown
 from realm.training.core import TrainSettings, train
-from realm.modeling.retriever import load_retriever
-from realm.training.ict import parameters_sha256
+from realm.training.openqa_setup import (dev_metrics, evaluate_dev, prepare_qa_stage,
+                                         prepare_retrieval)
+from realm.training.rag import run_rag
 from realm.training.positives import Positives, find_positives, positive_windows
-from realm.training.prepare import prepare_corpus, prepare_dpr_retriever, prepare_qa_reader
+from realm.training.prepare import prepare_qa_reader
 from realm.hub import truncated_encoder
 
 logger = logging.getLogger(__name__)
@@ -89,11 +87,8 @@ class OpenQATask:
         return out.loss, metrics
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        if not self.dev:
-            return {}
-        report, _ = evaluate_openqa(self.unwrap(model), self.dev, self.recall_ks,
-                                    self.batch_size, self.bf16, progress=False)
-        return {k: v for k, v in report.items() if isinstance(v, float)}
+        return dev_metrics(self.unwrap(model), self.dev, self.recall_ks, self.batch_size,
+                           self.bf16)
 
 
 def span_reader_dir(path: str) -> Optional[str]:
@@ -108,27 +103,13 @@ def span_reader_dir(path: str) -> Optional[str]:
     return None
 
 
-def prepare_qa_stage(config, section, name: str, progress: bool = True):
-    """What a stage that trains on questions starts from: the corpus (``corpus``, or the
-    ``data`` section's built into ``cache_dir``), the training and dev questions, and
-    the accelerator (seeded). A section with ``triplets`` may have no ``train_qa``.
-
-    Returns:
-        ``(corpus_dir, store, train_qa, dev_qa, accelerator, precision)``.
-    """
-    if not section.train_qa and not getattr(section, "triplets", None):
-        raise ValueError(f"{name}.train_qa: no training questions given")
-    corpus_dir = prepare_corpus(config, progress)
-    store = BlockStore(corpus_dir)
-    train_qa = read_qa(section.train_qa, regex=section.regex) if section.train_qa else []
-    dev_qa = read_qa(section.dev_qa, regex=section.regex) if section.dev_qa else []
-    t = config.train
-    accelerator, precision = make_accelerator(t, config.seed)
-    return corpus_dir, store, train_qa, dev_qa, accelerator, precision
-
-
 def run_finetune(config, progress: bool = True) -> dict[str, Any]:
-    """Open-QA fine-tuning with the shared core, then the dev evaluation; returns the summary."""
+    """Open-QA fine-tuning with the shared core, then the dev evaluation; returns the summary.
+
+    ``openqa.reader_type: generative`` runs the RAG branch (:func:`realm.training.rag.run_rag`).
+    """
+    if config.openqa.reader_type == "generative":
+        return run_rag(config, progress)
     t0 = time.time()
     o, t = config.openqa, config.train
     corpus_dir, store, train_qa, dev_qa, accelerator, precision = prepare_qa_stage(
@@ -150,38 +131,8 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
         reader = SpanReader.from_checkpoint(reader_source, o.max_span_tokens, o.span_hidden,
                                             scorer=o.span_scorer, seed=config.seed)
     check_tokenizer(reader.tokenizer, store)
-    retriever, retriever_dir = None, None
-    if o.retriever == "bm25":
-        index = BM25Index(store)
-    else:
-        r = config.retriever
-        retriever_dir = (prepare_dpr_retriever(config, corpus_dir) if o.retriever == "dpr"
-                         else run_part(o.retriever, "retriever"))
-        manifest = os.path.join(retriever_dir, "manifest.json")
-        if os.path.isfile(manifest):
-            retriever, source = Retriever.from_pretrained(retriever_dir), sha256_file(manifest)
-        else:  # a transformers checkpoint: zero-shot, as the `retriever` section builds it
-            if os.path.isdir(retriever_dir) and not os.path.isfile(
-                    os.path.join(retriever_dir, "config.json")):
-                raise ValueError(f"openqa.retriever: {o.retriever} is neither a retriever "
-                                 f"directory, a run directory with a retriever/, nor a "
-                                 f"transformers checkpoint (no manifest.json, no config.json)")
-            retriever = load_retriever(retriever_dir, r.dim, r.pooling, r.encoder_layers,
-                                       config.cache_dir)
-            # the projection is new (seeded), so the index is keyed on its values too: another
-            # seed's cached index would not match this query encoder
-            source, retriever_dir = ["zero-shot", o.retriever, r.dim, r.pooling,
-                                     r.encoder_layers,
-                                     parameters_sha256(retriever.doc_encoder.projection)], None
-        check_tokenizer(retriever.tokenizer, store)
-        key = digest([source, store.fingerprint, r.max_block_tokens, config.refresh.precision])
-        cache = os.path.join(config.cache_dir, f"openqa-index-{key}.npy")
-        if accelerator.is_main_process:
-            document_embeddings(retriever, store, r.max_block_tokens, cache, progress,
-                                config.refresh.precision)
-        accelerator.wait_for_everyone()
-        index = DenseIndex(document_embeddings(retriever, store, r.max_block_tokens, cache,
-                                               progress, config.refresh.precision))
+    retriever, index, retriever_dir = prepare_retrieval(config, corpus_dir, store, accelerator,
+                                                         progress)
     model = OpenQAModel(retriever, reader, index, store, reader.tokenizer, k=o.k,
                         max_question_tokens=o.max_question_tokens,
                         max_joined_tokens=o.max_joined_tokens, regex=o.regex,
@@ -224,26 +175,17 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
                 "retriever_source": o.retriever, "reader_source": trained or o.reader,
             }, metadata={"stage": "finetune_openqa", "steps": result["steps"]})
             if dev_qa:
-                report, records = evaluate_openqa(unwrapped, dev_qa, o.recall_ks,
-                                                  o.eval_batch_size, precision == "bf16",
-                                                  progress)
-                write_predictions(records, os.path.join(t.run_dir, "predictions-dev.jsonl"))
-                tracker.log({f"final/{k}": v for k, v in report.items()
-                             if isinstance(v, (int, float))}, step=result["steps"])
-                tracker.log_table(  # a look at the answers in wandb
-                    "dev_predictions", ["question", "prediction", "gold", "exact_match",
-                                        "answer_block", "retrieved"],
-                    [[r["question"], r["prediction"], " | ".join(r["gold"]), r["exact_match"],
-                      r["answer_block"], " | ".join(f"{b['title']} ({b['score']})"
-                                                    for b in r["retrieved"])]
-                     for r in records[:50]], step=result["steps"])
+                report = evaluate_dev(unwrapped, dev_qa, o.recall_ks, o.eval_batch_size,
+                                      precision == "bf16", tracker, t.run_dir, result["steps"],
+                                      progress)
         accelerator.wait_for_everyone()
     finally:
         tracker.close()
         del model, task
         shutdown(accelerator)
     return {
-        "stage": "finetune_openqa", "run_dir": t.run_dir, "retriever": o.retriever,
+        "stage": "finetune_openqa", "reader_type": "extractive", "run_dir": t.run_dir,
+        "retriever": o.retriever,
         "retriever_dir": retriever_dir,
         "reader": trained or o.reader, "steps": result["steps"],
         "final_loss": round(result["final_loss"], 5) if np.isfinite(result["final_loss"]) else None,

@@ -84,3 +84,26 @@ def test_retrieval_temperature_softens_p_z_and_shared_normalization_compares_blo
     with pytest.raises(ValueError, match="normalization"):
         OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer,
                     normalization="global")
+
+
+def test_answer_posteriors_share_the_answer_among_the_blocks_that_hold_it(squad_tiny,
+                                                                          tiny_encoder):
+    store = BlockStore(str(squad_tiny / "corpus"))
+    torch.manual_seed(0)
+    reader = SpanReader.from_checkpoint(tiny_encoder, max_span_tokens=6, span_hidden=8)
+    model = OpenQAModel(None, reader, BM25Index(store), store, reader.tokenizer, k=4,
+                        max_joined_tokens=200, retrieval_temperature=4.0)
+    qa = read_qa(str(squad_tiny / "qa.jsonl"))[:4]
+    batch = collate_qa([QADataset(qa, reader.tokenizer, 48)[i] for i in range(4)])
+    with torch.no_grad():
+        out = model(batch, with_loss=False)
+    preds = model.best_spans(out)
+    posteriors = model.answer_posteriors(out, preds)  # [B, k]
+    torch.testing.assert_close(posteriors.sum(-1), torch.ones(4))
+    for i, pred in enumerate(preds):
+        best = list(out.block_ids[i]).index(pred["block"])
+        assert posteriors[i, best] > 0  # the block of the best span holds it
+        for j, block in enumerate(out.block_ids[i]):
+            text = f"{store.title(int(block))} {store.text(int(block))}".lower()
+            if pred["prediction"].lower() not in text:
+                assert posteriors[i, j] == 0, (pred, j)

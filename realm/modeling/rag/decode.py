@@ -146,9 +146,12 @@ def beam_search(generator: RAGGenerator, prefill: Prefill, log_weights: torch.Te
             break
         order = ((arange_g[:, None] * width + new_source)[:, :, None] * m
                  + torch.arange(m, device=device)).view(-1)  # [G*W*m]
-        cache.reorder_cache(order)
-        mask = torch.cat([mask[order], mask.new_ones(len(order), 1)], dim=1)  # [G*W*m, P + t]
-        positions = positions[order]
+        if not bool((new_source == torch.arange(width, device=device)).all()):
+            # a beam moved: its rows' caches follow it (greedy never moves, and copying every
+            # layer's keys and values each step would cost more than the step itself)
+            cache.reorder_cache(order)
+            mask, positions = mask[order], positions[order]
+        mask = torch.cat([mask, mask.new_ones(len(order), 1)], dim=1)  # [G*W*m, P + t]
         tokens = new_token[:, :, None].expand(groups, width, m).reshape(-1, 1)  # [G*W*m, 1]
         states = generator.extend(cache, mask, tokens, positions[:, None])  # [G*W*m, 1, H]
         positions = positions + 1

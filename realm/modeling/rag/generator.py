@@ -22,20 +22,31 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+from realm.artifacts import atomic_directory, read_manifest, write_manifest
 from realm.data.mlm import pad_ragged
+from realm.hub import load_tokenizer
 from realm.precision import autocast, autocast_dtype
 from realm.modeling.lm import head_logits, load_causal_lm
 from realm.modeling.rag.prompts import Answers, Block, GeneratorInputs, RAGPrompts
-from realm.modeling.readers.lora import LoraSettings, add_adapter, is_adapted, settings_of
+from realm.modeling.readers.lora import (ADAPTER_DIR, LoraSettings, adapter_base, add_adapter,
+                                         is_adapted, load_adapter, merged_copy, settings_of)
+
+logger = logging.getLogger(__name__)
 
 MODES = ("frozen", "lora", "full")
+#: The manifest kind of a saved generator (:meth:`RAGGenerator.save_pretrained`).
+MANIFEST_KIND = "rag_generator"
+FORMAT_VERSION = 1
 
 
 @dataclass
@@ -147,6 +158,68 @@ class RAGGenerator(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *,
+                        metadata: Optional[dict[str, Any]] = None,
+                        overwrite: bool = False) -> Path:
+        """Write the LM as a transformers causal-LM directory (weights, config, tokenizer:
+        ``AutoModelForCausalLM.from_pretrained(dir)`` opens it) with a ``rag_generator``
+        manifest and model card, atomically.
+
+        In ``lora`` mode the weights are the merged ``W + (alpha / rank) B A`` (merged in a copy)
+        and peft's adapter directory goes in ``adapter/``
+        (``PeftModel.from_pretrained(base, dir / "adapter")`` opens it), as the causal-LM reader
+        saves them."""
+        target = Path(save_directory)
+        base = self.lm.get_base_model() if is_adapted(self.lm) else self.lm
+        with atomic_directory(target, overwrite=overwrite) as tmp:
+            (merged_copy(self.lm) if self.lora is not None else self.lm).save_pretrained(tmp)
+            self.tokenizer.save_pretrained(str(tmp))
+            fields = {"base_checkpoint": self.base_checkpoint,
+                      "model_type": getattr(self.lm.config, "model_type", None),
+                      "architecture": type(base).__name__,
+                      "hidden_size": self.lm.config.hidden_size,
+                      "vocab_size": self.lm.config.vocab_size,
+                      "mode": self.mode, "max_length": self.prompts.max_length,
+                      "model": ".", "tokenizer": "."}
+            if self.lora is not None:
+                self.lm.save_pretrained(str(tmp / ADAPTER_DIR))
+                fields.update(lora=self.lora.to_dict(), adapter=ADAPTER_DIR)
+            write_manifest(tmp, MANIFEST_KIND, FORMAT_VERSION, fields, metadata)
+        logger.info("saved the RAG generator to %s", target)
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                        **kwargs: Any) -> "RAGGenerator":
+        """Load a directory written by :meth:`save_pretrained`; ``kwargs`` (``mode``,
+        ``max_length``, ``precision``) override what it recorded.
+
+        A ``lora`` directory loads its merged weights ``frozen`` (for inference) unless ``mode``
+        says otherwise; ``mode="lora"`` puts its saved adapter back on the recorded
+        ``base_checkpoint`` to continue training it.
+
+        Raises:
+            ValueError: ``directory`` is not a saved generator (the message names its kind).
+            ConfigError: ``mode="lora"`` where the adapter's base checkpoint does not resolve.
+        """
+        directory = Path(directory)
+        manifest = read_manifest(directory, kind=MANIFEST_KIND)
+        adapter = manifest.get("adapter")
+        options: dict[str, Any] = {
+            "mode": "frozen" if adapter else manifest.get("mode", "frozen"),
+            "max_length": manifest.get("max_length", 512),
+            "base_checkpoint": manifest.get("base_checkpoint")}
+        options.update(kwargs)
+        if adapter and options["mode"] == "lora":  # the same adapter, on its base, trainable
+            lm = load_adapter(adapter_base(directory, manifest, dtype), directory / adapter)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(directory / manifest["model"], dtype=dtype)
+        generator = cls(lm, load_tokenizer(str(directory / manifest["tokenizer"])), **options)
+        logger.info("loaded the RAG generator from %s (%s)", directory, generator.mode)
+        return generator
 
     def train(self, mode: bool = True) -> "RAGGenerator":
         """As nn.Module's; a frozen generator stays in eval mode."""

@@ -47,15 +47,14 @@ from realm.artifacts import atomic_directory, read_manifest, write_manifest
 from realm.data.blocks import word_piece_encoder
 from realm.data.mlm import MLMBatch
 from realm.data.store import BlockStore
-from realm.errors import ConfigError
 from realm.hub import load_tokenizer
 from realm.precision import autocast, autocast_dtype
 from realm.modeling.lm import load_causal_lm
 from realm.modeling.readers.base import Reader, ReaderOutput
 from realm.modeling.readers.lm_inputs import (NULL_BODY, NULL_TITLE, LMInputs, PromptBuilder,
                                               span_texts)
-from realm.modeling.readers.lora import (ADAPTER_DIR, LoraSettings, add_adapter, is_adapted,
-                                         load_adapter, merged_copy, settings_of)
+from realm.modeling.readers.lora import (ADAPTER_DIR, LoraSettings, adapter_base, add_adapter,
+                                         is_adapted, load_adapter, merged_copy, settings_of)
 
 logger = logging.getLogger(__name__)
 
@@ -370,7 +369,7 @@ class CausalLMReader(Reader):
                            lora_targets=lora.targets)
         options.update(kwargs)
         if adapter and options["mode"] == "lora":  # the same adapter, on its base, trainable
-            lm = load_adapter(_adapter_base(directory, manifest, dtype), directory / adapter)
+            lm = load_adapter(adapter_base(directory, manifest, dtype), directory / adapter)
         else:
             lm = AutoModelForCausalLM.from_pretrained(directory / manifest["model"], dtype=dtype)
         tokenizer = load_tokenizer(str(directory / manifest["tokenizer"]))
@@ -380,25 +379,3 @@ class CausalLMReader(Reader):
         logger.info("loaded causal-LM reader from %s", directory)
         return reader
 
-
-def _adapter_base(directory: Path, manifest: dict[str, Any], dtype: torch.dtype
-                  ) -> PreTrainedModel:
-    """The base checkpoint a saved ``lora`` reader's adapter was trained on, as its manifest
-    records it (the same architecture and sizes)."""
-    name = manifest.get("base_checkpoint")
-    if not name:
-        raise ConfigError(f"{directory}: its manifest records no base_checkpoint to put the "
-                          f"saved LoRA adapter on; load it without mode='lora' (the merged "
-                          f"weights)")
-    try:
-        lm, _ = load_causal_lm(name, dtype)
-    except ConfigError as err:
-        raise ConfigError(f"{directory}: the base checkpoint of its LoRA adapter, {name!r}, does "
-                          f"not resolve ({err}); load it without mode='lora' (the merged "
-                          f"weights)") from None
-    recorded = {key: manifest.get(key) for key in ("model_type", "hidden_size", "vocab_size")}
-    found = {key: getattr(lm.config, key, None) for key in recorded}
-    if recorded != found:
-        raise ConfigError(f"{directory}: its LoRA adapter was trained on {name!r} as {recorded}, "
-                          f"but {name!r} is now {found}")
-    return lm

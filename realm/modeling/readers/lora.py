@@ -22,9 +22,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+import torch
 from torch import nn
 
 from realm.errors import ConfigError
+from realm.modeling.lm import load_causal_lm
 
 logger = logging.getLogger(__name__)
 
@@ -134,3 +136,32 @@ def load_adapter(base: nn.Module, directory: str | os.PathLike,
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+
+
+def adapter_base(directory: str | os.PathLike, manifest: dict[str, Any],
+                 dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The base checkpoint a saved ``lora`` model's adapter was trained on, as its manifest
+    records it (``base_checkpoint``, checked against the recorded ``model_type``,
+    ``hidden_size`` and ``vocab_size``): the causal-LM reader's and the RAG generator's.
+
+    Raises:
+        ConfigError: No base checkpoint recorded, one that does not resolve, or one that is not
+            the model the adapter was trained on (each names the directory).
+    """
+    name = manifest.get("base_checkpoint")
+    if not name:
+        raise ConfigError(f"{directory}: its manifest records no base_checkpoint to put the "
+                          f"saved LoRA adapter on; load it without mode='lora' (the merged "
+                          f"weights)")
+    try:
+        lm, _ = load_causal_lm(name, dtype)
+    except ConfigError as err:
+        raise ConfigError(f"{directory}: the base checkpoint of its LoRA adapter, {name!r}, does "
+                          f"not resolve ({err}); load it without mode='lora' (the merged "
+                          f"weights)") from None
+    recorded = {key: manifest.get(key) for key in ("model_type", "hidden_size", "vocab_size")}
+    found = {key: getattr(lm.config, key, None) for key in recorded}
+    if recorded != found:
+        raise ConfigError(f"{directory}: its LoRA adapter was trained on {name!r} as {recorded}, "
+                          f"but {name!r} is now {found}")
+    return lm

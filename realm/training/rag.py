@@ -1,0 +1,158 @@
+"""Generative Open-QA fine-tuning (RAG, Lewis et al. 2020): the task and the stage's
+``openqa.reader_type: generative`` branch.
+
+The document index stays fixed (the retriever resolved as for the extractive reader,
+:func:`realm.training.openqa_setup.prepare_retrieval`); the query encoder and the generator
+(``openqa.generator_mode``: frozen, lora or full) train on the RAG-Sequence or RAG-Token loss over
+the top k blocks (:class:`realm.modeling.rag.GenerativeOpenQAModel`) with the shared training
+core. ``train.steps=0`` trains nothing: zero-shot RAG, the instruct model prompted over the
+retrieved blocks; ``openqa.closed_book`` drops retrieval (the baseline). The run writes
+``model/`` (``generator/``, ``retriever/`` and the document embeddings), the dev predictions and
+a summary with the extractive stage's keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from realm.config import save_config
+from realm.data.qa import QAExample
+from realm.errors import ConfigError
+from realm.modeling.rag import GenerativeOpenQAModel, RAGGenerator
+from realm.modeling.readers.lora import LoraSettings
+from realm.retrieval.fixed import save_openqa_model
+from realm.tracking import Tracker
+from realm.training.accelerator import shutdown
+from realm.training.core import TrainSettings, train
+from realm.training.openqa_setup import (dev_metrics, evaluate_dev, prepare_qa_stage,
+                                         prepare_retrieval)
+
+logger = logging.getLogger(__name__)
+
+
+class RAGTask:
+    """The training core's task: the RAG loss on training questions, EM on dev ones."""
+
+    def __init__(self, examples: Sequence[QAExample], dev: Sequence[QAExample], unwrap,
+                 recall_ks: Sequence[int], batch_size: int, bf16: bool):
+        self.examples, self.dev, self.unwrap = list(examples), list(dev), unwrap
+        self.recall_ks, self.batch_size, self.bf16 = list(recall_ks), batch_size, bf16
+
+    def train_dataset(self) -> list[QAExample]:
+        return self.examples
+
+    def collate(self, items: list[QAExample]) -> list[QAExample]:
+        return list(items)
+
+    def loss(self, model: nn.Module, batch: list[QAExample]
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model([ex.question for ex in batch], [ex.answers for ex in batch])
+        with torch.no_grad():
+            p_z = torch.softmax(self.unwrap(model).prior_logits(out.retrieval_logits), dim=-1)
+            block_has = out.has_answer.float().to(p_z.device)  # [B, k]
+            metrics = {"answerable": float(block_has.any(dim=-1).float().mean()),
+                       "p_answer_blocks": float((p_z * block_has).sum(-1).mean()),
+                       "answers_scored": float(out.answer_mask.sum(1).float().mean())}
+        return out.loss, metrics
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return dev_metrics(self.unwrap(model), self.dev, self.recall_ks, self.batch_size,
+                           self.bf16)
+
+
+def build_generator(config, bf16: bool) -> RAGGenerator:
+    """``openqa.generator`` in ``openqa.generator_mode`` (a LoRA adapter of the configured shape
+    in ``lora``), its rows at most ``openqa.max_generator_tokens``."""
+    o = config.openqa
+    lora = (LoraSettings(o.generator_lora_rank, o.generator_lora_alpha)
+            if o.generator_mode == "lora" else None)
+    torch.manual_seed(config.seed)  # the adapter's initialisation
+    return RAGGenerator.from_checkpoint(o.generator, mode=o.generator_mode,
+                                        max_length=o.max_generator_tokens,
+                                        precision="bf16" if bf16 else "fp32", lora=lora)
+
+
+def run_rag(config, progress: bool = True) -> dict[str, Any]:
+    """Generative Open-QA fine-tuning with the shared core (none at ``train.steps=0``), then the
+    dev evaluation; returns the summary (the extractive stage's keys, plus the generator's)."""
+    t0 = time.time()
+    o, t = config.openqa, config.train
+    if t.steps and o.regex:
+        raise ConfigError("openqa.regex: the generative reader trains on answer strings, not "
+                          "regular expressions (evaluate a model on a regex QA file with "
+                          "launch/evaluate.py openqa --regex, or train.steps=0)")
+    if t.steps and o.generator_mode == "frozen" and (
+            o.closed_book or o.retriever == "bm25" or not o.train_query_encoder):
+        what = ("closed_book" if o.closed_book else "retriever=bm25" if o.retriever == "bm25"
+                else "train_query_encoder=false")
+        raise ConfigError(f"openqa.generator_mode: a frozen generator with {what} leaves nothing "
+                          f"to train; use lora or full, or train.steps=0 (zero-shot RAG)")
+    corpus_dir, store, train_qa, dev_qa, accelerator, precision = prepare_qa_stage(
+        config, o, "openqa", progress, require_train=t.steps > 0)
+    bf16 = precision == "bf16"
+    retriever, index, retriever_dir = (None, None, None) if o.closed_book else \
+        prepare_retrieval(config, corpus_dir, store, accelerator, progress)
+    generator = build_generator(config, bf16)
+    model = GenerativeOpenQAModel(
+        retriever, generator, index, store, k=o.k, max_question_tokens=o.max_question_tokens,
+        rag_loss=o.rag_loss, decoding=o.decoding, beam_size=o.beam_size,
+        max_answer_tokens=o.max_answer_tokens, max_train_answers=o.max_train_answers,
+        closed_book=o.closed_book, train_query_encoder=o.train_query_encoder,
+        retrieval_temperature=o.retrieval_temperature, regex=o.regex)
+    dev_during = dev_qa[: o.eval_limit] if o.eval_limit else dev_qa
+    task = RAGTask(train_qa, dev_during, accelerator.unwrap_model, o.recall_ks,
+                   o.eval_batch_size, bf16)
+    if accelerator.is_main_process:
+        save_config(config, t.run_dir)
+    tracker = Tracker.from_config(config, enabled=accelerator.is_main_process)
+    settings = TrainSettings.from_config(config, progress,
+                                         lr_scales={"generator.": o.generator_lr_scale})
+    report: dict[str, Any] = {}
+    try:
+        if t.steps:
+            result = train(model, task, settings, accelerator, tracker,
+                           config_dict=config.to_dict())
+        else:  # zero-shot RAG: nothing trains
+            logger.info("train.steps=0: zero-shot RAG, %s read as it is", o.generator)
+            result = {"steps": 0, "final_loss": math.nan, "examples_per_s": 0.0}
+        unwrapped = accelerator.unwrap_model(model)
+        if accelerator.is_main_process:
+            save_openqa_model(unwrapped, os.path.join(t.run_dir, "model"), {
+                "k": o.k, "max_question_tokens": o.max_question_tokens, "regex": o.regex,
+                "retrieval_temperature": o.retrieval_temperature, "rag_loss": o.rag_loss,
+                "decoding": o.decoding, "beam_size": o.beam_size,
+                "max_answer_tokens": o.max_answer_tokens,
+                "max_generator_tokens": o.max_generator_tokens,
+                "max_train_answers": o.max_train_answers, "generator_mode": o.generator_mode,
+                "retriever_source": None if o.closed_book else o.retriever,
+                "generator_source": o.generator,
+            }, metadata={"stage": "finetune_openqa", "steps": result["steps"]})
+            if dev_qa:
+                report = evaluate_dev(unwrapped, dev_qa, o.recall_ks, o.eval_batch_size, bf16,
+                                      tracker, t.run_dir, result["steps"], progress)
+        accelerator.wait_for_everyone()
+        world_size = accelerator.num_processes
+    finally:
+        tracker.close()
+        del model, task
+        shutdown(accelerator)
+    return {
+        "stage": "finetune_openqa", "reader_type": "generative", "run_dir": t.run_dir,
+        "retriever": None if o.closed_book else o.retriever, "retriever_dir": retriever_dir,
+        "reader": o.generator, "generator_mode": o.generator_mode, "rag_loss": o.rag_loss,
+        "decoding": o.decoding, "closed_book": o.closed_book, "steps": result["steps"],
+        "final_loss": (round(result["final_loss"], 5) if math.isfinite(result["final_loss"])
+                       else None),
+        "train_questions": len(train_qa), "train_questions_with_positive": None,
+        "positive_steps": 0, "examples_per_s": result["examples_per_s"],
+        "precision": precision or "fp32", "world_size": world_size,
+        "dev": report, "model": os.path.join(t.run_dir, "model"),
+        "seconds": round(time.time() - t0, 1),
+    }
