@@ -4,6 +4,7 @@ entry; the launch/ scripts and the cached warm starts run the same entries.
     python -m realm pretrain --config configs/pretrain.yaml
     python -m realm ict --corpus runs/corpus/leads
     python -m realm refresh --run-dir runs/pretrain
+    python -m realm plan --config configs/realm_bert_base.yaml --blocks 13353718
 """
 
 from __future__ import annotations
@@ -20,10 +21,22 @@ def _refresh(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def _plan(argv: Sequence[str]) -> int:
+    from realm.index.cli import main
+
+    return main(list(argv))
+
+
+#: entries that are not training stages, with their one-line help
+TOOLS = {"refresh": ("The index refresher, standalone.", _refresh),
+         "plan": ("What a pretraining run's index needs (memory, disk, refresh time) against "
+                  "this machine, as one JSON object.", _plan)}
+
+
 #: stage name -> entry taking the remaining arguments (names resolved lazily: --help is fast)
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **{name: (lambda argv, name=name: stage_main(name, list(argv))) for name in STAGES},
-    "refresh": _refresh,
+    **{name: entry for name, (_, entry) in TOOLS.items()},
 }
 
 
@@ -31,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:18s} " + (STAGES[name].description if name in STAGES
-                                      else "The index refresher, standalone.")
+                                      else TOOLS[name][0])
                  for name in COMMANDS]
         out = sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr
         if argv and argv[0] not in ("-h", "--help"):

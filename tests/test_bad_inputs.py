@@ -146,6 +146,16 @@ def no_temp_left(tmp):
         assert hidden == [], hidden
 
 
+def shards_kept(tmp):
+    """Nothing committed and no temp file left; the shards embedded so far are kept in the
+    generation in progress, for the next try to resume (docs/refresh.md)."""
+    no_temp_left(tmp)
+    index = tmp / "run" / "index"
+    assert not (index / "LATEST").exists() and not list(index.glob("gen-*"))
+    (build,) = (index / "building").iterdir()
+    assert not [p.name for p in build.iterdir() if p.name.startswith(".")]
+
+
 def a_file(tmp):
     (tmp / "a-file").write_text("a regular file\n")
 
@@ -266,7 +276,11 @@ CASES = {
     "refresh-disk-full-generation": Case(
         publish_from, 1, ("writing an index generation under {tmp}/run/index failed: no space "
                           "left on the device", "nothing was committed"),
-        kept=("run/index",), full="/index/.gen-", after=no_temp_left),
+        kept=("run/index/LATEST",), full="/index/.gen-", after=shards_kept),
+    "refresh-disk-full-shards": Case(
+        publish_from, 1, ("writing an index generation under {tmp}/run/index failed: no space "
+                          "left on the device", "nothing was committed"),
+        kept=("run/index/LATEST",), full="/index/building/", after=shards_kept),
     "refresh-disk-full-metrics": Case(
         publish_from, 1, ("{tmp}/run/refresher/metrics.jsonl failed: no space left on the "
                           "device",), kept=("run/refresher",), full="refresher/metrics.jsonl"),

@@ -226,6 +226,12 @@ class TrainConfig:
         "machine (`accelerate launch` would otherwise give each process 1 thread).", default=0)
     resume: bool = doc("Resume from the newest checkpoint in run_dir if there is one.",
                         default=True)
+    collective_timeout_s: float = doc(
+        "Seconds a collective (all-reduce, all-gather, barrier) waits for the other processes "
+        "before it fails (torch.distributed's timeout); 0: torch's default (30 minutes for "
+        "gloo, 10 for NCCL). No process ever waits for the index refresher inside a collective, "
+        "so refreshes far longer than this are fine (tests/training/test_collective_timeout.py).",
+        default=0.0)
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum", "keep_checkpoints"):
@@ -234,6 +240,8 @@ class TrainConfig:
         for key in ("steps", "warmup_steps", "eval_every", "save_every", "num_workers", "threads"):
             check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        check(self.collective_timeout_s >= 0, "train.collective_timeout_s",
+               f"must be >= 0, got {self.collective_timeout_s}")
         check(self.max_grad_norm >= 0, "train.max_grad_norm",
                f"must be >= 0, got {self.max_grad_norm}")
         check("://" not in self.run_dir, "train.run_dir",

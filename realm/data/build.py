@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from realm.version import __version__
+from realm.cache import cache_path
 from realm.config import DataConfig, SpansConfig
 from realm.data.blocks import BlockedArticle, block_article, tokenizer_sha256, word_piece_encoder
 from realm.data.readers import Article, CorpusReader
@@ -37,6 +38,12 @@ from realm.hub import load_tokenizer, resolve_model_path
 from realm.errors import OutputExistsError
 
 logger = logging.getLogger(__name__)
+
+
+def corpus_cache_dir(cache_dir: str, data: DataConfig, spans: SpansConfig) -> str:
+    """Where the ``data`` and ``spans`` sections' corpus is built in ``cache_dir`` (the key:
+    both sections), by every stage that prepares it (``realm.training.prepare``)."""
+    return cache_path(cache_dir, "corpus", [dataclasses.asdict(data), dataclasses.asdict(spans)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Inside a run directory (a local path, or any fsspec URL such as ``s3://bucket/run``)::
 
-    index/gen-000007/            immutable generation: manifest.json, embeddings.npy (float16),
-                                 block_ids.npy, index.faiss (trained index types only)
+    index/gen-000007/            immutable generation: manifest.json, embeddings-00000.f16...
+                                 (float16 shards, realm.index.shards), index.faiss (trained
+                                 index types only)
+    index/building/step-S-KEY/   a generation in progress, shard by shard (realm.index.building)
     index/LATEST                 {"generation": 7, ...}: the committed generation
     index/readers/HOLDER.json    leases: generations that readers hold (kept by GC)
 
@@ -11,6 +13,11 @@ Nothing is written in place. A generation is written under a temporary name (loc
 under its final name with ``manifest.json`` last (object stores), and becomes visible only when
 the single ``LATEST`` pointer is replaced: temp file, fsync, atomic rename locally; one PUT on an
 object store. A crash at any moment leaves ``LATEST`` naming a complete generation.
+
+Readers stream a generation's shards into their index, checking each shard's sha256 as it is
+read: a process holding one shard of the index (``index.sharding=ranks``) reads only the shard
+files of its rows, and no process holds a second copy of what it keeps. Format-1 generations
+(one ``embeddings.npy``) load the same way.
 
 The run directory's other files (encoder snapshots, heartbeat, the refresher lock) are
 ``realm.refresh.rundir.RunStore``'s, a subclass of :class:`GenerationStore`.
@@ -28,51 +35,56 @@ import shutil
 import socket
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-from realm.version import __version__
-from realm.fsutil import failpoint, fsync_dir, pid_alive
-from realm.index.mips import MipsIndex, array_from_bytes, array_to_bytes
-from realm.index.sharded import shard_range
+from realm.fsutil import fsync_dir, pid_alive
+from realm.index.commit import (GEN_PATTERN, GENERATION_FILES, GENERATION_KIND, LATEST, MANIFEST,
+                                MANIFEST_KEYS, GenerationWriter, gen_name)
+from realm.index.mips import MipsIndex, array_from_bytes
+from realm.index.shards import (SHARD_PATTERN, Segment, check_file, iter_rows, rank_rows,
+                                read_segment_rows, segments_of, stream_rows)
 from realm.errors import GenerationError, RunDirError
 
 logger = logging.getLogger(__name__)
 
-GENERATION_KIND = "index_generation"
-FORMAT_VERSION = 1
-LATEST = "LATEST"
-MANIFEST = "manifest.json"
-GEN_PATTERN = re.compile(r"^gen-(\d{6,})$")
-#: The files a generation directory holds (its manifest lists no others).
-GENERATION_FILES = frozenset({"embeddings.npy", "block_ids.npy", "index.faiss"})
-#: What every reader of a generation's manifest relies on (one missing: refused as corrupt).
-MANIFEST_KEYS = ("generation", "encoder_step", "corpus_fingerprint", "dim", "n_blocks",
-                 "index_type", "files")
-
-
-def gen_name(generation: int) -> str:
-    return f"gen-{generation:06d}"
-
-
 @dataclass
 class Generation:
-    """A loaded, validated index generation."""
+    """A loaded, validated index generation.
+
+    The embeddings are not kept in memory by loading (the index holds what search needs):
+    :attr:`embeddings` reads this process's rows from the store on first use and keeps them,
+    :meth:`read_embeddings` reads them without keeping them.
+    """
 
     generation: int
     manifest: dict[str, Any]
     index: MipsIndex
     loaded_at: float  # time.time() when loading finished
-    embeddings: Optional[np.ndarray] = None  # [n_blocks, dim] float16, rows as in block_ids
     #: ``(rank, world)`` when this process holds one shard (``index.sharding=ranks``): the
-    #: index and ``embeddings`` are its rows only (``realm.index.sharded``).
+    #: index and :attr:`embeddings` are its rows only (``realm.index.sharded``).
     shard: Optional[tuple[int, int]] = None
+    #: ``[start, end)``: the rows of the generation this process holds.
+    rows: tuple[int, int] = (0, 0)
+    reader: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False)
+    kept: Optional[np.ndarray] = field(default=None, repr=False)
 
     @property
     def encoder_step(self) -> int:
         return int(self.manifest["encoder_step"])
+
+    @property
+    def embeddings(self) -> Optional[np.ndarray]:
+        """``[rows, dim]`` float16 embeddings of the rows held (read once, then kept)."""
+        if self.kept is None and self.reader is not None:
+            self.kept = self.reader()
+        return self.kept
+
+    def read_embeddings(self) -> np.ndarray:
+        """The rows held, read (and checked) from the store now; not kept."""
+        return self.kept if self.kept is not None else self.reader()
 
     def search(self, queries: np.ndarray, k: int, exclude=None):
         """The index's top-``k`` (MipsIndex.search)."""
@@ -92,7 +104,7 @@ class Generation:
         return out
 
 
-class GenerationStore:
+class GenerationStore(GenerationWriter):
     """Index generations of one run on shared storage (local path or fsspec URL).
 
     Args:
@@ -170,110 +182,6 @@ class GenerationStore:
         """Generation numbers with a final-name directory (committed or orphaned)."""
         return self.numbered("index", GEN_PATTERN)
 
-    def commit_generation(
-        self,
-        embeddings: np.ndarray,
-        *,
-        encoder_step: int,
-        corpus_fingerprint: str,
-        factory: str = "Flat",
-        index_bytes: Optional[bytes] = None,
-        block_ids: Optional[np.ndarray] = None,
-        timings: Optional[dict[str, float]] = None,
-        extra: Optional[dict[str, Any]] = None,
-    ) -> int:
-        """Write the next generation and commit it by replacing ``index/LATEST``.
-
-        Args:
-            embeddings: ``[n_blocks, dim]`` block embeddings, stored as float16.
-            encoder_step: Training step of the encoder snapshot that made them.
-            corpus_fingerprint: Fingerprint of the block store they index.
-            factory: faiss factory string of the index.
-            index_bytes: The serialized faiss index; required unless ``factory == "Flat"``
-                (an exact index is rebuilt from the embeddings at load).
-            block_ids: Block id of each row (default: row numbers).
-            timings: Seconds spent embedding, building... (recorded in the manifest).
-            extra: More manifest fields (throughput, refresher id...).
-
-        Returns:
-            The committed generation number.
-
-        Raises:
-            GenerationError: another writer committed this generation number first.
-            OSError: the target cannot be written (nothing is committed).
-        """
-        if factory != "Flat" and index_bytes is None:
-            raise ValueError(f"index_bytes required for factory {factory!r}")
-        embeddings = np.ascontiguousarray(embeddings, dtype=np.float16)
-        if block_ids is None:
-            block_ids = np.arange(len(embeddings), dtype=np.int64)
-        t0 = time.perf_counter()
-        latest = self.read_latest()
-        generation = max([int(latest["generation"]) if latest else -1, *self.generations()]) + 1
-        name = gen_name(generation)
-        files = {"embeddings.npy": array_to_bytes(embeddings),
-                 "block_ids.npy": array_to_bytes(np.asarray(block_ids, dtype=np.int64))}
-        if index_bytes is not None and factory != "Flat":
-            files["index.faiss"] = index_bytes
-        manifest = {
-            "kind": GENERATION_KIND, "format_version": FORMAT_VERSION,
-            "generation": generation, "encoder_step": int(encoder_step),
-            "corpus_fingerprint": corpus_fingerprint, "dim": int(embeddings.shape[1]),
-            "n_blocks": int(len(embeddings)), "index_type": factory,
-            "embedding_dtype": "float16",
-            "files": {k: {"bytes": len(v), "sha256": hashlib.sha256(v).hexdigest()}
-                      for k, v in files.items()},
-            "timings": dict(timings or {}), "created": time.time(),
-            "host": socket.gethostname(), "pid": os.getpid(), "realm_version": __version__,
-            **(extra or {}),
-        }
-        manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
-        if self.local:
-            self._write_generation_local(name, files, manifest_bytes)
-        else:
-            self._write_generation_remote(name, files, manifest_bytes)
-        manifest["timings"]["write_s"] = round(time.perf_counter() - t0, 3)
-        failpoint("publish")  # generation directory in place, LATEST not yet replaced
-        self.write_json_atomic(self.path("index", LATEST), {
-            "generation": generation, "path": name, "encoder_step": int(encoder_step),
-            "corpus_fingerprint": corpus_fingerprint, "time": time.time()})
-        logger.info("committed index generation %d (encoder step %d, %d blocks)", generation,
-                    encoder_step, len(embeddings))
-        return generation
-
-    def _write_generation_local(self, name: str, files: dict[str, bytes], manifest: bytes) -> None:
-        index_dir = self.path("index")
-        os.makedirs(index_dir, exist_ok=True)
-        tmp = os.path.join(index_dir, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.mkdir(tmp)
-        try:
-            for fname, data in [*files.items(), (MANIFEST, manifest)]:
-                with open(os.path.join(tmp, fname), "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            fsync_dir(tmp)
-            failpoint("write")  # files written, not yet renamed
-            try:
-                os.rename(tmp, os.path.join(index_dir, name))  # fails if the name is taken
-            except OSError as e:
-                if os.path.exists(os.path.join(index_dir, name)):
-                    raise GenerationError(f"{index_dir}/{name} was committed by another writer") \
-                        from e
-                raise
-            fsync_dir(index_dir)
-        except BaseException:
-            self.remove_dir(tmp)
-            raise
-
-    def _write_generation_remote(self, name: str, files: dict[str, bytes], manifest: bytes) -> None:
-        target = self.path("index", name)
-        if self.fs.exists(target + "/" + MANIFEST):
-            raise GenerationError(f"{target} was committed by another writer")
-        for fname, data in files.items():
-            self.fs.pipe_file(f"{target}/{fname}", data)
-        self.fs.pipe_file(f"{target}/{MANIFEST}", manifest)  # last: the directory is complete
-
     def read_generation_manifest(self, generation: int) -> dict[str, Any]:
         path = self.path("index", gen_name(generation), MANIFEST)
         try:
@@ -290,14 +198,16 @@ class GenerationStore:
         if missing:
             raise GenerationError(f"{path}: lacks {', '.join(map(repr, missing))}: refused as "
                                   "corrupt")
+        for fname in manifest["files"]:
+            if fname not in GENERATION_FILES and not SHARD_PATTERN.match(fname):
+                raise GenerationError(f"{path}: lists {fname!r}, not one of "  # never a path
+                                      f"{sorted(GENERATION_FILES)} or a shard: refused as corrupt")
         return manifest
 
-    def read_generation_files(self, generation: int, *, corpus_fingerprint: Optional[str] = None,
-                              dim: Optional[int] = None, verify: bool = True,
-                              ) -> tuple[dict[str, Any], dict[str, bytes]]:
-        """The manifest and file contents of ``generation``, checked against the manifest (names,
-        sizes, sha256 with ``verify``), the corpus fingerprint and dim. Raises
-        :class:`GenerationError`."""
+    def _checked_manifest(self, generation: int, corpus_fingerprint: Optional[str],
+                          dim: Optional[int]) -> tuple[dict[str, Any], str, list[Segment]]:
+        """The manifest, its directory and its row segments, checked against the reader's
+        corpus fingerprint and dim."""
         manifest = self.read_generation_manifest(generation)
         where = self.path("index", gen_name(generation))
         if corpus_fingerprint is not None and manifest["corpus_fingerprint"] != corpus_fingerprint:
@@ -305,31 +215,22 @@ class GenerationStore:
                                   f"!= {corpus_fingerprint} of the corpus in use")
         if dim is not None and int(manifest["dim"]) != dim:
             raise GenerationError(f"{where}: dim {manifest['dim']} != retriever dim {dim}")
-        data = {}
-        for fname, info in manifest["files"].items():
-            if fname not in GENERATION_FILES:  # never a path the store did not write
-                raise GenerationError(f"{where}/{MANIFEST}: lists {fname!r}, not one of "
-                                      f"{sorted(GENERATION_FILES)}: refused as corrupt")
-            try:
-                blob = self.fs.cat_file(f"{where}/{fname}")
-            except FileNotFoundError:
-                raise GenerationError(f"{where}/{fname}: listed in the manifest but missing") \
-                    from None
-            if len(blob) != info["bytes"]:
-                raise GenerationError(f"{where}/{fname}: {len(blob)} bytes, manifest says "
-                                      f"{info['bytes']} (truncated?)")
-            if verify and hashlib.sha256(blob).hexdigest() != info["sha256"]:
-                raise GenerationError(f"{where}/{fname}: sha256 differs from the manifest "
-                                      "(corrupted)")
-            data[fname] = blob
-        return manifest, data
+        return manifest, where, segments_of(manifest, where)
 
     def validate_generation(self, generation: int, corpus_fingerprint: Optional[str] = None
                             ) -> Optional[str]:
         """Why ``generation`` is unusable (missing, truncated, corrupted, another corpus), or None
-        when it is intact."""
+        when it is intact. Every file is read (in chunks) and checked."""
         try:
-            self.read_generation_files(generation, corpus_fingerprint=corpus_fingerprint)
+            manifest, where, segments = self._checked_manifest(generation, corpus_fingerprint,
+                                                               None)
+            for segment in segments:  # every file hashed in chunks; no row wanted or kept
+                for _ in stream_rows(self.fs, f"{where}/{segment.file}", segment,
+                                     int(manifest["dim"]), (0, 0)):
+                    pass
+            for fname, info in manifest["files"].items():
+                if fname not in {s.file for s in segments}:
+                    check_file(self.fs, f"{where}/{fname}", info)
         except GenerationError as e:
             return str(e)
         return None
@@ -347,46 +248,70 @@ class GenerationStore:
         shard: Optional[tuple[int, int]] = None,
         gpu_device: Optional[int] = None,
     ) -> Generation:
-        """Read, check and load generation ``generation`` into memory.
+        """Read, check and load generation ``generation`` into an index.
 
-        ``shard=(rank, world)`` keeps rows ``shard_range(n_blocks, rank, world)`` only, indexed
-        anew with the generation's factory (``index.sharding=ranks``); ``gpu_device`` puts the
-        index on that one GPU (where faiss sees GPUs and ``gpu``).
+        The shards are streamed into the index in chunks, each shard's sha256 checked as it is
+        read (``verify``), so the peak memory is about the index's own size. ``shard=(rank,
+        world)`` keeps the rows of :func:`realm.index.shards.rank_rows` only (whole shard files
+        where there are enough of them: no other process's rows are read), indexed anew with
+        the generation's factory (``index.sharding=ranks``); ``gpu_device`` puts the index on
+        that one GPU (where faiss sees GPUs and ``gpu``). A whole-generation load of a trained
+        factory reads the stored ``index.faiss`` (and no shard).
 
         Raises:
             GenerationError: missing or corrupt files (size or sha256 differ from the manifest),
                 or a corpus fingerprint / dim other than the reader expects.
         """
-        manifest, data = self.read_generation_files(
-            generation, corpus_fingerprint=corpus_fingerprint, dim=dim, verify=verify)
-        where = self.path("index", gen_name(generation))
+        manifest, where, segments = self._checked_manifest(generation, corpus_fingerprint, dim)
+        n, d, factory = int(manifest["n_blocks"]), int(manifest["dim"]), manifest["index_type"]
+        rows = (0, n) if shard is None else rank_rows(segments, n, *shard)
+        if rows[0] >= rows[1]:
+            raise GenerationError(f"{where}: {n} blocks cannot be split into {shard[1]} shards")
+        block_ids = self._block_ids(manifest, where, rows, verify)
+        params = {"nprobe": nprobe, "ef_search": ef_search, "gpu_device": gpu_device, "gpu": gpu}
+
+        def read() -> np.ndarray:
+            return read_segment_rows(self.fs, where, segments, d, rows, verify)
+
         try:
-            embeddings = array_from_bytes(data["embeddings.npy"], f"{where}/embeddings.npy")
-            block_ids = array_from_bytes(data["block_ids.npy"], f"{where}/block_ids.npy")
-        except ValueError as e:
-            raise GenerationError(str(e)) from None
-        if embeddings.shape != (manifest["n_blocks"], manifest["dim"]):
-            raise GenerationError(f"{where}/embeddings.npy: shape {embeddings.shape}, manifest "
-                                  f"says ({manifest['n_blocks']}, {manifest['dim']})")
-        factory = manifest["index_type"]
-        params = {"nprobe": nprobe, "ef_search": ef_search, "gpu_device": gpu_device}
-        if shard is not None:
-            start, end = shard_range(len(embeddings), *shard)
-            embeddings, block_ids = embeddings[start:end].copy(), block_ids[start:end].copy()
-            data.pop("index.faiss", None)  # the whole generation's: each shard builds its own
-            if not len(embeddings):
-                raise GenerationError(f"{where}: {manifest['n_blocks']} blocks cannot be split "
-                                      f"into {shard[1]} shards")
-        try:
-            if "index.faiss" in data:
-                index = MipsIndex.from_bytes(data["index.faiss"], block_ids, factory, gpu=gpu,
-                                             **params)
-            else:
-                index = MipsIndex.build(embeddings, factory, block_ids, gpu=gpu, **params)
+            if shard is None and "index.faiss" in manifest["files"]:
+                path = f"{where}/index.faiss"
+                check_file(self.fs, path, manifest["files"]["index.faiss"], verify)
+                index = MipsIndex.read(path, self.fs, block_ids, factory, **params)
+            elif factory == "Flat":  # streamed: the index's storage is filled in place
+                index = MipsIndex.from_rows(iter_rows(self.fs, where, segments, d, rows, verify),
+                                            rows[1] - rows[0], d, block_ids, **params)
+            else:  # a trained factory on this process's rows: trained on (a sample of) them
+                index = MipsIndex.build(read(), factory, block_ids, **params)
         except RuntimeError as e:
             raise GenerationError(f"{where}: faiss cannot read the index ({e})") from None
         return Generation(generation=generation, manifest=manifest, index=index,
-                          loaded_at=time.time(), embeddings=embeddings, shard=shard)
+                          loaded_at=time.time(), shard=shard, rows=rows, reader=read)
+
+    def _block_ids(self, manifest: dict[str, Any], where: str, rows: tuple[int, int],
+                   verify: bool) -> np.ndarray:
+        """Block ids of rows ``[a, b)``: row numbers, or the stored ``block_ids.npy``."""
+        info = manifest["files"].get("block_ids.npy")
+        if info is None:
+            return np.arange(*rows, dtype=np.int64)
+        path = f"{where}/block_ids.npy"
+        try:
+            blob = self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise GenerationError(f"{path}: listed in the manifest but missing") from None
+        if len(blob) != info["bytes"]:
+            raise GenerationError(f"{path}: {len(blob)} bytes, manifest says {info['bytes']} "
+                                  "(truncated?)")
+        if verify and hashlib.sha256(blob).hexdigest() != info["sha256"]:
+            raise GenerationError(f"{path}: sha256 differs from the manifest (corrupted)")
+        try:
+            ids = array_from_bytes(blob, path)
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
+        if ids.shape != (int(manifest["n_blocks"]),):
+            raise GenerationError(f"{path}: shape {ids.shape}, manifest says "
+                                  f"({manifest['n_blocks']},)")
+        return ids[rows[0]:rows[1]].astype(np.int64)
 
     # -- leases and garbage collection ------------------------------------------------------
 

@@ -12,7 +12,7 @@ import io
 import logging
 import re
 import time
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -21,24 +21,101 @@ from realm.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
-def check_factory(factory: str, dim: int):  # -> faiss.Index (empty)
+def check_factory(factory: str, dim: int, rows: Optional[int] = None,
+                  train_size: int = 262_144):  # -> faiss.Index (empty)
     """The empty faiss index ``factory`` makes for ``dim``-d vectors (inner product).
 
     Called by the stages before anything runs, so that a bad ``index.factory`` is one line at
-    once, not a refresher that fails after the warm starts.
+    once, not a refresher that fails after the warm starts. Given ``rows`` (the vectors of one
+    index: the corpus's blocks, or a process's share with ``index.sharding=ranks``), it also
+    checks that the index can be trained on ``min(rows, train_size)`` of them.
 
     Raises:
-        ConfigError: faiss cannot parse ``factory`` for ``dim`` (its reason quoted).
+        ConfigError: faiss cannot parse ``factory`` for ``dim`` (its reason quoted); or, with
+            ``rows``, an IVF index with more lists than the training vectors / 39, or PQ
+            codebooks with more centroids than training vectors.
     """
     import faiss
 
     try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[-1]
         why = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", why)  # faiss's C++ location
         raise ConfigError(f"index.factory={factory!r} is not a faiss factory string for "
                           f"{dim}-d vectors (retriever.dim): {why}") from None
+    if rows is not None and not index.is_trained:
+        _check_trainable(index, factory, rows, train_size)
+    return index
+
+
+#: faiss's k-means wants at least this many training vectors per centroid (it warns below, and
+#: the clusters it finds are poor); an IVF index of more lists than rows / 39 is refused.
+MIN_POINTS_PER_CENTROID = 39
+
+
+def _check_trainable(index, factory: str, rows: int, train_size: int) -> None:
+    """:func:`check_factory`'s training check (a warning where faiss would train poorly)."""
+    import faiss
+
+    points = min(rows, train_size)
+    fix = (f"each index trains on min(its blocks, index.train_size) = min({rows:,}, "
+           f"{train_size:,}) = {points:,} vectors")
+    try:
+        nlist = int(faiss.extract_index_ivf(index).nlist)
+    except (RuntimeError, AttributeError):
+        nlist = 0
+    if nlist * MIN_POINTS_PER_CENTROID > points:
+        raise ConfigError(f"index.factory={factory!r} cannot be trained on this corpus: {nlist:,} "
+                          f"IVF lists need at least {MIN_POINTS_PER_CENTROID} x {nlist:,} = "
+                          f"{nlist * MIN_POINTS_PER_CENTROID:,} training vectors, and {fix} "
+                          f"(at most IVF{max(1, points // MIN_POINTS_PER_CENTROID)} fits; or "
+                          "raise index.train_size, or use Flat or HNSW32)")
+    pq = getattr(faiss.downcast_index(_inner_index(index)), "pq", None)
+    if pq is not None:
+        ksub = int(pq.ksub)
+        if ksub > points:
+            raise ConfigError(f"index.factory={factory!r} cannot be trained on this corpus: its "
+                              f"PQ codebooks of {ksub} centroids need at least {ksub} training "
+                              f"vectors, and {fix}")
+        if ksub * MIN_POINTS_PER_CENTROID > points:
+            logger.warning("index.factory=%r: PQ codebooks of %d centroids want %s training "
+                           "vectors; %s", factory, ksub, f"{ksub * MIN_POINTS_PER_CENTROID:,}", fix)
+
+
+def _inner_index(index):
+    """The index inside a pre-transform or id map (else ``index``)."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    while hasattr(index, "index") and not hasattr(index, "invlists") and \
+            not hasattr(index, "hnsw"):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def index_bytes(factory: str, dim: int, n: int) -> int:
+    """Memory of a ``factory`` index over ``n`` vectors of ``dim``, from its code sizes: the
+    codes, 8-byte ids (IVF), coarse centroids, HNSW links. Within a few percent of faiss's own
+    serialized size (Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 at 100k x 128:
+    docs/performance.md); an unknown kind counts as float32 vectors."""
+    import faiss
+
+    index = check_factory(factory, dim)
+    try:
+        ivf = faiss.extract_index_ivf(index)
+        return int(n * (ivf.code_size + 8) + ivf.nlist * ivf.d * 4 + 256 * dim * 4)
+    except (RuntimeError, AttributeError):
+        pass
+    inner = _inner_index(index)
+    if hasattr(inner, "hnsw"):
+        m = int(inner.hnsw.nb_neighbors(1))
+        storage = int(faiss.downcast_index(inner.storage).code_size)
+        links = 4 * (2 * m + m / max(1, m - 1))  # level 0 holds 2M neighbours; levels above ~M/(M-1)
+        return int(n * (storage + links + 12))
+    code_size = getattr(faiss.downcast_index(inner), "code_size", None)
+    extra = 8 * n if type(faiss.downcast_index(index)).__name__.startswith("IndexIDMap") else 0
+    return int(n * (code_size if code_size else 4 * dim) + extra)
 
 
 def build_index(embeddings: np.ndarray, factory: str = "Flat"):  # -> faiss.Index
@@ -257,6 +334,57 @@ class MipsIndex:
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         return SearchResult(scores=scores, block_ids=ids)
 
+    @classmethod
+    def from_rows(cls, chunks: Iterable[np.ndarray], n: int, dim: int,
+                  block_ids: Optional[np.ndarray] = None, *, gpu: bool = True,
+                  gpu_device: Optional[int] = None, **search_params) -> "MipsIndex":
+        """An exact (``Flat``) index over ``n`` rows that arrive in ``chunks`` (float16 or float32
+        ``[m, dim]`` arrays, in order), written straight into the index's own storage: the peak
+        memory is the index plus one chunk, never a second copy of the rows.
+
+        Raises:
+            ValueError: the chunks hold another number of rows than ``n``.
+        """
+        import faiss
+
+        index = faiss.IndexFlatIP(dim)
+        nbytes = n * dim * 4
+        index.codes.resize(nbytes)  # [n, dim] float32, allocated once
+        storage = faiss.rev_swig_ptr(index.codes.data(), nbytes).view(np.float32).reshape(n, dim)
+        filled = 0
+        for chunk in chunks:
+            if filled + len(chunk) > n:
+                raise ValueError(f"more than {n} rows for the index")
+            storage[filled:filled + len(chunk)] = chunk  # (float16 -> float32 in place)
+            filled += len(chunk)
+        if filled != n:
+            raise ValueError(f"{filled} rows for an index of {n}")
+        index.ntotal = n
+        del storage
+        mips = cls(index, block_ids, "Flat")
+        if gpu and num_gpus() > 0:
+            mips.to_gpus(gpu_device)
+        return mips
+
+    @classmethod
+    def read(cls, path: str, fs=None, block_ids: Optional[np.ndarray] = None,
+             factory: str = "Flat", gpu: bool = True, gpu_device: Optional[int] = None,
+             **search_params) -> "MipsIndex":
+        """The index faiss serialized at ``path``: read by faiss straight from a local file
+        (no bytes copy), through ``fs`` (an fsspec file system) otherwise."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        if fs is not None and not isinstance(fs, LocalFileSystem):
+            return cls.from_bytes(fs.cat_file(path), block_ids, factory, gpu=gpu,
+                                  gpu_device=gpu_device, **search_params)
+        import faiss
+
+        mips = cls(faiss.read_index(path), block_ids, factory)
+        mips.set_search_params(**search_params)
+        if gpu and num_gpus() > 0:
+            mips.to_gpus(gpu_device)
+        return mips
+
     # -- persistence: bytes, so that any fsspec file system can hold them ------------------
 
     def to_bytes(self) -> bytes:
@@ -301,4 +429,5 @@ def exact_recall(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 
 __all__: Sequence[str] = ["MipsIndex", "SearchResult", "build_index", "search", "num_gpus",
-                          "array_to_bytes", "array_from_bytes", "exact_recall"]
+                          "array_to_bytes", "array_from_bytes", "exact_recall", "check_factory",
+                          "index_bytes", "MIN_POINTS_PER_CENTROID"]

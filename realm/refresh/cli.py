@@ -64,6 +64,7 @@ def _run(args, config) -> int:
     from realm.data.store import BlockStore
     from realm.refresh.rundir import RunStore
     from realm.errors import StoreLockedError
+    from realm.index.mips import check_factory
     from realm.refresh.refresher import Refresher, RefreshSettings, exit_with_parent
     from realm.tracking import Tracker
 
@@ -83,6 +84,8 @@ def _run(args, config) -> int:
     if args.parent_pid is not None:
         exit_with_parent(args.parent_pid, store.release_refresher_lock)
     corpus = BlockStore(config.corpus)
+    check_factory(config.index.factory, config.retriever.dim, rows=len(corpus),  # trainable?
+                  train_size=config.index.train_size)
     if args.retriever and rank == 0 and store.latest_encoder() is None:
         from realm.modeling.retriever import Retriever
 

@@ -5,13 +5,14 @@ Loop (see ``docs/refresh.md``)::
     lock the run (one refresher per run) -> remove what a killed refresher left
     until DONE or the trainer's heartbeat is stale:
         newest encoder snapshot newer than the one behind index/LATEST?
-            embed every block (length-bucketed, bf16 where fast, sharded over processes)
-            build the faiss index -> write index/gen-N/ -> replace index/LATEST -> GC
+            embed the shards of the corpus not yet done for that snapshot, committing each
+            (index/building/, realm.index.building) -> build the faiss index ->
+            write index/gen-N/ from the shards -> replace index/LATEST -> GC
         else sleep refresh.poll_s
 
-Several processes (``accelerate launch`` / ``torchrun``) share the embedding: each embeds a
-contiguous shard of block ids, writes it to a staging directory, and the main process builds and
-commits one generation.
+Several processes (``accelerate launch`` / ``torchrun``) share the embedding: each embeds its
+share of the shards and writes them itself; the main process builds and commits one generation
+from the files. A refresher restarted for the same snapshot embeds only the missing shards.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from realm.modeling.retriever import Retriever
 from realm.precision import autocast_dtype
 from realm.fsutil import failpoint, write_errors
 from realm.modeling.embed import embed_blocks, special_ids
-from realm.index.mips import MipsIndex, array_from_bytes, array_to_bytes
-from realm.errors import GenerationError
+from realm.index.building import GenerationBuild
+from realm.index.mips import MipsIndex
+from realm.index.shards import SHARD_BLOCKS, Segment, read_segment_rows
 from realm.refresh.rundir import RunStore
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class RefreshSettings:
     max_tokens_per_batch: int = 16384
     max_block_tokens: int = 288
     device: str = "auto"
+    shard_blocks: int = SHARD_BLOCKS
 
     @classmethod
     def from_config(cls, config) -> "RefreshSettings":
@@ -65,7 +68,8 @@ class RefreshSettings:
                    lease_timeout_s=i.lease_timeout_s, poll_s=r.poll_s,
                    heartbeat_timeout_s=r.heartbeat_timeout_s, precision=r.precision,
                    max_tokens_per_batch=r.max_tokens_per_batch,
-                   max_block_tokens=config.retriever.max_block_tokens, device=r.device)
+                   max_block_tokens=config.retriever.max_block_tokens, device=r.device,
+                   shard_blocks=i.shard_blocks)
 
 
 class _Dist:
@@ -252,7 +256,9 @@ class Refresher:
     # -- one generation -------------------------------------------------------------------
 
     def refresh(self, snapshot: dict[str, Any]) -> Optional[dict[str, Any]]:
-        """Embed the corpus with ``snapshot``'s document encoder and commit a generation."""
+        """Embed the corpus with ``snapshot``'s document encoder and commit a generation: the
+        shards not yet done for this snapshot, each committed as it is done, shared among the
+        processes; then (main process) the index and the commit."""
         t_start = time.perf_counter()
         step = snapshot["step"]
         with self.store.local_encoder(snapshot["path"]) as path:
@@ -264,71 +270,104 @@ class Refresher:
         bf16 = autocast_dtype(self.s.precision, self.device) == "bf16"
 
         n = len(self.corpus)
-        shard = np.array_split(np.arange(n, dtype=np.int64), self.dist.world)[self.dist.rank]
+        build = GenerationBuild(self.store, {  # what the shards depend on: one build per plan
+            "encoder_step": step, "snapshot": self.store.snapshot_digest(snapshot["path"]),
+            "corpus_fingerprint": self.corpus.fingerprint, "n_blocks": n, "dim": retriever.dim,
+            "shard_blocks": self.s.shard_blocks, "precision": "bf16" if bf16 else "fp32",
+            "device": self.device.type, "max_block_tokens": self.s.max_block_tokens,
+            "max_tokens_per_batch": self.s.max_tokens_per_batch})
+        where = f"writing an index generation under {self.store.path('index')}"
+        local = self.store.path("index") if self.store.local else None
+        kept = "nothing was committed (index/LATEST is unchanged)"
+        with write_errors(where, local, kept):
+            done = build.prepare() if self.dist.main else None
+        done = self.dist.broadcast(done)
+        missing = [i for i in range(len(build.bounds)) if i not in set(done)]
+        if done and self.dist.main:
+            logger.info("generation of encoder step %d resumed: %d of %d shards were done; "
+                        "embedding the other %d", step, len(done), len(build.bounds),
+                        len(missing))
         failpoint("embed")
-        emb, stats = embed_blocks(retriever, self.corpus, special_ids(retriever.tokenizer), shard,
-                                  self.s.max_block_tokens, self.s.max_tokens_per_batch, bf16=bf16,
-                                  progress=self.progress and self.dist.main, log_every_s=30.0)
-        embed_s = stats["seconds"]
+        with write_errors(where, local, kept + "; the shards done are kept for the next try"):
+            embed_s = self._embed_shards(build, retriever, missing[self.dist.rank::self.dist.world],
+                                         bf16)
         del retriever
-        embeddings = self._gather(emb.astype(np.float16), step)
+        self.dist.barrier()  # every shard written
         if not self.dist.main:
             self.dist.barrier()
             return None
         embed_wall = time.perf_counter() - t_start - load_s
+        embedded = sum(build.bounds[i][1] - build.bounds[i][0] for i in missing)
 
         t0 = time.perf_counter()
         index_bytes = None
         if self.s.factory != "Flat":
-            index = MipsIndex.build(embeddings, self.s.factory, train_size=self.s.train_size,
-                                    nprobe=self.s.nprobe, ef_search=self.s.ef_search, gpu=False)
+            index = MipsIndex.build(self._rows(build), self.s.factory,
+                                    train_size=self.s.train_size, nprobe=self.s.nprobe,
+                                    ef_search=self.s.ef_search, gpu=False)
             index_bytes = index.to_bytes()
             del index
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         timings = {"load_encoder_s": round(load_s, 3), "embed_s": round(embed_wall, 3),
                    "embed_shard_s": round(embed_s, 3), "build_s": round(build_s, 3)}
-        blocks_per_s = n / max(embed_wall, 1e-9)
-        with write_errors(f"writing an index generation under {self.store.path('index')}",
-                          self.store.path("index") if self.store.local else None,
-                          "nothing was committed (index/LATEST is unchanged)"):
-            generation = self.store.commit_generation(
-                embeddings, encoder_step=step, corpus_fingerprint=self.corpus.fingerprint,
+        blocks_per_s = embedded / max(embed_wall, 1e-9)
+        with write_errors(where, local, kept):
+            generation = self.store.commit_build(
+                build, encoder_step=step, corpus_fingerprint=self.corpus.fingerprint,
                 factory=self.s.factory, index_bytes=index_bytes, timings=timings,
                 extra={"encoder_time": snapshot.get("time"), "refresher": self.owner,
                        "processes": self.dist.world, "precision": "bf16" if bf16 else "fp32",
-                       "device": str(self.device), "blocks_per_s": round(blocks_per_s, 2)})
+                       "device": str(self.device), "blocks_per_s": round(blocks_per_s, 2),
+                       "blocks_embedded": embedded, "shards_resumed": len(done)})
         commit_s = time.perf_counter() - t0
         self.store.gc_generations(self.s.keep_generations, self.s.lease_timeout_s)
         total_s = time.perf_counter() - t_start
         record = {"generation": generation, "encoder_step": step, "blocks": n,
-                  "blocks_per_s": round(blocks_per_s, 2), "total_s": round(total_s, 3),
-                  "commit_s": round(commit_s, 3), **timings}
+                  "blocks_embedded": embedded, "shards": len(build.bounds),
+                  "shards_resumed": len(done), "blocks_per_s": round(blocks_per_s, 2),
+                  "total_s": round(total_s, 3), "commit_s": round(commit_s, 3), **timings}
         if snapshot.get("time"):
             record["publish_to_commit_s"] = round(time.time() - snapshot["time"], 3)
         self.committed.append(record)
-        logger.info("generation %d: %d blocks at %.1f blocks/s, %.1fs in all", generation, n,
-                    blocks_per_s, total_s)
+        logger.info("generation %d: %d blocks (%d embedded now) at %.1f blocks/s, %.1fs in all",
+                    generation, n, embedded, blocks_per_s, total_s)
         if self.tracker is not None:
             self.tracker.log({f"refresh/{k}": v for k, v in record.items()}, step=step)
         self.dist.barrier()
         return record
 
-    def _gather(self, emb: np.ndarray, step: int) -> Optional[np.ndarray]:
-        """All shards on the main process, in block order (through a staging directory)."""
-        if not self.dist.on:
-            return emb
-        token = self.dist.broadcast(uuid.uuid4().hex[:8] if self.dist.main else None)
-        stage = self.store.path("index", f".gen-stage-{step:06d}-{token}")
-        self.store.fs.makedirs(stage, exist_ok=True)
-        self.store.fs.pipe_file(f"{stage}/rank-{self.dist.rank:05d}.npy", array_to_bytes(emb))
-        self.dist.barrier()
-        if not self.dist.main:
-            return None
-        parts = [array_from_bytes(self.store.fs.cat_file(f"{stage}/rank-{r:05d}.npy"),
-                                  f"{stage}/rank-{r:05d}.npy") for r in range(self.dist.world)]
-        self.store.remove_dir(stage)
-        out = np.concatenate(parts)
-        if len(out) != len(self.corpus):
-            raise GenerationError(f"shards hold {len(out)} rows for {len(self.corpus)} blocks")
-        return out
+    def _embed_shards(self, build: GenerationBuild, retriever, shards: list[int],
+                      bf16: bool) -> float:
+        """Embed and commit ``shards`` of ``build`` one by one; returns the seconds spent."""
+        from tqdm.auto import tqdm
+
+        special = special_ids(retriever.tokenizer)
+        sizes = [build.bounds[i][1] - build.bounds[i][0] for i in shards]
+        bar = tqdm(total=sum(sizes), desc="embed blocks", unit=" blocks", mininterval=1.0,
+                   disable=not (self.progress and self.dist.main))
+        seconds, last_log = 0.0, time.perf_counter()
+        for count, shard in enumerate(shards, 1):
+            start, end = build.bounds[shard]
+            emb, stats = embed_blocks(retriever, self.corpus, special,
+                                      np.arange(start, end, dtype=np.int64),
+                                      self.s.max_block_tokens, self.s.max_tokens_per_batch,
+                                      bf16=bf16, progress=False)
+            seconds += stats["seconds"]
+            build.write_shard(shard, emb.astype(np.float16))
+            bar.update(end - start)
+            if time.perf_counter() - last_log >= 30.0 or count == len(shards):
+                last_log = time.perf_counter()
+                logger.info("embedded %d/%d shards of this process (%d blocks, %.1f blocks/s)",
+                            count, len(shards), sum(sizes[:count]),
+                            sum(sizes[:count]) / max(seconds, 1e-9))
+            failpoint(f"shard-{count}")  # (tests: kill -9 after this process's count-th shard)
+        bar.close()
+        return seconds
+
+    def _rows(self, build: GenerationBuild) -> np.ndarray:
+        """Every row of a finished build, read back from its shard files (to train an index)."""
+        segments = [Segment(s["file"], s["start"], s["end"], s["bytes"], s["sha256"])
+                    for s in build.shards()]
+        return read_segment_rows(self.store.fs, build.dir, segments, int(build.plan["dim"]),
+                                 (0, int(build.plan["n_blocks"])))

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Optional
 
 from realm.errors import GenerationError, RunDirError, StoreLockedError
 from realm.fsutil import FileLock, write_errors
+from realm.index.building import BUILDING, build_step, builds
 from realm.index.generations import GEN_PATTERN, LATEST, MANIFEST, GenerationStore, gen_name
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,13 @@ class RunStore(GenerationStore):
         return {"step": step, "path": self.path("encoders", pointer["path"]),
                 "time": pointer.get("time")}
 
+    def snapshot_digest(self, path: str) -> str:
+        """The sha256 of a snapshot's ``manifest.json`` (written last, with its creation time and
+        every file's size): what ties a generation in progress to the snapshot it embeds."""
+        import hashlib
+
+        return hashlib.sha256(self.fs.cat_file(f"{path.rstrip('/')}/{MANIFEST}")).hexdigest()
+
     @contextlib.contextmanager
     def local_encoder(self, path: str) -> Iterator[str]:
         """A local directory holding the snapshot at ``path`` (a download on remote stores)."""
@@ -219,7 +227,9 @@ class RunStore(GenerationStore):
         return moved
 
     def clean_orphans(self) -> list[str]:
-        """Remove what a killed writer left: temp directories, trash, generations past LATEST.
+        """Remove what a killed writer left: temp directories, trash, generations past LATEST,
+        generations in progress for an encoder step no newer than LATEST's (a generation in
+        progress for a newer snapshot is kept: the refresher resumes it).
 
         Call only while holding the refresher lock.
         """
@@ -237,6 +247,11 @@ class RunStore(GenerationStore):
                     or (m and int(m.group(1)) > current)):
                 self.remove_dir(p)
                 removed.append(name)
+        encoder_step = int(latest["encoder_step"]) if latest else -1
+        for name in builds(self):  # a generation in progress the committed one has overtaken
+            if build_step(name) <= encoder_step:
+                self.remove_dir(self.path("index", BUILDING, name))
+                removed.append(f"{BUILDING}/{name}")
         if removed:
             logger.warning("removed orphaned index files from a killed writer: %s", removed)
         return removed

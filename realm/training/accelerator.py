@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import sys
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -28,21 +29,24 @@ HELD: dict[int, tuple[str, FileLock]] = {}
 
 
 def make_accelerator(train, seed: int):
-    """An ``Accelerator`` for the ``train`` section (``precision``, ``grad_accum``): CPU where
-    no CUDA device is, mixed precision as :func:`realm.precision.training_precision` chooses;
-    seeds every generator with ``seed``.
+    """An ``Accelerator`` for the ``train`` section (``precision``, ``grad_accum``,
+    ``collective_timeout_s``): CPU where no CUDA device is, mixed precision as
+    :func:`realm.precision.training_precision` chooses; seeds every generator with ``seed``.
 
     Returns:
         ``(accelerator, precision)``: precision is ``"bf16"``, ``"fp16"`` or None (fp32).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     use_cpu = not torch.cuda.is_available()
     precision: Optional[str] = training_precision(
         train.precision, torch.device("cpu" if use_cpu else "cuda"))
+    handlers = ([InitProcessGroupKwargs(timeout=timedelta(seconds=train.collective_timeout_s))]
+                if train.collective_timeout_s > 0 else [])
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision or "no",
-                              gradient_accumulation_steps=train.grad_accum)
+                              gradient_accumulation_steps=train.grad_accum,
+                              kwargs_handlers=handlers)
     set_seed(seed)
     lock = lock_run_dir(accelerator, train.run_dir)
     if lock is not None:

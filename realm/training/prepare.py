@@ -19,7 +19,7 @@ from typing import Optional
 
 from realm.cache import build_once, cache_path, is_main, wait_for
 from realm.config import load_config, override, save_config
-from realm.data.build import build_corpus
+from realm.data.build import build_corpus, corpus_cache_dir
 from realm.errors import ConfigError, StageFailed
 from realm.hub import has_trained_mlm_head, truncated_encoder
 from realm.refresh.supervisor import child_env
@@ -34,8 +34,7 @@ def prepare_corpus(config, progress: bool = True) -> str:
     if not config.data.input:
         raise ConfigError("corpus: no corpus directory given and data.input is empty (set "
                           "corpus=DIR, a launch/prepare_corpus.py output, or data.input=FILE)")
-    out = cache_path(config.cache_dir, "corpus",
-                     [dataclasses.asdict(config.data), dataclasses.asdict(config.spans)])
+    out = corpus_cache_dir(config.cache_dir, config.data, config.spans)
     # not build_once: build_corpus runs every time, since it also checks that a built corpus
     # still matches its input file (the key names the input's path, not its content)
     if is_main():

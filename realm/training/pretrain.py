@@ -27,6 +27,8 @@ from realm.data.store import BlockStore, check_tokenizer
 from realm.fsutil import sha256_file
 from realm.evaluate.span_recall import HeldOutSpans, span_hits
 from realm.index.mips import SearchResult, check_factory
+from realm.index.plan import check_plan
+from realm.index.shards import SHARD_BLOCKS
 from realm.metrics import paired_recall
 from realm.modeling.embed import special_ids
 from realm.modeling.readers import CausalLMReader, load_reader
@@ -167,24 +169,26 @@ class FirstGenerationCache:
             config.retriever.max_block_tokens, config.refresh.precision,
             config.refresh.device]) + ".npy"
 
-    def seed(self, store, corpus_fingerprint: str, factory: str) -> bool:
+    def seed(self, store, corpus_fingerprint: str, factory: str,
+             shard_blocks: int = SHARD_BLOCKS) -> bool:
         """Commit the cached embeddings as generation 0 of a run that has no index yet."""
         if factory != "Flat" or not os.path.exists(self.path) or store.read_latest() is not None:
             return False
-        embeddings = np.load(self.path)
+        embeddings = np.load(self.path, mmap_mode="r")  # (read shard by shard as it is written)
         store.commit_generation(embeddings, encoder_step=0, corpus_fingerprint=corpus_fingerprint,
-                                factory=factory, extra={"seeded_from": self.path})
+                                factory=factory, extra={"seeded_from": self.path},
+                                shard_blocks=shard_blocks)
         logger.info("generation 0 from the cache %s (no wait for the refresher)", self.path)
         return True
 
     def after_step(self, step: int, model: nn.Module) -> None:
         current = self.watcher.current
         if (os.path.exists(self.path) or current is None or current.encoder_step != 0
-                or current.embeddings is None or current.shard is not None):
+                or current.shard is not None):
             return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         tmp = f"{self.path}.tmp-{os.getpid()}.npy"
-        np.save(tmp, current.embeddings)
+        np.save(tmp, current.read_embeddings())  # (read from the store once, not kept)
         os.replace(tmp, self.path)  # complete or absent
         logger.info("cached generation 0 in %s", self.path)
 
@@ -214,6 +218,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     for path in (corpus_dir, p.examples):  # a bad corpus is named now, not after the warm starts
         if path:
             BlockStore(path)
+    if not p.null_only:  # an index this machine cannot hold, or a factory this corpus cannot
+        check_plan(config, blocks=len(BlockStore(corpus_dir)))  # train: refused in one line
     encoder_name = prepare_encoder(config)
     retriever_dir = prepare_retriever(config, corpus_dir, encoder_name)
     reader_name = (p.lm if p.reader_type == "causal_lm"
@@ -277,7 +283,8 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
             FirstGenerationCache.key_path(config.cache_dir, retriever_dir, store.fingerprint, config),
             hook.watcher)
         if accelerator.is_main_process and not checkpoints(t.run_dir):
-            first.seed(RunStore(t.run_dir), store.fingerprint, config.index.factory)
+            first.seed(RunStore(t.run_dir), store.fingerprint, config.index.factory,
+                       config.index.shard_blocks)
         accelerator.wait_for_everyone()
     prefetcher = (RetrievalPrefetch(searcher, accelerator.autocast)
                   if p.prefetch and not p.null_only else None)

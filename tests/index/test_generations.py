@@ -31,7 +31,8 @@ def test_commit_load_and_pointer(store):
     gen = store.load_generation(1, corpus_fingerprint="fp", dim=8)
     m = gen.manifest
     assert (m["n_blocks"], m["dim"], m["index_type"], m["embedding_dtype"]) == (64, 8, "Flat", "float16")
-    assert set(m["files"]) == {"embeddings.npy", "block_ids.npy"}
+    assert set(m["files"]) == {"embeddings-00000.f16"} and m["format_version"] == 2
+    assert m["shards"] == [{"file": "embeddings-00000.f16", "start": 0, "end": 64}]
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
     # the index holds the float16 embeddings: search ranks as fp16 numpy does
     q = _emb(5, seed=1)
@@ -63,7 +64,7 @@ def test_mismatched_corpus_or_dim_is_rejected(store):
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_corrupted_files_are_rejected(store, damage):
     store.commit_generation(_emb(), encoder_step=0, corpus_fingerprint="fp")
-    path = store.path("index", "gen-000000", "embeddings.npy")
+    path = store.path("index", "gen-000000", "embeddings-00000.f16")
     data = store.fs.cat_file(path)
     if damage == "flip":
         store.fs.pipe_file(path, data[:-10] + bytes(b ^ 0xFF for b in data[-10:]))
@@ -112,7 +113,7 @@ def test_a_taken_generation_number_is_not_overwritten(tmp_path):
         f.write("{}")
     gens_before = store.generations()
     with pytest.raises(GenerationError, match="committed by another writer"):
-        store._write_generation_local("gen-000001", {"embeddings.npy": b"x"}, b"{}")
+        store._write_generation_local("gen-000001", [("embeddings-00000.f16", b"x")], b"{}")
     assert store.generations() == gens_before
     assert not [n for n in os.listdir(store.path("index")) if n.startswith(".gen-")]
 

@@ -61,11 +61,14 @@ def _worker(rank: int, world: int, run_dir: str, init: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
-def test_two_ranks_search_like_one_unsharded_exact_index(tmp_path):
+@pytest.mark.parametrize("shard_blocks,halves", [(128, [(51, 0), (50, 51)]),  # one shard file
+                                                (10, [(50, 0), (51, 50)])])  # whole shards each
+def test_two_ranks_search_like_one_unsharded_exact_index(tmp_path, shard_blocks, halves):
     rng = np.random.default_rng(0)
     embeddings = rng.standard_normal((N_BLOCKS, DIM)).astype(np.float16)
     store = RunStore(str(tmp_path / "run"))
-    store.commit_generation(embeddings, encoder_step=0, corpus_fingerprint="fp")
+    store.commit_generation(embeddings, encoder_step=0, corpus_fingerprint="fp",
+                            shard_blocks=shard_blocks)
     whole = store.load_generation(0, corpus_fingerprint="fp", gpu=False)
 
     init = f"file://{tmp_path / 'rendezvous'}"
@@ -78,7 +81,7 @@ def test_two_ranks_search_like_one_unsharded_exact_index(tmp_path):
         p.join(timeout=240)
     assert [p.exitcode for p in procs] == [0, 0]
 
-    for rank, (held, first) in enumerate([(51, 0), (50, 51)]):
+    for rank, (held, first) in enumerate(halves):
         got = np.load(tmp_path / f"rank{rank}.npz")
         assert int(got["held"]) == held and int(got["first"]) == first  # half each
         queries, exclude = _queries(rank)

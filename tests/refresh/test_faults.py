@@ -76,7 +76,7 @@ def test_corrupted_or_mismatched_generation_is_rejected_old_kept(leads_corpus, t
 
     for damage in ("flip", "truncate"):
         g = store.commit_generation(emb, encoder_step=5, corpus_fingerprint=corpus_fp)
-        path = store.path("index", f"gen-{g:06d}", "embeddings.npy")
+        path = store.path("index", f"gen-{g:06d}", "embeddings-00000.f16")
         data = open(path, "rb").read()
         with open(path, "wb") as f:
             f.write(data[: len(data) // 3] if damage == "truncate" else data[:-8] + b"\x00" * 8)

@@ -66,7 +66,7 @@ def test_the_wait_for_generation_0_is_the_configured_timeout(tiny_retriever, cor
 
 
 def _corrupt(store, generation):
-    path = store.path("index", f"gen-{generation:06d}", "embeddings.npy")
+    path = store.path("index", f"gen-{generation:06d}", "embeddings-00000.f16")
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(data[:-8] + b"\x00" * 8)

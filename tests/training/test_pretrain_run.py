@@ -301,7 +301,9 @@ def test_first_generation_is_cached_for_the_next_fresh_run(run):
     (cached,) = (tmp / "cache").glob("gen0-*.npy")
     import numpy as np
 
-    gen0 = np.load(run_dir / "index" / "gen-000000" / "embeddings.npy") \
+    from realm.refresh.rundir import RunStore
+
+    gen0 = RunStore(str(run_dir)).load_generation(0, gpu=False).embeddings \
         if (run_dir / "index" / "gen-000000").exists() else None
     emb = np.load(cached)
     assert emb.dtype == np.float16 and emb.shape[1] == 16
