@@ -37,6 +37,7 @@ def make_accelerator(train, seed: int):
         ``(accelerator, precision)``: precision is ``"bf16"``, ``"fp16"`` or None (fp32).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     use_cpu = not torch.cuda.is_available()
@@ -44,11 +45,19 @@ def make_accelerator(train, seed: int):
         train.precision, torch.device("cpu" if use_cpu else "cuda"))
     handlers = ([InitProcessGroupKwargs(timeout=timedelta(seconds=train.collective_timeout_s))]
                 if train.collective_timeout_s > 0 else [])
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        # a stage of this process that failed before shutdown() left accelerate's singletons
+        # set; a new stage may choose other settings (nothing distributed is running)
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision or "no",
                               gradient_accumulation_steps=train.grad_accum,
                               kwargs_handlers=handlers)
     set_seed(seed)
-    lock = lock_run_dir(accelerator, train.run_dir)
+    try:
+        lock = lock_run_dir(accelerator, train.run_dir)
+    except BaseException:
+        shutdown(accelerator)  # refused: leave no state behind for the next stage
+        raise
     if lock is not None:
         HELD[id(accelerator)] = (os.path.realpath(train.run_dir), lock)
     return accelerator, precision

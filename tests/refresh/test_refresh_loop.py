@@ -68,7 +68,10 @@ def test_supervised_refresher_hot_swaps_restarts_and_stops(leads_corpus, tiny_re
     missing = (seen - {0}) - logged
     assert len(missing) <= 1 and all(g < max(logged) for g in missing), (seen, logged)
     assert max(seen) in logged
-    assert all(r["refresh/blocks_per_s"] > 0 for r in committed)
+    # (a generation the restarted refresher resumed with every shard done embedded nothing)
+    assert all(r["refresh/blocks_per_s"] > 0 for r in committed
+               if r.get("refresh/blocks_embedded", 1) > 0)
+    assert any(r["refresh/blocks_per_s"] > 0 for r in committed)
     log = open(supervisor.log_path).read()
     assert "refresher stops (done)" in log
 
