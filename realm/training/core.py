@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from realm.tracking import Tracker
 from realm.precision import cpu_threads
+from realm.training.interrupts import InterruptHold
 from realm.training.checkpoint import (checkpoints, model_origin, resume_checkpoint,
                                       save_checkpoint)
 
@@ -277,6 +278,25 @@ def train(
     prefetch = getattr(task, "prefetch", None)  # prefetch(model, next_batch), or None
     model.train()
     micro_in_step = 0
+    # the optimizer's update and the step count change together (an interrupt between them would
+    # checkpoint one step's weights under the other's number)
+    held = InterruptHold()
+    logged = [progress.step]  # the newest step whose record is written
+
+    def log_step() -> None:
+        elapsed = time.perf_counter() - t_loop
+        record = {"loss": float(np.mean(losses[-s.log_every * s.grad_accum:])),
+                  "lr": max(scheduler.get_last_lr()),  # the largest: parts may be scaled or held
+                  "examples_per_s": examples_seen / max(elapsed, 1e-9)}
+        record.update({k: float(np.mean(v)) for k, v in window.items()})
+        for hook in hooks:
+            if hasattr(hook, "metrics"):
+                record.update(hook.metrics(progress.step))
+        window.clear()
+        tracker.log(record, step=progress.step)
+        logged[0] = progress.step
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+
     try:
         while progress.step < s.steps:
             epoch_loader = loader
@@ -307,6 +327,8 @@ def train(
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and s.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+                    if accelerator.sync_gradients:
+                        held.hold()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
@@ -318,22 +340,13 @@ def train(
                 scheduler.step()
                 micro_in_step = 0
                 progress.step += 1
+                held.release()  # an interrupt noted meanwhile acts here, on a whole step
                 bar.update(1)
                 for hook in hooks:
                     if hasattr(hook, "after_step"):
                         hook.after_step(progress.step, model)
                 if progress.step % s.log_every == 0 or progress.step == s.steps:
-                    elapsed = time.perf_counter() - t_loop
-                    record = {"loss": float(np.mean(losses[-s.log_every * s.grad_accum:])),
-                              "lr": max(scheduler.get_last_lr()),  # the largest: parts may be scaled or held
-                              "examples_per_s": examples_seen / max(elapsed, 1e-9)}
-                    record.update({k: float(np.mean(v)) for k, v in window.items()})
-                    for hook in hooks:
-                        if hasattr(hook, "metrics"):
-                            record.update(hook.metrics(progress.step))
-                    window.clear()
-                    tracker.log(record, step=progress.step)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    log_step()
                 if s.eval_every and progress.step % s.eval_every == 0:
                     last_eval = _evaluate(task, model, tracker, progress.step)
                 if s.save_every and progress.step % s.save_every == 0 and progress.step < s.steps:
@@ -347,10 +360,19 @@ def train(
                 continue
             break
     except KeyboardInterrupt:
+        held.release(deliver=False)
+        due = progress.step % s.log_every == 0 or progress.step == s.steps
+        if due and logged[0] < progress.step and losses:  # stopped between its update and record
+            try:  # (the resumed run starts after this step: its record is written now)
+                log_step()
+            except Exception as err:  # noqa: BLE001 - the checkpoint matters more
+                logger.warning("step %d's record not written: %s", progress.step, err)
         bar.close()
         _save_on_interrupt(accelerator, s, progress, micro_in_step, last_ckpt, config_dict,
                            states, origin)
         raise
+    finally:
+        held.release(deliver=False)
     bar.close()
     if s.eval_every:
         if not last_eval or s.steps % s.eval_every:

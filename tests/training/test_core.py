@@ -331,3 +331,60 @@ def test_reading_one_batch_ahead_only_when_asked():
 
     for batch, _ in _with_next(source(), enabled=False):
         assert pulled[-1] == batch  # nothing read ahead of its step
+
+
+class InterruptAt:
+    """Ctrl-C at a chosen point of step ``at``: inside the optimizer's update (a real SIGINT to
+    this process) or in a hook after the update (the KeyboardInterrupt itself)."""
+
+    def __init__(self, at, where):
+        self.at, self.where, self.step = at, where, 0
+
+    def before_step(self, step):
+        self.step = step + 1
+
+    def after_step(self, step, model):
+        if step == self.at and self.where == "hook":
+            raise KeyboardInterrupt
+
+
+def test_an_interrupt_during_a_step_checkpoints_that_step_whole(tmp_path, monkeypatch):
+    """A SIGINT that arrives inside the optimizer's update acts once the step count has caught up
+    (the checkpoint's weights are its step's); one that arrives after the update but before the
+    step's record still leaves that record, so the resumed run's metrics have every step once."""
+    import os
+    import signal
+
+    import pytest
+    from accelerate import Accelerator
+
+    from realm.training.checkpoint import checkpoints
+
+    for where in ("update", "hook"):
+        run_dir = tmp_path / where
+        interrupt = InterruptAt(3, where)
+        real_step = torch.optim.AdamW.step
+
+        def step(self, *a, **kw):
+            out = real_step(self, *a, **kw)
+            if where == "update" and interrupt.step == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered at once, unless held
+            return out
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", step)
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model = TwoParts()
+        settings = TrainSettings(run_dir=str(run_dir), steps=8, batch_size=8, lr=1e-2,
+                                 warmup_steps=1, log_every=1, save_every=0, progress=False)
+        tracker = Tracker(str(run_dir))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                train(model, Regression(), settings, accelerator, tracker, hooks=[interrupt])
+        finally:
+            tracker.close()
+            shutdown(accelerator)
+        monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+        ((step_no, path),) = checkpoints(str(run_dir))
+        assert step_no == 3, where
+        assert [r["step"] for r in read_metrics(str(run_dir)) if "loss" in r] == [1, 2, 3], where
