@@ -11,10 +11,13 @@ directory is renamed into place); other ranks wait for it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from typing import Optional
 
 from realm.cache import build_once, cache_path, is_main, wait_for
@@ -51,17 +54,79 @@ def prepare_encoder(config) -> str:
     return truncated_encoder(p.encoder, p.encoder_layers, config.cache_dir)
 
 
-def _run_warm_start(cmd: list[str], what: str) -> None:
-    """Run a warm-start stage as its own process; its last stdout line (the summary) is logged."""
-    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
-    if done.returncode != 0:
-        logger.debug("%s: command %s; its stderr:\n%s", what, " ".join(cmd), done.stderr[-3000:])
-        errors = [line.split(" ERROR ", 1)[1] for line in done.stderr.splitlines()
+#: seconds between the progress lines of a warm start running in its own process
+HEARTBEAT_S = 30.0
+
+
+def _last_step(run_dir: Optional[str]) -> Optional[int]:
+    """The step of the newest record in ``run_dir/metrics.jsonl`` (None before the first)."""
+    path = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 4096))
+        for line in reversed(f.read().splitlines()):
+            try:
+                return int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line, or the tail of a longer one
+    return None
+
+
+def heartbeat_line(what: str, elapsed: float, step: Optional[int], steps: Optional[int],
+                   first: Optional[tuple[float, int]]) -> str:
+    """``the ICT warm start: step 120 / 1000 (13%), 2.10 steps/s, about 7 min left`` (the rate
+    from the first step seen, so that loading time does not count)."""
+    if step is None:
+        return f"{what}: running for {elapsed:.0f} s (loading; no step yet)"
+    line = f"{what}: step {step}" + (f" / {steps} ({100 * step / steps:.0f}%)" if steps else "")
+    if first is not None and step > first[1] and elapsed > first[0]:
+        rate = (step - first[1]) / (elapsed - first[0])
+        line += f", {rate:.2f} steps/s"
+        if steps:
+            left = (steps - step) / rate
+            line += f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"
+    return line
+
+
+def _run_warm_start(cmd: list[str], what: str, run_dir: Optional[str] = None,
+                    steps: Optional[int] = None, heartbeat_s: Optional[float] = None) -> None:
+    """Run a warm-start stage as its own process; its last stdout line (the summary) is logged.
+
+    While it runs, a progress line every ``heartbeat_s`` seconds (step, rate and time left, read
+    from the stage's ``run_dir/metrics.jsonl``), so a long warm start never looks hung.
+    """
+    heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=child_env(), stdout=out, stderr=err)
+        t0, first = time.monotonic(), None
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=heartbeat_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    elapsed, step = time.monotonic() - t0, _last_step(run_dir)
+                    if step is not None and first is None:
+                        first = (elapsed, step)
+                    logger.info("%s", heartbeat_line(what, elapsed, step, steps, first))
+        except BaseException:  # Ctrl-C or an error here: the child does not outlive us
+            proc.kill()
+            proc.wait()
+            raise
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode("utf-8", "replace")
+        stderr = err.read().decode("utf-8", "replace")
+    if proc.returncode != 0:
+        logger.debug("%s: command %s; its stderr:\n%s", what, " ".join(cmd), stderr[-3000:])
+        errors = [line.split(" ERROR ", 1)[1] for line in stderr.splitlines()
                   if " ERROR " in line]
         # the stage's own one-line error when it gave one, else the end of its output
-        why = errors[-1] if errors else f"command {' '.join(cmd)}:\n{done.stderr[-3000:]}"
-        raise StageFailed(f"{what} failed (exit {done.returncode}): {why}")
-    logger.info("%s: %s", what, done.stdout.strip().splitlines()[-1])
+        why = errors[-1] if errors else f"command {' '.join(cmd)}:\n{stderr[-3000:]}"
+        raise StageFailed(f"{what} failed (exit {proc.returncode}): {why}")
+    lines = stdout.strip().splitlines()
+    logger.info("%s: %s", what, lines[-1] if lines else "done")
 
 
 def _warm_start_train(train, run_dir: str, steps: int, batch_size: int, lr: float,
@@ -79,7 +144,7 @@ def _spawn_stage(stage: str, config, run_dir: str, what: str) -> None:
     config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, wandb=False))
     path = save_config(config, config.cache_dir, f"{os.path.basename(run_dir)}.yaml")
     _run_warm_start([sys.executable, "-m", "realm", stage, "--no-progress", "--config", path],
-                    what)
+                    what, run_dir=run_dir, steps=config.train.steps)
 
 
 def prepare_retriever(config, corpus: str, encoder: str) -> str:
@@ -110,7 +175,7 @@ def prepare_retriever(config, corpus: str, encoder: str) -> str:
                f"train.save_every={p.ict_steps}", override("train.run_dir", run_dir),
                f"seed={config.seed}", "ict.holdout_blocks=0", "logging.log_every=10",
                "logging.wandb=false"]
-        _run_warm_start(cmd, "the ICT warm start")
+        _run_warm_start(cmd, "the ICT warm start", run_dir=run_dir, steps=p.ict_steps)
 
     build_once(os.path.join(out, "manifest.json"), build, "the warm-started retriever")
     return out

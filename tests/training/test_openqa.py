@@ -240,7 +240,7 @@ def test_a_fine_tune_starts_from_a_cached_warm_start_or_a_trained_reader(squad_t
     assert not all(torch.allclose(v, start[k], atol=1e-3)
                    for k, v in fresh.scorer.state_dict().items())
     # cached: asked again, nothing runs
-    monkeypatch.setattr("realm.training.prepare._run_warm_start", lambda *a: pytest.fail("ran again"))
+    monkeypatch.setattr("realm.training.prepare._run_warm_start", lambda *a, **k: pytest.fail("ran again"))
     parent = load_config(warm_yaml, [f"openqa.reader_warm_start={warm_yaml}",
                                      f"cache_dir={cache}"])
     assert Path(prepare_qa_reader(parent)).resolve() == reader_dir.resolve()
