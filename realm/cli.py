@@ -67,9 +67,24 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
+def relative_paths(value: Any, cwd: Optional[str] = None) -> Any:
+    """``value`` with every absolute path under the working directory made relative to it
+    (in nested dicts and lists too): a summary line reads ``runs/pretrain/checkpoints/...``."""
+    cwd = cwd or os.getcwd()
+    if isinstance(value, dict):
+        return {k: relative_paths(v, cwd) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative_paths(v, cwd) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and \
+            os.path.commonpath([cwd, os.path.abspath(value)]) == cwd and value != cwd:
+        return os.path.relpath(value, cwd)
+    return value
+
+
 def emit_summary(summary: dict[str, Any]) -> None:
-    """The last stdout line of every entry script: one JSON object."""
-    sys.stdout.write(json.dumps(summary, sort_keys=False) + "\n")
+    """The last stdout line of every entry script: one JSON object (paths under the working
+    directory relative to it)."""
+    sys.stdout.write(json.dumps(relative_paths(summary), sort_keys=False) + "\n")
     sys.stdout.flush()
 
 

@@ -1,6 +1,7 @@
 """Every launch script answers --help without importing torch; every config-driven stage
 prints its resolved config with --print-config and exits without running."""
 
+import json
 import os
 import subprocess
 import sys
@@ -130,3 +131,17 @@ def test_ctrl_c_and_sigterm_take_the_interrupt_path():
     assert run_stage("a stage", terminated, argv=[]) == 143
     assert time.monotonic() - t0 < 10
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+def test_the_summary_line_names_paths_under_the_working_directory_relatively(tmp_path, capsys,
+                                                                             monkeypatch):
+    from realm.cli import emit_summary
+
+    monkeypatch.chdir(tmp_path)
+    emit_summary({"run_dir": str(tmp_path / "runs" / "a"), "elsewhere": "/opt/x", "n": 3,
+                  "dev": {"predictions": str(tmp_path / "p.jsonl")}, "cwd": str(tmp_path),
+                  "list": [str(tmp_path / "b"), "c"], "sibling": str(tmp_path) + "-other/x"})
+    line = json.loads(capsys.readouterr().out)
+    assert line == {"run_dir": "runs/a", "elsewhere": "/opt/x", "n": 3,
+                    "dev": {"predictions": "p.jsonl"}, "cwd": str(tmp_path), "list": ["b", "c"],
+                    "sibling": str(tmp_path) + "-other/x"}

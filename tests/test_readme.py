@@ -37,7 +37,8 @@ def test_readme_main_job_runs(tmp_path):
     """`accelerate launch launch/pretrain.py`, as written, on a slice: every stage of it runs."""
     (job,) = [c for c in _quickstart_commands() if "launch/" in c]
     argv = shlex.split(job)
-    assert argv[:3] == ["accelerate", "launch", "launch/pretrain.py"]
+    assert argv[:5] == ["accelerate", "launch", "--config_file", "configs/accelerate/default.yaml",
+                        "launch/pretrain.py"]
     argv[0] = str(Path(sys.executable).parent / "accelerate")
     argv += [f"train.run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
              "data.max_articles=60", "pretrain.encoder_layers=1", "pretrain.ict_steps=4",
