@@ -171,12 +171,20 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     return tokenizer
 
 
+#: a run's parts under the names of runs made before they were renamed
+LEGACY_PARTS = {"reader": "encoder"}
+
+
 def run_part(path: str | os.PathLike, part: str) -> str:
     """A REALM pretraining run directory stands for one of its saved models: ``path/part``
-    (``retriever`` or ``encoder``) when ``path`` is not a saved model itself but holds one there;
-    anything else is returned as given."""
-    own, inner = Path(path) / "manifest.json", Path(path) / part / "manifest.json"
-    return str(Path(path) / part) if not own.is_file() and inner.is_file() else str(path)
+    (``retriever`` or ``reader``; ``encoder`` in runs made before the rename) when ``path`` is
+    not a saved model itself but holds one there; anything else is returned as given."""
+    if (Path(path) / "manifest.json").is_file():
+        return str(path)
+    for name in (part, LEGACY_PARTS.get(part)):
+        if name and (Path(path) / name / "manifest.json").is_file():
+            return str(Path(path) / name)
+    return str(path)
 
 
 def load_pretrained(loader, path: str, what: str = "", **kwargs) -> tuple[Any, dict[str, Any]]:

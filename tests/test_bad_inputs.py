@@ -95,8 +95,8 @@ def _env(tmp: Path) -> dict:
 
 
 def _snapshot(run: Path, retriever: str, step: int = 0) -> None:
-    shutil.copytree(retriever, run / "encoders" / f"step-{step:06d}")
-    (run / "encoders" / "LATEST").write_text(json.dumps({"step": step,
+    shutil.copytree(retriever, run / "snapshots" / f"step-{step:06d}")
+    (run / "snapshots" / "LATEST").write_text(json.dumps({"step": step,
                                                          "path": f"step-{step:06d}"}))
 
 
@@ -106,8 +106,8 @@ def _refresh(tmp: Path, fx: dict, *extra: str) -> list[str]:
 
 
 def escaping_pointer(tmp, fx):
-    (tmp / "run" / "encoders").mkdir(parents=True)
-    (tmp / "run" / "encoders" / "LATEST").write_text('{"step": 0, "path": "../../elsewhere"}')
+    (tmp / "run" / "snapshots").mkdir(parents=True)
+    (tmp / "run" / "snapshots" / "LATEST").write_text('{"step": 0, "path": "../../elsewhere"}')
     return _refresh(tmp, fx)
 
 
@@ -139,7 +139,7 @@ def publish_from(tmp, fx):
 
 
 def no_temp_left(tmp):
-    for sub in ("encoders", "index"):
+    for sub in ("snapshots", "index"):
         where = tmp / "run" / sub
         hidden = [p.name for p in where.iterdir() if p.name.startswith(".")
                   and not p.name.endswith(".lock")] if where.exists() else []
@@ -228,7 +228,7 @@ def _resume(tmp, fx, spoil: Callable[[Path], None]):
 
 def resume_escaping_pointer(tmp, fx):
     def spoil(run):
-        (run / "encoders" / "LATEST").write_text('{"step": 2, "path": "../../elsewhere"}')
+        (run / "snapshots" / "LATEST").write_text('{"step": 2, "path": "../../elsewhere"}')
     return _resume(tmp, fx, spoil)
 
 
@@ -260,19 +260,19 @@ TRAINER = ("leads_corpus", "tiny_retriever", "tiny_encoder")
 SPANS = ("spans_corpus", "tiny_retriever", "tiny_encoder")
 RESUMED = (*SPANS, "pretrained")
 CASES = {
-    # encoders/LATEST naming a path outside the run: refused (it was: a ValueError traceback)
-    "refresh-encoders-LATEST-escapes": Case(
-        escaping_pointer, 1, ("{tmp}/run/encoders/LATEST", "'../../elsewhere'",
+    # snapshots/LATEST naming a path outside the run: refused (it was: a ValueError traceback)
+    "refresh-snapshots-LATEST-escapes": Case(
+        escaping_pointer, 1, ("{tmp}/run/snapshots/LATEST", "'../../elsewhere'",
                               "refused as corrupt"), kept=("run",)),
     # a generation's manifest lacking a key is a corrupt generation: rejected and rebuilt
     "refresh-generation-manifest-lacks-key": Case(
         generation_lacking_a_key, 0, ("{tmp}/run/index/gen-000000/manifest.json",
                                       "lacks 'encoder_step'"),
-        kept=("run/index/gen-000000", "run/encoders"), warns=True, after=rebuilt),
+        kept=("run/index/gen-000000", "run/snapshots"), warns=True, after=rebuilt),
     "refresh-disk-full-publishing": Case(
-        publish_from, 1, ("publishing encoder snapshot {tmp}/run/encoders/step-000000 failed: "
-                          "no space left on the device", "encoders/LATEST is unchanged"),
-        kept=("run",), full="/encoders/", after=no_temp_left),
+        publish_from, 1, ("publishing encoder snapshot {tmp}/run/snapshots/step-000000 failed: "
+                          "no space left on the device", "snapshots/LATEST is unchanged"),
+        kept=("run",), full="/snapshots/", after=no_temp_left),
     "refresh-disk-full-generation": Case(
         publish_from, 1, ("writing an index generation under {tmp}/run/index failed: no space "
                           "left on the device", "nothing was committed"),
@@ -303,9 +303,9 @@ CASES = {
     "pretrain-second-trainer": Case(
         second_trainer, 1, ("{tmp}/run/.trainer.lock: another trainer holds it",
                             f"pid {os.getpid()} on host"), kept=("run",), needs=TRAINER),
-    "pretrain-resume-encoders-LATEST-escapes": pytest.param(Case(
-        resume_escaping_pointer, 1, ("{tmp}/run/encoders/LATEST", "'../../elsewhere'"),
-        kept=("run/encoders", "run/checkpoints", "run/index/gen-000000", "run/metrics.jsonl"),
+    "pretrain-resume-snapshots-LATEST-escapes": pytest.param(Case(
+        resume_escaping_pointer, 1, ("{tmp}/run/snapshots/LATEST", "'../../elsewhere'"),
+        kept=("run/snapshots", "run/checkpoints", "run/index/gen-000000", "run/metrics.jsonl"),
         needs=RESUMED), marks=SLOW),
     # the KeyError: 'encoder_step' of a resume: the corrupt generations rejected, one rebuilt
     "pretrain-resume-generations-lack-key": pytest.param(Case(
@@ -315,12 +315,12 @@ CASES = {
     "pretrain-resume-malformed-training-state": pytest.param(Case(
         resume_malformed_training_state, 1, (
             "{tmp}/run/checkpoints/step-000002/training_state.json: malformed JSON",),
-        kept=("run/checkpoints", "run/encoders", "run/metrics.jsonl"), needs=RESUMED),
+        kept=("run/checkpoints", "run/snapshots", "run/metrics.jsonl"), needs=RESUMED),
         marks=SLOW),
     "pretrain-disk-full-publishing": pytest.param(Case(
-        fresh_pretrain, 1, ("publishing encoder snapshot {tmp}/run/encoders/step-000000 failed: "
-                            "no space left on the device",), kept=("run/encoders",),
-        full="/run/encoders/", after=no_temp_left, needs=SPANS), marks=SLOW),
+        fresh_pretrain, 1, ("publishing encoder snapshot {tmp}/run/snapshots/step-000000 failed: "
+                            "no space left on the device",), kept=("run/snapshots",),
+        full="/run/snapshots/", after=no_temp_left, needs=SPANS), marks=SLOW),
     "pretrain-disk-full-metrics": pytest.param(Case(
         fresh_pretrain, 1, ("appending a record of step 1 to {tmp}/run/metrics.jsonl failed: no "
                             "space left on the device",), kept=("run/metrics.jsonl",),

@@ -33,7 +33,7 @@ class OpenQAConfig:
     dpr_batch_size: int = doc("`retriever: dpr`: questions per DPR step.", default=8)
     dpr_lr: float = doc("`retriever: dpr`: learning rate of the DPR retriever.", default=3.0e-5)
     reader: str = doc(
-        "Encoder the reader starts from: a REALM pretraining run directory (its encoder/), a "
+        "Encoder the reader starts from: a REALM pretraining run directory (its reader/), a "
         "knowledge-augmented encoder directory, or a transformers checkpoint; or a fine-tuned "
         "reader (an Open-QA run or model directory), span scorer and all.",
         default=DEFAULT_ENCODER,

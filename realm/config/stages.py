@@ -134,7 +134,7 @@ class PretrainConfig:
     mlm_lr: float = doc("Peak learning rate of the MLM adaptation.", default=2e-4)
     reader: Optional[str] = doc(
         "Knowledge-augmented encoder to start from (a saved encoder directory, e.g. a run's "
-        "`encoder/`, or any checkpoint). null: `encoder`.", default=None
+        "`reader/`, or any checkpoint). null: `encoder`.", default=None
     )
     reader_type: Literal["masked_lm", "causal_lm"] = doc(
         "Which reader scores p(y|z, x) (realm.modeling.readers): `masked_lm`, the "
@@ -153,8 +153,8 @@ class PretrainConfig:
         "`frozen`: the LM is not trained (bf16 inference where fast; REALM's gradient reaches "
         "the retriever alone); `lora`: a LoRA adapter (`lm_lora_rank`, `lm_lora_alpha`) on the "
         "attention projections (q_proj, k_proj, v_proj, o_proj) trains at `reader_lr_scale` x "
-        "`train.lr`, the base weights stay frozen, and the run's `encoder/` holds the merged "
-        "weights with the adapter in `encoder/adapter/`; `full`: every weight trains at "
+        "`train.lr`, the base weights stay frozen, and the run's `reader/` holds the merged "
+        "weights with the adapter in `reader/adapter/`; `full`: every weight trains at "
         "`reader_lr_scale` x `train.lr`.",
         default="frozen")
     lm_lora_rank: int = doc("Rank of `lm_mode: lora`'s adapter.", default=8)

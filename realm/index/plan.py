@@ -236,7 +236,7 @@ def plan(config, *, blocks: Optional[int] = None, processes: Optional[int] = Non
     kept_generations, kept_snapshots = i.keep_generations + 1, r.keep_encoders + 1
     disk = kept_generations * generation + (kept_snapshots * snapshot if snapshot else 0)
     machine = machine or this_machine(t.run_dir)
-    reuse = sum(_used(os.path.join(t.run_dir, sub)) for sub in ("index", "encoders"))
+    reuse = sum(_used(os.path.join(t.run_dir, sub)) for sub in ("index", "snapshots", "encoders"))
     if memory > machine["memory_bytes"]:
         problems.append(f"the index does not fit this machine's memory: {local} trainer "
                         f"process(es) x 2 x {_gb(per_rank)} (the index in use and the next one "

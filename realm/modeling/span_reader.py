@@ -13,7 +13,7 @@ BERT's start and end logits, ``score = start(h_i) + end(h_j)`` (``start_end``, D
 Span ``(i, w)`` starts at position ``i`` and ends at ``i + w``; it is valid only when both ends
 lie in the same segment of the block (its title or its body), so no span reaches into the
 question or across a separator. The encoder comes from a knowledge-augmented encoder directory
-(a REALM pretraining run's ``encoder/``), a pretraining run directory, or any transformers
+(a REALM pretraining run's ``reader/``), a pretraining run directory, or any transformers
 checkpoint. A saved reader is a self-describing directory::
 
     manifest.json        kind "span_reader", base checkpoint, sizes, max span length
@@ -213,10 +213,10 @@ class SpanReader(nn.Module):
         """A reader whose encoder starts from ``name_or_path`` and whose scorer is new.
 
         ``name_or_path``: a knowledge-augmented encoder directory (the masked LM's encoder is
-        taken, its head dropped), a REALM pretraining run directory (its ``encoder/``), or any
+        taken, its head dropped), a REALM pretraining run directory (its ``reader/``), or any
         transformers checkpoint / packaged alias.
         """
-        path = Path(run_part(name_or_path, "encoder"))  # a pretraining run: its encoder/
+        path = Path(run_part(name_or_path, "reader"))  # a pretraining run: its reader/
         if (path / "manifest.json").is_file():
             manifest = read_manifest(path, kind="knowledge_augmented_encoder")
             mlm = AutoModelForMaskedLM.from_pretrained(path / manifest["model"])

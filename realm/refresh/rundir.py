@@ -1,12 +1,15 @@
 """The run directory that the trainer and the refresher share (a local path or fsspec URL)::
 
-    encoders/step-000500/        immutable retriever snapshot (Retriever.save_pretrained)
-    encoders/LATEST              {"step": 500, "path": "step-000500", ...}: the newest snapshot
+    snapshots/step-000500/       immutable retriever snapshot (Retriever.save_pretrained)
+    snapshots/LATEST             {"step": 500, "path": "step-000500", ...}: the newest snapshot
     index/...                    index generations, their pointer and leases
                                  (realm.index.generations)
     index/.refresher.lock        one refresher per run (flock on local disks)
     heartbeat.json               the trainer's last step and time
     DONE                         the trainer has finished
+
+(Runs made before the rename keep their snapshots in ``encoders/``, which is read as before; the
+reader's saved encoder is ``reader/``, formerly ``encoder/``.)
 
 :class:`RunStore` adds these to :class:`~realm.index.generations.GenerationStore`, and is the
 one class callers construct: ``RunStore(run_dir)``.
@@ -33,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 STEP_PATTERN = re.compile(r"^step-(\d{6,})$")
 
+#: the retriever snapshots' folder (``encoders/`` in runs made before it was renamed)
+SNAPSHOTS, LEGACY_SNAPSHOTS = "snapshots", "encoders"
+
 
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
@@ -50,6 +56,9 @@ class RunStore(GenerationStore):
     def __init__(self, run_dir: str, storage_options: Optional[dict] = None):
         super().__init__(run_dir, storage_options)
         self._lock: Optional[FileLock] = None  # the refresher lock on local disks
+        legacy = self.fs.exists(self.path(LEGACY_SNAPSHOTS)) and \
+            not self.fs.exists(self.path(SNAPSHOTS))
+        self.snapshots = LEGACY_SNAPSHOTS if legacy else SNAPSHOTS
 
     # -- trainer liveness -----------------------------------------------------------------
 
@@ -79,7 +88,7 @@ class RunStore(GenerationStore):
 
     def publish_encoder(self, retriever, step: int, metadata: Optional[dict] = None,
                         keep: int = 2) -> str:
-        """Save ``retriever`` as ``encoders/step-S/`` and point ``encoders/LATEST`` at it.
+        """Save ``retriever`` as ``snapshots/step-S/`` and point ``snapshots/LATEST`` at it.
 
         Older snapshots beyond the newest ``keep`` are removed afterwards.
 
@@ -88,13 +97,13 @@ class RunStore(GenerationStore):
                 the cause; no partial snapshot is left and ``LATEST`` is unchanged.
         """
         name = step_name(step)
-        target = self.path("encoders", name)
+        target = self.path(self.snapshots, name)
         meta = {"step": int(step), **(metadata or {})}
         t0 = time.perf_counter()
         with write_errors(f"publishing encoder snapshot {target}",
-                          self.path("encoders") if self.local else None,
-                          "nothing was published (encoders/LATEST is unchanged)"):
-            if self.fs.exists(self.path("encoders", name, MANIFEST)):
+                          self.path(self.snapshots) if self.local else None,
+                          f"nothing was published ({self.snapshots}/LATEST is unchanged)"):
+            if self.fs.exists(self.path(self.snapshots, name, MANIFEST)):
                 logger.info("encoder snapshot %s exists; re-pointing LATEST", target)
             elif self.local:
                 retriever.save_pretrained(target, metadata=meta, overwrite=True)
@@ -107,23 +116,23 @@ class RunStore(GenerationStore):
                                    key=lambda rel: rel == MANIFEST)  # manifest last
                     for rel in files:
                         self.fs.put_file(os.path.join(local, rel), f"{target}/{rel}")
-            self.write_json_atomic(self.path("encoders", LATEST),
+            self.write_json_atomic(self.path(self.snapshots, LATEST),
                                    {"step": int(step), "path": name, "time": time.time()})
         logger.info("published encoder snapshot %s in %.1fs", name, time.perf_counter() - t0)
         self._gc_encoders(keep)
         return target
 
     def encoder_steps(self) -> list[int]:
-        return self.numbered("encoders", STEP_PATTERN)
+        return self.numbered(self.snapshots, STEP_PATTERN)
 
     def latest_encoder(self) -> Optional[dict[str, Any]]:
         """``{"step", "path"}`` of the newest published snapshot, or None.
 
         Raises:
-            RunDirError: ``encoders/LATEST`` names a path the store never writes (``../x``), or
+            RunDirError: ``snapshots/LATEST`` names a path the store never writes (``../x``), or
                 lacks its step: refused as corrupt, in one line naming the file.
         """
-        where = self.path("encoders", LATEST)
+        where = self.path(self.snapshots, LATEST)
         try:
             pointer = self.read_json(where)
         except ValueError:
@@ -140,7 +149,7 @@ class RunStore(GenerationStore):
             raise RunDirError(f"{where}: names {pointer.get('path')!r} for step {step}, not "
                               f"{step_name(step)!r}: refused as corrupt; delete it and re-run "
                               "(the trainer publishes a new snapshot)")
-        return {"step": step, "path": self.path("encoders", pointer["path"]),
+        return {"step": step, "path": self.path(self.snapshots, pointer["path"]),
                 "time": pointer.get("time")}
 
     def snapshot_digest(self, path: str) -> str:
@@ -169,7 +178,7 @@ class RunStore(GenerationStore):
             protect.add(int(index.get("encoder_step", -1)))
         for step in steps[:-keep] if keep > 0 else []:
             if step not in protect:
-                self.remove_dir(self.path("encoders", step_name(step)))
+                self.remove_dir(self.path(self.snapshots, step_name(step)))
 
     # -- resume ------------------------------------------------------------------------------
 
@@ -196,7 +205,8 @@ class RunStore(GenerationStore):
         if not future_encoders and not future_gens:
             return moved
         aside = self.path("discarded", f"after-step-{step:06d}-{time.strftime('%Y%m%d-%H%M%S')}")
-        for sub, names, key in (("encoders", [step_name(s) for s in future_encoders], "encoders"),
+        for sub, names, key in ((self.snapshots, [step_name(s) for s in future_encoders],
+                                 "encoders"),
                                 ("index", [gen_name(g) for g in future_gens], "generations")):
             for name in names:
                 self.fs.makedirs(f"{aside}/{sub}", exist_ok=True)
@@ -206,10 +216,10 @@ class RunStore(GenerationStore):
         if encoder is not None and encoder["step"] > step:
             remaining = self.encoder_steps()
             if remaining:
-                self.write_json_atomic(self.path("encoders", LATEST), {
+                self.write_json_atomic(self.path(self.snapshots, LATEST), {
                     "step": remaining[-1], "path": step_name(remaining[-1]), "time": time.time()})
             else:
-                self.fs.rm_file(self.path("encoders", LATEST))
+                self.fs.rm_file(self.path(self.snapshots, LATEST))
         latest = self.read_latest()
         if latest is not None and int(latest["generation"]) in future_gens:
             remaining = [g for g in self.generations() if g < int(latest["generation"])]

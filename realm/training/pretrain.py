@@ -316,7 +316,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.retriever.save_pretrained(os.path.join(t.run_dir, "retriever"),
                                                 overwrite=True, metadata=meta)
-            unwrapped.encoder.save_pretrained(os.path.join(t.run_dir, "encoder"),
+            unwrapped.encoder.save_pretrained(os.path.join(t.run_dir, "reader"),
                                               overwrite=True, metadata=meta)
         accelerator.wait_for_everyone()
     finally:

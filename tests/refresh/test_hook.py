@@ -109,7 +109,7 @@ def test_resume_starts_on_the_pinned_generation_then_swaps_and_sets_the_future_a
     assert newer in set(used.values()) - {used[7]}  # a resumed step really swapped
     assert future not in used.values() and future not in hook.generations_used
     aside = list((tmp_path / "run" / "discarded").glob("after-step-000006-*"))
-    assert len(aside) == 1 and (aside[0] / "encoders" / "step-000009").is_dir()
+    assert len(aside) == 1 and (aside[0] / "snapshots" / "step-000009").is_dir()
     assert (aside[0] / "index" / f"gen-{future:06d}").is_dir()
 
 

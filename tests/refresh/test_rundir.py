@@ -55,15 +55,15 @@ def test_encoder_snapshots_publish_and_gc(store, tiny_retriever):
 
 
 def test_paths_in_pointers_and_manifests_are_only_the_stores_own_names(store):
-    """A `../` path in encoders/LATEST, or a manifest listing a file the store never writes,
+    """A `../` path in snapshots/LATEST, or a manifest listing a file the store never writes,
     is refused as corrupt instead of being read from outside the run directory."""
-    store.write_json_atomic(store.path("encoders", "LATEST"),
+    store.write_json_atomic(store.path("snapshots", "LATEST"),
                             {"step": 45, "path": "../../../elsewhere"})
     with pytest.raises(ValueError, match=r"'\.\./\.\./\.\./elsewhere' for step 45, not "
                                          r"'step-000045': refused as corrupt"):
         store.latest_encoder()
-    store.write_json_atomic(store.path("encoders", "LATEST"), {"step": 45, "path": "step-000045"})
-    assert store.latest_encoder()["path"].endswith("encoders/step-000045")
+    store.write_json_atomic(store.path("snapshots", "LATEST"), {"step": 45, "path": "step-000045"})
+    assert store.latest_encoder()["path"].endswith("snapshots/step-000045")
     g = store.commit_generation(_emb(), encoder_step=0, corpus_fingerprint="fp")
     where = store.path("index", f"gen-{g:06d}", "manifest.json")
     manifest = store.read_json(where)
@@ -71,3 +71,27 @@ def test_paths_in_pointers_and_manifests_are_only_the_stores_own_names(store):
     store.write_json_atomic(where, manifest)
     with pytest.raises(GenerationError, match="etc/hostname.*refused as corrupt"):
         store.load_generation(g)
+
+
+def test_a_run_made_before_the_rename_keeps_its_snapshots_in_encoders(tmp_path, tiny_retriever):
+    """Runs made before ``snapshots/`` (retriever snapshots) and ``reader/`` (the reader) were
+    named so keep ``encoders/`` and ``encoder/``: both are still found."""
+    import shutil
+
+    from realm.hub import run_part
+    from realm.refresh.rundir import RunStore
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_retriever, old / "encoders" / "step-000005")
+    (old / "encoders" / "LATEST").write_text('{"step": 5, "path": "step-000005"}')
+    store = RunStore(str(old))
+    assert store.encoder_steps() == [5]
+    assert store.latest_encoder()["path"] == f"{old}/encoders/step-000005"
+    assert not (old / "snapshots").exists()
+    new = RunStore(str(tmp_path / "new"))
+    assert new.path(new.snapshots) == f"{tmp_path}/new/snapshots"
+    shutil.copytree(tiny_retriever, old / "encoder")  # any saved model with a manifest
+    assert run_part(old, "reader") == str(old / "encoder")
+    shutil.copytree(tiny_retriever, old / "reader")
+    assert run_part(old, "reader") == str(old / "reader")
+    assert run_part(tiny_retriever, "reader") == str(tiny_retriever)  # a saved model itself

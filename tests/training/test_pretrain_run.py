@@ -79,7 +79,7 @@ def test_run_swaps_generations_and_writes_its_run_directory(run):
     assert round(summary["span_recall_end"] - summary["span_recall_start"], 4) == round(
         (gained - lost) / n, 4)
     assert 0 < summary["span_recall_p"] <= 1
-    for name in ("config.yaml", "metrics.jsonl", "index/LATEST", "encoders/LATEST", "DONE",
+    for name in ("config.yaml", "metrics.jsonl", "index/LATEST", "snapshots/LATEST", "DONE",
                  f"checkpoints/step-{STEPS:06d}/manifest.json", "retriever/manifest.json",
                  "encoder/manifest.json", "refresher.log"):
         assert (run_dir / name).exists(), name
@@ -291,7 +291,7 @@ def test_a_run_killed_after_its_checkpoint_resumes_without_drift(spans_corpus, t
         assert r["index/generation"] == before[r["step"]]["index/generation"], r["step"]
         assert r["loss"] == pytest.approx(before[r["step"]]["loss"], rel=1e-5), r["step"]
     (aside,) = (killed / "discarded").iterdir()
-    assert sorted(p.name for p in (aside / "encoders").iterdir()) == ["step-000015", "step-000020"]
+    assert sorted(p.name for p in (aside / "snapshots").iterdir()) == ["step-000015", "step-000020"]
     assert sorted(p.name for p in (aside / "index").iterdir()) == ["gen-000003", "gen-000004"]
     assert store.encoder_steps() == [15, 20] and store.read_latest()["generation"] == 4
 
@@ -413,7 +413,7 @@ def test_a_given_reader_starts_the_run_and_a_zero_reader_lr_holds_it_fixed(
     with open(tmp_path / "run" / "config.yaml", encoding="utf-8") as f:
         assert yaml.safe_load(f)["pretrain"]["reader"] == str(start)
     given = KnowledgeAugmentedEncoder.from_pretrained(start)
-    final = KnowledgeAugmentedEncoder.from_pretrained(tmp_path / "run" / "encoder")
+    final = KnowledgeAugmentedEncoder.from_pretrained(tmp_path / "run" / "reader")
     for a, b in zip(given.parameters(), final.parameters()):  # the run did not train it
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all("loss_null" in r for r in _records(tmp_path / "run") if "ru_expected" in r)
@@ -437,7 +437,7 @@ def test_a_causal_lm_reader_reads_the_run_frozen_and_the_retriever_learns(
                         f"pretrain.lm={lm_dir}", "pretrain.max_joined_tokens=160")
     assert summary["steps"] == 4 and summary["mean_ru"] is not None
     given = AutoModelForCausalLM.from_pretrained(lm_dir)
-    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "encoder")
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "reader")
     for a, b in zip(given.parameters(), final.parameters()):  # frozen: the run did not train it
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     start, end = Retriever.from_pretrained(tiny_retriever), Retriever.from_pretrained(
