@@ -10,7 +10,8 @@ The reader is a span reader (`openqa.reader_type: extractive`, the default) or a
 `train.steps=0` is zero-shot RAG, `openqa.closed_book=true` the generator without retrieval).
 
 With no --config, configs/openqa_squad.yaml (next to this script) is used: SQuAD-open from
-../shared/data/squad_open, BM25 retrieval, the offline 6-layer MiniLM as the reader.
+data/squad_open (`python -m realm data squad-open --output data` makes it), BM25 retrieval, the
+offline 6-layer MiniLM as the reader.
 `openqa.retriever` takes `bm25`, an ICT retriever directory (the ORQA baseline) or a REALM
 pretraining run directory; `openqa.reader` a pretraining run directory or any checkpoint.
 Re-running the same command resumes from the newest checkpoint. Writes run_dir/model/ (read by

@@ -1,6 +1,6 @@
 """Build a corpus directory: blocks of word pieces with salient spans.
 
-    python launch/prepare_corpus.py --input ../shared/data/wikipedia/vital_level4_summaries_en.jsonl \
+    python launch/prepare_corpus.py --input package:wiki-leads \
         --output runs/corpus/leads [--config configs/corpus.yaml] [key=value ...]
 
 The last stdout line is a JSON summary (articles, blocks, spans, skipped records, seconds).

@@ -1,12 +1,16 @@
-"""Draw a run's offline dashboard: RUN_DIR/report/index.html with PNG plots of its metrics.
+"""Write a run's report: RUN_DIR/report/index.html with a headline box, plots and tables.
 
     python launch/report.py runs/pretrain            # then open runs/pretrain/report/index.html
     python launch/report.py RUN_DIR --output DIR
 
-Works for every stage's run directory (pretraining, ICT, DPR, Open-QA): what the run logged is
-drawn (loss and null loss, expected and top-1 retrieval utility, RU by entity label, p(null),
-retrieval entropy, staleness with the generation swaps, the refresher's timeline and throughput,
-the latest examples table). The last stdout line is a JSON summary.
+Works for every stage's run directory (pretraining, ICT, DPR, Open-QA). The page opens with the
+headline box: for pretraining, retrieval utility over the first and last quarter with 95%
+confidence intervals against the null document, masked accuracy with and without retrieval,
+generations used and staleness (and held-out span recall when RUN_DIR/summary.json holds the
+run's summary line); for the other stages their loss and final evaluation as a table. Then the
+stage's curves (raw and smoothed), RU by entity label with counts, the latest examples table
+and an appendix of bookkeeping panels. The numbers of the box are also in
+report/headline.json. The last stdout line is a JSON summary.
 """
 
 import argparse

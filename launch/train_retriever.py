@@ -4,11 +4,12 @@
     accelerate launch launch/train_retriever.py --config configs/X.yaml [key=value ...]
     accelerate launch --multi_gpu --num_processes 2 launch/train_retriever.py ...   # two processes
 
-With no --config, configs/dpr_leads.yaml (next to this script) is used: Leads-Open questions over
-the lead sections of package:wiki-leads, both encoders from the offline MiniLM. Re-running the
-same command resumes from the newest checkpoint. Writes run_dir/retriever/ (for
-`openqa.retriever=`, `launch/evaluate.py retrieval --retriever`), checkpoints and metrics.jsonl;
-the last stdout line is a JSON summary with the dev answer recall@k before and after.
+With no --config, configs/dpr_leads.yaml (next to this script) is used: Leads-Open questions
+(data/openqa_leads: `python -m realm data leads-open --output data`) over the lead sections of
+package:wiki-leads, both encoders from the offline MiniLM. Re-running the same command resumes from
+the newest checkpoint. Writes run_dir/retriever/ (for `openqa.retriever=`, `launch/evaluate.py
+retrieval --retriever`), checkpoints and metrics.jsonl; the last stdout line is a JSON summary with
+the dev answer recall@k before and after.
 """
 
 import os

@@ -2,7 +2,7 @@
 
 from realm.version import __version__
 
-__all__ = ["OpenQA", "__version__"]
+__all__ = ["OpenQA", "Searcher", "__version__"]
 
 
 def __getattr__(name):  # ``from realm import OpenQA`` without importing torch for ``import realm``
@@ -10,4 +10,8 @@ def __getattr__(name):  # ``from realm import OpenQA`` without importing torch f
         from realm.qa import OpenQA
 
         return OpenQA
+    if name == "Searcher":
+        from realm.retrieval.search import Searcher
+
+        return Searcher
     raise AttributeError(f"module 'realm' has no attribute {name!r}")

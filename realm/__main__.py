@@ -27,10 +27,26 @@ def _plan(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def _convert_realm(argv: Sequence[str]) -> int:
+    from realm.modeling.cli import main
+
+    return main(list(argv))
+
+
+def _data(argv: Sequence[str]) -> int:
+    from realm.data.recipes.cli import main
+
+    return main(list(argv))
+
+
 #: entries that are not training stages, with their one-line help
 TOOLS = {"refresh": ("The index refresher, standalone.", _refresh),
          "plan": ("What a pretraining run's index needs (memory, disk, refresh time) against "
-                  "this machine, as one JSON object.", _plan)}
+                  "this machine, as one JSON object.", _plan),
+         "convert-realm": ("Google's original REALM checkpoints (embedder, encoder) as a "
+                           "retriever and a reader directory.", _convert_realm),
+         "data": ("Build the data files a shipped config reads (squad-open, leads-open) from "
+                  "their public sources, or --from a local copy.", _data)}
 
 
 #: stage name -> entry taking the remaining arguments (names resolved lazily: --help is fast)

@@ -3,9 +3,10 @@
 A saved directory (retriever, knowledge-augmented encoder, span reader, Open-QA model) is built
 in a temp directory beside its target and renamed into place (:class:`atomic_directory`); its
 ``README.md`` model card and then its ``manifest.json`` are written last (:func:`write_manifest`:
-kind, format version, the model's fields, creation time, realm version, every file's size), and
-:func:`read_manifest` checks kind and sizes on load. :func:`resolve_artifact` tells which kind a
-directory holds.
+kind, format version, the model's fields and its base model as a Hub id, creation time, realm
+version, every file's size), and :func:`read_manifest` checks kind and sizes on load.
+:func:`record_evaluation` adds an evaluation's figures to a saved directory (manifest and card).
+:func:`resolve_artifact` tells which kind a directory holds.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from realm.cards import write_model_card
+from realm.cards import CARD, model_card, write_model_card
 from realm.fsutil import fsync_dir
+from realm.hub import base_model
 from realm.version import __version__
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+#: Manifest keys that are not the model's own fields.
+_BOOKKEEPING = ("kind", "format_version", "created", "realm_version", "metadata", "files")
 
 
 def resolve_artifact(path: str | os.PathLike, kind: str) -> Path:
@@ -95,8 +99,13 @@ def write_manifest(
     metadata: Optional[dict[str, Any]],
 ) -> None:
     """Write ``README.md`` (the model card) and then ``manifest.json`` last into a model directory
-    being built: kind and format, the model's own ``fields``, then creation time, realm version,
-    metadata and every file's size."""
+    being built: kind and format, the model's own ``fields`` and ``base_model`` (the Hub id it
+    started from, :func:`realm.hub.base_model`: from ``base_checkpoint``, or an Open-QA model's
+    ``reader_source`` / ``generator_source``), then creation time, realm version, metadata and
+    every file's size."""
+    source = next((fields[k] for k in ("base_checkpoint", "reader_source", "generator_source")
+                   if fields.get(k)), None)
+    fields = {**fields, "base_model": base_model(source)}
     write_model_card(directory, kind, fields, metadata)
     manifest = {
         "kind": kind,
@@ -108,6 +117,55 @@ def write_manifest(
         "files": _file_sizes(directory),
     }
     write_json(directory / MANIFEST, manifest)
+
+
+def record_evaluation(directory: str | os.PathLike, metrics: dict[str, Any],
+                      dataset: Optional[str], split: str = "dev",
+                      task: str = "question-answering") -> dict[str, Any]:
+    """Add an evaluation's figures to a saved model directory: its manifest's
+    ``metadata["evaluation"]`` (replacing an earlier one of the same ``dataset`` and ``split``)
+    and its card (``## Evaluation`` and the metadata's ``model-index``, rewritten from the
+    manifest); returns the new manifest. Both files are replaced atomically.
+
+    Args:
+        directory: A directory :func:`write_manifest` wrote.
+        metrics: Name -> value (``exact_match``, ``f1``, ``answer_recall@5``...); non-numbers
+            are left out.
+        dataset: The questions read (a file path or a Hub id).
+        split: ``dev``, ``test``...
+        task: The Hub task type of the figures.
+    """
+    directory = Path(directory)
+    manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    meta = dict(manifest.get("metadata") or {})
+    entry = {"task": task, "dataset": dataset, "split": split,
+             "metrics": {k: v for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+    meta["evaluation"] = [e for e in meta.get("evaluation", [])
+                          if (e.get("dataset"), e.get("split")) != (dataset, split)] + [entry]
+    manifest["metadata"] = meta
+    return rewrite_manifest(directory, manifest)
+
+
+def rewrite_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Replace a saved directory's ``manifest.json`` with ``manifest`` and its card with the one
+    that manifest gives (the card's size updated in the manifest); both atomically. Returns the
+    manifest written."""
+    directory = Path(directory)
+    fields = {k: v for k, v in manifest.items() if k not in _BOOKKEEPING}
+    _replace_text(directory / CARD, model_card(manifest["kind"], fields, manifest.get("metadata")))
+    manifest = {**manifest, "files": {**manifest.get("files", {}),
+                                      CARD: (directory / CARD).stat().st_size}}
+    _replace_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``path`` by renaming a complete temp file over it (never through a link: a model in
+    the Hub cache is a tree of links into shared blobs)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _file_sizes(root: Path) -> dict[str, int]:

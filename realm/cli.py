@@ -11,6 +11,8 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 from realm.config import Config, load_config, override
+from realm.report.records import SUMMARY_FILE
+from realm.data.recipes import check_inputs
 from realm.errors import (ConfigError, CorpusError, QAFormatError, RefresherFailed, ResumeError,
                           RunDirError, StageFailed, StoreLockedError, WriteError)
 
@@ -144,7 +146,8 @@ def stage_main(name: str, argv: Optional[Sequence[str]] = None,
     its ``python -m realm STAGE`` run."""
     stage = STAGES[name]
     return run_stage(stage.description, stage.run, argv, default_config, errors=stage.errors,
-                     on_interrupt=stage.on_interrupt, flags=stage.flags)
+                     on_interrupt=stage.on_interrupt, flags=stage.flags,
+                     check=lambda config: check_inputs(config, name))
 
 
 def run_stage(
@@ -155,11 +158,13 @@ def run_stage(
     errors: tuple[type[BaseException] | str, ...] = (),
     on_interrupt: str = "",
     flags: Sequence[tuple[str, str, str]] = (),
+    check: Optional[Callable[[Config], None]] = None,
 ) -> int:
     """A training stage's ``main``: parse ``--config``/overrides (``default_config`` when no
-    ``--config``) and ``--no-progress``, call ``run(config, progress=...)``, print its summary on
-    the main process. ``run`` and ``errors`` may be ``"module:attribute"`` strings, imported
-    only after the command line is parsed (``--help`` stays fast).
+    ``--config``) and ``--no-progress``, ``check(config)`` (its inputs exist: before the stage is
+    imported, so a missing file fails in a second), call ``run(config, progress=...)``, print
+    its summary on the main process. ``run`` and ``errors`` may be ``"module:attribute"``
+    strings, imported only after the command line is parsed (``--help`` stays fast).
 
     Returns 0; 1 for one of ``errors`` (logged, e.g. a bad input file), 2 for a
     :class:`ConfigError` found while running (as for one found while parsing); 130 on Ctrl-C
@@ -183,7 +188,6 @@ def run_stage(
         return out
 
     args, config = parse(parser, argv, shortcuts)
-    run = _resolve(run)
     # bad inputs (their messages name the file, directory or key); a diverged run; an index
     # refresher that cannot give the run an index; a checkpoint, encoder snapshot or metrics
     # record that cannot be written (a full disk: WriteError, CheckpointError among them); a
@@ -205,7 +209,9 @@ def run_stage(
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        summary = run(config, progress=not args.no_progress)
+        if check is not None:
+            check(config)
+        summary = _resolve(run)(config, progress=not args.no_progress)
     except errors as err:
         if args.debug:
             raise
@@ -220,6 +226,25 @@ def run_stage(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if os.environ.get("RANK", "0") == "0":  # the main process (accelerate/torchrun set RANK)
+        save_summary(summary, config.train.run_dir)
         emit_summary(summary)
     sys.stdout.flush()
     return 0
+
+
+def save_summary(summary: dict[str, Any], run_dir: str) -> None:
+    """``run_dir/summary.json``, written whole (a temp file renamed over it); a failure is
+    logged, never raised: the run itself is done."""
+    if not run_dir or not os.path.isdir(run_dir):
+        return
+    path = os.path.join(run_dir, SUMMARY_FILE)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        logger.warning("the summary was not saved to %s: %s", path, err)
+        if os.path.exists(tmp):
+            os.remove(tmp)

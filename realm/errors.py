@@ -34,6 +34,11 @@ class CorpusMismatchError(ValueError):
     """The corpus given (or named by the model) is missing or not the one the model indexes."""
 
 
+class MissingInputError(FileNotFoundError):
+    """An input a stage or a data recipe needs is missing, or a public data source cannot be
+    reached; the message names it and the command (or ``--from``) that makes it."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Run directories and index generations
 

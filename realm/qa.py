@@ -4,8 +4,14 @@
     qa = OpenQA.from_pretrained("runs/openqa-squad/model")
     qa.answer("who wrote hamlet")
     # {"question": ..., "answer": "William Shakespeare", "probability": 0.41, "score": -0.89,
-    #  "answer_block": "Hamlet", "evidence": [{"title": "Hamlet", "block": 1234, "score": 17.2,
-    #                                          "probability": 0.93, "answer_here": True}, ...]}
+    #  "block": 1234, "answer_block": "Hamlet", "field": "text", "start": 52, "end": 71,
+    #  "evidence": [{"title": "Hamlet", "block": 1234, "score": 17.2, "probability": 0.93,
+    #                "answer_here": True}, ...]}
+    qa.answer("who wrote hamlet", min_score=-2.0)   # answer None below the threshold
+
+``start``/``end`` are character offsets of the answer in the block's text (``field`` "text",
+``qa.model.store.text(block)[start:end]``) or, for an extractive answer taken from the title, in
+its title (``field`` "title").
 
 The model directory (``launch/finetune_openqa.py``'s ``model/``) is self-describing: the reader
 (a span reader, or a RAG generator that writes the answer after each block read), the query
@@ -28,6 +34,7 @@ from realm.artifacts import read_manifest
 from realm.data.qa import QADataset, QAExample, collate_qa
 from realm.data.store import BlockStore
 from realm.errors import CorpusMismatchError
+from realm.hub import local_snapshot, locate_corpus
 from realm.metrics import has_answer
 from realm.modeling.rag import GenerativeOpenQAModel
 from realm.retrieval.fixed import MANIFEST_KIND, load_openqa_model
@@ -75,8 +82,11 @@ class OpenQA:
         """Load a model directory written by Open-QA fine-tuning (either kind of reader).
 
         Args:
-            directory: The ``model/`` directory (or a fine-tuning run directory holding one).
-            corpus: The corpus directory; None: the one the model's manifest names.
+            directory: The ``model/`` directory (or a fine-tuning run directory holding one),
+                or a Hub id of a pushed model (downloaded once into the Hub cache).
+            corpus: The corpus directory; None: the one the model's manifest names (a path
+                relative to the model, the path it was saved with, or a Hub datasets
+                repository: :func:`realm.hub.locate_corpus`).
             precision: A generative model's generator (and the document encoder, when it
                 embeds another corpus): ``auto`` (bf16 where the device runs it fast),
                 ``bf16`` or ``fp32``.
@@ -86,13 +96,13 @@ class OpenQA:
             ValueError: A saved directory of another kind (the message names it).
             CorpusMismatchError: The corpus is missing or is not the one the model indexes.
         """
-        directory = os.fspath(directory)
+        directory = local_snapshot(os.fspath(directory))  # a Hub id: its downloaded copy
         if (not os.path.isfile(os.path.join(directory, "manifest.json"))
                 and os.path.isfile(os.path.join(directory, "model", "manifest.json"))):
             directory = os.path.join(directory, "model")
         manifest = read_manifest(directory, kind=MANIFEST_KIND)
         named = manifest["corpus"]
-        path = corpus or named["path"]
+        path = corpus or locate_corpus(directory, named) or named["path"]
         if not os.path.isfile(os.path.join(path, "manifest.json")):
             raise CorpusMismatchError(
                 f"{directory} indexes the corpus {named['path']} (fingerprint "
@@ -107,21 +117,33 @@ class OpenQA:
         model = load_openqa_model(directory, store, progress=progress, precision=precision)
         return cls(model, directory)
 
-    def answer(self, question: str, k: Optional[int] = None) -> dict[str, Any]:
-        """Answer one question: the best span over the top-k blocks, its probability and the
-        blocks read (``evidence``, best first by retrieval score)."""
-        return self.answer_batch([question], k=k)[0]
+    def answer(self, question: str, k: Optional[int] = None,
+               min_score: Optional[float] = None) -> dict[str, Any]:
+        """Answer one question: the best span over the top-k blocks, its probability, the block
+        it came from with the answer's character offsets there, and the blocks read
+        (``evidence``, best first by retrieval score); no answer below ``min_score``
+        (:meth:`answer_batch`)."""
+        return self.answer_batch([question], k=k, min_score=min_score)[0]
 
     @torch.no_grad()
     def answer_batch(self, questions: Sequence[str], k: Optional[int] = None,
-                     batch_size: int = 32) -> list[dict[str, Any]]:
+                     batch_size: int = 32, min_score: Optional[float] = None
+                     ) -> list[dict[str, Any]]:
         """Answer many questions, ``batch_size`` at a time.
 
         Each answer: ``question``, ``answer``, ``score`` (its log-probability), ``probability``,
-        ``answer_block`` (the title of the block it came from, or that explains it best) and
-        ``evidence``: the blocks read, best first by retrieval score, each with ``title``,
-        ``block``, ``score`` (retrieval), ``probability`` (``p(z|x, y)``: the block's share of
-        the answer) and ``answer_here`` (its title or text holds the answer).
+        ``block`` (the id of the block it came from, or that explains it best; None closed
+        book), ``answer_block`` (that block's title), ``field``, ``start`` and ``end`` (the
+        answer is ``store.text(block)[start:end]``, or ``store.title(block)[start:end]`` where
+        ``field`` is ``title``; a generative answer is looked for in the block's text, then its
+        title, case-insensitively; None where it is not there) and ``evidence``: the blocks read,
+        best first by retrieval score, each with ``title``, ``block``, ``score`` (retrieval),
+        ``probability`` (``p(z|x, y)``: the block's share of the answer) and ``answer_here``
+        (its title or text holds the answer).
+
+        ``min_score``: a no-answer threshold on ``score``. Below it ``answer`` (and ``field``,
+        ``start``, ``end``) is None and ``no_answer`` is True; ``score``, ``block`` and
+        ``evidence`` still say what the best guess was.
 
         Raises:
             ValueError: An empty (or blank) question, or one too long for a generative model's
@@ -145,20 +167,26 @@ class OpenQA:
         for lo in range(0, len(questions), batch_size):
             chunk = questions[lo: lo + batch_size]
             answers = (self._generate(chunk, k) if generative else self._extract(chunk, k))
-            for question, (answer, score, block, evidence) in zip(chunk, answers):
+            for question, (answer, score, block, where, evidence) in zip(chunk, answers):
                 for e in evidence:
                     e["title"] = m.store.title(e["block"])
                     e["answer_here"] = bool(answer) and has_answer(
                         f"{m.store.title(e['block'])} {m.store.text(e['block'])}", [answer])
-                results.append({"question": question, "answer": answer,
+                no_answer = min_score is not None and score < min_score
+                field, (start, end) = where if where and not no_answer else (None, (None, None))
+                results.append({"question": question,
+                                "answer": None if no_answer else answer,
                                 "probability": round(float(np.exp(score)), 4),
-                                "score": round(score, 4),
+                                "score": round(score, 4), "block": block,
                                 "answer_block": None if block is None else m.store.title(block),
+                                "field": field, "start": start, "end": end,
+                                **({"no_answer": True} if no_answer else {}),
                                 "evidence": evidence})
         return results
 
     def _extract(self, questions: list[str], k: Optional[int]) -> list[tuple]:
-        """The extractive model's ``(answer, score, block, evidence)`` of each question."""
+        """The extractive model's ``(answer, score, block, (field, (start, end)) or None,
+        evidence)`` of each question."""
         m = self.model
         data = QADataset([QAExample(question=q, answers=["-"]) for q in questions], m.tokenizer,
                          m.max_question_tokens)
@@ -168,11 +196,13 @@ class OpenQA:
         preds = m.best_spans(out)
         posteriors = m.answer_posteriors(out, preds)  # [B, k]
         return [(pred["prediction"], pred["score"], pred["block"],
+                 (pred["field"], pred["chars"]) if pred.get("chars") else None,
                  _evidence(ids[i], logits[i], posteriors[i]))
                 for i, pred in enumerate(preds)]
 
     def _generate(self, questions: list[str], k: Optional[int]) -> list[tuple]:
-        """The generative model's ``(answer, score, block, evidence)`` of each question."""
+        """The generative model's ``(answer, score, block, (field, (start, end)) or None,
+        evidence)`` of each question."""
         m = self.model
         logits, ids = m.retrieve(questions, k or m.k)
         decoded, _ = m.generate(questions, ids, logits)
@@ -181,8 +211,28 @@ class OpenQA:
             evidence = [] if m.closed_book else _evidence(ids[i], logits[i], decoded.posteriors[i])
             block = (None if m.closed_book
                      else int(ids[i][int(decoded.posteriors[i].argmax())]))
-            out.append((answer, float(decoded.scores[i]), block, evidence))
+            where = None
+            if block is not None:
+                where = next(((field, chars) for field, text in
+                              (("text", m.store.text(block)), ("title", m.store.title(block)))
+                              if (chars := answer_offsets(text, answer)) is not None), None)
+            out.append((answer, float(decoded.scores[i]), block, where, evidence))
         return out
+
+
+def answer_offsets(text: str, answer: str) -> Optional[tuple[int, int]]:
+    """``(start, end)`` of the first occurrence of ``answer`` in ``text`` (exact, else ignoring
+    case), or None where it does not occur (or is blank)."""
+    answer = answer.strip() if answer else ""
+    if not answer:
+        return None
+    start = text.find(answer)
+    if start < 0:
+        lowered = text.lower()
+        if len(lowered) != len(text):  # lower() changed the length: offsets would not map back
+            return None
+        start = lowered.find(answer.lower())
+    return None if start < 0 else (start, start + len(answer))
 
 
 def _evidence(ids: np.ndarray, logits: torch.Tensor, posteriors: torch.Tensor

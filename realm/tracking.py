@@ -1,7 +1,8 @@
-"""Metrics go through one small interface: a JSONL file always, wandb when enabled.
+"""Metrics go through one small interface: a JSONL file always, wandb and TensorBoard when enabled.
 
-Only the main process logs (pass ``enabled=False`` elsewhere). wandb is imported lazily, the first
-time a wandb tracker is built, so the library never needs it to import.
+Only the main process logs (pass ``enabled=False`` elsewhere). wandb and TensorBoard are imported
+lazily, the first time a tracker that uses them is built, so the library never needs them to
+import. TensorBoard's event files go to ``RUN_DIR/tensorboard`` (``tensorboard --logdir RUN_DIR``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 import uuid
 from typing import Any, Optional
 
-from realm.errors import RunDirError
+from realm.errors import ConfigError, RunDirError
 from realm.fsutil import write_errors
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,29 @@ STEP_METRIC = "trainer_step"
 #: File in a tracker's directory naming its wandb run: id (reused on resume), group, name.
 RUN_FILE = "wandb_run.json"
 
+#: Folder of a run directory holding TensorBoard's event files.
+TENSORBOARD_DIR = "tensorboard"
+
+#: The one line given when TensorBoard is asked for but not installed.
+TENSORBOARD_MISSING = ("logging.trackers: tensorboard needs the tensorboard package, which is not "
+                       "installed: pip install tensorboard")
+
+
+def tensorboard_writer(directory: str, purge_step: Optional[int] = None):
+    """A ``torch.utils.tensorboard.SummaryWriter`` writing event files into ``directory``.
+
+    ``purge_step``: events of this step and later, written before (by a run that was killed and
+    is resumed from an earlier checkpoint), are hidden from TensorBoard.
+
+    Raises:
+        ConfigError: the tensorboard package is not installed (one line naming the command).
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # lazy: only runs that ask pay for it
+    except ImportError:
+        raise ConfigError(TENSORBOARD_MISSING) from None
+    return SummaryWriter(log_dir=directory, purge_step=purge_step)
+
 
 def wandb_run_identity(directory: str, name: Optional[str], group: Optional[str]
                        ) -> dict[str, Any]:
@@ -59,8 +83,59 @@ def wandb_run_identity(directory: str, name: Optional[str], group: Optional[str]
     return identity
 
 
+#: File in a run directory naming its wandb group, shared by the trainer and its refresher.
+GROUP_FILE = "wandb_group"
+
+
+def wandb_group(run_dir: str) -> str:
+    """The wandb group of a run directory: its name and a random suffix, made once by whichever
+    process asks first (the trainer or its refresher) and kept in ``GROUP_FILE``, so that two
+    runs in directories of the same name (every default ``runs/pretrain``) never share a group,
+    and a resumed run keeps its own. A remote run directory: its name alone."""
+    name = os.path.basename(os.path.abspath(run_dir.rstrip("/"))) if "://" not in run_dir \
+        else run_dir.rstrip("/").rsplit("/", 1)[-1]
+    if "://" in run_dir:
+        return name
+    path = os.path.join(run_dir, GROUP_FILE)
+    os.makedirs(run_dir, exist_ok=True)
+    try:
+        with open(path, "x", encoding="utf-8") as f:  # the first asker writes it, whole
+            group = f"{name}-{uuid.uuid4().hex[:6]}"
+            f.write(group + "\n")
+            return group
+    except FileExistsError:
+        for _ in range(50):  # the other process may be between creating and writing it
+            with open(path, encoding="utf-8") as f:
+                group = f.read().strip()
+            if group:
+                return group
+            time.sleep(0.02)
+        return name
+
+
+def offline_sync_command(run_dir: str) -> Optional[str]:
+    """``wandb sync TRAINER_RUN REFRESHER_RUN``: one command that uploads a run's offline wandb
+    runs, the trainer's and its refresher's (found by the ids their ``RUN_FILE`` keep, beside
+    the metrics or under ``WANDB_DIR``), or None when there are none."""
+    import glob
+
+    roots = [os.environ["WANDB_DIR"]] if os.environ.get("WANDB_DIR") else []
+    found = []
+    for where in (run_dir, os.path.join(run_dir, "refresher")):
+        try:
+            with open(os.path.join(where, RUN_FILE), encoding="utf-8") as f:
+                run_id = json.load(f)["id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        runs = [r for root in (*roots, where)
+                for r in glob.glob(os.path.join(root, "wandb", f"offline-run-*-{run_id}"))]
+        if runs:
+            found.append(max(runs, key=os.path.getmtime))  # a resumed run: its newest part
+    return "wandb sync " + " ".join(found) if found else None
+
+
 class Tracker:
-    """Log scalar metrics to ``metrics.jsonl`` (and wandb) in a run directory.
+    """Log scalar metrics to ``metrics.jsonl`` (and wandb, and TensorBoard) in a run directory.
 
     Args:
         run_dir: Directory of the run; ``metrics.jsonl`` is appended to.
@@ -71,18 +146,25 @@ class Tracker:
         run_name: Name of the wandb run.
         group: wandb group (the run directory's name: a trainer and its refresher together).
         enabled: False on non-main processes: every call is then a no-op.
+        tensorboard: Also write TensorBoard event files into ``RUN_DIR/tensorboard``.
+
+    Raises:
+        ConfigError: ``tensorboard`` is asked for and the package is not installed.
     """
 
     def __init__(self, run_dir: str, config: Optional[dict] = None, wandb: bool = False,
                  wandb_project: str = "realm", wandb_mode: str = "offline",
                  run_name: Optional[str] = None, group: Optional[str] = None,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, tensorboard: bool = False) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self._wandb = None
         self._file = None
+        self._tensorboard = None
         if not enabled:
             return
+        if tensorboard:  # (first: a missing package leaves nothing behind)
+            self._tensorboard = tensorboard_writer(os.path.join(run_dir, TENSORBOARD_DIR))
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._file = open(self.path, "ab", buffering=0)
@@ -105,12 +187,14 @@ class Tracker:
     def from_config(cls, config, enabled: bool = True,
                     run_name: Optional[str] = None) -> "Tracker":
         """The tracker of a :class:`realm.config.Config`: its ``train.run_dir`` and ``logging``
-        section; the wandb run is named after the run directory unless ``run_name`` is given."""
+        section (``logging.wandb``, ``logging.trackers``); the wandb run is named after the run
+        directory unless ``run_name`` is given."""
         lg, run_dir = config.logging, config.train.run_dir
         name = os.path.basename(os.path.abspath(run_dir))
+        group = wandb_group(run_dir) if lg.wandb and enabled else name
         return cls(run_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
-                   wandb_mode=lg.wandb_mode, run_name=run_name or name, group=name,
-                   enabled=enabled)
+                   wandb_mode=lg.wandb_mode, run_name=run_name or name, group=group,
+                   enabled=enabled, tensorboard="tensorboard" in lg.trackers)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Append one record ``{"step", "time", **metrics}``."""
@@ -122,6 +206,11 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.log({STEP_METRIC: step, **{k: v for k, v in record.items()
                                                     if k not in ("step", "time")}})
+        if self._tensorboard is not None:  # the numbers only (TensorBoard scalars are float32)
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) \
+                        and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(key, value, step, walltime=record["time"])
 
     def _append(self, record: dict[str, Any]) -> None:
         """One line, written whole or not at all (a failed write is cut back off the file).
@@ -177,11 +266,16 @@ class Tracker:
                     raise
             logger.info("%s: dropped %d records of steps after %d (logged again on resume)",
                         self.path, dropped, step)
+            if self._tensorboard is not None:  # TensorBoard hides its events of those steps
+                self._tensorboard.close()
+                self._tensorboard = tensorboard_writer(
+                    os.path.join(self.run_dir, TENSORBOARD_DIR), purge_step=step + 1)
         self._file = open(self.path, "ab", buffering=0)
         return dropped
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
-        """A small table of examples: a wandb Table, and a JSONL record with the rows."""
+        """A small table of examples: a JSONL record with the rows, a wandb Table, and a markdown
+        table in TensorBoard's text tab."""
         if not self.enabled:
             return
         self._append({"step": step, "table": name, "columns": columns,
@@ -191,11 +285,20 @@ class Tracker:
 
             self._wandb.log({STEP_METRIC: step,
                              name: wandb_lib.Table(columns=columns, data=rows)})
+        if self._tensorboard is not None:  # a markdown table in TensorBoard's text tab
+            lines = ["| " + " | ".join(map(str, columns)) + " |",
+                     "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(str(_clean(v)).replace("|", "\\|") for v in r) + " |"
+                      for r in rows]
+            self._tensorboard.add_text(name, "\n".join(lines), step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

@@ -145,3 +145,20 @@ def test_the_summary_line_names_paths_under_the_working_directory_relatively(tmp
     assert line == {"run_dir": "runs/a", "elsewhere": "/opt/x", "n": 3,
                     "dev": {"predictions": "p.jsonl"}, "cwd": str(tmp_path), "list": ["b", "c"],
                     "sibling": str(tmp_path) + "-other/x"}
+
+
+def test_a_finished_stage_keeps_its_summary_in_its_run_directory(tmp_path, capsys):
+    from realm.cli import run_stage
+    from realm.report.records import read_summary
+
+    def stage(config, progress):
+        os.makedirs(config.train.run_dir)
+        return {"stage": "a stage", "run_dir": config.train.run_dir, "ru_last_quarter": 0.25}
+
+    run_dir = tmp_path / "run"
+    assert run_stage("a stage", stage, argv=[f"train.run_dir={run_dir}"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert read_summary(str(run_dir)) == {"stage": "a stage", "run_dir": str(run_dir),
+                                          "ru_last_quarter": 0.25}
+    assert printed["ru_last_quarter"] == 0.25
+    assert sorted(p.name for p in run_dir.iterdir()) == ["summary.json"]  # no temp left

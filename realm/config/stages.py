@@ -4,6 +4,7 @@ whole :class:`Config`."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -13,6 +14,8 @@ from realm.config.fields import DEFAULT_ENCODER, check, doc
 from realm.config.openqa import OpenQAConfig
 from realm.config.sections import (DataConfig, ICTConfig, IndexConfig, MLMConfig, RefreshConfig,
                                    RetrieverConfig, SpansConfig, TrainConfig)
+from realm.errors import ConfigError
+from realm.tracking import TENSORBOARD_MISSING
 
 
 @dataclass
@@ -278,16 +281,23 @@ class RetrieverTrainingConfig:
 
 @dataclass
 class LoggingConfig:
-    """Metrics (a JSONL file always, wandb when enabled, main process only) and log level."""
+    """Metrics (a JSONL file always; wandb and TensorBoard when enabled; main process only) and
+    log level."""
 
     wandb: bool = doc("Also log metrics to Weights & Biases.", default=False)
+    trackers: list[Literal["jsonl", "wandb", "tensorboard"]] = doc(
+        "Where metrics go, e.g. `[jsonl, wandb, tensorboard]`. `RUN_DIR/metrics.jsonl` is always "
+        "written (the report and resumption read it); `wandb` here is `logging.wandb=true`; "
+        "`tensorboard` writes event files into `RUN_DIR/tensorboard` (`pip install tensorboard`; "
+        "view with `tensorboard --logdir RUN_DIR`).",
+        default_factory=lambda: ["jsonl"])
     wandb_project: str = doc("wandb project name.", default="realm")
     wandb_mode: Literal["online", "offline", "disabled"] = doc(
         "wandb mode; `offline` writes the run under the run directory.", default="offline"
     )
     log_every: int = doc("Log training metrics every this many optimizer steps.", default=10)
     report_every: int = doc(
-        "Pretraining: rewrite the offline dashboard RUN_DIR/report/index.html (launch/report.py) "
+        "Pretraining: rewrite the run's report RUN_DIR/report/index.html (launch/report.py) "
         "every this many steps, and once at the end. 0: only when launch/report.py is run.",
         default=0)
 
@@ -299,6 +309,12 @@ class LoggingConfig:
         check(self.log_every > 0, "logging.log_every", f"must be > 0, got {self.log_every}")
         check(self.report_every >= 0, "logging.report_every",
                f"must be >= 0, got {self.report_every}")
+        if "wandb" in self.trackers:  # one switch for wandb: logging.wandb (stages turn it off)
+            self.wandb = True
+        self.trackers = ["jsonl"] + [t for t in dict.fromkeys(self.trackers)
+                                     if t not in ("jsonl", "wandb")]
+        if "tensorboard" in self.trackers and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(TENSORBOARD_MISSING)  # before any work, not at the first metric
 
 
 @dataclass

@@ -182,10 +182,17 @@ class BlockTexts:
 
     def span_text(self, block: int, segment: int, start: int, end: int) -> str:
         """Text of word pieces ``start .. end`` (inclusive) of a block's title (1) or body (2)."""
-        text, offsets = self._segment(block, segment)
+        text, _ = self._segment(block, segment)
+        first, last = self.span_chars(block, segment, start, end)
+        return text[first:last]
+
+    def span_chars(self, block: int, segment: int, start: int, end: int) -> tuple[int, int]:
+        """Character range ``[first, last)`` of word pieces ``start .. end`` (inclusive) in a
+        block's title (1) or body text (2)."""
+        _, offsets = self._segment(block, segment)
         if end >= len(offsets):  # the tokenizer disagrees with the stored ids: best effort
             end = len(offsets) - 1
-        return text[offsets[start, 0]: offsets[end, 1]]
+        return int(offsets[start, 0]), int(offsets[end, 1])
 
     def regex_spans(self, block: int, segment: int, n_tokens: int, patterns: Sequence[str],
                     max_width: int, first: int = 0) -> list[tuple[int, int]]:

@@ -29,7 +29,8 @@ import numpy as np
 
 from realm.fsutil import sha256_file
 from realm.errors import CorpusError
-from realm.data.blocks import tokenizer_sha256
+from realm.data.blocks import tokenizer_sha256, word_piece_encoder
+from realm.hub import load_tokenizer
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -365,29 +366,59 @@ class BlockStore:
 
     # -- export ---------------------------------------------------------------------------------
 
-    def records(self):
+    def records(self, tokenizer: Any = None, batch_size: int = 1024):
         """One plain dict per block: ``id`` (the block id), ``article_id``, ``title``, ``text``
-        and ``spans`` (salient spans: word-piece ``start``/``end`` in the body and the entity
-        ``label``)."""
-        names = self.label_names
-        for i in range(len(self)):
-            spans = self.spans(i)
-            yield {"id": i, "article_id": self.article_id(i), "title": self.title(i),
-                   "text": self.text(i),
-                   "spans": [{"start": int(s["start"]), "end": int(s["end"]),
-                              "label": names[int(s["label"])]} for s in spans]}
+        and ``spans``: each salient span's ``start``/``end`` (character offsets into ``text``,
+        end exclusive: ``text[start:end]`` is the span), ``label``, and ``token_start``/
+        ``token_end`` (word-piece offsets into :meth:`body_ids`).
 
-    def to_dataset(self):
-        """The blocks as a ``datasets.Dataset`` (columns of :meth:`records`), in block order."""
+        The character offsets come from tokenizing each block's text again with the corpus's
+        tokenizer (``tokenizer``, else the one its manifest names); a span whose word pieces
+        that does not give back (a word cut by a block edge) has ``start``/``end`` None.
+        """
+        if tokenizer is None:
+            tokenizer = load_tokenizer(self.tokenizer_name)
+        check_tokenizer(tokenizer, self, "export")
+        encoder = word_piece_encoder(tokenizer)
+        names = self.label_names
+        for lo in range(0, len(self), batch_size):
+            ids = range(lo, min(lo + batch_size, len(self)))
+            texts = [self.text(i) for i in ids]
+            encodings = encoder.encode_batch(texts, add_special_tokens=False)
+            for i, text, enc in zip(ids, texts, encodings):
+                spans = self.spans(i)
+                chars = body_char_offsets(self.body_ids(i), enc) if len(spans) else None
+                out = []
+                for s in spans:
+                    start, end = int(s["start"]), int(s["end"])
+                    c0, c1 = int(chars[start, 0]), int(chars[end - 1, 1])
+                    ok = c0 >= 0 and c1 >= 0
+                    out.append({"start": c0 if ok else None, "end": c1 if ok else None,
+                                "label": names[int(s["label"])], "token_start": start,
+                                "token_end": end})
+                yield {"id": i, "article_id": self.article_id(i), "title": self.title(i),
+                       "text": text, "spans": out}
+
+    @staticmethod
+    def features():
+        """The ``datasets.Features`` of :meth:`records` (and of :meth:`to_dataset`)."""
         import datasets
 
-        features = datasets.Features({
+        return datasets.Features({
             "id": datasets.Value("int64"), "article_id": datasets.Value("string"),
             "title": datasets.Value("string"), "text": datasets.Value("string"),
             "spans": [{"start": datasets.Value("int32"), "end": datasets.Value("int32"),
-                       "label": datasets.Value("string")}]})
+                       "label": datasets.Value("string"),
+                       "token_start": datasets.Value("int32"),
+                       "token_end": datasets.Value("int32")}]})
+
+    def to_dataset(self, tokenizer: Any = None):
+        """The blocks as a ``datasets.Dataset`` (columns of :meth:`records`), in block order."""
+        import datasets
+
+        features = self.features()
         columns: dict[str, list] = {name: [] for name in features}
-        for record in self.records():
+        for record in self.records(tokenizer):
             for name, value in record.items():
                 columns[name].append(value)
         return datasets.Dataset.from_dict(columns, features=features)
@@ -404,6 +435,26 @@ class BlockStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return path
+
+
+def body_char_offsets(body_ids: np.ndarray, encoding) -> np.ndarray:
+    """The character range of each body word piece in the block's text, ``[n_tokens, 2]``:
+    from ``encoding`` (the block's text tokenized again, ``tokenizers.Encoding``), aligned to
+    the stored word pieces; ``-1`` where they differ (a word cut by the block's edge is read
+    as a new word).
+    """
+    body = [int(x) for x in body_ids]
+    offsets = np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
+    out = np.full((len(body), 2), -1, np.int64)
+    if list(encoding.ids) == body:
+        return offsets
+    import difflib
+
+    matcher = difflib.SequenceMatcher(None, body, list(encoding.ids), autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1):
+            out[i1:i2] = offsets[j1:j2]
+    return out
 
 
 def check_tokenizer(tokenizer, store: "BlockStore", what: str = "retriever") -> None:

@@ -23,19 +23,22 @@ def qa_retrieval(searcher, store: BlockStore, qa: list[QAExample], ks: Sequence[
                  regex: bool = False, run_file: Optional[str] = None,
                  run_name: str = "realm", hits_out: Optional[dict] = None) -> dict[str, Any]:
     """answer_recall@k (and gold_recall@k when the QA records name a gold passage); with
-    ``run_file``, also the ranking as a TREC run file (:func:`write_trec_run`); with
-    ``hits_out``, the per-question hit matrices (``"answer"``, ``"gold"``: ``[n, k]``) for
+    ``run_file``, also the ranking as a TREC run file (:func:`write_trec_run`) and its
+    judgements beside it (:func:`write_qrels`, at :func:`qrels_path`; the report's ``qrels``);
+    with ``hits_out``, the per-question hit matrices (``"answer"``, ``"gold"``: ``[n, k]``) for
     paired comparisons."""
     t0 = time.perf_counter()
     k_max = min(max(ks), len(store))
     scores, ids = searcher.search([ex.question for ex in qa], k_max)  # [n, k] each
-    if run_file:
-        write_trec_run(run_file, [ex.id or str(n) for n, ex in enumerate(qa)], ids, scores,
-                       run_name)
     texts = [[store.text(int(i)) for i in row] for row in ids]
     report: dict[str, Any] = {"questions": len(qa), "blocks": len(store)}
     ks = [k for k in ks if k <= k_max]
     hits = answer_hits(texts, [ex.answers for ex in qa], regex=regex)
+    if run_file:
+        query_ids = [ex.id or str(n) for n, ex in enumerate(qa)]
+        write_trec_run(run_file, query_ids, ids, scores, run_name)
+        write_qrels(qrels_path(run_file), query_ids, ids, hits)
+        report["qrels"] = qrels_path(run_file)
     report.update({f"answer_recall@{k}": round(v, 4) for k, v in recall_at_k(hits, ks).items()})
     if hits_out is not None:
         hits_out["answer"] = hits
@@ -64,6 +67,33 @@ def write_trec_run(path: str, query_ids: Sequence[str], block_ids: np.ndarray,
                     continue
                 rank += 1
                 f.write(f"{qid} Q0 {int(block)} {rank} {float(score):.6f} {run_name}\n")
+    os.replace(tmp, path)
+
+
+def qrels_path(run_file: str) -> str:
+    """Where the judgements of a run file go: beside it, ``run.trec`` -> ``run.qrels``."""
+    base, ext = os.path.splitext(run_file)
+    return f"{base}.qrels" if ext != ".qrels" else f"{run_file}.qrels"
+
+
+def write_qrels(path: str, query_ids: Sequence[str], block_ids: np.ndarray,
+                hits: np.ndarray) -> None:
+    """TREC qrels for a run file (``QID 0 DOCID REL``, as trec_eval, pyserini and ir_measures
+    read them): every retrieved block judged, 1 where its text holds an answer (DPR's
+    ``has_answer``, the ``hits`` ``[n, k]`` behind answer recall), else 0. The judgements are of
+    the retrieved pool only (a block never retrieved is unjudged, which trec_eval counts as not
+    relevant), so ``success@k`` from the two files is the report's ``answer_recall@k``.
+    Written atomically."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for qid, row_ids, row_hits in zip(query_ids, block_ids, hits):
+            qid = str(qid).replace(" ", "_")
+            judged: dict[int, int] = {}
+            for block, hit in zip(row_ids, row_hits):
+                if block >= 0:
+                    judged[int(block)] = max(judged.get(int(block), 0), int(bool(hit)))
+            for block, rel in judged.items():
+                f.write(f"{qid} 0 {block} {rel}\n")
     os.replace(tmp, path)
 
 

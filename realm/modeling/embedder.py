@@ -1,6 +1,8 @@
 """One embedder: a transformers encoder, pooling ([CLS], mean or last token) and a linear
 projection to ``dim``; saved as a transformers checkpoint plus ``projection.safetensors`` and
-``embedder.json`` (and a sentence-transformers layout)."""
+``embedder.json`` (and a sentence-transformers layout). REALM's own embedder (converted by
+:mod:`realm.modeling.convert_realm`) adds BERT's pooler before the projection and a LayerNorm
+after it."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from realm.artifacts import write_json
 from realm.cards import CARD, encoder_card
-from realm.hub import load_pretrained, resolve_model_path
+from realm.hub import base_model, load_pretrained, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,11 @@ Pooling = Literal["cls", "mean", "last"]
 POOLINGS = ("cls", "mean", "last")
 PROJECTION_FILE = "projection.safetensors"
 EMBEDDER_FILE = "embedder.json"
+#: sentence-transformers' module types, as its 3.x-6.x releases all read them.
+ST_MODULES = ("sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+              "sentence_transformers.models.Dense")
+ST_LAYER_NORM = "sentence_transformers.models.LayerNorm"  # a converted REALM embedder's norm
+ST_ROUTER = "sentence_transformers.models.Router"
 
 
 def pool(
@@ -79,9 +86,14 @@ class Embedder(nn.Module):
         backbone: Any transformers encoder whose output has ``last_hidden_state``.
         dim: Size of the embeddings.
         pooling: ``"cls"`` or ``"mean"`` (see :func:`pool`).
+        pooler: BERT's pooler (``tanh(W h + b)``, ``hidden -> hidden``) between pooling and
+            the projection, as REALM's embedder reads [CLS].
+        norm_eps: A LayerNorm (this epsilon) after the projection, as REALM's embedder; None:
+            none.
     """
 
-    def __init__(self, backbone: PreTrainedModel, dim: int = 128, pooling: Pooling = "cls"):
+    def __init__(self, backbone: PreTrainedModel, dim: int = 128, pooling: Pooling = "cls", *,
+                 pooler: bool = False, norm_eps: Optional[float] = None):
         super().__init__()
         check_head(dim, pooling)
         self.backbone = backbone
@@ -94,11 +106,22 @@ class Embedder(nn.Module):
         # geometry instead of a random distortion of it.
         nn.init.orthogonal_(self.projection.weight)
         nn.init.zeros_(self.projection.bias)
-        self.projection.to(device=backbone.device, dtype=backbone.dtype)
+        hidden = backbone.config.hidden_size
+        self.pooler = nn.Linear(hidden, hidden) if pooler else None
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm_eps is not None else None
+        for head in self.head_modules().values():
+            head.to(device=backbone.device, dtype=backbone.dtype)
 
     @property
     def dim(self) -> int:
         return self.projection.out_features
+
+    def head_modules(self) -> dict[str, nn.Module]:
+        """What follows the pooling, by name: ``pooler`` (if any), ``projection``, ``norm`` (if
+        any)."""
+        return {name: module for name, module in (("pooler", self.pooler),
+                                                  ("projection", self.projection),
+                                                  ("norm", self.norm)) if module is not None}
 
     def forward(
         self,
@@ -122,7 +145,10 @@ class Embedder(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, **kwargs
         ).last_hidden_state  # [n, seq_len, hidden]
         pooled = pool(hidden, attention_mask, self.pooling)  # [n, hidden]
-        return self.projection(pooled)  # [n, dim]
+        if self.pooler is not None:
+            pooled = torch.tanh(self.pooler(pooled))  # [n, hidden]
+        out = self.projection(pooled)  # [n, dim]
+        return self.norm(out) if self.norm is not None else out
 
     @classmethod
     def from_checkpoint(
@@ -149,47 +175,70 @@ class Embedder(nn.Module):
         backbone = AutoModel.from_config(config, **backbone_kwargs(config))
         return cls(backbone, dim=dim, pooling=pooling)
 
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None,
+                        max_seq_length: Optional[int] = None,
+                        base_checkpoint: Optional[str] = None) -> None:
         """Write the encoder (transformers format, safetensors), projection, and head settings;
         with a ``tokenizer``, also the tokenizer and the sentence-transformers modules
         (Transformer, Pooling, Dense = the projection), so that ``SentenceTransformer(directory)``
         embeds a text as :meth:`Retriever.encode_queries` embeds ``[CLS] text [SEP]``.
+
+        Args:
+            max_seq_length: Word pieces sentence-transformers keeps, special tokens included:
+                the length the encoder was trained at (a query encoder's
+                ``max_query_tokens + 2``); None: the backbone's position limit.
+            base_checkpoint: What the encoder started from (its card names the Hub id).
 
         Not atomic by itself: :meth:`Retriever.save_pretrained` calls it inside a temp dir.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(directory)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}
-        save_file(state, str(directory / PROJECTION_FILE))
+        parts = {name: {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+                 for name, module in self.head_modules().items()}
+        # the projection unprefixed (as before the pooler and norm existed), the others prefixed
+        save_file({**parts["projection"], **{f"{name}.{k}": v for name, part in parts.items()
+                                             if name != "projection" for k, v in part.items()}},
+                  str(directory / PROJECTION_FILE))
         head = {
             "dim": self.dim,
             "pooling": self.pooling,
             "hidden_size": self.backbone.config.hidden_size,
             "projection": PROJECTION_FILE,
+            **({"pooler": True} if self.pooler is not None else {}),
+            **({"norm_eps": self.norm.eps} if self.norm is not None else {}),
         }
         (directory / EMBEDDER_FILE).write_text(json.dumps(head, indent=2) + "\n", encoding="utf-8")
+        max_seq_length = max_seq_length or int(getattr(self.backbone.config,
+                                                       "max_position_embeddings", 512))
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
-            self._write_sentence_transformers(directory, state)
+            self._write_sentence_transformers(directory, parts, max_seq_length)
 
         role = {"query_encoder": "Query encoder", "doc_encoder": "Document encoder"}.get(
             directory.name, "Encoder")
-        (directory / CARD).write_text(encoder_card(role, self.dim, self.pooling), encoding="utf-8")
+        (directory / CARD).write_text(
+            encoder_card(role, self.dim, self.pooling, max_seq_length,
+                         base_model(base_checkpoint)), encoding="utf-8")
 
-    def _write_sentence_transformers(self, directory: Path, projection: dict[str, Any]) -> None:
-        """sentence-transformers' module files (its documented on-disk layout)."""
+    def _write_sentence_transformers(self, directory: Path, parts: dict[str, Any],
+                                     max_seq_length: int) -> None:
+        """sentence-transformers' module files (its documented on-disk layout); REALM's pooler
+        is a Tanh Dense module before the projection's, its norm a LayerNorm module after it
+        (whose epsilon sentence-transformers fixes at 1e-5)."""
         hidden = self.backbone.config.hidden_size
-        modules = [("sentence_transformers.models.Transformer", ""),
-                   ("sentence_transformers.models.Pooling", "1_Pooling"),
-                   ("sentence_transformers.models.Dense", "2_Dense")]
+        transformer, pooling, dense = ST_MODULES
+        modules = [(transformer, ""), (pooling, "1_Pooling"),
+                   *([(dense, "2_Pooler")] if "pooler" in parts else []), (dense, "2_Dense"),
+                   *([(ST_LAYER_NORM, "3_LayerNorm")] if "norm" in parts else [])]
         write_json(directory / "modules.json", [
             {"idx": i, "name": str(i), "path": path, "type": kind}
             for i, (kind, path) in enumerate(modules)])
-        write_json(directory / "sentence_bert_config.json",
-                    {"max_seq_length": int(getattr(self.backbone.config,
-                                                   "max_position_embeddings", 512)),
-                     "do_lower_case": False})
+        settings: dict[str, Any] = {"max_seq_length": max_seq_length, "do_lower_case": False}
+        if backbone_kwargs(self.backbone.config):  # no pooler, as realm loads it
+            settings["model_args"] = backbone_kwargs(self.backbone.config)
+        write_json(directory / "sentence_bert_config.json", settings)
+        write_json(directory / "config_sentence_transformers.json", st_model_config())
         (directory / "1_Pooling").mkdir(exist_ok=True)
         write_json(directory / "1_Pooling" / "config.json", {
             "word_embedding_dimension": hidden,
@@ -202,8 +251,20 @@ class Embedder(nn.Module):
         write_json(directory / "2_Dense" / "config.json", {
             "in_features": hidden, "out_features": self.dim, "bias": True,
             "activation_function": "torch.nn.modules.linear.Identity"})
-        save_file({f"linear.{k}": v for k, v in projection.items()},
+        save_file({f"linear.{k}": v for k, v in parts["projection"].items()},
                   str(directory / "2_Dense" / "model.safetensors"))
+        if "pooler" in parts:
+            (directory / "2_Pooler").mkdir(exist_ok=True)
+            write_json(directory / "2_Pooler" / "config.json", {
+                "in_features": hidden, "out_features": hidden, "bias": True,
+                "activation_function": "torch.nn.modules.activation.Tanh"})
+            save_file({f"linear.{k}": v for k, v in parts["pooler"].items()},
+                      str(directory / "2_Pooler" / "model.safetensors"))
+        if "norm" in parts:
+            (directory / "3_LayerNorm").mkdir(exist_ok=True)
+            write_json(directory / "3_LayerNorm" / "config.json", {"dimension": self.dim})
+            save_file({f"norm.{k}": v for k, v in parts["norm"].items()},
+                      str(directory / "3_LayerNorm" / "model.safetensors"))
 
     @classmethod
     def from_pretrained(
@@ -216,8 +277,41 @@ class Embedder(nn.Module):
         backbone = AutoModel.from_pretrained(
             directory, config=config, dtype=dtype, **backbone_kwargs(config)
         )
-        embedder = cls(backbone, dim=head["dim"], pooling=head["pooling"])
+        embedder = cls(backbone, dim=head["dim"], pooling=head["pooling"],
+                       pooler=bool(head.get("pooler")), norm_eps=head.get("norm_eps"))
         state = load_file(str(directory / head.get("projection", PROJECTION_FILE)))
-        embedder.projection.load_state_dict(state, strict=True)
-        embedder.projection.to(dtype=dtype)
+        for name, module in embedder.head_modules().items():
+            prefix = "" if name == "projection" else f"{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                                    if k.startswith(prefix) and (prefix or "." not in k)},
+                                   strict=True)
+            module.to(dtype=dtype)
         return embedder
+
+
+def st_model_config(prompts: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """``config_sentence_transformers.json``: realm scores by inner product."""
+    return {"model_type": "SentenceTransformer", "similarity_fn_name": "dot",
+            "prompts": prompts or {}, "default_prompt_name": None}
+
+
+def write_router(directory: Path, query_dir: str, doc_dir: str) -> None:
+    """Make ``directory`` one sentence-transformers model (sentence-transformers >= 5) over the
+    two encoder directories :meth:`Embedder.save_pretrained` wrote inside it: a Router whose
+    ``query`` route (also plain ``encode``) runs ``query_dir``'s modules (as its
+    ``modules.json`` lists them) and whose ``document`` route runs ``doc_dir``'s, so
+    ``encode_query`` and ``encode_document`` give realm's query and block embeddings. No
+    weights are copied."""
+    routes: dict[str, list[str]] = {}
+    types: dict[str, str] = {}
+    for route, sub in (("query", query_dir), ("document", doc_dir)):
+        modules = json.loads((directory / sub / "modules.json").read_text(encoding="utf-8"))
+        routes[route] = [f"{sub}/{m['path']}" if m["path"] else sub for m in modules]
+        types.update(zip(routes[route], (m["type"] for m in modules)))
+    write_json(directory / "modules.json",
+               [{"idx": 0, "name": "0", "path": "", "type": ST_ROUTER}])
+    write_json(directory / "router_config.json", {
+        "types": types, "structure": routes,
+        "parameters": {"default_route": "query", "allow_empty_key": True}})
+    write_json(directory / "config_sentence_transformers.json",
+               st_model_config({"query": "", "document": ""}))

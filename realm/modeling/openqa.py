@@ -232,7 +232,9 @@ class OpenQAModel(nn.Module):
     # -- prediction -----------------------------------------------------------------------
 
     def best_spans(self, out: OpenQAOutput) -> list[dict[str, Any]]:
-        """The answer of each question: the span of highest ``p(z, s|x)`` over all blocks."""
+        """The answer of each question: the span of highest ``p(z, s|x)`` over all blocks
+        (``prediction``, ``block``, ``score``), and where it lies in that block: ``field``
+        (``title`` or ``text``) and ``chars``, its ``[first, last)`` character range there."""
         n, k, seq_len, width = out.span_logits.shape
         valid = out.span_mask.reshape(n, k, -1)
         joint = span_log_probs(self.prior_logits(out), out.span_logits.reshape(n, k, -1), valid,
@@ -247,9 +249,12 @@ class OpenQAModel(nn.Module):
             segment = int(out.segment_ids[i, j, start])
             offset = (out.title_start[i, j] if segment == 1
                       else out.body_start[i, j] - out.body_offset[i, j])
-            text = self.texts.span_text(block, segment, start - offset, start - offset + w)
-            preds.append({"prediction": text, "block": block,
-                          "score": float(joint[i, flat_index].detach())})
+            first, last = self.texts.span_chars(block, segment, start - offset,
+                                                start - offset + w)
+            text = (self.store.title(block) if segment == 1 else self.store.text(block))
+            preds.append({"prediction": text[first:last], "block": block,
+                          "score": float(joint[i, flat_index].detach()),
+                          "field": "title" if segment == 1 else "text", "chars": (first, last)})
         return preds
 
     def answer_posteriors(self, out: OpenQAOutput, predictions: Sequence[dict[str, Any]]

@@ -12,10 +12,13 @@ Two :class:`Embedder` s (a transformers encoder, [CLS] or mean pooling, a linear
 
 A saved retriever is a self-describing directory::
 
-    manifest.json        kind "retriever", dim, pooling, base checkpoint, realm version, sizes
-    query_encoder/       config.json, model.safetensors, projection.safetensors, embedder.json
+    manifest.json        kind "retriever", dim, pooling, trained lengths, base checkpoint, sizes
+    query_encoder/       config.json, model.safetensors, projection.safetensors, embedder.json,
+                         and a sentence-transformers model cut at the trained query length
     doc_encoder/         the same, for blocks
     tokenizer/           the checkpoint's tokenizer (when there is one)
+    modules.json, router_config.json   the directory as one sentence-transformers model
+                         (``encode_query`` / ``encode_document``; :func:`write_router`)
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from transformers import PretrainedConfig
 from realm.artifacts import (atomic_directory, load_saved_tokenizer, read_manifest, save_tokenizer,
                              write_manifest)
 from realm.hub import load_tokenizer, truncated_encoder
-from realm.modeling.embedder import Embedder, Pooling
+from realm.modeling.embedder import Embedder, Pooling, write_router
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,9 @@ class Retriever(nn.Module):
         doc_encoder: Embeds blocks; must have the same ``dim``.
         tokenizer: The checkpoint's tokenizer, saved with the retriever; None for tiny models.
         base_checkpoint: Name the encoders were initialised from (recorded in the manifest).
+        max_query_tokens, max_block_tokens: The word pieces (special tokens excluded) the
+            encoders were trained at, recorded in the manifest; the sentence-transformers
+            export cuts texts there. A training stage sets them (None: not trained yet).
     """
 
     def __init__(
@@ -84,6 +90,8 @@ class Retriever(nn.Module):
         *,
         tokenizer: Any = None,
         base_checkpoint: Optional[str] = None,
+        max_query_tokens: Optional[int] = None,
+        max_block_tokens: Optional[int] = None,
     ):
         super().__init__()
         if query_encoder.dim != doc_encoder.dim:
@@ -94,6 +102,7 @@ class Retriever(nn.Module):
         self.doc_encoder = doc_encoder
         self.tokenizer = tokenizer
         self.base_checkpoint = base_checkpoint
+        self.max_query_tokens, self.max_block_tokens = max_query_tokens, max_block_tokens
 
     @property
     def dim(self) -> int:
@@ -237,9 +246,15 @@ class Retriever(nn.Module):
         """
         target = Path(save_directory)
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        q_len, b_len = self.max_query_tokens, self.max_block_tokens
         with atomic_directory(target, overwrite=overwrite) as tmp:
-            self.query_encoder.save_pretrained(tmp / QUERY_ENCODER_DIR, tokenizer)
-            self.doc_encoder.save_pretrained(tmp / DOC_ENCODER_DIR, tokenizer)
+            # sentence-transformers counts special tokens: [CLS] q [SEP], [CLS] t [SEP] b [SEP]
+            self.query_encoder.save_pretrained(tmp / QUERY_ENCODER_DIR, tokenizer,
+                                               q_len + 2 if q_len else None, self.base_checkpoint)
+            self.doc_encoder.save_pretrained(tmp / DOC_ENCODER_DIR, tokenizer,
+                                             b_len + 3 if b_len else None, self.base_checkpoint)
+            if tokenizer is not None:
+                write_router(tmp, QUERY_ENCODER_DIR, DOC_ENCODER_DIR)
             tokenizer_dir = save_tokenizer(tokenizer, tmp)
             config = self.query_encoder.backbone.config
             fields = {
@@ -249,6 +264,8 @@ class Retriever(nn.Module):
                 "base_checkpoint": self.base_checkpoint,
                 "model_type": getattr(config, "model_type", None),
                 "hidden_size": config.hidden_size,
+                "max_query_tokens": q_len,
+                "max_block_tokens": b_len,
                 "query_encoder": QUERY_ENCODER_DIR,
                 "doc_encoder": DOC_ENCODER_DIR,
                 "tokenizer": tokenizer_dir,
@@ -283,6 +300,8 @@ class Retriever(nn.Module):
         retriever = cls(
             query_encoder, doc_encoder, tokenizer=tokenizer,
             base_checkpoint=manifest.get("base_checkpoint"),
+            max_query_tokens=manifest.get("max_query_tokens"),
+            max_block_tokens=manifest.get("max_block_tokens"),
         )
         if device is not None:
             retriever.to(device)
@@ -322,14 +341,21 @@ def build_retriever(
 
 
 def load_retriever(encoder: str, dim: int, pooling: str, layers: Optional[int] = None,
-                   cache_dir: str = "runs/cache") -> Retriever:
+                   cache_dir: str = "runs/cache", max_query_tokens: Optional[int] = None,
+                   max_block_tokens: Optional[int] = None) -> Retriever:
     """A saved retriever directory as is, a run directory's (ICT, pretraining: its
     ``retriever/``), else fresh encoders from a transformers checkpoint (its first ``layers``
-    layers, a cut copy cached in ``cache_dir``, when given)."""
+    layers, a cut copy cached in ``cache_dir``, when given). ``max_query_tokens`` and
+    ``max_block_tokens``, when given, are the lengths the caller trains it at (recorded when it
+    is saved)."""
     if (not os.path.isfile(os.path.join(encoder, "manifest.json"))
             and os.path.isfile(os.path.join(encoder, "retriever", "manifest.json"))):
         encoder = os.path.join(encoder, "retriever")
     if os.path.isfile(os.path.join(encoder, "manifest.json")):
-        return Retriever.from_pretrained(encoder)
-    return Retriever.from_checkpoint(truncated_encoder(encoder, layers, cache_dir), dim=dim,
-                                     pooling=pooling)
+        retriever = Retriever.from_pretrained(encoder)
+    else:
+        retriever = Retriever.from_checkpoint(truncated_encoder(encoder, layers, cache_dir),
+                                              dim=dim, pooling=pooling)
+    retriever.max_query_tokens = max_query_tokens or retriever.max_query_tokens
+    retriever.max_block_tokens = max_block_tokens or retriever.max_block_tokens
+    return retriever

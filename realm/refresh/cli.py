@@ -66,7 +66,7 @@ def _run(args, config) -> int:
     from realm.errors import StoreLockedError
     from realm.index.mips import check_factory
     from realm.refresh.refresher import Refresher, RefreshSettings, exit_with_parent
-    from realm.tracking import Tracker
+    from realm.tracking import Tracker, wandb_group
 
     if r.threads:
         import faiss
@@ -97,7 +97,8 @@ def _run(args, config) -> int:
                    else tempfile.mkdtemp(prefix="realm-refresher-"))
     tracker = Tracker(metrics_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
                       wandb_mode=lg.wandb_mode, run_name="refresher",
-                      group=os.path.basename(store.root.rstrip("/")), enabled=rank == 0)
+                      group=wandb_group(store.root) if lg.wandb and rank == 0
+                      else os.path.basename(store.root.rstrip("/")), enabled=rank == 0)
     refresher = Refresher(store, corpus, RefreshSettings.from_config(config), tracker=tracker,
                           progress=not args.no_progress, parent_pid=args.parent_pid)
     try:

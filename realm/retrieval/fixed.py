@@ -105,14 +105,19 @@ def save_openqa_model(model: OpenQAModel | GenerativeOpenQAModel, directory: str
         if tokenizer is not None:  # AutoTokenizer.from_pretrained(directory)
             tokenizer.save_pretrained(str(tmp))
         if model.dense:
+            model.retriever.max_query_tokens = model.max_question_tokens  # as trained here
             model.retriever.save_pretrained(tmp / "retriever")
             np.save(tmp / EMBEDDINGS_FILE, model.index.embeddings.numpy())
         retrieval = ("none" if generative and model.closed_book
                      else "dense" if model.dense else "bm25")
         fields = {"reader_type": "generative" if generative else "extractive",
                   "retrieval": retrieval,
+                  # name: where a moved or downloaded copy finds the corpus (relative to the
+                  # model; realm.data.publish makes it a Hub id)
                   "corpus": {"path": str(model.store.path),
-                             "fingerprint": model.store.fingerprint},
+                             "fingerprint": model.store.fingerprint,
+                             "name": os.path.relpath(os.path.abspath(model.store.path),
+                                                     os.path.abspath(directory))},
                   **settings}
         write_manifest(tmp, MANIFEST_KIND, FORMAT_VERSION, fields, metadata)
     logger.info("saved the Open-QA model to %s", directory)

@@ -282,7 +282,8 @@ def run_train_retriever(config, progress: bool = True) -> dict[str, Any]:
         check_factory(config.index.factory, r.dim)
     corpus_dir, store, train_qa, dev_qa, accelerator, precision = prepare_qa_stage(
         config, d, "retriever_training", progress)
-    retriever = load_retriever(r.encoder, r.dim, r.pooling, r.encoder_layers, config.cache_dir)
+    retriever = load_retriever(r.encoder, r.dim, r.pooling, r.encoder_layers, config.cache_dir,
+                               r.max_query_tokens, r.max_block_tokens)
     if retriever.tokenizer is None:
         raise ValueError(f"retriever.encoder={r.encoder!r} has no tokenizer saved with it")
     check_tokenizer(retriever.tokenizer, store)

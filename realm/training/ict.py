@@ -110,7 +110,8 @@ def run_ict(config: Config, progress: bool = True) -> dict[str, Any]:
     accelerator, precision = make_accelerator(t, config.seed)
     store = BlockStore(corpus)
     r = config.retriever
-    retriever = load_retriever(r.encoder, r.dim, r.pooling, r.encoder_layers, config.cache_dir)
+    retriever = load_retriever(r.encoder, r.dim, r.pooling, r.encoder_layers, config.cache_dir,
+                               r.max_query_tokens, r.max_block_tokens)
     if retriever.tokenizer is None:
         raise ValueError(f"retriever.encoder={r.encoder!r} has no tokenizer saved with it")
     check_tokenizer(retriever.tokenizer, store)

@@ -173,11 +173,12 @@ def run_finetune(config, progress: bool = True) -> dict[str, Any]:
                 "normalization": o.normalization,
                 "retrieval_temperature": o.retrieval_temperature,
                 "retriever_source": o.retriever, "reader_source": trained or o.reader,
-            }, metadata={"stage": "finetune_openqa", "steps": result["steps"]})
+            }, metadata={"stage": "finetune_openqa", "steps": result["steps"],
+                         "train_qa": o.train_qa, "dev_qa": o.dev_qa})
             if dev_qa:
                 report = evaluate_dev(unwrapped, dev_qa, o.recall_ks, o.eval_batch_size,
                                       precision == "bf16", tracker, t.run_dir, result["steps"],
-                                      progress)
+                                      progress, dataset=o.dev_qa)
         accelerator.wait_for_everyone()
     finally:
         tracker.close()

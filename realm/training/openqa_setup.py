@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence
 
+from realm.artifacts import record_evaluation
 from realm.cache import digest
 from realm.data.qa import QAExample, read_qa
 from realm.data.store import BlockStore, check_tokenizer
@@ -84,6 +85,7 @@ def prepare_retrieval(config, corpus_dir: str, store: BlockStore, accelerator,
         source, retriever_dir = ["zero-shot", o.retriever, r.dim, r.pooling, r.encoder_layers,
                                  parameters_sha256(retriever.doc_encoder.projection)], None
     check_tokenizer(retriever.tokenizer, store)
+    retriever.max_block_tokens = r.max_block_tokens  # the fixed index is embedded at this length
     key = digest([source, store.fingerprint, r.max_block_tokens, config.refresh.precision])
     cache = os.path.join(config.cache_dir, f"openqa-index-{key}.npy")
     if accelerator.is_main_process:
@@ -97,12 +99,17 @@ def prepare_retrieval(config, corpus_dir: str, store: BlockStore, accelerator,
 
 def evaluate_dev(model, dev_qa: list[QAExample], recall_ks: list[int], batch_size: int,
                  bf16: bool, tracker: Tracker, run_dir: str, step: int,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, dataset: Optional[str] = None) -> dict[str, Any]:
     """The final dev evaluation of either kind of model: its report (EM, F1, answer recall@k,
-    questions/s), ``run_dir/predictions-dev.jsonl``, the ``final/`` figures and a table of the
-    first 50 predictions logged at ``step``."""
+    questions/s), ``run_dir/predictions-dev.jsonl``, the figures in the saved model's card and
+    manifest (``run_dir/model``; ``dataset``: the questions' file), the ``final/`` figures and a
+    table of the first 50 predictions logged at ``step``."""
     report, records = evaluate_openqa(model, dev_qa, recall_ks, batch_size, bf16, progress)
     write_predictions(records, os.path.join(run_dir, "predictions-dev.jsonl"))
+    model_dir = os.path.join(run_dir, "model")
+    if os.path.isfile(os.path.join(model_dir, "manifest.json")):
+        record_evaluation(model_dir, {k: v for k, v in report.items() if k in (
+            "exact_match", "f1") or k.startswith("answer_recall@")}, dataset, split="dev")
     tracker.log({f"final/{k}": v for k, v in report.items() if isinstance(v, (int, float))},
                 step=step)
     tracker.log_table(  # a look at the answers in wandb

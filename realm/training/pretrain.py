@@ -40,7 +40,7 @@ from realm.refresh.hook import RefreshHook
 from realm.refresh.rundir import RunStore
 from realm.refresh.supervisor import check_devices
 from realm.report import ReportHook
-from realm.tracking import Tracker, read_metrics
+from realm.tracking import Tracker, offline_sync_command, read_metrics
 from realm.training.accelerator import make_accelerator, shutdown
 from realm.training.checkpoint import checkpoints
 from realm.training.core import TrainSettings, train
@@ -236,6 +236,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     store = BlockStore(corpus_dir)
     examples_store = BlockStore(p.examples) if p.examples else store
     retriever = Retriever.from_pretrained(retriever_dir)
+    retriever.max_query_tokens, retriever.max_block_tokens = r.max_query_tokens, r.max_block_tokens
     check_tokenizer(retriever.tokenizer, store)
     check_tokenizer(retriever.tokenizer, examples_store)
     encoder = (CausalLMReader.from_checkpoint(reader_name, store=store,
@@ -331,6 +332,11 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
     # (not accelerator.is_main_process: after shutdown that would start a new process group)
     if is_main and config.logging.report_every:  # the dashboard, with the last steps too
         ReportHook(t.run_dir, config.logging.report_every).draw()
+    sync = None
+    if is_main and config.logging.wandb and config.logging.wandb_mode == "offline":
+        sync = offline_sync_command(t.run_dir)  # the trainer's run and the refresher's, together
+        if sync:
+            logger.info("wandb is offline: upload this run (trainer and refresher) with: %s", sync)
     records = read_metrics(t.run_dir) if is_main else []
     recall: dict[str, Optional[float]] = {}
     if is_main and held is not None and not p.null_only:
@@ -368,6 +374,7 @@ def run_pretrain(config, progress: bool = True) -> dict[str, Any]:
         "world_size": world_size, "precision": precision or "fp32",
         "examples_per_s": result["examples_per_s"], "resumed_from": result["resumed_from"],
         "prepare_s": round(prepare_s, 1), "seconds": round(time.time() - t0, 1),
+        **({"wandb_sync": sync} if sync else {}),
     }
 
 

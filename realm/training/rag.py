@@ -133,10 +133,12 @@ def run_rag(config, progress: bool = True) -> dict[str, Any]:
                 "max_train_answers": o.max_train_answers, "generator_mode": o.generator_mode,
                 "retriever_source": None if o.closed_book else o.retriever,
                 "generator_source": o.generator,
-            }, metadata={"stage": "finetune_openqa", "steps": result["steps"]})
+            }, metadata={"stage": "finetune_openqa", "steps": result["steps"],
+                         "train_qa": o.train_qa, "dev_qa": o.dev_qa})
             if dev_qa:
                 report = evaluate_dev(unwrapped, dev_qa, o.recall_ks, o.eval_batch_size, bf16,
-                                      tracker, t.run_dir, result["steps"], progress)
+                                      tracker, t.run_dir, result["steps"], progress,
+                                      dataset=o.dev_qa)
         accelerator.wait_for_everyone()
         world_size = accelerator.num_processes
     finally:

@@ -235,8 +235,9 @@ def test_blocks_export_to_datasets_and_parquet(built, tmp_path):
         row = ds[i]
         assert row["id"] == i and row["text"] == store.text(i) and row["title"] == store.title(i)
         spans = store.spans(i)
-        assert [(s["start"], s["end"]) for s in row["spans"]] == [
+        assert [(s["token_start"], s["token_end"]) for s in row["spans"]] == [
             (int(a), int(b)) for a, b in zip(spans["start"], spans["end"])]
+        assert all(row["text"][s["start"]: s["end"]] for s in row["spans"])  # characters
         assert [s["label"] for s in row["spans"]] == store.block(i).span_labels(store.label_names)
     assert sum(len(s) for s in ds["spans"]) > 0
     path = store.to_parquet(tmp_path / "blocks.parquet")

@@ -241,11 +241,11 @@ def test_save_is_atomic_and_never_overwrites_by_accident(tmp_path, monkeypatch):
     # A crash half way through leaves no directory that looks complete, and no debris.
     calls = []
 
-    def crash_on_second(self, directory, tokenizer=None):
+    def crash_on_second(self, directory, tokenizer=None, *args):
         calls.append(directory)
         if len(calls) == 2:
             raise RuntimeError("disk full")
-        return original(self, directory, tokenizer)
+        return original(self, directory, tokenizer, *args)
 
     original = Embedder.save_pretrained
     monkeypatch.setattr(Embedder, "save_pretrained", crash_on_second)

@@ -75,8 +75,13 @@ def test_finetuning_fits_its_questions_above_an_untrained_reader(squad_tiny, fin
     assert manifest["kind"] == "openqa_model" and manifest["retrieval"] == "bm25"
     assert manifest["k"] == 2 and manifest["corpus"]["fingerprint"] == store.fingerprint
     card = (run / "model" / "README.md").read_text()  # the model card names how to ask it
-    assert card.startswith("# Open-QA system") and "launch/answer.py" in card
+    assert "\n# Open-QA system" in card and "launch/answer.py" in card
     assert "stage: finetune_openqa" in card and "README.md" in manifest["files"]
+    from huggingface_hub import ModelCard  # and holds the stage's dev figures, as the Hub reads
+
+    figures = {r.metric_type: r.metric_value
+               for r in ModelCard.load(run / "model" / "README.md").data.eval_results}
+    assert figures["exact_match"] == after["exact_match"] and figures["f1"] == after["f1"]
     for part in ("", "reader", "reader/model"):  # AutoTokenizer loads from each
         assert (run / "model" / part / "tokenizer.json").is_file(), part
     from realm.report import write_report  # the offline dashboard draws an Open-QA run too

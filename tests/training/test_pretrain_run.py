@@ -6,6 +6,7 @@ checkpoints every 5 steps, metrics every step, wandb offline.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,16 +82,21 @@ def test_run_swaps_generations_and_writes_its_run_directory(run):
     assert 0 < summary["span_recall_p"] <= 1
     for name in ("config.yaml", "metrics.jsonl", "index/LATEST", "snapshots/LATEST", "DONE",
                  f"checkpoints/step-{STEPS:06d}/manifest.json", "retriever/manifest.json",
-                 "encoder/manifest.json", "refresher.log"):
+                 "reader/manifest.json", "refresher.log"):
         assert (run_dir / name).exists(), name
-    # wandb honours WANDB_DIR: the trainer's and the refresher's runs, in one group (the run
-    # directory's name), each with the id kept in its directory
+    # wandb honours WANDB_DIR: the trainer's and the refresher's runs, in one group of this run
+    # alone (the run directory's name and a suffix), each with the id kept in its directory;
+    # one printed command uploads both
     wandb_runs = list((tmp / "wandb" / "wandb_dir" / "wandb").glob("offline-run-*"))
     trainer, refresher = (json.loads((d / "wandb_run.json").read_text())
                           for d in (run_dir, run_dir / "refresher"))
-    assert trainer["group"] == refresher["group"] == run_dir.name
+    assert trainer["group"] == refresher["group"] == (run_dir / "wandb_group").read_text().strip()
+    assert trainer["group"].startswith(run_dir.name + "-") and len(trainer["group"]) > len(
+        run_dir.name) + 4
     assert trainer["id"] != refresher["id"]
     assert {r.name.rsplit("-", 1)[-1] for r in wandb_runs} == {trainer["id"], refresher["id"]}
+    sync = summary["wandb_sync"].split()
+    assert sync[:2] == ["wandb", "sync"] and sorted(sync[2:]) == sorted(map(str, wandb_runs))
     scalars = [r for r in _records(run_dir) if "table" not in r]
     assert [r["step"] for r in scalars] == list(range(1, STEPS + 1))
     for key in ("loss", "masked_accuracy", "loss_null", "ru_expected", "ru_top1", "p_null",
@@ -110,9 +116,16 @@ def test_run_swaps_generations_and_writes_its_run_directory(run):
 
 def test_report_page_draws_the_runs_metrics(run, tmp_path):
     """logging.report_every wrote RUN_DIR/report during and after the run; launch/report.py
-    draws the same page anywhere."""
-    _, run_dir, _ = run
+    draws the same page anywhere. Its first block, the headline box, holds the numbers of the
+    run's summary line."""
+    summary, run_dir, _ = run
     page = (run_dir / "report" / "index.html").read_text()
+    cells = {k: float(v) for k, v in re.findall(r"data-key='([^']+)' data-value='([^']+)'", page)}
+    for key in ("ru_first_quarter", "ru_last_quarter", "masked_accuracy_first_quarter",
+                "masked_accuracy_last_quarter", "masked_accuracy_null_first_quarter",
+                "masked_accuracy_null_last_quarter", "generations_swapped"):
+        assert cells[key] == summary[key], key
+    assert page.index("class='headline'") < page.index("<img")
     for stem in ("loss", "ru", "ru_by_label", "p_null", "entropy", "masked_accuracy",
                  "staleness", "refresher_timeline", "refresher_throughput"):
         image = run_dir / "report" / f"{stem}.png"
