@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="where --qa's answers go (jsonl)")
     parser.add_argument("--corpus", help="the corpus directory, if not where the model says")
     parser.add_argument("--k", type=int, help="blocks read per question (default: the model's)")
+    parser.add_argument("--min-probability", type=float, metavar="P",
+                        help="no answer when the answer's probability is below P (e.g. 0.3)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="a generator's precision: bf16 where the CPU runs it fast (auto)")
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
@@ -52,14 +54,18 @@ def main(argv=None) -> int:
         questions = list(args.questions)
         if args.qa:
             questions += read_questions(args.qa)
-        results = qa.answer_batch(questions, k=args.k)
+        import math
+
+        floor = None if args.min_probability is None else math.log(max(args.min_probability, 1e-300))
+        results = qa.answer_batch(questions, k=args.k, min_score=floor)
     except (ValueError, FileNotFoundError) as err:
         if args.debug:
             raise
         print(f"{parser.prog}: {err}", file=sys.stderr)
         return 1
     for r in results[: len(args.questions)]:
-        print(f"Q: {r['question']}\nA: {r['answer']}  (p = {r['probability']:.3f})")
+        answer = "(no answer: below --min-probability)" if r.get("no_answer") else r["answer"]
+        print(f"Q: {r['question']}\nA: {answer}  (p = {r['probability']:.3f})")
         for e in r["evidence"]:
             print(f"   {e['score']:8.3f}  p={e['probability']:.2f}  {e['title']}"
                   f"{'  *' if e['answer_here'] else ''}")

@@ -22,8 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--corpus", required=True, help="corpus directory (searched)")
     common.add_argument("--k", default="1,5,20,100", help="comma-separated cut-offs")
-    common.add_argument("--max-block-tokens", type=int, default=288,
-                        help="word pieces of a block when embedding it")
+    common.add_argument("--max-block-tokens", type=int, default=None,
+                        help="word pieces of a block when embedding it (default: what a saved "
+                             "retriever was trained with, read from its manifest or run; else "
+                             "288)")
     common.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="dense encoders: bf16 autocast where the device runs it fast (auto)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -71,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(each ranks its top 100)")
     p.add_argument("--run-file", metavar="FILE",
                    help="also write the ranking as a TREC run file (QID Q0 BLOCK_ID RANK SCORE "
-                        "RUN) for trec_eval, pyserini or ir_measures")
+                        "RUN) for trec_eval, pyserini or ir_measures, and its qrels beside it "
+                        "(FILE with .qrels: each retrieved block judged 1 when it holds an "
+                        "answer)")
 
     p = sub.add_parser("ict", parents=[common, searcher],
                        help="recall@k of held-out ICT sentences",
@@ -125,7 +129,9 @@ def parse_args(argv: Optional[Sequence[str]] = None
         ks = sorted({int(k) for k in args.k.split(",")})
     except ValueError:
         parser.error(f"--k: expected comma-separated integers, got {args.k!r}")
-    if args.max_block_tokens < 1:
+    if args.max_block_tokens is None and args.mode in ("openqa", "spans"):
+        args.max_block_tokens = 288
+    if args.max_block_tokens is not None and args.max_block_tokens < 1:
         parser.error(f"--max-block-tokens: at least 1, got {args.max_block_tokens}")
     if getattr(args, "limit", None) is not None and args.limit < 1:
         parser.error(f"--limit: at least 1 question, got {args.limit}")

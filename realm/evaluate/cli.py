@@ -22,7 +22,8 @@ from realm.data.store import BlockStore
 from realm.errors import CorpusError, QAFormatError
 from realm.evaluate.args import parse_args
 from realm.evaluate.openqa import evaluate_openqa, write_predictions
-from realm.retrieval.search import BM25Searcher, DenseSearcher, FusionSearcher
+from realm.hub import run_part
+from realm.retrieval.search import BM25Searcher, DenseSearcher, FusionSearcher, trained_lengths
 from realm.evaluate.run import ict_retrieval, qa_retrieval
 from realm.evaluate.span_recall import HeldOutSpans, span_hit_ranks
 from realm.metrics import compare_predictions, paired_recall, recall_at_k
@@ -55,9 +56,13 @@ def _retrieval(args: argparse.Namespace, ks: list[int], t0: float) -> int:
         qa = read_qa(args.qa, args.limit, regex=args.regex) if args.mode == "retrieval" else None
 
         def dense(path: str) -> DenseSearcher:
+            queries, blocks = 64, 288  # a bare checkpoint's (DenseSearcher's defaults)
+            saved = run_part(path, "retriever")
+            if os.path.isfile(os.path.join(saved, "manifest.json")):
+                queries, blocks = trained_lengths(saved, store)  # what it was trained with
             return DenseSearcher(load_retriever(path, args.dim, args.pooling), store,
-                                 args.max_block_tokens, progress=not args.no_progress,
-                                 precision=args.precision)
+                                 args.max_block_tokens or blocks, queries,
+                                 progress=not args.no_progress, precision=args.precision)
 
         if args.bm25:
             searcher, name = BM25Searcher(store), "bm25"

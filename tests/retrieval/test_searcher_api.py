@@ -48,8 +48,9 @@ def test_a_dense_searcher_ranks_as_the_evaluation_does(squad_tiny, run_dir, tmp_
     qa = read_qa(str(squad_tiny / "qa.jsonl"))
     store = BlockStore(corpus)
     assert trained_lengths(run_dir / "retriever", store) == (64, 48)  # the run's config
+    # evaluate.py with no length flags reads the same trained lengths
     report, ranking = _evaluate(capsys, tmp_path, corpus, squad_tiny / "qa.jsonl",
-                                "--retriever", str(run_dir), "--max-block-tokens", "48")
+                                "--retriever", str(run_dir))
     searcher = Searcher.from_pretrained(run_dir, precision="fp32")  # the run's corpus
     assert searcher.store.path == str(corpus)
     assert (searcher.max_query_tokens, searcher.max_block_tokens) == (64, 48)

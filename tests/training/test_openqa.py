@@ -179,6 +179,14 @@ def test_answer_api_and_cli_agree_with_evaluation(squad_tiny, finetuned, caplog)
     assert json.loads(done.stdout.strip().splitlines()[-1])["questions"] == 4
     written = [json.loads(line) for line in open(squad_tiny / "answers.jsonl")]
     assert [w["answer"] for w in written] == [a["answer"] for a in answers[:3]]
+    # a no-answer threshold above every probability: no answer, the best guess's blocks shown
+    floor = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "answer.py"), "--model", str(run / "model"),
+         questions[0], "--min-probability", str(one["probability"] + 0.01)],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert floor.returncode == 0, floor.stderr[-3000:]
+    assert "A: (no answer: below --min-probability)" in floor.stdout
+    assert one["evidence"][0]["title"] in floor.stdout
 
 
 def test_a_model_whose_corpus_is_missing_or_changed_is_refused(squad_tiny, finetuned, tmp_path,
