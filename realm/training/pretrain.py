@@ -40,6 +40,7 @@ from realm.refresh.hook import RefreshHook
 from realm.refresh.rundir import RunStore
 from realm.refresh.supervisor import check_devices
 from realm.report import ReportHook
+from realm.report.headline import quarter_values
 from realm.tracking import Tracker, offline_sync_command, read_metrics
 from realm.training.accelerator import make_accelerator, shutdown
 from realm.training.checkpoint import checkpoints
@@ -395,9 +396,7 @@ def quarter_means(records: list[dict[str, Any]], steps: int, keys: dict[str, str
         logged), rounded to 5 digits.
     """
     out: dict[str, Optional[float]] = {}
-    parts = {"first_quarter": lambda s: s <= steps / 4, "last_quarter": lambda s: s > 3 * steps / 4}
-    for name, metric in keys.items():
-        for part, inside in parts.items():
-            values = [r[metric] for r in records if metric in r and inside(r["step"])]
+    for name, metric in keys.items():  # the report's rule (realm.report.headline), one home
+        for part, values in quarter_values(records, steps, metric).items():
             out[f"{name}_{part}"] = round(float(np.mean(values)), 5) if values else None
     return out
