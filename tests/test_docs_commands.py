@@ -6,6 +6,7 @@ every override) with ``--print-config``; ``evaluate.py`` parses with its own sub
 The cheap ones run for real: the quickstart's Python snippet that reads a block store.
 """
 
+import os
 import re
 import runpy
 import shlex
@@ -83,7 +84,8 @@ def test_evaluate_commands_parse(doc, script, args, evaluate_parser, capsys):
 
 def test_quickstart_python_snippet_reads_a_block_store(leads_corpus, tmp_path):
     text = (REPO / "docs" / "quickstart.md").read_text(encoding="utf-8")
-    [snippet] = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    [snippet] = [s for s in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+                 if "BlockStore" in s]
     snippet = (snippet.replace('"runs/corpus/leads.parquet"', repr(str(tmp_path / "l.parquet")))
                .replace('"runs/corpus/leads"', repr(leads_corpus)))
     done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
@@ -92,3 +94,21 @@ def test_quickstart_python_snippet_reads_a_block_store(leads_corpus, tmp_path):
     first = done.stdout.splitlines()[0].split()
     assert int(first[0]) > 300 and first[1] == "sentence-transformers/all-MiniLM-L6-v2"
     assert (tmp_path / "l.parquet").stat().st_size > 10_000
+
+
+def test_quickstart_search_snippet_searches_in_three_lines(leads_corpus, tiny_retriever, tmp_path):
+    """The quickstart's Searcher lines, on a tiny retriever over the lead sections' corpus."""
+    text = (REPO / "docs" / "quickstart.md").read_text(encoding="utf-8")
+    [snippet] = [s for s in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+                 if "Searcher" in s]
+    assert len(snippet.strip().splitlines()) == 3
+    snippet = snippet.replace('Searcher.from_pretrained("runs/pretrain")',
+                              f"Searcher.from_pretrained({str(tiny_retriever)!r}, "
+                              f"corpus={str(leads_corpus)!r})")
+    assert "corpus=" in snippet
+    done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    hits = eval(done.stdout.strip().splitlines()[-1])  # [(title, score), ...]
+    assert len(hits) == 3 and all(isinstance(t, str) and isinstance(x, float) for t, x in hits)
+    assert [x for _, x in hits] == sorted((x for _, x in hits), reverse=True)
