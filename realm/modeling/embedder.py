@@ -274,9 +274,8 @@ class Embedder(nn.Module):
         directory = Path(directory)
         head = json.loads((directory / EMBEDDER_FILE).read_text(encoding="utf-8"))
         config = AutoConfig.from_pretrained(directory)
-        backbone = AutoModel.from_pretrained(
-            directory, config=config, dtype=dtype, **backbone_kwargs(config)
-        )
+        backbone, _ = load_pretrained(AutoModel.from_pretrained, str(directory), "encoder",
+                                      config=config, dtype=dtype, **backbone_kwargs(config))
         embedder = cls(backbone, dim=head["dim"], pooling=head["pooling"],
                        pooler=bool(head.get("pooler")), norm_eps=head.get("norm_eps"))
         state = load_file(str(directory / head.get("projection", PROJECTION_FILE)))

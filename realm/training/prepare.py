@@ -78,7 +78,7 @@ def heartbeat_line(what: str, elapsed: float, step: Optional[int], steps: Option
     """``the ICT warm start: step 120 / 1000 (13%), 2.10 steps/s, about 7 min left`` (the rate
     from the first step seen, so that loading time does not count)."""
     if step is None:
-        return f"{what}: running for {elapsed:.0f} s (loading; no step yet)"
+        return f"{what}: running for {elapsed:.0f} s (no training step yet)"
     line = f"{what}: step {step}" + (f" / {steps} ({100 * step / steps:.0f}%)" if steps else "")
     if first is not None and step > first[1] and elapsed > first[0]:
         rate = (step - first[1]) / (elapsed - first[0])

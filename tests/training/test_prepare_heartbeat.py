@@ -48,7 +48,7 @@ def test_a_failed_warm_start_names_its_own_error_line(tmp_path):
 
 
 def test_heartbeat_line_before_the_first_step_and_without_a_total():
-    assert heartbeat_line("ICT", 42.4, None, 100, None) == "ICT: running for 42 s (loading; no step yet)"
+    assert heartbeat_line("ICT", 42.4, None, 100, None) == "ICT: running for 42 s (no training step yet)"
     assert heartbeat_line("ICT", 60, 10, None, (30, 0)) == "ICT: step 10, 0.33 steps/s"
     assert heartbeat_line("ICT", 60, 50, 1000, (20, 10)) == \
         "ICT: step 50 / 1000 (5%), 1.00 steps/s, about 16 min left"
