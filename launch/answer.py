@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         if args.debug:
             raise
-        print(f"{parser.prog}: {err}", file=sys.stderr)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
     for r in results[: len(args.questions)]:
         answer = "(no answer: below --min-probability)" if r.get("no_answer") else r["answer"]

@@ -20,8 +20,11 @@ logger = logging.getLogger("realm")
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser with ``--config`` and trailing ``key=value`` overrides."""
+    """An argument parser with ``--config`` and trailing ``key=value`` overrides (named as the
+    user called it: ``pretrain.py``, or ``python -m realm pretrain``)."""
+    main = os.path.basename(sys.argv[0]) == "__main__.py" and len(sys.argv) > 1
     parser = argparse.ArgumentParser(
+        prog=f"python -m realm {sys.argv[1]}" if main else None,
         description=description,
         epilog="Overrides: dotted key=value pairs, e.g. data.max_block_tokens=128 "
         "spans.n_process=2 (see docs/configuration.md).",
@@ -49,12 +52,25 @@ def parse(
     try:
         config = load_config(args.config, overrides)
     except ConfigError as err:
-        parser.exit(2, f"{parser.prog}: config error: {err}\n")
+        parser.exit(2, error_line(parser.prog, f"config: {err}"))
     if getattr(args, "print_config", False):
         sys.stdout.write(config.to_yaml())
         parser.exit(0)
     setup_logging(config.logging.log_level)
     return args, config
+
+
+def error_line(prog: str, message: Any) -> str:
+    """Every command's error, in one shape: ``PROG: error: MESSAGE`` (argparse's own, so a
+    usage error reads the same), one line ending in a newline; a config error's message starts
+    with ``config:``."""
+    return f"{prog}: error: {message}\n"
+
+
+def print_error(prog: str, message: Any) -> None:
+    """Write :func:`error_line` to stderr."""
+    sys.stderr.write(error_line(prog, message))
+    sys.stderr.flush()
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -215,7 +231,7 @@ def run_stage(
     except errors as err:
         if args.debug:
             raise
-        logger.error("%s: %s", parser.prog, err)
+        print_error(parser.prog, f"config: {err}" if isinstance(err, ConfigError) else err)
         return 2 if isinstance(err, ConfigError) else 1
     except KeyboardInterrupt:
         logger.warning("%s%s; re-run the same command to resume from the newest checkpoint "

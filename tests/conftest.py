@@ -202,3 +202,12 @@ def _tiny_lm(tokenizer, seed: int = 0):
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(lm_tokenizer, make_tiny_lm, tmp_path_factory):
+    """A random 2-layer Llama (hidden 32) with SmolLM2's tokenizer, saved as a checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_lm(lm_tokenizer).save_pretrained(path)
+    lm_tokenizer.save_pretrained(path)
+    return str(path)

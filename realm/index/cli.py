@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from realm.cli import config_parser, emit_summary, parse
+from realm.cli import config_parser, emit_summary, parse, print_error
 from realm.errors import ConfigError, CorpusFormatError
 from realm.index.plan import plan
 
@@ -35,10 +35,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = plan(config, blocks=args.blocks, processes=args.processes,
                    processes_per_machine=args.processes_per_machine, device=args.device)
     except ConfigError as e:
-        logger.error("%s: config error: %s", parser.prog, e)
+        print_error(parser.prog, f"config: {e}")
         return 2
     except (CorpusFormatError, FileNotFoundError) as e:
-        logger.error("%s: %s", parser.prog, e)
+        print_error(parser.prog, e)
         return 1
     emit_summary(out)
     return 0 if out["verdict"] == "fits" else 1

@@ -20,7 +20,7 @@ from realm.modeling.convert_realm import convert_realm
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="convert-realm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m realm convert-realm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--embedder", metavar="DIR_OR_HUB_ID",
                         help="a RealmEmbedder checkpoint, e.g. "
                              "google/realm-cc-news-pretrained-embedder -> OUTPUT/retriever")

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from typing import Optional, Sequence
 
-from realm.cli import config_parser, emit_summary, override, parse
+from realm.cli import config_parser, emit_summary, error_line, override, parse, print_error
 
 logger = logging.getLogger("realm.refresh")
 
@@ -36,8 +36,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, config = parse(parser, argv,
                          lambda a: [override("corpus", a.corpus)] if a.corpus else [])
     if not config.corpus:  # (the trainer fills it in; the refresher builds no corpus)
-        parser.exit(2, f"{parser.prog}: config error: corpus: no corpus directory given "
-                       "(--corpus DIR or corpus=DIR)\n")
+        parser.exit(2, error_line(parser.prog, "config: corpus: no corpus directory given "
+                       "(--corpus DIR or corpus=DIR)"))
     from realm.errors import ConfigError, CorpusError, RunDirError, WriteError
     from realm.index.mips import check_factory
 
@@ -47,13 +47,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         if args.debug:
             raise
-        logger.error("%s: config error: %s", parser.prog, e)
+        print_error(parser.prog, f"config: {e}")
         return 2
     except (CorpusError, RunDirError, WriteError, FileNotFoundError, NotADirectoryError,
             PermissionError) as e:
         if args.debug:
             raise
-        logger.error("%s: %s", parser.prog, e)  # one line: the message names the path
+        print_error(parser.prog, e)  # one line: the message names the path
         return 1
 
 
@@ -104,7 +104,7 @@ def _run(args, config) -> int:
     try:
         summary = refresher.run(once=args.once)
     except StoreLockedError as e:
-        logger.error("%s", e)
+        print_error("refresher", e)
         emit_summary({"error": "locked", "message": str(e)})
         return 3
     finally:

@@ -120,8 +120,10 @@ def _run_warm_start(cmd: list[str], what: str, run_dir: Optional[str] = None,
         stderr = err.read().decode("utf-8", "replace")
     if proc.returncode != 0:
         logger.debug("%s: command %s; its stderr:\n%s", what, " ".join(cmd), stderr[-3000:])
-        errors = [line.split(" ERROR ", 1)[1] for line in stderr.splitlines()
-                  if " ERROR " in line]
+        # its one-line error (PROG: error: MESSAGE), or a logged ERROR line
+        errors = [line.split(": error: ", 1)[1] if ": error: " in line
+                  else line.split(" ERROR ", 1)[1] for line in stderr.splitlines()
+                  if ": error: " in line or " ERROR " in line]
         # the stage's own one-line error when it gave one, else the end of its output
         why = errors[-1] if errors else f"command {' '.join(cmd)}:\n{stderr[-3000:]}"
         raise StageFailed(f"{what} failed (exit {proc.returncode}): {why}")

@@ -429,7 +429,7 @@ def test_cli_config_error_exits_2_naming_the_key(tmp_path, bad_jsonl):
     out = tmp_path / "corpus"
     result = _prepare("--input", str(bad_jsonl), "--output", str(out), "data.max_block_tokens=abc")
     assert result.returncode == 2
-    assert "config error: data.max_block_tokens: expected an integer, got 'abc'" in result.stderr
+    assert "error: config: data.max_block_tokens: expected an integer, got 'abc'" in result.stderr
     assert not out.exists()
 
 

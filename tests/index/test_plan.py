@@ -133,7 +133,7 @@ def test_pretraining_refuses_a_factory_the_corpus_cannot_train_before_anything_r
            override("cache_dir", str(tmp_path / "cache")), "index.factory=IVF4096,Flat"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
     assert done.returncode == 2, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    errors = [line for line in done.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and "'IVF4096,Flat' cannot be trained on this corpus" in errors[0]
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 

@@ -40,10 +40,10 @@ def test_a_warm_start_logs_step_rate_and_time_left_while_it_runs(tmp_path, caplo
 
 def test_a_failed_warm_start_names_its_own_error_line(tmp_path):
     script = tmp_path / "child.py"
-    script.write_text("import sys\nsys.stderr.write('12:00:00 ERROR realm: corpus: no such "
+    script.write_text("import sys\nsys.stderr.write('python -m realm ict: error: corpus: no such "
                       "directory x\\n')\nsys.exit(1)\n")
-    with pytest.raises(StageFailed, match=r"the test stage failed \(exit 1\): realm: corpus: no "
-                                          r"such directory x$"):
+    with pytest.raises(StageFailed, match=r"the test stage failed \(exit 1\): corpus: no such "
+                                          r"directory x$"):
         _run_warm_start([sys.executable, str(script)], "the test stage", heartbeat_s=0.1)
 
 

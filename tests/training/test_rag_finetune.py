@@ -28,15 +28,6 @@ REPORT_KEYS = {"exact_match", "f1", "answer_recall@1", "answer_recall@2", "answe
                "questions", "k", "seconds", "questions_per_s"}
 
 
-@pytest.fixture(scope="module")
-def tiny_generator(lm_tokenizer, make_tiny_lm, tmp_path_factory):
-    """A random 2-layer Llama (hidden 32) with SmolLM2's tokenizer, saved as a checkpoint."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_lm(lm_tokenizer).save_pretrained(path)
-    lm_tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def _config(squad_tiny, tiny_generator, run_dir, *overrides):
     return load_config(None, [
         f"corpus={squad_tiny / 'corpus'}", f"openqa.train_qa={squad_tiny / 'qa.jsonl'}",

@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from realm.cli import emit_summary, setup_logging
+from realm.cli import emit_summary, print_error, setup_logging
 from realm.data.recipes import RECIPES, build
 from realm.data.recipes.common import MANIFEST
 from realm.errors import CorpusFormatError, MissingInputError, QAFormatError
@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         manifest = build(args.name, args.output, args.source, progress=not args.no_progress)
     except (MissingInputError, QAFormatError, CorpusFormatError) as err:
-        logger.error("%s: %s", parser.prog, err)
+        print_error(parser.prog, err)
         return 1
     emit_summary({"recipe": args.name, "output": args.output, "source": manifest["source"],
                   "files": {path: f["lines"] for path, f in manifest["files"].items()},
