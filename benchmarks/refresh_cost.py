@@ -2,7 +2,7 @@
 steps x re-ranking L candidates. Prints one JSON object (one row per cell).
 
     python benchmarks/refresh_cost.py [--steps 200] [--every 25,100,never] [--rerank 4,16,64] \
-        [--out runs/refresh-cost] [--qa ../shared/data/openqa_leads/dev.jsonl] [key=value ...]
+        [--out runs/refresh-cost] [--qa data/openqa_leads/dev.jsonl] [key=value ...]
 
 Every cell is the main job (``configs/pretrain.yaml``: its corpus, ICT warm start, MLM-adapted
 reader and generation 0 come from the shared ``cache_dir``, so only the first cell
@@ -31,7 +31,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QA = os.path.join(REPO, "..", "shared", "data", "openqa_leads", "dev.jsonl")
+QA = os.path.join(REPO, "data", "openqa_leads", "dev.jsonl")  # python -m realm data leads-open --output data
 NEVER = 10 ** 9
 
 

@@ -1,7 +1,7 @@
 """DPR training-step throughput: questions/s in fp32 and under bf16 autocast, in one process.
 
     python benchmarks/train_retriever.py --corpus runs/cache/corpus-KEY \
-        [--qa ../shared/data/openqa_leads/train.jsonl] [--batch-size 8] [--steps 4]
+        [--qa data/openqa_leads/train.jsonl] [--batch-size 8] [--steps 4]
 
 Real questions and blocks: the first questions of ``--qa`` whose BM25 top 100 holds a block with
 an answer (the positive, as the stage mines it) and the best-ranked block without one (the hard
@@ -23,7 +23,7 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", required=True, help="a corpus directory (prepare_corpus.py)")
-    parser.add_argument("--qa", default="../shared/data/openqa_leads/train.jsonl")
+    parser.add_argument("--qa", default="data/openqa_leads/train.jsonl")
     parser.add_argument("--encoder", default="sentence-transformers/all-MiniLM-L6-v2")
     parser.add_argument("--layers", type=int, default=None, help="first N layers (default all)")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -98,7 +98,8 @@ def _run(args, config) -> int:
     tracker = Tracker(metrics_dir, config.to_dict(), wandb=lg.wandb, wandb_project=lg.wandb_project,
                       wandb_mode=lg.wandb_mode, run_name="refresher",
                       group=wandb_group(store.root) if lg.wandb and rank == 0
-                      else os.path.basename(store.root.rstrip("/")), enabled=rank == 0)
+                      else os.path.basename(store.root.rstrip("/")), enabled=rank == 0,
+                      tensorboard="tensorboard" in lg.trackers)  # RUN/refresher/tensorboard
     refresher = Refresher(store, corpus, RefreshSettings.from_config(config), tracker=tracker,
                           progress=not args.no_progress, parent_pid=args.parent_pid)
     try:
