@@ -200,7 +200,8 @@ def test_wrong_or_missing_checkpoints_are_one_line(realm_checkpoints, tmp_path, 
     assert main(["convert-realm", "--encoder", str(root / "embedder"),
                  "--output", str(tmp_path / "a")]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("convert-realm: error: ") and "RealmKnowledgeAugEncoder" in err
+    assert err.startswith("python -m realm convert-realm: error: ")
+    assert "RealmKnowledgeAugEncoder" in err
     assert main(["convert-realm", "--embedder", str(root / "encoder"),
                  "--output", str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
