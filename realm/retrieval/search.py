@@ -151,7 +151,7 @@ class Searcher(Protocol):
             if not config.get("corpus"):
                 raise ValueError(f"{directory}: give corpus=DIR (no run config beside it names "
                                  "the corpus it read)")
-            corpus = config["corpus"]
+            corpus = run_path(config["corpus"], config, where)
             logger.info("corpus %s: from %s", corpus, where)
         store = corpus if isinstance(corpus, BlockStore) else BlockStore(corpus)
         lengths = trained_lengths(directory, store)
@@ -203,6 +203,28 @@ def run_config(retriever_dir: Path) -> tuple[dict[str, Any], Optional[Path]]:
             config = yaml.safe_load((run / RUN_CONFIG).read_text(encoding="utf-8"))
             return (config if isinstance(config, dict) else {}), run / RUN_CONFIG
     return {}, None
+
+
+def run_path(value: str, config: dict[str, Any], config_path: Path) -> str:
+    """A path a run's ``config.yaml`` names, as seen from here.
+
+    Relative paths in a run's config are relative to the directory it was launched from (the
+    run's own ``train.run_dir`` is one of them). When ``value`` does not exist from the current
+    directory, the launch directory is found by stripping ``train.run_dir``'s parts from where
+    the config lies (``/elsewhere/runs/x/config.yaml`` saved as ``runs/x``: ``/elsewhere``), so
+    a run searched from another directory still finds its corpus. Absolute paths and paths that
+    exist from here are returned as they are."""
+    if os.path.isabs(value) or os.path.exists(value):
+        return value
+    saved = (config.get("train") or {}).get("run_dir")
+    run = Path(config_path).parent.absolute()
+    if saved and not os.path.isabs(saved):
+        parts = Path(os.path.normpath(saved)).parts
+        if run.parts[-len(parts):] == parts:
+            candidate = Path(*run.parts[:-len(parts)]) / value
+            if candidate.exists():
+                return str(candidate)
+    return value
 
 
 def block_bm25(store: BlockStore) -> BM25Retriever:

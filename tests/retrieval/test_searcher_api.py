@@ -122,3 +122,28 @@ def test_one_query_gives_hits_and_bad_names_are_one_clear_error(squad_tiny, tiny
         Searcher.from_pretrained(corpus, corpus=corpus)
     with pytest.raises(FileNotFoundError, match="not a saved retriever"):
         Searcher.from_pretrained(tmp_path, corpus=corpus)
+
+
+def test_a_run_with_relative_paths_is_searched_from_another_directory(
+        tiny_retriever, squad_tiny, tmp_path, monkeypatch):
+    """A stage launched in LAUNCH saves `corpus: cache/corpus` and `train.run_dir: runs/x`,
+    both relative to LAUNCH; `Searcher.from_pretrained(LAUNCH/runs/x)` from another directory
+    finds the corpus (it failed naming `cache/corpus` before the launch directory was
+    inferred)."""
+    from realm import Searcher
+
+    launch = tmp_path / "launch"
+    (launch / "cache").mkdir(parents=True)
+    os.symlink(squad_tiny / "corpus", launch / "cache" / "corpus")
+    run = launch / "runs" / "x"
+    run.mkdir(parents=True)
+    os.symlink(tiny_retriever, run / "retriever")
+    (run / "config.yaml").write_text("corpus: cache/corpus\ntrain:\n  run_dir: runs/x\n",
+                                     encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    searcher = Searcher.from_pretrained(run, precision="fp32")
+    assert os.path.samefile(searcher.store.path, squad_tiny / "corpus")
+    hits = searcher.search("who", k=3)
+    assert len(hits) == 3 and all(h.title for h in hits)
