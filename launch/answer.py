@@ -70,7 +70,13 @@ def main(argv=None) -> int:
             print(f"   {e['score']:8.3f}  p={e['probability']:.2f}  {e['title']}"
                   f"{'  *' if e['answer_here'] else ''}")
     if args.qa:
-        write_predictions(results[len(args.questions):], args.output)
+        try:
+            write_predictions(results[len(args.questions):], args.output)
+        except OSError as err:  # a full disk: one line, the earlier file kept
+            if args.debug:
+                raise
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 1
     seconds = time.perf_counter() - t0
     emit_summary({"stage": "answer", "model": qa.directory, "questions": len(results),
                   "output": args.output, "seconds": round(seconds, 2)})

@@ -13,7 +13,8 @@ import os
 import shutil
 import socket
 import time
-from typing import Any, Iterator, Optional
+import uuid
+from typing import Any, Iterable, Iterator, Optional
 
 from realm.errors import StoreLockedError, WriteError
 
@@ -217,6 +218,37 @@ def write_errors(what: str, where: Optional[str], kept: str = "") -> Iterator[No
         if problem is None:
             raise
         raise WriteError(f"{what} failed: {problem}{tail}") from e
+
+
+def write_atomic(path: str, chunks: Iterable[bytes]) -> None:
+    """Replace the local file ``path`` with ``chunks`` so that readers see the old or the new
+    content, whole: a hidden temporary name beside it, fsync, rename, fsync of the directory.
+    A failure removes the temporary file and leaves ``path`` as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-"
+                                  f"{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def write_lines_atomic(path: str, lines: Iterable[str], what: str) -> None:
+    """``lines`` (each ending in a newline) written to ``path`` whole or not at all
+    (:func:`write_atomic`). A failed write (a full disk) ends in one :class:`WriteError` line:
+    ``"writing {what} {path} failed: {cause}; {path} is unchanged"``."""
+    path = os.path.abspath(path)
+    with write_errors(f"writing {what} {path}", os.path.dirname(path), f"{path} is unchanged"):
+        write_atomic(path, (line.encode("utf-8") for line in lines))
 
 
 def output_problem(path: str, directory: bool = False) -> Optional[str]:

@@ -174,6 +174,26 @@ def answers_under_a_file(tmp, fx):
             str(tmp / "qa.jsonl"), "--output", str(tmp / "a-file" / "answers.jsonl")]
 
 
+def run_file_on_a_full_disk(tmp, fx):
+    (tmp / "qa.jsonl").write_text('{"question": "who", "answers": ["x"]}\n')
+    (tmp / "out").mkdir()
+    (tmp / "out" / "run.trec").write_text("an earlier run file\n")
+    return [str(LAUNCH / "evaluate.py"), "retrieval", "--bm25", "--corpus", fx["leads_corpus"],
+            "--qa", str(tmp / "qa.jsonl"), "--run-file", str(tmp / "out" / "run.trec")]
+
+
+def no_temp_beside_outputs(tmp):
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["run.trec"]
+
+
+def latest_lacking_generation(tmp, fx):
+    generation_lacking_a_key(tmp, fx)
+    latest = tmp / "run" / "index" / "LATEST"
+    latest.write_text(json.dumps({k: v for k, v in json.loads(latest.read_text()).items()
+                                  if k != "generation"}))
+    return _refresh(tmp, fx)
+
+
 def _metrics(run: Path, tail: bytes = b"") -> None:
     run.mkdir(parents=True)
     lines = [json.dumps({"step": s, "time": 0.0, "loss": 1.0 / s}).encode() for s in (1, 2)]
@@ -287,6 +307,15 @@ CASES = {
     "evaluate-run-file-under-a-file": Case(
         run_file_under_a_file, 2, ("--run-file {tmp}/a-file/run.trec", "{tmp}/a-file is a "
                                    "regular file, not a directory"), kept=("a-file",)),
+    # a full disk while writing a run file: one line, the earlier file kept, no temp left
+    "evaluate-disk-full-run-file": Case(
+        run_file_on_a_full_disk, 1, ("writing the run file {tmp}/out/run.trec failed: no space "
+                                     "left on the device", "{tmp}/out/run.trec is unchanged"),
+        kept=("out",), full="run.trec.tmp-", after=no_temp_beside_outputs),
+    # index/LATEST without its generation: one line naming the file and key (was a KeyError)
+    "refresh-index-LATEST-lacks-key": Case(
+        latest_lacking_generation, 1, ("{tmp}/run/index/LATEST", "lacks 'generation'"),
+        kept=("run",)),
     "answer-output-under-a-file": Case(
         answers_under_a_file, 2, ("--output {tmp}/a-file/answers.jsonl", "{tmp}/a-file is a "
                                   "regular file"), kept=("a-file",)),

@@ -19,7 +19,7 @@ import torch
 from realm.cli import emit_summary, setup_logging
 from realm.data.qa import read_qa
 from realm.data.store import BlockStore
-from realm.errors import CorpusError, QAFormatError
+from realm.errors import CorpusError, QAFormatError, WriteError
 from realm.evaluate.args import parse_args
 from realm.evaluate.openqa import evaluate_openqa, write_predictions
 from realm.hub import run_part
@@ -90,7 +90,7 @@ def _retrieval(args: argparse.Namespace, ks: list[int], t0: float) -> int:
             report = held_out_spans(args, store, ks)
         else:
             report = ict_retrieval(searcher, store, args.holdout, args.seed, ks, args.limit)
-    except (QAFormatError, CorpusError, ValueError) as err:
+    except (QAFormatError, CorpusError, ValueError, WriteError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 1
     precision = "bf16" if getattr(searcher, "bf16", False) else ("fp32" if not args.bm25 else None)
@@ -129,7 +129,7 @@ def _openqa(args: argparse.Namespace, ks: list[int], t0: float) -> int:
         qa = read_qa(args.qa, args.limit, regex=args.regex)
         model = load_openqa_model(args.model, store, args.max_block_tokens,
                                   progress=not args.no_progress, precision=args.precision)
-    except (QAFormatError, CorpusError, ValueError, FileNotFoundError) as err:
+    except (QAFormatError, CorpusError, ValueError, FileNotFoundError, WriteError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 1
     model.regex = args.regex  # the QA file's answers, whatever the model was trained on

@@ -5,7 +5,6 @@ generative) on questions, with one prediction record per question (written as js
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Sequence
 
@@ -14,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from realm.data.qa import QADataset, QAExample, collate_qa
+from realm.fsutil import write_lines_atomic
 from realm.metrics import exact_match, f1_score, has_answer, recall_at_k
 from realm.modeling.modes import eval_mode
 from realm.precision import autocast
@@ -129,12 +129,6 @@ def _evaluate_generative(model: GenerativeOpenQAModel, examples: Sequence[QAExam
 
 
 def write_predictions(records: Sequence[dict[str, Any]], path: str) -> None:
-    """Predictions as jsonl, written to a temporary name and renamed (complete or absent)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Predictions as jsonl, complete or absent (:func:`realm.fsutil.write_lines_atomic`)."""
+    write_lines_atomic(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                       "the predictions")

@@ -12,6 +12,7 @@ import numpy as np
 from realm.data.ict import held_out_queries, ict_blocks, split_holdout
 from realm.data.qa import QAExample
 from realm.data.store import BlockStore
+from realm.fsutil import write_lines_atomic
 from realm.hub import load_tokenizer
 from realm.metrics import answer_hits, gold_hits, recall_at_k
 from realm.retrieval.search import DenseSearcher
@@ -57,17 +58,13 @@ def write_trec_run(path: str, query_ids: Sequence[str], block_ids: np.ndarray,
     """A TREC run file (trec_eval, pyserini, ir_measures): one line per retrieved block,
     ``QID Q0 DOCID RANK SCORE RUN``, ranks from 1; DOCID is the block id in the corpus.
     Written atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    def lines():
         for qid, row_ids, row_scores in zip(query_ids, block_ids, scores):
             qid = str(qid).replace(" ", "_")
-            rank = 0
-            for block, score in zip(row_ids, row_scores):
-                if block < 0:
-                    continue
-                rank += 1
-                f.write(f"{qid} Q0 {int(block)} {rank} {float(score):.6f} {run_name}\n")
-    os.replace(tmp, path)
+            ranked = [(b, s) for b, s in zip(row_ids, row_scores) if b >= 0]
+            for rank, (block, score) in enumerate(ranked, 1):
+                yield f"{qid} Q0 {int(block)} {rank} {float(score):.6f} {run_name}\n"
+    write_lines_atomic(path, lines(), "the run file")
 
 
 def qrels_path(run_file: str) -> str:
@@ -84,8 +81,7 @@ def write_qrels(path: str, query_ids: Sequence[str], block_ids: np.ndarray,
     the retrieved pool only (a block never retrieved is unjudged, which trec_eval counts as not
     relevant), so ``success@k`` from the two files is the report's ``answer_recall@k``.
     Written atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    def lines():
         for qid, row_ids, row_hits in zip(query_ids, block_ids, hits):
             qid = str(qid).replace(" ", "_")
             judged: dict[int, int] = {}
@@ -93,8 +89,8 @@ def write_qrels(path: str, query_ids: Sequence[str], block_ids: np.ndarray,
                 if block >= 0:
                     judged[int(block)] = max(judged.get(int(block), 0), int(bool(hit)))
             for block, rel in judged.items():
-                f.write(f"{qid} 0 {block} {rel}\n")
-    os.replace(tmp, path)
+                yield f"{qid} 0 {block} {rel}\n"
+    write_lines_atomic(path, lines(), "the qrels")
 
 
 def ict_sentences(store: BlockStore, holdout: int, seed: int, n: Optional[int] = None):

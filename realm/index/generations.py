@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from realm.fsutil import fsync_dir, pid_alive
+from realm.fsutil import pid_alive, write_atomic
 from realm.index.commit import (GEN_PATTERN, GENERATION_FILES, GENERATION_KIND, LATEST, MANIFEST,
                                 MANIFEST_KEYS, GenerationWriter, gen_name)
 from realm.index.mips import MipsIndex, array_from_bytes
@@ -136,21 +136,7 @@ class GenerationStore(GenerationWriter):
         if not self.local:
             self.fs.pipe_file(path, data)  # a single PUT: atomic on object stores
             return
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-"
-                                      f"{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(directory)
+        write_atomic(path, [data])
 
     def write_json_atomic(self, path: str, obj: Any) -> None:
         self.write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
@@ -175,8 +161,26 @@ class GenerationStore(GenerationWriter):
     # -- index generations ----------------------------------------------------------------
 
     def read_latest(self) -> Optional[dict[str, Any]]:
-        """The committed ``index/LATEST`` pointer (``generation``, ``encoder_step``...), or None."""
-        return self.read_json(self.path("index", LATEST))
+        """The committed ``index/LATEST`` pointer (``generation``, ``encoder_step``...), or None.
+
+        Raises:
+            RunDirError: the pointer is not JSON, not an object, or lacks an integer
+                ``generation``: refused as corrupt, in one line naming the file (the commit
+                replaces it atomically, so only a hand or another program writes one such)."""
+        where = self.path("index", LATEST)
+        try:
+            pointer = self.read_json(where)
+        except ValueError as e:  # JSON or UTF-8
+            raise RunDirError(f"{where}: malformed ({e}): refused as corrupt; delete it and "
+                              "re-run (the refresher commits a new generation)") from None
+        if pointer is None:
+            return None
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("generation"), int):
+            what = ("lacks 'generation'" if isinstance(pointer, dict) and "generation" not in
+                    pointer else f"no integer 'generation' in {pointer!r}")
+            raise RunDirError(f"{where}: {what}: refused as corrupt; delete it and re-run (the "
+                              "refresher commits a new generation)")
+        return pointer
 
     def generations(self) -> list[int]:
         """Generation numbers with a final-name directory (committed or orphaned)."""
