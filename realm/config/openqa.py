@@ -29,6 +29,10 @@ class OpenQAConfig:
         "The document index is built once from its document encoder and stays fixed.",
         default="bm25"
     )
+    fuse_bm25: bool = doc(
+        "A dense `retriever`'s top `k` chosen together with BM25 (reciprocal rank fusion of "
+        "each one's top 100) in fine-tuning, evaluation and answering; the blocks' scores, "
+        "p(z|x) and the query encoder's gradient stay the dense retriever's.", default=False)
     dpr_steps: int = doc("`retriever: dpr`: training steps of the DPR retriever.", default=150)
     dpr_batch_size: int = doc("`retriever: dpr`: questions per DPR step.", default=8)
     dpr_lr: float = doc("`retriever: dpr`: learning rate of the DPR retriever.", default=3.0e-5)

@@ -74,8 +74,8 @@ def retrieve_blocks(retriever: Optional[Retriever], index, questions: Sequence[s
     Args:
         retriever: The dense retriever whose document encoder built ``index``; None: ``index``
             is BM25 and searches the question texts.
-        index: :class:`realm.retrieval.fixed.DenseIndex` or
-            :class:`realm.retrieval.fixed.BM25Index`.
+        index: :class:`realm.retrieval.fixed.DenseIndex` (or its ``HybridIndex``, which
+            also reads the question texts) or :class:`realm.retrieval.fixed.BM25Index`.
         questions: ``B`` question texts.
         question_ids: Their word pieces (no special tokens; dense only).
         k: Blocks per question.
@@ -93,7 +93,7 @@ def retrieve_blocks(retriever: Optional[Retriever], index, questions: Sequence[s
     q_in = build_query_inputs(list(question_ids), cls_id, sep_id, pad_id,
                               max_length=max_question_tokens + 2)
     q_reps = retriever.encode_queries(*(t.to(device) for t in q_in)).q_reps  # [B, dim]
-    return index.search(q_reps, k)
+    return index.search(q_reps, k, questions=list(questions))
 
 
 def freeze_for_fixed_index(retriever: Retriever, train_query_encoder: bool) -> None:

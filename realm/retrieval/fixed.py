@@ -28,7 +28,7 @@ from realm.modeling.rag import GenerativeOpenQAModel, RAGGenerator
 from realm.modeling.span_reader import SpanReader
 from realm.modeling.retriever import Retriever
 from realm.precision import autocast_dtype
-from realm.retrieval.search import block_bm25
+from realm.retrieval.search import block_bm25, reciprocal_rank_fusion
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,18 @@ class DenseIndex:
         self.embeddings = torch.from_numpy(np.ascontiguousarray(embeddings, np.float32))
         self.index = build_index(self.embeddings.numpy())
 
-    def search(self, q_reps: torch.Tensor, k: int) -> SearchResult:
+    def search(self, q_reps: torch.Tensor, k: int,
+               questions: Optional[Sequence[str]] = None) -> SearchResult:
         """Top-``k`` blocks: scores ``q . e`` ``[B, k]`` (a tensor with grad to the query
-        encoder) and block ids ``[B, k]``."""
+        encoder) and block ids ``[B, k]``. ``questions``: their texts (read by
+        :class:`HybridIndex` only)."""
         ids = mips_search(self.index, q_reps.detach().float().cpu().numpy(), k).block_ids  # [B, k]
+        return SearchResult(self.scores(q_reps, ids), ids)
+
+    def scores(self, q_reps: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        """``q . e`` of the blocks ``ids`` ``[B, k]`` (with grad to the query encoder)."""
         docs = self.embeddings[torch.from_numpy(ids)].to(q_reps.device)  # [B, k, dim]
-        return SearchResult(torch.einsum("bd,bkd->bk", q_reps.float(), docs), ids)  # [B, k]
+        return torch.einsum("bd,bkd->bk", q_reps.float(), docs)  # [B, k]
 
 
 class BM25Index:
@@ -64,6 +70,28 @@ class BM25Index:
         """Top-``k`` blocks: BM25 scores ``[B, k]`` (a float32 tensor) and block ids ``[B, k]``."""
         scores, ids = self.bm25.search(list(questions), k)  # [B, k] each
         return SearchResult(torch.from_numpy(np.ascontiguousarray(scores, np.float32)), ids)
+
+
+class HybridIndex(DenseIndex):
+    """The dense index's top k chosen together with BM25: each ranks its top ``depth`` blocks
+    and reciprocal rank fusion (:func:`realm.retrieval.search.reciprocal_rank_fusion`) picks the
+    k read. The blocks' scores stay the dense ``q . e``, so ``p(z|x)`` and the query encoder's
+    gradient are the dense retriever's; BM25 only brings in blocks that share the question's
+    rare words (a name the dense retriever ranks low: "who painted the mona lisa")."""
+
+    def __init__(self, embeddings: np.ndarray, store: BlockStore, depth: int = 100):
+        super().__init__(embeddings)
+        self.bm25, self.depth = BM25Index(store), depth
+
+    def search(self, q_reps: torch.Tensor, k: int,
+               questions: Optional[Sequence[str]] = None) -> SearchResult:
+        if questions is None or len(questions) != len(q_reps):
+            raise ValueError("a hybrid (dense + BM25) index searches with the question texts")
+        depth = max(self.depth, k)
+        dense = mips_search(self.index, q_reps.detach().float().cpu().numpy(), depth).block_ids
+        sparse = self.bm25.search(questions, depth).block_ids
+        _, ids = reciprocal_rank_fusion([dense, np.asarray(sparse)], k)
+        return SearchResult(self.scores(q_reps, ids), ids)
 
 
 def document_embeddings(retriever: Retriever, store: BlockStore, max_block_tokens: int,
@@ -105,6 +133,7 @@ def save_openqa_model(model: OpenQAModel | GenerativeOpenQAModel, directory: str
         if tokenizer is not None:  # AutoTokenizer.from_pretrained(directory)
             tokenizer.save_pretrained(str(tmp))
         if model.dense:
+            settings = {**settings, "fuse_bm25": isinstance(model.index, HybridIndex)}
             model.retriever.max_query_tokens = model.max_question_tokens  # as trained here
             model.retriever.save_pretrained(tmp / "retriever")
             np.save(tmp / EMBEDDINGS_FILE, model.index.embeddings.numpy())
@@ -135,10 +164,14 @@ def _load_retrieval(directory: str, manifest: dict[str, Any], store: BlockStore,
     retriever = Retriever.from_pretrained(os.path.join(directory, "retriever"))
     check_tokenizer(retriever.tokenizer, store)
     if manifest["corpus"]["fingerprint"] == store.fingerprint:
-        return retriever, DenseIndex(np.load(os.path.join(directory, EMBEDDINGS_FILE)))
-    logger.info("%s is not the corpus the model was fine-tuned on: embedding it", store.path)
-    return retriever, DenseIndex(document_embeddings(retriever, store, max_block_tokens,
-                                                     progress=progress, precision=precision))
+        embeddings = np.load(os.path.join(directory, EMBEDDINGS_FILE))
+    else:
+        logger.info("%s is not the corpus the model was fine-tuned on: embedding it", store.path)
+        embeddings = document_embeddings(retriever, store, max_block_tokens, progress=progress,
+                                         precision=precision)
+    if manifest.get("fuse_bm25"):  # its top k chosen with BM25, as it was fine-tuned
+        return retriever, HybridIndex(embeddings, store)
+    return retriever, DenseIndex(embeddings)
 
 
 def load_openqa_model(directory: str, store: BlockStore, max_block_tokens: int = 288,

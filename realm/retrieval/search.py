@@ -307,18 +307,28 @@ class FusionSearcher(Searcher):
         texts = list(queries)
         depth = max(self.depth, k)
         rankings = [s.search(texts, depth).block_ids for s in self.searchers]
-        scores = np.zeros((len(texts), k), np.float64)
-        ids = np.full((len(texts), k), -1, np.int64)
-        for q in range(len(texts)):
-            fused: dict[int, float] = collections.defaultdict(float)
-            for ranking in rankings:
-                for rank, block in enumerate(int(b) for b in ranking[q] if b >= 0):
-                    fused[block] += 1.0 / (self.k_rrf + rank + 1)
-            best = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-            ids[q, : len(best)] = [b for b, _ in best]
-            scores[q, : len(best)] = [s for _, s in best]
-        return SearchResult(scores, ids)
+        return SearchResult(*reciprocal_rank_fusion(rankings, k, self.k_rrf))
+
+
+def reciprocal_rank_fusion(rankings: Sequence[np.ndarray], k: int, k_rrf: int = 60
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Reciprocal rank fusion of several rankings of the same queries (block ids ``[n, depth]``
+    each, -1 for none): a block scores ``sum 1 / (k_rrf + rank)`` over the rankings it appears
+    in (rank from 1); ties go to the lower block id. Returns fused scores ``[n, k]`` (float64)
+    and block ids ``[n, k]`` (-1 / 0 where fewer were found)."""
+    n = len(rankings[0])
+    scores = np.zeros((n, k), np.float64)
+    ids = np.full((n, k), -1, np.int64)
+    for q in range(n):
+        fused: dict[int, float] = collections.defaultdict(float)
+        for ranking in rankings:
+            for rank, block in enumerate(int(b) for b in ranking[q] if b >= 0):
+                fused[block] += 1.0 / (k_rrf + rank + 1)
+        best = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        ids[q, : len(best)] = [b for b, _ in best]
+        scores[q, : len(best)] = [s for _, s in best]
+    return scores, ids
 
 
 __all__ = ["BM25Searcher", "DenseSearcher", "FusionSearcher", "Hit", "SearchResult", "Searcher",
-           "block_bm25", "run_config", "trained_lengths"]
+           "block_bm25", "reciprocal_rank_fusion", "run_config", "trained_lengths"]

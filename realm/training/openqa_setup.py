@@ -17,7 +17,7 @@ from realm.evaluate.openqa import evaluate_openqa, write_predictions
 from realm.fsutil import sha256_file
 from realm.hub import run_part
 from realm.modeling.retriever import Retriever, load_retriever
-from realm.retrieval.fixed import BM25Index, DenseIndex, document_embeddings
+from realm.retrieval.fixed import BM25Index, DenseIndex, HybridIndex, document_embeddings
 from realm.tracking import Tracker
 from realm.training.accelerator import make_accelerator
 from realm.training.ict import parameters_sha256
@@ -58,7 +58,8 @@ def prepare_retrieval(config, corpus_dir: str, store: BlockStore, accelerator,
 
     Returns:
         ``(retriever, index, retriever_dir)``: the retriever (None for BM25), a
-        :class:`DenseIndex` or :class:`BM25Index`, and the retriever directory read (None for
+        :class:`DenseIndex` (a :class:`HybridIndex` with ``openqa.fuse_bm25``) or
+        :class:`BM25Index`, and the retriever directory read (None for
         BM25 and zero-shot checkpoints).
 
     Raises:
@@ -66,6 +67,9 @@ def prepare_retrieval(config, corpus_dir: str, store: BlockStore, accelerator,
     """
     o, r = config.openqa, config.retriever
     if o.retriever == "bm25":
+        if o.fuse_bm25:
+            raise ValueError("openqa.fuse_bm25: fuses a dense retriever with BM25; "
+                             "openqa.retriever is bm25 already")
         return None, BM25Index(store), None
     retriever_dir = (prepare_dpr_retriever(config, corpus_dir) if o.retriever == "dpr"
                      else run_part(o.retriever, "retriever"))
@@ -92,8 +96,9 @@ def prepare_retrieval(config, corpus_dir: str, store: BlockStore, accelerator,
         document_embeddings(retriever, store, r.max_block_tokens, cache, progress,
                             config.refresh.precision)
     accelerator.wait_for_everyone()
-    index = DenseIndex(document_embeddings(retriever, store, r.max_block_tokens, cache,
-                                           progress, config.refresh.precision))
+    embeddings = document_embeddings(retriever, store, r.max_block_tokens, cache, progress,
+                                     config.refresh.precision)
+    index = HybridIndex(embeddings, store) if o.fuse_bm25 else DenseIndex(embeddings)
     return retriever, index, retriever_dir
 
 

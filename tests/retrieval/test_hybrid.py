@@ -1,0 +1,79 @@
+"""`openqa.fuse_bm25`: a dense Open-QA index whose top k is chosen with BM25 (reciprocal rank
+fusion), the blocks scored by the dense retriever (grad to the query encoder); saved models
+keep it."""
+
+import numpy as np
+import pytest
+import torch
+
+from realm.data.store import BlockStore
+from realm.modeling.retriever import Retriever
+from realm.retrieval.fixed import (BM25Index, DenseIndex, HybridIndex, document_embeddings,
+                                   load_openqa_model, save_openqa_model)
+from realm.retrieval.search import reciprocal_rank_fusion
+
+
+def test_reciprocal_rank_fusion_by_hand():
+    a = np.array([[3, 1, 2], [0, -1, -1]])
+    b = np.array([[1, 4, 3], [5, 0, -1]])
+    scores, ids = reciprocal_rank_fusion([a, b], 3, k_rrf=60)
+    # 1: 1/62 + 1/61; 3: 1/61 + 1/63; 4: 1/62; 2: 1/63
+    assert ids[0].tolist() == [1, 3, 4]
+    np.testing.assert_allclose(scores[0], [1 / 62 + 1 / 61, 1 / 61 + 1 / 63, 1 / 62])
+    assert ids[1].tolist() == [0, 5, -1] and scores[1, 2] == 0  # 0: 1/61 + 1/62; 5: 1/61
+
+
+def test_a_hybrid_index_reads_bm25s_find_and_scores_with_the_query_encoder(squad_tiny):
+    store = BlockStore(str(squad_tiny / "corpus"))
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((len(store), 8)).astype(np.float32)
+    hybrid = HybridIndex(embeddings, store, depth=len(store))
+    questions = ["Which NFL team represented the AFC at Super Bowl 50?",
+                 "Where did Super Bowl 50 take place?"]
+    q_reps = torch.randn(2, 8, requires_grad=True)
+    found = hybrid.search(q_reps, 3, questions=questions)
+    dense = DenseIndex(embeddings).search(q_reps, len(store)).block_ids
+    sparse = BM25Index(store).search(questions, len(store)).block_ids
+    assert found.block_ids.tolist() == reciprocal_rank_fusion([dense, sparse], 3)[1].tolist()
+    expected = torch.einsum("bd,bkd->bk", q_reps, torch.from_numpy(embeddings)[
+        torch.from_numpy(found.block_ids)])
+    torch.testing.assert_close(found.scores, expected)
+    found.scores.sum().backward()  # p(z|x) is the dense retriever's: the query encoder trains
+    assert q_reps.grad is not None and q_reps.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="question texts"):
+        hybrid.search(q_reps, 3)
+
+
+def test_a_model_fine_tuned_with_fusion_is_saved_and_loaded_with_it(
+        squad_tiny, tiny_encoder, tiny_retriever, tmp_path):
+    from realm.modeling.openqa import OpenQAModel, retrieve_blocks
+    from realm.modeling.span_reader import SpanReader
+
+    store = BlockStore(str(squad_tiny / "corpus"))
+    retriever = Retriever.from_pretrained(tiny_retriever)
+    index = HybridIndex(document_embeddings(retriever, store, 64, progress=False), store)
+    torch.manual_seed(0)
+    reader = SpanReader.from_checkpoint(tiny_encoder, seed=0)
+    model = OpenQAModel(retriever, reader, index, store, reader.tokenizer, k=2,
+                        max_question_tokens=20, max_joined_tokens=160)
+    questions = ["Where did Super Bowl 50 take place?", "Who won Super Bowl 50?"]
+    ids = [retriever.tokenizer(q, add_special_tokens=False)["input_ids"] for q in questions]
+
+    def retrieve(m):
+        with torch.no_grad():
+            return retrieve_blocks(m.retriever, m.index, questions, ids, 2, m.special, 20)
+
+    before = retrieve(model)
+    save_openqa_model(model, str(tmp_path / "model"), {
+        "k": 2, "max_question_tokens": 20, "max_joined_tokens": 160})
+    loaded = load_openqa_model(str(tmp_path / "model"), store, progress=False)
+    assert isinstance(loaded.index, HybridIndex)
+    after = retrieve(loaded)
+    assert after.block_ids.tolist() == before.block_ids.tolist()
+    torch.testing.assert_close(after.scores, before.scores)
+    # without fusion the saved model says so, and loads a plain dense index
+    model.index = DenseIndex(index.embeddings.numpy())
+    save_openqa_model(model, str(tmp_path / "plain"), {
+        "k": 2, "max_question_tokens": 20, "max_joined_tokens": 160})
+    plain = load_openqa_model(str(tmp_path / "plain"), store, progress=False)
+    assert type(plain.index) is DenseIndex
