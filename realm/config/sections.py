@@ -41,6 +41,11 @@ class DataConfig:
     max_articles: Optional[int] = doc(
         "Read at most this many articles (a slice for experiments); null reads all.", default=None
     )
+    expected_blocks: Optional[int] = doc(
+        "Blocks the corpus is expected to hold, for `python -m realm plan` before the corpus is "
+        "built or its input is at hand (REALM's English Wikipedia: 13,353,718); a built corpus's "
+        "count, or an estimate from `input`, comes first. null: none.", default=None
+    )
     on_bad_record: Literal["error", "skip"] = doc(
         "`error` stops at the first malformed record naming file and line; `skip` skips it, "
         "warns, and counts it in the manifest.",
@@ -59,6 +64,8 @@ class DataConfig:
                f"must be >= 1, got {self.min_text_chars}")
         check(self.max_articles is None or self.max_articles > 0, "data.max_articles",
                f"must be > 0 or null, got {self.max_articles}")
+        check(self.expected_blocks is None or self.expected_blocks > 0, "data.expected_blocks",
+               f"must be > 0 or null, got {self.expected_blocks}")
         check(self.chunk_articles > 0, "data.chunk_articles",
                f"must be > 0, got {self.chunk_articles}")
 

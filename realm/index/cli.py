@@ -41,7 +41,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print_error(parser.prog, e)
         return 1
     emit_summary(out)
-    return 0 if out["verdict"] == "fits" else 1
+    if out["verdict"] != "fits":  # the JSON above, and the verdict in the one error shape
+        print_error(parser.prog, "refused: " + "; ".join(out["problems"]))
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

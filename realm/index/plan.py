@@ -116,6 +116,11 @@ def estimate_blocks(data, max_block_tokens: int) -> dict[str, Any]:
         raise ConfigError("corpus: no corpus directory given and data.input is empty: nothing "
                           "to plan for (set corpus=DIR or data.input=FILE, or give --blocks N)")
     path = resolve_input(data.input)
+    if not data.input.startswith("hf:") and not os.path.exists(path) and data.expected_blocks:
+        return {"blocks": int(data.expected_blocks),
+                "tokens_per_block": round(min(max_block_tokens, data.max_block_tokens)
+                                          * BLOCK_FILL + 3, 1),
+                "blocks_from": f"data.expected_blocks (data.input={data.input} is not here)"}
     if not data.input.startswith("hf:") and not os.path.exists(path):
         raise ConfigError(f"data.input={data.input}: no such file: build the corpus or give "
                           "--blocks N (REALM's English Wikipedia: 13,353,718)")

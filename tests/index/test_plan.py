@@ -116,11 +116,15 @@ def test_the_plan_command_prints_one_json_object(leads_corpus, tmp_path):
     refused = subprocess.run(cmd + ["index.factory=IVF4096,Flat"], capture_output=True,
                              text=True, timeout=120, env=_env())
     assert refused.returncode == 1 and json.loads(refused.stdout)["verdict"] == "refused"
+    errors = [line for line in refused.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and errors[0].startswith("python -m realm plan: error: refused: ")
+    assert "IVF4096,Flat" in errors[0]
     bert = subprocess.run([sys.executable, "-m", "realm", "plan", "--config",
-                           str(REPO / "configs" / "realm_bert_base.yaml"), "--blocks", "13353718",
+                           str(REPO / "configs" / "realm_bert_base.yaml"),  # data.expected_blocks
                            "--processes", "8", "--device", "cpu"],
                           capture_output=True, text=True, timeout=120, env=_env())
     out = json.loads(bert.stdout.strip())
+    assert out["blocks"] == 13353718 and out["blocks_from"].startswith("data.expected_blocks")
     assert out["index_bytes_per_rank"] < 0.2e9 and out["snapshot_bytes"] > 0.8e9  # BERT-base
     assert out["problems"] == [] or "memory" in out["problems"][0] or "disk" in out["problems"][0]
 
