@@ -29,10 +29,11 @@ class OpenQAConfig:
         "The document index is built once from its document encoder and stays fixed.",
         default="bm25"
     )
-    fuse_bm25: bool = doc(
-        "A dense `retriever`'s top `k` chosen together with BM25 (reciprocal rank fusion of "
-        "each one's top 100) in fine-tuning, evaluation and answering; the blocks' scores, "
-        "p(z|x) and the query encoder's gradient stay the dense retriever's.", default=False)
+    bm25_blocks: int = doc(
+        "With a dense `retriever`: this many of the `k` blocks read are BM25's top ones (the "
+        "rest the dense retriever's top, a block both pick read once), in fine-tuning, "
+        "evaluation and answering; the blocks' scores, p(z|x) and the query encoder's gradient "
+        "stay the dense retriever's. 0: the dense retriever's top k alone.", default=0)
     dpr_steps: int = doc("`retriever: dpr`: training steps of the DPR retriever.", default=150)
     dpr_batch_size: int = doc("`retriever: dpr`: questions per DPR step.", default=8)
     dpr_lr: float = doc("`retriever: dpr`: learning rate of the DPR retriever.", default=3.0e-5)
@@ -148,6 +149,8 @@ class OpenQAConfig:
                     "dpr_steps", "dpr_batch_size", "dpr_lr"):
             check(getattr(self, key) > 0, f"openqa.{key}", f"must be > 0, got {getattr(self, key)}")
         check(self.eval_limit >= 0, "openqa.eval_limit", f"must be >= 0, got {self.eval_limit}")
+        check(0 <= self.bm25_blocks <= self.k, "openqa.bm25_blocks",
+              f"must be between 0 and k ({self.k}), got {self.bm25_blocks}")
         check(self.span_scorer in ("start_end", "mlp"), "openqa.span_scorer",
                f"must be start_end or mlp, got {self.span_scorer!r}")
         check(self.normalization in ("shared", "block"), "openqa.normalization",

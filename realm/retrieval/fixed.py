@@ -28,7 +28,7 @@ from realm.modeling.rag import GenerativeOpenQAModel, RAGGenerator
 from realm.modeling.span_reader import SpanReader
 from realm.modeling.retriever import Retriever
 from realm.precision import autocast_dtype
-from realm.retrieval.search import block_bm25, reciprocal_rank_fusion
+from realm.retrieval.search import block_bm25
 
 logger = logging.getLogger(__name__)
 
@@ -73,24 +73,31 @@ class BM25Index:
 
 
 class HybridIndex(DenseIndex):
-    """The dense index's top k chosen together with BM25: each ranks its top ``depth`` blocks
-    and reciprocal rank fusion (:func:`realm.retrieval.search.reciprocal_rank_fusion`) picks the
-    k read. The blocks' scores stay the dense ``q . e``, so ``p(z|x)`` and the query encoder's
-    gradient are the dense retriever's; BM25 only brings in blocks that share the question's
-    rare words (a name the dense retriever ranks low: "who painted the mona lisa")."""
+    """The dense index with ``bm25_blocks`` of the k blocks read taken from BM25: BM25's top
+    ``bm25_blocks`` and the dense retriever's top ``k - bm25_blocks`` (a block both pick is read
+    once and the next of the dense ranking fills its place). The blocks' scores stay the dense
+    ``q . e``, so ``p(z|x)`` and the query encoder's gradient are the dense retriever's; BM25 only
+    brings in a block that shares the question's rare words and that the dense retriever ranks
+    low ("who painted the mona lisa": BM25's first block is Mona Lisa, outside DPR's top 10)."""
 
-    def __init__(self, embeddings: np.ndarray, store: BlockStore, depth: int = 100):
+    def __init__(self, embeddings: np.ndarray, store: BlockStore, bm25_blocks: int = 1):
         super().__init__(embeddings)
-        self.bm25, self.depth = BM25Index(store), depth
+        if bm25_blocks < 1:
+            raise ValueError(f"bm25_blocks must be >= 1, got {bm25_blocks}")
+        self.bm25, self.bm25_blocks = BM25Index(store), bm25_blocks
 
     def search(self, q_reps: torch.Tensor, k: int,
                questions: Optional[Sequence[str]] = None) -> SearchResult:
         if questions is None or len(questions) != len(q_reps):
             raise ValueError("a hybrid (dense + BM25) index searches with the question texts")
-        depth = max(self.depth, k)
-        dense = mips_search(self.index, q_reps.detach().float().cpu().numpy(), depth).block_ids
-        sparse = self.bm25.search(questions, depth).block_ids
-        _, ids = reciprocal_rank_fusion([dense, np.asarray(sparse)], k)
+        n_bm25 = min(self.bm25_blocks, k)
+        dense = mips_search(self.index, q_reps.detach().float().cpu().numpy(), k).block_ids
+        sparse = self.bm25.search(questions, n_bm25).block_ids
+        ids = np.full((len(questions), k), -1, np.int64)
+        for row, (d, b) in enumerate(zip(dense, sparse)):
+            picked = [int(x) for x in b[:n_bm25] if x >= 0]
+            picked += [int(x) for x in d if x >= 0 and int(x) not in picked][: k - len(picked)]
+            ids[row, : len(picked)] = picked
         return SearchResult(self.scores(q_reps, ids), ids)
 
 
@@ -133,7 +140,7 @@ def save_openqa_model(model: OpenQAModel | GenerativeOpenQAModel, directory: str
         if tokenizer is not None:  # AutoTokenizer.from_pretrained(directory)
             tokenizer.save_pretrained(str(tmp))
         if model.dense:
-            settings = {**settings, "fuse_bm25": isinstance(model.index, HybridIndex)}
+            settings = {**settings, "bm25_blocks": getattr(model.index, "bm25_blocks", 0)}
             model.retriever.max_query_tokens = model.max_question_tokens  # as trained here
             model.retriever.save_pretrained(tmp / "retriever")
             np.save(tmp / EMBEDDINGS_FILE, model.index.embeddings.numpy())
@@ -169,8 +176,8 @@ def _load_retrieval(directory: str, manifest: dict[str, Any], store: BlockStore,
         logger.info("%s is not the corpus the model was fine-tuned on: embedding it", store.path)
         embeddings = document_embeddings(retriever, store, max_block_tokens, progress=progress,
                                          precision=precision)
-    if manifest.get("fuse_bm25"):  # its top k chosen with BM25, as it was fine-tuned
-        return retriever, HybridIndex(embeddings, store)
+    if manifest.get("bm25_blocks"):  # BM25's top blocks read too, as it was fine-tuned
+        return retriever, HybridIndex(embeddings, store, manifest["bm25_blocks"])
     return retriever, DenseIndex(embeddings)
 
 

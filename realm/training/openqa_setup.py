@@ -58,7 +58,7 @@ def prepare_retrieval(config, corpus_dir: str, store: BlockStore, accelerator,
 
     Returns:
         ``(retriever, index, retriever_dir)``: the retriever (None for BM25), a
-        :class:`DenseIndex` (a :class:`HybridIndex` with ``openqa.fuse_bm25``) or
+        :class:`DenseIndex` (a :class:`HybridIndex` with ``openqa.bm25_blocks``) or
         :class:`BM25Index`, and the retriever directory read (None for
         BM25 and zero-shot checkpoints).
 
@@ -67,8 +67,8 @@ def prepare_retrieval(config, corpus_dir: str, store: BlockStore, accelerator,
     """
     o, r = config.openqa, config.retriever
     if o.retriever == "bm25":
-        if o.fuse_bm25:
-            raise ValueError("openqa.fuse_bm25: fuses a dense retriever with BM25; "
+        if o.bm25_blocks:
+            raise ValueError("openqa.bm25_blocks: BM25's blocks beside a dense retriever's; "
                              "openqa.retriever is bm25 already")
         return None, BM25Index(store), None
     retriever_dir = (prepare_dpr_retriever(config, corpus_dir) if o.retriever == "dpr"
@@ -98,7 +98,8 @@ def prepare_retrieval(config, corpus_dir: str, store: BlockStore, accelerator,
     accelerator.wait_for_everyone()
     embeddings = document_embeddings(retriever, store, r.max_block_tokens, cache, progress,
                                      config.refresh.precision)
-    index = HybridIndex(embeddings, store) if o.fuse_bm25 else DenseIndex(embeddings)
+    index = (HybridIndex(embeddings, store, o.bm25_blocks) if o.bm25_blocks
+             else DenseIndex(embeddings))
     return retriever, index, retriever_dir
 
 

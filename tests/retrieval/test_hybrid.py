@@ -1,6 +1,6 @@
-"""`openqa.fuse_bm25`: a dense Open-QA index whose top k is chosen with BM25 (reciprocal rank
-fusion), the blocks scored by the dense retriever (grad to the query encoder); saved models
-keep it."""
+"""`openqa.bm25_blocks`: a dense Open-QA index that reads BM25's top blocks beside its own, the
+blocks scored by the dense retriever (grad to the query encoder); saved models keep it. And the
+reciprocal rank fusion of `evaluate.py retrieval --fuse-bm25`."""
 
 import numpy as np
 import pytest
@@ -23,25 +23,35 @@ def test_reciprocal_rank_fusion_by_hand():
     assert ids[1].tolist() == [0, 5, -1] and scores[1, 2] == 0  # 0: 1/61 + 1/62; 5: 1/61
 
 
-def test_a_hybrid_index_reads_bm25s_find_and_scores_with_the_query_encoder(squad_tiny):
+def test_a_hybrid_index_reads_bm25s_first_blocks_and_scores_with_the_query_encoder(squad_tiny):
     store = BlockStore(str(squad_tiny / "corpus"))
     rng = np.random.default_rng(0)
     embeddings = rng.standard_normal((len(store), 8)).astype(np.float32)
-    hybrid = HybridIndex(embeddings, store, depth=len(store))
     questions = ["Which NFL team represented the AFC at Super Bowl 50?",
                  "Where did Super Bowl 50 take place?"]
     q_reps = torch.randn(2, 8, requires_grad=True)
-    found = hybrid.search(q_reps, 3, questions=questions)
     dense = DenseIndex(embeddings).search(q_reps, len(store)).block_ids
     sparse = BM25Index(store).search(questions, len(store)).block_ids
-    assert found.block_ids.tolist() == reciprocal_rank_fusion([dense, sparse], 3)[1].tolist()
-    expected = torch.einsum("bd,bkd->bk", q_reps, torch.from_numpy(embeddings)[
-        torch.from_numpy(found.block_ids)])
-    torch.testing.assert_close(found.scores, expected)
+    for n in (1, 2):
+        found = HybridIndex(embeddings, store, bm25_blocks=n).search(q_reps, 4,
+                                                                     questions=questions)
+        for row in range(2):  # BM25's first n, then the dense ranking's first others
+            picked = list(sparse[row, :n])
+            picked += [b for b in dense[row] if b not in picked][: 4 - n]
+            assert found.block_ids[row].tolist() == picked
+            assert len(set(picked)) == 4
+        expected = torch.einsum("bd,bkd->bk", q_reps, torch.from_numpy(embeddings)[
+            torch.from_numpy(found.block_ids)])
+        torch.testing.assert_close(found.scores, expected)
     found.scores.sum().backward()  # p(z|x) is the dense retriever's: the query encoder trains
     assert q_reps.grad is not None and q_reps.grad.abs().sum() > 0
+    # a question whose BM25 block the dense ranking also puts first: read once, the next fills
+    both = HybridIndex(embeddings, store)
+    both.bm25.search = lambda qs, k: type(found)(torch.zeros(len(qs), k), dense[:, :k])
+    again = both.search(q_reps, 3, questions=questions)
+    assert again.block_ids.tolist() == dense[:, :3].tolist()
     with pytest.raises(ValueError, match="question texts"):
-        hybrid.search(q_reps, 3)
+        both.search(q_reps, 3)
 
 
 def test_a_model_fine_tuned_with_fusion_is_saved_and_loaded_with_it(
@@ -52,6 +62,7 @@ def test_a_model_fine_tuned_with_fusion_is_saved_and_loaded_with_it(
     store = BlockStore(str(squad_tiny / "corpus"))
     retriever = Retriever.from_pretrained(tiny_retriever)
     index = HybridIndex(document_embeddings(retriever, store, 64, progress=False), store)
+    assert index.bm25_blocks == 1
     torch.manual_seed(0)
     reader = SpanReader.from_checkpoint(tiny_encoder, seed=0)
     model = OpenQAModel(retriever, reader, index, store, reader.tokenizer, k=2,
