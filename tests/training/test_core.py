@@ -352,13 +352,25 @@ def test_an_interrupt_during_a_step_checkpoints_that_step_whole(tmp_path, monkey
     """A SIGINT that arrives inside the optimizer's update acts once the step count has caught up
     (the checkpoint's weights are its step's); one that arrives after the update but before the
     step's record still leaves that record, so the resumed run's metrics have every step once."""
+    import signal
+
+    from realm.training.checkpoint import checkpoints
+
+    # Python's own Ctrl-C handler: a shell starts background jobs with SIGINT ignored, and
+    # Python then keeps it ignored (CI run under nohup ... &), where no interrupt would arrive
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_each_way(tmp_path, monkeypatch, checkpoints)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_each_way(tmp_path, monkeypatch, checkpoints):
     import os
     import signal
 
     import pytest
     from accelerate import Accelerator
-
-    from realm.training.checkpoint import checkpoints
 
     for where in ("update", "hook"):
         run_dir = tmp_path / where
