@@ -33,7 +33,8 @@ class OpenQAConfig:
         "With a dense `retriever`: this many of the `k` blocks read are BM25's top ones (the "
         "rest the dense retriever's top, a block both pick read once), in fine-tuning, "
         "evaluation and answering; the blocks' scores, p(z|x) and the query encoder's gradient "
-        "stay the dense retriever's. 0: the dense retriever's top k alone.", default=0)
+        "stay the dense retriever's. 0: the dense retriever's top k alone. No effect with "
+        "`retriever: bm25` (every block is BM25's).", default=0)
     dpr_steps: int = doc("`retriever: dpr`: training steps of the DPR retriever.", default=150)
     dpr_batch_size: int = doc("`retriever: dpr`: questions per DPR step.", default=8)
     dpr_lr: float = doc("`retriever: dpr`: learning rate of the DPR retriever.", default=3.0e-5)

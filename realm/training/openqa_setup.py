@@ -67,9 +67,6 @@ def prepare_retrieval(config, corpus_dir: str, store: BlockStore, accelerator,
     """
     o, r = config.openqa, config.retriever
     if o.retriever == "bm25":
-        if o.bm25_blocks:
-            raise ValueError("openqa.bm25_blocks: BM25's blocks beside a dense retriever's; "
-                             "openqa.retriever is bm25 already")
         return None, BM25Index(store), None
     retriever_dir = (prepare_dpr_retriever(config, corpus_dir) if o.retriever == "dpr"
                      else run_part(o.retriever, "retriever"))
