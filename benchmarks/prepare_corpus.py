@@ -1,8 +1,10 @@
 """Corpus-build throughput: blocks/s, NER sentences/s against a bare ``nlp.pipe``, peak RSS.
 
-    python benchmarks/prepare_corpus.py [--slice 3000] [--n-process 1] [--batch-size 512]
+    python benchmarks/prepare_corpus.py [--n-process 1] [--batch-size 512]
+    python benchmarks/prepare_corpus.py --input enwiki2015_first30k_articles.jsonl.gz --slice 3000
 
-For each corpus (the 10k lead sections; the first ``--slice`` articles of the 2015 Wikipedia file)
+For each corpus (the 10k lead sections; with ``--input``, also the first ``--slice`` articles of
+that file, e.g. a local copy of the 2015 Wikipedia sample)
 it builds a corpus directory with ``realm.data.build.build_corpus`` and then, in the same process,
 runs a bare ``nlp.pipe`` over exactly the sentences the build saw. ``ner_ratio`` is the build's
 sentences/s over the bare pipe's sentences/s: how close the whole pipeline (reading, tokenizing,
@@ -17,16 +19,12 @@ import resource
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from realm.config import DataConfig, SpansConfig
 from realm.data.blocks import split_sentences
 from realm.data.build import build_corpus
 from realm.data.readers import CorpusReader
 from realm.data.spans import load_ner
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -73,14 +71,17 @@ def bench(name: str, source: str, max_articles, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--slice", type=int, default=3000, help="articles of the 2015 file")
+    parser.add_argument("--input", help="a second corpus input (file, directory, hf:NAME) to "
+                                        "build beside the lead sections")
+    parser.add_argument("--slice", type=int, default=3000, help="articles of --input")
     parser.add_argument("--n-process", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=512)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     results = [bench("wiki_leads_10k", "package:wiki-leads", None, args)]
-    wiki = SHARED / "wikipedia" / "enwiki2015_first30k_articles.jsonl.gz"
-    results.append(bench(f"enwiki2015_first{args.slice}", str(wiki), args.slice, args))
+    if args.input:
+        name = os.path.basename(args.input.rstrip("/")).split(".")[0]
+        results.append(bench(f"{name}_first{args.slice}", args.input, args.slice, args))
     print(json.dumps({"benchmark": "prepare_corpus", "n_process": args.n_process,
                       "batch_size": args.batch_size, "results": results,
                       "peak_rss_mb": round(peak_rss_mb(), 1)}))

@@ -4,6 +4,8 @@ refresh of real Wikipedia blocks, killed at 90% and resumed. Prints one JSON obj
 
     python benchmarks/scale_rehearsal.py                       # 10,000,000 x 128 (REALM's scale)
     python benchmarks/scale_rehearsal.py --blocks 1000000 --real-articles 300
+    python benchmarks/scale_rehearsal.py --real-input enwiki2015_first30k_articles.jsonl.gz \
+        --real-articles 30000              # a bigger real refresh, from a local Wikipedia file
 
 1. **Commit.** Synthetic float16 embeddings (a seeded normal, one shard at a time: never the
    whole N x D in memory) are written shard by shard into a generation in progress
@@ -23,8 +25,9 @@ refresh of real Wikipedia blocks, killed at 90% and resumed. Prints one JSON obj
    would commit it; loaded, checked and indexed by the watcher thread; swapped in by the loop):
    ``swap_median_ratio`` and ``swap_max_ratio`` are the median and max step time with swaps over
    without, in one run.
-5. **Real refresh** (``--real-articles``, 0 skips it): the first articles of the 2015 English
-   Wikipedia sample built as blocks (no spans), refreshed once by the real refresher
+5. **Real refresh** (``--real-articles``, 0 skips it): the articles of ``--real-input`` (by
+   default ``package:wiki-leads``, the 10,033 lead sections the main job reads; any corpus
+   input the data readers take) built as blocks (no spans), refreshed once by the real refresher
    (``python -m realm refresh --once``) with a 2-layer MiniLM retriever; then again in a new run
    directory, killed (``kill -9``) after 90% of its shards, and restarted: the resumed refresh's
    time over the full one's. The planner's estimates for the same run sit beside the figures.
@@ -51,8 +54,6 @@ sys.path.insert(0, REPO)
 from realm.index.building import GenerationBuild  # noqa: E402
 from realm.refresh.rundir import RunStore  # noqa: E402
 
-ENWIKI = os.path.join(REPO, "..", "shared", "data", "wikipedia",
-                      "enwiki2015_first30k_articles.jsonl.gz")
 FINGERPRINT = "synthetic"
 
 
@@ -202,8 +203,8 @@ def _refresh_cmd(run_dir: str, corpus: str, args) -> list[str]:
 
 
 def real_refresh(args, workdir: str) -> dict:
-    """Build the first ``--real-articles`` of the Wikipedia sample, refresh it once, then kill a
-    second refresh after 90% of its shards and time the resumed one."""
+    """Build the first ``--real-articles`` of ``--real-input`` (all of it when not given), refresh
+    it once, then kill a second refresh after 90% of its shards and time the resumed one."""
     from realm.config import DataConfig, SpansConfig, load_config, override
     from realm.data.build import build_corpus
     from realm.data.store import BlockStore
@@ -211,7 +212,7 @@ def real_refresh(args, workdir: str) -> dict:
     from realm.index.plan import plan
     from realm.modeling.retriever import Retriever
 
-    corpus = os.path.join(workdir, "enwiki")
+    corpus = os.path.join(workdir, "real-corpus")
     t0 = time.perf_counter()
     build_corpus(DataConfig(input=args.real_input, max_articles=args.real_articles,
                             max_block_tokens=args.real_max_block_tokens),
@@ -223,7 +224,7 @@ def real_refresh(args, workdir: str) -> dict:
                                 os.path.join(workdir, "cache"))
     retriever = Retriever.from_checkpoint(encoder, dim=128, pooling="mean")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.real_threads), "HF_HUB_OFFLINE": "1"}
-    out: dict = {"articles": args.real_articles, "blocks": n, "build_s": round(build_s, 1),
+    out: dict = {"input": args.real_input, "articles": args.real_articles, "blocks": n, "build_s": round(build_s, 1),
                  "shard_blocks": args.real_shard_blocks, "threads": args.real_threads}
 
     full = os.path.join(workdir, "real-full")
@@ -296,21 +297,32 @@ def main() -> None:
     parser.add_argument("--swap-every", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--real-articles", type=int, default=30000,
-                        help="articles of the Wikipedia sample for the real refresh (0: skip)")
-    parser.add_argument("--real-input", default=ENWIKI)
+    parser.add_argument("--real-articles", type=int, default=None,
+                        help="articles of --real-input for the real refresh (default: all of "
+                             "them; 0: skip the real refresh)")
+    parser.add_argument("--real-input", default="package:wiki-leads",
+                        help="the real refresh's corpus input: a file, directory, hf:NAME or "
+                             "package:wiki-leads (default: the lead sections the main job reads)")
     parser.add_argument("--real-max-block-tokens", type=int, default=128)
     parser.add_argument("--real-threads", type=int, default=1,
                         help="refresher threads of the real refresh (1: what the planner's CPU "
                              "throughput was measured with)")
     parser.add_argument("--real-shard-blocks", type=int, default=0,
                         help="shard size of the real refresh (0: a twentieth of the blocks)")
-    parser.add_argument("--workdir", help="keep everything here (default: a temp directory)")
+    parser.add_argument("--workdir", help="keep everything here (default: a temp directory, "
+                                          "removed at the end: the default writes 2.6 GB)")
     args = parser.parse_args()
+    if args.workdir:
+        return rehearse(args, args.workdir)
+    with tempfile.TemporaryDirectory(prefix="realm-rehearsal-") as workdir:
+        rehearse(args, workdir)
+
+
+def rehearse(args, workdir: str) -> None:
+    """Run the five parts in ``workdir`` and print their JSON."""
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="realm-rehearsal-")
     run_dir = os.path.join(workdir, "synthetic")
     out: dict = {"benchmark": "scale_rehearsal", "blocks": args.blocks, "dim": args.dim,
                  "shard_blocks": args.shard_blocks, "threads": args.threads,
@@ -334,7 +346,7 @@ def main() -> None:
     out.update({"swap_max_ratio": swap["swap_max_ratio"],
                 "swap_median_ratio": swap["swap_median_ratio"], "swaps": swap["swaps"],
                 "swap": swap})
-    if args.real_articles:
+    if args.real_articles != 0:
         out["real"] = real_refresh(args, workdir)
     out["loadavg_end"] = os.getloadavg()[0]
     print(json.dumps(out), flush=True)

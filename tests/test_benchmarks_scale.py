@@ -43,3 +43,31 @@ def test_the_rehearsal_at_a_tiny_size(tmp_path):
     for key in ("commit_s", "load_s", "peak_rss_ratio", "search_ms_per_512", "swap_max_ratio",
                 "swap_median_ratio"):
         assert out[key] > 0, key
+
+
+@pytest.mark.slow
+def test_the_real_refresh_part_resumes_a_killed_refresh_and_leaves_no_temp_dir(
+        shared_data, tmp_path):
+    """The real refresh on 12 lead sections: one full refresh, one killed after 90% of its
+    shards and resumed (it embeds only the missing shards); the default temp directory is
+    removed at the end."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale_rehearsal.py"),
+                           "--blocks", "5000", "--dim", "16", "--shard-blocks", "2048",
+                           "--queries", "8", "--swap-steps", "2", "--swap-every", "1",
+                           "--warmup", "1", "--threads", "1", "--real-articles", "12",
+                           "--real-input", str(shared_data / "wikipedia" /
+                                               "vital_level4_summaries_en.jsonl"),
+                           "--real-shard-blocks", "4"], capture_output=True, text=True,
+                          timeout=300, env={**_env(), "TMPDIR": str(tmp)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    real = json.loads(done.stdout.strip().splitlines()[-1])["real"]
+    assert real["articles"] == 12 and real["blocks"] >= 12 and real["shard_blocks"] == 4
+    shards = -(-real["blocks"] // 4)
+    resumed = real["resumed"]
+    assert resumed["of_shards"] == shards and resumed["killed_after_shards"] == int(0.9 * shards)
+    assert resumed["shards_resumed"] == resumed["killed_after_shards"]
+    assert resumed["blocks_embedded"] == real["blocks"] - 4 * resumed["killed_after_shards"]
+    assert real["plan"]["generation_bytes"] == real["plan"]["generation_bytes_on_disk"]
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("realm-rehearsal-")]
