@@ -14,6 +14,8 @@ import os
 import time
 from typing import Any, Callable
 
+from realm.fsutil import sha256_file
+
 
 def digest(obj: Any) -> str:
     """The cache key of ``obj`` (JSON-serialisable): 10 hex digits of its sha256."""
@@ -23,6 +25,27 @@ def digest(obj: Any) -> str:
 def cache_path(cache_dir: str, name: str, key_parts: Any) -> str:
     """``cache_dir/name-KEY`` with ``KEY = digest(key_parts)``."""
     return os.path.join(cache_dir, f"{name}-{digest(key_parts)}")
+
+
+def content_key(path: str) -> Any:
+    """What a cache key holds for an input named by ``path``, so that the same content hits the
+    same entry from any directory and changed content misses it: a corpus directory by its
+    fingerprint, a file by its sha256 and size, a realm artifact (a retriever, an encoder) by the
+    sha256 of its manifest (which lists its files and when it was made); anything else (another
+    model directory, a hub name) as its absolute path when it exists, else as given."""
+    manifest = os.path.join(path, "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest, encoding="utf-8") as f:
+            try:
+                fingerprint = json.load(f).get("fingerprint")
+            except (json.JSONDecodeError, AttributeError):
+                fingerprint = None
+        if isinstance(fingerprint, str):
+            return {"fingerprint": fingerprint}
+        return {"manifest_sha256": sha256_file(manifest)}
+    if os.path.isfile(path):
+        return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+    return os.path.abspath(path) if os.path.exists(path) else path
 
 
 def is_main() -> bool:

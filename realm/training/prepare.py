@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Optional
 
-from realm.cache import build_once, cache_path, is_main, wait_for
+from realm.cache import build_once, cache_path, content_key, is_main, wait_for
 from realm.config import load_config, override, save_config
 from realm.data.build import build_corpus, corpus_cache_dir
 from realm.errors import ConfigError, StageFailed
@@ -159,7 +159,7 @@ def prepare_retriever(config, corpus: str, encoder: str) -> str:
     if p.retriever:
         return p.retriever
     run_dir = cache_path(config.cache_dir, "ict", [
-        os.path.abspath(corpus), encoder, r.dim, r.pooling, r.max_query_tokens,
+        content_key(corpus), encoder, r.dim, r.pooling, r.max_query_tokens,
         r.max_block_tokens, p.ict_steps, p.ict_batch_size, p.ict_lr, config.seed])
     out = os.path.join(run_dir, "retriever")
 
@@ -183,6 +183,17 @@ def prepare_retriever(config, corpus: str, encoder: str) -> str:
     return out
 
 
+def dpr_cache_dir(config, corpus: str) -> str:
+    """Where :func:`prepare_dpr_retriever` keeps its run: keyed by the corpus's fingerprint, the
+    training questions' content and everything that changes the training."""
+    o, d, r = config.openqa, config.retriever_training, config.retriever
+    return cache_path(config.cache_dir, "dpr", [
+        "dpr", content_key(corpus), content_key(d.train_qa or o.train_qa),
+        content_key(r.encoder), r.dim, r.pooling, r.max_query_tokens, r.max_block_tokens,
+        d.positive_search, d.hard_negatives, o.regex, o.dpr_steps, o.dpr_batch_size, o.dpr_lr,
+        config.train.precision, config.seed])
+
+
 def prepare_dpr_retriever(config, corpus: str) -> str:
     """A DPR retriever (:mod:`realm.training.dpr`) trained on ``openqa.train_qa`` over
     ``corpus`` (cached): what ``openqa.retriever: dpr`` reads.
@@ -192,15 +203,9 @@ def prepare_dpr_retriever(config, corpus: str) -> str:
     Open-QA run reports answer recall with it). Runs as its own process; a killed run resumes from
     its checkpoint when asked again.
     """
-    o, d, r = config.openqa, config.retriever_training, config.retriever
+    o, d = config.openqa, config.retriever_training
     train_qa = d.train_qa or o.train_qa
-    run_dir = cache_path(config.cache_dir, "dpr", [
-        "dpr", os.path.abspath(corpus),
-        os.path.abspath(train_qa) if os.path.exists(train_qa) else train_qa,
-        os.path.abspath(r.encoder) if os.path.exists(r.encoder) else r.encoder, r.dim,
-        r.pooling, r.max_query_tokens, r.max_block_tokens, d.positive_search,
-        d.hard_negatives, o.regex, o.dpr_steps, o.dpr_batch_size, o.dpr_lr,
-        config.train.precision, config.seed])
+    run_dir = dpr_cache_dir(config, corpus)
     out = os.path.join(run_dir, "retriever")
 
     def build() -> None:
@@ -265,8 +270,7 @@ def prepare_adapted_encoder(config, corpus: str, encoder: str) -> str:
     m = config.mlm
     steps = p.mlm_steps
     run_dir = cache_path(config.cache_dir, "mlm", [
-        "adapt-mlm", os.path.abspath(encoder) if os.path.exists(encoder) else encoder,
-        os.path.abspath(corpus), steps, p.mlm_batch_size, p.mlm_lr, m.mask_prob,
+        "adapt-mlm", content_key(encoder), content_key(corpus), steps, p.mlm_batch_size, p.mlm_lr, m.mask_prob,
         m.salient_span_prob, m.neighbour_prob, m.random_prob, m.max_tokens,
         m.holdout_blocks, *(["copy-head-2"] if m.copy_head else []),
         config.train.precision, config.seed])
