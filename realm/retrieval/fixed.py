@@ -51,8 +51,12 @@ class DenseIndex:
         """Top-``k`` blocks: scores ``q . e`` ``[B, k]`` (a tensor with grad to the query
         encoder) and block ids ``[B, k]``. ``questions``: their texts (read by
         :class:`HybridIndex` only)."""
-        ids = mips_search(self.index, q_reps.detach().float().cpu().numpy(), k).block_ids  # [B, k]
+        ids = self.top_ids(q_reps, k)
         return SearchResult(self.scores(q_reps, ids), ids)
+
+    def top_ids(self, q_reps: torch.Tensor, k: int) -> np.ndarray:
+        """The ids ``[B, k]`` of the ``k`` blocks of highest ``q . e`` (no grad)."""
+        return mips_search(self.index, q_reps.detach().float().cpu().numpy(), k).block_ids
 
     def scores(self, q_reps: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
         """``q . e`` of the blocks ``ids`` ``[B, k]`` (with grad to the query encoder)."""
@@ -91,7 +95,7 @@ class HybridIndex(DenseIndex):
         if questions is None or len(questions) != len(q_reps):
             raise ValueError("a hybrid (dense + BM25) index searches with the question texts")
         n_bm25 = min(self.bm25_blocks, k)
-        dense = mips_search(self.index, q_reps.detach().float().cpu().numpy(), k).block_ids
+        dense = self.top_ids(q_reps, k)
         sparse = self.bm25.search(questions, n_bm25).block_ids
         ids = np.full((len(questions), k), -1, np.int64)
         for row, (d, b) in enumerate(zip(dense, sparse)):
