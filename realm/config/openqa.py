@@ -143,6 +143,13 @@ class OpenQAConfig:
     closed_book: bool = doc(
         "`reader_type: generative` without retrieval (the baseline): the generator reads "
         "`Question: q\\nAnswer:` alone; `retriever` and `k` are not used.", default=False)
+    refresh_index: bool = doc(
+        "`reader_type: generative` with a dense `retriever` (RAG-end2end, Siriwardhana et al. "
+        "2023): the document encoder trains too, and the index refresher re-embeds the corpus "
+        "every `refresh.every_steps` steps and hot-swaps it in (the `refresh` and `index` "
+        "sections, as in pretraining); the retrieved blocks are scored by the live document "
+        "encoder. The saved model's index is the corpus embedded by the final document encoder. "
+        "false: the index stays fixed (RAG).", default=False)
 
     def __post_init__(self) -> None:
         for key in ("k", "max_question_tokens", "max_joined_tokens", "max_span_tokens",
@@ -177,3 +184,7 @@ class OpenQAConfig:
               f"{self.max_answer_tokens}")
         check(not self.closed_book or self.reader_type == "generative", "openqa.closed_book",
               "only with reader_type=generative (the extractive reader needs blocks to read)")
+        check(not self.refresh_index or (self.reader_type == "generative"
+                                         and not self.closed_book and self.retriever != "bm25"),
+              "openqa.refresh_index", "only with reader_type=generative and a dense retriever "
+              "(not bm25, not closed_book)")

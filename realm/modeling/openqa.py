@@ -96,11 +96,12 @@ def retrieve_blocks(retriever: Optional[Retriever], index, questions: Sequence[s
     return index.search(q_reps, k, questions=list(questions))
 
 
-def freeze_for_fixed_index(retriever: Retriever, train_query_encoder: bool) -> None:
+def freeze_for_fixed_index(retriever: Retriever, train_query_encoder: bool,
+                           train_doc_encoder: bool = False) -> None:
     """The index is fixed: the document encoder never trains (unless it is the query encoder
-    too), and DDP must not wait for gradients it never gets; the query encoder trains only if
-    ``train_query_encoder``."""
-    if not retriever.share_weights:
+    too, or ``train_doc_encoder``: an index the refresher keeps fresh), and DDP must not wait
+    for gradients it never gets; the query encoder trains only if ``train_query_encoder``."""
+    if not retriever.share_weights and not train_doc_encoder:
         retriever.doc_encoder.requires_grad_(False)
     if not train_query_encoder:
         retriever.query_encoder.requires_grad_(False)

@@ -3,7 +3,8 @@
 REALM's Open-QA fine-tuning (Guu et al. 2020, section 3.4) keeps the document index fixed: every
 block is embedded once by the (pretrained) document encoder (:func:`document_embeddings`) and
 searched exactly (:class:`DenseIndex`), or BM25 ranks ``title + text`` (:class:`BM25Index`, scores
-are constants). A fine-tuned model is a directory ``model/`` (manifest, retriever, the fixed
+are constants). RAG-end2end trains the document encoder instead, over the refresher's
+generations (:class:`LiveIndex`). A fine-tuned model is a directory ``model/`` (manifest, retriever, the fixed
 document embeddings, and a span reader or a RAG generator) written by :func:`save_openqa_model`
 and read, over its corpus, by :func:`load_openqa_model`.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from realm.data.store import BlockStore, check_tokenizer
 from realm.index.mips import SearchResult, build_index
 from realm.index.mips import search as mips_search
 from realm.modeling.embed import embed_blocks, special_ids
+from realm.modeling.inputs import build_block_inputs
 from realm.modeling.openqa import OpenQAModel
 from realm.modeling.rag import GenerativeOpenQAModel, RAGGenerator
 from realm.modeling.span_reader import SpanReader
@@ -76,33 +78,92 @@ class BM25Index:
         return SearchResult(torch.from_numpy(np.ascontiguousarray(scores, np.float32)), ids)
 
 
-class HybridIndex(DenseIndex):
-    """The dense index with ``bm25_blocks`` of the k blocks read taken from BM25: BM25's top
-    ``bm25_blocks`` and the dense retriever's top ``k - bm25_blocks`` (a block both pick is read
-    once and the next of the dense ranking fills its place). The blocks' scores stay the dense
-    ``q . e``, so ``p(z|x)`` and the query encoder's gradient are the dense retriever's; BM25 only
-    brings in a block that shares the question's rare words and that the dense retriever ranks
-    low ("who painted the mona lisa": BM25's first block is Mona Lisa, outside DPR's top 10)."""
+class LiveIndex:
+    """An index kept fresh by the refresher, its blocks scored by the live document encoder:
+    RAG-end2end's retrieval (Siriwardhana et al. 2023), where both encoders train.
 
-    def __init__(self, embeddings: np.ndarray, store: BlockStore, bm25_blocks: int = 1):
-        super().__init__(embeddings)
+    The top ``k`` come from ``search`` (the refresh hook's watcher: the newest generation the
+    refresher embedded, a few steps stale); their scores ``q . d(z)`` are recomputed with the
+    current document encoder, so the gradient reaches the query and the document encoder (as
+    REALM re-scores its retrieved blocks).
+
+    Args:
+        search: ``search(queries [B, dim] float32, k, exclude) -> SearchResult``.
+        retriever: The dense retriever training (its document encoder scores the blocks).
+        store: The corpus the generations index.
+        max_block_tokens: Word pieces of a block read (as the refresher embeds it).
+    """
+
+    def __init__(self, search: Callable[..., SearchResult], retriever: Retriever,
+                 store: BlockStore, max_block_tokens: int):
+        self._search, self.retriever, self.store = search, retriever, store
+        self.max_block_tokens = max_block_tokens
+        self.special = special_ids(retriever.tokenizer)
+
+    def top_ids(self, q_reps: torch.Tensor, k: int) -> np.ndarray:
+        """The ids ``[B, k]`` of the generation in use's top ``k`` (-1 where it has fewer)."""
+        return self._search(q_reps.detach().float().cpu().numpy(), k, None).block_ids
+
+    def scores(self, q_reps: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        """``q . d(z)`` ``[B, k]`` of the blocks ``ids`` by the live document encoder (with grad
+        to both encoders); -1e4 where an id is -1."""
+        cls_id, sep_id, pad_id = self.special
+        empty = np.zeros(0, np.int64)
+        flat = [int(b) for b in ids.reshape(-1)]
+        p_in = build_block_inputs([self.store.title_ids(b) if b >= 0 else empty for b in flat],
+                                  [self.store.body_ids(b) if b >= 0 else empty for b in flat],
+                                  cls_id, sep_id, pad_id, max_length=self.max_block_tokens + 3)
+        p_reps = self.retriever.encode_blocks(*(t.to(q_reps.device) for t in p_in)).p_reps
+        scores = torch.einsum("bd,bkd->bk", q_reps.float(),
+                              p_reps.float().view(*ids.shape, -1))  # [B, k]
+        return scores.masked_fill(torch.from_numpy(ids < 0).to(scores.device), -1e4)
+
+    def search(self, q_reps: torch.Tensor, k: int,
+               questions: Optional[Sequence[str]] = None) -> SearchResult:
+        """As :meth:`DenseIndex.search`, over the generation in use."""
+        ids = self.top_ids(q_reps, k)
+        return SearchResult(self.scores(q_reps, ids), ids)
+
+
+class HybridIndex:
+    """A dense index (:class:`DenseIndex` or :class:`LiveIndex`) with ``bm25_blocks`` of the k
+    blocks read taken from BM25: BM25's top ``bm25_blocks`` and the dense retriever's top
+    ``k - bm25_blocks`` (a block both pick is read once and the next of the dense ranking fills
+    its place). The blocks' scores stay the dense ``q . e``, so ``p(z|x)`` and the query
+    encoder's gradient are the dense retriever's; BM25 only brings in a block that shares the
+    question's rare words and that the dense retriever ranks low ("who painted the mona lisa":
+    BM25's first block is Mona Lisa, outside DPR's top 10)."""
+
+    def __init__(self, dense: DenseIndex | LiveIndex, store: BlockStore, bm25_blocks: int = 1):
         if bm25_blocks < 1:
             raise ValueError(f"bm25_blocks must be >= 1, got {bm25_blocks}")
-        self.bm25, self.bm25_blocks = BM25Index(store), bm25_blocks
+        self.dense, self.bm25, self.bm25_blocks = dense, BM25Index(store), bm25_blocks
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """The dense index's fixed embeddings (a :class:`DenseIndex`'s)."""
+        return self.dense.embeddings
 
     def search(self, q_reps: torch.Tensor, k: int,
                questions: Optional[Sequence[str]] = None) -> SearchResult:
         if questions is None or len(questions) != len(q_reps):
             raise ValueError("a hybrid (dense + BM25) index searches with the question texts")
         n_bm25 = min(self.bm25_blocks, k)
-        dense = self.top_ids(q_reps, k)
+        dense = self.dense.top_ids(q_reps, k)
         sparse = self.bm25.search(questions, n_bm25).block_ids
         ids = np.full((len(questions), k), -1, np.int64)
         for row, (d, b) in enumerate(zip(dense, sparse)):
             picked = [int(x) for x in b[:n_bm25] if x >= 0]
             picked += [int(x) for x in d if x >= 0 and int(x) not in picked][: k - len(picked)]
             ids[row, : len(picked)] = picked
-        return SearchResult(self.scores(q_reps, ids), ids)
+        return SearchResult(self.dense.scores(q_reps, ids), ids)
+
+
+def dense_index(embeddings: np.ndarray, store: BlockStore, bm25_blocks: int = 0
+                ) -> DenseIndex | HybridIndex:
+    """The fixed index over ``embeddings``, with BM25's top ``bm25_blocks`` read beside it."""
+    index = DenseIndex(embeddings)
+    return HybridIndex(index, store, bm25_blocks) if bm25_blocks else index
 
 
 def document_embeddings(retriever: Retriever, store: BlockStore, max_block_tokens: int,
@@ -180,9 +241,8 @@ def _load_retrieval(directory: str, manifest: dict[str, Any], store: BlockStore,
         logger.info("%s is not the corpus the model was fine-tuned on: embedding it", store.path)
         embeddings = document_embeddings(retriever, store, max_block_tokens, progress=progress,
                                          precision=precision)
-    if manifest.get("bm25_blocks"):  # BM25's top blocks read too, as it was fine-tuned
-        return retriever, HybridIndex(embeddings, store, manifest["bm25_blocks"])
-    return retriever, DenseIndex(embeddings)
+    # (with BM25's top blocks read too where it was fine-tuned so)
+    return retriever, dense_index(embeddings, store, manifest.get("bm25_blocks", 0))
 
 
 def load_openqa_model(directory: str, store: BlockStore, max_block_tokens: int = 288,

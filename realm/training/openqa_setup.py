@@ -17,7 +17,7 @@ from realm.evaluate.openqa import evaluate_openqa, write_predictions
 from realm.fsutil import sha256_file
 from realm.hub import run_part
 from realm.modeling.retriever import Retriever, load_retriever
-from realm.retrieval.fixed import BM25Index, DenseIndex, HybridIndex, document_embeddings
+from realm.retrieval.fixed import BM25Index, dense_index, document_embeddings
 from realm.tracking import Tracker
 from realm.training.accelerator import make_accelerator
 from realm.training.ict import parameters_sha256
@@ -95,9 +95,7 @@ def prepare_retrieval(config, corpus_dir: str, store: BlockStore, accelerator,
     accelerator.wait_for_everyone()
     embeddings = document_embeddings(retriever, store, r.max_block_tokens, cache, progress,
                                      config.refresh.precision)
-    index = (HybridIndex(embeddings, store, o.bm25_blocks) if o.bm25_blocks
-             else DenseIndex(embeddings))
-    return retriever, index, retriever_dir
+    return retriever, dense_index(embeddings, store, o.bm25_blocks), retriever_dir
 
 
 def evaluate_dev(model, dev_qa: list[QAExample], recall_ks: list[int], batch_size: int,

@@ -6,13 +6,16 @@ The document index stays fixed (the retriever resolved as for the extractive rea
 (``openqa.generator_mode``: frozen, lora or full) train on the RAG-Sequence or RAG-Token loss over
 the top k blocks (:class:`realm.modeling.rag.GenerativeOpenQAModel`) with the shared training
 core. ``train.steps=0`` trains nothing: zero-shot RAG, the instruct model prompted over the
-retrieved blocks; ``openqa.closed_book`` drops retrieval (the baseline). The run writes
+retrieved blocks; ``openqa.closed_book`` drops retrieval (the baseline); ``openqa.refresh_index``
+trains the document encoder too, its index kept fresh by the refresher (RAG-end2end:
+:func:`start_refresh`, :func:`final_index`). The run writes
 ``model/`` (``generator/``, ``retriever/`` and the document embeddings), the dev predictions and
 a summary with the extractive stage's keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -27,9 +30,16 @@ from realm.data.qa import QAExample
 from realm.errors import ConfigError
 from realm.modeling.rag import GenerativeOpenQAModel, RAGGenerator
 from realm.modeling.readers.lora import LoraSettings
-from realm.retrieval.fixed import save_openqa_model
+from realm.index.mips import check_factory
+from realm.precision import cpu_threads
+from realm.refresh.hook import RefreshHook
+from realm.refresh.rundir import RunStore
+from realm.refresh.supervisor import check_devices
+from realm.retrieval.fixed import (HybridIndex, LiveIndex, dense_index, document_embeddings,
+                                   save_openqa_model)
 from realm.tracking import Tracker
 from realm.training.accelerator import shutdown
+from realm.training.checkpoint import checkpoints
 from realm.training.core import TrainSettings, train
 from realm.training.openqa_setup import (dev_metrics, evaluate_dev, prepare_qa_stage,
                                          prepare_retrieval)
@@ -79,6 +89,41 @@ def build_generator(config, bf16: bool) -> RAGGenerator:
                                         precision="bf16" if bf16 else "fp32", lora=lora)
 
 
+def start_refresh(config, accelerator, model, store, index) -> RefreshHook:
+    """``openqa.refresh_index`` (RAG-end2end): the refresh hook over ``train.run_dir`` (encoder
+    snapshots every ``refresh.every_steps``, the refresher, hot swaps), generation 0 committed
+    from the fixed index's embeddings (no wait for the refresher), and the model's index made
+    a :class:`LiveIndex` over the generation in use (BM25's blocks beside it where the fixed
+    index read them)."""
+    r = config.retriever
+    hook = RefreshHook.from_config(
+        config, accelerator, model, lambda m: accelerator.unwrap_model(m).retriever,
+        corpus_fingerprint=store.fingerprint, dim=model.retriever.dim,
+        cpu_threads=cpu_threads(config.train.threads), stage="finetune_openqa")
+    run_store = RunStore(config.train.run_dir)
+    if (accelerator.is_main_process and config.index.factory == "Flat"
+            and not checkpoints(config.train.run_dir) and run_store.read_latest() is None):
+        embeddings = (index.dense if isinstance(index, HybridIndex) else index).embeddings
+        run_store.commit_generation(embeddings.numpy(), encoder_step=0,
+                                    corpus_fingerprint=store.fingerprint, factory="Flat",
+                                    extra={"seeded_from": "the fixed index"},
+                                    shard_blocks=config.index.shard_blocks)
+    accelerator.wait_for_everyone()
+    live = LiveIndex(hook.searcher(accelerator), model.retriever, store, r.max_block_tokens)
+    model.index = HybridIndex(live, store, index.bm25_blocks) if isinstance(
+        index, HybridIndex) else live
+    return hook
+
+
+def final_index(config, model, store, progress: bool) -> None:
+    """After RAG-end2end: the model's index made the corpus embedded by the trained document
+    encoder (what the saved model and the dev evaluation read)."""
+    r = config.retriever
+    embeddings = document_embeddings(model.retriever, store, r.max_block_tokens,
+                                     progress=progress, precision=config.refresh.precision)
+    model.index = dense_index(embeddings, store, getattr(model.index, "bm25_blocks", 0))
+
+
 def run_rag(config, progress: bool = True) -> dict[str, Any]:
     """Generative Open-QA fine-tuning with the shared core (none at ``train.steps=0``), then the
     dev evaluation; returns the summary (the extractive stage's keys, plus the generator's)."""
@@ -94,8 +139,13 @@ def run_rag(config, progress: bool = True) -> dict[str, Any]:
                 else "train_query_encoder=false")
         raise ConfigError(f"openqa.generator_mode: a frozen generator with {what} leaves nothing "
                           f"to train; use lora or full, or train.steps=0 (zero-shot RAG)")
+    if o.refresh_index:
+        check_devices(config.refresh.devices)
+        check_factory(config.index.factory, config.retriever.dim)
     corpus_dir, store, train_qa, dev_qa, accelerator, precision = prepare_qa_stage(
         config, o, "openqa", progress, require_train=t.steps > 0)
+    if o.refresh_index:  # (the refresher reads the saved config: the corpus, resolved)
+        config = dataclasses.replace(config, corpus=corpus_dir)
     bf16 = precision == "bf16"
     retriever, index, retriever_dir = (None, None, None) if o.closed_book else \
         prepare_retrieval(config, corpus_dir, store, accelerator, progress)
@@ -105,23 +155,32 @@ def run_rag(config, progress: bool = True) -> dict[str, Any]:
         rag_loss=o.rag_loss, decoding=o.decoding, beam_size=o.beam_size,
         max_answer_tokens=o.max_answer_tokens, max_train_answers=o.max_train_answers,
         closed_book=o.closed_book, train_query_encoder=o.train_query_encoder,
-        retrieval_temperature=o.retrieval_temperature, regex=o.regex)
+        train_doc_encoder=o.refresh_index, retrieval_temperature=o.retrieval_temperature,
+        regex=o.regex)
     dev_during = dev_qa[: o.eval_limit] if o.eval_limit else dev_qa
     task = RAGTask(train_qa, dev_during, accelerator.unwrap_model, o.recall_ks,
                    o.eval_batch_size, bf16)
     if accelerator.is_main_process:
         save_config(config, t.run_dir)
+    accelerator.wait_for_everyone()
+    hook = start_refresh(config, accelerator, model, store, index) if (
+        o.refresh_index and t.steps) else None
     tracker = Tracker.from_config(config, enabled=accelerator.is_main_process)
     settings = TrainSettings.from_config(config, progress,
                                          lr_scales={"generator.": o.generator_lr_scale})
     report: dict[str, Any] = {}
+    finished = False
     try:
         if t.steps:
             result = train(model, task, settings, accelerator, tracker,
-                           config_dict=config.to_dict())
+                           hooks=[hook] if hook else [], config_dict=config.to_dict())
         else:  # zero-shot RAG: nothing trains
             logger.info("train.steps=0: zero-shot RAG, %s read as it is", o.generator)
             result = {"steps": 0, "final_loss": math.nan, "examples_per_s": 0.0}
+        finished = True
+        if hook is not None:
+            hook.close(finished=True)
+            final_index(config, accelerator.unwrap_model(model), store, progress)
         unwrapped = accelerator.unwrap_model(model)
         if accelerator.is_main_process:
             save_openqa_model(unwrapped, os.path.join(t.run_dir, "model"), {
@@ -142,6 +201,8 @@ def run_rag(config, progress: bool = True) -> dict[str, Any]:
         accelerator.wait_for_everyone()
         world_size = accelerator.num_processes
     finally:
+        if hook is not None and not finished:
+            hook.close(finished=False)
         tracker.close()
         del model, task
         shutdown(accelerator)
@@ -150,6 +211,9 @@ def run_rag(config, progress: bool = True) -> dict[str, Any]:
         "retriever": None if o.closed_book else o.retriever, "retriever_dir": retriever_dir,
         "reader": o.generator, "generator_mode": o.generator_mode, "rag_loss": o.rag_loss,
         "decoding": o.decoding, "closed_book": o.closed_book, "steps": result["steps"],
+        "refresh_index": o.refresh_index,
+        "generations_swapped": len(hook.generations_used) if hook else 0,
+        "max_staleness_steps": hook.max_staleness_steps if hook else 0,
         "final_loss": (round(result["final_loss"], 5) if math.isfinite(result["final_loss"])
                        else None),
         "train_questions": len(train_qa), "train_questions_with_positive": None,

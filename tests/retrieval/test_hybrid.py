@@ -33,7 +33,7 @@ def test_a_hybrid_index_reads_bm25s_first_blocks_and_scores_with_the_query_encod
     dense = DenseIndex(embeddings).search(q_reps, len(store)).block_ids
     sparse = BM25Index(store).search(questions, len(store)).block_ids
     for n in (1, 2):
-        found = HybridIndex(embeddings, store, bm25_blocks=n).search(q_reps, 4,
+        found = HybridIndex(DenseIndex(embeddings), store, bm25_blocks=n).search(q_reps, 4,
                                                                      questions=questions)
         for row in range(2):  # BM25's first n, then the dense ranking's first others
             picked = list(sparse[row, :n])
@@ -46,7 +46,7 @@ def test_a_hybrid_index_reads_bm25s_first_blocks_and_scores_with_the_query_encod
     found.scores.sum().backward()  # p(z|x) is the dense retriever's: the query encoder trains
     assert q_reps.grad is not None and q_reps.grad.abs().sum() > 0
     # a question whose BM25 block the dense ranking also puts first: read once, the next fills
-    both = HybridIndex(embeddings, store)
+    both = HybridIndex(DenseIndex(embeddings), store)
     both.bm25.search = lambda qs, k: type(found)(torch.zeros(len(qs), k), dense[:, :k])
     again = both.search(q_reps, 3, questions=questions)
     assert again.block_ids.tolist() == dense[:, :3].tolist()
@@ -61,7 +61,8 @@ def test_a_model_fine_tuned_with_fusion_is_saved_and_loaded_with_it(
 
     store = BlockStore(str(squad_tiny / "corpus"))
     retriever = Retriever.from_pretrained(tiny_retriever)
-    index = HybridIndex(document_embeddings(retriever, store, 64, progress=False), store)
+    index = HybridIndex(DenseIndex(document_embeddings(retriever, store, 64, progress=False)),
+                        store)
     assert index.bm25_blocks == 1
     torch.manual_seed(0)
     reader = SpanReader.from_checkpoint(tiny_encoder, seed=0)
@@ -88,3 +89,43 @@ def test_a_model_fine_tuned_with_fusion_is_saved_and_loaded_with_it(
         "k": 2, "max_question_tokens": 20, "max_joined_tokens": 160})
     plain = load_openqa_model(str(tmp_path / "plain"), store, progress=False)
     assert type(plain.index) is DenseIndex
+
+
+def test_a_live_index_scores_its_generations_blocks_with_the_live_document_encoder(
+        squad_tiny, tiny_retriever):
+    """RAG-end2end's index: the top k from the generation in use (a search callable), their
+    scores q . d(z) by the current document encoder, with grad to it; -1 ids masked."""
+    from realm.index.mips import SearchResult
+    from realm.modeling.embed import special_ids
+    from realm.modeling.inputs import build_block_inputs
+    from realm.retrieval.fixed import LiveIndex
+
+    store = BlockStore(str(squad_tiny / "corpus"))
+    retriever = Retriever.from_pretrained(tiny_retriever)
+    stale = np.random.default_rng(0).standard_normal((len(store), retriever.dim))
+    seen = []
+
+    def search(queries, k, exclude):
+        seen.append(queries)
+        ids = np.argsort(-(queries @ stale.T), axis=1)[:, :k]
+        ids[1, -1] = -1  # fewer than k found for the second query
+        return SearchResult(np.zeros(ids.shape, np.float32), ids)
+
+    index = LiveIndex(search, retriever, store, max_block_tokens=64)
+    q_reps = torch.randn(2, retriever.dim, requires_grad=True)
+    found = index.search(q_reps, 3)
+    assert seen[0].dtype == np.float32 and np.allclose(seen[0], q_reps.detach().numpy())
+    cls_id, sep_id, pad_id = special_ids(retriever.tokenizer)
+    for row in range(2):
+        for col in range(3 - row):
+            b = int(found.block_ids[row, col])
+            p_in = build_block_inputs([store.title_ids(b)], [store.body_ids(b)], cls_id, sep_id,
+                                      pad_id, max_length=67)
+            with torch.no_grad():
+                d = retriever.encode_blocks(*p_in).p_reps[0]
+            torch.testing.assert_close(found.scores[row, col], q_reps[row].detach() @ d,
+                                       rtol=1e-4, atol=1e-4)
+    assert found.block_ids[1, 2] == -1 and found.scores[1, 2] == -1e4
+    found.scores[found.block_ids >= 0].sum().backward()
+    assert q_reps.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in retriever.doc_encoder.parameters() if p.requires_grad)

@@ -185,3 +185,43 @@ def test_generative_config_keys_are_checked_by_name(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_rag_end2end_trains_the_document_encoder_and_swaps_refreshed_generations(
+        squad_tiny, tiny_generator, tiny_retriever, tmp_path):
+    """`openqa.refresh_index=true`: the refresher re-embeds the corpus every 2 steps and the
+    run swaps each generation in (refresh.sync: before the next step); the document encoder
+    trains; the saved model's index is the corpus embedded by the final document encoder."""
+    from realm.data.store import BlockStore
+    from realm.modeling.retriever import Retriever
+    from realm.refresh.rundir import RunStore
+    from realm.retrieval.fixed import EMBEDDINGS_FILE, document_embeddings
+
+    run = tmp_path / "run"
+    summary = run_finetune(_config(
+        squad_tiny, tiny_generator, run, f"openqa.retriever={tiny_retriever}",
+        "openqa.generator_mode=lora", "openqa.refresh_index=true", "openqa.bm25_blocks=1",
+        "train.steps=6", "train.lr=1e-2", "refresh.every_steps=2", "refresh.sync=true",
+        "refresh.poll_s=0.1", "refresh.threads=1"), progress=False)
+    assert summary["refresh_index"] and summary["steps"] == 6
+    # generation 0 (seeded from the fixed index), then the snapshots of steps 2, 4 and 6, each
+    # swapped in before the next step (refresh.sync: the last one too)
+    assert summary["generations_swapped"] == 4 and summary["max_staleness_steps"] == 1
+    latest = RunStore(str(run)).read_latest()
+    assert (latest["generation"], latest["encoder_step"]) == (3, 6)
+    committed = [json.loads(line) for line in open(run / "refresher" / "metrics.jsonl")]
+    assert [r["refresh/generation"] for r in committed] == [1, 2, 3]  # 0 was not re-embedded
+    start = Retriever.from_pretrained(tiny_retriever)
+    saved = Retriever.from_pretrained(str(run / "model" / "retriever"))
+    moved = [not torch.equal(a, b) for a, b in zip(start.doc_encoder.parameters(),
+                                                   saved.doc_encoder.parameters())]
+    assert any(moved)  # the document encoder trained
+    corpus = BlockStore(str(squad_tiny / "corpus"))
+    fresh = document_embeddings(saved, corpus, 160, progress=False)  # (refresh.precision)
+    np.testing.assert_allclose(np.load(run / "model" / EMBEDDINGS_FILE), fresh, atol=1e-5)
+    manifest = json.loads((run / "model" / "manifest.json").read_text())
+    assert manifest["retrieval"] == "dense" and manifest["bm25_blocks"] == 1
+    records = [json.loads(line) for line in open(run / "predictions-dev.jsonl")]
+    one = OpenQA.from_pretrained(run / "model", precision="fp32").answer(records[0]["question"])
+    assert one["answer"] == records[0]["prediction"]

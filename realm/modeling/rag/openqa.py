@@ -86,6 +86,8 @@ class GenerativeOpenQAModel(nn.Module):
         max_train_answers: Gold answers scored per training question.
         closed_book: No retrieval: the generator alone.
         train_query_encoder: Let gradients reach the query encoder.
+        train_doc_encoder: Let gradients reach the document encoder (an index the refresher
+            keeps fresh, :class:`realm.retrieval.fixed.LiveIndex`: RAG-end2end).
         retrieval_temperature: ``p(z|x) = softmax(f(x, z) / T)``.
         regex: Answers are regular expressions (evaluation only: the generator trains on
             strings).
@@ -98,7 +100,8 @@ class GenerativeOpenQAModel(nn.Module):
                  rag_loss: str = "sequence", decoding: str = "greedy", beam_size: int = 4,
                  max_answer_tokens: int = 16, max_train_answers: int = 2,
                  closed_book: bool = False, train_query_encoder: bool = True,
-                 retrieval_temperature: float = 1.0, regex: bool = False):
+                 train_doc_encoder: bool = False, retrieval_temperature: float = 1.0,
+                 regex: bool = False):
         super().__init__()
         if rag_loss not in LOG_LIKELIHOODS:
             raise ValueError(f"rag_loss must be one of {tuple(LOG_LIKELIHOODS)}, got {rag_loss!r}")
@@ -121,7 +124,7 @@ class GenerativeOpenQAModel(nn.Module):
         self.tokenizer = retriever.tokenizer if retriever is not None else None  # word pieces
         self.special = special_ids(self.tokenizer) if retriever is not None else None
         if retriever is not None:
-            freeze_for_fixed_index(retriever, train_query_encoder)
+            freeze_for_fixed_index(retriever, train_query_encoder, train_doc_encoder)
 
     @property
     def dense(self) -> bool:
