@@ -140,6 +140,9 @@ def run_rag(config, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(f"openqa.generator_mode: a frozen generator with {what} leaves nothing "
                           f"to train; use lora or full, or train.steps=0 (zero-shot RAG)")
     if o.refresh_index:
+        if config.index.sharding == "ranks":  # (the dev evaluation searches on one process)
+            raise ConfigError("index.sharding: openqa.refresh_index reads a whole index on "
+                              "every process; use index.sharding=replicated")
         check_devices(config.refresh.devices)
         check_factory(config.index.factory, config.retriever.dim)
     corpus_dir, store, train_qa, dev_qa, accelerator, precision = prepare_qa_stage(

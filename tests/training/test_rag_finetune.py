@@ -180,11 +180,24 @@ def test_bad_inputs_are_one_clear_error_and_write_nothing(finetuned, squad_tiny,
      "openqa.max_answer_tokens: must be below max_generator_tokens"),
     (["openqa.reader_type=generative", "openqa.beam_size=0"], "openqa.beam_size: must be > 0"),
     (["openqa.decoding=nucleus"], "openqa.decoding"),
+    (["openqa.reader_type=generative", "openqa.refresh_index=true"],  # (retriever: bm25)
+     "openqa.refresh_index: only with reader_type=generative and a dense retriever"),
+    (["openqa.refresh_index=true", "openqa.retriever=dpr"], "openqa.refresh_index"),
 ])
 def test_generative_config_keys_are_checked_by_name(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_rag_end2end_refuses_a_sharded_index_before_anything_runs(squad_tiny, tiny_generator,
+                                                                    tiny_retriever, tmp_path):
+    config = _config(squad_tiny, tiny_generator, tmp_path / "run",
+                     f"openqa.retriever={tiny_retriever}", "openqa.refresh_index=true",
+                     "index.sharding=ranks")
+    with pytest.raises(ConfigError, match="index.sharding: openqa.refresh_index reads a whole"):
+        run_finetune(config, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
