@@ -4,11 +4,11 @@
     python benchmarks/lm_reader_step.py [--steps 5] [--warmup 1] [--modes frozen,full,lora]
                                         [--precisions bf16,fp32] [--threads 2]
 
-Sizes and model come from ``configs/realm_lm.yaml`` (``--config``): batch 4, k = 4 + the null
+Sizes and model come from ``configs/pretrain.yaml`` (``--config``): batch 4, k = 4 + the null
 document, 160 LM tokens a row, SmolLM2-135M-Instruct (``pretrain.lm``, the offline copy), prefix
 layout, the retriever signal, LoRA rank and the other ``pretrain`` settings the REALM model takes.
 The corpus and the ICT warm-started retriever are the ones ``launch/pretrain.py --config
-configs/realm_lm.yaml`` caches under ``runs/cache`` (``prepare_corpus`` / ``prepare_encoder`` /
+configs/pretrain.yaml`` caches under ``runs/cache`` (``prepare_corpus`` / ``prepare_encoder`` /
 ``prepare_retriever``, as ``benchmarks/pretrain_step.py`` finds them; built if missing; run from
 the repo root). The index is exact over the warm start's embeddings (its cached generation 0 where
 a run saved one, else embedded here). CPU only.
@@ -81,7 +81,7 @@ from realm.training.pretrain import FirstGenerationCache, PretrainTask  # noqa: 
 from realm.training.prepare import prepare_corpus, prepare_encoder, prepare_retriever  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "realm_lm.yaml")
+CONFIG = os.path.join(REPO, "configs", "pretrain.yaml")
 MODES = ("frozen", "full", "lora")
 PRECISIONS = ("bf16", "fp32")
 GOAL_REALM_OVER_BARE = 1.15  # issue 38: the REALM machinery costs <= 15% over the bare LM
@@ -92,7 +92,7 @@ logger = logging.getLogger("lm_reader_step")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=CONFIG, help="sizes, model and cached inputs "
-                        "(default: configs/realm_lm.yaml)")
+                        "(default: configs/pretrain.yaml)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode and precision")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--modes", default=",".join(MODES),

@@ -3,9 +3,9 @@ retrieval inline vs prefetched.
 
     python benchmarks/pretrain_step.py [--corpus DIR] [--retriever DIR] [--encoder DIR]
 
-Sizes (k, batch, token limits, masking, lr) come from ``configs/pretrain.yaml`` unless given; the
-corpus, the truncated encoder and the ICT warm-started retriever default to the ones
-``launch/pretrain.py`` caches under ``runs/cache`` (built if missing; run from the repo root).
+Sizes (k, batch, token limits, masking, lr) come from ``configs/realm_mlm.yaml`` (the masked-LM
+reader) unless given; the corpus, the truncated encoder and the ICT warm-started retriever
+default to the ones ``launch/pretrain.py`` caches under ``runs/cache`` (built if missing; run from the repo root).
 
 1. **Step anatomy.** ``REALM`` + ``PretrainTask`` over an exact ``MipsIndex`` of the corpus
    (``embed_blocks``), one optimizer step after another on the same batches, first in fp32, then
@@ -77,7 +77,7 @@ from realm.training.pretrain import PretrainTask  # noqa: E402
 from realm.training.prefetch import RetrievalPrefetch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "pretrain.yaml")
+CONFIG = os.path.join(REPO, "configs", "realm_mlm.yaml")
 
 logger = logging.getLogger("pretrain_step")
 

@@ -4,10 +4,11 @@ steps x re-ranking L candidates. Prints one JSON object (one row per cell).
     python benchmarks/refresh_cost.py [--steps 200] [--every 25,100,never] [--rerank 4,16,64] \
         [--out runs/refresh-cost] [--qa data/openqa_leads/dev.jsonl] [key=value ...]
 
-Every cell is the main job (``configs/pretrain.yaml``: its corpus, ICT warm start, MLM-adapted
-reader and generation 0 come from the shared ``cache_dir``, so only the first cell
-prepares them) run for ``--steps`` steps with ``refresh.every_steps`` = N (``never``: generation
-0 for the whole run) and ``pretrain.rerank_candidates`` = L (L = ``pretrain.k``: no re-ranking).
+Every cell is the masked-LM main job (``configs/realm_mlm.yaml``, the default until stop 46:
+its corpus, ICT warm start, MLM-adapted reader and generation 0 come from the shared
+``cache_dir``, so only the first cell prepares them) run for ``--steps`` steps with
+``refresh.every_steps`` = N (``never``: generation 0 for the whole run) and
+``pretrain.rerank_candidates`` = L (L = ``pretrain.k``: no re-ranking).
 Extra ``key=value`` overrides go to every cell. Cells run one after another in fresh processes.
 
 Per cell:
@@ -54,7 +55,7 @@ def run_cell(every: int, rerank: int, args, overrides: list[str]) -> dict:
     name = f"every-{'never' if every == NEVER else every}_L-{rerank}"
     run_dir = os.path.join(args.out, name)
     cmd = [sys.executable, os.path.join(REPO, "launch", "pretrain.py"), "--no-progress",
-           f"train.run_dir={run_dir}", f"train.steps={args.steps}",
+           "--config", os.path.join(REPO, "configs", "realm_mlm.yaml"), f"train.run_dir={run_dir}", f"train.steps={args.steps}",
            f"refresh.every_steps={every}", f"pretrain.rerank_candidates={rerank}",
            "logging.wandb=false", "train.save_every=0", *overrides]
     print(f"[{name}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)

@@ -42,8 +42,8 @@ def test_readme_main_job_runs(tmp_path):
     argv[0] = str(Path(sys.executable).parent / "accelerate")
     argv += [f"train.run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
              "data.max_articles=60", "pretrain.encoder_layers=1", "pretrain.ict_steps=4",
-             "pretrain.ict_batch_size=8", "pretrain.mlm_steps=4", "pretrain.mlm_batch_size=8",
-             "mlm.holdout_blocks=8", "train.steps=12", "train.save_every=6",
+             "pretrain.ict_batch_size=8", "pretrain.span_recall_examples=16",
+             "train.steps=12", "train.save_every=6",
              "refresh.every_steps=4", "logging.wandb=false", "--no-progress"]  # a slice, for time
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
@@ -72,17 +72,15 @@ def test_readme_main_job_runs(tmp_path):
     assert "package:wiki-leads" in config and "max_articles: 60" in config
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()
                     if not p.name.endswith(".yaml"))
-    # built, cut to 1 layer, MLM-adapted (the reader), warm-started (the retriever), and its
-    # generation 0 kept for the next fresh run
-    assert cached == ["corpus", "encoder", "gen0", "ict", "mlm"]
-    reader = json.loads((tmp_path / "cache").glob("mlm-*/encoder/manifest.json").__next__()
-                        .read_text())
-    assert reader["kind"] == "knowledge_augmented_encoder"
-    assert reader["metadata"]["stage"] == "adapt_mlm" and reader["metadata"]["steps"] == 4
+    # built, cut to 1 layer (the retriever's encoder), warm-started (the retriever), and its
+    # generation 0 kept for the next fresh run; the reader is the pretrained LM as it is
+    assert cached == ["corpus", "encoder", "gen0", "ict"]
     import yaml
 
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["pretrain"]
-    assert resolved["reader"].endswith("/encoder") and "/mlm-" in resolved["reader"]  # from it
+    assert resolved["reader_type"] == "causal_lm" and resolved["lm_mode"] == "frozen"
+    assert resolved["mlm_steps"] == 0 and summary["span_recall_examples"] == 16
+    assert 0 <= summary["span_recall_start"] <= 1 and 0 <= summary["span_recall_end"] <= 1
     # the warm start ran at the default's ICT learning rate (pretrain.ict_lr), not a fixed one
     (ict_config,) = (tmp_path / "cache").glob("ict-*/config.yaml")
     assert yaml.safe_load(ict_config.read_text())["train"]["lr"] == resolved["ict_lr"] == 3e-4
