@@ -215,6 +215,7 @@ def _pretrain(tmp: Path, fx: dict, corpus: str, *extra: str) -> list[str]:
     return [str(LAUNCH / "pretrain.py"), "--no-progress", f"corpus={corpus}",
             f"pretrain.retriever={fx['tiny_retriever']}", f"pretrain.encoder={fx['tiny_encoder']}",
             "pretrain.encoder_layers=null", "pretrain.k=2", "pretrain.mlm_steps=0",
+            "pretrain.reader_type=masked_lm",
             "pretrain.max_joined_tokens=96", f"cache_dir={tmp / 'cache'}",
             "retriever.max_query_tokens=24", "retriever.max_block_tokens=64",
             f"train.run_dir={tmp / 'run'}", "train.steps=2", "train.batch_size=2",

@@ -44,6 +44,7 @@ def _pretrain_cmd(run_dir, corpus, retriever, encoder, tmp_path, *extra, launche
            f"corpus={corpus}", f"pretrain.retriever={retriever}",
            f"pretrain.encoder={encoder}", "pretrain.encoder_layers=null", "pretrain.k=3",
            "pretrain.mlm_steps=0",  # (the MLM adaptation has its own tests)
+           "pretrain.reader_type=masked_lm",  # the tiny encoder reads (the default: SmolLM2)
            "pretrain.max_joined_tokens=96", "pretrain.table_every=10",
            f"cache_dir={tmp_path / 'cache'}", "retriever.max_query_tokens=24",
            "retriever.max_block_tokens=64", f"train.run_dir={run_dir}", f"train.steps={STEPS}",
@@ -337,7 +338,7 @@ def test_ctrl_c_stops_trainer_and_refresher_and_leaves_a_resumable_checkpoint(
     cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--no-progress",
            f"corpus={spans_corpus}", f"pretrain.retriever={tiny_retriever}",
            f"pretrain.encoder={tiny_encoder}", "pretrain.k=2", "pretrain.max_joined_tokens=96",
-           "pretrain.mlm_steps=0",
+           "pretrain.mlm_steps=0", "pretrain.reader_type=masked_lm",
            f"cache_dir={run[2] / 'cache'}",  # the module run cached its generation 0
            "retriever.max_query_tokens=24", "retriever.max_block_tokens=64",
            f"train.run_dir={run_dir}", "train.steps=100000", "train.batch_size=2",
