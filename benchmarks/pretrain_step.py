@@ -5,7 +5,8 @@ retrieval inline vs prefetched.
 
 Sizes (k, batch, token limits, masking, lr) come from ``configs/realm_mlm.yaml`` (the masked-LM
 reader) unless given; the corpus, the truncated encoder and the ICT warm-started retriever
-default to the ones ``launch/pretrain.py`` caches under ``runs/cache`` (built if missing; run from the repo root).
+default to the ones ``launch/pretrain.py`` caches under ``runs/cache`` (built if missing; run
+from the repo root).
 
 1. **Step anatomy.** ``REALM`` + ``PretrainTask`` over an exact ``MipsIndex`` of the corpus
    (``embed_blocks``), one optimizer step after another on the same batches, first in fp32, then

@@ -55,7 +55,8 @@ def run_cell(every: int, rerank: int, args, overrides: list[str]) -> dict:
     name = f"every-{'never' if every == NEVER else every}_L-{rerank}"
     run_dir = os.path.join(args.out, name)
     cmd = [sys.executable, os.path.join(REPO, "launch", "pretrain.py"), "--no-progress",
-           "--config", os.path.join(REPO, "configs", "realm_mlm.yaml"), f"train.run_dir={run_dir}", f"train.steps={args.steps}",
+           "--config", os.path.join(REPO, "configs", "realm_mlm.yaml"),
+           f"train.run_dir={run_dir}", f"train.steps={args.steps}",
            f"refresh.every_steps={every}", f"pretrain.rerank_candidates={rerank}",
            "logging.wandb=false", "train.save_every=0", *overrides]
     print(f"[{name}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)

@@ -224,8 +224,9 @@ def real_refresh(args, workdir: str) -> dict:
                                 os.path.join(workdir, "cache"))
     retriever = Retriever.from_checkpoint(encoder, dim=128, pooling="mean")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.real_threads), "HF_HUB_OFFLINE": "1"}
-    out: dict = {"input": args.real_input, "articles": args.real_articles, "blocks": n, "build_s": round(build_s, 1),
-                 "shard_blocks": args.real_shard_blocks, "threads": args.real_threads}
+    out: dict = {"input": args.real_input, "articles": args.real_articles, "blocks": n,
+                 "build_s": round(build_s, 1), "shard_blocks": args.real_shard_blocks,
+                 "threads": args.real_threads}
 
     full = os.path.join(workdir, "real-full")
     RunStore(full).publish_encoder(retriever, step=0)

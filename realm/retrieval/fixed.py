@@ -4,9 +4,9 @@ REALM's Open-QA fine-tuning (Guu et al. 2020, section 3.4) keeps the document in
 block is embedded once by the (pretrained) document encoder (:func:`document_embeddings`) and
 searched exactly (:class:`DenseIndex`), or BM25 ranks ``title + text`` (:class:`BM25Index`, scores
 are constants). RAG-end2end trains the document encoder instead, over the refresher's
-generations (:class:`LiveIndex`). A fine-tuned model is a directory ``model/`` (manifest, retriever, the fixed
-document embeddings, and a span reader or a RAG generator) written by :func:`save_openqa_model`
-and read, over its corpus, by :func:`load_openqa_model`.
+generations (:class:`LiveIndex`). A fine-tuned model is a directory ``model/`` (manifest,
+retriever, the fixed document embeddings, and a span reader or a RAG generator) written by
+:func:`save_openqa_model` and read, over its corpus, by :func:`load_openqa_model`.
 """
 
 from __future__ import annotations
@@ -159,11 +159,16 @@ class HybridIndex:
         return SearchResult(self.dense.scores(q_reps, ids), ids)
 
 
+def with_bm25(dense: DenseIndex | LiveIndex, store: BlockStore, bm25_blocks: int = 0):
+    """``dense``, with BM25's top ``bm25_blocks`` read beside it (a :class:`HybridIndex`) when
+    ``bm25_blocks`` > 0."""
+    return HybridIndex(dense, store, bm25_blocks) if bm25_blocks else dense
+
+
 def dense_index(embeddings: np.ndarray, store: BlockStore, bm25_blocks: int = 0
                 ) -> DenseIndex | HybridIndex:
     """The fixed index over ``embeddings``, with BM25's top ``bm25_blocks`` read beside it."""
-    index = DenseIndex(embeddings)
-    return HybridIndex(index, store, bm25_blocks) if bm25_blocks else index
+    return with_bm25(DenseIndex(embeddings), store, bm25_blocks)
 
 
 def document_embeddings(retriever: Retriever, store: BlockStore, max_block_tokens: int,

@@ -270,8 +270,8 @@ def prepare_adapted_encoder(config, corpus: str, encoder: str) -> str:
     m = config.mlm
     steps = p.mlm_steps
     run_dir = cache_path(config.cache_dir, "mlm", [
-        "adapt-mlm", content_key(encoder), content_key(corpus), steps, p.mlm_batch_size, p.mlm_lr, m.mask_prob,
-        m.salient_span_prob, m.neighbour_prob, m.random_prob, m.max_tokens,
+        "adapt-mlm", content_key(encoder), content_key(corpus), steps, p.mlm_batch_size,
+        p.mlm_lr, m.mask_prob, m.salient_span_prob, m.neighbour_prob, m.random_prob, m.max_tokens,
         m.holdout_blocks, *(["copy-head-2"] if m.copy_head else []),
         config.train.precision, config.seed])
     out = os.path.join(run_dir, "encoder")

@@ -35,8 +35,8 @@ from realm.precision import cpu_threads
 from realm.refresh.hook import RefreshHook
 from realm.refresh.rundir import RunStore
 from realm.refresh.supervisor import check_devices
-from realm.retrieval.fixed import (HybridIndex, LiveIndex, dense_index, document_embeddings,
-                                   save_openqa_model)
+from realm.retrieval.fixed import (LiveIndex, dense_index, document_embeddings,
+                                   save_openqa_model, with_bm25)
 from realm.tracking import Tracker
 from realm.training.accelerator import shutdown
 from realm.training.checkpoint import checkpoints
@@ -103,15 +103,13 @@ def start_refresh(config, accelerator, model, store, index) -> RefreshHook:
     run_store = RunStore(config.train.run_dir)
     if (accelerator.is_main_process and config.index.factory == "Flat"
             and not checkpoints(config.train.run_dir) and run_store.read_latest() is None):
-        embeddings = (index.dense if isinstance(index, HybridIndex) else index).embeddings
-        run_store.commit_generation(embeddings.numpy(), encoder_step=0,
+        run_store.commit_generation(index.embeddings.numpy(), encoder_step=0,
                                     corpus_fingerprint=store.fingerprint, factory="Flat",
                                     extra={"seeded_from": "the fixed index"},
                                     shard_blocks=config.index.shard_blocks)
     accelerator.wait_for_everyone()
     live = LiveIndex(hook.searcher(accelerator), model.retriever, store, r.max_block_tokens)
-    model.index = HybridIndex(live, store, index.bm25_blocks) if isinstance(
-        index, HybridIndex) else live
+    model.index = with_bm25(live, store, getattr(index, "bm25_blocks", 0))
     return hook
 
 
