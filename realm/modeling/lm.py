@@ -12,9 +12,10 @@ fast tokenizer; the causal-LM reader and the RAG generator both start from it::
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from realm.errors import ConfigError
@@ -55,9 +56,71 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32
     return lm, load_tokenizer(path)
 
 
-def head_logits(lm: PreTrainedModel, states: torch.Tensor) -> torch.Tensor:
+def head_logits(lm: PreTrainedModel, states: torch.Tensor,
+                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The vocabulary logits of the base model's hidden states ``[..., hidden]`` through the LM
-    head (with the final soft-capping of Gemma-style heads): ``[..., vocab]``."""
-    logits = lm.get_output_embeddings()(states)  # [..., vocab]
+    head (with the final soft-capping of Gemma-style heads): ``[..., vocab]``. ``weight``: the
+    head's weight to use instead of its own (a bf16 copy: :class:`FrozenBf16`)."""
+    head = lm.get_output_embeddings()
+    if weight is None:
+        logits = head(states)  # [..., vocab]
+    else:
+        bias = None if head.bias is None else head.bias.to(weight.dtype)
+        logits = F.linear(states.to(weight.dtype), weight, bias)
     cap = getattr(lm.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class FrozenBf16:
+    """bf16 copies of a frozen LM's weights, for forwards under bf16 autocast.
+
+    Autocast casts a weight to bf16 at every use unless the weight takes a gradient (only those
+    casts are cached), so a frozen LM run in several forwards a step (length groups, decoding
+    steps) pays for casting all its weights each time. This keeps one bf16 copy of each linear
+    layer's weight and bias (the values autocast would make: the scores do not change) and runs
+    a module over them (``torch.func.functional_call``); the model itself keeps its fp32 weights
+    (direct calls, saving and loading as before). Embeddings and norms are not copied (the
+    residual stream stays what autocast keeps). A copy is remade when its weight is moved or
+    written (``load_state_dict``)::
+
+        held = FrozenBf16(lm)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            states = held.call(lm.get_decoder(), input_ids=ids).last_hidden_state
+            logits = head_logits(lm, states, held.head_weight())
+    """
+
+    def __init__(self, lm: PreTrainedModel):
+        self.lm = lm
+        self.copies: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(weight): (source, copy)
+
+    def copy_of(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` in bf16, made once and remade when the weight is moved or written."""
+        source = (weight.data_ptr(), weight.device, weight._version)
+        held = self.copies.get(id(weight))
+        if held is None or held[0] != source:
+            held = (source, weight.detach().to(torch.bfloat16))
+            self.copies[id(weight)] = held
+        return held[1]
+
+    def weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """bf16 copies of the linear layers' weights and biases under ``module`` (by their
+        names there), the weight tied to the input embeddings left out."""
+        tied = self.lm.get_input_embeddings().weight
+        out = {}
+        for name, sub in module.named_modules():
+            if isinstance(sub, torch.nn.Linear) and sub.weight is not tied:
+                prefix = f"{name}." if name else ""
+                for key, value in (("weight", sub.weight), ("bias", sub.bias)):
+                    if value is not None and value.dtype == torch.float32:
+                        out[prefix + key] = self.copy_of(value)
+        return out
+
+    def call(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """``module(*args, **kwargs)`` over the bf16 copies of its linear weights."""
+        return torch.func.functional_call(module, self.weights(module), args, kwargs,
+                                          strict=False)
+
+    def head_weight(self) -> Optional[torch.Tensor]:
+        """The LM head's weight in bf16 (a copy), None where it is not fp32."""
+        weight = self.lm.get_output_embeddings().weight
+        return self.copy_of(weight) if weight.dtype == torch.float32 else None

@@ -74,6 +74,55 @@ def test_scores_equal_a_hand_written_forward(make_reader, lm_tokenizer, spans):
                                rtol=0, atol=0.1)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_frozen_bf16_reader_reads_through_bf16_copies_and_scores_as_autocast_did(
+        make_reader, lm_tokenizer, make_tiny_lm, spans, tied, monkeypatch):
+    """Autocast casts a frozen weight anew at every use; the reader reads through bf16 copies
+    of its linear weights made once (the model keeps its fp32 weights) and its scores stay
+    autocast's over fp32 weights. A copy is remade when its weight is written."""
+    store, _, batch, ids = spans
+    lm = make_tiny_lm(lm_tokenizer)
+    if not tied:  # an untied head: copied like the other linear layers
+        lm.config.tie_word_embeddings = False
+        lm.lm_head.weight = torch.nn.Parameter(lm.lm_head.weight.detach().clone() * 0.5)
+    reader = CausalLMReader(lm, lm_tokenizer, store=store, precision="bf16", length_groups=4)
+    inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
+    casts, to = [], torch.Tensor.to
+    weights = {p.data_ptr() for p in lm.parameters()}
+
+    def counting_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if out.dtype == torch.bfloat16 and self.data_ptr() in weights:  # a weight's cast
+            casts.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    got = reader.read(inputs, batch).token_log_probs
+    first = len(casts)
+    reader.read(inputs, batch)
+    monkeypatch.undo()
+    linear = sum(isinstance(m, torch.nn.Linear) for m in lm.modules())
+    assert first == linear and len(casts) == first  # each weight copied once, none after
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = lm(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
+    index = inputs.positions[:, :, None].expand(-1, -1, full.shape[-1])
+    log_probs = torch.log_softmax(full.gather(1, index).float(), dim=-1)
+    expected = log_probs.gather(-1, inputs.targets.repeat_interleave(
+        inputs.num_candidates, dim=0)[:, :, None]).squeeze(-1).view(got.shape)
+    expected = expected.masked_fill(~inputs.target_mask[:, None, :], 0.0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-3)
+    assert all(p.dtype == torch.float32 for p in lm.parameters())  # the model is untouched
+    with torch.no_grad():  # a written weight (a resumed state): its copy is remade
+        lm.model.layers[0].self_attn.q_proj.weight.mul_(2.0)
+        lm.get_output_embeddings().weight.mul_(2.0)
+    copies = reader.held.weights(lm.get_decoder())
+    assert torch.equal(copies["layers.0.self_attn.q_proj.weight"],
+                       lm.model.layers[0].self_attn.q_proj.weight.to(torch.bfloat16))
+    assert torch.equal(reader.held.head_weight(),
+                       lm.get_output_embeddings().weight.to(torch.bfloat16))
+    assert "embed_tokens.weight" not in copies  # embeddings and norms stay fp32
+
+
 @pytest.mark.parametrize("length_groups", [1, 4, 1000])
 def test_targets_only_logits_equal_the_full_logits(make_reader, lm_tokenizer, spans,
                                                    length_groups):

@@ -251,6 +251,34 @@ def test_an_answer_ends_at_its_stop_token_never_before_some_text(generator, lm_t
         assert not (h.ids[-1] == stop and set(h.ids[:-1]) <= {free[0]})
 
 
+def test_a_frozen_bf16_generator_decodes_through_bf16_copies_made_once(lm_tokenizer,
+                                                                       make_tiny_lm,
+                                                                       monkeypatch):
+    """Autocast would cast every weight at every decoding step; a frozen bf16 generator copies
+    each linear weight once and decodes what autocast over its fp32 weights decodes."""
+    lm = make_tiny_lm(lm_tokenizer)
+    bf16 = RAGGenerator(lm, lm_tokenizer, precision="bf16")
+    casts, to = [], torch.Tensor.to
+    weights = {p.data_ptr() for p in lm.parameters()}
+
+    def counting_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if out.dtype == torch.bfloat16 and self.data_ptr() in weights:  # a weight's cast
+            casts.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    out = rag_token_decode(bf16, QUESTIONS, BLOCKS, LOGITS, max_answer_tokens=6)
+    monkeypatch.undo()
+    assert len(casts) == sum(isinstance(m, torch.nn.Linear) for m in lm.modules())
+    assert all(p.dtype == torch.float32 for p in lm.parameters())
+    autocast_only = RAGGenerator(lm, lm_tokenizer, precision="bf16")
+    autocast_only.bf16_copies = lambda: None  # autocast casting the fp32 weights each time
+    want = rag_token_decode(autocast_only, QUESTIONS, BLOCKS, LOGITS, max_answer_tokens=6)
+    assert [h[0].ids for h in out.hypotheses] == [h[0].ids for h in want.hypotheses]
+    torch.testing.assert_close(out.scores, want.scores, rtol=0, atol=1e-2)
+
+
 def test_rag_token_beam_scores_are_the_mixture_of_their_tokens(generator, lm_tokenizer):
     out = decode(generator, QUESTIONS, BLOCKS, LOGITS, method="beam", beam_size=3,
                  max_answer_tokens=5)

@@ -36,7 +36,7 @@ from realm.artifacts import atomic_directory, read_manifest, write_manifest
 from realm.data.mlm import pad_ragged
 from realm.hub import load_tokenizer
 from realm.precision import autocast, autocast_dtype
-from realm.modeling.lm import head_logits, load_causal_lm
+from realm.modeling.lm import FrozenBf16, head_logits, load_causal_lm
 from realm.modeling.rag.prompts import Answers, Block, GeneratorInputs, RAGPrompts
 from realm.modeling.readers.lora import (ADAPTER_DIR, LoraSettings, adapter_base, add_adapter,
                                          is_adapted, load_adapter, merged_copy, settings_of)
@@ -139,6 +139,7 @@ class RAGGenerator(nn.Module):
         self.stop_ids: Optional[torch.Tensor] = None  # [vocab] bool (CPU), built on first use
         self.blank_ids: Optional[torch.Tensor] = None  # [vocab] bool (CPU), likewise
         self.texts: Optional[list[str]] = None  # each id's text, likewise
+        self.held = FrozenBf16(self.lm)  # (a frozen LM under bf16 autocast: bf16_copies)
         if mode == "frozen":
             self.lm.requires_grad_(False)
             self.lm.eval()
@@ -237,6 +238,24 @@ class RAGGenerator(nn.Module):
                 autocast(bf16, self.device):
             yield
 
+    def bf16_copies(self) -> Optional[FrozenBf16]:
+        """Inside :meth:`forward_context`: the frozen LM's bf16 weight copies where it runs
+        under bf16 autocast (made once, not cast anew by every forward: decoding runs many),
+        else None."""
+        kind = self.device.type
+        return (self.held if self.mode == "frozen" and torch.is_autocast_enabled(kind)
+                and torch.get_autocast_dtype(kind) == torch.bfloat16 else None)
+
+    def run_decoder(self, **kwargs: Any) -> Any:
+        """The base model's forward (over :meth:`bf16_copies` where there are some)."""
+        held, decoder = self.bf16_copies(), self.lm.get_decoder()
+        return decoder(**kwargs) if held is None else held.call(decoder, **kwargs)
+
+    def vocab_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """:func:`realm.modeling.lm.head_logits` inside :meth:`forward_context`."""
+        held = self.bf16_copies()
+        return head_logits(self.lm, states, held.head_weight() if held else None)
+
     # -- scoring gold answers (training) --------------------------------------------------
 
     def build_inputs(self, questions: Sequence[str], blocks: Sequence[Sequence[Block]],
@@ -263,13 +282,13 @@ class RAGGenerator(nn.Module):
         """:meth:`score` of rows already built."""
         device = self.device
         with self.forward_context():
-            states = self.lm.get_decoder()(
+            states = self.run_decoder(
                 input_ids=inputs.input_ids.to(device),
                 attention_mask=inputs.attention_mask.to(device),
                 use_cache=False).last_hidden_state  # [N, L, hidden]
             positions = inputs.positions.to(device)  # [N, T]
             index = positions[:, :, None].expand(-1, -1, states.shape[-1])  # [N, T, hidden]
-            logits = head_logits(self.lm, states.gather(1, index)).float()  # [N, T, vocab]
+            logits = self.vocab_logits(states.gather(1, index)).float()  # [N, T, vocab]
         targets = inputs.targets.to(device)  # [N, T]
         mask = inputs.target_mask.to(device)  # [N, T]
         token_log_probs = (logits.gather(-1, targets[..., None]).squeeze(-1)
@@ -289,7 +308,7 @@ class RAGGenerator(nn.Module):
         """Next-token log-probabilities ``[..., vocab]`` (float32) of hidden states
         ``[..., hidden]``."""
         with self.forward_context():
-            logits = head_logits(self.lm, states)  # [..., vocab]
+            logits = self.vocab_logits(states)  # [..., vocab]
         return torch.log_softmax(logits.float(), dim=-1)
 
     def extend(self, cache: DynamicCache, attention_mask: torch.Tensor, input_ids: torch.Tensor,
@@ -302,9 +321,9 @@ class RAGGenerator(nn.Module):
         name = "cache" if "cache" in inspect.signature(decoder.forward).parameters \
             else "past_key_values"
         with self.forward_context():
-            return decoder(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids, use_cache=True,
-                           **{name: cache}).last_hidden_state
+            return self.run_decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids, use_cache=True,
+                                    **{name: cache}).last_hidden_state
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> Prefill:
         """One forward over the prompts, left-padded, keeping their KV cache."""

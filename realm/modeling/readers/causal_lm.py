@@ -33,6 +33,7 @@ joint gradient of the marginal loss through ``log p(y|z, x)``; every other signa
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from realm.data.mlm import MLMBatch
 from realm.data.store import BlockStore
 from realm.hub import load_tokenizer
 from realm.precision import autocast, autocast_dtype
-from realm.modeling.lm import load_causal_lm
+from realm.modeling.lm import FrozenBf16, head_logits, load_causal_lm
 from realm.modeling.readers.base import Reader, ReaderOutput
 from realm.modeling.readers.lm_inputs import (NULL_BODY, NULL_TITLE, LMInputs, PromptBuilder,
                                               span_texts)
@@ -149,6 +150,7 @@ class CausalLMReader(Reader):
         self.corpus_encoder: Optional[tuple[Any, Any, str]] = None  # (tokenizer, encoder, name)
         if store is not None:
             self.attach(store, examples_store, corpus_tokenizer)
+        self.held = FrozenBf16(self.lm)  # (frozen, under bf16 autocast: scored_logits)
         if mode == "frozen":
             self.lm.requires_grad_(False)
             self.lm.eval()
@@ -234,28 +236,35 @@ class CausalLMReader(Reader):
 
         The rows go through the LM in ``length_groups`` forwards of rows of similar length,
         each cut to its longest row, so that short rows do not pay for the longest one's
-        padding (the same logits; right padding never reaches a real token)."""
+        padding (the same logits; right padding never reaches a real token); the head runs
+        once over every group's states. A frozen reader under bf16 autocast reads through bf16
+        copies of its weights (:class:`realm.modeling.lm.FrozenBf16`), made once, not cast
+        anew by each group's forward."""
+        kind = input_ids.device.type
+        held = (self.held if self.mode == "frozen" and torch.is_autocast_enabled(kind)
+                and torch.get_autocast_dtype(kind) == torch.bfloat16 else None)
         lengths = attention_mask.sum(dim=1)  # [N]
         groups = min(self.length_groups, len(lengths))
-        if groups <= 1:
-            return self.group_logits(input_ids, attention_mask, positions)
         order = torch.argsort(lengths, descending=True)  # [N]
         parts = []
-        for rows in torch.tensor_split(order, groups):
+        for rows in (torch.tensor_split(order, groups) if groups > 1 else [order]):
             width = int(lengths[rows].max())
-            parts.append(self.group_logits(input_ids[rows, :width],
-                                           attention_mask[rows, :width], positions[rows]))
-        return torch.cat(parts)[torch.argsort(order)]  # [N, M, vocab], rows in their order
+            parts.append(self.scored_states(input_ids[rows, :width], attention_mask[rows, :width],
+                                            positions[rows], held))
+        states = torch.cat(parts)[torch.argsort(order)]  # [N, M, hidden], rows in their order
+        return head_logits(self.lm, states, held.head_weight() if held else None)
 
-    def group_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     positions: torch.Tensor) -> torch.Tensor:
-        """:meth:`scored_logits` of one forward: ``[N, M, vocab]``."""
-        states = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                       use_cache=False).last_hidden_state  # [N, L, hidden]
+    def scored_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      positions: torch.Tensor, held: Optional[FrozenBf16] = None
+                      ) -> torch.Tensor:
+        """The base model's last hidden states at ``positions`` of one forward (over ``held``'s
+        bf16 weights where given): ``[N, M, hidden]``."""
+        decoder = self.lm.get_decoder()
+        run = decoder if held is None else functools.partial(held.call, decoder)
+        states = run(input_ids=input_ids, attention_mask=attention_mask,
+                     use_cache=False).last_hidden_state  # [N, L, hidden]
         index = positions[:, :, None].expand(-1, -1, states.shape[-1])  # [N, M, hidden]
-        logits = self.lm.get_output_embeddings()(states.gather(1, index))  # [N, M, vocab]
-        cap = getattr(self.lm.config, "final_logit_softcapping", None)  # (Gemma's heads)
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return states.gather(1, index)
 
     def read(self, inputs: LMInputs, batch: MLMBatch) -> ReaderOutput:
         """One forward over the ``B * (k + 1)`` rows: ``log p(y|z, x)`` ``[B, k + 1]`` of each
