@@ -204,6 +204,28 @@ def _tiny_lm(tokenizer, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
+@pytest.fixture
+def weight_casts(monkeypatch):
+    """``casts = weight_casts(lm)``: the shapes of ``lm``'s parameters cast to bf16 by
+    ``Tensor.to`` from then on, until ``monkeypatch.undo()``."""
+    import torch
+
+    def watch(lm):
+        casts, to = [], torch.Tensor.to
+        weights = {p.data_ptr() for p in lm.parameters()}
+
+        def counting_to(self, *args, **kwargs):
+            out = to(self, *args, **kwargs)
+            if out.dtype == torch.bfloat16 and self.data_ptr() in weights:  # a weight's cast
+                casts.append(tuple(self.shape))
+            return out
+
+        monkeypatch.setattr(torch.Tensor, "to", counting_to)
+        return casts
+
+    return watch
+
+
 @pytest.fixture(scope="session")
 def tiny_generator(lm_tokenizer, make_tiny_lm, tmp_path_factory):
     """A random 2-layer Llama (hidden 32) with SmolLM2's tokenizer, saved as a checkpoint."""

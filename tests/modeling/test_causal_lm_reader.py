@@ -76,7 +76,7 @@ def test_scores_equal_a_hand_written_forward(make_reader, lm_tokenizer, spans):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_a_frozen_bf16_reader_reads_through_bf16_copies_and_scores_as_autocast_did(
-        make_reader, lm_tokenizer, make_tiny_lm, spans, tied, monkeypatch):
+        make_reader, lm_tokenizer, make_tiny_lm, spans, tied, weight_casts, monkeypatch):
     """Autocast casts a frozen weight anew at every use; the reader reads through bf16 copies
     of its linear weights made once (the model keeps its fp32 weights) and its scores stay
     autocast's over fp32 weights. A copy is remade when its weight is written."""
@@ -87,16 +87,7 @@ def test_a_frozen_bf16_reader_reads_through_bf16_copies_and_scores_as_autocast_d
         lm.lm_head.weight = torch.nn.Parameter(lm.lm_head.weight.detach().clone() * 0.5)
     reader = CausalLMReader(lm, lm_tokenizer, store=store, precision="bf16", length_groups=4)
     inputs = reader.build_inputs(batch, None, None, None, 160, block_ids=ids)
-    casts, to = [], torch.Tensor.to
-    weights = {p.data_ptr() for p in lm.parameters()}
-
-    def counting_to(self, *args, **kwargs):
-        out = to(self, *args, **kwargs)
-        if out.dtype == torch.bfloat16 and self.data_ptr() in weights:  # a weight's cast
-            casts.append(tuple(self.shape))
-        return out
-
-    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    casts = weight_casts(lm)
     got = reader.read(inputs, batch).token_log_probs
     first = len(casts)
     reader.read(inputs, batch)

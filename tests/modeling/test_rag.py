@@ -253,21 +253,12 @@ def test_an_answer_ends_at_its_stop_token_never_before_some_text(generator, lm_t
 
 def test_a_frozen_bf16_generator_decodes_through_bf16_copies_made_once(lm_tokenizer,
                                                                        make_tiny_lm,
-                                                                       monkeypatch):
+                                                                       weight_casts, monkeypatch):
     """Autocast would cast every weight at every decoding step; a frozen bf16 generator copies
     each linear weight once and decodes what autocast over its fp32 weights decodes."""
     lm = make_tiny_lm(lm_tokenizer)
     bf16 = RAGGenerator(lm, lm_tokenizer, precision="bf16")
-    casts, to = [], torch.Tensor.to
-    weights = {p.data_ptr() for p in lm.parameters()}
-
-    def counting_to(self, *args, **kwargs):
-        out = to(self, *args, **kwargs)
-        if out.dtype == torch.bfloat16 and self.data_ptr() in weights:  # a weight's cast
-            casts.append(tuple(self.shape))
-        return out
-
-    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    casts = weight_casts(lm)
     out = rag_token_decode(bf16, QUESTIONS, BLOCKS, LOGITS, max_answer_tokens=6)
     monkeypatch.undo()
     assert len(casts) == sum(isinstance(m, torch.nn.Linear) for m in lm.modules())
