@@ -18,7 +18,8 @@ from realm.training.accelerator import TRAINER_LOCK, make_accelerator, shutdown
 
 REPO = Path(__file__).resolve().parents[2]
 
-#: Takes the run directory's trainer lock as a stage does, says so, and waits (or exits 0).
+#: Takes the run directory's trainer lock as a stage does, says so, and waits (or exits 0). Each
+#: line is one write (the ranks share stdout: print's pieces interleave when it is unbuffered).
 TRAINER = textwrap.dedent("""
     import socket, sys, time
     from realm.config import TrainConfig
@@ -27,9 +28,9 @@ TRAINER = textwrap.dedent("""
     try:
         accelerator, _ = make_accelerator(TrainConfig(run_dir=sys.argv[1], precision="fp32"), 0)
     except StoreLockedError as e:
-        print("refused:", e, flush=True)
+        sys.stdout.write(f"refused: {e}\n"); sys.stdout.flush()
         sys.exit(1)
-    print(f"rank-{accelerator.process_index}-holds-{bool(HELD)}", flush=True)
+    sys.stdout.write(f"rank-{accelerator.process_index}-holds-{bool(HELD)}\n"); sys.stdout.flush()
     time.sleep(float(sys.argv[2]))
     shutdown(accelerator)
 """)
