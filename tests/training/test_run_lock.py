@@ -28,9 +28,9 @@ TRAINER = textwrap.dedent("""
     try:
         accelerator, _ = make_accelerator(TrainConfig(run_dir=sys.argv[1], precision="fp32"), 0)
     except StoreLockedError as e:
-        sys.stdout.write(f"refused: {e}\n"); sys.stdout.flush()
+        sys.stdout.write(f"refused: {e}\\n"); sys.stdout.flush()
         sys.exit(1)
-    sys.stdout.write(f"rank-{accelerator.process_index}-holds-{bool(HELD)}\n"); sys.stdout.flush()
+    sys.stdout.write(f"rank-{accelerator.process_index}-holds-{bool(HELD)}\\n"); sys.stdout.flush()
     time.sleep(float(sys.argv[2]))
     shutdown(accelerator)
 """)
