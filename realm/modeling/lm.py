@@ -93,6 +93,12 @@ class FrozenBf16:
         self.lm = lm
         self.copies: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(weight): (source, copy)
 
+    @staticmethod
+    def under_bf16_autocast(device_type: str) -> bool:
+        """Whether bf16 autocast is on for ``device_type`` (where the copies apply)."""
+        return (torch.is_autocast_enabled(device_type)
+                and torch.get_autocast_dtype(device_type) == torch.bfloat16)
+
     def copy_of(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` in bf16, made once and remade when the weight is moved or written."""
         source = (weight.data_ptr(), weight.device, weight._version)

@@ -243,8 +243,8 @@ class RAGGenerator(nn.Module):
         under bf16 autocast (made once, not cast anew by every forward: decoding runs many),
         else None."""
         kind = self.device.type
-        return (self.held if self.mode == "frozen" and torch.is_autocast_enabled(kind)
-                and torch.get_autocast_dtype(kind) == torch.bfloat16 else None)
+        return (self.held if self.mode == "frozen" and self.held.under_bf16_autocast(kind)
+                else None)
 
     def run_decoder(self, **kwargs: Any) -> Any:
         """The base model's forward (over :meth:`bf16_copies` where there are some)."""

@@ -241,8 +241,8 @@ class CausalLMReader(Reader):
         copies of its weights (:class:`realm.modeling.lm.FrozenBf16`), made once, not cast
         anew by each group's forward."""
         kind = input_ids.device.type
-        held = (self.held if self.mode == "frozen" and torch.is_autocast_enabled(kind)
-                and torch.get_autocast_dtype(kind) == torch.bfloat16 else None)
+        held = (self.held if self.mode == "frozen" and self.held.under_bf16_autocast(kind)
+                else None)
         lengths = attention_mask.sum(dim=1)  # [N]
         groups = min(self.length_groups, len(lengths))
         order = torch.argsort(lengths, descending=True)  # [N]
