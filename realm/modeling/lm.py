@@ -56,6 +56,16 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32
     return lm, load_tokenizer(path)
 
 
+def rebuilt_parameters(lm: PreTrainedModel, mode: str) -> list[torch.nn.Parameter]:
+    """The weights of ``lm`` that its construction rebuilds exactly and training never changes:
+    every weight of a ``frozen`` LM, the base weights under a ``lora`` adapter; none in ``full``
+    mode. A training checkpoint leaves them out (the run rebuilds them from the checkpoint it
+    loaded the LM from: :func:`realm.training.checkpoint.rebuilt_keys`)."""
+    if mode == "full":
+        return []
+    return [p for p in lm.parameters() if not p.requires_grad]
+
+
 def head_logits(lm: PreTrainedModel, states: torch.Tensor,
                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The vocabulary logits of the base model's hidden states ``[..., hidden]`` through the LM

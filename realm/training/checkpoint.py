@@ -10,6 +10,11 @@ The manifest records what the run was made from (``origin``: stage, corpus finge
 of the model's parameter shapes); :func:`resume_checkpoint` refuses a checkpoint of another
 origin, one whose files would be unpickled by the installed loaders (:data:`SAFE_LOADERS`), and
 planted pickles, each with a :class:`realm.errors.ResumeError` in one line.
+
+A checkpoint leaves out the weights the run rebuilds exactly when it is constructed (a frozen
+pretrained LM: the modules' ``rebuilt_parameters()``, :func:`rebuilt_keys`); its manifest's
+``rebuilt`` records how many and a fingerprint of them, and a resume whose model rebuilds other
+weights is refused.
 """
 
 from __future__ import annotations
@@ -121,6 +126,60 @@ def check_loaders(checkpoint: str) -> None:
                           + " ".join(f"'{n}>={v}'" for n, v in SAFE_LOADERS.items()) + ")")
 
 
+def _bare(key: str) -> str:
+    """A state-dict key without DistributedDataParallel's ``module.`` prefix."""
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def rebuilt_keys(model) -> list[str]:
+    """The state-dict keys of ``model`` (unwrapped) that a checkpoint leaves out: the parameters
+    its modules name in ``rebuilt_parameters()`` (the frozen weights of a pretrained LM, which
+    the run loads again from their own checkpoint when it resumes), under every name a tied
+    weight has."""
+    fixed = {id(p) for m in model.modules() if hasattr(m, "rebuilt_parameters")
+             for p in m.rebuilt_parameters()}
+    return sorted(name for name, p in model.named_parameters(remove_duplicate=False)
+                  if id(p) in fixed)
+
+
+def rebuilt_fingerprint(model, keys: list[str]) -> str:
+    """A digest of the left-out weights' names, shapes and first values: enough to tell another
+    LM of the same architecture (reading all 135M weights would cost seconds a checkpoint)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return digest([[k, list(params[k].shape), params[k].detach().flatten()[:16].float().tolist()]
+                   for k in keys])
+
+
+def check_model_file(checkpoint: str, model, rebuilt: set[str]) -> None:
+    """Before a non-strict load (a checkpoint that left ``rebuilt`` out): every other tensor of
+    ``model`` is in the checkpoint's ``model.safetensors`` (or tied to one that is) and the file
+    holds nothing the model lacks.
+
+    Raises:
+        ResumeError: naming the first keys missing or unexpected.
+    """
+    from safetensors import safe_open
+
+    path = os.path.join(checkpoint, "model.safetensors")
+    try:
+        with safe_open(path, "pt") as f:
+            saved = {_bare(k) for k in f.keys()}
+    except Exception as e:  # a truncated file: one line, as accelerate's own load would fail
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ResumeError(f"{checkpoint}: cannot be loaded ({type(e).__name__}: {why}); remove "
+                          "it to resume from the checkpoint before, or set train.resume=false"
+                          ) from e
+    state = model.state_dict(keep_vars=True)
+    present = {state[k].data_ptr() for k in saved if k in state}
+    missing = [k for k, t in state.items()
+               if k not in saved and k not in rebuilt and t.data_ptr() not in present]
+    unexpected = sorted(saved - state.keys())
+    if missing or unexpected:
+        raise ResumeError(f"{path}: does not fit this run's model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); remove it to resume from the "
+                          "checkpoint before, or set train.resume=false")
+
+
 def model_origin(model) -> dict[str, Any]:
     """``{"model_shapes": digest, "model_tensors": n}`` of a model's state dict (names and
     shapes; what a checkpoint of it must match)."""
@@ -200,6 +259,31 @@ def rng_skips() -> Iterator[list[str]]:
         target.setLevel(level)
 
 
+def check_rebuilt(checkpoint: str, rebuilt: Optional[dict[str, Any]], model) -> bool:
+    """Whether the checkpoint holds every weight (a strict load); when it left some out
+    (its manifest's ``rebuilt``), refuse a model that rebuilds other ones and check the rest
+    (:func:`check_model_file`).
+
+    Raises:
+        ResumeError: the model's rebuilt weights differ from the checkpoint's, or its file does
+            not fit the model.
+    """
+    if not rebuilt:
+        return True
+    keys = rebuilt_keys(model)
+    here = {"tensors": len(keys), "fingerprint": rebuilt_fingerprint(model, keys)}
+    there = {k: rebuilt.get(k) for k in here}
+    if here != there:
+        raise ResumeError(f"{checkpoint}: it left out {there['tensors']} frozen pretrained "
+                          f"weights (fingerprint {there['fingerprint']}), which this run "
+                          f"rebuilds as {here['tensors']} (fingerprint {here['fingerprint']}): "
+                          "the frozen LM is not the one the checkpoint was trained with (see "
+                          "its manifest's config); use that LM, another train.run_dir, or "
+                          "train.resume=false")
+    check_model_file(checkpoint, model, set(keys))
+    return False
+
+
 def resume_checkpoint(accelerator, checkpoint: str, states: dict[str, Any],
                       origin: dict[str, Any], model) -> None:
     """Load ``checkpoint`` into the prepared objects (``accelerator.load_state``) and ``states``
@@ -225,9 +309,10 @@ def resume_checkpoint(accelerator, checkpoint: str, states: dict[str, Any],
         raise ResumeError(f"{path}: malformed ({e}); remove this checkpoint to resume from the "
                           "one before, or set train.resume=false") from None
     check_origin(checkpoint, saved, origin, model)
+    strict = check_rebuilt(checkpoint, manifest.get("rebuilt"), model)
     with rng_skips() as skipped:
         try:
-            accelerator.load_state(checkpoint)
+            accelerator.load_state(checkpoint, **({} if strict else {"strict": False}))
         except Exception as e:  # a truncated or planted file: one line, --debug has the rest
             why = (str(e).strip().splitlines() or [""])[0][:300]
             raise ResumeError(f"{checkpoint}: cannot be loaded ({type(e).__name__}: {why}); "
@@ -241,9 +326,11 @@ def resume_checkpoint(accelerator, checkpoint: str, states: dict[str, Any],
 
 
 def save_checkpoint(accelerator, s: CheckpointSettings, step: int, config_dict: Optional[dict],
-                    states: dict[str, Any], origin: Optional[dict[str, Any]] = None) -> str:
+                    states: dict[str, Any], origin: Optional[dict[str, Any]] = None,
+                    model=None) -> str:
     """``accelerator.save_state`` into ``checkpoints/step-S`` atomically, with the training state
-    as JSON (:data:`TRAINING_STATE`) and ``origin`` in the manifest; keep the newest K."""
+    as JSON (:data:`TRAINING_STATE`) and ``origin`` in the manifest; keep the newest K. ``model``
+    (unwrapped): its :func:`rebuilt_keys` are left out, the manifest's ``rebuilt`` says so."""
     root = os.path.join(s.run_dir, "checkpoints")
     final = os.path.join(root, f"step-{step:06d}")
     tmp = os.path.join(root, f".tmp-step-{step:06d}")
@@ -252,7 +339,8 @@ def save_checkpoint(accelerator, s: CheckpointSettings, step: int, config_dict: 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        _write_checkpoint(accelerator, s, step, config_dict, states, tmp, final, origin or {})
+        _write_checkpoint(accelerator, s, step, config_dict, states, tmp, final, origin or {},
+                          model)
     except (OSError, RuntimeError) as e:  # torch reports a full disk as "iostream error"
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"saving checkpoint step {step} into {tmp} failed: "
@@ -263,8 +351,20 @@ def save_checkpoint(accelerator, s: CheckpointSettings, step: int, config_dict: 
 
 def _write_checkpoint(accelerator, s: CheckpointSettings, step: int, config_dict: Optional[dict],
                       states: dict[str, Any], tmp: str, final: str,
-                      origin: dict[str, Any]) -> None:
-    accelerator.save_state(tmp)
+                      origin: dict[str, Any], model=None) -> None:
+    keys = rebuilt_keys(model) if model is not None else []
+    left_out = set(keys)
+
+    def leave_out(models, weights, output_dir) -> None:  # (accelerate's save_state pre-hook)
+        for weight in weights:
+            for key in [k for k in weight if _bare(k) in left_out]:
+                del weight[key]
+
+    hook = accelerator.register_save_state_pre_hook(leave_out)
+    try:
+        accelerator.save_state(tmp)
+    finally:
+        hook.remove()
     training_state = {name: obj.state_dict() for name, obj in states.items()}  # (every rank)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -275,6 +375,8 @@ def _write_checkpoint(accelerator, s: CheckpointSettings, step: int, config_dict
         manifest = {
             "kind": "checkpoint", "step": step, "realm_version": __version__,
             "num_processes": accelerator.num_processes, "origin": origin,
+            "rebuilt": ({"tensors": len(keys), "fingerprint": rebuilt_fingerprint(model, keys)}
+                        if keys else None),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": config_dict,
         }

@@ -251,11 +251,11 @@ def train(
 
     resumed_from = None
     found = checkpoints(s.run_dir) if s.resume else []
-    origin = {**(origin or {}), **model_origin(accelerator.unwrap_model(model))}
+    bare = accelerator.unwrap_model(model)  # (checkpoints leave out its rebuilt weights)
+    origin = {**(origin or {}), **model_origin(bare)}
     if found:
         resumed_from = found[-1][1]
-        resume_checkpoint(accelerator, resumed_from, states, origin,
-                          accelerator.unwrap_model(model))
+        resume_checkpoint(accelerator, resumed_from, states, origin, bare)
         logger.info("resumed from %s (step %d)", resumed_from, progress.step)
     # a run killed after its checkpoint (or before its first one) logged later steps that are
     # about to run again: they go (on a fresh start, every record of the earlier run)
@@ -351,7 +351,7 @@ def train(
                     last_eval = _evaluate(task, model, tracker, progress.step)
                 if s.save_every and progress.step % s.save_every == 0 and progress.step < s.steps:
                     last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict,
-                                                states, origin)
+                                                states, origin, bare)
                 if progress.step >= s.steps:
                     break
             else:
@@ -369,7 +369,7 @@ def train(
                 logger.warning("step %d's record not written: %s", progress.step, err)
         bar.close()
         _save_on_interrupt(accelerator, s, progress, micro_in_step, last_ckpt, config_dict,
-                           states, origin)
+                           states, origin, bare)
         raise
     finally:
         held.release(deliver=False)
@@ -377,7 +377,7 @@ def train(
     if s.eval_every:
         if not last_eval or s.steps % s.eval_every:
             last_eval = _evaluate(task, model, tracker, progress.step)
-    last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict, states, origin)
+    last_ckpt = save_checkpoint(accelerator, s, progress.step, config_dict, states, origin, bare)
     elapsed = time.perf_counter() - t_loop
     return {
         "steps": progress.step,
@@ -395,7 +395,7 @@ def train(
 
 def _save_on_interrupt(accelerator, s: TrainSettings, progress: _Progress, micro_in_step: int,
                        last_ckpt: Optional[str], config_dict: Optional[dict],
-                       states: dict[str, Any], origin: dict[str, Any]) -> None:
+                       states: dict[str, Any], origin: dict[str, Any], model) -> None:
     """Ctrl-C: checkpoint the last completed step, so re-running the command resumes there.
 
     The micro-batches of an unfinished step are handed back to the data position (their partial
@@ -407,7 +407,7 @@ def _save_on_interrupt(accelerator, s: TrainSettings, progress: _Progress, micro
     if last_ckpt and last_ckpt.endswith(f"step-{progress.step:06d}"):
         return
     progress.batch_in_epoch = max(0, progress.batch_in_epoch - micro_in_step)
-    path = save_checkpoint(accelerator, s, progress.step, config_dict, states, origin)
+    path = save_checkpoint(accelerator, s, progress.step, config_dict, states, origin, model)
     logger.warning("interrupted at step %d: saved %s (re-run the same command to resume)",
                    progress.step, path)
 

@@ -363,6 +363,29 @@ def test_lora_trains_the_adapter_alone(make_reader, spans):
     assert sum(float(g.abs().sum()) for n, g in grads.items() if ".lora_B." in n) > 0
 
 
+def test_checkpoints_leave_out_the_frozen_weights_of_each_mode(make_reader, lm_tokenizer,
+                                                                 make_tiny_lm, spans):
+    """What a training checkpoint leaves out (:func:`realm.training.checkpoint.rebuilt_keys`):
+    every LM weight when frozen (the tied head under both its names), the base under a LoRA
+    adapter, nothing when every weight trains; the RAG generator the same."""
+    from realm.modeling.rag.generator import RAGGenerator
+    from realm.training.checkpoint import rebuilt_keys
+
+    store = spans[0]
+    names = {mode: set(rebuilt_keys(make_reader(store, mode=mode)))
+             for mode in ("frozen", "lora", "full")}
+    lm_keys = set(make_reader(store).state_dict())
+    assert names["frozen"] == lm_keys and "lm.lm_head.weight" in lm_keys
+    lora = make_reader(store, mode="lora")
+    trained = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trained and names["lora"] == set(lora.state_dict()) - trained
+    assert names["full"] == set()
+    generator = RAGGenerator(make_tiny_lm(lm_tokenizer), lm_tokenizer, mode="lora")
+    assert set(rebuilt_keys(generator)) == {n for n, p in generator.named_parameters(
+        remove_duplicate=False) if not p.requires_grad}
+    assert not set(rebuilt_keys(generator)) & {n for n in generator.state_dict() if "lora_" in n}
+
+
 def test_a_new_adapter_scores_as_its_base_until_it_trains(make_reader, spans):
     store, _, batch, ids = spans
     base, reader = make_reader(store), make_reader(store, mode="lora")

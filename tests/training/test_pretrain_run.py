@@ -448,7 +448,8 @@ def test_a_causal_lm_reader_reads_the_run_frozen_and_the_retriever_learns(
     lm_tokenizer.save_pretrained(lm_dir)
     summary = _pretrain(tmp_path / "run", spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
                         "train.steps=4", "logging.wandb=false", "pretrain.reader_type=causal_lm",
-                        f"pretrain.lm={lm_dir}", "pretrain.max_joined_tokens=160")
+                        f"pretrain.lm={lm_dir}", "pretrain.max_joined_tokens=160",
+                        "train.save_every=2")
     assert summary["steps"] == 4 and summary["mean_ru"] is not None
     given = AutoModelForCausalLM.from_pretrained(lm_dir)
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "reader")
@@ -459,3 +460,18 @@ def test_a_causal_lm_reader_reads_the_run_frozen_and_the_retriever_learns(
     assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), end.parameters()))
     records = [r for r in _records(tmp_path / "run") if "ru_expected" in r]
     assert records and all(r["loss"] == r["loss"] for r in records)  # finite, logged each step
+    # its checkpoints leave the frozen LM out (rebuilt from pretrain.lm), and a resume rebuilds it
+    from safetensors import safe_open
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        saved = list(f.keys())
+    assert saved and not [k for k in saved if k.startswith("encoder.lm.")]
+    assert json.loads((ckpt / "manifest.json").read_text())["rebuilt"]["tensors"] == len(
+        given.state_dict())
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004")
+    again = _pretrain(tmp_path / "run", spans_corpus, tiny_retriever, tiny_encoder, tmp_path,
+                      "train.steps=4", "logging.wandb=false", "pretrain.reader_type=causal_lm",
+                      f"pretrain.lm={lm_dir}", "pretrain.max_joined_tokens=160",
+                      "train.save_every=2")
+    assert again["resumed_from"].endswith("step-000002") and again["steps"] == 4

@@ -5,6 +5,7 @@ fine-tune saves a model that loads and answers as the run evaluated it; zero-sho
 
 import json
 import runpy
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -238,3 +239,36 @@ def test_rag_end2end_trains_the_document_encoder_and_swaps_refreshed_generations
     records = [json.loads(line) for line in open(run / "predictions-dev.jsonl")]
     one = OpenQA.from_pretrained(run / "model", precision="fp32").answer(records[0]["question"])
     assert one["answer"] == records[0]["prediction"]
+
+
+def test_a_lora_fine_tune_checkpoints_without_the_base_and_resumes(squad_tiny, tiny_generator,
+                                                                   tmp_path):
+    """The generator's frozen base stays out of the checkpoints (its adapter and the query
+    encoder are in); a run killed after step 2 resumes there and ends as the whole run did."""
+    from safetensors import safe_open
+
+    def finetune(run):
+        return run_finetune(_config(squad_tiny, tiny_generator, run, "openqa.generator_mode=lora",
+                                    "openqa.generator_lr_scale=10", "train.save_every=2",
+                                    "logging.log_every=1"),
+                            progress=False)
+
+    whole = finetune(tmp_path / "whole")
+    ckpt = tmp_path / "whole" / "checkpoints" / "step-000002"
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        saved = list(f.keys())
+    assert [k for k in saved if "lora_" in k] and not [
+        k for k in saved if "generator" in k and "lora_" not in k]
+    assert json.loads((ckpt / "manifest.json").read_text())["rebuilt"]["tensors"] > 0
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, killed / "checkpoints" / ckpt.name)
+    again = finetune(killed)
+    from realm.tracking import read_metrics
+
+    losses = {run: {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / run)) if "loss" in r}
+              for run in ("whole", "killed")}
+    assert sorted(losses["killed"]) == [3, 4]  # resumed after step 2
+    for step in (3, 4):
+        assert losses["killed"][step] == pytest.approx(losses["whole"][step], rel=1e-4)
+    assert again["steps"] == whole["steps"] == 4

@@ -112,6 +112,56 @@ def test_another_corpus_or_model_shape_is_refused_naming_both(tmp_path):
     assert run(tmp_path, 4, origin=origin)["resumed_from"].endswith("step-000002")
 
 
+class FrozenPart(TwoParts):
+    """TwoParts whose reader is a frozen pretrained part (its weights drawn from ``seed``, as a
+    frozen LM is loaded from its checkpoint), also held under a second name (a tied weight)."""
+
+    def __init__(self, seed=1):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.reader.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        self.reader.requires_grad_(False)
+        self.tied = self.reader
+
+    def rebuilt_parameters(self):
+        return list(self.reader.parameters())
+
+
+def test_a_frozen_part_is_left_out_of_checkpoints_and_rebuilt_at_resume(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run(tmp_path / "whole", 4, model=FrozenPart())
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")  # killed before its last checkpoint
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-000004")
+    ckpt = tmp_path / "cut" / "checkpoints" / "step-000002"
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["retriever.bias", "retriever.weight"]
+    rebuilt = json.loads((ckpt / "manifest.json").read_text())["rebuilt"]
+    assert rebuilt["tensors"] == 4 and rebuilt["fingerprint"]  # reader.*, tied.*
+    torch.manual_seed(5)  # another initial retriever: the checkpoint's is loaded over it
+    resumed = run(tmp_path / "cut", 4, model=FrozenPart())
+    assert resumed["resumed_from"].endswith("step-000002")
+    losses = {d: {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / d)) if "loss" in r}
+              for d in ("whole", "cut")}
+    assert sorted(losses["cut"]) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert losses["cut"][step] == pytest.approx(losses["whole"][step], rel=1e-6)
+
+    with pytest.raises(ResumeError, match=r"step-000004: it left out 4 frozen pretrained weights "
+                                          r"\(fingerprint \w+\), which this run rebuilds as 4 "
+                                          r"\(fingerprint \w+\): the frozen LM is not the one"):
+        run(tmp_path / "cut", 6, model=FrozenPart(seed=2))
+    model = tmp_path / "cut" / "checkpoints" / "step-000004" / "model.safetensors"
+    with safe_open(str(model), "pt") as f:
+        save_file({"retriever.bias": f.get_tensor("retriever.bias")}, str(model))
+    with pytest.raises(ResumeError, match=r"does not fit this run's model \(missing "
+                                          r"\['retriever.weight'\], unexpected \[\]\)"):
+        run(tmp_path / "cut", 6, model=FrozenPart())
+
+
 def test_a_malformed_training_state_or_truncated_model_is_one_line(tmp_path):
     run(tmp_path, 2)
     state = tmp_path / "checkpoints" / "step-000002" / "training_state.json"

@@ -36,7 +36,7 @@ from realm.artifacts import atomic_directory, read_manifest, write_manifest
 from realm.data.mlm import pad_ragged
 from realm.hub import load_tokenizer
 from realm.precision import autocast, autocast_dtype
-from realm.modeling.lm import FrozenBf16, head_logits, load_causal_lm
+from realm.modeling.lm import FrozenBf16, head_logits, load_causal_lm, rebuilt_parameters
 from realm.modeling.rag.prompts import Answers, Block, GeneratorInputs, RAGPrompts
 from realm.modeling.readers.lora import (ADAPTER_DIR, LoraSettings, adapter_base, add_adapter,
                                          is_adapted, load_adapter, merged_copy, settings_of)
@@ -159,6 +159,11 @@ class RAGGenerator(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
+
+    def rebuilt_parameters(self) -> list[torch.nn.Parameter]:
+        """The LM's weights a training checkpoint leaves out (the frozen ones, rebuilt from
+        ``base_checkpoint`` on resume: :func:`realm.modeling.lm.rebuilt_parameters`)."""
+        return rebuilt_parameters(self.lm, self.mode)
 
     # -- persistence ----------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ from realm.data.mlm import MLMBatch
 from realm.data.store import BlockStore
 from realm.hub import load_tokenizer
 from realm.precision import autocast, autocast_dtype
-from realm.modeling.lm import FrozenBf16, head_logits, load_causal_lm
+from realm.modeling.lm import FrozenBf16, head_logits, load_causal_lm, rebuilt_parameters
 from realm.modeling.readers.base import Reader, ReaderOutput
 from realm.modeling.readers.lm_inputs import (NULL_BODY, NULL_TITLE, LMInputs, PromptBuilder,
                                               span_texts)
@@ -181,6 +181,11 @@ class CausalLMReader(Reader):
     @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
+
+    def rebuilt_parameters(self) -> list[torch.nn.Parameter]:
+        """The LM's weights a training checkpoint leaves out (the frozen ones, rebuilt from
+        ``base_checkpoint`` on resume: :func:`realm.modeling.lm.rebuilt_parameters`)."""
+        return rebuilt_parameters(self.lm, self.mode)
 
     @property
     def base_lm(self) -> PreTrainedModel:
