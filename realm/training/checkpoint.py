@@ -126,6 +126,13 @@ def check_loaders(checkpoint: str) -> None:
                           + " ".join(f"'{n}>={v}'" for n, v in SAFE_LOADERS.items()) + ")")
 
 
+def unloadable(checkpoint: str, e: Exception) -> ResumeError:
+    """The one-line error of a checkpoint whose files do not load (truncated, planted)."""
+    why = (str(e).strip().splitlines() or [""])[0][:300]
+    return ResumeError(f"{checkpoint}: cannot be loaded ({type(e).__name__}: {why}); remove it "
+                       "to resume from the checkpoint before, or set train.resume=false")
+
+
 def _bare(key: str) -> str:
     """A state-dict key without DistributedDataParallel's ``module.`` prefix."""
     return key[len("module."):] if key.startswith("module.") else key
@@ -165,10 +172,7 @@ def check_model_file(checkpoint: str, model, rebuilt: set[str]) -> None:
         with safe_open(path, "pt") as f:
             saved = {_bare(k) for k in f.keys()}
     except Exception as e:  # a truncated file: one line, as accelerate's own load would fail
-        why = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ResumeError(f"{checkpoint}: cannot be loaded ({type(e).__name__}: {why}); remove "
-                          "it to resume from the checkpoint before, or set train.resume=false"
-                          ) from e
+        raise unloadable(checkpoint, e) from e
     state = model.state_dict(keep_vars=True)
     present = {state[k].data_ptr() for k in saved if k in state}
     missing = [k for k, t in state.items()
@@ -312,12 +316,9 @@ def resume_checkpoint(accelerator, checkpoint: str, states: dict[str, Any],
     strict = check_rebuilt(checkpoint, manifest.get("rebuilt"), model)
     with rng_skips() as skipped:
         try:
-            accelerator.load_state(checkpoint, **({} if strict else {"strict": False}))
+            accelerator.load_state(checkpoint, strict=strict)
         except Exception as e:  # a truncated or planted file: one line, --debug has the rest
-            why = (str(e).strip().splitlines() or [""])[0][:300]
-            raise ResumeError(f"{checkpoint}: cannot be loaded ({type(e).__name__}: {why}); "
-                              "remove it to resume from the checkpoint before, or set "
-                              "train.resume=false") from e
+            raise unloadable(checkpoint, e) from e
     if skipped:
         logger.warning("%s: random_states_%d.pkl could not be read (accelerate skipped it): the "
                        "run resumes, but not exactly (dropout and masking draw other numbers "
