@@ -138,6 +138,15 @@ def _bare(key: str) -> str:
     return key[len("module."):] if key.startswith("module.") else key
 
 
+def saved_shapes(checkpoint: str) -> dict[str, list[int]]:
+    """The tensors' names (without ``module.``) and shapes in the header of the checkpoint's
+    ``model.safetensors`` (nothing is loaded); raises what safetensors raises on a bad file."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(checkpoint, "model.safetensors"), "pt") as f:
+        return {_bare(k): list(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def rebuilt_keys(model) -> list[str]:
     """The state-dict keys of ``model`` (unwrapped) that a checkpoint leaves out: the parameters
     its modules name in ``rebuilt_parameters()`` (the frozen weights of a pretrained LM, which
@@ -165,12 +174,9 @@ def check_model_file(checkpoint: str, model, rebuilt: set[str]) -> None:
     Raises:
         ResumeError: naming the first keys missing or unexpected.
     """
-    from safetensors import safe_open
-
     path = os.path.join(checkpoint, "model.safetensors")
     try:
-        with safe_open(path, "pt") as f:
-            saved = {_bare(k) for k in f.keys()}
+        saved = set(saved_shapes(checkpoint))
     except Exception as e:  # a truncated file: one line, as accelerate's own load would fail
         raise unloadable(checkpoint, e) from e
     state = model.state_dict(keep_vars=True)
@@ -222,10 +228,7 @@ def shape_difference(checkpoint: str, model) -> str:
     """``; first difference: NAME [a] there, [b] here`` from the header of the checkpoint's
     ``model.safetensors`` (nothing is loaded); empty when it cannot tell."""
     try:
-        from safetensors import safe_open
-
-        with safe_open(os.path.join(checkpoint, "model.safetensors"), "pt") as f:
-            there = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        there = saved_shapes(checkpoint)
     except Exception:  # no such file, or a header it cannot read: the digests say enough
         return ""
     here = {name: list(t.shape) for name, t in model.state_dict().items()}
