@@ -196,6 +196,8 @@ def test_wrong_type_names_the_key(override, fragments):
         ("pretrain.ict_lr=0", ["pretrain.ict_lr:", "must be > 0, got 0"]),
         ("pretrain.lm_lora_rank=0", ["pretrain.lm_lora_rank:", "must be > 0, got 0"]),
         ("pretrain.lm_lora_alpha=-1", ["pretrain.lm_lora_alpha:", "must be > 0"]),
+        ("refresh.lag_steps=500", ["refresh.lag_steps:", "below refresh.every_steps (500)"]),
+        ("refresh.lag_steps=-1", ["refresh.lag_steps:", "must be >= 0"]),
     ],
 )
 def test_impossible_value_names_the_key(override, fragments):

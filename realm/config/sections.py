@@ -329,6 +329,14 @@ class RefreshConfig:
         "before the next step: a fixed refresh schedule (a resumed run repeats the uninterrupted "
         "one step for step), at the cost of the trainer idling while the corpus is embedded. "
         "false: training never waits (REALM's asynchronous refresh).", default=False)
+    lag_steps: int = doc(
+        "A fixed asynchronous schedule: the generation built from the snapshot of step s is "
+        "swapped in after step s + lag_steps exactly, not sooner when the refresher is faster; "
+        "the trainer waits only when it is slower (the wait is logged as refresh/sync_wait_s). "
+        "Which index every step reads is then the same in every run of a seed, whatever the "
+        "machine's load. 0: each generation is swapped in as soon as it is loaded (which step "
+        "reads which index depends on the refresher's timing). Below `every_steps`; not with "
+        "`sync`.", default=0)
     stop_when_stale: bool = doc("Stop the run with an error instead of warning when the index "
                                  "goes stale beyond `max_staleness_steps`.", default=False)
     keep_encoders: int = doc("Newest encoder snapshots kept.", default=2)
@@ -362,6 +370,11 @@ class RefreshConfig:
             check(getattr(self, key) >= 0, f"refresh.{key}",
                    f"must be >= 0, got {getattr(self, key)}")
         check(self.poll_s > 0, "refresh.poll_s", f"must be > 0, got {self.poll_s}")
+        check(0 <= self.lag_steps < self.every_steps, "refresh.lag_steps",
+               f"must be >= 0 and below refresh.every_steps ({self.every_steps}), "
+               f"got {self.lag_steps}")
+        check(not (self.lag_steps and self.sync), "refresh.lag_steps",
+               "a fixed lag and refresh.sync are two schedules: set one")
         check(self.first_generation_timeout_s > 0, "refresh.first_generation_timeout_s",
                f"must be > 0, got {self.first_generation_timeout_s}")
         for device in self.devices:

@@ -50,6 +50,10 @@ class RefreshHook:
             ``every_steps``); with ``stop_when_stale`` it stops with an error instead.
         sync: After each snapshot, wait for the generation built from it and swap it in before
             the next step (every process): a fixed schedule, reproducible across a resume.
+        lag_steps: A fixed asynchronous schedule: the generation built from the snapshot of step
+            ``s`` is swapped in after step ``s + lag_steps`` (every process), never sooner; the
+            trainer waits only when the refresher is slower than that. 0: each generation is
+            swapped in as soon as it is loaded.
         agree: With several processes, the element-wise minimum of a list of ints over all of
             them (a collective): every process swaps to a new generation at the same step, and
             starts on the same one, so no step searches two indexes.
@@ -70,6 +74,7 @@ class RefreshHook:
                  lease_timeout_s: float = 600.0, keep_encoders: int = 2, gpu: bool = True,
                  nprobe: int = 32, ef_search: int = 128, first_timeout_s: float = 3600.0,
                  stale_limit: int = 0, stop_when_stale: bool = False, sync: bool = False,
+                 lag_steps: int = 0,
                  agree: Optional[Callable[[list[int]], list[int]]] = None,
                  publish_after: int = 0, barrier: Callable[[], None] = lambda: None,
                  threads: Optional[tuple[int, int]] = None,
@@ -85,7 +90,8 @@ class RefreshHook:
         self.stale_limit = stale_limit or 10 * every_steps
         self.stop_when_stale = stop_when_stale
         self.sync = sync
-        self.sync_wait_s = 0.0
+        self.lag_steps = lag_steps
+        self.sync_wait_s = 0.0  # time the trainer waited for the refresher (sync or lag_steps)
         self.agree = agree
         self._stale_warned_at = 0
         self.publish_after = publish_after
@@ -131,7 +137,7 @@ class RefreshHook:
                    barrier=accelerator.wait_for_everyone, threads=threads,
                    first_timeout_s=r.first_generation_timeout_s,
                    stale_limit=r.max_staleness_steps, stop_when_stale=r.stop_when_stale,
-                   sync=r.sync, agree=_min_over_processes(accelerator),
+                   sync=r.sync, lag_steps=r.lag_steps, agree=_min_over_processes(accelerator),
                    **_shard_of(config.index.sharding, accelerator))
         hook.stage = stage
         return hook
@@ -161,6 +167,8 @@ class RefreshHook:
             if self.resume_generation is None and (
                     latest is None or latest["step"] < step or (step == 0 and latest["step"] != 0)):
                 self.publish(self.model, step)
+            elif self._due_snapshot_lost(step, latest):
+                self.publish(self.model, step)
             best_effort(self.store.write_heartbeat, step, what="the trainer's heartbeat")
             if self.supervisor is not None:
                 self.supervisor.start()
@@ -187,6 +195,27 @@ class RefreshHook:
                 gen = self.watcher.load(newest)
         self.generations_used.add(gen.generation)
         logger.info("index generation %d in use (waited %.1fs)", gen.generation, time.time() - t0)
+
+    def _due_snapshot_lost(self, step: int, latest: Optional[dict]) -> bool:
+        """Resuming at ``step`` on a fixed lag: whether the snapshot whose generation is due
+        after ``step`` (taken at or before it) is gone with its generation (the store keeps only
+        the newest snapshots and generations), so that nothing would ever build what the
+        schedule waits for. The checkpoint's encoder is then published in its place: exactly
+        the lost snapshot when the checkpoint is of the snapshot's step."""
+        if not self.lag_steps:
+            return False
+        due = step - step % self.every_steps
+        if due <= self.publish_after or step >= due + self.lag_steps:
+            return False
+        built = self.store.read_latest()
+        if (latest is not None and latest["step"] >= due) or (
+                built is not None and int(built["encoder_step"]) >= due):
+            return False
+        if step != due:
+            logger.warning("the snapshot of step %d, due in the index after step %d, is gone; "
+                           "the checkpoint's encoder (step %d) stands in for it", due,
+                           due + self.lag_steps, step)
+        return True
 
     def _check_refresher(self) -> None:
         """While waiting for generation 0: restart a dead refresher (within bounds); raise
@@ -224,7 +253,7 @@ class RefreshHook:
             self.start(step, self.barrier)
             if self.resume_generation is not None:
                 return  # the first resumed step runs on the checkpoint's generation: reproducible
-        if self._swap():
+        if not self.lag_steps and self._swap():  # (on a fixed lag, after_step swaps)
             self.generations_used.add(self.watcher.current.generation)
             if self.supervisor is not None:
                 self.supervisor.reset_budget()
@@ -268,20 +297,28 @@ class RefreshHook:
             if publishing:
                 self.publish(model, step)
         if publishing and self.sync:  # every process: the next step reads the new generation
-            t0 = time.time()
-            try:
-                gen = self.watcher.wait_for_encoder(step, timeout=self.first_timeout_s,
-                                                    check=self._check_refresher)
-            except TimeoutError as e:
-                raise RefresherFailed(f"{e} (refresh.sync)") from None
-            self.generations_used.add(gen.generation)
-            self.sync_wait_s += time.time() - t0
+            self._await_encoder(step, "refresh.sync")
+        published = step - self.lag_steps  # the snapshot whose generation is due now
+        if self.lag_steps and published > self.publish_after and published % self.every_steps == 0:
+            self._await_encoder(published, f"refresh.lag_steps={self.lag_steps}")
         # the index the next step reads against this step's encoder (what the logged record shows)
         current = self.watcher.current
         if current is not None:
             staleness = step - current.encoder_step
             self.max_staleness_steps = max(self.max_staleness_steps, staleness)
             self._check_staleness(step, staleness)
+
+    def _await_encoder(self, encoder_step: int, why: str) -> None:
+        """Wait (every process) for the generation built from ``encoder_step``'s snapshot and
+        swap it in before the next step."""
+        t0 = time.time()
+        try:
+            gen = self.watcher.wait_for_encoder(encoder_step, timeout=self.first_timeout_s,
+                                                check=self._check_refresher)
+        except TimeoutError as e:
+            raise RefresherFailed(f"{e} ({why})") from None
+        self.generations_used.add(gen.generation)
+        self.sync_wait_s += time.time() - t0
 
     def _check_staleness(self, step: int, staleness: int) -> None:
         """Warn loudly (again every ``stale_limit`` steps) when the index in use is older than
@@ -306,7 +343,7 @@ class RefreshHook:
         if self.supervisor is not None:
             out["refresh/restarts"] = self.supervisor.restarts
             out["refresh/alive"] = int(self.supervisor.alive)
-        if self.sync:
+        if self.sync or self.lag_steps:
             out["refresh/sync_wait_s"] = round(self.sync_wait_s, 3)
         if self.agree is not None and self.watcher.current is not None:
             gen = self.watcher.current.generation  # (every process calls metrics: a collective)

@@ -22,7 +22,7 @@ from realm.training.accelerator import shutdown
 from .conftest import child_env, refresher_cmd
 
 
-def _train(run_dir, corpus, retriever_dir, steps, save_every, monkeypatch):
+def _train(run_dir, corpus, retriever_dir, steps, save_every, monkeypatch, **hook_kwargs):
     from accelerate import Accelerator
 
     for key, value in child_env().items():
@@ -38,7 +38,8 @@ def _train(run_dir, corpus, retriever_dir, steps, save_every, monkeypatch):
     supervisor = RefresherSupervisor(run_dir, refresher_cmd(run_dir, corpus)[4:], max_restarts=1)
     hook = RefreshHook(run_store, retriever, lambda m: accelerator.unwrap_model(m),
                        corpus_fingerprint=store.fingerprint, dim=retriever.dim, every_steps=3,
-                       is_main=True, supervisor=supervisor, poll_s=0.1, first_timeout_s=120)
+                       is_main=True, supervisor=supervisor, poll_s=0.1, first_timeout_s=120,
+                       **hook_kwargs)
     settings = TrainSettings(run_dir=run_dir, steps=steps, batch_size=4, lr=1e-3, log_every=1,
                              save_every=save_every, progress=False)
     tracker = Tracker(run_dir)
@@ -111,6 +112,22 @@ def test_resume_starts_on_the_pinned_generation_then_swaps_and_sets_the_future_a
     aside = list((tmp_path / "run" / "discarded").glob("after-step-000006-*"))
     assert len(aside) == 1 and (aside[0] / "snapshots" / "step-000009").is_dir()
     assert (aside[0] / "index" / f"gen-{future:06d}").is_dir()
+
+
+@pytest.mark.slow
+def test_a_fixed_lag_swaps_each_generation_in_at_its_step(leads_corpus, tiny_retriever,
+                                                          tmp_path, monkeypatch):
+    """refresh.lag_steps: the generation of the snapshot of step s is read from step s + lag + 1
+    on, never sooner (the refresher builds one in well under the 2 steps of 0.4 s it has), so
+    which index every step reads does not depend on the refresher's speed."""
+    run_dir = str(tmp_path / "run")
+    result, hook = _train(run_dir, leads_corpus, tiny_retriever, 12, 0, monkeypatch, lag_steps=2)
+    assert result["steps"] == 12
+    read = {r["step"]: r["index/encoder_step"] for r in read_metrics(run_dir)
+            if "index/encoder_step" in r}
+    # snapshots at 3, 6, 9 (12's would be due at 14); each in use after step s + 2
+    assert read == {t: 0 if t < 5 else 3 * ((t - 2) // 3) for t in range(1, 13)}
+    assert hook.max_staleness_steps == 4 and len(hook.generations_used) == 4
 
 
 def test_no_snapshot_while_the_encoders_are_held(tmp_path):
