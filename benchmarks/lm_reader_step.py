@@ -4,7 +4,7 @@
     python benchmarks/lm_reader_step.py [--steps 5] [--warmup 1] [--modes frozen,full,lora]
                                         [--precisions bf16,fp32] [--threads 2]
 
-Sizes and model come from ``configs/pretrain.yaml`` (``--config``): batch 4, k = 4 + the null
+Sizes and model come from ``configs/pretrain.yaml`` (``--config``): batch 4, k (8) + the null
 document, 160 LM tokens a row, SmolLM2-135M-Instruct (``pretrain.lm``, the offline copy), prefix
 layout, the retriever signal, LoRA rank and the other ``pretrain`` settings the REALM model takes.
 The corpus and the ICT warm-started retriever are the ones ``launch/pretrain.py --config

@@ -220,7 +220,7 @@ def _pretrain(tmp: Path, fx: dict, corpus: str, *extra: str) -> list[str]:
             "retriever.max_query_tokens=24", "retriever.max_block_tokens=64",
             f"train.run_dir={tmp / 'run'}", "train.steps=2", "train.batch_size=2",
             "train.save_every=2", "train.precision=fp32", "refresh.every_steps=2",
-            "refresh.poll_s=0.1", "refresh.threads=1", "logging.log_every=1",
+            "refresh.lag_steps=0", "refresh.poll_s=0.1", "refresh.threads=1", "logging.log_every=1",
             "logging.report_every=0", "logging.wandb=false", *extra]
 
 

@@ -44,7 +44,8 @@ def test_readme_main_job_runs(tmp_path):
              "data.max_articles=60", "pretrain.encoder_layers=1", "pretrain.ict_steps=4",
              "pretrain.ict_batch_size=8", "pretrain.span_recall_examples=16",
              "train.steps=12", "train.save_every=6",
-             "refresh.every_steps=4", "logging.wandb=false", "--no-progress"]  # a slice, for time
+             "refresh.every_steps=4", "refresh.lag_steps=2", "logging.wandb=false",
+             "--no-progress"]  # a slice, for time
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stderr[-3000:]

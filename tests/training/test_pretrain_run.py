@@ -50,7 +50,7 @@ def _pretrain_cmd(run_dir, corpus, retriever, encoder, tmp_path, *extra, launche
            "retriever.max_block_tokens=64", f"train.run_dir={run_dir}", f"train.steps={STEPS}",
            "train.batch_size=4", "train.save_every=5", "train.keep_checkpoints=10",
            "train.warmup_steps=2", "train.precision=fp32", "refresh.every_steps=5",
-           "refresh.poll_s=0.1", "refresh.threads=1", "logging.log_every=1",
+           "refresh.lag_steps=0", "refresh.poll_s=0.1", "refresh.threads=1", "logging.log_every=1",
            "logging.wandb=true", "logging.wandb_mode=offline", "logging.report_every=20", *extra]
 
 
@@ -352,7 +352,7 @@ def test_ctrl_c_stops_trainer_and_refresher_and_leaves_a_resumable_checkpoint(
            "retriever.max_query_tokens=24", "retriever.max_block_tokens=64",
            f"train.run_dir={run_dir}", "train.steps=100000", "train.batch_size=2",
            "train.save_every=0", "train.precision=fp32", "refresh.every_steps=5",
-           "refresh.poll_s=0.1", "refresh.threads=1", "refresh.heartbeat_timeout_s=30",
+           "refresh.lag_steps=0", "refresh.poll_s=0.1", "refresh.threads=1", "refresh.heartbeat_timeout_s=30",
            "logging.log_every=1", "logging.wandb=false"]
     log = open(tmp_path / "trainer.log", "wb")
     # its own group with Ctrl-C's default action, like a terminal's job (a suite started in the
