@@ -50,7 +50,7 @@ def _pretrain_cmd(run_dir, corpus, retriever, encoder, tmp_path, *extra, launche
            "retriever.max_block_tokens=64", f"train.run_dir={run_dir}", f"train.steps={STEPS}",
            "train.batch_size=4", "train.save_every=5", "train.keep_checkpoints=10",
            "train.warmup_steps=2", "train.precision=fp32", "refresh.every_steps=5",
-           "refresh.lag_steps=0", "refresh.poll_s=0.1", "refresh.threads=1", "logging.log_every=1",
+           "refresh.lag_steps=0", "refresh.share_cores=true", "refresh.poll_s=0.1", "refresh.threads=1", "logging.log_every=1",
            "logging.wandb=true", "logging.wandb_mode=offline", "logging.report_every=20", *extra]
 
 
