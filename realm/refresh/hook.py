@@ -164,10 +164,9 @@ class RefreshHook:
             latest = self.store.latest_encoder()
             # a checkpoint that pins a generation resumes on it, publishing nothing the
             # uninterrupted run did not (else the resumed run would drift from it)
-            if self.resume_generation is None and (
-                    latest is None or latest["step"] < step or (step == 0 and latest["step"] != 0)):
-                self.publish(self.model, step)
-            elif self._due_snapshot_lost(step, latest):
+            if (self.resume_generation is None and (
+                    latest is None or latest["step"] < step or (step == 0 and latest["step"] != 0))
+                    or self._due_snapshot_lost(step, latest)):
                 self.publish(self.model, step)
             best_effort(self.store.write_heartbeat, step, what="the trainer's heartbeat")
             if self.supervisor is not None:
