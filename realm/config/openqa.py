@@ -76,12 +76,14 @@ class OpenQAConfig:
         "p(z|x) = softmax(f(x, z) / T). BM25 scores differ by several points between neighbours "
         "(one-hot at T = 1).", default=1.0)
     positive_steps: int = doc(
-        "Steps of the reader's warm-up (DPR's reader training): each question read beside its "
-        "best-ranked block with an answer (a window around it) and `positive_negatives` blocks "
-        "without, before the steps over the top k.", default=0)
+        "Steps of the reader's warm-up, before the steps over the top k. The extractive reader "
+        "reads each question beside its best-ranked block with an answer (a window around it) "
+        "and `positive_negatives` blocks without (DPR's reader training); the generative "
+        "reader reads that block alone, p(z|x) = 1 (its top block where none holds an answer).",
+        default=0)
     positive_search: int = doc(
-        "Blocks searched for each training question's positive; questions with no answer in "
-        "them (nor in the top k) are left out of training.", default=20)
+        "Blocks searched for each training question's positive; the extractive reader leaves "
+        "questions with no answer in them (nor in the top k) out of training.", default=20)
     positive_negatives: int = doc("Retrieved blocks without an answer read beside the positive.",
                                    default=1)
     positive_window: Optional[int] = doc(

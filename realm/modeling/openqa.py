@@ -88,12 +88,18 @@ def retrieve_blocks(retriever: Optional[Retriever], index, questions: Sequence[s
     """
     if retriever is None:
         return index.search(list(questions), k)
+    q_reps = query_reps(retriever, question_ids, special, max_question_tokens)
+    return index.search(q_reps, k, questions=list(questions))
+
+
+def query_reps(retriever: Retriever, question_ids: Sequence[Sequence[int]],
+               special: tuple[int, int, int], max_question_tokens: int) -> torch.Tensor:
+    """The query encoder's ``[B, dim]`` for questions' word pieces (no special tokens)."""
     device = next(retriever.parameters()).device
     cls_id, sep_id, pad_id = special
     q_in = build_query_inputs(list(question_ids), cls_id, sep_id, pad_id,
                               max_length=max_question_tokens + 2)
-    q_reps = retriever.encode_queries(*(t.to(device) for t in q_in)).q_reps  # [B, dim]
-    return index.search(q_reps, k, questions=list(questions))
+    return retriever.encode_queries(*(t.to(device) for t in q_in)).q_reps
 
 
 def freeze_for_fixed_index(retriever: Retriever, train_query_encoder: bool,

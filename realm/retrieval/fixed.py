@@ -144,6 +144,10 @@ class HybridIndex:
         """The dense index's fixed embeddings (a :class:`DenseIndex`'s)."""
         return self.dense.embeddings
 
+    def scores(self, q_reps: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        """The dense ``q . e`` of the blocks ``ids`` ``[B, k]`` (as :meth:`search` scores)."""
+        return self.dense.scores(q_reps, ids)
+
     def search(self, q_reps: torch.Tensor, k: int,
                questions: Optional[Sequence[str]] = None) -> SearchResult:
         if questions is None or len(questions) != len(q_reps):

@@ -116,3 +116,35 @@ def positive_windows(positives: Positives, indices: Sequence[int], store: BlockS
                 lo, hi = max(0, start + length - window), min(start, hi)
             windows[i, j] = (rng.integers(lo, max(lo, hi) + 1), window)
     return blocks, windows
+
+
+@torch.no_grad()
+def generative_positives(model, examples: Sequence, search_k: int = 20, batch_size: int = 64,
+                         progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The RAG generator's warm-up blocks: for each training question the best-ranked of its
+    top ``search_k`` blocks whose title or text holds an answer, or its top block where none
+    does (read as the marginal stage reads it).
+
+    Args:
+        model: A :class:`realm.modeling.rag.GenerativeOpenQAModel` with retrieval.
+        examples: The training :class:`realm.data.qa.QAExample` s.
+
+    Returns:
+        ``(blocks [N], found [N] bool)``: the block each question reads, and whether it holds
+        an answer.
+    """
+    n = len(examples)
+    blocks, found = np.full(n, -1, np.int64), np.zeros(n, bool)
+    bar = tqdm(total=n, desc="positive blocks", unit="q", disable=not progress, mininterval=1.0)
+    with eval_mode(model):  # the query encoder's dropout off, as in evaluation
+        for lo in range(0, n, batch_size):
+            batch = examples[lo: lo + batch_size]
+            ids = model.retrieve([ex.question for ex in batch], search_k).block_ids
+            hits = model.block_has_answer(ids, [ex.answers for ex in batch])  # [b, search_k]
+            first = hits.argmax(axis=1)
+            found[lo: lo + len(batch)] = hits.any(axis=1)
+            blocks[lo: lo + len(batch)] = np.where(hits.any(axis=1),
+                                                   ids[np.arange(len(batch)), first], ids[:, 0])
+            bar.update(len(batch))
+    bar.close()
+    return blocks, found

@@ -20,8 +20,9 @@ import logging
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,33 +44,57 @@ from realm.training.checkpoint import checkpoints
 from realm.training.core import TrainSettings, train
 from realm.training.openqa_setup import (dev_metrics, evaluate_dev, prepare_qa_stage,
                                          prepare_retrieval)
+from realm.training.positives import generative_positives
 
 logger = logging.getLogger(__name__)
 
 
 class RAGTask:
-    """The training core's task: the RAG loss on training questions, EM on dev ones."""
+    """The training core's task: the RAG loss on training questions, EM on dev ones.
+
+    For the first ``positive_steps`` steps (``openqa.positive_steps``) each question is read
+    beside one block alone, its warm-up block (:func:`realm.training.positives.
+    generative_positives`: the best-ranked block holding an answer), with p(z|x) = 1: the
+    generator learns to read at a third of the cost of a step over k = 3; then over the top k.
+    """
 
     def __init__(self, examples: Sequence[QAExample], dev: Sequence[QAExample], unwrap,
-                 recall_ks: Sequence[int], batch_size: int, bf16: bool):
+                 recall_ks: Sequence[int], batch_size: int, bf16: bool,
+                 warm_up_blocks: Optional[np.ndarray] = None, positive_steps: int = 0):
         self.examples, self.dev, self.unwrap = list(examples), list(dev), unwrap
         self.recall_ks, self.batch_size, self.bf16 = list(recall_ks), batch_size, bf16
+        if positive_steps and (warm_up_blocks is None or len(warm_up_blocks) != len(examples)):
+            raise ValueError("positive_steps > 0 needs a warm-up block for every question")
+        self.warm_up_blocks, self.positive_steps, self.step = warm_up_blocks, positive_steps, 0
 
-    def train_dataset(self) -> list[QAExample]:
-        return self.examples
+    def before_step(self, step: int) -> None:  # a hook of the training core
+        self.step = step
 
-    def collate(self, items: list[QAExample]) -> list[QAExample]:
-        return list(items)
+    def train_dataset(self) -> list[tuple[int, QAExample]]:
+        return list(enumerate(self.examples))
 
-    def loss(self, model: nn.Module, batch: list[QAExample]
+    def collate(self, items: list[tuple[int, QAExample]]) -> tuple[list[int], list[QAExample]]:
+        return [i for i, _ in items], [ex for _, ex in items]
+
+    def loss(self, model: nn.Module, batch: tuple[list[int], list[QAExample]]
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        out = model([ex.question for ex in batch], [ex.answers for ex in batch])
+        indices, examples = batch
+        questions, answers = [ex.question for ex in examples], [ex.answers for ex in examples]
+        warm_up = self.step < self.positive_steps
+        if warm_up:
+            ids = self.warm_up_blocks[np.asarray(indices)][:, None]  # [B, 1]
+            # p(z|x) = 1 over the one block (its f(x, z) scored, so every rank's query encoder
+            # takes part in the step, with a zero gradient)
+            out = model(questions, answers, block_ids=ids)
+        else:
+            out = model(questions, answers)
         with torch.no_grad():
             p_z = torch.softmax(self.unwrap(model).prior_logits(out.retrieval_logits), dim=-1)
             block_has = out.has_answer.float().to(p_z.device)  # [B, k]
             metrics = {"answerable": float(block_has.any(dim=-1).float().mean()),
                        "p_answer_blocks": float((p_z * block_has).sum(-1).mean()),
-                       "answers_scored": float(out.answer_mask.sum(1).float().mean())}
+                       "answers_scored": float(out.answer_mask.sum(1).float().mean()),
+                       "positive_warm_up": float(warm_up)}
         return out.loss, metrics
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -137,6 +162,8 @@ def run_rag(config, progress: bool = True) -> dict[str, Any]:
                 else "train_query_encoder=false")
         raise ConfigError(f"openqa.generator_mode: a frozen generator with {what} leaves nothing "
                           f"to train; use lora or full, or train.steps=0 (zero-shot RAG)")
+    if t.steps and o.positive_steps and o.closed_book:
+        raise ConfigError("openqa.positive_steps: closed book reads no block; set it to 0")
     if o.refresh_index:
         if config.index.sharding == "ranks":  # (the dev evaluation searches on one process)
             raise ConfigError("index.sharding: openqa.refresh_index reads a whole index on "
@@ -158,9 +185,19 @@ def run_rag(config, progress: bool = True) -> dict[str, Any]:
         closed_book=o.closed_book, train_query_encoder=o.train_query_encoder,
         train_doc_encoder=o.refresh_index, retrieval_temperature=o.retrieval_temperature,
         regex=o.regex)
+    positive_steps = min(o.positive_steps, t.steps)
+    warm_up_blocks, with_positive = None, None
+    if positive_steps:  # the generator's warm-up: each question beside its answer's block
+        warm_up_blocks, found = generative_positives(
+            model, train_qa, max(o.positive_search, o.k),
+            progress=progress and accelerator.is_main_process)
+        with_positive = int(found.sum())
+        logger.info("positive warm-up (%d steps): %d of %d training questions have an answer in "
+                    "their top %d blocks (the others read their top block)", positive_steps,
+                    with_positive, len(train_qa), max(o.positive_search, o.k))
     dev_during = dev_qa[: o.eval_limit] if o.eval_limit else dev_qa
     task = RAGTask(train_qa, dev_during, accelerator.unwrap_model, o.recall_ks,
-                   o.eval_batch_size, bf16)
+                   o.eval_batch_size, bf16, warm_up_blocks, positive_steps)
     if accelerator.is_main_process:
         save_config(config, t.run_dir)
     accelerator.wait_for_everyone()
@@ -174,7 +211,7 @@ def run_rag(config, progress: bool = True) -> dict[str, Any]:
     try:
         if t.steps:
             result = train(model, task, settings, accelerator, tracker,
-                           hooks=[hook] if hook else [], config_dict=config.to_dict())
+                           hooks=[task, hook] if hook else [task], config_dict=config.to_dict())
         else:  # zero-shot RAG: nothing trains
             logger.info("train.steps=0: zero-shot RAG, %s read as it is", o.generator)
             result = {"steps": 0, "final_loss": math.nan, "examples_per_s": 0.0}
@@ -217,8 +254,8 @@ def run_rag(config, progress: bool = True) -> dict[str, Any]:
         "max_staleness_steps": hook.max_staleness_steps if hook else 0,
         "final_loss": (round(result["final_loss"], 5) if math.isfinite(result["final_loss"])
                        else None),
-        "train_questions": len(train_qa), "train_questions_with_positive": None,
-        "positive_steps": 0, "examples_per_s": result["examples_per_s"],
+        "train_questions": len(train_qa), "train_questions_with_positive": with_positive,
+        "positive_steps": positive_steps, "examples_per_s": result["examples_per_s"],
         "precision": precision or "fp32", "world_size": world_size,
         "dev": report, "model": os.path.join(t.run_dir, "model"),
         "seconds": round(time.time() - t0, 1),

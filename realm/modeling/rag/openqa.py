@@ -30,7 +30,7 @@ from realm.data.store import BlockStore
 from realm.index.mips import SearchResult
 from realm.metrics import has_answer
 from realm.modeling.embed import special_ids
-from realm.modeling.openqa import freeze_for_fixed_index, retrieve_blocks
+from realm.modeling.openqa import freeze_for_fixed_index, query_reps, retrieve_blocks
 from realm.modeling.rag.decode import METHODS, Decoded, decode
 from realm.modeling.rag.generator import RAGGenerator
 from realm.modeling.rag.losses import rag_sequence_log_likelihood, rag_token_log_likelihood
@@ -142,12 +142,22 @@ class GenerativeOpenQAModel(nn.Module):
         if self.closed_book:
             return SearchResult(torch.zeros(len(questions), 1),
                                 np.full((len(questions), 1), -1, np.int64))
-        ids = None
-        if self.dense:
-            ids = [self.tokenizer(q, add_special_tokens=False)["input_ids"][
-                : self.max_question_tokens] for q in questions]
-        return retrieve_blocks(self.retriever, self.index, questions, ids,
+        return retrieve_blocks(self.retriever, self.index, questions,
+                               self._question_ids(questions) if self.dense else None,
                                min(k, len(self.store)), self.special, self.max_question_tokens)
+
+    def _question_ids(self, questions: Sequence[str]) -> list[list[int]]:
+        return [self.tokenizer(q, add_special_tokens=False)["input_ids"][
+            : self.max_question_tokens] for q in questions]
+
+    def block_logits(self, questions: Sequence[str], block_ids: np.ndarray) -> torch.Tensor:
+        """``f(x, z)`` ``[B, k]`` of given blocks: ``q . e`` over a dense index (with grad to
+        the query encoder), zeros with BM25 and in closed book."""
+        if not self.dense or self.closed_book:
+            return torch.zeros(block_ids.shape)
+        q = query_reps(self.retriever, self._question_ids(questions), self.special,
+                       self.max_question_tokens)
+        return self.index.scores(q, block_ids)
 
     def blocks(self, block_ids: np.ndarray) -> list[list[Block]]:
         """``(title, text)`` of each block, cased as in the corpus (None for -1)."""
@@ -188,8 +198,9 @@ class GenerativeOpenQAModel(nn.Module):
     def forward(self, questions: Sequence[str], answers: Optional[Sequence[Sequence[str]]] = None,
                 block_ids: Optional[np.ndarray] = None,
                 retrieval_logits: Optional[torch.Tensor] = None) -> RAGOutput:
-        """Retrieve (unless ``block_ids``/``retrieval_logits`` are given) and, with gold
-        answers, score them beside each block: the RAG loss.
+        """Retrieve (unless ``block_ids`` are given; their ``retrieval_logits`` then default to
+        :meth:`block_logits`) and, with gold answers, score them beside each block: the RAG
+        loss.
 
         Raises:
             ValueError: Regular-expression answers (the generator scores strings), or a question
@@ -197,6 +208,8 @@ class GenerativeOpenQAModel(nn.Module):
         """
         if block_ids is None:
             retrieval_logits, block_ids = self.retrieve(questions, self.k)
+        elif retrieval_logits is None:
+            retrieval_logits = self.block_logits(questions, block_ids)
         out = RAGOutput(block_ids=block_ids, retrieval_logits=retrieval_logits)
         if answers is None:
             return out
