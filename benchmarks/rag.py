@@ -132,7 +132,7 @@ def time_training(config, retriever, index, store, batches: list, bf16: bool,
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
         with autocast(bf16, model.generator.device):
-            loss, _ = task.loss(model, batch)
+            loss, _ = task.loss(model, task.collate(list(enumerate(batch))))
         loss.backward()
         if t.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
